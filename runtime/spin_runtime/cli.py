@@ -1,8 +1,8 @@
 """The runtime CLI: the only contract between the operator and what runs inside Jobs.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and
-``run(args) -> int``; modules are imported only when their command runs, so ``--help`` and the
-light commands never pay for torch.
+``run(args) -> int``. Those modules import only argparse-level things at import time and keep
+torch/transformers imports inside ``run``, so ``--help`` stays fast and light.
 """
 
 from __future__ import annotations
