@@ -1,0 +1,190 @@
+"""Real servers for tests: moto (S3) and an MLflow tracking server, on 127.0.0.1 only.
+
+Session-scoped because starting them costs seconds (MLflow ~6 s); each test isolates itself with
+a fresh bucket (``s3_bucket``) or its own experiment/run names. The MLflow server can be stopped
+and restarted on the same port and database so outage tests can take it down mid-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+__all__ = ["MlflowServer", "free_port", "mlflow_server", "moto_server", "s3_bucket"]
+
+MLFLOW_ARTIFACT_BUCKET = "mlflow-artifacts"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    """Poll ``url`` until it answers; fail early (with the log tail) if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    try:
+        return log.read_text(errors="replace")[-n:]
+    except OSError:
+        return "<no log>"
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Stop a server started with ``start_new_session``: its workers live in the same group."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+    # Children that outlived the parent (same group) get the same treatment.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server; yields its endpoint URL and points the AWS env vars at it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_http(f"{endpoint}/moto-api/", proc, 30, log)
+        with pytest.MonkeyPatch.context() as mp:
+            for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+                mp.delenv(var, raising=False)
+            missing = str(log.parent / "no-aws-config")
+            mp.setenv("AWS_CONFIG_FILE", missing)
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+            mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+            mp.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_REGION", "us-east-1")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            yield endpoint
+    finally:
+        _stop_group(proc)
+
+
+def _s3_client(endpoint: str):  # type: ignore[no-untyped-def]
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(moto_server: str) -> str:
+    """A fresh, empty bucket for one test; yields ``s3://<name>``."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    _s3_client(moto_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, artifacts proxied to S3 on moto).
+
+    ``stop()`` kills its whole process group; ``start()`` brings it back on the same port and
+    database, so tests can simulate an outage in the middle of a run.
+    """
+
+    def __init__(self, workdir: Path, s3_endpoint: str, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = workdir / "mlflow.db"
+        self.log = workdir / "mlflow-server.log"
+        self.s3_endpoint = s3_endpoint
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 90.0) -> None:
+        if self.running:
+            return
+        env = dict(os.environ)
+        env.update(
+            MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint,
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            PYTHONUNBUFFERED="1",
+        )
+        argv = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.db}",
+            "--artifacts-destination", f"s3://{MLFLOW_ARTIFACT_BUCKET}/mlflow",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self._proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            _wait_http(f"{self.uri}/health", self._proc, timeout, self.log)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop_group(self._proc)
+            self._proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    moto_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    """One MLflow server for the session; tests that stop it must start it again."""
+    with contextlib.suppress(Exception):
+        _s3_client(moto_server).create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), moto_server)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
