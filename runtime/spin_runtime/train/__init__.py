@@ -1,0 +1,1 @@
+"""The SPIN trainer: ``python -m spin_runtime train`` (see docs/runtime.md)."""

@@ -1,0 +1,260 @@
+"""Training pairs: records -> token ids -> padded micro-batches, in a seed-determined order.
+
+A pair is (prompt, real answer, generated answer). Each ``--data`` directory contributes one
+pair per training prompt (the current iteration's answers first, then previous iterations'),
+so with one previous iteration mixed in, a prompt yields two pairs with the same real answer.
+The held-out pairs (records with ``split == "eval"``) come from the first directory only: they
+measure the policy against the opponent it is being trained to beat.
+
+Token ids come from :mod:`spin_runtime.formatting`, the same code generation used, so a pair's
+``prompt + generated`` is exactly the sequence θt produced.
+
+Length rules (documented in docs/runtime.md):
+- a pair whose formatted prompt is longer than ``max_prompt_length`` is skipped and counted
+  (cutting a prompt would train on a question nobody asked);
+- answers longer than ``max_length - len(prompt)`` are cut at the end and counted.
+
+A micro-batch of B pairs is 2B right-padded rows, the B real sequences then the B generated
+ones, so one forward pass scores both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from spin_runtime import formatting
+from spin_runtime.train.loss import IGNORE
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message names the input."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training or held-out pair; ``index`` is its row in the reference log-prob table."""
+
+    index: int
+    id: str
+    source: int  # position of its --data directory (0 = current iteration)
+    prompt: np.ndarray
+    real: np.ndarray
+    gen: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return 2 * len(self.prompt) + len(self.real) + len(self.gen)
+
+
+@dataclass
+class PairSet:
+    """All pairs of one training step, train first: ``pairs[i].index == i``."""
+
+    train: list[Pair]
+    eval: list[Pair]
+    skipped_long_prompts: int = 0
+    truncated_answers: int = 0
+    per_source: list[int] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Pair]:
+        return self.train + self.eval
+
+    def fingerprint(self) -> str:
+        """Identifies the data a checkpoint was trained on (ids, sources and lengths)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for p in self.all:
+            digest.update(f"{p.id}|{p.source}|{len(p.prompt)}|{len(p.real)}|{len(p.gen)};".encode())
+            digest.update(p.prompt.tobytes() + p.real.tobytes() + p.gen.tobytes())
+        return digest.hexdigest()
+
+
+def _ids(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: record {record.get('id')!r} has no string field {key!r}")
+    return value
+
+
+def build_pairs(
+    record_sets: Sequence[Sequence[dict[str, Any]]],
+    names: Sequence[str],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+) -> PairSet:
+    """Tokenize the records of each ``--data`` directory (``names`` for messages) into pairs."""
+    if max_prompt_length >= max_length:
+        raise DataError(
+            f"--max-prompt-length ({max_prompt_length}) must be below --max-length ({max_length})"
+        )
+    prompt_cache: dict[tuple[str, str], np.ndarray] = {}
+    train: list[tuple[str, Pair]] = []
+    held_out: list[tuple[str, Pair]] = []
+    skipped = truncated = 0
+    per_source: list[int] = []
+    for source, (records, name) in enumerate(zip(record_sets, names, strict=True)):
+        if not records:
+            raise DataError(f"--data {name}: no generated records")
+        count = 0
+        for record in records:
+            split = record.get("split", "train")
+            if split not in ("train", "eval"):
+                raise DataError(f"--data {name}: record {record.get('id')!r} has split {split!r}")
+            if split == "eval" and source > 0:
+                continue
+            system = record.get("system") or ""
+            prompt = _text(record, "prompt", f"--data {name}")
+            key = (system, prompt)
+            if key not in prompt_cache:
+                prompt_cache[key] = _ids(formatting.prompt_ids(tokenizer, system or None, prompt))
+            prompt_ids = prompt_cache[key]
+            if len(prompt_ids) == 0:
+                raise DataError(f"--data {name}: record {record.get('id')!r} formats to no tokens")
+            if len(prompt_ids) > max_prompt_length:
+                skipped += 1
+                continue
+            budget = max_length - len(prompt_ids)
+            answers = []
+            for field_name in ("real", "generated"):
+                ids = formatting.response_ids(
+                    tokenizer, _text(record, field_name, f"--data {name}")
+                )
+                if len(ids) > budget:
+                    truncated += 1
+                    ids = ids[:budget]
+                answers.append(_ids(ids))
+            pair = Pair(-1, str(record.get("id")), source, prompt_ids, answers[0], answers[1])
+            (held_out if split == "eval" else train).append((str(record.get("id")), pair))
+            count += 1
+        per_source.append(count)
+    if skipped:
+        log.warning(
+            "skipped %d pairs whose prompt is longer than --max-prompt-length %d",
+            skipped,
+            max_prompt_length,
+        )
+    if truncated:
+        log.info("cut %d answers to fit --max-length %d", truncated, max_length)
+    if not train:
+        raise DataError(
+            f"no training pairs in --data {', '.join(names)}"
+            + (f" ({skipped} skipped: prompt longer than --max-prompt-length)" if skipped else "")
+        )
+
+    def ordered(items: list[tuple[str, Pair]], offset: int) -> list[Pair]:
+        # deterministic whatever order the shards were read in: by source, then by id
+        items.sort(key=lambda kv: (kv[1].source, _id_key(kv[0])))
+        return [_with_index(p, offset + i) for i, (_, p) in enumerate(items)]
+
+    train_pairs = ordered(train, 0)
+    return PairSet(train_pairs, ordered(held_out, len(train_pairs)), skipped, truncated, per_source)
+
+
+def _id_key(value: str) -> tuple[int, int, str]:
+    return (0, int(value), "") if value.lstrip("-").isdigit() else (1, 0, value)
+
+
+def _with_index(pair: Pair, index: int) -> Pair:
+    return Pair(index, pair.id, pair.source, pair.prompt, pair.real, pair.gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# order: which pairs each rank scores at each step
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of training pairs for ``epoch``: a function of (seed, epoch) only, so
+    every rank, every world size and a resumed run agree on it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_pairs, generator=generator).tolist()
+
+
+def steps_per_epoch(num_pairs: int, global_batch: int) -> int:
+    return -(-num_pairs // global_batch)
+
+
+def step_slots(order: list[int], step: int, global_batch: int) -> list[int]:
+    """The ``global_batch`` slots of optimizer step ``step`` of an epoch; -1 pads the last step
+    (padding slots are scored with weight 0, so every rank runs the same number of passes)."""
+    slots = order[step * global_batch : (step + 1) * global_batch]
+    return slots + [-1] * (global_batch - len(slots))
+
+
+def rank_micro_batches(
+    slots: list[int], rank: int, world: int, micro_batch: int
+) -> list[list[int]]:
+    """This rank's contiguous share of a step's slots, cut into micro-batches."""
+    per_rank = len(slots) // world
+    mine = slots[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+# ---------------------------------------------------------------------------------------------
+# collation
+
+
+@dataclass
+class Batch:
+    """2B rows: real sequences then generated ones, right-padded."""
+
+    input_ids: torch.Tensor  # (2B, T) long
+    attention_mask: torch.Tensor  # (2B, T) long
+    targets: torch.Tensor  # (2B, T) long: the response token position j predicts, else IGNORE
+    index: torch.Tensor  # (B,) long: pair index (reference table row)
+    weight: torch.Tensor  # (B,) float: 1 for a pair, 0 for a padding slot
+    num_tokens: int  # non-padding tokens of weighted rows
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return Batch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.targets),
+            move(self.index),
+            move(self.weight),
+            self.num_tokens,
+        )
+
+
+def collate(pairs: Sequence[Pair | None], filler: Pair, pad_id: int) -> Batch:
+    """Pad a micro-batch; ``None`` (a padding slot) is scored as ``filler`` with weight 0."""
+    real = [p if p is not None else filler for p in pairs]
+    rows = [(p.prompt, p.real) for p in real] + [(p.prompt, p.gen) for p in real]
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    for r, (prompt, answer) in enumerate(rows):
+        p, n = len(prompt), len(prompt) + len(answer)
+        ids[r, :p] = prompt
+        ids[r, p:n] = answer
+        mask[r, :n] = 1
+        # position j predicts token j + 1: answer tokens are predicted from p - 1 .. n - 2
+        targets[r, p - 1 : n - 1] = answer
+    weight = np.array([0.0 if p is None else 1.0 for p in pairs], dtype=np.float32)
+    num_tokens = int(sum(p.num_tokens for p in pairs if p is not None))
+    return Batch(
+        torch.from_numpy(ids),
+        torch.from_numpy(mask),
+        torch.from_numpy(targets),
+        torch.tensor([p.index for p in real], dtype=torch.long),
+        torch.from_numpy(weight),
+        num_tokens,
+    )

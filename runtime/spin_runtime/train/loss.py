@@ -1,0 +1,188 @@
+"""The SPIN loss and the response log-probabilities it is built from.
+
+SPIN (arXiv 2401.01335) trains θt+1 to prefer the human answer over θt's own answer, with θt as
+the reference:
+
+    loss = -logsigmoid(beta * ((logp_real - ref_real) - (logp_gen - ref_gen)))
+
+where each ``logp`` is the sum over the response's tokens (the prompt is masked) of the policy's
+log-probabilities, computed in fp32. It is TRL's DPO sigmoid loss with chosen = real and
+rejected = generated.
+
+The log-probabilities are the expensive part: a naive ``logits.float().log_softmax(-1)`` builds
+an fp32 tensor of (sequences x tokens x vocab) — prompt and padding positions included — and
+autograd keeps it for the backward. :class:`TokenLogProbs` instead takes only the hidden states
+of the positions that predict a response token, projects them through the output embedding in
+chunks, and keeps just one float per token (its log-sum-exp); the backward recomputes each
+chunk's logits. Peak extra memory is one chunk of fp32 logits, whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: Label value of positions that predict no response token (prompt, padding, last position).
+IGNORE = -100
+
+#: fp32 logits kept at once by the chunked projection: chunk tokens = this // vocab size.
+CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32
+
+
+def _chunk_tokens(vocab: int, chunk_tokens: int | None) -> int:
+    return max(1, chunk_tokens if chunk_tokens else CHUNK_ELEMENTS // max(1, vocab))
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T)[i, targets[i]]`` in fp32, one chunk of logits at a time.
+
+    ``hidden`` (N, H) and ``weight`` (V, H) share a compute dtype (bf16 or fp32): the projection
+    runs in it, as the model's own ``lm_head`` would, and everything after it in fp32. When the
+    logits of all N tokens fit in one chunk they are kept for the backward instead of being
+    recomputed (the common small-batch case costs no extra matmul).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        kept: torch.Tensor | None = None
+        for start in range(0, n, chunk_tokens):
+            end = min(n, start + chunk_tokens)
+            logits = (hidden[start:end] @ weight.T).float()
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            if n <= chunk_tokens:
+                kept = logits
+        ctx.chunk_tokens = chunk_tokens  # type: ignore[attr-defined]
+        ctx.has_kept = kept is not None  # type: ignore[attr-defined]
+        if kept is None:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse, kept)
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        hidden, weight, targets, lse = saved[:4]
+        chunk_tokens: int = ctx.chunk_tokens  # type: ignore[attr-defined]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_out = grad_out.float()
+        n = hidden.shape[0]
+        for start in range(0, n, chunk_tokens):
+            end = min(n, start + chunk_tokens)
+            h = hidden[start:end]
+            logits = saved[4] if ctx.has_kept else (h @ weight.T).float()  # type: ignore[attr-defined]
+            g_out = grad_out[start:end, None]
+            # d/dlogits of (logit[target] - lse) is onehot(target) - softmax(logits)
+            g = torch.exp(logits - lse[start:end, None]).mul_(-g_out)
+            g.scatter_add_(1, targets[start:end, None], g_out)
+            g = g.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start:end] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.T @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """fp32 log-probabilities of ``targets`` (N,) under ``hidden`` (N, H) @ ``weight`` (V, H).T.
+
+    Under autocast the projection runs in the autocast dtype, as the model's own head would.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    chunk = _chunk_tokens(weight.shape[0], chunk_tokens)
+    out: torch.Tensor = TokenLogProbs.apply(hidden, weight, targets, chunk)
+    return out
+
+
+def sequence_logps_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-sequence sums of response log-probs, from the last hidden states (B, T, H).
+
+    ``labels[b, j]`` is the token that position j predicts when it is a response token, else
+    :data:`IGNORE`; only those positions are projected onto the vocabulary.
+    """
+    mask = labels != IGNORE
+    rows = mask.nonzero(as_tuple=True)[0]
+    logps = token_logps(hidden[mask], weight, labels[mask], chunk_tokens)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    return sums.index_add(0, rows, logps)
+
+
+def sequence_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same sums from full logits (B, T, V): the path for heads that are not a plain
+    projection (logit soft-capping, scaling). Only response positions are upcast."""
+    mask = labels != IGNORE
+    rows = mask.nonzero(as_tuple=True)[0]
+    selected = logits[mask].float()
+    logps = selected.gather(1, labels[mask][:, None]).squeeze(1) - torch.logsumexp(selected, -1)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    return sums.index_add(0, rows, logps)
+
+
+@dataclass
+class PairStats:
+    """Per-pair SPIN quantities; everything but ``losses`` is detached."""
+
+    losses: torch.Tensor  # (P,) -logsigmoid(beta * margin)
+    rewards_real: torch.Tensor  # beta * (logp_real - ref_real)
+    rewards_gen: torch.Tensor  # beta * (logp_gen - ref_gen)
+
+    @property
+    def margins(self) -> torch.Tensor:
+        return self.rewards_real - self.rewards_gen
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """1.0 where the real answer beats the generated one (reward strictly larger)."""
+        return (self.rewards_real > self.rewards_gen).float()
+
+
+def spin_loss(
+    logp_real: torch.Tensor,
+    logp_gen: torch.Tensor,
+    ref_real: torch.Tensor,
+    ref_gen: torch.Tensor,
+    beta: float,
+) -> PairStats:
+    """Per-pair SPIN loss. At the first step of an iteration the policy is the reference, every
+    margin is 0 and every loss is exactly ln 2."""
+    real = logp_real.float() - ref_real.float()
+    gen = logp_gen.float() - ref_gen.float()
+    losses = -F.logsigmoid(beta * (real - gen))
+    return PairStats(losses, (beta * real).detach(), (beta * gen).detach())
+
+
+LN2 = math.log(2.0)
