@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["MlflowServer", "free_port", "mlflow_server", "moto_server", "s3_bucket"]
+__all__ = ["MlflowServer", "S3Faults", "free_port", "mlflow_server", "moto_server", "s3_bucket"]
 
 MLFLOW_ARTIFACT_BUCKET = "mlflow-artifacts"
 
@@ -121,6 +121,60 @@ def s3_bucket(moto_server: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     _s3_client(moto_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: object) -> Iterator[bytes]:
+        yield self._data
+
+
+class S3Faults:
+    """Make the next ``failures`` S3 requests of a boto3 client fail, then let requests through.
+
+    Hooks botocore's ``before-send`` event, so the failure happens where a real one would (inside
+    botocore's retry loop and the transfer manager's threads). ``kind``: ``"503"`` (a
+    ServiceUnavailable response), ``"connection"`` (EndpointConnectionError) or ``"403"``
+    (AccessDenied, not transient). ``operations`` limits injection to those operation names.
+    Use as a context manager; ``injected`` counts failures actually served, ``calls`` every request.
+    """
+
+    def __init__(
+        self,
+        client: object,
+        failures: int,
+        kind: str = "503",
+        operations: tuple[str, ...] | None = None,
+    ) -> None:
+        self.client, self.remaining, self.kind, self.operations = client, failures, kind, operations
+        self.injected = 0
+        self.calls: list[str] = []
+
+    def __enter__(self) -> S3Faults:
+        self.client.meta.events.register("before-send.s3", self._hook)  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.meta.events.unregister("before-send.s3", self._hook)  # type: ignore[attr-defined]
+
+    def _hook(self, request: object, event_name: str = "", **_: object) -> object:
+        from botocore.awsrequest import AWSResponse
+        from botocore.exceptions import EndpointConnectionError
+
+        op = event_name.rsplit(".", 1)[-1]
+        self.calls.append(op)
+        if self.remaining <= 0 or (self.operations and op not in self.operations):
+            return None
+        self.remaining -= 1
+        self.injected += 1
+        url = getattr(request, "url", "")
+        if self.kind == "connection":
+            raise EndpointConnectionError(endpoint_url=url)
+        status, code = (403, "AccessDenied") if self.kind == "403" else (503, "ServiceUnavailable")
+        body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+        return AWSResponse(url, status, {"Content-Type": "application/xml"}, _Body(body))
 
 
 class MlflowServer:
