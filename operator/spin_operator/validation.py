@@ -1,0 +1,177 @@
+"""Check SPINRun objects against the models and the CRD schema, reporting every problem by path.
+
+Used by `spinctl validate`, by local mode before any work starts, and by the operator, which
+marks an invalid SPINRun Failed with these messages instead of acting on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from spin_operator.api import crd
+from spin_operator.api import types as api
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with a SPINRun, at a dotted field path such as `spec.training.beta`."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class InvalidSpec(ValueError):
+    """A SPINRun that cannot be run; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+@functools.cache
+def _schema_validator() -> jsonschema.protocols.Validator:
+    # The CRD schema is OpenAPI v3.0: boolean exclusiveMinimum, i.e. JSON Schema draft 4.
+    return jsonschema.Draft4Validator(crd.openapi_schema())
+
+
+def _dotted(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Wire names allowed at `loc` (relative to `model`), for did-you-mean hints."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        nested = crd._model_of(field.annotation) if field else None
+        if nested is None:
+            return []
+        model = nested
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _pydantic_problems(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+            close = difflib.get_close_matches(str(loc[-1]), _allowed_fields(model, loc), n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, api.FieldError):
+            loc = (*loc, *cause.field.split("."))
+        problems.append(Problem(_dotted((prefix, *loc)), message))
+    return problems
+
+
+def _schema_problems(obj: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for err in _schema_validator().iter_errors(obj):
+        path = _dotted(err.absolute_path) or "(root)"
+        message = err.message
+        if err.validator == "pattern":
+            wanted = api.PATTERN_HELP.get(str(err.validator_value), f"a match of {err.validator_value}")
+            message = f"{err.instance!r} is not a valid value: expected {wanted}"
+        problems.append(Problem(path, message))
+    return problems
+
+
+def _metadata_problems(obj: dict[str, Any]) -> list[Problem]:
+    problems = []
+    if obj.get("apiVersion") != api.API_VERSION:
+        problems.append(Problem("apiVersion", f"must be {api.API_VERSION!r}, got {obj.get('apiVersion')!r}"))
+    if obj.get("kind") != api.KIND:
+        problems.append(Problem("kind", f"must be {api.KIND!r}, got {obj.get('kind')!r}"))
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        problems.append(Problem("metadata.name", "required field is missing"))
+        return problems
+    # The CRD's root CEL rules, checked here without a CEL engine.
+    length_rule, pattern_rule = crd.CEL_RULES[""]
+    if len(name) > api.MAX_NAME_LENGTH:
+        problems.append(Problem("metadata.name", f"{length_rule['message']} (got {len(name)})"))
+    if re.fullmatch(api.NAME_PATTERN, name) is None:
+        problems.append(Problem("metadata.name", f"{pattern_rule['message']} (got {name!r})"))
+    return problems
+
+
+def problems_of(obj: Any) -> list[Problem]:
+    """Every problem of one SPINRun object (as loaded from YAML), sorted by path."""
+    if not isinstance(obj, dict):
+        return [Problem("(root)", f"expected a mapping, got {type(obj).__name__}")]
+    found = _metadata_problems(obj) + _schema_problems(obj)
+    spec = obj.get("spec")
+    if isinstance(spec, dict):
+        try:
+            api.SPINRunSpec.model_validate(spec)
+        except ValidationError as exc:
+            found += _pydantic_problems(exc, "spec", api.SPINRunSpec)
+    elif "spec" in obj:
+        found.append(Problem("spec", "must be a mapping"))
+    # The schema and the models often see the same fault; report each path's first message once
+    # unless the messages say different things.
+    seen: dict[str, list[str]] = {}
+    unique = []
+    for p in found:
+        if p.path in seen and (p.message in seen[p.path] or _same_fault(p, seen[p.path])):
+            continue
+        seen.setdefault(p.path, []).append(p.message)
+        unique.append(p)
+    return sorted(unique)
+
+
+def _same_fault(problem: Problem, earlier: list[str]) -> bool:
+    """True when the models restate a schema error at the same path (bounds, types, patterns)."""
+    restatements = ("Input should", "String should", "List should", "Dictionary should")
+    return problem.message.startswith(restatements) and bool(earlier)
+
+
+def parse(obj: dict[str, Any]) -> api.SPINRunSpec:
+    """The validated spec of a SPINRun object, or InvalidSpec listing every problem."""
+    problems = problems_of(obj)
+    if problems:
+        raise InvalidSpec(problems)
+    return api.SPINRunSpec.model_validate(obj["spec"])
+
+
+def load_documents(path: str | Path) -> list[Any]:
+    """YAML documents of a file (empty documents dropped)."""
+    text = Path(path).read_text()
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def validate_file(path: str | Path) -> list[Problem]:
+    """Problems of every SPINRun in a file; paths are prefixed by the document index when >1."""
+    try:
+        docs = load_documents(path)
+    except (OSError, yaml.YAMLError) as exc:
+        return [Problem("(file)", str(exc).splitlines()[0])]
+    if not docs:
+        return [Problem("(file)", "no YAML documents found")]
+    out = []
+    for i, doc in enumerate(docs):
+        prefix = f"[{i}]." if len(docs) > 1 else ""
+        out += [Problem(prefix + p.path, p.message) for p in problems_of(doc)]
+    return out

