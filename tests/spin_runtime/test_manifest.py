@@ -41,8 +41,17 @@ def test_dir_artifact_manifest_is_written_last(
 ) -> None:
     order: list[str] = []
     real_upload, real_write = storage.upload_file, storage.write_text
-    monkeypatch.setattr(storage, "upload_file", lambda src, uri: (order.append(uri), real_upload(src, uri))[1])  # fmt: skip
-    monkeypatch.setattr(storage, "write_text", lambda uri, t: (order.append(uri), real_write(uri, t))[1])  # fmt: skip
+
+    def upload(src: Path, uri: str) -> None:
+        order.append(uri)
+        real_upload(src, uri)
+
+    def write(uri: str, text: str) -> None:
+        order.append(uri)
+        real_write(uri, text)
+
+    monkeypatch.setattr(storage, "upload_file", upload)
+    monkeypatch.setattr(storage, "write_text", write)
 
     src = make_checkpoint(tmp_path / "ckpt")
     uri = storage.join(root, "iter-000/model")
@@ -95,7 +104,7 @@ def test_verify_detects_tampering(tmp_path: Path) -> None:
     (tmp_path / "model" / "model.safetensors").write_bytes(b"\x02" * 1000)  # same size
     assert mf.is_complete(uri)  # the cheap check trusts the manifest
     assert not mf.is_complete(uri, verify=True)
-    with pytest.raises(mf.ChecksumError, match="model.safetensors"):
+    with pytest.raises(mf.ChecksumError, match=r"model\.safetensors"):
         mf.verify_artifact(uri)
 
 
