@@ -91,7 +91,7 @@ def test_failed_upload_leaves_no_manifest(s3_bucket: str, tmp_path: Path) -> Non
     changed = make_checkpoint(tmp_path / "ckpt2", salt="new")
     with (
         S3Faults(storage.s3_client(), failures=1000, operations=("PutObject",)),
-        pytest.raises(Exception),
+        pytest.raises(ClientError),
     ):
         mf.write_dir_artifact(changed, uri, "model")
     assert storage.list_files(uri)  # some files are there...
