@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 from spin_runtime import manifest as mf
 from spin_runtime import storage
 from spin_runtime.layout import RunLayout
