@@ -10,7 +10,8 @@ the pipeline relies on:
   ("standard" mode, a few quick attempts) handles blips; :func:`_retry` adds slower exponential
   backoff around whole operations, including multipart transfers whose part failures boto3 wraps.
 
-Missing objects raise ``FileNotFoundError`` on both backends; malformed URIs ``ValueError``.
+Missing objects raise ``FileNotFoundError`` on both backends; malformed URIs ``ValueError``;
+S3 still failing after every retry ``StorageUnavailableError`` (an ``OSError``).
 Directory operations treat ``uri`` as a folder: ``list_files("s3://b/x")`` lists ``x/...``, never
 ``x-other``.
 """
@@ -40,6 +41,10 @@ _THROTTLING = {
     "SlowDown", "RequestLimitExceeded", "RequestTimeout", "InternalError",
     "ServiceUnavailable", "TooManyRequestsException",
 }  # fmt: skip
+
+
+class StorageUnavailableError(OSError):
+    """S3 kept failing transiently (5xx, throttling, connection) after every retry."""
 
 
 @dataclass(frozen=True)
@@ -179,8 +184,12 @@ def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except Exception as exc:
-            if attempt >= cfg.attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
+            if attempt >= cfg.attempts:
+                raise StorageUnavailableError(
+                    f"S3 {what} {uri} failed after {attempt} attempts: {type(exc).__name__}: {exc}"
+                ) from exc
             delay = min(cfg.max_delay, cfg.base_delay * 2 ** (attempt - 1))
             delay *= random.uniform(0.5, 1.0)
             log.warning(

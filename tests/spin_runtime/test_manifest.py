@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError
 from spin_runtime import manifest as mf
 from spin_runtime import storage
 from spin_runtime.layout import RunLayout
@@ -92,7 +91,7 @@ def test_failed_upload_leaves_no_manifest(s3_bucket: str, tmp_path: Path) -> Non
     changed = make_checkpoint(tmp_path / "ckpt2", salt="new")
     with (
         S3Faults(storage.s3_client(), failures=1000, operations=("PutObject",)),
-        pytest.raises(ClientError),
+        pytest.raises(storage.StorageUnavailableError),
     ):
         mf.write_dir_artifact(changed, uri, "model")
     assert storage.list_files(uri)  # some files are there...

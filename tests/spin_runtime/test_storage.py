@@ -144,6 +144,9 @@ def test_permanent_errors_are_not_retried(s3_bucket: str) -> None:
 
 def test_retries_are_bounded(s3_bucket: str) -> None:
     uri = storage.join(s3_bucket, "x.txt")
-    with S3Faults(storage.s3_client(), failures=100) as faults, pytest.raises(ClientError):
+    with (
+        S3Faults(storage.s3_client(), failures=100) as faults,
+        pytest.raises(storage.StorageUnavailableError, match="after 5 attempts"),
+    ):
         storage.write_text(uri, "payload")
     assert faults.injected == storage.config().attempts
