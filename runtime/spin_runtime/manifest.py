@@ -201,7 +201,7 @@ def _read(uri: str) -> Manifest | None:
         return None
 
 
-def _find(uri: str) -> tuple[Manifest, str] | None:
+def locate(uri: str) -> tuple[Manifest, str] | None:
     """(manifest, folder its relative names live in), trying the directory form first."""
     found = _read(dir_manifest_uri(uri))
     if found is not None:
@@ -216,7 +216,7 @@ def _find(uri: str) -> tuple[Manifest, str] | None:
 def read_manifest(uri: str) -> Manifest | None:
     """The manifest of a directory artifact (``uri/_MANIFEST.json``) or, failing that, of a file
     artifact (``<stem>.manifest.json``); None when there is none. Raises ValueError if malformed."""
-    found = _find(uri)
+    found = locate(uri)
     return found[0] if found else None
 
 
@@ -261,7 +261,7 @@ def verify_local(local_dir: str | os.PathLike[str], manifest: Manifest) -> None:
 def verify_artifact(uri: str) -> Manifest:
     """Check a stored artifact's files against its manifest (downloads S3 files to a temp dir).
     IncompleteArtifactError without a complete manifest, ChecksumError on a mismatch."""
-    found = _find(uri)
+    found = locate(uri)
     if found is None or not found[0].complete:
         raise IncompleteArtifactError(f"artifact {uri} is incomplete: no complete manifest")
     manifest, root = found
