@@ -1,0 +1,102 @@
+"""``train``: one SPIN iteration, θt -> θt+1 (flags: docs/runtime.md).
+
+Run it under torchrun for several processes or nodes; a plain ``python -m spin_runtime train``
+is a world of one. Importing this module stays light (no torch): the dispatcher builds every
+subcommand's parser for ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "train",
+        help="train θt+1 from θt on (real, generated) pairs",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="θt: policy init and reference (HF checkpoint URI)"
+    )
+    p.add_argument("--tokenizer", default=None, help="tokenizer URI (default: the model's)")
+    p.add_argument("--chat-template", default=None, help="jinja chat template URI override")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="generated dir URI, repeatable: current iteration first, then previous ones",
+    )
+    p.add_argument("--output", required=True, help="θt+1 checkpoint URI (R/iter-t/model)")
+    p.add_argument(
+        "--work-dir", required=True, help="epoch checkpoints and metrics (R/iter-t/train)"
+    )
+    p.add_argument("--iteration", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--learning-rate", type=float, default=5e-7)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--global-batch-size", type=int, default=64, help="pairs per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per forward pass")
+    p.add_argument("--max-length", type=int, default=1024, help="prompt + answer tokens")
+    p.add_argument(
+        "--max-prompt-length", type=int, default=512, help="longer prompts are skipped, counted"
+    )
+    p.add_argument("--optimizer", choices=["rmsprop", "adamw"], default="rmsprop")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 on GPU, fp32 on CPU (fp32 master weights either way)",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "ddp", "fsdp"],
+        default="auto",
+        help="auto: DDP when a replica fits in half a device, else FSDP2",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from spin_runtime.train.loop import TrainConfig, TrainingError
+    from spin_runtime.train.loop import run as train
+
+    cfg = TrainConfig(
+        model=args.model,
+        data=list(args.data),
+        output=args.output,
+        work_dir=args.work_dir,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
+        iteration=args.iteration,
+        seed=args.seed,
+        beta=args.beta,
+        learning_rate=args.learning_rate,
+        epochs=args.epochs,
+        global_batch_size=args.global_batch_size,
+        micro_batch_size=args.micro_batch_size,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        lr_scheduler=args.lr_scheduler,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        strategy=args.strategy,
+    )
+    try:
+        train(cfg)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,569 @@
+"""One SPIN iteration, top to bottom: θt + pairs -> θt+1.
+
+1. If ``--output`` already holds a complete checkpoint, the step is done: return.
+2. Load the tokenizer and θt (fp32 master weights), the pairs of every ``--data`` directory.
+3. Wrap for the strategy (none / DDP / FSDP2); build optimizer and schedule.
+4. Resume from the last complete epoch checkpoint, or score every pair with θt: these are the
+   reference log-probs. θt is also the initial policy, so one model is ever in memory and the
+   reference costs one forward pass per pair for the whole iteration (the official code keeps a
+   frozen copy and runs it every step).
+5. Epochs of optimizer steps over a seed-determined order; each step is ``global_batch`` pairs
+   split over ranks and micro-batches. Per-pair losses are summed and divided by the number of
+   pairs in the step, so the update is the same for any world size and micro-batch size.
+6. At each epoch end: held-out metrics, an epoch checkpoint. At the end: θt+1 to ``--output``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spin_runtime import manifest, storage
+from spin_runtime.cli import UsageError
+from spin_runtime.train import batches, checkpoint, distributed
+from spin_runtime.train.batches import Pair, PairSet
+from spin_runtime.train.distributed import Context
+from spin_runtime.train.loss import spin_loss
+from spin_runtime.train.policy import SequenceLogProbs, disable_dropout
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("rmsprop", "adamw")
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class TrainingError(RuntimeError):
+    """Training itself went wrong (non-finite loss or gradient): exit 1, nothing published."""
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` command's settings (docs/runtime.md)."""
+
+    model: str
+    data: list[str]
+    output: str
+    work_dir: str
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    iteration: int = 0
+    seed: int = 0
+    beta: float = 0.1
+    learning_rate: float = 5e-7
+    epochs: int = 2
+    global_batch_size: int = 64
+    micro_batch_size: int = 1
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    optimizer: str = "rmsprop"
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    strategy: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Bad values are usage errors naming the flag (exit 2)."""
+        checks = [
+            (bool(self.data), "--data: at least one generated directory is required"),
+            (self.beta > 0, f"--beta {self.beta}: must be > 0"),
+            (self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be > 0"),
+            (self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1"),
+            (self.global_batch_size >= 1, "--global-batch-size: must be >= 1"),
+            (self.micro_batch_size >= 1, "--micro-batch-size: must be >= 1"),
+            (self.max_length >= 2, "--max-length: must be >= 2"),
+            (
+                0 < self.max_prompt_length < self.max_length,
+                f"--max-prompt-length {self.max_prompt_length}: must be in "
+                f"[1, --max-length {self.max_length})",
+            ),
+            (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: one of {OPTIMIZERS}"),
+            (self.weight_decay >= 0, "--weight-decay: must be >= 0"),
+            (
+                self.lr_scheduler in SCHEDULERS,
+                f"--lr-scheduler {self.lr_scheduler}: one of {SCHEDULERS}",
+            ),
+            (0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio}: must be in [0, 1)"),
+            (self.max_grad_norm >= 0, "--max-grad-norm: must be >= 0 (0 disables clipping)"),
+            (self.precision in PRECISIONS, f"--precision {self.precision}: one of {PRECISIONS}"),
+            (
+                self.strategy in distributed.STRATEGIES,
+                f"--strategy {self.strategy}: one of {distributed.STRATEGIES}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings an epoch checkpoint must share with this run to be resumed (micro-batch
+        size, world size and strategy may change: they do not change the update)."""
+        keys = (
+            "model", "data", "iteration", "seed", "beta", "learning_rate", "epochs",
+            "global_batch_size", "max_length", "max_prompt_length", "optimizer", "weight_decay",
+            "lr_scheduler", "warmup_ratio", "max_grad_norm",
+        )  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """RMSprop (the paper's) or AdamW; biases and norm weights (1-D) are never decayed."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.learning_rate, alpha=0.99, eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based), as in
+    transformers' schedules: linear warmup from 0, then linear/cosine decay to 0 or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLog:
+    """Rank 0's step and epoch metrics: JSON lines on stderr, ``metrics.jsonl`` in the work dir
+    (kept locally and uploaded at checkpoints when the work dir is on S3), and MLflow through
+    :mod:`spin_runtime.tracking` when ``MLFLOW_RUN_ID`` is set (never failing the job)."""
+
+    def __init__(self, ctx: Context, work_dir: str, keep_until_step: int) -> None:
+        self.enabled = ctx.main
+        self.uri = storage.join(work_dir, "metrics.jsonl")
+        self.remote = storage.is_s3(work_dir)
+        self.tracker: Any = None
+        if not self.enabled:
+            return
+        if self.remote:
+            import tempfile
+
+            self.path = Path(tempfile.mkdtemp(prefix="spin-metrics-")) / "metrics.jsonl"
+            with contextlib.suppress(FileNotFoundError):
+                storage.download_file(self.uri, self.path)
+        else:
+            self.path = storage.local_path(self.uri)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # a resumed run redoes the steps after its checkpoint: drop their old lines
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if int(json.loads(line).get("step", 0)) <= keep_until_step:
+                        kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.tracker = _tracker()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record, sort_keys=False)
+        print(line, file=sys.stderr, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+        if self.tracker is not None:
+            numbers = {
+                k: float(v)
+                for k, v in record.items()
+                if isinstance(v, int | float) and k not in ("step", "event")
+            }
+            with contextlib.suppress(Exception):
+                self.tracker.log_metrics(numbers, step=int(record.get("step", 0)))
+
+    def publish(self) -> None:
+        """Copy the metrics file to an S3 work dir (local ones are written in place)."""
+        if self.enabled and self.remote:
+            storage.upload_file(self.path, self.uri)
+
+
+def _tracker() -> Any:
+    """The MLflow run logger of ``MLFLOW_RUN_ID``, or None (tracking never fails training)."""
+    import os
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    try:
+        from spin_runtime import tracking
+
+        return tracking.RunLogger.from_env()  # type: ignore[attr-defined]
+    except Exception as exc:  # tracking is optional by contract
+        log.warning("MLflow tracking unavailable: %s", exc)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class Runner:
+    """Everything a forward pass needs, bundled so the loop reads top to bottom."""
+
+    ctx: Context
+    module: nn.Module  # the wrapped SequenceLogProbs
+    strategy: str
+    autocast: bool
+    pad_id: int
+    filler: Pair
+
+    def amp(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+
+    def logps(self, pairs: Sequence[Pair | None]) -> tuple[torch.Tensor, batches.Batch]:
+        """(2B,) response log-prob sums: real rows then generated rows."""
+        batch = batches.collate(pairs, self.filler, self.pad_id).to(self.ctx.device)
+        with self.amp():
+            out = self.module(batch.input_ids, batch.attention_mask, batch.targets)
+        return out, batch
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.strategy == "ddp" and not sync:
+            return self.module.no_sync()  # type: ignore[operator,no-any-return]
+        if self.strategy == "fsdp":
+            self.module.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[Pair], batch_size: int) -> torch.Tensor:
+        """(len(pairs), 2) log-prob sums of (real, generated) under the current weights; each
+        rank scores every world-th pair, then all ranks exchange their rows."""
+        ctx = self.ctx
+        per_rank = -(-len(pairs) // ctx.world)
+        mine = [i * ctx.world + ctx.rank for i in range(per_rank)]
+        local = torch.zeros(per_rank, 2, dtype=torch.float32, device=ctx.device)
+        self.module.eval()
+        for start in range(0, per_rank, batch_size):
+            chunk = mine[start : start + batch_size]
+            chosen = [pairs[i] if i < len(pairs) else None for i in chunk]
+            out, _ = self.logps(chosen)
+            b = len(chunk)
+            local[start : start + b, 0] = out[:b]
+            local[start : start + b, 1] = out[b:]
+        self.module.train()
+        table = torch.zeros(per_rank * ctx.world, 2, dtype=torch.float32, device=ctx.device)
+        for rank, rows in enumerate(distributed.all_gather_rows(ctx, local)):
+            table[rank :: ctx.world] = rows
+        return table[: len(pairs)]
+
+
+def summarize(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float, prefix: str = ""
+) -> dict[str, float]:
+    """SPIN metrics of whole tables (policy and reference rows of the same pairs)."""
+    stats = spin_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta)
+    return {
+        f"{prefix}loss": stats.losses.mean().item(),
+        f"{prefix}rewards_real": stats.rewards_real.mean().item(),
+        f"{prefix}rewards_generated": stats.rewards_gen.mean().item(),
+        f"{prefix}margin": stats.margins.mean().item(),
+        f"{prefix}accuracy": stats.correct.mean().item(),
+        f"{prefix}logp_real": policy[:, 0].mean().item(),
+        f"{prefix}logp_generated": policy[:, 1].mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the iteration
+
+
+def _load(cfg: TrainConfig, ctx: Context) -> tuple[Any, Any, torch.dtype, PairSet]:
+    """Tokenizer, θt (fp32, CPU), the dtype to save θt+1 in, and the pairs."""
+    from spin_runtime import models, records
+
+    tokenizer = models.load_tokenizer(cfg.model, cfg.tokenizer, cfg.chat_template)
+    record_sets = []
+    for uri in cfg.data:
+        try:
+            record_sets.append(records.read_generated(uri))
+        except UsageError:
+            raise
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--data {uri}: {exc}") from exc
+    try:
+        pairs = batches.build_pairs(
+            record_sets, cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length
+        )
+    except batches.DataError as exc:
+        raise UsageError(str(exc)) from exc
+    model = models.load_model(cfg.model, "float32", "cpu", tokenizer=tokenizer)
+    return tokenizer, model, _checkpoint_dtype(cfg.model), pairs
+
+
+def _checkpoint_dtype(uri: str) -> torch.dtype:
+    """The dtype θt is stored in (θt+1 is saved in the same one); fp32 if unrecorded."""
+    from spin_runtime import models
+
+    try:
+        config = json.loads((Path(models.resolve(uri)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _check_tokens(pairs: PairSet, vocab: int) -> None:
+    """Every token id must index an embedding row (a tokenizer from another model fails here or
+    in models.check_vocab, never as an index error deep in a forward pass)."""
+    top = max(int(max(p.prompt.max(), p.real.max(), p.gen.max())) for p in pairs.all)
+    if top >= vocab:
+        raise UsageError(
+            f"token id {top} >= the model's {vocab} embedding rows: --tokenizer does not belong "
+            "to --model"
+        )
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one iteration; returns the final metrics (empty when the output already existed)."""
+    cfg.validate()
+    if manifest.is_complete(cfg.output):
+        log.info("%s already holds a complete checkpoint: nothing to do", cfg.output)
+        return {}
+    ctx = distributed.init()
+    try:
+        return _run(cfg, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
+    world_share = cfg.micro_batch_size * ctx.world
+    if cfg.global_batch_size % world_share:
+        raise UsageError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
+            f"--micro-batch-size {cfg.micro_batch_size} x {ctx.world} processes"
+        )
+    torch.manual_seed(cfg.seed)
+    tokenizer, hf_model, save_dtype, pairs = _load(cfg, ctx)
+    _check_tokens(pairs, hf_model.get_input_embeddings().num_embeddings)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    disable_dropout(hf_model)
+    if cfg.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    hf_model.config.use_cache = False
+    drop = checkpoint.tied_output_names(hf_model)
+    num_params = sum(p.numel() for p in hf_model.parameters())
+    strategy = distributed.choose_strategy(ctx, cfg.strategy, num_params, cfg.optimizer)
+    module: nn.Module = SequenceLogProbs(hf_model)
+    if strategy != "fsdp":
+        module.to(ctx.device)
+    module = distributed.wrap(ctx, module, strategy, bf16)
+    module.train()
+    optimizer = build_optimizer(module, cfg)
+    steps_per_epoch = batches.steps_per_epoch(len(pairs.train), cfg.global_batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg.lr_scheduler, warmup, total_steps)
+    )
+    runner = Runner(
+        ctx, module, strategy, autocast=bf16 and strategy != "fsdp",
+        pad_id=int(tokenizer.pad_token_id or 0), filler=pairs.train[0],
+    )  # fmt: skip
+    fingerprint = pairs.fingerprint()
+    trainer_info = {"resume_key": cfg.resume_key(), "data_fingerprint": fingerprint}
+    if ctx.main:
+        log.info(
+            "iteration %d: %d train pairs (%s per --data), %d held out, %d skipped long prompts, "
+            "%d cut answers; %d params; strategy %s on %d process(es), %s; %d steps of %d pairs",
+            cfg.iteration, len(pairs.train), pairs.per_source, len(pairs.eval),
+            pairs.skipped_long_prompts, pairs.truncated_answers, num_params, strategy, ctx.world,
+            "bf16" if bf16 else "fp32", total_steps, cfg.global_batch_size,
+        )  # fmt: skip
+
+    start_epoch, step = 1, 0
+    resumed_epoch = checkpoint.latest_epoch(cfg.work_dir) if ctx.main else None
+    resumed_epoch = distributed.broadcast_object(ctx, resumed_epoch)
+    if resumed_epoch is not None:
+        state = checkpoint.load_epoch(ctx, cfg.work_dir, resumed_epoch, module, optimizer)
+        if state.trainer.get("resume_key") != cfg.resume_key() or (
+            state.trainer.get("data_fingerprint") != fingerprint
+        ):
+            raise UsageError(
+                f"--work-dir {cfg.work_dir} holds epoch checkpoints of other settings or data; "
+                "use an empty --work-dir"
+            )
+        scheduler.load_state_dict(state.scheduler)
+        reference = state.reference.to(ctx.device)
+        start_epoch, step = state.epoch + 1, state.step
+        log.info("resumed from %s", checkpoint.epoch_uri(cfg.work_dir, state.epoch))
+    else:
+        t0 = time.perf_counter()
+        reference = runner.score(pairs.all, 2 * cfg.micro_batch_size)
+        if ctx.main:
+            log.info(
+                "reference log-probs of %d pairs in %.1fs", len(pairs.all), time.perf_counter() - t0
+            )
+    metrics = MetricsLog(ctx, cfg.work_dir, keep_until_step=step)
+    if resumed_epoch is None and ctx.main:
+        metrics.log({"event": "data", "step": 0, **_data_stats(pairs)})
+
+    final: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        order = batches.epoch_order(len(pairs.train), cfg.seed, epoch)
+        for s in range(steps_per_epoch):
+            step += 1
+            values = train_step(runner, cfg, pairs, reference, order, s, optimizer, scheduler)
+            record: dict[str, Any] = {
+                "event": "train",
+                "step": step,
+                "epoch": epoch - 1 + (s + 1) / steps_per_epoch,
+                **values,
+            }
+            metrics.log(record)
+            final.update({k: v for k, v in record.items() if k != "event"})
+        if pairs.eval:
+            policy = runner.score(pairs.eval, 2 * cfg.micro_batch_size)
+            held_out = summarize(policy, reference[len(pairs.train) :], cfg.beta, "eval_")
+            metrics.log({"event": "eval", "step": step, "epoch": epoch, **held_out})
+            final.update(held_out)
+        checkpoint.save_epoch(
+            ctx, cfg.work_dir, epoch, module, optimizer, scheduler, step, reference, trainer_info
+        )
+        metrics.publish()
+
+    meta = {
+        "iteration": cfg.iteration,
+        "base_model": cfg.model,
+        "data": cfg.data,
+        "steps": step,
+        "train_pairs": len(pairs.train),
+        "eval_pairs": len(pairs.eval),
+        "data_fingerprint": fingerprint,
+        "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+    }
+    checkpoint.save_model(ctx, module, hf_model, tokenizer, cfg.output, save_dtype, drop, meta)
+    metrics.publish()
+    return final
+
+
+def _data_stats(pairs: PairSet) -> dict[str, Any]:
+    return {
+        "train_pairs": len(pairs.train),
+        "eval_pairs": len(pairs.eval),
+        "skipped_long_prompts": pairs.skipped_long_prompts,
+        "truncated_answers": pairs.truncated_answers,
+    }
+
+
+def train_step(
+    runner: Runner,
+    cfg: TrainConfig,
+    pairs: PairSet,
+    reference: torch.Tensor,
+    order: list[int],
+    s: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, float]:
+    """One optimizer step over ``global_batch_size`` pairs; returns its metrics (all ranks)."""
+    ctx = runner.ctx
+    t0 = time.perf_counter()
+    slots = batches.step_slots(order, s, cfg.global_batch_size)
+    n_pairs = sum(1 for i in slots if i >= 0)
+    micro = batches.rank_micro_batches(slots, ctx.rank, ctx.world, cfg.micro_batch_size)
+    # loss_sum, reward_real_sum, reward_gen_sum, correct, tokens
+    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+    scale = ctx.world / n_pairs  # DDP/FSDP average gradients over ranks
+    for k, chunk in enumerate(micro):
+        chosen = [pairs.train[i] if i >= 0 else None for i in chunk]
+        with runner.no_sync(k == len(micro) - 1):
+            out, batch = runner.logps(chosen)
+            b = len(chunk)
+            ref = reference[batch.index]
+            stats = spin_loss(out[:b], out[b:], ref[:, 0], ref[:, 1], cfg.beta)
+            ((stats.losses * batch.weight).sum() * scale).backward()
+        w = batch.weight.double()
+        sums += torch.stack(
+            [
+                (stats.losses.detach().double() * w).sum(),
+                (stats.rewards_real.double() * w).sum(),
+                (stats.rewards_gen.double() * w).sum(),
+                (stats.correct.double() * w).sum(),
+                torch.tensor(float(batch.num_tokens), dtype=torch.float64, device=ctx.device),
+            ]
+        )
+    distributed.all_reduce_sum(ctx, sums)
+    grad_norm = _clip(runner.module, cfg.max_grad_norm)
+    loss, rr, rg, correct, tokens = (
+        sums / torch.tensor([n_pairs] * 4 + [1], device=ctx.device)
+    ).tolist()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer "
+            f"step {scheduler.last_epoch + 1} (loss {loss}, grad norm {grad_norm}): lower "
+            "--learning-rate or --beta, or check the data; nothing was saved for this step"
+        )
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - t0
+    return {
+        "loss": loss,
+        "rewards_real": rr,
+        "rewards_generated": rg,
+        "margin": rr - rg,
+        "accuracy": correct,
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / elapsed,
+        "step_s": elapsed,
+    }
+
+
+def _clip(module: nn.Module, max_norm: float) -> float:
+    """Global gradient norm (before clipping); clips when ``max_norm`` > 0."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a metrics.jsonl (tests, tooling)."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            yield json.loads(line)
