@@ -1,0 +1,190 @@
+"""StepPlan -> Kubernetes manifests: a batch/v1 Job per step attempt (+ a headless Service for
+training). Pure: the owner reference is passed in, nothing is read from or sent to a cluster.
+
+Choices a long GPU Job needs, and why:
+* Indexed Jobs: generation shard i and training node rank i are the pod's completion index, so a
+  replaced pod redoes exactly its own part; index 0 of a training Job is the torchrun master,
+  reachable as `<job>-0.<service>` through the headless Service (publishNotReadyAddresses: the
+  name must resolve before any pod is Ready).
+* `restartPolicy: Never` + `podReplacementPolicy: Failed`: a new pod only once the old one is
+  gone, so two pods never share a hostname/rank. `backoffLimit` comes from the spec (default 0:
+  the operator retries with a fresh Job, which resumes from epoch checkpoints).
+* `podFailurePolicy`: exit codes that won't heal (2 = bad input per docs/runtime.md, 126/127 =
+  cannot execute) fail the Job at once; disruptions (preemption, drain) do not count as failures.
+* `ttlSecondsAfterFinished` unset: a finished Job stays so its status remains observable; Jobs go
+  with the SPINRun through ownerReferences.
+* With a Kueue queue the Job is created suspended, as Kueue expects, and Kueue starts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from spin_operator.api import types as api
+from spin_operator.naming import KUEUE_QUEUE_LABEL, service_name, step_labels
+from spin_operator.settings import POD_CACHE_DIR
+from spin_operator.steps import MASTER_PORT, RunRef, StepPlan
+
+UNHEALABLE_EXIT_CODES = [2, 126, 127]
+CACHE_VOLUME = "spin-cache"
+SHM_VOLUME = "dshm"
+
+
+def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    """The controller reference children carry (the same shape `kopf.adopt` writes)."""
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def run_owner(run: RunRef) -> dict[str, Any]:
+    return owner_reference(api.API_VERSION, api.KIND, run.name, run.uid)
+
+
+def _metadata(plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str | None) -> dict[str, Any]:
+    labels = step_labels(run.name, plan.iteration, plan.stage, plan.attempt)
+    if queue:
+        labels[KUEUE_QUEUE_LABEL] = queue
+    return {
+        "name": plan.job_name,
+        "namespace": run.namespace,
+        "labels": labels,
+        "ownerReferences": [dict(owner)],
+    }
+
+
+def _env(plan: StepPlan) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plan.env.items()]
+    for name, ref in plan.secret_env.items():
+        selector: dict[str, Any] = {"name": ref.secret, "key": ref.key}
+        if ref.optional:
+            selector["optional"] = True
+        env.append({"name": name, "valueFrom": {"secretKeyRef": selector}})
+    return env
+
+
+def _resources(plan: StepPlan, gpu_resource: str) -> dict[str, Any]:
+    limits = dict(plan.limits)
+    requests = dict(plan.requests)
+    if plan.gpus_per_pod > 0:
+        limits[gpu_resource] = str(plan.gpus_per_pod)
+        requests.pop(gpu_resource, None)  # extended resources: request defaults to the limit
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec) -> dict[str, Any]:
+    mounts = [{"name": CACHE_VOLUME, "mountPath": plan.env.get("SPIN_CACHE_DIR", POD_CACHE_DIR)}]
+    volumes: list[dict[str, Any]] = [{"name": CACHE_VOLUME, "emptyDir": {}}]
+    if plan.shm_size:
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}})
+    container: dict[str, Any] = {
+        "name": plan.stage,
+        "image": plan.image,
+        "command": list(plan.argv),
+        "env": _env(plan),
+        "resources": _resources(plan, scheduling.gpu_resource_name),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if plan.rendezvous:
+        container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,  # no Service env vars injected into long-lived pods
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if plan.rendezvous:
+        pod["subdomain"] = service_name(plan.job_name)
+    if scheduling.service_account_name:
+        pod["serviceAccountName"] = scheduling.service_account_name
+    if scheduling.priority_class_name:
+        pod["priorityClassName"] = scheduling.priority_class_name
+    if scheduling.node_selector:
+        pod["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in scheduling.tolerations]
+    return pod
+
+
+def render_job(
+    plan: StepPlan, spec: api.SPINRunSpec, run: RunRef, owner: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The Job of one step attempt. `spec` supplies scheduling and failure settings."""
+    queue = spec.scheduling.queue_name
+    meta = _metadata(plan, run, owner, queue)
+    job_spec: dict[str, Any] = {
+        "completions": plan.pods,
+        "parallelism": plan.pods,
+        "completionMode": "Indexed",
+        "backoffLimit": spec.failure_policy.backoff_limit,
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": plan.stage,
+                        "operator": "In",
+                        "values": UNHEALABLE_EXIT_CODES,
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": step_labels(run.name, plan.iteration, plan.stage, plan.attempt)},
+            "spec": _pod_spec(plan, spec.scheduling),
+        },
+    }
+    if spec.failure_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.failure_policy.active_deadline_seconds
+    if queue:
+        job_spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def render_service(plan: StepPlan, run: RunRef, owner: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The headless Service that gives training pods stable DNS names; None for other steps."""
+    if not plan.rendezvous:
+        return None
+    labels = step_labels(run.name, plan.iteration, plan.stage, plan.attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(plan.job_name),
+            "namespace": run.namespace,
+            "labels": dict(labels),
+            "ownerReferences": [dict(owner)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": labels,
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }
+
+
+def render(plan: StepPlan, spec: api.SPINRunSpec, run: RunRef, owner: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every object of one step attempt, Service first (it must exist before pods resolve it)."""
+    owner = owner or run_owner(run)
+    service = render_service(plan, run, owner)
+    return [*([service] if service else []), render_job(plan, spec, run, owner)]

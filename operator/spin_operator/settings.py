@@ -1,0 +1,124 @@
+"""Operator settings, read once from the environment (the table in docs/design.md).
+
+The Helm chart sets these variables; `spinctl operator` reads them at start. A malformed value
+stops the operator with a message naming the variable instead of surfacing later as a wrong Job.
+Defaults for unset spec fields (storage, tracking) live here and are resolved into each run's
+spec once, when the run starts (see `resolve_spec`), so changing an operator setting later never
+moves an existing run's artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from spin_operator.api import types as api
+
+VERSION = "0.1.0"
+DEFAULT_IMAGE = f"ghcr.io/spin-operator/runtime:{VERSION}"
+# The model-download cache inside pods (an emptyDir mounted there by render.py).
+POD_CACHE_DIR = "/var/cache/spin"
+
+
+class SettingsError(ValueError):
+    """An operator environment variable has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the operator takes from its environment."""
+
+    namespaces: tuple[str, ...] = ()
+    runtime_image: str = DEFAULT_IMAGE
+    storage_uri: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_secret: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_secret: str | None = None
+    log_level: str = "INFO"
+    metrics_port: int = 9090
+    health_port: int = 8080
+    cache_dir: str = POD_CACHE_DIR
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def port(name: str, default: int) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r}: expected a port number") from None
+            if not 0 <= value <= 65535:  # 0 disables the endpoint (tests use it)
+                raise SettingsError(f"{name}={raw!r}: expected a port number 0..65535")
+            return value
+
+        level = (text("SPIN_LOG_LEVEL") or "INFO").upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise SettingsError(f"SPIN_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
+        namespaces = tuple(n.strip() for n in (text("SPIN_NAMESPACES") or "").split(",") if n.strip())
+        return cls(
+            namespaces=namespaces,
+            runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
+            storage_uri=text("SPIN_STORAGE_URI"),
+            s3_endpoint=text("SPIN_S3_ENDPOINT"),
+            s3_region=text("SPIN_S3_REGION"),
+            s3_secret=text("SPIN_S3_SECRET"),
+            mlflow_uri=text("SPIN_MLFLOW_URI"),
+            mlflow_secret=text("SPIN_MLFLOW_SECRET"),
+            log_level=level,
+            metrics_port=port("SPIN_METRICS_PORT", 9090),
+            health_port=port("SPIN_HEALTH_PORT", 8080),
+        )
+
+
+def resolve_spec(
+    spec: api.SPINRunSpec, settings: Settings, started: api.SPINRunSpec | None = None
+) -> api.SPINRunSpec:
+    """`spec` with its unset storage/tracking fields filled in: from `started` (the spec the run
+    started with) when there is one, else from the operator's defaults. A run therefore keeps the
+    defaults it started with even if the operator's settings change later.
+
+    Raises `validation.InvalidSpec` naming `spec.storage.uri` when neither the spec nor the
+    operator says where artifacts go: nothing can run without a run prefix.
+    """
+    from spin_operator.validation import InvalidSpec, Problem
+
+    s3_secret = api.S3CredentialsSecretRef(name=settings.s3_secret) if settings.s3_secret else None
+    mlflow_secret = api.SecretRef(name=settings.mlflow_secret) if settings.mlflow_secret else None
+    storage_defaults = started.storage if started else api.StorageSpec(
+        uri=settings.storage_uri, endpoint=settings.s3_endpoint, region=settings.s3_region,
+        credentials_secret=s3_secret,
+    )  # fmt: skip
+    tracking_defaults = started.tracking if started else api.TrackingSpec(
+        uri=settings.mlflow_uri, credentials_secret=mlflow_secret
+    )
+    storage = spec.storage.model_copy()
+    storage.uri = storage.uri or storage_defaults.uri
+    if storage.uri is None:
+        raise InvalidSpec(
+            [Problem("spec.storage.uri", "not set, and the operator has no default (SPIN_STORAGE_URI)")]
+        )
+    if storage.uri.startswith("s3://"):
+        storage.endpoint = storage.endpoint or storage_defaults.endpoint
+        storage.region = storage.region or storage_defaults.region
+        storage.credentials_secret = storage.credentials_secret or storage_defaults.credentials_secret
+    tracking = spec.tracking.model_copy()
+    tracking.uri = tracking.uri or tracking_defaults.uri
+    if tracking.uri:
+        tracking.credentials_secret = tracking.credentials_secret or tracking_defaults.credentials_secret
+    return spec.model_copy(update={"storage": storage, "tracking": tracking})

@@ -1,0 +1,362 @@
+"""What each step of a SPIN iteration runs: (spec, iteration, stage) -> `StepPlan`.
+
+Shared by the operator (render.py turns a plan into a Job) and local mode (`spinctl run` starts
+the same argv as local processes), so it holds no Kubernetes manifest details: only the runtime
+argv of docs/runtime.md, environment, process counts and resource needs. Artifact URIs come from
+`spin_runtime.layout`, the one place that names them.
+
+This module also defines which spec fields may change after a run started (`MUTABLE_FIELDS`)
+and the digest of the rest (`spec_digest`): the immutable part is what determines the artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from spin_operator.api import types as api
+from spin_operator.naming import STEP_KINDS, StepKind, job_name, pod_hostname, service_name
+from spin_operator.settings import POD_CACHE_DIR, Settings
+from spin_runtime.layout import RunLayout
+
+__all__ = [
+    "MASTER_PORT",
+    "MUTABLE_FIELDS",
+    "NODE_RANK",
+    "STEP_KINDS",
+    "RunRef",
+    "SecretKey",
+    "StepKind",
+    "StepPlan",
+    "changed_fields",
+    "layout_of",
+    "merge_mutable",
+    "plan_step",
+    "spec_digest",
+    "steps_of",
+]
+
+# In a training Job, Kubernetes expands this in argv to the pod's completion index (node rank).
+NODE_RANK = "$(JOB_COMPLETION_INDEX)"
+MASTER_PORT = 29500
+
+# Wire paths (relative to spec) that may change while a run is going: they do not change what
+# any artifact contains, only when and where Jobs run. Everything else is fixed at start.
+MUTABLE_FIELDS: tuple[str, ...] = (
+    "suspend",
+    "iterations",
+    "stopping",
+    "failurePolicy",
+    "scheduling",
+    "retention",
+    "generation.image",
+    "generation.resources",
+    "training.image",
+    "training.resources",
+    "evaluation.image",
+    "evaluation.metric",
+    "evaluation.mode",
+)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Identity of a run: where its artifacts live and what MLflow tags it with."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    """An environment variable taken from a Secret key (never a value)."""
+
+    secret: str
+    key: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step attempt, independent of how it is executed.
+
+    `argv` is what every pod (or local process group) runs; for training it is a torchrun
+    command whose `--node-rank` is `NODE_RANK` and whose `--master-addr` is `master_addr`
+    (`<job>-0.<service>`): local mode replaces both (see `local_argv`).
+    """
+
+    stage: StepKind
+    iteration: int
+    attempt: int
+    job_name: str
+    pods: int
+    processes_per_pod: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    secret_env: Mapping[str, SecretKey]
+    gpus_per_pod: int
+    image: str
+    requests: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, str] = field(default_factory=dict)
+    shm_size: str | None = None
+    output_uri: str = ""
+    master_addr: str | None = None
+
+    @property
+    def rendezvous(self) -> bool:
+        """True when pods must find each other (the training Job's headless Service)."""
+        return self.master_addr is not None
+
+    def local_argv(self, node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
+        """argv with the Kubernetes placeholders replaced, for running outside a cluster."""
+        out = []
+        for arg in self.argv:
+            if arg == NODE_RANK:
+                arg = str(node_rank)
+            elif self.master_addr is not None and arg == self.master_addr:
+                arg = master_addr
+            out.append(arg)
+        return out
+
+
+def steps_of(spec: api.SPINRunSpec) -> tuple[StepKind, ...]:
+    """The steps of every iteration, in order."""
+    return STEP_KINDS if spec.evaluation.enabled else STEP_KINDS[:2]
+
+
+def layout_of(spec: api.SPINRunSpec, run: RunRef) -> RunLayout:
+    """The run prefix R = <storage.uri>/<namespace>/<name> (storage must be resolved)."""
+    if not spec.storage.uri:
+        raise ValueError("spec.storage.uri is not set (resolve operator defaults first)")
+    return RunLayout.for_run(spec.storage.uri, run.namespace, run.name)
+
+
+def _model_flags(spec: api.SPINRunSpec) -> list[str]:
+    flags = []
+    if spec.model.tokenizer:
+        flags += ["--tokenizer", spec.model.tokenizer]
+    if spec.model.chat_template:
+        flags += ["--chat-template", spec.model.chat_template]
+    return flags
+
+
+def _selection_flags(spec: api.SPINRunSpec, training: bool = True) -> list[str]:
+    d = spec.dataset
+    flags = ["--dataset", d.uri]
+    if training:
+        flags += ["--max-samples", str(d.max_samples)]
+    return [*flags, "--eval-samples", str(d.eval_samples), "--seed", str(d.seed)]
+
+
+def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str]:
+    g = spec.generation
+    return [
+        "python", "-m", "spin_runtime", "generate",
+        "--model", layout.model_for_iteration(t, spec.model.uri),
+        *_model_flags(spec),
+        *_selection_flags(spec),
+        "--output", layout.iteration(t).generated,
+        "--iteration", str(t),
+        "--backend", g.backend,
+        "--temperature", repr(g.temperature),
+        "--top-p", repr(g.top_p),
+        "--top-k", str(g.top_k),
+        "--max-new-tokens", str(g.max_new_tokens),
+        "--batch-size", str(g.batch_size),
+        "--tensor-parallel-size", str(max(1, g.gpus_per_replica)),
+        "--dtype", g.dtype,
+    ]  # fmt: skip
+
+
+def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: str) -> list[str]:
+    tr = spec.training
+    data = [a for uri in layout.training_data_for_iteration(t, tr.mix_previous_iterations) for a in ("--data", uri)]
+    argv = [
+        "torchrun",
+        "--nnodes", str(tr.nodes),
+        "--nproc-per-node", str(tr.procs_per_node),
+        "--node-rank", NODE_RANK,
+        "--master-addr", master_addr,
+        "--master-port", str(MASTER_PORT),
+        "-m", "spin_runtime", "train",
+        "--model", layout.model_for_iteration(t, spec.model.uri),
+        *_model_flags(spec),
+        *data,
+        "--output", layout.iteration(t).model,
+        "--work-dir", layout.iteration(t).train_work,
+        "--iteration", str(t),
+        "--seed", str(tr.seed),
+        "--beta", repr(tr.beta_for(t)),
+        "--learning-rate", repr(tr.learning_rate_for(t)),
+        "--epochs", str(tr.epochs),
+        "--global-batch-size", str(tr.global_batch_size),
+        "--micro-batch-size", str(tr.micro_batch_size),
+        "--max-length", str(tr.max_length),
+        "--max-prompt-length", str(tr.max_prompt_length),
+        "--optimizer", tr.optimizer,
+        "--weight-decay", repr(tr.weight_decay),
+        "--lr-scheduler", tr.lr_scheduler,
+        "--warmup-ratio", repr(tr.warmup_ratio),
+        "--max-grad-norm", repr(tr.max_grad_norm),
+        "--precision", tr.precision,
+        "--strategy", tr.strategy,
+    ]  # fmt: skip
+    return [*argv, "--gradient-checkpointing"] if tr.gradient_checkpointing else argv
+
+
+def _evaluate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str]:
+    ev = spec.evaluation
+    if ev.command is not None:
+        return list(ev.command)
+    argv = ["python", "-m", "spin_runtime", "evaluate", "--model", layout.iteration(t).model]
+    if ev.baseline and t == 0:
+        argv += ["--baseline-model", spec.model.uri]
+    return [
+        *argv,
+        *_selection_flags(spec, training=False),
+        "--max-new-tokens", str(ev.max_new_tokens),
+        "--output", layout.iteration(t).eval,
+    ]  # fmt: skip
+
+
+def _secret_env(spec: api.SPINRunSpec) -> dict[str, SecretKey]:
+    env: dict[str, SecretKey] = {}
+    s3 = spec.storage.credentials_secret
+    if s3 is not None:
+        env["AWS_ACCESS_KEY_ID"] = SecretKey(s3.name, s3.access_key_id_key)
+        env["AWS_SECRET_ACCESS_KEY"] = SecretKey(s3.name, s3.secret_access_key_key)
+    ml = spec.tracking.credentials_secret
+    if ml is not None and spec.tracking.uri:
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            env[var] = SecretKey(ml.name, var, optional=True)
+    return env
+
+
+def plan_step(
+    spec: api.SPINRunSpec,
+    settings: Settings,
+    run: RunRef,
+    iteration: int,
+    stage: StepKind,
+    attempt: int = 0,
+    mlflow_run_id: str | None = None,
+) -> StepPlan:
+    """The plan of step `stage` of `iteration` (attempt `attempt`) for a resolved spec."""
+    layout = layout_of(spec, run)
+    it = layout.iteration(iteration)
+    name = job_name(run.name, iteration, stage, attempt)
+    env: dict[str, str] = {"SPIN_CACHE_DIR": settings.cache_dir or POD_CACHE_DIR}
+    if spec.storage.endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = spec.storage.endpoint
+    if spec.storage.region:
+        env["AWS_REGION"] = spec.storage.region
+    if spec.tracking.uri:
+        env["MLFLOW_TRACKING_URI"] = spec.tracking.uri
+        if mlflow_run_id:
+            env["MLFLOW_RUN_ID"] = mlflow_run_id
+    master_addr = None
+    shm = None
+    if stage == "generate":
+        g = spec.generation
+        argv, pods, procs, gpus, image = _generate_argv(spec, layout, iteration), g.replicas, 1, g.gpus_per_replica, g.image
+        env["SPIN_NUM_SHARDS"] = str(g.replicas)
+        resources, output = g.resources, it.generated
+        shm = spec.training.shm_size if g.gpus_per_replica > 1 else None  # vLLM tensor parallel
+    elif stage == "train":
+        tr = spec.training
+        master_addr = f"{pod_hostname(name, 0)}.{service_name(name)}"
+        argv = _train_argv(spec, layout, iteration, master_addr)
+        pods, procs, gpus, image = tr.nodes, tr.procs_per_node, tr.gpus_per_node, tr.image
+        resources, output, shm = tr.resources, it.model, tr.shm_size
+    else:
+        ev = spec.evaluation
+        argv, pods, procs, gpus, image = _evaluate_argv(spec, layout, iteration), 1, 1, ev.gpus, ev.image
+        resources, output = api.Resources(), it.eval
+        if ev.command is not None:
+            env |= {"SPIN_MODEL_URI": it.model, "SPIN_EVAL_OUTPUT": it.eval, "SPIN_ITERATION": str(iteration)}
+    return StepPlan(
+        stage=stage,
+        iteration=iteration,
+        attempt=attempt,
+        job_name=name,
+        pods=pods,
+        processes_per_pod=procs,
+        argv=tuple(argv),
+        env=env,
+        secret_env=_secret_env(spec),
+        gpus_per_pod=gpus,
+        image=image or settings.runtime_image,
+        requests=dict(resources.requests),
+        limits=dict(resources.limits),
+        shm_size=shm,
+        output_uri=output,
+        master_addr=master_addr,
+    )
+
+
+# --------------------------------------------------------------------------- spec changes
+
+
+def _drop(wire: dict[str, Any], path: str) -> None:
+    head, _, rest = path.partition(".")
+    if rest:
+        if isinstance(wire.get(head), dict):
+            _drop(wire[head], rest)
+    else:
+        wire.pop(head, None)
+
+
+def _get(wire: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    node: Any = wire
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def immutable_view(spec: api.SPINRunSpec) -> dict[str, Any]:
+    """The spec's wire form without `MUTABLE_FIELDS`: what the run's artifacts depend on."""
+    wire = spec.model_dump(mode="json", by_alias=True)  # defaults included: explicit == default
+    for path in MUTABLE_FIELDS:
+        _drop(wire, path)
+    return wire
+
+
+def spec_digest(spec: api.SPINRunSpec) -> str:
+    """A short stable digest of `immutable_view` (status.specHash)."""
+    canonical = json.dumps(immutable_view(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _leaf_diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _leaf_diff(a.get(key), b.get(key), f"{prefix}.{key}")
+        return out
+    return [] if a == b else [prefix]
+
+
+def changed_fields(started: api.SPINRunSpec, current: api.SPINRunSpec) -> list[str]:
+    """Immutable fields (as `spec.a.b` paths) whose value differs between the two specs."""
+    return _leaf_diff(immutable_view(started), immutable_view(current), "spec")
+
+
+def merge_mutable(started: api.SPINRunSpec, current: api.SPINRunSpec) -> api.SPINRunSpec:
+    """`started` with the mutable fields of `current`: the spec a run goes on with when an
+    immutable field changed. Raises pydantic's ValidationError if the mix breaks a cross-field
+    rule (e.g. stopping.patience without evaluation)."""
+    wire = started.model_dump(mode="json", by_alias=True)
+    new = current.model_dump(mode="json", by_alias=True)
+    for path in MUTABLE_FIELDS:
+        found, value = _get(new, path)
+        head, _, leaf = path.rpartition(".")
+        target = _get(wire, head)[1] if head else wire
+        if found and isinstance(target, dict):
+            target[leaf] = value
+    return api.SPINRunSpec.model_validate(wire)
