@@ -207,9 +207,15 @@ class MetricsLog:
                 self.tracker.log_metrics(numbers, step=int(record.get("step", 0)))
 
     def publish(self) -> None:
-        """Copy the metrics file to an S3 work dir (local ones are written in place)."""
-        if self.enabled and self.remote:
+        """Copy the metrics file to an S3 work dir (local ones are written in place) and flush
+        what MLflow has not acknowledged yet."""
+        if not self.enabled:
+            return
+        if self.remote:
             storage.upload_file(self.path, self.uri)
+        if self.tracker is not None:
+            with contextlib.suppress(Exception):
+                self.tracker.flush()
 
 
 def _tracker() -> Any:
@@ -221,7 +227,7 @@ def _tracker() -> Any:
     try:
         from spin_runtime import tracking
 
-        return tracking.RunLogger.from_env()  # type: ignore[attr-defined]
+        return tracking.from_env_logger()
     except Exception as exc:  # tracking is optional by contract
         log.warning("MLflow tracking unavailable: %s", exc)
         return None
