@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from spin_runtime.train.loss import (
     IGNORE,
     LN2,

@@ -140,11 +140,11 @@ class Resumed:
 def _rng_state() -> dict[str, Any]:
     """Every generator a later epoch could draw from (dropout is off and the data order is a
     function of the seed, so this is belt and braces)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
-    keys = np.asarray(keys)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_keys = torch.from_numpy(np.asarray(keys).astype(np.int64))
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "numpy": [str(kind), numpy_keys, pos, has_gauss, gauss],
         "python": repr(random.getstate()),
     }
     if torch.cuda.is_available():
