@@ -65,9 +65,9 @@ def _stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
     try:
-        proc.wait(timeout=grace)
+        proc.wait(timeout=grace or 5.0)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -223,9 +223,10 @@ class MlflowServer:
             self.stop()
             raise
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """Stop the server; ``crash=True`` SIGKILLs it (an outage, and faster than shutdown)."""
         if self._proc is not None:
-            _stop_group(self._proc)
+            _stop_group(self._proc, grace=0.0 if crash else 5.0)
             self._proc = None
 
 
