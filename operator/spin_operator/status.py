@@ -1,0 +1,111 @@
+"""Pure helpers for SPINRun status: conditions, ranking iterations and the stopping rule.
+
+Conditions follow metav1.Condition: `lastTransitionTime` moves only when `status` flips, so
+`kubectl wait --for=condition=Ready` and alerting see real transitions, not every reconcile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from spin_operator.api import types as api
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+SUSPENDED = "Suspended"
+FAILED = "Failed"
+SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+CONDITION_TYPES = (READY, PROGRESSING, SUSPENDED, FAILED)
+
+
+def get_condition(conditions: Sequence[api.Condition], type_: str) -> api.Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def set_condition(
+    conditions: list[api.Condition],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
+) -> bool:
+    """Set one condition in place; True when its status flipped (a transition)."""
+    value: Literal["True", "False"] = "True" if status else "False"
+    current = get_condition(conditions, type_)
+    if current is None:
+        conditions.append(
+            api.Condition(
+                type=type_, status=value, reason=reason, message=message,
+                last_transition_time=now, observed_generation=generation,
+            )
+        )  # fmt: skip
+        return True
+    flipped = current.status != value
+    current.status = value
+    current.reason = reason
+    current.message = message
+    current.observed_generation = generation
+    if flipped:
+        current.last_transition_time = now
+    return flipped
+
+
+def score(iteration: api.IterationStatus, metric: str) -> float | None:
+    value = iteration.metrics.get(metric)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def best_iteration(iterations: Sequence[api.IterationStatus], metric: str, mode: str) -> int | None:
+    """The finished iteration with the best `metric` (earliest on ties), as MLflow's `best`
+    alias picks it; None when no finished iteration has the metric."""
+    best: tuple[float, int] | None = None
+    sign = 1.0 if mode == "max" else -1.0
+    for it in iterations:
+        value = score(it, metric)
+        if it.stage != "Done" or value is None:
+            continue
+        if best is None or sign * value > sign * best[0]:
+            best = (value, it.iteration)
+    return None if best is None else best[1]
+
+
+def last_improvement(
+    iterations: Sequence[api.IterationStatus], metric: str, mode: str, min_delta: float
+) -> int | None:
+    """The last finished iteration that beat the best earlier score by more than `min_delta`
+    (the first scored iteration counts as an improvement). Keras' EarlyStopping rule."""
+    reference: float | None = None
+    improved: int | None = None
+    for it in iterations:
+        value = score(it, metric)
+        if it.stage != "Done" or value is None:
+            continue
+        better = reference is None or (
+            value - min_delta > reference if mode == "max" else value + min_delta < reference
+        )
+        if better:
+            reference, improved = value, it.iteration
+    return improved
+
+
+def should_stop(
+    iterations: Sequence[api.IterationStatus], spec: api.SPINRunSpec
+) -> tuple[bool, str]:
+    """(stop?, why) after the last finished iteration, per spec.stopping."""
+    patience = spec.stopping.patience
+    done = [it for it in iterations if it.stage == "Done"]
+    if patience is None or not spec.evaluation.enabled or not done:
+        return False, ""
+    metric, mode = spec.evaluation.metric, spec.evaluation.mode
+    last = done[-1].iteration
+    improved = last_improvement(done, metric, mode, spec.stopping.min_delta)
+    since = last + 1 if improved is None else last - improved
+    if since >= patience:
+        return True, (
+            f"{metric} has not improved by more than {spec.stopping.min_delta} for {since} "
+            f"iteration(s) (patience {patience})"
+        )
+    return False, ""

@@ -1,0 +1,455 @@
+"""One reconcile pass: the state machine behind `reconciler.reconcile` (pure, no I/O)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ValidationError
+
+from spin_operator import status as cond
+from spin_operator.api import types as api
+from spin_operator.naming import StepKind, job_name
+from spin_operator.reconciler import (
+    ACTIVE_STATES,
+    KIND_OF,
+    STAGE_OF,
+    CreateStep,
+    Decision,
+    DeleteArtifacts,
+    DeleteJob,
+    DeleteService,
+    EnsureIterationRun,
+    EnsureParentRun,
+    Event,
+    FinishTracking,
+    Observed,
+    ObservedJob,
+    RecordSpec,
+    RegisterModel,
+    SetFinalizer,
+    StorageFacts,
+    SuspendJob,
+    referenced_secrets,
+)
+from spin_operator.steps import changed_fields, layout_of, merge_mutable, spec_digest, steps_of
+from spin_operator.validation import InvalidSpec
+
+Outcome = Literal["done", "waiting", "failed"]
+TERMINAL = ("Succeeded", "Failed")
+
+
+class Pass:
+    """Mutates a private copy of the status while collecting actions."""
+
+    def __init__(self, spec: api.SPINRunSpec | InvalidSpec, status: api.SPINRunStatus, observed: Observed):
+        self.given = spec
+        self.old = status
+        self.st = status.model_copy(deep=True)
+        self.o = observed
+        self.d = Decision(status=self.st)
+        self.now = observed.now
+        self.started = status.spec_hash is not None
+        self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self) -> Decision:
+        if self.o.deleting:
+            self._deleting()
+            return self.d
+        spec = self._effective_spec()
+        if spec is not None:
+            self.d.spec = spec
+            self._finalizer(spec)
+            if self.started and self.st.phase in TERMINAL:
+                self._cleanup_terminal()
+            elif self.started or self._start(spec):
+                self._drive(spec)
+        self._sync_conditions()
+        self.st.observed_generation = self.o.generation
+        return self.d
+
+    # ------------------------------------------------------------------ helpers
+
+    def _act(self, *actions: object) -> None:
+        self.d.actions.extend(actions)  # type: ignore[arg-type]
+
+    def _event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self._act(Event(type_, reason, message))
+
+    def _prefix(self, spec: api.SPINRunSpec) -> str:
+        return layout_of(spec, self.o.run).prefix
+
+    def _fail(self, reason: str, message: str) -> None:
+        """Phase Failed; one event per distinct failure (re-evaluated pre-start failures repeat)."""
+        previous = cond.get_condition(self.old.conditions, cond.FAILED)
+        repeated = self.old.phase == "Failed" and previous is not None and previous.reason == reason and self.old.message == message
+        self.failure = (reason, message)
+        self.st.phase = "Failed"
+        self.st.message = message
+        self.st.completion_time = self.st.completion_time if repeated else self.now
+        if not repeated:
+            self._event("Warning", reason, message)
+            if self.started:
+                self._act(FinishTracking(None, "FAILED"))
+        for job in self.o.jobs:
+            if job.state in ACTIVE_STATES and not job.deleting:
+                self._act(DeleteJob(job.name))
+
+    def _succeed(self, reason: str, message: str) -> None:
+        self.st.phase = "Succeeded"
+        self.st.stage = "Done"
+        self.st.message = message
+        self.st.completion_time = self.now
+        self._event("Normal", reason, message)
+        self._act(FinishTracking(None, "FINISHED"))
+
+    # ------------------------------------------------------------------ spec
+
+    def _refuse(self, message: str | None) -> None:
+        current = cond.get_condition(self.st.conditions, cond.SPEC_CHANGE_REFUSED)
+        if message is None:
+            if current is not None and current.status == "True":
+                cond.set_condition(self.st.conditions, cond.SPEC_CHANGE_REFUSED, False, "SpecAccepted", "", self.now, self.o.generation)
+            return
+        was = current is not None and current.status == "True" and current.message == message
+        cond.set_condition(self.st.conditions, cond.SPEC_CHANGE_REFUSED, True, "ImmutableFieldChanged", message, self.now, self.o.generation)
+        if not was:
+            self._event("Warning", "SpecChangeRefused", message)
+
+    def _effective_spec(self) -> api.SPINRunSpec | None:
+        """The spec the run goes on with; fails the run or refuses changes as the rule says."""
+        given, applied = self.given, self.o.applied_spec
+        if not self.started:
+            if isinstance(given, InvalidSpec):
+                self._fail("InvalidSpec", str(given))
+                return None
+            return given
+        if applied is not None and spec_digest(applied) != self.st.spec_hash:
+            applied = None  # the annotation is not what the run started with: do not trust it
+        refusals: list[str] = []
+        if isinstance(given, InvalidSpec):
+            if applied is None:
+                self._fail("InvalidSpec", f"{given} (and the spec the run started with is unknown)")
+                return None
+            spec = applied
+            refusals.append(f"the new spec is invalid ({given}); the run goes on with its last accepted spec")
+        elif applied is None:
+            if spec_digest(given) != self.st.spec_hash:
+                self._fail("AppliedSpecLost", f"immutable fields changed and annotation of the started spec is missing or altered (specHash {self.st.spec_hash})")
+                return None
+            spec = given
+        else:
+            changed = changed_fields(applied, given)
+            spec = given
+            if changed:
+                try:
+                    spec = merge_mutable(applied, given)
+                    refusals.append(f"{', '.join(changed)}: cannot change after the run started; the run goes on with the values it started with")
+                except ValidationError as exc:
+                    spec = applied
+                    refusals.append(f"{', '.join(changed)}: cannot change after the run started, and the other changes do not fit the started spec ({exc.error_count()} error(s)); the run goes on with its last accepted spec")
+        started_count = len(self.st.iterations)
+        if spec.iterations < started_count:
+            refusals.append(f"spec.iterations: {spec.iterations} is below the {started_count} iteration(s) already started; using {started_count}")
+            spec = spec.model_copy(update={"iterations": started_count})
+        self._refuse("; ".join(refusals) or None)
+        if self.o.applied_spec is None or spec.to_wire() != self.o.applied_spec.to_wire():
+            self._act(RecordSpec(spec))
+        return spec
+
+    def _finalizer(self, spec: api.SPINRunSpec) -> None:
+        wanted = spec.retention.on_delete == "Delete"
+        if wanted != self.o.finalizer:
+            self._act(SetFinalizer(wanted))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _start(self, spec: api.SPINRunSpec) -> bool:
+        """Accept the spec and start iteration 0, once storage and Secrets check out."""
+        o = self.o
+        if self.st.phase != "Failed":
+            self.st.phase = "Pending"
+        if not o.stored_spec_checked:
+            self.d.needs_stored_spec = True
+            return False
+        digest = spec_digest(spec)
+        if o.stored_spec_digest is not None and o.stored_spec_digest != digest:
+            self._fail(
+                "StorageConflict",
+                f"spec.storage.uri: {self._prefix(spec)} holds the artifacts of a different spec "
+                f"(digest {o.stored_spec_digest}, this spec {digest}); delete them or use another storage.uri or name",
+            )
+            return False
+        if not self._secrets_ok(spec):
+            return False
+        self.started = True
+        self.st.spec_hash = digest
+        self.st.phase = "Running"
+        self.st.message = None
+        self.st.completion_time = None
+        self.st.start_time = self.st.start_time or self.now
+        self.st.iteration = 0
+        self.st.progress = f"0/{spec.iterations}"
+        self._entry(spec, 0)
+        self._act(RecordSpec(spec, store=o.stored_spec_digest is None))
+        if spec.tracking.uri:
+            self._act(EnsureParentRun())
+        resumed = " (resuming from storage)" if o.stored_spec_digest is not None else ""
+        self._event("Normal", "Started", f"{spec.iterations} iteration(s), artifacts under {self._prefix(spec)}{resumed}")
+        return True
+
+    def _secrets_ok(self, spec: api.SPINRunSpec) -> bool:
+        refs = referenced_secrets(spec)
+        if not refs:
+            return True
+        if self.o.missing_secrets is None:
+            self.d.needs_secrets = True
+            return False
+        missing = sorted(s for s in refs if s in self.o.missing_secrets)
+        if missing:
+            self._fail("SecretNotFound", "; ".join(f'{refs[s]}: Secret "{s}" not found' for s in missing))
+            return False
+        return True
+
+    def _cleanup_terminal(self) -> None:
+        for job in self.o.jobs:
+            if job.state in ACTIVE_STATES and not job.deleting:
+                self._act(DeleteJob(job.name))
+
+    def _deleting(self) -> None:
+        """With retention Delete: stop writers, then delete the run prefix, then let go."""
+        if not self.o.finalizer:
+            return
+        active = [j for j in self.o.jobs if j.state in ACTIVE_STATES]
+        if active:
+            self._act(*(DeleteJob(j.name) for j in active if not j.deleting))
+            self.st.message = f"deleting: waiting for {len(active)} Job(s) to stop before deleting artifacts"
+            return
+        spec = self.o.applied_spec or (self.given if not isinstance(self.given, InvalidSpec) else None)
+        if spec is not None and spec.storage.uri and self.started:
+            self._act(DeleteArtifacts(self._prefix(spec)))
+        self._act(SetFinalizer(False))
+
+    # ------------------------------------------------------------------ iterations
+
+    def _entry(self, spec: api.SPINRunSpec, t: int) -> api.IterationStatus:
+        for it in self.st.iterations:
+            if it.iteration == t:
+                return it
+        layout = layout_of(spec, self.o.run)
+        it = api.IterationStatus(
+            iteration=t,
+            stage="Generating",
+            start_time=self.now,
+            model_uri=layout.model_for_iteration(t, spec.model.uri),
+            data_uri=layout.iteration(t).generated,
+        )
+        if not spec.evaluation.enabled:
+            it.evaluate.phase = "Skipped"
+        self.st.iterations.append(it)
+        return it
+
+    def _drive(self, spec: api.SPINRunSpec) -> None:
+        st = self.st
+        if spec.suspend and st.phase != "Suspended":
+            st.phase = "Suspended"
+            self._event("Normal", "Suspended", "spec.suspend is true: running Jobs suspended, nothing new starts")
+        elif not spec.suspend and st.phase in ("Suspended", "Pending"):
+            if st.phase == "Suspended":
+                self._event("Normal", "Resumed", "spec.suspend is false: Jobs resume")
+            st.phase = "Running"
+        steps = steps_of(spec)
+        while st.phase not in TERMINAL:
+            t = st.iteration
+            it = self._entry(spec, t)
+            if it.stage == "Done":
+                if not self._next_iteration(spec, t):
+                    break
+                continue
+            kind = KIND_OF[it.stage]
+            outcome = self._step(spec, t, kind)
+            if outcome != "done":
+                break
+            later = steps[steps.index(kind) + 1 :]
+            if later:
+                it.stage = STAGE_OF[later[0]]
+                continue
+            self._complete_iteration(spec, t)
+        current = self._entry(spec, st.iteration)
+        st.stage = "Done" if st.phase == "Succeeded" else current.stage
+        done = sum(1 for it in st.iterations if it.stage == "Done")
+        st.progress = f"{done}/{spec.iterations}"
+        if st.phase in ("Running", "Suspended"):
+            suffix = " (suspended)" if st.phase == "Suspended" else ""
+            st.message = f"iteration {st.iteration + 1}/{spec.iterations}: {st.stage}{suffix}"
+
+    def _complete_iteration(self, spec: api.SPINRunSpec, t: int) -> None:
+        it = self._entry(spec, t)
+        it.stage = "Done"
+        it.completion_time = self.now
+        summary = ", ".join(f"{k}={v:g}" for k, v in sorted(it.metrics.items()))
+        self._event("Normal", "IterationCompleted", f"iteration {t} done{': ' + summary if summary else ''}")
+        self._act(FinishTracking(t, "FINISHED"))
+        if spec.evaluation.enabled:
+            best = cond.best_iteration(self.st.iterations, spec.evaluation.metric, spec.evaluation.mode)
+            if best != self.st.best_iteration and best is not None:
+                self._event("Normal", "BestIteration", f"iteration {best} is the best so far by {spec.evaluation.metric}")
+            self.st.best_iteration = best
+
+    def _next_iteration(self, spec: api.SPINRunSpec, t: int) -> bool:
+        """After iteration t: finish the run, stop early, or start t+1 (True)."""
+        done = t + 1
+        best = f"; best iteration {self.st.best_iteration}" if self.st.best_iteration is not None else ""
+        if done >= spec.iterations:
+            self._succeed("Succeeded", f"{done} iteration(s) done{best}")
+            return False
+        stop, why = cond.should_stop(self.st.iterations, spec)
+        if stop:
+            self._succeed("EarlyStopped", f"stopped after {done} iteration(s): {why}{best}")
+            return False
+        self.st.iteration = t + 1
+        self._entry(spec, t + 1)
+        return True
+
+    # ------------------------------------------------------------------ steps
+
+    def _step_status(self, it: api.IterationStatus, kind: StepKind) -> api.StepStatus:
+        return {"generate": it.generate, "train": it.train, "evaluate": it.evaluate}[kind]
+
+    def _step(self, spec: api.SPINRunSpec, t: int, kind: StepKind) -> Outcome:
+        it = self._entry(spec, t)
+        ss = self._step_status(it, kind)
+        jobs = {j.attempt: j for j in self.o.jobs if j.iteration == t and j.stage == kind}
+        if jobs and max(jobs) + 1 > ss.attempts:  # a Job status does not know of yet: adopt it
+            ss.attempts = max(jobs) + 1
+            ss.job_name = jobs[max(jobs)].name
+            ss.start_time = ss.start_time or jobs[max(jobs)].start_time or self.now
+            ss.phase = "Running" if ss.phase == "Pending" else ss.phase
+        for attempt, job in jobs.items():  # never two active Jobs for one step
+            if attempt < ss.attempts - 1 and job.state in ACTIVE_STATES and not job.deleting:
+                self._act(DeleteJob(job.name))
+        if ss.phase == "Succeeded":
+            return "done"
+        if ss.phase == "Failed":
+            return "failed"
+        current = jobs.get(ss.attempts - 1) if ss.attempts else None
+        if current is None or current.state in ("Succeeded", "Failed"):
+            facts = self.o.storage.get(t)
+            if facts is None:
+                self.d.needs_storage.add(t)
+                return "waiting"
+            if self._complete_in_storage(kind, facts):
+                self._step_succeeded(spec, t, kind, facts, current)
+                return "done"
+        if current is None:
+            if ss.attempts == 0:
+                return self._create(spec, t, kind, 0)
+            name = job_name(self.o.name, t, kind, ss.attempts - 1)
+            if name not in self.o.gone_jobs:
+                self.d.needs_jobs.add(name)
+                return "waiting"
+            return self._failed_attempt(spec, t, kind, "JobDeleted", f"Job {name} was deleted before it finished")
+        if current.state == "Succeeded":
+            what = {"generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results"}[kind]
+            return self._failed_attempt(spec, t, kind, "ArtifactIncomplete", f"Job {current.name} succeeded but {what} has no complete manifest")
+        if current.state == "Failed":
+            return self._failed_attempt(spec, t, kind, current.reason or "JobFailed", current.message)
+        return self._active(spec, ss, current)
+
+    def _active(self, spec: api.SPINRunSpec, ss: api.StepStatus, job: ObservedJob) -> Outcome:
+        if job.deleting:
+            return "waiting"
+        if spec.suspend:
+            if job.state != "Suspended":
+                self._act(SuspendJob(job.name, True))
+            ss.phase = "Pending"
+            ss.message = "suspended"
+        elif job.state == "Suspended":
+            if job.queued:
+                ss.phase, ss.message = "Pending", "waiting for Kueue admission"
+            else:
+                self._act(SuspendJob(job.name, False))
+                ss.phase, ss.message = "Pending", None
+        else:
+            ss.phase = "Running" if job.state == "Running" else "Pending"
+            ss.message = None if ss.message in ("suspended", "waiting for Kueue admission") else ss.message
+        return "waiting"
+
+    @staticmethod
+    def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
+        return {"generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated}[kind]
+
+    def _step_succeeded(self, spec: api.SPINRunSpec, t: int, kind: StepKind, facts: StorageFacts, job: ObservedJob | None) -> None:
+        it = self._entry(spec, t)
+        ss = self._step_status(it, kind)
+        ss.phase = "Succeeded"
+        ss.completion_time = (job.completion_time if job and job.state == "Succeeded" else None) or self.now
+        found = job is None or job.state != "Succeeded"
+        ss.message = "found complete in storage" if found else None
+        layout = layout_of(spec, self.o.run).iteration(t)
+        if kind == "train":
+            it.output_model_uri = layout.model
+            self._act(*(DeleteService(job_name(self.o.name, t, "train", k)) for k in range(ss.attempts)))
+            if not spec.evaluation.enabled and spec.tracking.uri:
+                self._act(RegisterModel(t, layout.model, {}))
+        if kind == "evaluate":
+            it.metrics = {k: float(v) for k, v in facts.metrics.items()}
+            if spec.tracking.uri:
+                self._act(RegisterModel(t, layout.model, dict(it.metrics)))
+        how = "found complete in storage" if found else f"Job {ss.job_name} succeeded"
+        self._event("Normal", "StepSucceeded", f"{kind} of iteration {t}: {how}")
+
+    def _create(self, spec: api.SPINRunSpec, t: int, kind: StepKind, attempt: int, why: str = "") -> Outcome:
+        it = self._entry(spec, t)
+        ss = self._step_status(it, kind)
+        name = job_name(self.o.name, t, kind, attempt)
+        if spec.suspend:
+            ss.phase, ss.message = "Pending", "suspended"
+            return "waiting"
+        if any(j.name == name for j in self.o.jobs):  # adopted above; never create twice
+            return "waiting"
+        if not self._secrets_ok(spec):
+            return "failed" if self.st.phase == "Failed" else "waiting"
+        if spec.tracking.uri and it.mlflow_run_id is None:
+            self._act(EnsureIterationRun(t))
+        self._act(CreateStep(t, kind, attempt, name))
+        ss.attempts = attempt + 1
+        ss.job_name = name
+        ss.phase = "Pending"
+        ss.start_time = ss.start_time or self.now
+        if attempt:
+            retries = spec.failure_policy.max_retries
+            self._event("Warning", "Retrying", f"{kind} of iteration {t}: {why}; retry {attempt}/{retries} as Job {name}")
+        else:
+            ss.message = None
+            self._event("Normal", "JobCreated", f"{kind} of iteration {t}: Job {name}")
+        return "waiting"
+
+    def _failed_attempt(self, spec: api.SPINRunSpec, t: int, kind: StepKind, reason: str, message: str) -> Outcome:
+        ss = self._step_status(self._entry(spec, t), kind)
+        why = f"{reason}: {message}" if message else reason
+        ss.message = why
+        if ss.attempts - 1 < spec.failure_policy.max_retries:
+            return self._create(spec, t, kind, ss.attempts, why)
+        ss.phase = "Failed"
+        ss.completion_time = self.now
+        self._fail(reason, f"{kind} of iteration {t} failed after {ss.attempts} attempt(s): {why}")
+        return "failed"
+
+    # ------------------------------------------------------------------ conditions
+
+    def _sync_conditions(self) -> None:
+        st, now, gen = self.st, self.now, self.o.generation
+        phase = st.phase
+        failed = cond.get_condition(st.conditions, cond.FAILED)
+        reason, message = self.failure or (
+            (failed.reason, failed.message) if phase == "Failed" and failed else ("", "")
+        )
+        stage = st.stage or "Pending"
+        cs = st.conditions
+        cond.set_condition(cs, cond.READY, phase == "Succeeded", phase, st.message or "", now, gen)
+        running = phase == "Running"
+        cond.set_condition(cs, cond.PROGRESSING, running, stage if running else phase, (st.message or "") if running else "", now, gen)
+        cond.set_condition(cs, cond.SUSPENDED, phase == "Suspended", "SuspendedBySpec" if phase == "Suspended" else "NotSuspended", "", now, gen)
+        cond.set_condition(cs, cond.FAILED, phase == "Failed", reason if phase == "Failed" else "NotFailed", message if phase == "Failed" else "", now, gen)
