@@ -7,6 +7,7 @@ agree on every name, so nobody formats ``iter-000`` or ``shard-00000-of-00004.js
     R/spinrun.yaml
     R/iter-000/generated/shard-00000-of-00004.jsonl (+ shard-00000-of-00004.manifest.json)
     R/iter-000/train/epoch-001/    R/iter-000/model/    R/iter-000/eval/results.json
+    R/iter-000/tracking-spool/     (only after an MLflow outage)
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class IterationLayout:
     @property
     def eval_results(self) -> str:
         return storage.join(self.eval, "results.json")
+
+    @property
+    def tracking_spool(self) -> str:
+        """Where this iteration's Jobs spool MLflow calls during an outage
+        (``SPIN_TRACKING_SPOOL_DIR``); the operator replays it with ``tracking.replay_spool``."""
+        return storage.join(self.prefix, "tracking-spool")
 
 
 @dataclass(frozen=True)

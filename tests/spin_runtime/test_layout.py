@@ -25,6 +25,7 @@ def test_run_layout_names() -> None:
     assert it.epoch_checkpoint(1) == f"{r0}/train/epoch-001"
     assert it.eval == f"{r0}/eval"
     assert it.eval_results == f"{r0}/eval/results.json"
+    assert it.tracking_spool == f"{r0}/tracking-spool"
     assert run.iteration(12).prefix.endswith("/iter-012")
 
 
