@@ -104,7 +104,7 @@ def render(values: dict[str, Any] | None = None, *, namespace: str = NAMESPACE,
 
 def render_error(values: dict[str, Any]) -> str:
     """helm's error message for values that must be rejected; fails the test if they render."""
-    code, out, err = _template(json.dumps(values, sort_keys=True), NAMESPACE, False)
+    code, _out, err = _template(json.dumps(values, sort_keys=True), NAMESPACE, False)
     if code == 0:
         pytest.fail(f"helm template accepted values it should reject: {values!r}")
     return err

@@ -186,7 +186,7 @@ def test_app_version_is_the_package_version() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
     settings = pytest.importorskip("spin_operator.settings")
-    assert settings.VERSION == project["version"]
+    assert project["version"] == settings.VERSION
 
 
 def _chart_readme(*args: str) -> subprocess.CompletedProcess[str]:
