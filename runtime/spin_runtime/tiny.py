@@ -172,9 +172,17 @@ SIZES = {"unit": UNIT, "small": SMALL, "demo": DEMO}
 
 
 def make_model(
-    tokenizer: PreTrainedTokenizerFast, size: TinySize | str = UNIT, seed: int = 0
+    tokenizer: PreTrainedTokenizerFast,
+    size: TinySize | str = UNIT,
+    seed: int = 0,
+    init_std: float = 0.02,
 ) -> PreTrainedModel:
-    """A randomly initialised Llama sized to the tokenizer (fp32, eval mode)."""
+    """A randomly initialised Llama sized to the tokenizer (fp32, eval mode).
+
+    ``init_std`` (the config's ``initializer_range``): the default 0.02 gives near-uniform
+    next-token distributions that repeat one token greedily; a larger value gives varied greedy
+    answers, which makes backend-parity and padding tests more telling.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -188,6 +196,7 @@ def make_model(
         num_key_value_heads=shape.num_heads,
         max_position_embeddings=shape.max_position_embeddings,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
