@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from spin_runtime import data
 from spin_runtime.cli import UsageError
 

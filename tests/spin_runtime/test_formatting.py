@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from spin_runtime import formatting
 from transformers import AutoTokenizer
+
+from spin_runtime import formatting
 
 
 @pytest.fixture()

@@ -181,7 +181,7 @@ def test_killed_shard_rerun_leaves_one_consistent_result(
     proc.kill()
     assert proc.wait(timeout=60) == -9, "".join(seen)  # killed, not finished or failed
     assert not (out / "shard-00001-of-00002.manifest.json").exists()
-    with pytest.raises(records.GeneratedDataError, match="shard-00001-of-00002.jsonl"):
+    with pytest.raises(records.GeneratedDataError, match=r"shard-00001-of-00002\.jsonl"):
         records.read_generated(str(out))
 
     assert (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from spin_runtime import formatting, models
 from spin_runtime.cli import UsageError
 

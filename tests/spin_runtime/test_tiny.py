@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from spin_runtime import formatting, tiny
 
 
