@@ -1,0 +1,231 @@
+"""A tiny in-memory world for driving the pure reconciler in tests: Jobs, storage, Secrets.
+
+It applies a Decision the way the kopf layer would (create/suspend/delete Jobs, keep the applied
+spec and finalizer, write the status) and checks invariants on every step, so tests can move
+Jobs through states and assert on what the reconciler did. It answers the reconciler's
+`needs_*` requests like the handler: fetch, then call again.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from spin_operator.api import types as api
+from spin_operator.naming import parse_job_name
+from spin_operator.reconciler import (
+    ACTIVE_STATES,
+    CreateStep,
+    Decision,
+    DeleteArtifacts,
+    DeleteJob,
+    Observed,
+    ObservedJob,
+    RecordSpec,
+    SetFinalizer,
+    StorageFacts,
+    SuspendJob,
+    reconcile,
+)
+from spin_operator.settings import Settings, resolve_spec
+from spin_operator.steps import spec_digest
+from spin_operator.validation import InvalidSpec, parse
+
+NAME = "run"
+NAMESPACE = "ns"
+
+
+def spin_object(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"uri": "s3://models/base"},
+        "dataset": {"uri": "s3://data/sft.jsonl", "evalSamples": 8},
+        "iterations": 3,
+        "storage": {"uri": "s3://bucket/runs"},
+    }
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "uid-1", "generation": 1},
+        "spec": base,
+    }
+
+
+@dataclass
+class World:
+    obj: dict[str, Any]
+    status: api.SPINRunStatus = field(default_factory=api.SPINRunStatus)
+    jobs: dict[str, ObservedJob] = field(default_factory=dict)
+    storage: dict[int, StorageFacts] = field(default_factory=dict)
+    secrets: set[str] = field(default_factory=set)
+    applied: api.SPINRunSpec | None = None
+    finalizer: bool = False
+    stored_digest: str | None = None
+    deleting: bool = False
+    artifacts_deleted: bool = False
+    clock: itertools.count = field(default_factory=lambda: itertools.count(1))
+    created: list[str] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)
+    unknown_storage: bool = False  # storage reads fail: needs stay unanswered
+
+    # ------------------------------------------------------------ inputs
+
+    def spec(self) -> api.SPINRunSpec | InvalidSpec:
+        try:
+            return resolve_spec(parse(self.obj), Settings(), self.applied)
+        except InvalidSpec as exc:
+            return exc
+
+    def observed(self, storage: set[int], secrets: bool, jobs: set[str], stored: bool) -> Observed:
+        meta = self.obj["metadata"]
+        return Observed(
+            namespace=NAMESPACE,
+            name=NAME,
+            uid=meta["uid"],
+            generation=meta["generation"],
+            now=f"2026-01-01T00:{next(self.clock) % 60:02d}:00Z",
+            deleting=self.deleting,
+            finalizer=self.finalizer,
+            jobs=tuple(self.jobs.values()),
+            gone_jobs=frozenset(n for n in jobs if n not in self.jobs),
+            missing_secrets=frozenset({"s3-creds", "mlflow-creds", "creds"} - self.secrets) if secrets else None,
+            storage={t: self.storage.get(t, StorageFacts()) for t in storage},
+            stored_spec_checked=stored,
+            stored_spec_digest=self.stored_digest if stored else None,
+            applied_spec=self.applied,
+        )
+
+    def edit(self, **spec: Any) -> None:
+        """A user edit of the spec (bumps metadata.generation)."""
+        new = spin_object(**spec)
+        self.obj["spec"] = new["spec"]
+        self.obj["metadata"]["generation"] += 1
+
+    # ------------------------------------------------------------ one reconcile
+
+    def reconcile(self) -> Decision:
+        storage: set[int] = set()
+        secrets = stored = False
+        jobs: set[str] = set()
+        for _ in range(50):
+            decision = reconcile(self.spec(), self.status, self.observed(storage, secrets, jobs, stored))
+            if decision.complete or (self.unknown_storage and not (
+                decision.needs_secrets or decision.needs_jobs or decision.needs_stored_spec
+            )):
+                break
+            storage |= decision.needs_storage if not self.unknown_storage else set()
+            secrets |= decision.needs_secrets
+            jobs |= decision.needs_jobs
+            stored |= decision.needs_stored_spec
+        else:
+            raise AssertionError("reconciler kept asking for facts")
+        self.check(decision)
+        self.apply(decision)
+        return decision
+
+    def check(self, d: Decision) -> None:
+        """Invariants every decision must keep."""
+        old, new = self.status, d.status
+        creates = d.of_type(CreateStep)
+        names = {c.name for c in creates}
+        assert len(names) == len(creates), "the same Job created twice in one decision"
+        assert not names & set(self.jobs), f"create of an existing Job: {names & set(self.jobs)}"
+        for c in creates:
+            parsed = parse_job_name(c.name)
+            assert parsed is not None and (parsed.run, parsed.iteration, parsed.stage, parsed.attempt) == (NAME, c.iteration, c.stage, c.attempt)
+            done = [it for it in old.iterations if it.iteration == c.iteration and it.stage == "Done"]
+            assert not done, f"finished iteration {c.iteration} redone by {c.name}"
+            assert c.iteration >= old.iteration, f"{c.name} is for an earlier iteration than {old.iteration}"
+            step = next((it for it in old.iterations if it.iteration == c.iteration), None)
+            if step is not None:
+                assert getattr(step, c.stage).phase != "Succeeded", f"{c.name}: step already succeeded"
+        if self.deleting or new.phase in ("Succeeded", "Failed") or (d.spec is not None and d.spec.suspend):
+            assert not creates, f"created {names} while deleting/terminal/suspended"
+        # never two active Jobs for one step
+        deleted = {a.name for a in d.of_type(DeleteJob)}
+        active: dict[tuple[int, str], int] = {}
+        for job in self.jobs.values():
+            if job.state in ACTIVE_STATES and job.name not in deleted and not job.deleting:
+                active[(job.iteration, job.stage)] = active.get((job.iteration, job.stage), 0) + 1
+        for c in creates:
+            active[(c.iteration, c.stage)] = active.get((c.iteration, c.stage), 0) + 1
+        assert all(n <= 1 for n in active.values()), f"two active Jobs for one step: {active}"
+        # status monotone in iterations
+        if old.spec_hash is not None and new.spec_hash is not None:
+            assert new.iteration >= old.iteration
+            assert len(new.iterations) >= len(old.iterations)
+            done_old = sum(it.stage == "Done" for it in old.iterations)
+            done_new = sum(it.stage == "Done" for it in new.iterations)
+            assert done_new >= done_old
+        if old.phase in ("Succeeded",):
+            assert new.phase == old.phase, "a finished run changed phase"
+        api.SPINRunStatus.model_validate(new.to_wire())  # round-trips
+
+    def apply(self, d: Decision) -> None:
+        self.decisions.append(d)
+        for a in d.actions:
+            if isinstance(a, CreateStep):
+                parsed = parse_job_name(a.name)
+                assert parsed is not None
+                queued = bool(d.spec and d.spec.scheduling.queue_name)
+                self.jobs[a.name] = ObservedJob(a.name, a.iteration, a.stage, a.attempt, "Suspended" if queued else "Pending", queued=queued)
+                self.created.append(a.name)
+            elif isinstance(a, SuspendJob):
+                job = self.jobs[a.name]
+                self.jobs[a.name] = replace(job, state="Suspended" if a.suspend else "Pending")
+            elif isinstance(a, DeleteJob):
+                self.jobs.pop(a.name, None)
+            elif isinstance(a, RecordSpec):
+                self.applied = a.spec
+                if a.store:
+                    self.stored_digest = spec_digest(a.spec)
+            elif isinstance(a, SetFinalizer):
+                self.finalizer = a.present
+            elif isinstance(a, DeleteArtifacts):
+                self.artifacts_deleted = True
+                self.storage.clear()
+            elif hasattr(a, "reason"):
+                self.events.append((a.reason, a.message))  # type: ignore[union-attr]
+        self.status = d.status
+
+    # ------------------------------------------------------------ moving Jobs
+
+    def active(self) -> list[ObservedJob]:
+        return [j for j in self.jobs.values() if j.state in ACTIVE_STATES]
+
+    def set_state(self, name: str, state: str, reason: str = "", message: str = "") -> None:
+        self.jobs[name] = replace(self.jobs[name], state=state, reason=reason, message=message)  # type: ignore[arg-type]
+
+    def succeed(self, name: str, metrics: dict[str, float] | None = None, write: bool = True) -> None:
+        """The Job succeeds; with `write`, its artifact's manifest lands (as the runtime does)."""
+        job = self.jobs[name]
+        self.set_state(name, "Succeeded")
+        if write:
+            facts = self.storage.get(job.iteration, StorageFacts())
+            flag = {"generate": "generated", "train": "model", "evaluate": "evaluated"}[job.stage]
+            extra: dict[str, Any] = {flag: True}
+            if job.stage == "evaluate":
+                extra["metrics"] = metrics if metrics is not None else {"exact_match": 0.1 * (job.iteration + 1)}
+            self.storage[job.iteration] = replace(facts, **extra)
+
+    def run_to_end(self, limit: int = 100, metrics: list[float] | None = None) -> None:
+        """Reconcile and succeed every active Job until the run is finished."""
+        for _ in range(limit):
+            self.reconcile()
+            if self.status.phase in ("Succeeded", "Failed"):
+                return
+            active = self.active()
+            for job in active:
+                m = None if metrics is None else {"exact_match": metrics[job.iteration]}
+                self.succeed(job.name, m)
+        raise AssertionError(f"run did not finish: {self.status.phase} {self.status.message}")
+
+    def snapshot(self) -> World:
+        return copy.deepcopy(self)

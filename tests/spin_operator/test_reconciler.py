@@ -1,0 +1,624 @@
+"""The pure reconciler, driven through every stage, Job state, suspend, deletion and spec change.
+
+`World` (reconciler_world.py) applies each Decision like the kopf layer and asserts the
+invariants on every call: never two active Jobs for one step, never a create of an existing
+name, never a finished iteration or step redone, status monotone in iterations.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from spin_operator.api import types as api
+from spin_operator.reconciler import (
+    CreateStep,
+    DeleteArtifacts,
+    DeleteJob,
+    DeleteService,
+    EnsureIterationRun,
+    EnsureParentRun,
+    FinishTracking,
+    Observed,
+    RecordSpec,
+    RegisterModel,
+    SetFinalizer,
+    StorageFacts,
+    SuspendJob,
+    reconcile,
+)
+from spin_operator.status import get_condition
+from spin_operator.validation import InvalidSpec, Problem
+from tests.spin_operator.reconciler_world import NAME, World, spin_object
+
+STAGES = ("generate", "train", "evaluate")
+JOB_STATES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Missing")
+
+
+def started(**spec) -> World:
+    w = World(spin_object(**spec))
+    w.reconcile()
+    return w
+
+
+def advance_to(w: World, iteration: int, stage: str) -> str:
+    """Succeed Jobs until the Job of (iteration, stage) is the current one; return its name."""
+    for _ in range(60):
+        for job in w.active():
+            if (job.iteration, job.stage) == (iteration, stage):
+                return job.name
+            w.succeed(job.name)
+        w.reconcile()
+    raise AssertionError(f"never reached {stage} of iteration {iteration}")
+
+
+def condition(w: World, type_: str) -> api.Condition:
+    found = get_condition(w.status.conditions, type_)
+    assert found is not None, f"no {type_} condition"
+    return found
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_three_iterations_to_succeeded() -> None:
+    w = World(spin_object())
+    w.run_to_end()
+    s = w.status
+    assert (s.phase, s.stage, s.progress, s.iteration) == ("Succeeded", "Done", "3/3", 2)
+    assert w.created == [f"{NAME}-i{t}-{k}" for t in range(3) for k in ("gen", "train", "eval")]
+    assert [it.metrics["exact_match"] for it in s.iterations] == pytest.approx([0.1, 0.2, 0.3])
+    assert s.best_iteration == 2
+    assert condition(w, "Ready").status == "True"
+    assert condition(w, "Progressing").status == "False"
+    assert s.iterations[1].model_uri == "s3://bucket/runs/ns/run/iter-000/model"
+    assert s.iterations[2].output_model_uri == "s3://bucket/runs/ns/run/iter-002/model"
+    assert s.start_time and s.completion_time and s.spec_hash
+    reasons = [r for r, _ in w.events]
+    assert reasons.count("JobCreated") == 9 and reasons[0] == "Started" and reasons[-1] == "Succeeded"
+
+
+def test_without_evaluation_two_jobs_per_iteration_and_no_best() -> None:
+    w = World(spin_object(evaluation={"enabled": False}, iterations=2))
+    w.run_to_end()
+    assert w.created == ["run-i0-gen", "run-i0-train", "run-i1-gen", "run-i1-train"]
+    assert w.status.best_iteration is None
+    assert all(it.evaluate.phase == "Skipped" for it in w.status.iterations)
+
+
+def test_first_decision_asks_for_facts_before_acting() -> None:
+    w = World(spin_object(storage={"uri": "s3://bkt1/x", "credentialsSecret": {"name": "creds"}}))
+    obs = w.observed(set(), False, set(), False)
+    d = reconcile(w.spec(), w.status, obs)
+    assert d.needs_stored_spec and not d.of_type(CreateStep) and d.status.phase == "Pending"
+    obs = w.observed(set(), False, set(), True)
+    d = reconcile(w.spec(), w.status, obs)
+    assert d.needs_secrets and not d.of_type(CreateStep)
+    w.secrets.add("creds")
+    d = reconcile(w.spec(), w.status, w.observed(set(), True, set(), True))
+    assert d.needs_storage == {0} and not d.of_type(CreateStep)
+    assert d.status.phase == "Running"  # started: facts of iteration 0 decide what runs first
+    d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
+    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-gen"]
+
+
+def test_storage_unreachable_never_creates_but_keeps_status() -> None:
+    w = World(spin_object())
+    w.unknown_storage = True
+    d = w.reconcile()
+    assert not d.of_type(CreateStep) and d.needs_storage == {0}
+    assert w.status.phase == "Running" and w.status.spec_hash
+
+
+def test_tracking_actions() -> None:
+    w = World(spin_object(tracking={"uri": "http://mlflow:5000"}, iterations=1))
+    d = w.reconcile()
+    assert d.of_type(EnsureParentRun) and d.of_type(EnsureIterationRun) == [EnsureIterationRun(0)]
+    w.run_to_end()
+    actions = [a for d in w.decisions for a in d.actions]
+    registered = [a for a in actions if isinstance(a, RegisterModel)]
+    assert registered == [RegisterModel(0, "s3://bucket/runs/ns/run/iter-000/model", {"exact_match": pytest.approx(0.1)})]
+    assert FinishTracking(0, "FINISHED") in actions and FinishTracking(None, "FINISHED") in actions
+
+
+def test_no_tracking_actions_without_a_tracking_uri() -> None:
+    w = World(spin_object(iterations=1))
+    w.run_to_end()
+    actions = [a for d in w.decisions for a in d.actions]
+    assert not [a for a in actions if isinstance(a, EnsureParentRun | EnsureIterationRun | RegisterModel)]
+
+
+def test_training_service_deleted_when_training_succeeds() -> None:
+    w = started()
+    name = advance_to(w, 0, "train")
+    w.succeed(name)
+    d = w.reconcile()
+    assert d.of_type(DeleteService) == [DeleteService("run-i0-train")]
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failed_job_is_retried_with_a_new_job_then_succeeds() -> None:
+    w = started()
+    name = advance_to(w, 0, "train")
+    w.set_state(name, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    d = w.reconcile()
+    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-train-r1"]
+    step = w.status.iterations[0].train
+    assert (step.attempts, step.job_name) == (2, "run-i0-train-r1")
+    assert "BackoffLimitExceeded" in (step.message or "")
+    assert ("Retrying" in [r for r, _ in w.events])
+    w.run_to_end()
+    assert w.status.phase == "Succeeded"
+
+
+def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
+    w = started(failurePolicy={"maxRetries": 1})
+    name = advance_to(w, 1, "generate")
+    w.set_state(name, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+    w.reconcile()
+    w.set_state("run-i1-gen-r1", "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+    d = w.reconcile()
+    assert not d.of_type(CreateStep)
+    assert w.status.phase == "Failed"
+    failed = condition(w, "Failed")
+    assert failed.status == "True" and failed.reason == "DeadlineExceeded"
+    assert "generate of iteration 1 failed after 2 attempt(s)" in failed.message
+    assert condition(w, "Ready").status == "False"
+    assert w.status.iterations[1].generate.phase == "Failed"
+    assert w.reconcile().actions == []  # terminal: nothing more
+    assert w.status.phase == "Failed"
+
+
+def test_job_succeeding_without_a_manifest_counts_as_a_failed_attempt() -> None:
+    w = started(failurePolicy={"maxRetries": 0})
+    name = advance_to(w, 0, "train")
+    w.succeed(name, write=False)
+    w.reconcile()
+    assert w.status.phase == "Failed"
+    assert condition(w, "Failed").reason == "ArtifactIncomplete"
+
+
+def test_job_deleted_behind_our_back_is_retried() -> None:
+    w = started()
+    name = advance_to(w, 0, "generate")
+    del w.jobs[name]
+    d = w.reconcile()
+    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-gen-r1"]
+    assert "JobDeleted" in (w.status.iterations[0].generate.message or "")
+
+
+def test_missing_job_is_confirmed_before_it_counts_as_gone() -> None:
+    w = started()
+    name = advance_to(w, 0, "generate")
+    job = w.jobs.pop(name)
+    d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
+    assert d.needs_jobs == {name} and not d.of_type(CreateStep)
+    w.jobs[name] = job  # the GET found it (the cache was late): adopt, no retry
+    d = w.reconcile()
+    assert not d.of_type(CreateStep) and w.status.iterations[0].generate.attempts == 1
+
+
+def test_failed_job_whose_artifact_is_complete_counts_as_done() -> None:
+    w = started()
+    name = advance_to(w, 0, "generate")
+    w.succeed(name)
+    w.set_state(name, "Failed", "Error", "exit 1 after writing")
+    d = w.reconcile()
+    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-train"]
+
+
+# --------------------------------------------------------------------------- invalid spec, secrets
+
+
+def test_invalid_spec_fails_with_the_field_and_recovers_when_fixed() -> None:
+    w = World(spin_object(training={"maxPromptLength": 2048}))
+    d = w.reconcile()
+    assert w.status.phase == "Failed" and not d.of_type(CreateStep)
+    failed = condition(w, "Failed")
+    assert failed.reason == "InvalidSpec" and "spec.training.maxPromptLength" in failed.message
+    assert w.reconcile().actions == []  # no repeated event
+    w.edit()
+    w.reconcile()
+    assert w.status.phase == "Running" and condition(w, "Failed").status == "False"
+
+
+def test_missing_operator_storage_default_names_the_field() -> None:
+    obj = spin_object()
+    del obj["spec"]["storage"]
+    w = World(obj)
+    w.reconcile()
+    assert condition(w, "Failed").message.startswith("spec.storage.uri:")
+
+
+def test_missing_secret_fails_naming_the_field_then_starts_once_created() -> None:
+    w = World(spin_object(storage={"credentialsSecret": {"name": "s3-creds"}}, tracking={"uri": "http://m:5000", "credentialsSecret": {"name": "mlflow-creds"}}))
+    w.secrets = {"mlflow-creds"}
+    w.reconcile()
+    failed = condition(w, "Failed")
+    assert (w.status.phase, failed.reason) == ("Failed", "SecretNotFound")
+    assert failed.message == 'spec.storage.credentialsSecret.name: Secret "s3-creds" not found'
+    w.secrets.add("s3-creds")
+    d = w.reconcile()
+    assert w.status.phase == "Running" and d.of_type(CreateStep)
+
+
+def test_secret_deleted_mid_run_fails_before_the_next_job() -> None:
+    w = started(storage={"credentialsSecret": {"name": "s3-creds"}})
+    w.secrets = {"s3-creds"}
+    w.reconcile()
+    name = advance_to(w, 0, "train")
+    w.secrets.clear()
+    w.succeed(name)
+    d = w.reconcile()
+    assert not d.of_type(CreateStep) and w.status.phase == "Failed"
+    assert "spec.storage.credentialsSecret.name" in condition(w, "Failed").message
+
+
+def test_storage_holding_another_specs_artifacts_is_refused() -> None:
+    w = World(spin_object())
+    w.stored_digest = "0123456789abcdef"
+    w.reconcile()
+    assert condition(w, "Failed").reason == "StorageConflict"
+    assert "spec.storage.uri" in condition(w, "Failed").message
+
+
+# --------------------------------------------------------------------------- suspend
+
+
+def test_suspend_suspends_running_jobs_and_starts_nothing_then_resumes() -> None:
+    w = started()
+    name = advance_to(w, 0, "train")
+    w.set_state(name, "Running")
+    w.edit(suspend=True)
+    d = w.reconcile()
+    assert d.of_type(SuspendJob) == [SuspendJob(name, True)]
+    assert (w.status.phase, condition(w, "Suspended").status) == ("Suspended", "True")
+    w.succeed(name)  # finished just before the suspension landed
+    d = w.reconcile()
+    assert not d.of_type(CreateStep) and w.status.phase == "Suspended"
+    w.edit(suspend=False)
+    d = w.reconcile()
+    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-eval"]
+    assert w.status.phase == "Running" and condition(w, "Suspended").status == "False"
+
+
+def test_resume_unsuspends_a_suspended_job() -> None:
+    w = started()
+    name = advance_to(w, 0, "generate")
+    w.edit(suspend=True)
+    w.reconcile()
+    assert w.jobs[name].state == "Suspended"
+    w.edit(suspend=False)
+    d = w.reconcile()
+    assert d.of_type(SuspendJob) == [SuspendJob(name, False)]
+
+
+def test_run_created_suspended_starts_nothing() -> None:
+    w = World(spin_object(suspend=True))
+    d = w.reconcile()
+    assert w.status.phase == "Suspended" and not d.of_type(CreateStep)
+
+
+def test_kueue_jobs_are_created_suspended_and_left_to_kueue() -> None:
+    w = started(scheduling={"queueName": "team-a"})
+    name = advance_to(w, 0, "generate")
+    assert w.jobs[name].state == "Suspended" and w.jobs[name].queued
+    d = w.reconcile()
+    assert not d.of_type(SuspendJob)  # Kueue admits and unsuspends it
+    assert w.status.iterations[0].generate.message == "waiting for Kueue admission"
+    w.set_state(name, "Running")
+    w.reconcile()
+    assert w.status.iterations[0].generate.phase == "Running"
+
+
+# --------------------------------------------------------------------------- spec changes
+
+
+def test_immutable_change_is_refused_and_the_run_goes_on_with_its_spec() -> None:
+    w = started()
+    advance_to(w, 0, "train")
+    w.edit(model={"uri": "s3://models/other"}, training={"beta": 0.5})
+    d = w.reconcile()
+    refused = condition(w, "SpecChangeRefused")
+    assert refused.status == "True" and "spec.model.uri" in refused.message and "spec.training.beta" in refused.message
+    assert refused.observed_generation == 2
+    assert d.spec is not None and d.spec.model.uri == "s3://models/base" and d.spec.training.beta == 0.1
+    assert ("SpecChangeRefused" in [r for r, _ in w.events])
+    w.run_to_end()
+    assert w.status.iterations[1].model_uri == "s3://bucket/runs/ns/run/iter-000/model"
+
+
+def test_refusal_clears_when_the_change_is_reverted() -> None:
+    w = started()
+    w.edit(dataset={"uri": "s3://data/other.jsonl"})
+    w.reconcile()
+    assert condition(w, "SpecChangeRefused").status == "True"
+    w.edit()
+    w.reconcile()
+    assert condition(w, "SpecChangeRefused").status == "False"
+
+
+def test_mutable_changes_apply_while_immutable_ones_are_refused() -> None:
+    w = started()
+    w.edit(model={"uri": "s3://models/other"}, iterations=5, failurePolicy={"maxRetries": 0})
+    d = w.reconcile()
+    assert d.spec is not None and d.spec.iterations == 5 and d.spec.failure_policy.max_retries == 0
+    assert d.spec.model.uri == "s3://models/base"
+    rec = d.of_type(RecordSpec)
+    assert rec and rec[-1].spec.iterations == 5 and rec[-1].spec.model.uri == "s3://models/base"
+    w.run_to_end()
+    assert w.status.progress == "5/5"
+
+
+def test_lowering_iterations_below_the_started_ones_is_clamped() -> None:
+    w = started(iterations=5)
+    advance_to(w, 2, "generate")
+    w.edit(iterations=1)
+    d = w.reconcile()
+    assert d.spec is not None and d.spec.iterations == 3
+    assert "spec.iterations" in condition(w, "SpecChangeRefused").message
+    w.run_to_end()
+    assert w.status.progress == "3/3" and w.status.phase == "Succeeded"
+
+
+def test_invalid_edit_of_a_running_run_is_refused_not_fatal() -> None:
+    w = started()
+    advance_to(w, 0, "train")
+    w.edit(training={"maxPromptLength": 4096})
+    w.reconcile()
+    assert w.status.phase == "Running"
+    assert "invalid" in condition(w, "SpecChangeRefused").message
+
+
+def test_suspend_through_a_refused_change_still_applies() -> None:
+    w = started()
+    name = advance_to(w, 0, "generate")
+    w.set_state(name, "Running")
+    w.edit(model={"uri": "s3://models/other"}, suspend=True)
+    d = w.reconcile()
+    assert d.of_type(SuspendJob) == [SuspendJob(name, True)]
+
+
+def test_lost_annotation_with_unchanged_spec_is_restored() -> None:
+    w = started()
+    w.applied = None
+    d = w.reconcile()
+    assert d.of_type(RecordSpec) and w.status.phase == "Running"
+
+
+def test_lost_annotation_with_changed_spec_fails_rather_than_guessing() -> None:
+    w = started()
+    w.applied = None
+    w.edit(model={"uri": "s3://models/other"})
+    w.reconcile()
+    assert condition(w, "Failed").reason == "AppliedSpecLost"
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("job_state", ("Pending", "Running", "Succeeded", "Failed"))
+def test_restart_with_status_lost_adopts_jobs_and_skips_done_steps(stage: str, job_state: str) -> None:
+    """The operator restarts and the status patch of the last transition never landed."""
+    w = started()
+    name = advance_to(w, 1, stage)
+    if job_state == "Succeeded":
+        w.succeed(name)
+    elif job_state != "Pending":
+        w.set_state(name, job_state, "BackoffLimitExceeded" if job_state == "Failed" else "")
+    w.status = api.SPINRunStatus()  # nothing remembered at all
+    w.created.clear()
+    w.run_to_end()
+    assert w.status.phase == "Succeeded"
+    redone = [n for n in w.created if n.startswith(("run-i0-", f"run-i1-{name.split('-')[2]}"))]
+    expected = [f"{name}-r1"] if job_state == "Failed" else []
+    assert redone == expected, f"steps redone after the restart: {redone}"
+    assert w.status.iterations[1].__getattribute__(stage).job_name is not None
+
+
+def test_restart_with_stale_status_adopts_the_newer_attempt() -> None:
+    w = started()
+    name = advance_to(w, 0, "train")
+    stale = w.status.model_copy(deep=True)
+    w.set_state(name, "Failed", "BackoffLimitExceeded")
+    w.reconcile()  # created -r1
+    w.status = stale  # the status patch was lost
+    d = w.reconcile()
+    assert not d.of_type(CreateStep)
+    assert w.status.iterations[0].train.attempts == 2
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+def test_deletion_with_retain_does_nothing() -> None:
+    w = started()
+    advance_to(w, 0, "train")
+    w.deleting = True
+    d = w.reconcile()
+    assert d.actions == []
+
+
+def test_deletion_with_delete_stops_jobs_then_deletes_artifacts_then_lets_go() -> None:
+    w = started(retention={"onDelete": "Delete"})
+    assert w.finalizer
+    name = advance_to(w, 0, "train")
+    w.deleting = True
+    d = w.reconcile()
+    assert d.of_type(DeleteJob) == [DeleteJob(name)] and not d.of_type(DeleteArtifacts)
+    d = w.reconcile()
+    assert d.of_type(DeleteArtifacts) == [DeleteArtifacts("s3://bucket/runs/ns/run")]
+    assert d.of_type(SetFinalizer) == [SetFinalizer(False)]
+
+
+def test_retention_change_adds_and_removes_the_finalizer() -> None:
+    w = started()
+    assert not w.finalizer
+    w.edit(retention={"onDelete": "Delete"})
+    w.reconcile()
+    assert w.finalizer
+    w.edit(retention={"onDelete": "Retain"})
+    w.reconcile()
+    assert not w.finalizer
+
+
+# --------------------------------------------------------------------------- stopping rule
+
+
+def test_early_stopping_reports_the_best_iteration() -> None:
+    w = World(spin_object(iterations=6, stopping={"patience": 2, "minDelta": 0.01}))
+    w.run_to_end(metrics=[0.30, 0.40, 0.405, 0.39, 0.9, 0.9])
+    assert w.status.phase == "Succeeded"
+    assert w.status.progress == "4/6"
+    assert w.status.best_iteration == 2  # 0.405 is the best score even though below minDelta
+    assert "stopped after 4 iteration(s)" in (w.status.message or "")
+    assert w.events[-1][0] == "EarlyStopped"
+
+
+def test_min_mode_ranks_lower_as_better() -> None:
+    w = World(spin_object(iterations=3, evaluation={"metric": "loss", "mode": "min"}))
+    for _ in range(60):
+        w.reconcile()
+        if w.status.phase == "Succeeded":
+            break
+        for job in w.active():
+            w.succeed(job.name, {"loss": [3.0, 1.0, 2.0][job.iteration]})
+    assert w.status.best_iteration == 1
+
+
+# --------------------------------------------------------------------------- exhaustive product
+
+
+def _variant(w: World, variant: str) -> None:
+    if variant == "suspend":
+        w.edit(suspend=True)
+    elif variant == "delete":
+        w.deleting = True
+    elif variant == "immutable-change":
+        w.edit(model={"uri": "s3://models/other"})
+    elif variant == "mutable-change":
+        w.edit(iterations=4, failurePolicy={"maxRetries": 0})
+    elif variant == "status-lost":
+        w.status = api.SPINRunStatus()
+    elif variant == "storage-complete":
+        job = next(iter(w.active()), None)
+        if job is not None:
+            w.succeed(job.name)
+            w.jobs[job.name] = replace(w.jobs[job.name], state="Running")
+
+
+@pytest.mark.parametrize("variant", ["none", "suspend", "delete", "immutable-change", "mutable-change", "status-lost", "storage-complete"])
+@pytest.mark.parametrize("job_state", JOB_STATES)
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("iteration", [0, 2])
+def test_state_space(iteration: int, stage: str, job_state: str, variant: str) -> None:
+    """Every stage x child state x (suspend, delete, spec change, restart): the invariants hold
+    (checked by World on every call) and the run still reaches the end."""
+    w = started(iterations=3, retention={"onDelete": "Delete"})
+    name = advance_to(w, iteration, stage)
+    if job_state == "Missing":
+        del w.jobs[name]
+    elif job_state == "Succeeded":
+        w.succeed(name)
+    else:
+        w.set_state(name, job_state, "BackoffLimitExceeded" if job_state == "Failed" else "")
+    _variant(w, variant)
+    before = w.status.model_copy(deep=True)
+    d = w.reconcile()
+    if variant == "delete":
+        assert not d.of_type(CreateStep)
+        w.reconcile()
+        assert w.artifacts_deleted and not w.finalizer
+        return
+    last_step_done = (iteration, stage, job_state) == (2, "evaluate", "Succeeded")
+    if variant == "suspend":
+        assert w.status.phase == ("Succeeded" if last_step_done else "Suspended")
+        assert all(j.state in ("Suspended", "Succeeded", "Failed") for j in w.jobs.values())
+        w.edit(suspend=False)
+    if variant == "immutable-change":
+        assert condition(w, "SpecChangeRefused").status == "True"
+    if variant != "status-lost":
+        assert w.status.iteration >= before.iteration
+    w.reconcile()  # a second pass with nothing new changes nothing
+    again = w.reconcile()
+    assert not again.of_type(CreateStep) or w.status.phase == "Running"
+    w.run_to_end()
+    if job_state in ("Failed", "Missing") and variant == "mutable-change":  # maxRetries now 0
+        assert w.status.phase == "Failed"
+        assert condition(w, "Failed").reason == ("BackoffLimitExceeded" if job_state == "Failed" else "JobDeleted")
+        return
+    assert w.status.phase == "Succeeded"
+    total = 4 if variant == "mutable-change" else 3
+    assert w.status.progress == f"{total}/{total}"
+
+
+# --------------------------------------------------------------------------- random walk
+
+
+def test_random_walk_over_event_sequences() -> None:
+    """Hypothesis-style: random interleavings of Job outcomes, user edits, lost status patches
+    and restarts; invariants hold throughout and every walk ends Succeeded or Failed."""
+    rng = random.Random(20260101)
+    outcomes = {"Succeeded": 0, "Failed": 0}
+    for _ in range(150):
+        w = World(spin_object(iterations=rng.randint(1, 4), failurePolicy={"maxRetries": rng.randint(0, 2)}, evaluation={"enabled": rng.random() < 0.7}))
+        suspended = False
+        for _step in range(400):
+            w.reconcile()
+            if w.status.phase in ("Succeeded", "Failed"):
+                break
+            roll = rng.random()
+            active = w.active()
+            if roll < 0.45 and active:
+                job = rng.choice(active)
+                if job.state != "Suspended":
+                    w.succeed(job.name, write=rng.random() < 0.95)
+            elif roll < 0.55 and active:
+                job = rng.choice(active)
+                w.set_state(job.name, "Failed", "BackoffLimitExceeded")
+            elif roll < 0.62 and active:
+                job = rng.choice(active)
+                if job.state == "Pending":
+                    w.set_state(job.name, "Running")
+            elif roll < 0.68:
+                suspended = not suspended
+                w.edit(suspend=suspended, iterations=w.obj["spec"]["iterations"], failurePolicy=w.obj["spec"]["failurePolicy"], evaluation=w.obj["spec"]["evaluation"])
+            elif roll < 0.72:
+                w.edit(model={"uri": f"s3://models/m{rng.randint(0, 3)}"}, suspend=suspended, iterations=w.obj["spec"]["iterations"], failurePolicy=w.obj["spec"]["failurePolicy"], evaluation=w.obj["spec"]["evaluation"])
+            elif roll < 0.78:
+                w.status = w.decisions[rng.randrange(len(w.decisions))].status if rng.random() < 0.5 else w.status
+            elif roll < 0.80 and active:
+                del w.jobs[rng.choice(active).name]
+            if suspended and rng.random() < 0.3:
+                suspended = False
+                w.edit(suspend=False, iterations=w.obj["spec"]["iterations"], failurePolicy=w.obj["spec"]["failurePolicy"], evaluation=w.obj["spec"]["evaluation"])
+        else:
+            raise AssertionError(f"walk did not finish: {w.status.phase} {w.status.message}")
+        outcomes[w.status.phase] += 1
+    assert outcomes["Succeeded"] > 10 and outcomes["Failed"] > 10, outcomes
+
+
+def test_observed_is_hashable_input_only() -> None:
+    """reconcile never mutates its inputs (purity)."""
+    w = started()
+    advance_to(w, 0, "train")
+    status = w.status.model_copy(deep=True)
+    obs = w.observed({0}, True, set(), True)
+    reconcile(w.spec(), w.status, obs)
+    assert w.status == status
+    assert isinstance(obs, Observed)
+
+
+def test_storage_facts_default_incomplete() -> None:
+    assert StorageFacts() == StorageFacts(False, False, False, {})
+
+
+def test_invalid_spec_object_is_accepted_as_input() -> None:
+    problems = InvalidSpec([Problem("spec.iterations", "must be >= 1")])
+    d = reconcile(problems, api.SPINRunStatus(), Observed(namespace="ns", name="x", now="t"))
+    assert d.status.phase == "Failed" and "spec.iterations" in d.status.message  # type: ignore[operator]
