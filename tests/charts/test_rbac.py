@@ -1,0 +1,368 @@
+"""The chart's RBAC: exactly the API calls the operator makes, in both modes.
+
+Two kinds of checks:
+- static: the rendered rules, mode by mode, equal the list in docs/design.md ("The operator
+  process"), with no wildcards, no peering resources and Secrets `get` only;
+- against the real operator: `spinctl operator` runs against the emulated API server
+  (tests/support/k8s_emulator.py records every request) through a small SPINRun lifecycle
+  (create, a failed Job retried, suspend/resume, Jobs complete, a multi-node training Job with its
+  headless Service, delete). Every request it made must be allowed by the rendered RBAC of that
+  mode, evaluated like the API server's authorizer (namespaced grants do not allow cluster-wide
+  calls); every granted (group, resource, verb) must have been used or be in ALLOW_LIST below,
+  with the reason it is granted anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.charts.helm import NAMESPACE, NAMESPACED, RELEASE, needs_helm, render
+from tests.charts.rbac import Call, Grants
+
+SA = f"{RELEASE}-spin-operator"
+WATCHED = NAMESPACED["watchNamespaces"]  # ["team-a", "team-b"]
+MODES = {"clusterwide": {}, "namespaced": NAMESPACED}
+
+# Granted per watched namespace (Role) or in every namespace (ClusterRole): docs/design.md.
+NAMESPACED_RULES = {
+    ("selfplay.dev", "spinruns", verb) for verb in ("get", "list", "watch", "patch")
+} | {
+    ("selfplay.dev", "spinruns/status", verb) for verb in ("get", "patch")
+} | {
+    ("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")
+} | {
+    ("", "services", verb) for verb in ("get", "list", "create", "delete")
+} | {("", "secrets", "get"), ("", "events", "create"), ("", "events", "patch")}
+CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+NAMESPACE_RULES = {("", "namespaces", v) for v in ("list", "watch")}
+
+# Granted but not necessarily exercised by the lifecycle below, and why they stay granted.
+ALLOW_LIST: dict[tuple[str, str, str], str] = {
+    ("selfplay.dev", "spinruns", "get"):
+        "read-back of one run (e.g. after a 409 conflict); kopf itself only lists and watches",
+    ("selfplay.dev", "spinruns/status", "get"):
+        "status is read with the object by watches; a direct status read is the same data and is "
+        "needed by clients that patch status with optimistic concurrency",
+    ("batch", "jobs", "get"):
+        "the reconciler confirms that a Job status remembers is really gone (Decision.needs_jobs)",
+    ("", "services", "get"):
+        "adoption of an existing headless Service after an operator restart",
+    ("", "services", "list"):
+        "finding the headless Services of a run on deletion/cleanup",
+    ("", "events", "patch"):
+        "docs/design.md grants it for event aggregation (count updates); kopf only posts events",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"):
+        "kopf's resource discovery may read the SPINRun CRD; list/watch are what it uses to "
+        "notice CRD changes",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"):
+        "kopf's CRD observer (initial listing) when scanning is enabled",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"):
+        "kopf's CRD observer when scanning is enabled",
+    ("", "namespaces", "list"): "kopf's namespace observer when scanning is enabled",
+    ("", "namespaces", "watch"): "kopf's namespace observer when scanning is enabled",
+}
+
+
+def _grants(values: dict[str, Any]) -> Grants:
+    return Grants.from_objects(render(values), NAMESPACE, SA)
+
+
+def _scoped_pairs(values: dict[str, Any]) -> tuple[set[tuple[str, str, str]], dict[str, set[tuple[str, str, str]]]]:
+    grants = _grants(values)
+    cluster = Grants(cluster=grants.cluster).pairs()
+    per_ns = {ns: Grants(namespaced={ns: rules}).pairs() for ns, rules in grants.namespaced.items()}
+    return cluster, per_ns
+
+
+# --------------------------------------------------------------------------- static
+
+
+@needs_helm
+def test_clusterwide_rules() -> None:
+    cluster, per_ns = _scoped_pairs({})
+    assert cluster == NAMESPACED_RULES | CRD_RULES | NAMESPACE_RULES
+    assert per_ns == {}
+
+
+@needs_helm
+def test_namespaced_rules() -> None:
+    cluster, per_ns = _scoped_pairs(NAMESPACED)
+    assert cluster == CRD_RULES, "namespaced mode grants only CRD discovery cluster-wide"
+    assert per_ns == dict.fromkeys(WATCHED, NAMESPACED_RULES)
+
+
+@needs_helm
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_rules_are_minimal_by_construction(mode: str) -> None:
+    objects = render(MODES[mode])
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole")):
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], f"wildcard in {role['metadata']['name']}: {rule}"
+            assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+            assert not {"escalate", "bind", "impersonate", "deletecollection", "update"} & set(rule["verbs"])
+            assert not any("peering" in r for r in rule["resources"]), "the operator runs standalone"
+            if "secrets" in rule["resources"]:
+                assert rule["verbs"] == ["get"], "Secrets: get only (existence checks)"
+    assert not any(o["kind"] == "Role" and o["metadata"]["namespace"] == NAMESPACE for o in objects), (
+        "nothing is granted in the operator's own namespace: it watches no peering objects there"
+    )
+
+
+@needs_helm
+def test_bindings_name_the_operator_service_account() -> None:
+    objects = render(NAMESPACED)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == SA
+    bindings = [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert len(bindings) == 1 + len(WATCHED)
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SA, "namespace": NAMESPACE}]
+
+
+@needs_helm
+def test_authorizer_model_denies_what_it_should() -> None:
+    """The evaluator the lifecycle test relies on can say no."""
+    namespaced, clusterwide = _grants(NAMESPACED), _grants({})
+    assert namespaced.allows(Call("create", "batch", "jobs", "team-a"))
+    assert not namespaced.allows(Call("create", "batch", "jobs", "team-c"))  # not watched
+    assert not namespaced.allows(Call("list", "batch", "jobs", None))  # all-namespace list
+    assert not namespaced.allows(Call("list", "", "namespaces", None))
+    assert not namespaced.allows(Call("patch", "selfplay.dev", "spinruns/scale", "team-a"))
+    assert clusterwide.allows(Call("watch", "selfplay.dev", "spinruns", None))
+    assert not clusterwide.allows(Call("list", "", "secrets", "team-a"))
+    assert not clusterwide.allows(Call("update", "batch", "jobs", "team-a"))
+    assert not clusterwide.allows(Call("create", "", "pods", "team-a"))
+    assert not clusterwide.allows(Call("create", "coordination.k8s.io", "leases", NAMESPACE))
+
+
+def test_allow_list_entries_are_granted() -> None:
+    assert set(ALLOW_LIST) <= NAMESPACED_RULES | CRD_RULES | NAMESPACE_RULES
+
+
+# --------------------------------------------------------------------------- the real operator
+
+_MISSING = [
+    name for name in ("spin_operator.handlers", "tests.support.k8s_emulator")
+    if importlib.util.find_spec(name) is None
+]
+needs_operator = pytest.mark.skipif(
+    bool(_MISSING),
+    reason=f"the operator lifecycle RBAC check needs {', '.join(_MISSING)} (not landed yet)",
+)
+SPINCTL = Path(sys.executable).with_name("spinctl")
+TIMEOUT = 30.0
+
+
+def _job_complete(api: Any, job: dict[str, Any], workdir: Path) -> None:
+    """What the Job's pods would leave behind: its artifacts (manifests last), then the status."""
+    from spin_operator import naming
+    from spin_runtime import manifest
+    from spin_runtime.layout import RunLayout
+
+    labels = job["metadata"]["labels"]
+    ns, run = job["metadata"]["namespace"], labels[naming.RUN_LABEL]
+    iteration = RunLayout.for_run(str(workdir / "artifacts"), ns, run).iteration(int(labels[naming.ITERATION_LABEL]))
+    stage = labels[naming.STAGE_LABEL]
+    scratch = workdir / "scratch" / job["metadata"]["name"]
+    scratch.mkdir(parents=True, exist_ok=True)
+    completions = job["spec"].get("completions") or 1
+    if stage == "generate":
+        for index in range(completions):
+            shard = scratch / f"shard-{index}.jsonl"
+            shard.write_text(json.dumps({"id": index, "split": "train", "prompt": "p", "real": "r",
+                                         "generated": "g"}) + "\n")
+            manifest.write_file_artifact(shard, iteration.shard(index, completions), "generated",
+                                         {"records": 1})
+    elif stage == "train":
+        (scratch / "config.json").write_text("{}")
+        manifest.write_dir_artifact(scratch, iteration.model, "model")
+    else:
+        (scratch / "results.json").write_text(json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None}))
+        manifest.write_dir_artifact(scratch, iteration.eval, "eval", {"metrics": {"exact_match": 0.5}})
+    _job_status(api, job, "Complete", succeeded=completions)
+
+
+def _job_status(api: Any, job: dict[str, Any], condition: str, **counts: int) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    first = "SuccessCriteriaMet" if condition == "Complete" else "FailureTarget"
+    status = {
+        "startTime": now, "active": 0, **counts,
+        "conditions": [{"type": t, "status": "True", "reason": "Test", "message": "",
+                        "lastProbeTime": now, "lastTransitionTime": now} for t in (first, condition)],
+    }
+    if condition == "Complete":
+        status["completionTime"] = now
+    meta = job["metadata"]
+    api.patch("jobs", meta["name"], {"status": status}, namespace=meta["namespace"], subresource="status")
+
+
+def _spinrun(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"uri": "s3://models/tiny"},
+        "dataset": {"uri": "s3://data/sft.jsonl", "maxSamples": 64, "evalSamples": 8},
+        "iterations": 1,
+        "generation": {"replicas": 2},
+        "training": {"nodes": 2},
+        "storage": {"credentialsSecret": {"name": "s3-creds"}},
+    }
+    body.update(spec)
+    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun",
+            "metadata": {"name": name, "namespace": "team-a"}, "spec": body}
+
+
+@contextlib.contextmanager
+def _operator(api: Any, workdir: Path, namespaces: list[str]) -> Iterator[Callable[[], str]]:
+    """`spinctl operator` as the Deployment runs it: settings from the environment."""
+    log = workdir / "operator.log"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(api.kubeconfig_path),
+        "SPIN_NAMESPACES": ",".join(namespaces),
+        "SPIN_STORAGE_URI": str(workdir / "artifacts"),
+        "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:test",
+        "SPIN_LOG_LEVEL": "DEBUG",
+        "SPIN_HEALTH_PORT": "0",
+        "SPIN_METRICS_PORT": "0",
+    }
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(SPINCTL), "operator"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield lambda: log.read_text()[-6000:]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def _wait(api: Any, what: str, probe: Callable[[], Any], logs: Callable[[], str]) -> Any:
+    try:
+        return api.wait_for(probe, timeout=TIMEOUT, interval=0.05)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}; operator log tail:\n{logs()}")
+
+
+def _jobs(api: Any, run: str, stage: str | None = None) -> list[dict[str, Any]]:
+    from spin_operator import naming
+
+    selector = f"{naming.RUN_LABEL}={run}" + (f",{naming.STAGE_LABEL}={stage}" if stage else "")
+    return [j for j in api.list("jobs", namespace="team-a", label_selector=selector)
+            if not j["metadata"].get("deletionTimestamp")]
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def _phase(api: Any, name: str) -> str | None:
+    obj = api.get("spinruns.selfplay.dev", name, namespace="team-a")
+    return ((obj or {}).get("status") or {}).get("phase")
+
+
+def _lifecycle(api: Any, workdir: Path, logs: Callable[[], str]) -> None:
+    """create -> a failed generation Job retried -> suspend/resume -> generation and training
+    complete (multi-node training: Job + headless Service) -> Succeeded; a second run deleted
+    while training."""
+    wait = lambda what, probe: _wait(api, what, probe, logs)  # noqa: E731
+    api.create(_spinrun("lifecycle"))
+    first = wait("the generation Job", lambda: _jobs(api, "lifecycle", "generate"))[0]
+    _job_status(api, first, "Failed", failed=1)
+    retry = wait("a retried generation Job", lambda: [
+        j for j in _jobs(api, "lifecycle", "generate") if j["metadata"]["name"] != first["metadata"]["name"]
+    ])[0]
+
+    api.patch("spinruns.selfplay.dev", "lifecycle", {"spec": {"suspend": True}}, namespace="team-a")
+    wait("the Job suspended", lambda: (api.get("jobs", retry["metadata"]["name"], "team-a") or {})
+         .get("spec", {}).get("suspend") is True)
+    wait("phase Suspended", lambda: _phase(api, "lifecycle") == "Suspended")
+    api.patch("spinruns.selfplay.dev", "lifecycle", {"spec": {"suspend": False}}, namespace="team-a")
+    wait("the Job resumed", lambda: (api.get("jobs", retry["metadata"]["name"], "team-a") or {})
+         .get("spec", {}).get("suspend") is False)
+
+    def complete_active() -> bool:
+        for job in _jobs(api, "lifecycle"):
+            if not _finished(job) and not job["spec"].get("suspend"):
+                _job_complete(api, job, workdir)
+        return _phase(api, "lifecycle") == "Succeeded"
+
+    wait("run Succeeded", complete_active)
+
+    api.create(_spinrun("doomed"))
+    wait("the doomed run's generation Job", lambda: _jobs(api, "doomed", "generate"))
+    for job in _jobs(api, "doomed", "generate"):
+        _job_complete(api, job, workdir)
+    wait("the doomed run's training Job", lambda: _jobs(api, "doomed", "train"))
+    api.delete("spinruns.selfplay.dev", "doomed", namespace="team-a")
+    wait("the doomed run gone (finalizer released)",
+         lambda: api.get("spinruns.selfplay.dev", "doomed", namespace="team-a") is None)
+
+
+@pytest.fixture(scope="module")
+def operator_calls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
+    """Mode -> the resource requests the operator made during the lifecycle."""
+    from tests.support.k8s_emulator import running_api
+
+    calls: dict[str, list[Any]] = {}
+    for mode, namespaces in (("namespaced", WATCHED), ("clusterwide", [])):
+        workdir = tmp_path_factory.mktemp(mode)
+        with running_api(workdir) as api:
+            for ns in ("team-a", "team-b", NAMESPACE):
+                api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds",
+                        "namespace": "team-a"}, "stringData": {"AWS_ACCESS_KEY_ID": "x",
+                                                               "AWS_SECRET_ACCESS_KEY": "y"}})
+            with _operator(api, workdir, namespaces) as logs:
+                _lifecycle(api, workdir, logs)
+            calls[mode] = list(api.requests)
+            assert not api.emulator.internal_errors
+    return calls
+
+
+def _discovery_only(path: str) -> bool:
+    """Non-resource URLs every authenticated user may read (system:discovery, system:public-info-viewer)."""
+    return path in ("/api", "/apis", "/version", "/healthz", "/livez", "/readyz") or (
+        path.startswith(("/api/", "/apis/")) and path.count("/") <= 3
+    ) or path.startswith("/openapi/")
+
+
+@needs_helm
+@needs_operator
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_rbac_allows_every_call_of_the_real_operator(mode: str, operator_calls: dict[str, list[Any]]) -> None:
+    grants = _grants(MODES[mode])
+    denied = set()
+    for request in operator_calls[mode]:
+        if request.resource is None:
+            assert _discovery_only(request.path), f"non-resource request outside discovery: {request.path}"
+            continue
+        call = Call(request.verb, request.group or "", request.rbac_resource, request.namespace)
+        if not grants.allows(call):
+            denied.add(call)
+    assert not denied, f"{mode}: the chart's RBAC would forbid: {sorted(denied, key=repr)}"
+
+
+@needs_helm
+@needs_operator
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_rbac_grants_nothing_unused(mode: str, operator_calls: dict[str, list[Any]]) -> None:
+    used = {(r.group or "", r.rbac_resource, r.verb) for r in operator_calls[mode] if r.resource is not None}
+    unused = _grants(MODES[mode]).pairs() - used
+    unjustified = unused - set(ALLOW_LIST)
+    assert not unjustified, f"{mode}: granted but never used and not justified in ALLOW_LIST: {sorted(unjustified)}"
