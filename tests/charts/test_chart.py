@@ -133,6 +133,7 @@ BAD_VALUES = [
     ({"watchNamespaces": ["a", "a"]}, "/watchNamespaces"),
     ({"watchNamespaces": "team-a"}, "/watchNamespaces"),
     ({"storage": {"uri": "http://bucket/x"}}, "/storage/uri"),
+    ({"storage": {"uri": "/mnt/shared/spin"}}, "/storage/uri"),
     ({"storage": {"endpoint": "minio:9000"}}, "/storage/endpoint"),
     ({"storage": {"credentialsSecret": {"name": "x"}}}, "/storage/credentialsSecret"),
     ({"storage": {"accessKey": "AKIA..."}}, "additional properties 'accessKey'"),
