@@ -15,6 +15,7 @@ A permanent error (e.g. changing an immutable param) drops just that call, with 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -221,11 +222,13 @@ class RunLogger:
         self._ops: list[Op] = []
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        self._failures = 0
         self._last_send = 0.0
         self._client: MlflowClient | None = None
         if self.enabled:
             TrackingPolicy.configure_mlflow_http()
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            atexit.register(self.flush)  # a job that forgets flush() still delivers or spools
 
     @classmethod
     def from_env(
@@ -274,7 +277,7 @@ class RunLogger:
                     self._ops.append({"op": kind, "run": self.run_id, **(extra or {})})
                 now = time.monotonic()
                 if now >= self._retry_at and now - self._last_send >= self.policy.flush_interval:
-                    self._deliver()
+                    self._deliver(attempts=1)  # in the training loop: one try, then cool down
                 if self._buffered_values() > self.policy.max_buffered:
                     self._spill()
         except Exception as exc:  # tracking never fails the workload
@@ -283,19 +286,25 @@ class RunLogger:
     def _buffered_values(self) -> int:
         return sum(len(op.get("items", [None])) for op in self._ops)
 
-    def _deliver(self) -> bool:
+    def _deliver(self, attempts: int | None = None) -> bool:
+        """Send the buffer. On failure wait ``cooldown`` (doubling per consecutive failure, up
+        to 10 min) before the log path tries again, so even an MLflow that times out instead of
+        refusing connections costs a job one timeout per cool-down, not one per step."""
         assert self._client is not None
         self._last_send = time.monotonic()
-        done = send_ops(self._client, self.policy, self._ops)
+        policy = self.policy if attempts is None else replace(self.policy, attempts=attempts)
+        done = send_ops(self._client, policy, self._ops)
         del self._ops[:done]
         if self._ops:
-            self._retry_at = time.monotonic() + self.policy.cooldown
+            self._failures += 1
+            wait = min(self.policy.cooldown * 2 ** (self._failures - 1), 600.0)
+            self._retry_at = time.monotonic() + wait
             log.warning(
                 "MLflow unreachable at %s; %d tracking calls buffered (next try in %.0fs)",
-                redact_text(str(self.tracking_uri)), len(self._ops), self.policy.cooldown,
+                redact_text(str(self.tracking_uri)), len(self._ops), wait,
             )  # fmt: skip
             return False
-        self._retry_at = 0.0
+        self._retry_at, self._failures = 0.0, 0
         return True
 
     def _spill(self) -> str | None:

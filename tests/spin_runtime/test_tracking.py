@@ -299,3 +299,30 @@ def test_redaction_rules() -> None:
     assert redact_argv(["--model", "m", "--hf-token", "s", "--api-key=s", "--max-new-tokens", "5"]) == [
         "--model", "m", "--hf-token", REDACTED, f"--api-key={REDACTED}", "--max-new-tokens", "5",
     ]  # fmt: skip
+
+
+def test_hanging_mlflow_costs_one_timeout_per_cooldown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MLflow that accepts connections but never answers (a hung proxy)."""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        logger = RunLogger("0" * 32, uri, spool_dir=str(tmp_path / "spool"), policy=FAST)
+        start = time.monotonic()
+        for step in range(200):
+            logger.log_metrics({"loss": 1.0 / (step + 1)}, step)
+        elapsed_loop = time.monotonic() - start
+        spool = logger.flush()
+        elapsed = time.monotonic() - start
+    assert elapsed_loop < 1.9, f"200 steps took {elapsed_loop:.1f}s: more than one timeout"
+    assert elapsed < 8, f"flush took {elapsed - elapsed_loop:.1f}s"
+    assert spool is not None
+    lines = [json.loads(x) for x in Path(spool).read_text().splitlines()]
+    assert sum(len(op["items"]) for op in lines) == 200
+    assert lines[0]["items"][0][:2] == ["loss", 1.0] and lines[-1]["items"][-1][3] == 199
