@@ -371,16 +371,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         distributed.shutdown(ctx)
 
 
-def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
-    world_share = cfg.micro_batch_size * ctx.world
-    if cfg.global_batch_size % world_share:
-        raise UsageError(
-            f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
-            f"--micro-batch-size {cfg.micro_batch_size} x {ctx.world} processes"
-        )
-    torch.manual_seed(cfg.seed)
-    tokenizer, hf_model, save_dtype, pairs = _load(cfg, ctx)
-    _check_tokens(pairs, hf_model.get_input_embeddings().num_embeddings)
+@dataclass
+class Session:
+    """The wrapped policy, its optimizer and schedule: what the steps of an iteration share."""
+
+    runner: Runner
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    num_params: int
+    bf16: bool
+
+
+def build_session(
+    ctx: Context, cfg: TrainConfig, hf_model: Any, pad_id: int, pairs: PairSet
+) -> Session:
+    """Prepare θt (fp32, dropout off) for training under the chosen strategy."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
     disable_dropout(hf_model)
     if cfg.gradient_checkpointing:
@@ -388,7 +394,6 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     hf_model.config.use_cache = False
-    drop = checkpoint.tied_output_names(hf_model)
     num_params = sum(p.numel() for p in hf_model.parameters())
     strategy = distributed.choose_strategy(ctx, cfg.strategy, num_params, cfg.optimizer)
     module: nn.Module = SequenceLogProbs(hf_model)
@@ -403,10 +408,25 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.lr_scheduler, warmup, total_steps)
     )
-    runner = Runner(
-        ctx, module, strategy, autocast=bf16 and strategy != "fsdp",
-        pad_id=int(tokenizer.pad_token_id or 0), filler=pairs.train[0],
-    )  # fmt: skip
+    autocast = bf16 and strategy != "fsdp"  # FSDP2 casts through its MixedPrecisionPolicy
+    runner = Runner(ctx, module, strategy, autocast, pad_id, filler=pairs.train[0])
+    return Session(runner, optimizer, scheduler, steps_per_epoch, num_params, bf16)
+
+
+def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
+    world_share = cfg.micro_batch_size * ctx.world
+    if cfg.global_batch_size % world_share:
+        raise UsageError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
+            f"--micro-batch-size {cfg.micro_batch_size} x {ctx.world} processes"
+        )
+    torch.manual_seed(cfg.seed)
+    tokenizer, hf_model, save_dtype, pairs = _load(cfg, ctx)
+    _check_tokens(pairs, hf_model.get_input_embeddings().num_embeddings)
+    drop = checkpoint.tied_output_names(hf_model)
+    session = build_session(ctx, cfg, hf_model, int(tokenizer.pad_token_id or 0), pairs)
+    runner, optimizer, scheduler = session.runner, session.optimizer, session.scheduler
+    module, steps_per_epoch = runner.module, session.steps_per_epoch
     fingerprint = pairs.fingerprint()
     trainer_info = {"resume_key": cfg.resume_key(), "data_fingerprint": fingerprint}
     if ctx.main:
@@ -414,8 +434,9 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             "iteration %d: %d train pairs (%s per --data), %d held out, %d skipped long prompts, "
             "%d cut answers; %d params; strategy %s on %d process(es), %s; %d steps of %d pairs",
             cfg.iteration, len(pairs.train), pairs.per_source, len(pairs.eval),
-            pairs.skipped_long_prompts, pairs.truncated_answers, num_params, strategy, ctx.world,
-            "bf16" if bf16 else "fp32", total_steps, cfg.global_batch_size,
+            pairs.skipped_long_prompts, pairs.truncated_answers, session.num_params,
+            runner.strategy, ctx.world, "bf16" if session.bf16 else "fp32",
+            steps_per_epoch * cfg.epochs, cfg.global_batch_size,
         )  # fmt: skip
 
     start_epoch, step = 1, 0
