@@ -119,7 +119,8 @@ def test_tracking_actions() -> None:
     w.run_to_end()
     actions = [a for d in w.decisions for a in d.actions]
     registered = [a for a in actions if isinstance(a, RegisterModel)]
-    assert registered == [RegisterModel(0, "s3://bucket/runs/ns/run/iter-000/model", {"exact_match": pytest.approx(0.1)})]
+    assert [(r.iteration, r.model_uri) for r in registered] == [(0, "s3://bucket/runs/ns/run/iter-000/model")]
+    assert registered[0].metrics["exact_match"] == pytest.approx(0.1)
     assert FinishTracking(0, "FINISHED") in actions and FinishTracking(None, "FINISHED") in actions
 
 

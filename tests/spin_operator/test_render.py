@@ -1,0 +1,162 @@
+"""Rendered Jobs and Services are valid Kubernetes 1.35 objects with the settings a GPU job needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from spin_operator.api import types as api
+from spin_operator.render import owner_reference, render, render_job, run_owner
+from spin_operator.settings import Settings, resolve_spec
+from spin_operator.steps import RunRef, plan_step
+
+RUN = RunRef("team", "paper", "3f1c-uid")
+SETTINGS = Settings(runtime_image="runtime:1", storage_uri="s3://bkt/runs")
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "cpu-only": {
+        "generation": {"gpusPerReplica": 0, "backend": "transformers"},
+        "training": {"gpusPerNode": 0, "processesPerNode": 2, "globalBatchSize": 64},
+        "evaluation": {"gpus": 0},
+    },
+    "multi-node": {"training": {"nodes": 4, "gpusPerNode": 8, "globalBatchSize": 64}, "generation": {"replicas": 8}},
+    "kueue": {"scheduling": {"queueName": "team-a", "priorityClassName": "batch-low"}},
+    "tolerations": {
+        "scheduling": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60}],
+            "nodeSelector": {"gpu": "h100"},
+            "serviceAccountName": "spin-jobs",
+            "gpuResourceName": "amd.com/gpu",
+        }
+    },
+    "custom-eval": {"evaluation": {"command": ["python", "eval.py"], "image": "eval:1", "gpus": 0}},
+    "credentials": {
+        "storage": {"uri": "s3://bkt/runs", "endpoint": "http://minio:9000", "credentialsSecret": {"name": "s3"}},
+        "tracking": {"uri": "http://mlflow:5000", "credentialsSecret": {"name": "ml"}},
+        "failurePolicy": {"backoffLimit": 2, "activeDeadlineSeconds": 86400},
+        "training": {"resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "128Gi"}}, "shmSize": "32Gi"},
+    },
+}
+
+
+def make(extra: dict[str, Any]) -> api.SPINRunSpec:
+    raw = {"model": {"uri": "s3://models/sft"}, "dataset": {"uri": "s3://data/sft.jsonl"}, **extra}
+    return resolve_spec(api.SPINRunSpec.model_validate(raw), SETTINGS)
+
+
+def objects(spec: api.SPINRunSpec, stage: str, attempt: int = 0) -> list[dict[str, Any]]:
+    plan = plan_step(spec, SETTINGS, RUN, 3, stage, attempt, mlflow_run_id="r1")  # type: ignore[arg-type]
+    return render(plan, spec, RUN)
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("stage", ["generate", "train", "evaluate"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_manifests_validate_against_kubernetes_1_35(variant: str, stage: str) -> None:
+    for obj in objects(make(VARIANTS[variant]), stage, attempt=1):
+        kubernetes_validate.validate(obj, "1.35", strict=True)
+
+
+def test_validation_is_strict() -> None:
+    """The check above can fail: an unknown field is refused."""
+    job = objects(make({}), "generate")[0]
+    job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, "1.35", strict=True)
+
+
+def test_generation_is_an_indexed_job_with_gpu_limits() -> None:
+    [job] = objects(make({"generation": {"replicas": 8, "gpusPerReplica": 2}}), "generate")
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["completionMode"]) == (8, 8, "Indexed")
+    assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert container(job)["command"][:4] == ["python", "-m", "spin_runtime", "generate"]
+    env = {e["name"]: e for e in container(job)["env"]}
+    assert env["SPIN_NUM_SHARDS"]["value"] == "8"
+
+
+def test_training_job_and_headless_service() -> None:
+    service, job = objects(make({"training": {"nodes": 2, "gpusPerNode": 4, "globalBatchSize": 64}}), "train", attempt=1)
+    name = "paper-i3-train-r1"
+    assert service["metadata"]["name"] == name and job["metadata"]["name"] == name
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    pod = job["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["subdomain"] == name
+    cmd = container(job)["command"]
+    assert cmd[cmd.index("--master-addr") + 1] == f"{name}-0.{name}"
+    assert cmd[cmd.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert (job["spec"]["completions"], job["spec"]["completionMode"]) == (2, "Indexed")
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(job)["volumeMounts"]
+
+
+def test_failure_settings_of_a_long_gpu_job() -> None:
+    [job] = objects(make({"failurePolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 3600}}), "evaluate")
+    spec = job["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["podReplacementPolicy"]) == (3, 3600, "Failed")
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert "ttlSecondsAfterFinished" not in spec
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and 2 in rules[0]["onExitCodes"]["values"]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_owner_reference_and_labels() -> None:
+    [job] = objects(make({}), "evaluate", attempt=2)
+    assert job["metadata"]["ownerReferences"] == [
+        {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "name": "paper", "uid": "3f1c-uid", "controller": True, "blockOwnerDeletion": True}
+    ]
+    labels = job["metadata"]["labels"]
+    assert labels["selfplay.dev/attempt"] == "2" and labels["selfplay.dev/iteration"] == "3"
+    assert labels["app.kubernetes.io/managed-by"] == "spin-operator"
+    assert run_owner(RUN) == owner_reference("selfplay.dev/v1alpha1", "SPINRun", "paper", "3f1c-uid")
+
+
+def test_kueue_jobs_are_created_suspended_with_the_queue_label() -> None:
+    [job] = objects(make(VARIANTS["kueue"]), "generate")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == "batch-low"
+    [plain] = objects(make({}), "generate")
+    assert "suspend" not in plain["spec"]
+
+
+def test_scheduling_fields() -> None:
+    [job] = objects(make(VARIANTS["tolerations"]), "generate")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["serviceAccountName"] == "spin-jobs"
+    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert container(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+
+
+def test_credentials_only_as_secret_refs() -> None:
+    _service, job = objects(make(VARIANTS["credentials"]), "train")
+    env = {e["name"]: e for e in container(job)["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "ml", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}}
+    assert env["AWS_ENDPOINT_URL_S3"] == {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio:9000"}
+    assert env["MLFLOW_RUN_ID"]["value"] == "r1"
+    secret_vars = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    assert all("value" not in env[k] and "secretKeyRef" in env[k]["valueFrom"] for k in secret_vars)
+    assert container(job)["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "128Gi", "nvidia.com/gpu": "1"}}
+
+
+def test_cpu_only_has_no_gpu_resources() -> None:
+    spec = make(VARIANTS["cpu-only"])
+    for stage in ("generate", "train", "evaluate"):
+        job = objects(spec, stage)[-1]
+        assert "nvidia.com/gpu" not in str(container(job)["resources"])
+
+
+def test_pod_security_context() -> None:
+    job = render_job(plan_step(make({}), SETTINGS, RUN, 0, "generate"), make({}), RUN, run_owner(RUN))
+    assert job["spec"]["template"]["spec"]["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert container(job)["securityContext"]["allowPrivilegeEscalation"] is False
