@@ -409,3 +409,52 @@ def test_kubectl_apply_get_delete(k8s_api: K8sApi) -> None:
     assert row.split()[:4] == ["minimal", "Running", "1/3", "Training"]
     assert "deleted" in kubectl("delete", "-f", str(example))
     assert k8s_api.get("spinruns", "minimal") is None
+
+
+async def test_kopf_operator_runs_against_the_emulator(k8s_api: K8sApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf discovers the CRD, watches, patches status, posts events (generateName) and sees updates."""
+    import asyncio
+
+    import kopf
+
+    monkeypatch.setenv("KUBECONFIG", str(k8s_api.kubeconfig_path))
+    registry = kopf.OperatorRegistry()
+    seen: list[int] = []
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = 20
+        settings.watching.server_timeout = 30
+
+    @kopf.on.create("selfplay.dev", "v1alpha1", "spinruns", registry=registry)
+    @kopf.on.update("selfplay.dev", "v1alpha1", "spinruns", registry=registry, field="spec")
+    def reconcile(body: Any, patch: Any, **_: Any) -> None:
+        seen.append(body["spec"]["iterations"])
+        patch.status["phase"] = "Running"
+        patch.status["observedGeneration"] = body["metadata"]["generation"]
+        kopf.info(body, reason="Reconciled", message="status written")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop))
+    try:
+        await k8s_api.acreate(spinrun("a"))
+
+        async def status(gen: int) -> bool:
+            obj = await k8s_api.aget("spinruns", "a")
+            return bool(obj and obj.get("status", {}).get("observedGeneration") == gen)
+        await k8s_api.await_for(lambda: status(1), timeout=20)
+        await k8s_api.apatch("spinruns", "a", {"spec": {"iterations": 3}})
+        await k8s_api.await_for(lambda: status(2), timeout=20)
+        events = await k8s_api.await_for(lambda: k8s_api.alist("events", "default"), timeout=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=20)
+    assert seen == [2, 3]
+    assert any(e["reason"] == "Reconciled" and e["involvedObject"]["name"] == "a" for e in events)
+    failed = [(e.verb, e.path, e.code) for e in k8s_api.requests.entries(user_agent="kopf") if e.code >= 400]
+    assert not failed
+    assert ("selfplay.dev", "spinruns/status", "patch") in k8s_api.requests.rbac_rules(user_agent="kopf")
