@@ -162,7 +162,7 @@ def test_status_subresource_isolation(k8s_api: K8sApi) -> None:
 
 def test_json_patch_test_failure_is_422_as_kopf_expects(k8s_api: K8sApi) -> None:
     obj = k8s_api.create(spinrun("a"))
-    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
            {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}]
     assert http(k8s_api, "PATCH", f"{SPINRUNS}/a", ops, "application/json-patch+json")[0] == 422
     ops[0]["value"] = obj["metadata"]["resourceVersion"]
