@@ -23,7 +23,7 @@ from spin_runtime.tracking import (
     TrackingPolicy,
     replay_spool,
 )
-from tests.support.servers import MlflowServer, _s3_client
+from tests.support.servers import MlflowServer, s3_client_for
 
 FAST = TrackingPolicy(attempts=2, base_delay=0.05, max_delay=0.1, cooldown=60, flush_interval=0)
 FAKE_SECRET = "FAKE-S3CR3T-do-not-leak-42"
@@ -166,7 +166,7 @@ def test_two_iteration_run_lineage(
     # Artifacts (the spec) are in the bucket behind the MLflow artifact proxy.
     keys = [
         o["Key"]
-        for o in _s3_client(mlflow_server.s3_endpoint)
+        for o in s3_client_for(mlflow_server.s3_endpoint)
         .list_objects_v2(Bucket="mlflow-artifacts")
         .get("Contents", [])
     ]

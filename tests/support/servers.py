@@ -19,10 +19,19 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["MlflowServer", "S3Faults", "free_port", "mlflow_server", "moto_server", "s3_bucket"]
+__all__ = [
+    "MlflowServer",
+    "S3Faults",
+    "free_port",
+    "mlflow_server",
+    "moto_server",
+    "s3_bucket",
+    "s3_client_for",
+]
 
 MLFLOW_ARTIFACT_BUCKET = "mlflow-artifacts"
 
@@ -109,7 +118,8 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop_group(proc)
 
 
-def _s3_client(endpoint: str):  # type: ignore[no-untyped-def]
+def s3_client_for(endpoint: str) -> Any:
+    """A plain boto3 S3 client for ``endpoint`` (test setup and inspection, no retries)."""
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
@@ -119,7 +129,7 @@ def _s3_client(endpoint: str):  # type: ignore[no-untyped-def]
 def s3_bucket(moto_server: str) -> str:
     """A fresh, empty bucket for one test; yields ``s3://<name>``."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    _s3_client(moto_server).create_bucket(Bucket=name)
+    s3_client_for(moto_server).create_bucket(Bucket=name)
     return f"s3://{name}"
 
 
@@ -236,7 +246,7 @@ def mlflow_server(
 ) -> Iterator[MlflowServer]:
     """One MLflow server for the session; tests that stop it must start it again."""
     with contextlib.suppress(Exception):
-        _s3_client(moto_server).create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
+        s3_client_for(moto_server).create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), moto_server)
     server.start()
     try:
