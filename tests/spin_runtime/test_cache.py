@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from spin_runtime import manifest as mf
 from spin_runtime import storage
 from spin_runtime.cache import materialize
-
 from tests.support.servers import S3Faults
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from spin_runtime import storage
 
+from spin_runtime import storage
 from tests.support.servers import S3Faults
 
 
