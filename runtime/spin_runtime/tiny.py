@@ -165,7 +165,8 @@ class TinySize:
     max_position_embeddings: int = 256
 
 
-UNIT = TinySize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
+# head_dim >= 32 everywhere: vLLM's CPU attention rejects head_dim 16.
+UNIT = TinySize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256)
 SMALL = TinySize(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384)
 DEMO = TinySize(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
 SIZES = {"unit": UNIT, "small": SMALL, "demo": DEMO}

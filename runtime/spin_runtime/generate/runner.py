@@ -23,7 +23,7 @@ from typing import Any
 
 from spin_runtime import data, formatting, layout, manifest, storage
 from spin_runtime.cli import UsageError
-from spin_runtime.generate.backends import Completion, SamplingConfig, make_backend
+from spin_runtime.generate.backends import Backend, Completion, SamplingConfig, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,12 @@ def _write_shard(records: list[dict[str, Any]], uri: str, meta: dict[str, Any]) 
         manifest.write_file_artifact(local, uri, SHARD_KIND, meta)
 
 
-def generate_shard(opts: GenerateOptions) -> ShardResult:
-    """Generate and publish shard ``opts.shard_index`` of ``opts.num_shards``."""
+def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> ShardResult:
+    """Generate and publish shard ``opts.shard_index`` of ``opts.num_shards``.
+
+    ``backend``: an already loaded backend of ``opts.model`` to reuse (tests, benchmarks); by
+    default one is built from ``opts`` and closed at the end.
+    """
     shard_bounds(0, opts.shard_index, opts.num_shards)  # validate before any I/O
     if opts.iteration < 0:
         raise UsageError(f"--iteration must be >= 0, got {opts.iteration}")
@@ -105,27 +109,23 @@ def generate_shard(opts: GenerateOptions) -> ShardResult:
     mine = selected[start:end]
     log.info(
         "shard %d/%d: prompts %d..%d of %d (%d held-out, %d train selected)",
-        opts.shard_index,
-        opts.num_shards,
-        start,
-        end,
-        len(selected),
-        len(split.eval),
-        len(split.train),
-    )
+        opts.shard_index, opts.num_shards, start, end, len(selected), len(split.eval), len(split.train),
+    )  # fmt: skip
 
     from spin_runtime import models
 
     tokenizer = models.load_tokenizer(opts.model, opts.tokenizer, opts.chat_template)
-    backend = make_backend(
-        opts.backend,
-        models.resolve(opts.model),
-        tokenizer,
-        dtype=opts.dtype,
-        batch_size=opts.batch_size,
-        tensor_parallel_size=opts.tensor_parallel_size,
-        seed=opts.seed,
-    )
+    owned = backend is None
+    if backend is None:
+        backend = make_backend(
+            opts.backend,
+            models.resolve(opts.model),
+            tokenizer,
+            dtype=opts.dtype,
+            batch_size=opts.batch_size,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            seed=opts.seed,
+        )
     try:
         context = backend.context_length
         todo: list[tuple[data.Example, str]] = []
@@ -152,7 +152,8 @@ def generate_shard(opts: GenerateOptions) -> ShardResult:
         completions = backend.generate(prompts, opts.sampling, budgets)
         elapsed = time.perf_counter() - began
     finally:
-        backend.close()
+        if owned:
+            backend.close()
 
     records = [
         {
@@ -188,7 +189,7 @@ def generate_shard(opts: GenerateOptions) -> ShardResult:
         "model": opts.model,
         "tokenizer": opts.tokenizer or opts.model,
         "chat_template": opts.chat_template,
-        "backend": opts.backend,
+        "backend": backend.name,
         "dtype": opts.dtype,
         "sampling": opts.sampling.to_dict(),
         "stats": stats,

@@ -42,6 +42,7 @@ class VLLMBackend:
         dtype: str = "auto",
         tensor_parallel_size: int = 1,
         seed: int = 0,
+        enforce_eager: bool = False,
     ):
         try:
             from vllm import LLM
@@ -64,6 +65,9 @@ class VLLMBackend:
             dtype=_vllm_dtype(dtype),  # type: ignore[arg-type]
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
+            # Eager skips torch.compile/graph capture: engine start-up in seconds instead of
+            # ~20-40 s on CPU, at some decode speed; worth it for tests, not for production.
+            enforce_eager=enforce_eager,
         )
 
     @property
