@@ -27,12 +27,13 @@ import kmock
 import pytest
 
 from spin_operator.api.crd import crd as spinrun_crd
+from tests.support.job_driver import JobDriver
 from tests.support.k8s_apiserver import ApiServerEmulator, ResourceDef, Route
 from tests.support.k8s_records import ApiRequest, RequestLog
 from tests.support.k8s_semantics import ApiError
 
-__all__ = ["ApiError", "ApiRequest", "ApiServerEmulator", "EmulatorServer", "K8sApi", "RequestLog",
-           "k8s_api", "running_api"]
+__all__ = ["ApiError", "ApiRequest", "ApiServerEmulator", "EmulatorServer", "JobDriver", "K8sApi", "RequestLog",
+           "job_driver", "k8s_api", "running_api"]
 
 T = TypeVar("T")
 JSON = dict[str, Any]
@@ -279,3 +280,9 @@ def k8s_api(tmp_path: pathlib.Path) -> Iterator[K8sApi]:
         yield api
         errors = list(api.emulator.internal_errors)
     assert not errors, "the emulated API server failed internally:\n" + "\n".join(errors)
+
+
+@pytest.fixture
+def job_driver(k8s_api: K8sApi) -> JobDriver:
+    """A Job controller stand-in on `k8s_api` for Jobs labelled managed-by=spin-operator."""
+    return JobDriver(k8s_api.url)
