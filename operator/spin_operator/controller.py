@@ -1,0 +1,475 @@
+"""The operator's I/O loop around the pure reconciler, independent of kopf's decorators.
+
+Watch events (fed by handlers.py) keep two caches: the latest SPINRun bodies and the child Jobs
+by run. A run is reconciled in one task at a time (events arriving meanwhile coalesce into one
+more pass). Each pass builds `Observed` from the caches, asks the reconciler, fetches only the
+facts it asks for (storage manifests, Secrets, a GET for a Job the cache does not have), then
+applies the decision: metadata patch, MLflow ids, Job/Service writes, one `/status` patch when
+the status changed, events. Nothing polls: a pass that could not finish (storage or API down)
+schedules one retry with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from pydantic import ValidationError
+
+from spin_operator import observe
+from spin_operator.api import types as api
+from spin_operator.kube import ApiError, Kube, job_path, secret_path, service_path, spinrun_path
+from spin_operator.metrics import Metrics
+from spin_operator.naming import (
+    APPLIED_SPEC_ANNOTATION,
+    FINALIZER,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    RUN_LABEL,
+)
+from spin_operator.reconciler import (
+    CreateStep,
+    Decision,
+    DeleteArtifacts,
+    DeleteJob,
+    DeleteService,
+    EnsureIterationRun,
+    EnsureParentRun,
+    Event,
+    FinishTracking,
+    Observed,
+    ObservedJob,
+    RecordSpec,
+    RegisterModel,
+    SetFinalizer,
+    StorageFacts,
+    SuspendJob,
+    reconcile,
+    referenced_secrets,
+)
+from spin_operator.render import render
+from spin_operator.settings import Settings, resolve_spec
+from spin_operator.steps import RunRef, plan_step
+from spin_operator.track import Tracking
+from spin_operator.validation import InvalidSpec, parse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Key = tuple[str, str]  # namespace, run name
+JSON = dict[str, Any]
+EventPoster = Callable[[JSON, str, str, str], None]
+MAX_ROUNDS = api.MAX_ITERATIONS + 10
+
+
+class Retry(Exception):
+    """The pass cannot finish now (storage/API unavailable, a name held by a stranger)."""
+
+
+@dataclass
+class Gathered:
+    """Facts fetched during one pass because the reconciler asked for them."""
+
+    storage: dict[int, StorageFacts] = field(default_factory=dict)
+    missing_secrets: frozenset[str] | None = None
+    gone: set[str] = field(default_factory=set)
+    stored_checked: bool = False
+    stored_digest: str | None = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: Settings,
+        kube: Kube,
+        *,
+        tracking: Tracking | None = None,
+        metrics: Metrics | None = None,
+        post_event: EventPoster | None = None,
+        retry_base: float = 2.0,
+        retry_max: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.tracking = tracking or Tracking()
+        self.metrics = metrics or Metrics()
+        self.post_event = post_event or _kopf_event
+        self.retry_base, self.retry_max = retry_base, retry_max
+        self.runs: dict[Key, JSON] = {}
+        self.jobs: dict[Key, dict[str, tuple[str | None, ObservedJob]]] = {}
+        self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
+        self._running: dict[Key, asyncio.Task[None]] = {}
+        self._dirty: set[Key] = set()
+        self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
+
+    # ------------------------------------------------------------------ watch events
+
+    def on_run(self, event_type: str | None, obj: JSON) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if event_type == "DELETED":
+            self.runs.pop(key, None)
+            self._cancel_retry(key)
+            uid = meta.get("uid")
+            self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
+            self.metrics.set_phases(self._phases())
+            return
+        self.runs[key] = obj
+        self.kick(key)
+
+    def on_job(self, event_type: str | None, obj: JSON) -> None:
+        meta = obj.get("metadata") or {}
+        run = (meta.get("labels") or {}).get(RUN_LABEL)
+        job = observe.job_state(obj)
+        if run is None or job is None:
+            return
+        key = (meta.get("namespace", ""), run)
+        jobs = self.jobs.setdefault(key, {})
+        before = jobs.get(job.name)
+        if event_type == "DELETED":
+            jobs.pop(job.name, None)
+        else:
+            jobs[job.name] = (observe.owner_uid(obj), job)
+            if before == jobs[job.name]:
+                return  # e.g. a pod became ready: nothing the reconciler looks at
+        if key in self.runs:
+            self.kick(key)
+
+    async def prime(self) -> None:
+        """Fill the Job cache with one LIST before watching starts, so a restarted operator
+        never mistakes a Job it has not heard of yet for a deleted one."""
+        selector = {"labelSelector": f"{MANAGED_BY_LABEL}={MANAGED_BY}"}
+        paths = [job_path(ns) for ns in self.settings.namespaces] or ["/apis/batch/v1/jobs"]
+        for path in paths:
+            listing = await self.kube.request("GET", path, params=selector)
+            for item in listing.get("items") or []:
+                self.on_job("ADDED", item)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def kick(self, key: Key) -> None:
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running[key] = asyncio.create_task(self._loop(key), name=f"reconcile {key[0]}/{key[1]}")
+
+    async def _loop(self, key: Key) -> None:
+        try:
+            while True:
+                self._dirty.discard(key)
+                await self._guarded(key)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.pop(key, None)
+
+    async def _guarded(self, key: Key) -> None:
+        started = time.monotonic()
+        try:
+            complete = await self.reconcile(key)
+        except Retry as exc:
+            log.warning("%s/%s: %s; retrying later", *key, exc)
+            self.metrics.errors.labels(kind="retry").inc()
+            complete = False
+        except Exception:
+            log.exception("%s/%s: reconcile failed; retrying later", *key)
+            self.metrics.errors.labels(kind="exception").inc()
+            complete = False
+        finally:
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+        if complete:
+            self._cancel_retry(key)
+        elif key in self.runs:
+            self._schedule_retry(key)
+
+    def _schedule_retry(self, key: Key) -> None:
+        handle, count = self._retries.get(key, (None, 0))
+        if handle is not None:
+            handle.cancel()
+        delay = min(self.retry_max, self.retry_base * 2**count)
+        loop = asyncio.get_running_loop()
+        self._retries[key] = (loop.call_later(delay, self.kick, key), count + 1)
+
+    def _cancel_retry(self, key: Key) -> None:
+        handle, _ = self._retries.pop(key, (None, 0))
+        if handle is not None:
+            handle.cancel()
+
+    def _phases(self) -> list[str]:
+        return [str((b.get("status") or {}).get("phase") or "Pending") for b in self.runs.values()]
+
+    # ------------------------------------------------------------------ one pass
+
+    async def reconcile(self, key: Key) -> bool:
+        """One pass; True when every needed fact was available and every action applied."""
+        body = self.runs.get(key)
+        if body is None:
+            return True
+        meta = body["metadata"]
+        run = RunRef(meta["namespace"], meta["name"], meta.get("uid", ""))
+        applied = self._applied(meta)
+        try:
+            given: api.SPINRunSpec | InvalidSpec = resolve_spec(parse(body), self.settings, applied)
+        except InvalidSpec as exc:
+            given = exc
+        try:
+            status = api.SPINRunStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            log.warning("%s/%s: unreadable status; starting from storage and children", *key)
+            status = api.SPINRunStatus()
+        facts = Gathered()
+        decision = None
+        for _ in range(MAX_ROUNDS):
+            decision = reconcile(given, status, self._observed(body, run, applied, facts))
+            if decision.complete or not await self._gather(decision, run, facts):
+                break
+        assert decision is not None
+        await self._execute(key, body, run, status, decision)
+        return decision.complete
+
+    def _applied(self, meta: JSON) -> api.SPINRunSpec | None:
+        raw = (meta.get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
+        if not raw:
+            return None
+        try:
+            return api.SPINRunSpec.model_validate(json.loads(raw))
+        except (ValueError, ValidationError):
+            return None
+
+    def _observed(self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered) -> Observed:
+        meta = body["metadata"]
+        jobs = tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
+        return Observed(
+            namespace=run.namespace,
+            name=run.name,
+            uid=run.uid,
+            generation=int(meta.get("generation") or 1),
+            now=_now(),
+            deleting=bool(meta.get("deletionTimestamp")),
+            finalizer=FINALIZER in (meta.get("finalizers") or []),
+            jobs=jobs,
+            gone_jobs=frozenset(g.gone),
+            missing_secrets=g.missing_secrets,
+            storage=dict(g.storage),
+            stored_spec_checked=g.stored_checked,
+            stored_spec_digest=g.stored_digest,
+            applied_spec=applied,
+        )
+
+    async def _in_storage(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
+
+    async def _gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
+        """Fetch what `d` asks for; False when something could not be fetched (act partially)."""
+        spec = d.spec
+        if spec is None:
+            return False
+        try:
+            if d.needs_stored_spec:
+                g.stored_digest = await self._in_storage(observe.read_stored_digest, spec, run)
+                g.stored_checked = True
+            if d.needs_secrets:
+                missing = set()
+                for name in referenced_secrets(spec):
+                    if await self.kube.get(secret_path(run.namespace, name)) is None:
+                        missing.add(name)
+                g.missing_secrets = frozenset(missing)
+            for name in d.needs_jobs:
+                found = await self.kube.get(job_path(run.namespace, name))
+                if found is None:
+                    g.gone.add(name)
+                else:
+                    self.on_job("ADDED", found)
+            for t in sorted(d.needs_storage):
+                facts = self._facts.get((run.uid, t))
+                if facts is None:
+                    facts = await self._in_storage(observe.read_facts, spec, run, t)
+                if facts.generated and facts.model and (facts.evaluated or not spec.evaluation.enabled):
+                    self._facts[(run.uid, t)] = facts
+                g.storage[t] = facts
+        except (OSError, ApiError) as exc:
+            log.warning("%s/%s: cannot read what the decision needs: %s", run.namespace, run.name, exc)
+            self.metrics.errors.labels(kind="facts").inc()
+            return False
+        return True
+
+    # ------------------------------------------------------------------ applying a decision
+
+    async def _execute(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision) -> None:
+        new, spec = d.status, d.spec
+        fresh = await self._metadata(key, body, run, d)
+        if fresh is None:
+            return  # gone (finalizer released) or a conflict: the next event brings the new state
+        body = fresh
+        if spec is not None:
+            await self._ensure_tracking(spec, run, d)
+            for a in d.actions:
+                if isinstance(a, DeleteJob):
+                    await self._write(self.kube.delete(job_path(run.namespace, a.name)))
+                elif isinstance(a, DeleteService):
+                    await self._write(self.kube.delete(service_path(run.namespace, a.name)))
+                elif isinstance(a, SuspendJob):
+                    await self._write(self.kube.patch(job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}))
+            for a in d.of_type(CreateStep):
+                await self._create(spec, run, new, a)
+        old_wire, new_wire = old.to_wire(), new.to_wire()
+        if new_wire != old_wire:
+            patch = {k: None for k in old_wire if k not in new_wire} | new_wire
+            rv = body["metadata"].get("resourceVersion")
+            try:
+                updated = await self.kube.patch(
+                    spinrun_path(run.namespace, run.name, status=True),
+                    {"metadata": {"resourceVersion": rv}, "status": patch},
+                )
+            except ApiError as exc:
+                if exc.status in (404, 409):
+                    self._dirty.add(key)  # our snapshot was stale: go again with the newer one
+                    return
+                raise
+            if key in self.runs:
+                self.runs[key] = updated
+            if old.phase != new.phase:
+                self.metrics.transitions.labels(from_phase=old.phase, to_phase=new.phase).inc()
+            self.metrics.set_phases(self._phases())
+        for a in d.of_type(Event):
+            self._post(body, a)
+        if spec is not None:
+            self._finish_tracking(spec, run, new, d)
+
+    async def _write(self, call: Any) -> Any:
+        try:
+            return await call
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise Retry(f"API write failed: {exc}") from exc
+
+    async def _metadata(self, key: Key, body: JSON, run: RunRef, d: Decision) -> JSON | None:
+        """Storage records first (R/spinrun.yaml, artifact deletion), then one metadata patch."""
+        meta = body["metadata"]
+        annotations: dict[str, str] = {}
+        finalizers: list[str] | None = None
+        for a in d.actions:
+            try:
+                if isinstance(a, RecordSpec):
+                    if a.store:
+                        await self._in_storage(observe.write_stored_spec, a.spec, run)
+                    annotations[APPLIED_SPEC_ANNOTATION] = json.dumps(a.spec.to_wire(), sort_keys=True, separators=(",", ":"))
+                elif isinstance(a, DeleteArtifacts) and d.spec is not None:
+                    count = await self._in_storage(observe.delete_artifacts, d.spec, a.prefix)
+                    log.info("%s/%s: deleted %d artifact file(s) under %s", run.namespace, run.name, count, a.prefix)
+            except OSError as exc:
+                raise Retry(f"storage: {exc}") from exc
+            if isinstance(a, SetFinalizer):
+                current = list(meta.get("finalizers") or [])
+                finalizers = [*current, FINALIZER] if a.present else [f for f in current if f != FINALIZER]
+        if not annotations and finalizers is None:
+            return body
+        patch: JSON = {"resourceVersion": meta.get("resourceVersion")}
+        if annotations:
+            patch["annotations"] = annotations
+        if finalizers is not None:
+            patch["finalizers"] = finalizers
+        try:
+            updated = await self.kube.patch(spinrun_path(run.namespace, run.name), {"metadata": patch})
+        except ApiError as exc:
+            if exc.status == 409:
+                self._dirty.add(key)
+            if exc.status in (404, 409):
+                return None
+            raise
+        if key in self.runs:
+            self.runs[key] = updated
+        released = finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
+        return None if released or not updated.get("metadata") else updated
+
+    async def _create(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep) -> None:
+        it = next((i for i in status.iterations if i.iteration == a.iteration), None)
+        plan = plan_step(spec, self.settings, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None)
+        for obj in render(plan, spec, run):
+            is_job = obj["kind"] == "Job"
+            path = job_path(run.namespace) if is_job else service_path(run.namespace)
+            created: JSON | None
+            try:
+                created = await self.kube.create(path, obj)
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise Retry(f"cannot create {obj['kind']} {plan.job_name}: {exc}") from exc
+                if not is_job:
+                    continue  # the Service of an earlier try of this pass: same spec, keep it
+                created = await self.kube.get(job_path(run.namespace, plan.job_name)) or {}
+                if observe.owner_uid(created) != run.uid:
+                    raise Retry(f"Job {plan.job_name} exists but belongs to another object") from exc
+                log.info("%s/%s: adopted existing Job %s", run.namespace, run.name, plan.job_name)
+            if is_job and created:
+                self.on_job("ADDED", created)
+                self.metrics.jobs_created.labels(stage=a.stage).inc()
+
+    async def _ensure_tracking(self, spec: api.SPINRunSpec, run: RunRef, d: Decision) -> None:
+        """MLflow ids the Jobs of this decision need (MLFLOW_RUN_ID), written into the status."""
+        wanted = [a.iteration for a in d.of_type(EnsureIterationRun)]
+        new = d.status
+        if not (d.of_type(EnsureParentRun) or wanted) or not spec.tracking.uri:
+            return
+        if new.mlflow is None or new.mlflow.run_id is None:
+            new.mlflow = await self.tracking.ensure_parent(spec, run) or new.mlflow
+        parent = new.mlflow.run_id if new.mlflow else None
+        for t in wanted:
+            it = next((i for i in new.iterations if i.iteration == t), None)
+            if parent and it is not None and it.mlflow_run_id is None:
+                it.mlflow_run_id = await self.tracking.ensure_iteration(spec, parent, t)
+
+    def _finish_tracking(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision) -> None:
+        """Model registration and run ends: in the background, never holding up the pass."""
+        actions = [a for a in d.actions if isinstance(a, RegisterModel | FinishTracking)]
+        if not actions or not spec.tracking.uri:
+            return
+        parent = status.mlflow.run_id if status.mlflow else None
+        by_iter = {i.iteration: i.mlflow_run_id for i in status.iterations}
+
+        async def send() -> None:
+            for a in actions:
+                if isinstance(a, RegisterModel):
+                    rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration))
+                    if rid:
+                        await self.tracking.register(spec, run, rid, a.iteration, a.model_uri, dict(a.metrics))
+                else:
+                    rid = parent if a.iteration is None else by_iter.get(a.iteration)
+                    if rid:
+                        await self.tracking.finish(spec, rid, a.status)
+
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _post(self, body: JSON, event: Event) -> None:
+        try:
+            self.post_event(body, event.type, event.reason, event.message)
+        except Exception as exc:  # events are best effort
+            log.debug("event %s not posted: %s", event.reason, exc)
+
+    async def close(self) -> None:
+        for handle, _ in self._retries.values():
+            handle.cancel()
+        for task in [*self._running.values(), *self._background]:
+            task.cancel()
+        await self.kube.close()
+        self.tracking.close()
+        self._storage.shutdown(wait=False, cancel_futures=True)
+
+
+def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:
+    import kopf
+
+    kopf.event(cast(Any, body), type=type_, reason=reason, message=message[:1000])

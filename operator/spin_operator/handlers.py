@@ -1,0 +1,127 @@
+"""The thin kopf layer and `spinctl operator`.
+
+Only watch handlers (`@kopf.on.event`) are registered: they feed the Controller's caches and
+never make kopf write anything (no progress annotations, no kopf finalizer). The Controller owns
+every decision and write; the operator's own finalizer exists only on runs with
+`retention.onDelete: Delete` (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import kopf
+
+    from spin_operator.controller import Controller
+    from spin_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def login(**_: Any) -> Any:
+    """In-cluster service account, else kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.LoginError("no service account token and no kubeconfig: cannot reach the API server")
+    return info
+
+
+def build_registry(controller: Controller) -> kopf.OperatorRegistry:
+    """A registry with the operator's handlers bound to `controller` (tests build their own)."""
+    import kopf
+
+    from spin_operator.api import types as api
+    from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL
+
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def authenticate(**kwargs: Any) -> Any:
+        info = login(**kwargs)
+        controller.kube.use(info)
+        return info
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.INFO  # only the events the reconciler decides
+        settings.watching.server_timeout = 600
+        await controller.prime()
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await controller.close()
+
+    @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
+    async def spinrun_event(event: Any, **_: Any) -> None:
+        controller.on_run(event.get("type"), event["object"])
+
+    @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry)
+    async def job_event(event: Any, **_: Any) -> None:
+        controller.on_job(event.get("type"), event["object"])
+
+    return registry
+
+
+def make_controller(settings: Settings, **kwargs: Any) -> Controller:
+    from spin_operator.controller import Controller
+    from spin_operator.kube import Kube
+
+    return Controller(settings, Kube(login), **kwargs)
+
+
+def operator_kwargs(settings: Settings) -> dict[str, Any]:
+    """kopf.operator()/kopf.run() arguments for these settings (namespaces, liveness probe)."""
+    return {
+        "standalone": True,  # one replica, no peering objects (the chart uses strategy: Recreate)
+        "clusterwide": settings.clusterwide,
+        "namespaces": list(settings.namespaces),
+        "liveness_endpoint": f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+    }
+
+
+def _operator_storage_env(settings: Settings) -> None:
+    """The operator reads manifests itself: point its S3 client at the default endpoint."""
+    if settings.s3_endpoint:
+        os.environ.setdefault("AWS_ENDPOINT_URL_S3", settings.s3_endpoint)
+    if settings.s3_region:
+        os.environ.setdefault("AWS_REGION", settings.s3_region)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace", action="append", default=None, metavar="NS",
+        help="watch only this namespace (repeatable; default: SPIN_NAMESPACES, else all)",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """`spinctl operator`: run until SIGTERM/SIGINT."""
+    import dataclasses
+
+    import kopf
+
+    from spin_operator.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}")
+        return 2
+    if getattr(args, "namespace", None):
+        settings = dataclasses.replace(settings, namespaces=tuple(args.namespace))
+    logging.getLogger().setLevel(settings.log_level)
+    for noisy in ("kopf.objects", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    _operator_storage_env(settings)
+    controller = make_controller(settings)
+    controller.metrics.serve(settings.metrics_port)
+    log.info("spin-operator: %s", "all namespaces" if settings.clusterwide else ", ".join(settings.namespaces))
+    kopf.run(registry=build_registry(controller), **operator_kwargs(settings))
+    return 0

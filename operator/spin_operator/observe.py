@@ -1,0 +1,171 @@
+"""Turning the outside world into the reconciler's `Observed` facts.
+
+* `job_state`: a batch/v1 Job object -> `ObservedJob` (pure).
+* `read_facts`, `read_stored_digest`, `write_stored_spec`, `delete_artifacts`: storage I/O
+  through `spin_runtime.storage/manifest/layout` (blocking; the kopf layer runs them in a single
+  worker thread). Only manifests count: a half-written artifact is never "done".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+
+from spin_operator.api import types as api
+from spin_operator.naming import (
+    ATTEMPT_LABEL,
+    ITERATION_LABEL,
+    KUEUE_QUEUE_LABEL,
+    STAGE_LABEL,
+    STEP_KINDS,
+)
+from spin_operator.reconciler import ObservedJob, StorageFacts
+from spin_operator.steps import RunRef, layout_of, spec_digest
+from spin_runtime import manifest, storage
+from spin_runtime.layout import shard_name
+
+_ENV_LOCK = threading.Lock()
+
+
+def owner_uid(job: Mapping[str, Any]) -> str | None:
+    """The uid of the SPINRun controlling a child, if any."""
+    for ref in job.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
+    """The reconciler's view of a Job made by the operator (None for any other Job).
+
+    Only the terminal conditions count (Complete/Failed, not SuccessCriteriaMet/FailureTarget):
+    until then pods may still be running, and a retry must not overlap its predecessor.
+    """
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    try:
+        iteration, attempt = int(labels[ITERATION_LABEL]), int(labels[ATTEMPT_LABEL])
+        stage = labels[STAGE_LABEL]
+    except (KeyError, ValueError):
+        return None
+    if stage not in STEP_KINDS:
+        return None
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    reason = message = ""
+    if "Complete" in conditions:
+        state = "Succeeded"
+    elif "Failed" in conditions:
+        state = "Failed"
+        reason = str(conditions["Failed"].get("reason") or "JobFailed")
+        message = str(conditions["Failed"].get("message") or "")
+    elif spec.get("suspend"):
+        state = "Suspended"
+    elif (status.get("active") or 0) > 0 or (status.get("ready") or 0) > 0:
+        state = "Running"
+    else:
+        state = "Pending"
+    return ObservedJob(
+        name=str(meta.get("name")),
+        iteration=iteration,
+        stage=stage,
+        attempt=attempt,
+        state=state,  # type: ignore[arg-type]
+        reason=reason,
+        message=message,
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"),
+        queued=KUEUE_QUEUE_LABEL in labels,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+@contextlib.contextmanager
+def storage_env(spec: api.SPINRunSpec) -> Iterator[None]:
+    """Point the S3 client at the run's endpoint/region for the duration of a storage call.
+
+    The operator reads with its own credentials (RBAC lets it see that a Secret exists, never its
+    value), but each run may name its own S3-compatible endpoint. Calls are serialised here.
+    """
+    overrides = {"AWS_ENDPOINT_URL_S3": spec.storage.endpoint, "AWS_REGION": spec.storage.region}
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in overrides}
+        try:
+            for key, value in overrides.items():
+                if value:
+                    os.environ[key] = value
+            yield
+        finally:
+            for key, old in saved.items():
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
+
+
+def _metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for prefix, section in (("", results.get("metrics")), ("baseline/", results.get("baseline"))):
+        if isinstance(section, Mapping):
+            for key, value in section.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFacts:
+    """Which artifacts of `iteration` are complete. Raises OSError when storage is unreachable."""
+    it = layout_of(spec, run).iteration(iteration)
+    with storage_env(spec):
+        shards = spec.generation.replicas
+        found = manifest.shard_manifests(it.generated)
+        generated = all(shard_name(i, shards) in found for i in range(shards))
+        model = manifest.is_complete(it.model)
+        evaluated, metrics = False, {}
+        if spec.evaluation.enabled:
+            custom = spec.evaluation.command is not None  # a custom command writes no manifest
+            if manifest.is_complete(it.eval) or (custom and storage.exists(it.eval_results)):
+                try:
+                    metrics = _metrics(json.loads(storage.read_text(it.eval_results)))
+                    evaluated = True
+                except (FileNotFoundError, ValueError, AttributeError):
+                    evaluated = False
+    return StorageFacts(generated=generated, model=model, evaluated=evaluated, metrics=metrics)
+
+
+def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:
+    """Digest of the spec recorded at R/spinrun.yaml (None when there is none)."""
+    uri = layout_of(spec, run).spec
+    with storage_env(spec):
+        try:
+            doc = yaml.safe_load(storage.read_text(uri))
+        except FileNotFoundError:
+            return None
+    raw = doc.get("spec", doc) if isinstance(doc, dict) else None
+    try:
+        return spec_digest(api.SPINRunSpec.model_validate(raw))
+    except ValueError:
+        return "unreadable"  # never equal to a real digest: refuse rather than overwrite
+
+
+def write_stored_spec(spec: api.SPINRunSpec, run: RunRef) -> None:
+    """R/spinrun.yaml: the spec as applied, so a later run on the same prefix can tell."""
+    doc = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": run.name, "namespace": run.namespace, "uid": run.uid},
+        "spec": spec.to_wire(),
+    }
+    with storage_env(spec):
+        storage.write_text(layout_of(spec, run).spec, yaml.safe_dump(doc, sort_keys=False))
+
+
+def delete_artifacts(spec: api.SPINRunSpec, prefix: str) -> int:
+    with storage_env(spec):
+        return storage.delete_prefix(prefix)

@@ -1,0 +1,106 @@
+"""The operator's MLflow bookkeeping, off the event loop and never in the way of reconciling.
+
+`spin_runtime.tracking.Tracker` does the idempotent MLflow calls (found again by tags after a
+restart). Here they run in a worker thread with a deadline; after a failure, calls to that
+tracking URI are skipped for a cool-down, so an MLflow outage costs one timeout, not one per
+reconcile. Every method returns None/False instead of raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from spin_operator.api import types as api
+from spin_operator.steps import RunRef
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Tracking:
+    def __init__(self, timeout: float = 20.0, cooldown: float = 60.0) -> None:
+        self.timeout = timeout
+        self.cooldown = cooldown
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="spin-mlflow")
+        self._trackers: dict[str, Any] = {}
+        self._down_until: dict[str, float] = {}
+
+    def _tracker(self, uri: str) -> Any:
+        if uri not in self._trackers:
+            from spin_runtime.tracking import Tracker  # mlflow is heavy: only when used
+
+            self._trackers[uri] = Tracker(uri)
+        return self._trackers[uri]
+
+    async def _call(self, uri: str, what: str, fn: Callable[[Any], T]) -> T | None:
+        if time.monotonic() < self._down_until.get(uri, 0.0):
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            result = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, lambda: fn(self._tracker(uri))), self.timeout
+            )
+        except Exception as exc:  # ImportError, timeouts, anything MLflow throws
+            log.warning("MLflow %s failed (%s); tracking skipped for %.0fs", what, exc, self.cooldown)
+            result = None
+        if result is None or result is False:
+            self._down_until[uri] = time.monotonic() + self.cooldown
+        return result
+
+    async def ensure_parent(self, spec: api.SPINRunSpec, run: RunRef) -> api.MlflowStatus | None:
+        uri = spec.tracking.uri
+        if not uri:
+            return None
+        experiment = spec.tracking.experiment or run.namespace
+
+        def call(t: Any) -> api.MlflowStatus | None:
+            exp_id = t.ensure_experiment(experiment)
+            run_id = t.ensure_parent_run(experiment, run.namespace, run.name, run.uid, spec.to_wire())
+            if run_id is None:
+                return None
+            url = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else None
+            return api.MlflowStatus(run_id=run_id, experiment_id=exp_id, url=url)
+
+        return await self._call(uri, "ensure parent run", call)
+
+    async def ensure_iteration(self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int) -> str | None:
+        uri = spec.tracking.uri
+        if not uri:
+            return None
+        tr, g = spec.training, spec.generation
+        params = {
+            "beta": tr.beta_for(iteration), "learning_rate": tr.learning_rate_for(iteration), "epochs": tr.epochs,
+            "global_batch_size": tr.global_batch_size, "nodes": tr.nodes, "generation.replicas": g.replicas,
+            "generation.temperature": g.temperature, "generation.max_new_tokens": g.max_new_tokens,
+        }  # fmt: skip
+        return await self._call(uri, f"ensure iteration run {iteration}", lambda t: t.ensure_iteration_run(parent_run_id, iteration, params))
+
+    async def register(
+        self, spec: api.SPINRunSpec, run: RunRef, run_id: str, iteration: int, model_uri: str, metrics: dict[str, float]
+    ) -> str | None:
+        uri = spec.tracking.uri
+        if not uri:
+            return None
+        ev = spec.evaluation
+        name = spec.tracking.registered_model or run.name
+        return await self._call(
+            uri, f"register iteration {iteration}",
+            lambda t: t.register_iteration_model(
+                name, run_id, iteration, model_uri, metrics=metrics,
+                best_metric=ev.metric if ev.enabled else None, higher_is_better=ev.mode == "max",
+            ),
+        )  # fmt: skip
+
+    async def finish(self, spec: api.SPINRunSpec, run_id: str, status: str) -> bool:
+        uri = spec.tracking.uri
+        if not uri:
+            return False
+        return bool(await self._call(uri, "finish run", lambda t: t.finish_run(run_id, status)))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
