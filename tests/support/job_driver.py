@@ -289,6 +289,7 @@ class AutoDriver:
         self.delay = delay
         self.on_complete = on_complete
         self.completed: list[str] = []  # "namespace/name" in completion order
+        self.finished_at: dict[str, float] = {}  # "namespace/name" -> time.time() its final status was written
         self.failed: list[str] = []
         self.errors: list[str] = []  # hook or API failures (tests should assert it stays empty)
         self._events: queue.Queue[JSON | None] = queue.Queue()
@@ -398,3 +399,4 @@ class AutoDriver:
         else:
             self.driver.succeed(name, namespace)
             self.completed.append(f"{namespace}/{name}")
+        self.finished_at[f"{namespace}/{name}"] = time.time()

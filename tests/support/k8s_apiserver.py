@@ -337,13 +337,15 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 response = self._serve_openapi(raw.path)
             elif route.rdef is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
-            elif verb == "watch":
-                response = await self.serve_watch(raw, route)
+            elif verb == "watch":  # logged when the stream starts (it may last the whole test)
+                return await self.serve_watch(raw, route, lambda: self.requests_log.append(replace(record, code=200)))
             else:
                 body = await raw.read()
                 result = self.handle(verb, route, dict(raw.query), body, raw.headers.get("Content-Type", ""),
                                      raw.headers.get("Accept", ""))
                 response = self._json(result.code, result.body, result.warnings)
+                if verb == "create" and result.code == 201:  # log the name the server chose
+                    record = replace(record, name=result.body["metadata"]["name"])
         except ApiError as e:
             response = self._json(e.code, e.status(), [])
         except Exception as e:  # an emulator bug: answer 500 and keep it for the fixture to report
@@ -488,7 +490,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
                 "columnDefinitions": defs, "rows": rows}
 
-    async def serve_watch(self, raw: aiohttp.web.BaseRequest, route: Route) -> aiohttp.web.StreamResponse:
+    async def serve_watch(self, raw: aiohttp.web.BaseRequest, route: Route,
+                          started: Callable[[], None] = lambda: None) -> aiohttp.web.StreamResponse:
         """A watch stream: initial ADDED (no resourceVersion) or replay after one, then live events."""
         rdef = route.rdef
         assert rdef is not None
@@ -520,6 +523,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                      if (line := self._translate(e, match)) is not None]
             last = self._rv
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        started()
         try:
             await response.prepare(raw)
             for line in lines:

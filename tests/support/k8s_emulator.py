@@ -160,7 +160,7 @@ class K8sApi:
         """Delete (None when absent); returns the object's last state."""
         return self.server.call(lambda: self._delete(resource, name, namespace, propagation_policy))
 
-    def wait_for(self, condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    def wait_for(self, condition: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02) -> T:
         """Poll until `condition()` is truthy (from a synchronous test); returns its value."""
         deadline = time.monotonic() + timeout
         while not (value := condition()):
@@ -193,7 +193,7 @@ class K8sApi:
                       propagation_policy: str | None = None) -> JSON | None:
         return await self._async(lambda: self._delete(resource, name, namespace, propagation_policy))
 
-    async def await_for(self, condition: Callable[[], Awaitable[T]], timeout: float = 10.0,
+    async def await_for(self, condition: Callable[[], Awaitable[T | None]], timeout: float = 10.0,
                         interval: float = 0.02) -> T:
         """Await until `await condition()` is truthy (from an async test); returns its value."""
         async with asyncio.timeout(timeout):

@@ -23,7 +23,7 @@ class ApiRequest:
     resource: str | None
     subresource: str | None
     namespace: str | None
-    name: str | None
+    name: str | None  # for creates: the created object's name (generateName resolved)
     code: int
     user_agent: str
     path: str

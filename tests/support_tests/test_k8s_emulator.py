@@ -362,6 +362,7 @@ def test_request_log_records_verbs_resources_and_agents(k8s_api: K8sApi) -> None
     assert log.rbac_rules(user_agent="kopf") == {("selfplay.dev", "spinruns", "create"),
                                                  ("selfplay.dev", "spinruns/status", "patch"), ("batch", "jobs", "list")}
     assert log.count(verb="get", resource="spinruns") == 1
+    assert log.count(verb="create", resource="spinruns", name="a") == 1  # creates log the created name
     assert len(log.entries(resources_only=False, user_agent="kopf")) == 4
     k8s_api.reset_requests()
     assert len(log) == 0

@@ -1,0 +1,216 @@
+"""Operator scale benchmark: N SPINRuns through the real operator against the emulated API server.
+
+Why: the operator's cost is latency between steps and API requests per SPIN iteration, and both
+grow with the number of runs it serves at once. Here nothing trains: Jobs complete as soon as
+they are created (`JobDriver.auto`, which first writes the manifests the runtime would write into
+a local-path storage), so what is measured is the operator alone.
+
+    python benchmarks/operator_scale.py --runs 100
+
+Prints one JSON line:
+  runs, p50_s / p99_s   latency from a Job's completion (its final status written) to the creation
+                        of the run's next Job, over all such transitions;
+  requests_per_iteration       resource requests the operator (User-Agent kopf* or spin-operator*)
+                               made from the first run's creation until every run finished, per
+                               SPIN iteration (startup discovery excluded);
+  min_requests_per_iteration   the least an operator could do (docs/benchmarks.md, "Operator");
+  rss_mb                       peak RSS of the operator process (VmHWM);
+and, to tell where requests and time go: requests_by_kind (per iteration), wall_s, runs_succeeded.
+Targets at N=100: p50_s <= 1, p99_s <= 3, requests_per_iteration <= 2 * min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import pathlib
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spin_runtime import manifest  # noqa: E402
+from spin_runtime.layout import RunLayout  # noqa: E402
+from tests.support.job_driver import Failure, JobDriver  # noqa: E402
+from tests.support.k8s_emulator import K8sApi, running_api  # noqa: E402
+
+OPERATOR_AGENTS = ("kopf", "spin-operator")
+STEPS_PER_ITERATION = 3  # generate, train, evaluate (evaluation on)
+# The least an operator could do per iteration (derived in docs/benchmarks.md, "Operator"):
+# per step 1 Job create + 1 status patch + 1 event; 1 training Service create.
+MIN_REQUESTS_PER_ITERATION = STEPS_PER_ITERATION * 3 + 1
+RUN_LABEL = "selfplay.dev/run"
+ITERATION_LABEL = "selfplay.dev/iteration"
+STAGE_LABEL = "selfplay.dev/stage"
+
+
+def spinrun(name: str, iterations: int) -> dict[str, Any]:
+    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"model": {"uri": "s3://models/tiny"},
+                     "dataset": {"uri": "s3://data/sft.jsonl", "maxSamples": 64, "evalSamples": 8},
+                     "iterations": iterations, "generation": {"replicas": 2},
+                     "evaluation": {"enabled": True}}}
+
+
+class ArtifactWriter:
+    """What a Job's pods leave behind before the Job completes: its artifacts, manifests last."""
+
+    def __init__(self, storage: pathlib.Path) -> None:
+        self.storage = storage
+        self.scratch = storage.parent / "scratch"
+
+    def __call__(self, job: dict[str, Any]) -> Failure | None:
+        labels = job["metadata"]["labels"]
+        ns, run = job["metadata"]["namespace"], labels[RUN_LABEL]
+        it = RunLayout.for_run(str(self.storage), ns, run).iteration(int(labels[ITERATION_LABEL]))
+        scratch = self.scratch / job["metadata"]["name"]
+        scratch.mkdir(parents=True, exist_ok=True)
+        stage, n = labels[STAGE_LABEL], job["spec"].get("completions") or 1
+        if stage == "generate":
+            for index in range(n):
+                shard = scratch / f"shard-{index}.jsonl"
+                shard.write_text(json.dumps({"id": index, "split": "train", "prompt": "p", "real": "r",
+                                             "generated": "g"}) + "\n")
+                manifest.write_file_artifact(shard, it.shard(index, n), "generated", {"records": 1})
+        elif stage == "train":
+            (scratch / "config.json").write_text("{}")
+            manifest.write_dir_artifact(scratch, it.model, "model")
+        else:
+            (scratch / "results.json").write_text(json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None}))
+            manifest.write_dir_artifact(scratch, it.eval, "eval", {"metrics": {"exact_match": 0.5}})
+        return None
+
+
+@contextlib.contextmanager
+def operator_process(api: K8sApi, workdir: pathlib.Path, storage: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`spinctl operator` as the chart's Deployment runs it (settings from the environment)."""
+    spinctl = pathlib.Path(sys.executable).with_name("spinctl")
+    env = {**os.environ, "KUBECONFIG": str(api.kubeconfig_path), "SPIN_STORAGE_URI": str(storage),
+           "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:bench", "SPIN_LOG_LEVEL": "INFO",
+           "SPIN_HEALTH_PORT": "0", "SPIN_METRICS_PORT": "0"}
+    with (workdir / "operator.log").open("wb") as log:
+        proc = subprocess.Popen([str(spinctl), "operator"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def latencies(api: K8sApi, finished_at: dict[str, float]) -> list[float]:
+    """Per run: each Job's completion to the next Job the operator created for that run."""
+    created: dict[str, list[tuple[float, str]]] = {}
+    for e in api.requests.entries():
+        if e.verb == "create" and e.resource == "jobs" and e.code == 201 and e.name \
+                and e.user_agent.startswith(OPERATOR_AGENTS):
+            job = api.get("jobs", e.name, e.namespace)
+            run = job["metadata"]["labels"][RUN_LABEL] if job else e.name.rsplit("-i", 1)[0]
+            created.setdefault(f"{e.namespace}/{run}", []).append((e.time, e.name))
+    out = []
+    for run, jobs in created.items():
+        jobs.sort()
+        ns = run.split("/")[0]
+        for (_, name), (next_time, _) in itertools.pairwise(jobs):
+            done = finished_at.get(f"{ns}/{name}")
+            if done is not None:
+                out.append(max(0.0, next_time - done))
+    return out
+
+
+def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="spin-bench-") as tmp:
+        workdir = pathlib.Path(tmp)
+        storage = workdir / "artifacts"
+        storage.mkdir()
+        with running_api(workdir) as api, operator_process(api, workdir, storage) as proc:
+            api.wait_for(lambda: proc.poll() is not None or api.requests.count(
+                user_agent="kopf", verb="watch", resource="spinruns") > 0, timeout=60)
+            if proc.poll() is not None:
+                raise SystemExit(f"the operator exited ({proc.returncode}):\n"
+                                 + (workdir / "operator.log").read_text()[-4000:])
+            time.sleep(0.5)  # let startup settle; its discovery is not per-iteration cost
+            api.reset_requests()
+            driver = JobDriver(api.url)
+            with driver.auto(delay=0.0, on_complete=ArtifactWriter(storage)) as auto:
+                start = time.time()
+                for i in range(runs):
+                    api.create(spinrun(f"bench-{i:04d}", iterations))
+
+                def finished() -> list[dict[str, Any]] | None:
+                    items = api.list("spinruns", "default")
+                    done = [o for o in items if (o.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+                    return items if len(done) == runs else None
+                final: list[dict[str, Any]]
+                try:
+                    final = api.wait_for(finished, timeout=timeout, interval=0.2)
+                except TimeoutError:
+                    final = api.list("spinruns", "default")
+                wall = time.time() - start
+                rss = peak_rss_mb(proc.pid)
+            if auto.errors:
+                raise SystemExit("job driver errors:\n" + "\n".join(auto.errors[:3]))
+            lat = latencies(api, auto.finished_at)
+            ops = [e for e in api.requests.entries() if e.user_agent.startswith(OPERATOR_AGENTS)]
+            total_iterations = runs * iterations
+            by_kind: dict[str, int] = {}
+            for e in ops:
+                key = f"{e.verb} {e.rbac_resource}"
+                by_kind[key] = by_kind.get(key, 0) + 1
+            phases = [(o.get("status") or {}).get("phase") for o in final]
+            return {
+                "runs": runs,
+                "p50_s": round(statistics.median(lat), 4) if lat else None,
+                "p99_s": round(percentile(lat, 0.99), 4) if lat else None,
+                "requests_per_iteration": round(len(ops) / total_iterations, 2),
+                "min_requests_per_iteration": MIN_REQUESTS_PER_ITERATION,
+                "rss_mb": round(rss, 1),
+                "iterations_per_run": iterations,
+                "runs_succeeded": phases.count("Succeeded"),
+                "transitions": len(lat),
+                "wall_s": round(wall, 2),
+                "requests_by_kind": {k: round(v / total_iterations, 2) for k, v in sorted(by_kind.items())},
+                "errors_4xx_5xx": sum(1 for e in ops if e.code >= 400),
+            }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=2, help="SPIN iterations per run")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for all runs to finish")
+    args = parser.parse_args(argv)
+    print(json.dumps(run_benchmark(args.runs, args.iterations, args.timeout)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
