@@ -147,6 +147,19 @@ class Api:
                 return None
             raise
 
+    def abort_watch(self) -> None:
+        """Unblock a watch read from another thread: shut its socket down (closing the response
+        from another thread would wait on the reader's lock)."""
+        resp = self.open_watch
+        sock = (
+            getattr(getattr(resp.raw, "connection", None), "sock", None)
+            if resp is not None
+            else None
+        )
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def watch(
         self, path: str, resource_version: str | None, stop: threading.Event
     ) -> Iterator[dict]:
@@ -397,9 +410,7 @@ class Executor:
         """
         self._stop.set()
         self._queue.put(None)
-        with contextlib.suppress(Exception):
-            if self.api.open_watch is not None:
-                self.api.open_watch.close()
+        self.api.abort_watch()
         with self._lock:
             for pod in self._history:
                 self._signal(pod, signal.SIGKILL)
@@ -438,9 +449,18 @@ class Executor:
                 self._changed.wait(remaining)
 
     def kill_pod(
-        self, job: str, index: int = 0, *, namespace: str = "default", disruption: bool = False
+        self,
+        job: str,
+        index: int | None = 0,
+        *,
+        namespace: str = "default",
+        disruption: bool = False,
     ) -> PodInfo:
-        """SIGKILL the running pod of ``job``/``index`` (exit code 137), as a crash or OOM would."""
+        """SIGKILL the running pod of ``job``/``index`` (exit code 137), as a crash or OOM would.
+
+        ``index`` is None for a non-Indexed Job. ``disruption`` marks the pod as a node drain
+        would (``DisruptionTarget``), which podFailurePolicy ``onPodConditions`` rules match.
+        """
         with self._lock:
             for pod in self._history:
                 if (pod.namespace, pod.job, pod.index) == (
