@@ -98,5 +98,7 @@ def test_rbac_table_is_what_the_chart_grants() -> None:
         name, _, group = resource.partition(".")
         for verb in verbs.split(", "):
             documented.add((groups.get(resource, group), name, verb))
-    objects = render({})
-    assert documented == Grants.from_objects(objects, NAMESPACE, f"{RELEASE}-spin-operator").pairs()
+    granted = set()
+    for values in ({}, {"watchNamespaces": ["team-a"]}):  # the union of both modes
+        granted |= Grants.from_objects(render(values), NAMESPACE, f"{RELEASE}-spin-operator").pairs()
+    assert documented == granted

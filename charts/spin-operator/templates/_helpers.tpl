@@ -70,50 +70,60 @@ Usage: include "spin-operator.image" (dict "image" .Values.image "root" .)
 {{- end }}
 
 {{/*
-RBAC rules for the watched namespaces: exactly the calls in docs/design.md, "The operator
-process". Used by the ClusterRole in cluster-wide mode and by each Role in namespaced mode.
-tests/charts/test_rbac.py checks them against the requests of the real operator.
+RBAC rules for the watched namespaces: exactly the calls the operator makes (docs/design.md, "The
+operator process"), measured by tests/charts/test_rbac.py, which runs the real operator against a
+recording API server. Used by the ClusterRole in cluster-wide mode and by each Role in namespaced
+mode. kopf's calls are list/watch (and event posts); every other call is the operator's own
+client (spin_operator/kube.py).
 */}}
 {{- define "spin-operator.namespacedRules" -}}
-# SPINRuns: kopf lists and watches them, patches finalizers and its progress annotations,
-# and the operator reads one object back after a conflict.
+# SPINRuns: kopf lists and watches them; the operator patches metadata (its finalizer, on runs
+# with retention Delete, and the applied-spec annotation).
 - apiGroups: ["selfplay.dev"]
   resources: ["spinruns"]
-  verbs: ["get", "list", "watch", "patch"]
-# SPINRun status: the reconciler's phase, iterations and conditions.
+  verbs: ["list", "watch", "patch"]
+# SPINRun status: phase, iterations, conditions.
 - apiGroups: ["selfplay.dev"]
   resources: ["spinruns/status"]
-  verbs: ["get", "patch"]
-# The generation, training and evaluation Jobs; patch suspends/resumes them.
+  verbs: ["patch"]
+# The generation, training and evaluation Jobs: kopf watches them; the operator lists them once at
+# start, creates them, reads one back (adoption after a conflict, or to confirm one is gone),
+# patches spec.suspend and deletes them (run deletion, cleanup).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The headless Service of each multi-node training Job (torchrun rendezvous).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "create", "delete"]
-# Secrets: get only, to check that referenced credentials Secrets exist (values are never read
-# into the operator; Jobs receive them through secretKeyRef).
+  verbs: ["create", "delete"]
+# Secrets: get only, to check that referenced credentials Secrets exist. Values never pass through
+# the operator: Jobs receive them through secretKeyRef.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Events on SPINRuns (kopf's and the operator's own).
+# Events on SPINRuns (posted through kopf).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*
-Cluster-scoped rules. CRDs: kopf's resource discovery watches CustomResourceDefinitions to
-notice when the SPINRun CRD changes. Namespaces: see clusterwideOnlyRules.
+Cluster-scoped rules of both modes: kopf's resource observation lists and watches
+CustomResourceDefinitions to notice when the SPINRun CRD changes (discovery itself, /apis, needs
+no grant).
 */}}
 {{- define "spin-operator.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
 
-{{- define "spin-operator.clusterwideOnlyRules" -}}
+{{/*
+Namespaced mode only: kopf's namespace observation lists and watches Namespaces to match
+SPIN_NAMESPACES against the namespaces that exist (a cluster-wide operator watches every
+namespace at once and does not need it).
+*/}}
+{{- define "spin-operator.namespacedModeClusterRules" -}}
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
