@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import condition, wait_for
-from tests.support.executor import Api, Executor, HostRewriter, _ranges, expand
+from tests.support.executor import Api, Executor, HostRewriter, expand
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +26,7 @@ def job(
     code: str,
     *,
     args: list[str] | None = None,
-    env: list[dict] | None = None,
+    env: list[dict[str, Any]] | None = None,
     **spec: Any,
 ) -> dict[str, Any]:
     """A Job whose single container runs ``python -c code``."""
@@ -95,12 +95,6 @@ def test_expand_follows_kubernetes_rules() -> None:
     assert expand("cost $5 $(", env) == "cost $5 $("
 
 
-def test_ranges_compress_like_completed_indexes() -> None:
-    assert _ranges({0, 1, 2, 4, 6, 7}) == "0-2,4,6-7"
-    assert _ranges({3}) == "3"
-    assert _ranges(set()) is None
-
-
 def test_host_rewriter_maps_pod_and_service_names_only() -> None:
     ports: dict[tuple[str, int], int] = {}
     rw = HostRewriter("ns1", ["run-i0-train"], lambda s, p: ports.setdefault((s, p), 40000 + p))
@@ -130,7 +124,7 @@ def test_indexed_job_runs_each_index_with_env_secrets_and_expansion(
         "pathlib.Path(sys.argv[1], os.environ['JOB_COMPLETION_INDEX']).write_text("
         "os.environ['TOKEN'] + ' ' + sys.argv[2])"
     )
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
         {"name": "SHARD", "value": "shard-$(JOB_COMPLETION_INDEX)"},
     ]
@@ -156,7 +150,7 @@ def test_indexed_job_runs_each_index_with_env_secrets_and_expansion(
         str(i): f"s3cr3t shard-{i}" for i in range(3)
     }
     pods = executor.pods("gen")
-    assert sorted(p.index for p in pods) == [0, 1, 2]
+    assert sorted(p.index or 0 for p in pods) == [0, 1, 2]
     assert all(p.phase == "Succeeded" and p.exit_code == 0 for p in pods)
     objects = executor.api.get(f"/api/v1/namespaces/{NS}/pods")["items"]
     assert {o["metadata"]["name"] for o in objects} == {p.name for p in pods}
@@ -290,10 +284,30 @@ def test_deleting_a_job_kills_its_process_group(executor: Executor, tmp_path: Pa
     )
     create(executor.api, job("doomed", code))
     executor.wait_for_pod(lambda p: p.job == "doomed" and p.phase == "Running")
-    child = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, "child pid"))
+    child = int(
+        wait_for(lambda: pidfile.read_text() if pidfile.exists() else None, 10, "child pid")
+    )
     executor.api.request("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/doomed")
     executor.wait_for_pod(lambda p: p.job == "doomed" and p.phase == "Failed")
     wait_for(lambda: not _alive(child), 10, "grandchild gone")
+
+
+def test_garbage_collection_through_owner_references_kills_pods(executor: Executor) -> None:
+    """Deleting a Job's owner (a SPINRun, here a ConfigMap) lets the GC delete the Job: its
+    pods must die with it."""
+    owner = executor.api.request("POST", f"/api/v1/namespaces/{NS}/configmaps",
+                                 {"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"name": "owner", "namespace": NS}})  # fmt: skip
+    body = job("owned", "import time; time.sleep(120)")
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"],
+         "controller": True, "blockOwnerDeletion": True}
+    ]  # fmt: skip
+    create(executor.api, body)
+    executor.wait_for_pod(lambda p: p.job == "owned" and p.phase == "Running")
+    executor.api.request("DELETE", f"/api/v1/namespaces/{NS}/configmaps/owner")
+    executor.wait_for_pod(lambda p: p.job == "owned" and p.phase == "Failed")
+    assert get_job(executor.api, "owned") == {}
 
 
 def test_active_deadline(executor: Executor) -> None:

@@ -38,8 +38,10 @@ What a pod gets, and what is emulated:
   (``onExitCodes`` and ``onPodConditions``; ``FailJob``/``FailIndex``/``Ignore``/``Count``),
   ``activeDeadlineSeconds`` (``DeadlineExceeded``). Status carries ``active``, ``ready``,
   ``terminating``, ``succeeded``, ``failed``, ``startTime``, ``completionTime`` and the
-  conditions of Kubernetes >= 1.31 (``SuccessCriteriaMet`` then ``Complete``; ``FailureTarget``
-  then ``Failed`` once the pods are gone), each with reason and message. A replacement pod starts
+  conditions of Kubernetes >= 1.31 (``SuccessCriteriaMet`` + ``Complete``; ``FailureTarget`` +
+  ``Failed`` once the pods are gone), each with reason and message. Conditions and times come
+  from ``tests/support/job_driver.py``'s pure status functions and are written through its
+  ``/status`` writer (resourceVersion-checked, retried on conflict). A replacement pod starts
   ``backoff_s`` after a failure (Kubernetes: 10 s doubling; short here for tests).
 - **Pods in the API**: each pod is also created as a Pod object (owned by its Job, the usual
   Job labels and completion-index annotation) whose status follows the process, so
@@ -58,7 +60,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -78,6 +79,8 @@ from typing import Any
 
 import requests
 
+from tests.support import job_driver as driver
+
 log = logging.getLogger("executor")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,11 +91,7 @@ VENV_BIN = (
 )
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 PORT_FLAGS = ("--master-port", "--master_port")
-
-
-def now_iso() -> str:
-    """RFC 3339 UTC timestamp with second precision, as the API server writes them."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+USER_AGENT = "executor"  # how the emulator's request log tells our calls from the operator's
 
 
 # --------------------------------------------------------------------------- API client
@@ -129,7 +128,10 @@ class Api:
         return session
 
     def request(self, method: str, path: str, body: Any = None, *, merge: bool = False) -> Any:
-        headers = {"Content-Type": "application/merge-patch+json" if merge else "application/json"}
+        headers = {
+            "Content-Type": "application/merge-patch+json" if merge else "application/json",
+            "User-Agent": USER_AGENT,
+        }
         data = None if body is None else json.dumps(body)
         resp = self.session.request(
             method, self.server + path, data=data, headers=headers, timeout=30
@@ -168,7 +170,11 @@ class Api:
         if resource_version and resource_version.isdigit():
             params["resourceVersion"] = resource_version
         with self.session.get(
-            self.server + path, params=params, stream=True, timeout=(10, None)
+            self.server + path,
+            params=params,
+            stream=True,
+            timeout=(10, None),
+            headers={"User-Agent": USER_AGENT},
         ) as resp:
             if resp.status_code >= 300:
                 raise ApiError(resp.status_code, resp.text)
@@ -269,7 +275,7 @@ class PodRecord:
     name: str
     index: int | None
     directory: Path
-    created: str = field(default_factory=now_iso)
+    created: str = field(default_factory=driver.now_rfc3339)
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
@@ -319,15 +325,13 @@ class JobState:
 
     uid: str
     pods: list[PodRecord] = field(default_factory=list)
-    conditions: list[dict[str, Any]] = field(default_factory=list)
-    start_time: str | None = None
     started_at: float | None = None  # monotonic, for activeDeadlineSeconds
-    completion_time: str | None = None
+    suspended: bool = False
+    completed: bool = False
     failure: tuple[str, str] | None = None  # (reason, message) once the Job is doomed
     finished: bool = False
     not_before: float = 0.0  # no replacement pod before this monotonic time
     failed_indexes: set[int] = field(default_factory=set)
-    last_status: dict[str, Any] | None = None
     adopted: bool = False  # already finished when first seen: its status is not ours to write
 
 
@@ -362,6 +366,7 @@ class Executor:
         launch_hook: Callable[[PodLaunch], None] | None = None,
     ) -> None:
         self.api = Api(server)
+        self._driver = driver.JobDriver(server, label_selector=None, user_agent=USER_AGENT)
         self.workdir = Path(workdir)
         self.namespace = namespace
         self.pods_in_api = pods_in_api
@@ -572,7 +577,7 @@ class Executor:
             state = None
         if state is None:
             state = JobState(uid=uid)
-            if _has_condition(job, "Complete") or _has_condition(job, "Failed"):
+            if driver.is_true(job, "Complete") or driver.is_true(job, "Failed"):
                 state.finished = state.adopted = True  # finished before we started: leave it be
             self._jobs[key] = state
         if meta.get("deletionTimestamp"):
@@ -593,14 +598,11 @@ class Executor:
             for pod in state.pods:
                 if pod.active:
                     self._terminate(pod)
-            if not _cond(state, "Suspended", "True"):
-                _set_cond(state, "Suspended", "True", "JobSuspended", "Job suspended")
-            state.start_time, state.started_at = None, None
+            state.suspended, state.started_at = True, None
             return
-        if _cond(state, "Suspended", "True"):
-            _set_cond(state, "Suspended", "False", "JobResumed", "Job resumed")
-        if state.start_time is None:
-            state.start_time, state.started_at = now_iso(), time.monotonic()
+        state.suspended = False
+        if state.started_at is None:
+            state.started_at = time.monotonic()
         if state.failure is None:
             self._evaluate_failures(job, state, indexed)
         if state.failure is not None:
@@ -612,21 +614,7 @@ class Executor:
             for pod in state.pods:
                 if pod.active:
                     self._terminate(pod)
-            _set_cond(
-                state,
-                "SuccessCriteriaMet",
-                "True",
-                "CompletionsReached",
-                "Reached expected number of succeeded pods",
-            )
-            _set_cond(
-                state,
-                "Complete",
-                "True",
-                "CompletionsReached",
-                "Reached expected number of succeeded pods",
-            )
-            state.completion_time, state.finished = now_iso(), True
+            state.completed = state.finished = True
             return
         if indexed and state.failed_indexes and len(done | state.failed_indexes) >= completions:
             state.failure = ("FailedIndexes", "Job has failed indexes")
@@ -696,48 +684,61 @@ class Executor:
             state.failure = ("DeadlineExceeded", "Job was active longer than specified deadline")
 
     def _fail(self, state: JobState) -> None:
-        """FailureTarget now; Failed once every pod of the Job has terminated."""
-        reason, message = state.failure or ("", "")
-        _set_cond(state, "FailureTarget", "True", reason, message)
+        """Terminate the remaining pods; the Job is Failed once every one of them is gone."""
         for pod in state.pods:
             if pod.active:
                 self._terminate(pod)
         if not any(p.active for p in state.pods):
-            _set_cond(state, "Failed", "True", reason, message)
             state.finished = True
 
     # ------------------------------------------------------------------ status
 
-    def _job_status(self, job: dict[str, Any], state: JobState) -> dict[str, Any]:
-        """The Job's status as the Job controller would write it (nulls clear stale fields)."""
-        indexed = job.get("spec", {}).get("completionMode") == "Indexed"
-        status: dict[str, Any] = {
+    def _job_status(self, job: dict[str, Any], state: JobState) -> dict[str, Any] | None:
+        """The status the Job controller would write for ``job`` (as currently stored), or None
+        when it already shows it. Conditions, times and their transitions come from the job
+        driver's pure status functions (shared with the operator's tests); the counts are ours."""
+        if driver.is_true(job, "Complete") or driver.is_true(job, "Failed"):
+            return None  # a finished Job's status never changes again
+        indexed = driver.is_indexed(job)
+        done = sorted(self._succeeded_indexes(state))
+        current = dict(job.get("status") or {})
+        if state.completed:
+            base = driver.job_succeeded_status(job)
+        elif state.finished and state.failure is not None:
+            base = driver.job_failed_status(job, *state.failure, succeeded_indexes=done)
+        elif state.suspended:
+            base = current if driver.is_true(job, "Suspended") else driver.job_suspended_status(job)
+        else:
+            base = driver.job_running_status(job)
+        counts: dict[str, Any] = {
             "active": sum(1 for p in state.pods if p.active and not p.controller_killed),
             "ready": sum(1 for p in state.pods if p.phase == "Running" and not p.controller_killed),
             "terminating": sum(1 for p in state.pods if p.active and p.controller_killed),
             "succeeded": sum(1 for p in state.pods if p.phase == "Succeeded"),
             "failed": _counted_failures(state),
-            "startTime": state.start_time,
-            "completionTime": state.completion_time,
-            "conditions": [dict(c) for c in state.conditions] or None,
-            "completedIndexes": _ranges(self._succeeded_indexes(state)) if indexed else None,
-            "failedIndexes": _ranges(state.failed_indexes)
-            if job["spec"].get("backoffLimitPerIndex") is not None
+            "completedIndexes": driver.index_ranges(done) if indexed and done else None,
+            "failedIndexes": driver.index_ranges(sorted(state.failed_indexes))
+            if job["spec"].get("backoffLimitPerIndex") is not None and state.failed_indexes
             else None,
         }
-        return status
+        status = {k: v for k, v in {**base, **counts}.items() if v is not None}
+        return None if status == current else status
 
     def _write_status(self, job: dict[str, Any], state: JobState) -> None:
-        status = self._job_status(job, state)
-        if status == state.last_status:
+        """Write through the job driver (read, compute, PATCH with the read resourceVersion,
+        retry on conflict); checked against the cached Job first so an unchanged Job costs no
+        request."""
+        if self._job_status(job, state) is None:
             return
         meta = job["metadata"]
-        path = f"/apis/batch/v1/namespaces/{meta.get('namespace', 'default')}/jobs/{meta['name']}/status"
         try:
-            self.api.request("PATCH", path, {"status": status}, merge=True)
-            state.last_status = status
-        except ApiError as exc:
-            if exc.status != 404:  # a deleted Job needs no status
+            self._driver._write_status(
+                meta["name"],
+                meta.get("namespace", "default"),
+                lambda fresh: self._job_status(fresh, state),
+            )
+        except driver.DriverError as exc:
+            if ": 404 " not in str(exc):  # a deleted Job needs no status
                 raise
 
     # ------------------------------------------------------------------ pods
@@ -791,7 +792,12 @@ class Executor:
             self._start_error(pod, f"failed to start container: {exc}")
             return
         with self._changed:
-            pod.phase, pod.reason, pod.message, pod.started = "Running", "", "", now_iso()
+            pod.phase, pod.reason, pod.message, pod.started = (
+                "Running",
+                "",
+                "",
+                driver.now_rfc3339(),
+            )
             self._changed.notify_all()
         self._publish(pod)
         threading.Thread(
@@ -802,7 +808,7 @@ class Executor:
         """The container could not start: the pod fails with exit code 128 (StartError)."""
         with self._changed:
             pod.phase, pod.exit_code, pod.reason, pod.message = "Failed", 128, "StartError", message
-            pod.started = pod.finished = now_iso()
+            pod.started = pod.finished = driver.now_rfc3339()
             self._changed.notify_all()
         self._publish(pod)
         self._queue.put((pod.namespace, pod.job))
@@ -812,7 +818,7 @@ class Executor:
         code = pod.proc.wait()
         code = 128 - code if code < 0 else code  # killed by a signal: the runtime's 128+N
         with self._changed:
-            pod.exit_code, pod.finished = code, now_iso()
+            pod.exit_code, pod.finished = code, driver.now_rfc3339()
             pod.phase = "Succeeded" if code == 0 else "Failed"
             pod.reason = "Completed" if code == 0 else "Error"
             self._changed.notify_all()
@@ -960,7 +966,7 @@ class Executor:
             return
         pod.controller_killed = True
         if pod.proc is None:  # never started (config error): just gone
-            pod.phase, pod.reason, pod.finished = "Failed", "Terminated", now_iso()
+            pod.phase, pod.reason, pod.finished = "Failed", "Terminated", driver.now_rfc3339()
             with self._changed:
                 self._changed.notify_all()
             return
@@ -1065,7 +1071,7 @@ class Executor:
             "metadata": {"name": f"{pod.name}.{secrets.token_hex(8)}", "namespace": pod.namespace},
             "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod.name, "namespace": pod.namespace},
             "reason": reason, "message": message, "type": "Warning", "count": 1,
-            "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "source": {"component": "kubelet"},
+            "firstTimestamp": driver.now_rfc3339(), "lastTimestamp": driver.now_rfc3339(), "source": {"component": "kubelet"},
         }  # fmt: skip
         with contextlib.suppress(Exception):
             self.api.request("POST", f"/api/v1/namespaces/{pod.namespace}/events", body)
@@ -1077,30 +1083,6 @@ class Executor:
 def _container(job: dict[str, Any]) -> dict[str, Any]:
     containers = job["spec"]["template"].get("spec", {}).get("containers") or [{}]
     return dict(containers[0])
-
-
-def _has_condition(job: dict[str, Any], kind: str) -> bool:
-    return any(
-        c.get("type") == kind and c.get("status") == "True"
-        for c in (job.get("status") or {}).get("conditions") or []
-    )
-
-
-def _cond(state: JobState, kind: str, status: str) -> bool:
-    return any(c["type"] == kind and c["status"] == status for c in state.conditions)
-
-
-def _set_cond(state: JobState, kind: str, status: str, reason: str, message: str) -> None:
-    """Add or update a condition; lastTransitionTime moves only when the status changes."""
-    stamp = now_iso()
-    for cond in state.conditions:
-        if cond["type"] == kind:
-            if cond["status"] != status:
-                cond["lastTransitionTime"] = stamp
-            cond.update(status=status, reason=reason, message=message, lastProbeTime=stamp)
-            return
-    state.conditions.append({"type": kind, "status": status, "reason": reason, "message": message,
-                             "lastProbeTime": stamp, "lastTransitionTime": stamp})  # fmt: skip
 
 
 def _counted_failures(state: JobState) -> int:
@@ -1127,23 +1109,6 @@ def _rule_matches(rule: dict[str, Any], pod: PodRecord) -> bool:
         ):
             return True
     return False
-
-
-def _ranges(indexes: set[int]) -> str | None:
-    """Kubernetes' compressed index list: ``{0,1,2,4}`` -> ``"0-2,4"``."""
-    if not indexes:
-        return None
-    out: list[str] = []
-    ordered = sorted(indexes)
-    start = prev = ordered[0]
-    for i in [*ordered[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(out)
 
 
 def _rewrite_mounts(value: str, mounts: dict[str, Path]) -> str:
