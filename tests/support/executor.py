@@ -299,6 +299,36 @@ class PodRecord:
 
 
 @dataclass(frozen=True)
+class PodContext:
+    """Who a container runs as: what the downward API and the kubelet's naming give it."""
+
+    namespace: str
+    name: str
+    hostname: str
+    directory: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def field_ref(self, path: str) -> str:
+        """A downward-API ``fieldRef`` value."""
+        simple = {
+            "metadata.name": self.name,
+            "metadata.namespace": self.namespace,
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+            "spec.nodeName": "executor",
+        }
+        if path in simple:
+            return simple[path]
+        match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+        if match:
+            return (self.labels if match.group(1) == "labels" else self.annotations).get(
+                match.group(2), ""
+            )
+        return ""
+
+
+@dataclass(frozen=True)
 class PodInfo:
     """A snapshot of a pod for tests (safe to read from any thread)."""
 
@@ -829,27 +859,48 @@ class Executor:
     def _resolve(
         self, job: dict[str, Any], pod: PodRecord
     ) -> tuple[list[str], dict[str, str], Path]:
-        """argv, env and cwd of the pod's first container (ConfigError if a ref is missing)."""
-        container = _container(job)
-        pod_spec = job["spec"]["template"].get("spec", {})
-        mounts = self._mounts(pod_spec, container, pod)
+        """argv, env and cwd of a Job pod's first container (ConfigError if a ref is missing)."""
+        template = job["spec"]["template"]
+        meta = template.get("metadata") or {}
+        labels = {**(meta.get("labels") or {}), "batch.kubernetes.io/job-name": pod.job}
+        annotations = dict(meta.get("annotations") or {})
         env: dict[str, str] = {}
+        if pod.index is not None:
+            annotations[INDEX_ANNOTATION] = labels[INDEX_ANNOTATION] = str(pod.index)
+            env["JOB_COMPLETION_INDEX"] = str(pod.index)
+        context = PodContext(
+            pod.namespace, pod.name, f"{pod.job}-{pod.index}" if pod.index is not None else pod.name,
+            pod.directory, labels, annotations,
+        )  # fmt: skip
+        return self.resolve_container(context, template.get("spec") or {}, _container(job), env)
+
+    def resolve_container(
+        self,
+        pod: PodContext,
+        pod_spec: dict[str, Any],
+        container: dict[str, Any],
+        env: dict[str, str] | None = None,
+    ) -> tuple[list[str], dict[str, str], Path]:
+        """argv, env and cwd of ``container`` as the kubelet would start it, on this machine.
+
+        Public so the harness can start a Deployment's container (the operator, from the
+        chart) exactly like Job pods: same env resolution, mounts and hostname rewriting.
+        Raises ConfigError when a referenced Secret/ConfigMap (or key) is missing.
+        """
+        mounts = self._mounts(pod_spec, container, pod)
+        env = dict(env or {})
         for source in container.get("envFrom", []):
             prefix = source.get("prefix", "")
             for kind in ("secretRef", "configMapRef"):
                 if kind in source:
+                    ref = source[kind]
                     data = self._data(
-                        pod.namespace,
-                        kind[:-3],
-                        source[kind]["name"],
-                        source[kind].get("optional", False),
+                        pod.namespace, kind[:-3], ref["name"], ref.get("optional", False)
                     )
                     env.update({prefix + k: v for k, v in data.items()})
-        if pod.index is not None:
-            env["JOB_COMPLETION_INDEX"] = str(pod.index)
-        env["HOSTNAME"] = f"{pod.job}-{pod.index}" if pod.index is not None else pod.name
+        env["HOSTNAME"] = pod.hostname
         for var in container.get("env", []):
-            env[var["name"]] = self._env_value(var, env, pod, job)
+            env[var["name"]] = self._env_value(var, env, pod)
         rewriter = HostRewriter(
             pod.namespace,
             self._services(pod.namespace),
@@ -881,9 +932,7 @@ class Executor:
         cwd.mkdir(parents=True, exist_ok=True)
         return argv, full_env, cwd
 
-    def _env_value(
-        self, var: dict[str, Any], env: dict[str, str], pod: PodRecord, job: dict[str, Any]
-    ) -> str:
+    def _env_value(self, var: dict[str, Any], env: dict[str, str], pod: PodContext) -> str:
         if "value" in var:
             return expand(str(var["value"]), env)
         source = var.get("valueFrom") or {}
@@ -901,7 +950,7 @@ class Executor:
                     )
                 return data[ref["key"]]
         if "fieldRef" in source:
-            return _field_ref(source["fieldRef"]["fieldPath"], pod, job)
+            return pod.field_ref(source["fieldRef"]["fieldPath"])
         return ""
 
     def _data(self, namespace: str, kind: str, name: str, optional: bool) -> dict[str, str]:
@@ -930,7 +979,7 @@ class Executor:
             return self._ports.setdefault((namespace, service, port), free_port())
 
     def _mounts(
-        self, pod_spec: dict[str, Any], container: dict[str, Any], pod: PodRecord
+        self, pod_spec: dict[str, Any], container: dict[str, Any], pod: PodContext
     ) -> dict[str, Path]:
         """mountPath -> local directory, with secret/configMap volume files written."""
         volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
@@ -1124,24 +1173,3 @@ def _rewrite_mounts(value: str, mounts: dict[str, Path]) -> str:
 def _info(pod: PodRecord) -> PodInfo:
     return PodInfo(pod.namespace, pod.job, pod.index, pod.name, pod.phase, pod.exit_code, pod.reason,
                    tuple(pod.argv), pod.log_path)  # fmt: skip
-
-
-def _field_ref(path: str, pod: PodRecord, job: dict[str, Any]) -> str:
-    """The downward API values a Job's pod can ask for."""
-    template_meta = job["spec"]["template"].get("metadata") or {}
-    if path == "metadata.name":
-        return pod.name
-    if path == "metadata.namespace":
-        return pod.namespace
-    if path in ("status.podIP", "status.hostIP"):
-        return "127.0.0.1"
-    if path == "spec.nodeName":
-        return "executor"
-    match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
-    if match:
-        if match.group(2) == INDEX_ANNOTATION and pod.index is not None:
-            return str(pod.index)
-        if match.group(2) == "batch.kubernetes.io/job-name":
-            return pod.job
-        return str((template_meta.get(match.group(1)) or {}).get(match.group(2), ""))
-    return ""
