@@ -7,7 +7,6 @@ import torch
 
 from spin_runtime import formatting
 from spin_runtime.train import batches
-from spin_runtime.train.loss import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +74,27 @@ def test_bad_data_is_a_data_error(tokenizer):
         batches.build_pairs([[_record(0)]], ["cur"], tokenizer, 32, 32)
 
 
-def test_collate_masks_prompts_and_stacks_real_then_generated():
+def _pair(i, prompt, real, gen):
     import numpy as np
 
-    def pair(i, prompt, real, gen):
-        return batches.Pair(i, str(i), 0, np.array(prompt), np.array(real), np.array(gen))
+    return batches.Pair(i, str(i), 0, np.array(prompt), np.array(real), np.array(gen))
 
-    a = pair(0, [5, 6, 7], [8, 9], [10])
-    b = pair(1, [5], [11, 12, 13], [14, 15])
+
+def _scored_table(batch):
+    """{sequence: [(row, column, target), ...]} of a batch."""
+    width = batch.input_ids.shape[1]
+    table: dict[int, list] = {}
+    s = batch.scored
+    for pos, tgt, seg in zip(
+        s.positions.tolist(), s.targets.tolist(), s.segments.tolist(), strict=True
+    ):
+        table.setdefault(seg, []).append((pos // width, pos % width, tgt))
+    return table
+
+
+def test_collate_separate_rows_masks_prompts_and_stacks_real_then_generated():
+    a = _pair(0, [5, 6, 7], [8, 9], [10])
+    b = _pair(1, [5], [11, 12, 13], [14, 15])
     batch = batches.collate([a, b, None], filler=a, pad_id=0)
     assert batch.input_ids.tolist() == [
         [5, 6, 7, 8, 9],
@@ -92,19 +104,74 @@ def test_collate_masks_prompts_and_stacks_real_then_generated():
         [5, 14, 15, 0, 0],
         [5, 6, 7, 10, 0],
     ]
-    I = IGNORE  # noqa: E741
-    assert batch.targets.tolist() == [
-        [I, I, 8, 9, I],
-        [11, 12, 13, I, I],
-        [I, I, 8, 9, I],
-        [I, I, 10, I, I],
-        [14, 15, I, I, I],
-        [I, I, 10, I, I],
-    ]
+    assert batch.position_ids is None
     assert batch.attention_mask.sum(1).tolist() == [5, 4, 5, 4, 3, 4]
+    # position j predicts token j + 1; real sequences are 0..B-1, generated B..2B-1
+    assert _scored_table(batch) == {
+        0: [(0, 2, 8), (0, 3, 9)],
+        1: [(1, 0, 11), (1, 1, 12), (1, 2, 13)],
+        2: [(2, 2, 8), (2, 3, 9)],
+        3: [(3, 2, 10)],
+        4: [(4, 0, 14), (4, 1, 15)],
+        5: [(5, 2, 10)],
+    }
+    assert batch.scored.num_sequences == 6
     assert batch.index.tolist() == [0, 1, 0]
     assert batch.weight.tolist() == [1.0, 1.0, 0.0]
     assert batch.num_tokens == (3 * 2 + 2 + 1) + (1 * 2 + 3 + 2)
+
+
+def test_collate_shared_prompt_layout():
+    a = _pair(0, [5, 6], [8, 9], [10, 11])
+    b = _pair(1, [5], [12], [13])
+    batch = batches.collate([a, b], filler=a, pad_id=0, shared_prompt=True)
+    assert batch.input_ids.tolist() == [[5, 6, 8, 9, 10, 11], [5, 12, 13, 0, 0, 0]]
+    # the generated answer continues the prompt: positions restart after it
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3], [0, 1, 1, 0, 0, 0]]
+    mask = batch.attention_mask[:, 0].int().tolist()
+    assert mask[0] == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # generated tokens see the prompt, not the real answer
+        [1, 1, 0, 0, 1, 1],
+    ]
+    assert mask[1] == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],  # padding sees itself (never an all-masked softmax row) ...
+        [1, 1, 1, 0, 1, 0],
+        [1, 1, 1, 0, 0, 1],  # ... and nothing attends to padding
+    ]
+    assert _scored_table(batch) == {
+        0: [(0, 1, 8), (0, 2, 9)],
+        1: [(1, 0, 12)],
+        2: [(0, 1, 10), (0, 4, 11)],  # the prompt's last position predicts both first tokens
+        3: [(1, 0, 13)],
+    }
+
+
+def test_both_layouts_give_the_same_log_probs_and_gradients(tokenizer):
+    from spin_runtime import tiny
+    from spin_runtime.train.policy import SequenceLogProbs, score, supports_shared_prompt
+
+    model = tiny.make_model(tokenizer, "unit", seed=1).train()
+    assert supports_shared_prompt(model)
+    policy = SequenceLogProbs(model)
+    records = [_record(i, gen="red " * (i % 5)) for i in range(5)]
+    pairs = batches.build_pairs([records], ["cur"], tokenizer, 64, 32).train
+    results = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = score(policy, batches.collate(pairs, pairs[0], 0, shared_prompt=shared))
+        (out * torch.linspace(-1, 1, len(out))).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=2e-5)
+    for g0, g1 in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-5)
 
 
 def test_order_is_a_function_of_seed_and_epoch():
@@ -134,8 +201,8 @@ def test_every_world_size_scores_the_same_pairs_per_step(world, micro):
 
 
 def test_batch_moves_to_device():
-    import numpy as np
-
-    p = batches.Pair(0, "0", 0, np.array([1]), np.array([2]), np.array([3]))
-    batch = batches.collate([p], p, 0).to(torch.device("cpu"))
-    assert batch.input_ids.dtype == torch.long
+    p = _pair(0, [1], [2], [3])
+    for shared in (False, True):
+        batch = batches.collate([p], p, 0, shared_prompt=shared).to(torch.device("cpu"))
+        assert batch.input_ids.dtype == torch.long
+        assert batch.scored.num_sequences == 2

@@ -10,6 +10,7 @@ import torch
 from spin_runtime.train.loss import (
     IGNORE,
     LN2,
+    scored_from_labels,
     sequence_logps_from_hidden,
     sequence_logps_from_logits,
     spin_loss,
@@ -52,7 +53,7 @@ def test_sequence_logps_and_grads_match_naive(chunk):
     h, w, labels = _random_problem(0)
     h32 = h.float().requires_grad_()
     w32 = w.float().requires_grad_()
-    got = sequence_logps_from_hidden(h32, w32, labels, chunk_tokens=chunk)
+    got = sequence_logps_from_hidden(h32, w32, scored_from_labels(labels), chunk_tokens=chunk)
     hd = h.clone().requires_grad_()
     wd = w.clone().requires_grad_()
     want = reference_sequence_logps(hd, wd, labels)
@@ -68,8 +69,8 @@ def test_sequence_logps_and_grads_match_naive(chunk):
 
 def test_logits_path_matches_hidden_path():
     h, w, labels = _random_problem(1)
-    from_hidden = sequence_logps_from_hidden(h.float(), w.float(), labels)
-    from_logits = sequence_logps_from_logits(h.float() @ w.float().T, labels)
+    from_hidden = sequence_logps_from_hidden(h.float(), w.float(), scored_from_labels(labels))
+    from_logits = sequence_logps_from_logits(h.float() @ w.float().T, scored_from_labels(labels))
     torch.testing.assert_close(from_hidden, from_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -89,7 +90,7 @@ def test_gradcheck_in_fp64():
 
 def test_bf16_projection_keeps_fp32_softmax():
     h, w, labels = _random_problem(3)
-    got = sequence_logps_from_hidden(h.bfloat16(), w.bfloat16(), labels)
+    got = sequence_logps_from_hidden(h.bfloat16(), w.bfloat16(), scored_from_labels(labels))
     assert got.dtype == torch.float32
     want = reference_sequence_logps(h.bfloat16().double(), w.bfloat16().double(), labels)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2)

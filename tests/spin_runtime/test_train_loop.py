@@ -14,7 +14,7 @@ import torch
 from spin_runtime import manifest
 from spin_runtime.train import batches, checkpoint, loop
 from spin_runtime.train.loss import LN2
-from spin_runtime.train.policy import SequenceLogProbs
+from spin_runtime.train.policy import SequenceLogProbs, score
 from tests.spin_runtime.test_train_support import (
     metrics,
     one_thread,
@@ -60,7 +60,7 @@ def _score(model_dir: Path, pairs: list[batches.Pair]) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         batch = batches.collate(pairs, pairs[0], 0)
-        out = SequenceLogProbs(model)(batch.input_ids, batch.attention_mask, batch.targets)
+        out = score(SequenceLogProbs(model), batch)
     return torch.stack([out[: len(pairs)], out[len(pairs) :]], 1)
 
 

@@ -62,6 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="auto",
         help="auto: DDP when a replica fits in half a device, else FSDP2",
     )
+    p.add_argument(
+        "--no-prompt-sharing",
+        dest="prompt_sharing",
+        action="store_false",
+        help="score real and generated answers in separate rows instead of one row per pair "
+        "with the prompt computed once (same log-probs; sharing needs SDPA attention)",
+    )
     return p
 
 
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
         strategy=args.strategy,
+        prompt_sharing=args.prompt_sharing,
     )
     try:
         train(cfg)

@@ -35,7 +35,8 @@ from spin_runtime.train import batches, checkpoint, distributed
 from spin_runtime.train.batches import Pair, PairSet
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
-from spin_runtime.train.policy import SequenceLogProbs, disable_dropout
+from spin_runtime.train.policy import SequenceLogProbs, disable_dropout, supports_shared_prompt
+from spin_runtime.train.policy import score as policy_score
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     strategy: str = "auto"
+    prompt_sharing: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -247,6 +249,7 @@ class Runner:
     autocast: bool
     pad_id: int
     filler: Pair
+    shared_prompt: bool
 
     def amp(self) -> contextlib.AbstractContextManager[Any]:
         if not self.autocast:
@@ -255,9 +258,10 @@ class Runner:
 
     def logps(self, pairs: Sequence[Pair | None]) -> tuple[torch.Tensor, batches.Batch]:
         """(2B,) response log-prob sums: real rows then generated rows."""
-        batch = batches.collate(pairs, self.filler, self.pad_id).to(self.ctx.device)
+        batch = batches.collate(pairs, self.filler, self.pad_id, self.shared_prompt)
+        batch = batch.to(self.ctx.device)
         with self.amp():
-            out = self.module(batch.input_ids, batch.attention_mask, batch.targets)
+            out = policy_score(self.module, batch)
         return out, batch
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -409,7 +413,8 @@ def build_session(
         optimizer, lr_factor(cfg.lr_scheduler, warmup, total_steps)
     )
     autocast = bf16 and strategy != "fsdp"  # FSDP2 casts through its MixedPrecisionPolicy
-    runner = Runner(ctx, module, strategy, autocast, pad_id, filler=pairs.train[0])
+    shared = cfg.prompt_sharing and supports_shared_prompt(hf_model)
+    runner = Runner(ctx, module, strategy, autocast, pad_id, pairs.train[0], shared)
     return Session(runner, optimizer, scheduler, steps_per_epoch, num_params, bf16)
 
 
@@ -432,10 +437,12 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if ctx.main:
         log.info(
             "iteration %d: %d train pairs (%s per --data), %d held out, %d skipped long prompts, "
-            "%d cut answers; %d params; strategy %s on %d process(es), %s; %d steps of %d pairs",
+            "%d cut answers; %d params; strategy %s on %d process(es), %s, prompt sharing %s; "
+            "%d steps of %d pairs",
             cfg.iteration, len(pairs.train), pairs.per_source, len(pairs.eval),
             pairs.skipped_long_prompts, pairs.truncated_answers, session.num_params,
             runner.strategy, ctx.world, "bf16" if session.bf16 else "fp32",
+            "on" if runner.shared_prompt else "off",
             steps_per_epoch * cfg.epochs, cfg.global_batch_size,
         )  # fmt: skip
 

@@ -123,33 +123,48 @@ def token_logps(
     return out
 
 
-def sequence_logps_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    chunk_tokens: int | None = None,
-) -> torch.Tensor:
-    """Per-sequence sums of response log-probs, from the last hidden states (B, T, H).
+@dataclass(frozen=True)
+class Scored:
+    """Which hidden states score which tokens of which sequence.
 
-    ``labels[b, j]`` is the token that position j predicts when it is a response token, else
-    :data:`IGNORE`; only those positions are projected onto the vocabulary.
+    ``positions[i]`` is the flat index (row * T + column) of the hidden state that predicts
+    token ``targets[i]`` of sequence ``segments[i]``. A position may predict several tokens
+    (with a shared prompt, its last position predicts the first token of both answers).
     """
-    mask = labels != IGNORE
-    rows = mask.nonzero(as_tuple=True)[0]
-    logps = token_logps(hidden[mask], weight, labels[mask], chunk_tokens)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    return sums.index_add(0, rows, logps)
+
+    positions: torch.Tensor  # (N,) long
+    targets: torch.Tensor  # (N,) long
+    segments: torch.Tensor  # (N,) long, in [0, num_sequences)
+    num_sequences: int
 
 
-def sequence_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The same sums from full logits (B, T, V): the path for heads that are not a plain
-    projection (logit soft-capping, scaling). Only response positions are upcast."""
+def sequence_logps_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, scored: Scored, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """(num_sequences,) fp32 sums of response log-probs from the last hidden states (R, T, H):
+    only the scored positions are projected onto the vocabulary."""
+    selected = hidden.flatten(0, 1).index_select(0, scored.positions)
+    logps = token_logps(selected, weight, scored.targets, chunk_tokens)
+    sums = torch.zeros(scored.num_sequences, dtype=torch.float32, device=hidden.device)
+    return sums.index_add(0, scored.segments, logps)
+
+
+def sequence_logps_from_logits(logits: torch.Tensor, scored: Scored) -> torch.Tensor:
+    """The same sums from full logits (R, T, V): the path for heads that are not a plain
+    projection (logit soft-capping, scaling). Only scored positions are upcast."""
+    selected = logits.flatten(0, 1).index_select(0, scored.positions).float()
+    picked = selected.gather(1, scored.targets[:, None]).squeeze(1)
+    logps = picked - torch.logsumexp(selected, -1)
+    sums = torch.zeros(scored.num_sequences, dtype=torch.float32, device=logits.device)
+    return sums.index_add(0, scored.segments, logps)
+
+
+def scored_from_labels(labels: torch.Tensor) -> Scored:
+    """:class:`Scored` for one sequence per row, ``labels[r, j]`` = the token position j
+    predicts, or :data:`IGNORE`."""
     mask = labels != IGNORE
-    rows = mask.nonzero(as_tuple=True)[0]
-    selected = logits[mask].float()
-    logps = selected.gather(1, labels[mask][:, None]).squeeze(1) - torch.logsumexp(selected, -1)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    return sums.index_add(0, rows, logps)
+    flat = mask.flatten().nonzero(as_tuple=True)[0]
+    return Scored(flat, labels.flatten()[flat], flat // labels.shape[1], labels.shape[0])
 
 
 @dataclass

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from spin_runtime.train.loss import sequence_logps_from_hidden, sequence_logps_from_logits
+from spin_runtime.train.loss import (
+    Scored,
+    sequence_logps_from_hidden,
+    sequence_logps_from_logits,
+)
 
 #: Config attributes that make the head more than ``hidden @ W.T``; with any of them set the
 #: model's own forward computes the logits (slower, but exact).
@@ -51,10 +55,10 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 class SequenceLogProbs(nn.Module):
-    """``forward(input_ids, attention_mask, targets) -> (B,)`` fp32 sums of response log-probs.
-
-    ``targets`` holds, per position, the response token it predicts or ``IGNORE``.
-    """
+    """``forward(input_ids, attention_mask, position_ids, positions, targets, segments,
+    num_sequences) -> (num_sequences,)`` fp32 sums of answer log-probs (the last four are a
+    :class:`~spin_runtime.train.loss.Scored`, passed as plain tensors so DDP and FSDP2 see
+    them as ordinary inputs)."""
 
     def __init__(self, model: nn.Module, chunk_tokens: int | None = None) -> None:
         super().__init__()
@@ -63,15 +67,39 @@ class SequenceLogProbs(nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        segments: torch.Tensor,
+        num_sequences: int,
     ) -> torch.Tensor:
         model: Any = self.model
+        scored = Scored(positions, targets, segments, num_sequences)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         if self.fused:
-            out = model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            )
-            hidden = out[0]
+            hidden = model.base_model(**kwargs)[0]
             weight = model.get_output_embeddings().weight
-            return sequence_logps_from_hidden(hidden, weight, targets, self.chunk_tokens)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return sequence_logps_from_logits(logits, targets)
+            return sequence_logps_from_hidden(hidden, weight, scored, self.chunk_tokens)
+        return sequence_logps_from_logits(model(**kwargs).logits, scored)
+
+
+def supports_shared_prompt(model: Any) -> bool:
+    """A shared-prompt batch needs a custom 4D boolean mask and explicit positions: the SDPA
+    attention of transformers takes both as given; other kernels (flash-attention) do not."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == "sdpa"
+
+
+def score(module: nn.Module, batch: Any) -> torch.Tensor:
+    """Run ``module`` (a :class:`SequenceLogProbs`, possibly wrapped) on a collated batch."""
+    s = batch.scored
+    out: torch.Tensor = module(
+        batch.input_ids, batch.attention_mask, batch.position_ids,
+        s.positions, s.targets, s.segments, s.num_sequences,
+    )  # fmt: skip
+    return out
