@@ -51,6 +51,8 @@ lint: venv ## ruff and mypy
 generate: venv ## regenerate crds/ and docs/api.md from the API models
 	$(VENV)/bin/spinctl crd > crds/selfplay.dev_spinruns.yaml
 	$(VENV)/bin/spinctl docs > docs/api.md
+	cp crds/selfplay.dev_spinruns.yaml charts/spin-operator/crds/selfplay.dev_spinruns.yaml
+	$(PY) scripts/chart_readme.py
 
 demo: venv ## build a tiny task and model, run two SPIN iterations locally
 	$(VENV)/bin/spinctl demo --workdir $(DEMO_DIR)
