@@ -22,6 +22,7 @@ Targets at N=100: p50_s <= 1, p99_s <= 3, requests_per_iteration <= 2 * min.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import json
@@ -119,6 +120,12 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used (to tell the operator's cost from the harness's)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -176,6 +183,7 @@ def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
                     final = api.list("spinruns", "default")
                 wall = time.time() - start
                 rss = peak_rss_mb(proc.pid)
+                cpu = cpu_seconds(proc.pid)
             if auto.errors:
                 raise SystemExit("job driver errors:\n" + "\n".join(auto.errors[:3]))
             lat = latencies(api, auto.finished_at)
@@ -198,7 +206,10 @@ def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
                 "transitions": len(lat),
                 "wall_s": round(wall, 2),
                 "requests_by_kind": {k: round(v / total_iterations, 2) for k, v in sorted(by_kind.items())},
-                "errors_4xx_5xx": sum(1 for e in ops if e.code >= 400),
+                "errors": dict(sorted(collections.Counter(
+                    f"{e.code} {e.verb} {e.rbac_resource}" for e in ops if e.code >= 400).items())),
+                "operator_cpu_s": cpu,
+                "harness_cpu_s": round(time.process_time(), 1),
             }
 
 

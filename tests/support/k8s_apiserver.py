@@ -158,6 +158,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     _store: dict[tuple[str, str], dict[ObjKey, JSON]] = attrs.field(
         factory=lambda: collections.defaultdict(dict), init=False)
     _uids: dict[str, tuple[tuple[str, str], ObjKey]] = attrs.field(factory=dict, init=False)
+    # owner uid -> dependents (by ownerReferences), and deletions the garbage collector has yet to process
+    _owned: dict[str, set[tuple[tuple[str, str], ObjKey]]] = attrs.field(
+        factory=lambda: collections.defaultdict(set), init=False)
+    _gc_queue: collections.deque[JSON] = attrs.field(factory=collections.deque, init=False)
     _rv: int = attrs.field(default=1000, init=False)
     _events: collections.deque[_Event] = attrs.field(init=False)
     _compacted_rv: int = attrs.field(default=0, init=False)
@@ -297,9 +301,19 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self._rv += 1
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._rv)}}
         uid = obj["metadata"]["uid"]
+        before = self._store[rkey].get(okey)
+        owners_before = {r.get("uid") for r in (before or {"metadata": {}})["metadata"].get("ownerReferences") or []}
+        owners_after = set() if etype == "DELETED" else {r.get("uid") for r in obj["metadata"].get("ownerReferences") or []}
+        for owner in owners_before - owners_after:
+            self._owned[owner].discard((rkey, okey))
+            if not self._owned[owner]:
+                del self._owned[owner]
+        for owner in owners_after - owners_before:
+            self._owned[owner].add((rkey, okey))
         if etype == "DELETED":
             self._store[rkey].pop(okey, None)
             self._uids.pop(uid, None)
+            self._gc_queue.append(obj)
         else:
             self._store[rkey][okey] = obj
             self._uids[uid] = (rkey, okey)
@@ -351,7 +365,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         except Exception as e:  # an emulator bug: answer 500 and keep it for the fixture to report
             self.internal_errors.append("".join(traceback.format_exception(e)))
             response = self._json(500, ApiError(500, "InternalError", repr(e)).status(), [])
-        self.requests_log.append(replace(record, code=response.status))
+        self.requests_log.append(replace(record, code=response.status, duration=time.time() - started))
         return response
 
     @staticmethod
@@ -742,6 +756,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 for dep_rkey, dep_okey in self._dependents(meta["uid"]):
                     self._delete_key(dep_rkey, dep_okey)
                 self._collect_garbage()
+                self._finish_foreground(meta["uid"])
+                self._collect_garbage()
             return Result(200, self._store[rdef.key].get(okey, stored), warnings)
         stored = self._commit(rdef.key, okey, obj, obj, "DELETED")
         self._collect_garbage()
@@ -757,8 +773,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # ------------------------------------------------------------------ garbage collection
 
     def _dependents(self, uid: str) -> list[tuple[tuple[str, str], ObjKey]]:
-        return [(rkey, okey) for rkey, bucket in self._store.items() for okey, o in bucket.items()
-                if any(ref.get("uid") == uid for ref in o["metadata"].get("ownerReferences") or [])]
+        return sorted(self._owned.get(uid, ()))
 
     def _owner_alive(self, ref: JSON, namespace: str | None) -> bool:
         found = self._uids.get(ref.get("uid", ""))
@@ -768,6 +783,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return okey[1] == ref.get("name") and okey[0] in (None, namespace)
 
     def _delete_key(self, rkey: tuple[str, str], okey: ObjKey) -> None:
+        """Delete as the garbage collector does (background): mark if finalizers hold it."""
         obj = self._store[rkey].get(okey)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
@@ -779,26 +795,42 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             self._commit(rkey, okey, obj, obj, "DELETED")
 
     def _collect_garbage(self) -> None:
-        """Background propagation: delete objects whose owners are all gone, until nothing changes.
+        """Process deletions queued by `_commit`, cascading until nothing changes.
 
-        Also completes foreground deletions whose dependents are gone (drops `foregroundDeletion`).
+        Dependents whose owners are all gone are deleted (background propagation); owners
+        waiting in foreground deletion lose `foregroundDeletion` once their dependents are gone.
         """
-        changed = True
-        while changed:
-            changed = False
-            for rkey, bucket in list(self._store.items()):
-                for okey, obj in list(bucket.items()):
-                    meta = obj["metadata"]
-                    refs = meta.get("ownerReferences") or []
-                    if refs and not meta.get("deletionTimestamp") and not any(
-                            self._owner_alive(r, meta.get("namespace")) for r in refs):
-                        self._delete_key(rkey, okey)
-                        changed = True
-                    elif "foregroundDeletion" in (meta.get("finalizers") or []) and not self._dependents(meta["uid"]):
-                        rest = [f for f in meta["finalizers"] if f != "foregroundDeletion"]
-                        new = {**obj, "metadata": {**meta, "finalizers": rest}}
-                        self._commit(rkey, okey, new, obj, "MODIFIED" if rest else "DELETED")
-                        changed = True
+        while self._gc_queue:
+            gone = self._gc_queue.popleft()
+            for rkey, okey in self._dependents(gone["metadata"]["uid"]):
+                obj = self._store[rkey].get(okey)
+                if obj is not None and not any(self._owner_alive(r, okey[0])
+                                               for r in obj["metadata"].get("ownerReferences") or []):
+                    self._delete_key(rkey, okey)
+            for ref in gone["metadata"].get("ownerReferences") or []:
+                self._finish_foreground(ref.get("uid", ""))
+
+    def _finish_foreground(self, uid: str) -> None:
+        found = self._uids.get(uid)
+        if found is None or self._owned.get(uid):
+            return
+        rkey, okey = found
+        obj = self._store[rkey][okey]
+        finalizers = obj["metadata"].get("finalizers") or []
+        if obj["metadata"].get("deletionTimestamp") and "foregroundDeletion" in finalizers:
+            rest = [f for f in finalizers if f != "foregroundDeletion"]
+            self._commit(rkey, okey, {**obj, "metadata": {**obj["metadata"], "finalizers": rest}}, obj,
+                         "MODIFIED" if rest else "DELETED")
+
+    def collect_garbage(self) -> None:
+        """A full sweep, as the garbage collector eventually does: delete objects whose owners are
+        all gone, including dependents created with an owner that never existed."""
+        for rkey, bucket in list(self._store.items()):
+            for okey, obj in list(bucket.items()):
+                refs = obj["metadata"].get("ownerReferences") or []
+                if refs and not any(self._owner_alive(r, okey[0]) for r in refs):
+                    self._delete_key(rkey, okey)
+        self._collect_garbage()
 
     def _orphan(self, uid: str) -> None:
         for rkey, okey in self._dependents(uid):

@@ -27,7 +27,8 @@ class ApiRequest:
     code: int
     user_agent: str
     path: str
-    time: float
+    time: float  # when the server began serving it (time.time())
+    duration: float = 0.0  # seconds the server spent on it (0 for watches, which stream on)
 
     @property
     def rbac_resource(self) -> str:

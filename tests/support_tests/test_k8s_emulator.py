@@ -283,10 +283,23 @@ def test_owner_deletion_collects_dependents(k8s_api: K8sApi) -> None:
     k8s_api.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a-train", "ownerReferences": [
         {"apiVersion": owner["apiVersion"], "kind": "SPINRun", "name": "a", "uid": owner["metadata"]["uid"]}]},
         "spec": {"clusterIP": "None", "selector": {"x": "y"}}})
+    gen = k8s_api.get("jobs", "a-gen")
+    assert gen is not None
+    k8s_api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a-gen-0", "ownerReferences": [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "a-gen", "uid": gen["metadata"]["uid"]}]},
+        "spec": {"containers": [{"name": "c", "image": "x"}]}})
     k8s_api.create(job("unrelated"))
     k8s_api.delete("spinruns", "a")
     assert [j["metadata"]["name"] for j in k8s_api.list("jobs")] == ["unrelated"]
-    assert k8s_api.list("services") == []
+    assert k8s_api.list("services") == [] and k8s_api.list("pods") == []  # cascades through the Job
+
+
+def test_full_sweep_collects_dependents_of_owners_that_never_existed(k8s_api: K8sApi) -> None:
+    k8s_api.create(job("dangling", owner={"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun",
+                                          "metadata": {"name": "ghost", "uid": "no-such-uid"}}))
+    assert k8s_api.get("jobs", "dangling") is not None  # like the real collector: not at once
+    k8s_api.server.call(k8s_api.emulator.collect_garbage)
+    assert k8s_api.get("jobs", "dangling") is None
 
 
 def test_orphan_and_foreground_propagation(k8s_api: K8sApi) -> None:
