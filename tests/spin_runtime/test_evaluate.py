@@ -126,3 +126,26 @@ def test_missing_model_exits_2_and_removes_old_manifest(
     assert cli.main([*args, "--model", str(tmp_path / "gone")]) == 2
     assert "gone" in capsys.readouterr().err
     assert not (out / "_MANIFEST.json").exists()
+
+
+def test_metrics_reach_mlflow(
+    mlflow_server, tiny_model_dir, tiny_dataset_path, tmp_path, monkeypatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment(f"eval-{tmp_path.name}")).info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    monkeypatch.setenv("SPIN_TRACKING_SPOOL_DIR", str(tmp_path / "spool"))
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--baseline-model", str(tiny_model_dir),
+                     "--dataset", str(tiny_dataset_path), "--output", str(out),
+                     "--eval-samples", "4", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/exact_match"] == metrics["exact_match"]
+    assert logged["eval/real_logp_per_token"] == pytest.approx(metrics["real_logp_per_token"])
+    assert logged["eval/baseline_real_logp_per_token"] == pytest.approx(
+        metrics["real_logp_per_token"]
+    )
