@@ -29,11 +29,13 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,12 +95,13 @@ class ArtifactWriter:
 
 
 @contextlib.contextmanager
-def operator_process(api: K8sApi, workdir: pathlib.Path, storage: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
+def operator_process(api: K8sApi, workdir: pathlib.Path, storage: pathlib.Path,
+                     metrics_port: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     """`spinctl operator` as the chart's Deployment runs it (settings from the environment)."""
     spinctl = pathlib.Path(sys.executable).with_name("spinctl")
     env = {**os.environ, "KUBECONFIG": str(api.kubeconfig_path), "SPIN_STORAGE_URI": str(storage),
            "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:bench", "SPIN_LOG_LEVEL": "INFO",
-           "SPIN_HEALTH_PORT": "0", "SPIN_METRICS_PORT": "0"}
+           "SPIN_HEALTH_PORT": "0", "SPIN_METRICS_PORT": str(metrics_port)}
     with (workdir / "operator.log").open("wb") as log:
         proc = subprocess.Popen([str(spinctl), "operator"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -118,6 +121,25 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def reconcile_passes(port: int) -> tuple[float, float]:
+    """(passes, seconds) from the operator's reconcile histogram; NaN when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+            text = rsp.read().decode()
+    except OSError:
+        return float("nan"), float("nan")
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("spin_operator_reconcile_duration_seconds_")}
+    return (values.get("spin_operator_reconcile_duration_seconds_count", float("nan")),
+            values.get("spin_operator_reconcile_duration_seconds_sum", float("nan")))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -158,7 +180,9 @@ def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
         workdir = pathlib.Path(tmp)
         storage = workdir / "artifacts"
         storage.mkdir()
-        with running_api(workdir) as api, operator_process(api, workdir, storage) as proc:
+        port = free_port()
+        load_before = os.getloadavg()[0]
+        with running_api(workdir) as api, operator_process(api, workdir, storage, port) as proc:
             api.wait_for(lambda: proc.poll() is not None or api.requests.count(
                 user_agent="kopf", verb="watch", resource="spinruns") > 0, timeout=60)
             if proc.poll() is not None:
@@ -184,6 +208,7 @@ def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
                 wall = time.time() - start
                 rss = peak_rss_mb(proc.pid)
                 cpu = cpu_seconds(proc.pid)
+                passes, pass_seconds = reconcile_passes(port)
             if auto.errors:
                 raise SystemExit("job driver errors:\n" + "\n".join(auto.errors[:3]))
             lat = latencies(api, auto.finished_at)
@@ -209,6 +234,11 @@ def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
                 "errors": dict(sorted(collections.Counter(
                     f"{e.code} {e.verb} {e.rbac_resource}" for e in ops if e.code >= 400).items())),
                 "operator_cpu_s": cpu,
+                "operator_cpu_ms_per_iteration": round(1000 * cpu / total_iterations, 1),
+                "reconcile_passes_per_iteration": round(passes / total_iterations, 2),
+                "reconcile_pass_mean_ms": round(1000 * pass_seconds / passes, 1) if passes else None,
+                "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+                "cpus": os.cpu_count(),
                 "harness_cpu_s": round(time.process_time(), 1),
             }
 
