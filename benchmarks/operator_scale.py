@@ -99,15 +99,19 @@ class ArtifactWriter:
 
 
 @contextlib.contextmanager
-def operator_process(api: K8sApi, workdir: pathlib.Path, storage: pathlib.Path,
-                     metrics_port: int = 0) -> Iterator[subprocess.Popen[bytes]]:
-    """`spinctl operator` as the chart's Deployment runs it (settings from the environment)."""
+def operator_process(api: K8sApi, workdir: pathlib.Path, storage: pathlib.Path, metrics_port: int = 0,
+                     profile: pathlib.Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`spinctl operator` as the chart's Deployment runs it (settings from the environment);
+    under cProfile when `profile` is given (pstats file, written when the operator exits)."""
     spinctl = pathlib.Path(sys.executable).with_name("spinctl")
+    argv = [str(spinctl), "operator"]
+    if profile is not None:
+        argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv]
     env = {**os.environ, "KUBECONFIG": str(api.kubeconfig_path), "SPIN_STORAGE_URI": str(storage),
            "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:bench", "SPIN_LOG_LEVEL": "INFO",
            "SPIN_HEALTH_PORT": "0", "SPIN_METRICS_PORT": str(metrics_port)}
     with (workdir / "operator.log").open("wb") as log:
-        proc = subprocess.Popen([str(spinctl), "operator"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             yield proc
@@ -179,14 +183,14 @@ def latencies(api: K8sApi, finished_at: dict[str, float]) -> list[float]:
     return out
 
 
-def run_benchmark(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+def run_benchmark(runs: int, iterations: int, timeout: float, profile: pathlib.Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="spin-bench-") as tmp:
         workdir = pathlib.Path(tmp)
         storage = workdir / "artifacts"
         storage.mkdir()
         port = free_port()
         load_before = os.getloadavg()[0]
-        with running_api(workdir) as api, operator_process(api, workdir, storage, port) as proc:
+        with running_api(workdir) as api, operator_process(api, workdir, storage, port, profile) as proc:
             api.wait_for(lambda: proc.poll() is not None or api.requests.count(
                 user_agent="kopf", verb="watch", resource="spinruns") > 0, timeout=60)
             if proc.poll() is not None:
@@ -252,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=2, help="SPIN iterations per run")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for all runs to finish")
+    parser.add_argument("--profile", type=pathlib.Path, default=None,
+                        help="run the operator under cProfile and write pstats here (slower: not for the targets)")
     args = parser.parse_args(argv)
-    print(json.dumps(run_benchmark(args.runs, args.iterations, args.timeout)))
+    print(json.dumps(run_benchmark(args.runs, args.iterations, args.timeout, args.profile)))
     return 0
 
 
