@@ -9,6 +9,14 @@ URLs itself (kmock's path parser cannot even read `/api/v1/namespaces`).
 
 Stored objects are never mutated (each write stores a new dict), so watch events and responses
 share them without copies. Everything runs on the server's event loop.
+
+Not emulated: authentication and RBAC (the request log is for checking the chart's rules),
+server-side apply (415) and managedFields, `/openapi/v2` (plain `kubectl apply` needs
+`--validate=false`), admission webhooks, namespace existence on create and a Terminating phase
+for namespaces (their contents are deleted at once), periodic watch bookmarks, Tables for watches,
+controllers (Jobs never run: see job_driver.py), list `resourceVersion` semantics (lists are
+always current), and immediate collection of objects created with an owner that never existed
+(`collect_garbage()` sweeps them, as the real collector eventually does).
 """
 
 from __future__ import annotations
