@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
-from tests.support.executor import Executor, PodContext
+from tests.support.executor import VENV_BIN, Executor, PodContext, PodLaunch
 from tests.support.k8s_emulator import K8sApi
 
 T = TypeVar("T")
@@ -43,6 +43,7 @@ KUBECTL = REPO / ".tools" / "bin" / "kubectl"
 HELM = REPO / ".tools" / "bin" / "helm"
 CHART = REPO / "charts" / "spin-operator"
 EXAMPLE = REPO / "examples" / "04-e2e.yaml"
+STANDIN = Path(__file__).with_name("standin.py")
 RELEASE_NAMESPACE = "spin-system"
 BUCKET = "spin-e2e"
 MODEL_URI = f"s3://{BUCKET}/models/tiny"
@@ -54,7 +55,9 @@ OPERATOR_AGENTS = ("kopf", "spin-operator")
 TERMINAL = ("Succeeded", "Failed")
 
 
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
+def wait_for(
+    probe: Callable[[], T | Literal[False] | None], timeout: float, what: str, interval: float = 0.1
+) -> T:
     """Poll ``probe`` until it returns something truthy; its value is returned.
 
     Polling (not sleeping for a guessed duration): the test ends as soon as the state is reached,
@@ -292,6 +295,28 @@ class Cluster:
                 lines.append("  log: " + pod.log()[-1500:].replace("\n", "\n  "))
         lines.append("operator log:\n" + tail(self.operator.log, 6000))
         return "\n".join(lines)
+
+
+def spinrun_file(directory: Path, name: str = "e2e", **changes: Any) -> Path:
+    """examples/04-e2e.yaml with ``changes`` (dotted paths, e.g. ``spec.iterations=1``, given as
+    ``spec__iterations=1``) written to ``directory/<name>.yaml`` for ``kubectl apply``."""
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"]["name"] = name
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = obj
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))
+    return path
+
+
+def quick_pods(launch: PodLaunch) -> None:
+    """Executor launch hook: run tests/e2e/standin.py (writes the step's artifacts, manifests
+    last, in seconds) instead of the real step; the original argv follows it."""
+    launch.argv = [str(VENV_BIN / "python"), str(STANDIN), *launch.argv]
 
 
 def new_namespace() -> str:
