@@ -38,3 +38,14 @@ def e2e(k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str,
     mlflow_server.start()  # a previous outage test may have left it down
     with harness.cluster(k8s_api, tmp_path, e2e_inputs, mlflow_server.uri) as c:
         yield c
+
+
+@pytest.fixture
+def e2e_quick(k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str,
+              mlflow_server: MlflowServer) -> Iterator[harness.Cluster]:  # fmt: skip
+    """Like ``e2e``, but pods run tests/e2e/standin.py (artifacts in seconds) instead of the real
+    steps: for load and admission tests, where the operator is what is under test."""
+    mlflow_server.start()
+    options = {"launch_hook": harness.quick_pods}
+    with harness.cluster(k8s_api, tmp_path, e2e_inputs, mlflow_server.uri, options) as c:
+        yield c
