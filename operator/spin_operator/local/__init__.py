@@ -1,0 +1,12 @@
+"""Local mode: `spinctl run` and `spinctl demo` run a SPINRun on one machine, no cluster.
+
+The operator's own pure reconciler decides every step; each Job it would create runs here as
+local processes with the same runtime argv (`spin_operator.steps`). Modules:
+
+* `backend`   step attempts as process groups (the local "Jobs"), their exit states, logs;
+* `state`     the status persisted between invocations, so a rerun resumes;
+* `preflight` bad input named by field, before any work starts;
+* `display`   stages, progress bars and per-iteration results on the terminal;
+* `runner`    the loop: observe -> reconcile -> act (`spinctl run`);
+* `demo`      a tiny task and weak SFT model built offline, then run (`spinctl demo`).
+"""

@@ -1,0 +1,209 @@
+"""Bad input caught before any work starts, each problem named by its field.
+
+`spinctl run` fails fast (exit 2) on what would otherwise surface minutes later inside a step:
+a missing or invalid file (every problem `spinctl validate` reports), an unreachable storage or
+tracking URI, a model, tokenizer, chat template or dataset path that does not exist, or a
+backend this machine cannot run. Hub model ids are not checked (they resolve when loaded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spin_operator.api import types as api
+from spin_operator.settings import Settings, resolve_spec
+from spin_operator.steps import RunRef
+from spin_operator.validation import InvalidSpec, parse
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_STORAGE = "spin-runs"
+
+
+class BadInput(Exception):
+    """Input that cannot run; `problems` are `field: why` lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    path: Path
+    run: RunRef
+    spec: api.SPINRunSpec  # storage and tracking resolved
+
+
+def local_defaults(storage_uri: str | None, tracking_uri: str | None) -> Settings:
+    """Where a spec without storage/tracking writes locally: `./spin-runs` and an sqlite MLflow
+    store inside it (absolute, so every child process agrees whatever its directory)."""
+    storage = storage_uri or os.path.abspath(DEFAULT_STORAGE)
+    if tracking_uri is None and not storage.startswith("s3://"):
+        tracking_uri = f"sqlite:///{os.path.abspath(storage)}/mlflow.db"
+    return Settings(storage_uri=storage, mlflow_uri=tracking_uri)
+
+
+def load(path: str | Path, storage_uri: str | None = None, tracking_uri: str | None = None) -> Loaded:
+    """The SPINRun of a YAML file, validated like `spinctl validate`, defaults resolved."""
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except FileNotFoundError:
+        raise BadInput([f"{path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput([f"{path}: cannot read it: {exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise BadInput([f"{path}: not valid YAML: {str(exc).splitlines()[0]}"]) from None
+    if len(docs) != 1:
+        raise BadInput([f"{path}: expected one SPINRun document, found {len(docs)}"])
+    obj: Any = docs[0]
+    try:
+        spec = parse(obj)
+        spec = resolve_spec(spec, local_defaults(storage_uri, tracking_uri))
+    except InvalidSpec as exc:
+        raise BadInput([str(p) for p in exc.problems]) from None
+    meta = obj.get("metadata") or {}
+    namespace = str(meta.get("namespace") or DEFAULT_NAMESPACE)
+    return Loaded(path, RunRef(namespace, str(meta["name"])), spec)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("/", "./", "../", "~", "file://")) or Path(uri).exists()
+
+
+def _local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def _s3_exists(uri: str) -> bool:
+    from spin_runtime import storage
+
+    return storage.exists(uri)
+
+
+def check_path(field: str, uri: str | None, kind: str) -> str | None:
+    """`kind`: "model" (a checkpoint directory), "dir", or "file". None when fine."""
+    if not uri:
+        return None
+    if uri.startswith("s3://"):
+        probe = uri.rstrip("/") + "/config.json" if kind == "model" else uri
+        try:
+            found = _s3_exists(probe)
+        except Exception as exc:
+            return f"{field}: cannot reach {uri}: {type(exc).__name__}: {exc}"
+        return None if found else f"{field}: {probe} does not exist"
+    if not _is_local(uri):
+        return None  # a hub id: resolved (and downloaded) when loaded
+    path = _local(uri)
+    if kind == "file":
+        return None if path.is_file() or path.is_dir() else f"{field}: {uri}: no such file"
+    if not path.is_dir():
+        return f"{field}: {uri}: no such directory"
+    if kind == "model" and not (path / "config.json").is_file():
+        return f"{field}: {uri}: not a Hugging Face checkpoint (no config.json)"
+    return None
+
+
+def check_storage(spec: api.SPINRunSpec) -> str | None:
+    uri = spec.storage.uri or ""
+    if uri.startswith("s3://"):
+        from spin_operator.observe import storage_env
+        from spin_runtime import storage
+
+        bucket, _ = storage.split_s3(uri)
+        previous = storage.configure(attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10)
+        try:
+            with storage_env(spec):
+                storage.s3_client().head_bucket(Bucket=bucket)
+        except Exception as exc:
+            return f"spec.storage.uri: cannot reach bucket {bucket!r}: {type(exc).__name__}: {exc}"
+        finally:
+            storage.configure(**previous.__dict__)
+        return None
+    path = _local(uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"spec.storage.uri: cannot create {uri}: {exc.strerror or exc}"
+    if not os.access(path, os.W_OK):
+        return f"spec.storage.uri: {uri} is not writable"
+    return None
+
+
+def check_tracking(uri: str | None, timeout: float = 5.0) -> str | None:
+    if not uri or uri.startswith("databricks"):
+        return None
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return None
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return None  # something answers (a proxy may guard /health)
+            return f"spec.tracking.uri: {uri} answers {exc.code}"
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return f"spec.tracking.uri: cannot reach {uri}: {reason}"
+    path = Path(uri.removeprefix("sqlite:///").removeprefix("file://"))
+    folder = path.parent if uri.startswith("sqlite:") else path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"spec.tracking.uri: cannot create {folder}: {exc.strerror or exc}"
+    if not os.access(folder, os.W_OK):
+        return f"spec.tracking.uri: {folder} is not writable"
+    return None
+
+
+def check_runnable(spec: api.SPINRunSpec) -> list[str]:
+    """What this machine must have to run the steps at all."""
+    problems = []
+    if importlib.util.find_spec("torch") is None:
+        problems.append("spin_runtime needs torch here: install spin-operator[runtime]")
+    if spec.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        problems.append(
+            "spec.generation.backend: vllm is not installed in this environment "
+            "(use transformers on a CPU-only machine)"
+        )
+    command = spec.evaluation.command
+    if spec.evaluation.enabled and command and command[0] != "python" and shutil.which(command[0]) is None:
+        problems.append(f"spec.evaluation.command[0]: {command[0]!r} is not an executable on PATH")
+    return problems
+
+
+def preflight(loaded: Loaded) -> None:
+    """Raise BadInput listing every problem, or return when the run can start."""
+    spec = loaded.spec
+    problems = check_runnable(spec)
+    for field, uri, kind in (
+        ("spec.model.uri", spec.model.uri, "model"),
+        ("spec.model.tokenizer", spec.model.tokenizer, "dir"),
+        ("spec.model.chatTemplate", spec.model.chat_template, "file"),
+        ("spec.dataset.uri", spec.dataset.uri, "file"),
+    ):
+        if uri and uri.startswith("s3://"):
+            from spin_operator.observe import storage_env
+
+            with storage_env(spec):
+                problem = check_path(field, uri, kind)
+        else:
+            problem = check_path(field, uri, kind)
+        if problem:
+            problems.append(problem)
+    for problem in (check_storage(spec), check_tracking(spec.tracking.uri)):
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise BadInput(problems)

@@ -1,0 +1,219 @@
+"""`spinctl run FILE`: a SPINRun on this machine, decided by the operator's own reconciler.
+
+The loop is the operator's, with local stand-ins for the cluster: observe (local Jobs' exit
+states, storage manifests, the spec recorded at `R/spinrun.yaml`) -> `reconcile` (pure, the very
+function the operator calls) -> act (start or stop process groups with `plan_step`'s argv,
+MLflow calls, the status saved to `R/.local-status.json`). Running the same command again
+resumes: finished steps are known from the saved status and from the manifests in storage.
+
+Exit status: 0 Succeeded, 1 Failed, 2 bad input (before any work), 130 interrupted (Ctrl-C or
+SIGTERM: running steps are stopped, completed work is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from spin_operator.local.preflight import BadInput, Loaded, load, preflight
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="YAML file with one SPINRun")
+    parser.add_argument("--storage-uri", help="artifacts when the spec has no storage.uri (default ./spin-runs)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow when the spec has no tracking.uri (default: sqlite:///<storage>/mlflow.db)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=None, metavar="N",
+        help="generation shards run at once (default: the CPU count; 1 runs them one by one)",
+    )  # fmt: skip
+    parser.add_argument("--cache-dir", default=None, help="model download cache (default ~/.cache/spin)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        loaded = load(args.file, args.storage_uri, args.tracking_uri)
+        preflight(loaded)
+    except BadInput as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return LocalRun(loaded, parallel=args.parallel, cache_dir=args.cache_dir).run()
+
+
+class _Stop(Exception):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def log_dir_for(prefix: str, run_name: str, namespace: str) -> Path:
+    """Pod logs: inside a local run prefix, else under ./.spin-local (S3 prefixes)."""
+    if prefix.startswith("s3://"):
+        return Path(".spin-local", namespace, run_name, "logs").resolve()
+    return Path(prefix.removeprefix("file://"), ".local-logs")
+
+
+class LocalRun:
+    """One invocation of `spinctl run`: loads the saved state, loops until a terminal phase."""
+
+    def __init__(
+        self,
+        loaded: Loaded,
+        *,
+        parallel: int | None = None,
+        cache_dir: str | None = None,
+        poll_interval: float = 0.2,
+        out: Any = None,
+    ) -> None:
+        from spin_operator.local.display import Display
+        from spin_operator.local.tracking import LocalTracking
+        from spin_operator.settings import Settings
+        from spin_operator.steps import layout_of
+
+        self.spec, self.run_ref = loaded.spec, loaded.run
+        self.layout = layout_of(self.spec, self.run_ref)
+        self.settings = Settings(
+            storage_uri=self.spec.storage.uri, mlflow_uri=self.spec.tracking.uri,
+            cache_dir=cache_dir or os.environ.get("SPIN_CACHE_DIR") or os.path.expanduser("~/.cache/spin"),
+        )  # fmt: skip
+        self.parallel = parallel
+        self.poll_interval = poll_interval
+        self.display = Display(self.spec, out=out)
+        self.tracking = LocalTracking(self.spec, self.run_ref)
+        self.state_uri = self.layout.prefix.rstrip("/") + "/.local-status.json"
+        self.log_dir = log_dir_for(self.layout.prefix, self.run_ref.name, self.run_ref.namespace)
+        self.results: list[tuple[str, dict[str, float]]] = []
+
+    # ------------------------------------------------------------------ state
+
+    def _load_state(self) -> Any:
+        from spin_operator.local.state import LocalState
+        from spin_operator.observe import storage_env
+        from spin_runtime import storage
+
+        with storage_env(self.spec):
+            try:
+                return LocalState.from_json(storage.read_text(self.state_uri))
+            except FileNotFoundError:
+                return LocalState()
+
+    def _save(self) -> None:
+        from spin_operator.observe import storage_env
+        from spin_runtime import storage
+
+        self.state.status = self.status
+        self.state.jobs = self.backend.finished()
+        self.state.groups = self.backend.running_groups()
+        try:
+            with storage_env(self.spec):
+                storage.write_text(self.state_uri, self.state.to_json())
+        except OSError as exc:  # the manifests in storage still say what is done
+            log.warning("local status not saved to %s: %s", self.state_uri, exc)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        from spin_operator.local.backend import LocalBackend, stop_group
+        from spin_operator.local.state import stale_groups
+
+        self.state = self._load_state()
+        for group in stale_groups(self.state):
+            self.display.say(f"stopping process group {group} left by an earlier, killed spinctl run")
+            stop_group(group)
+        interrupted = self.state.forget_interrupted(self.run_ref.name)
+        self.status = self.state.status
+        self.run_ref = self.run_ref.__class__(self.run_ref.namespace, self.run_ref.name, self.state.uid)
+        self.tracking.run = self.run_ref
+        self.backend = LocalBackend(self.log_dir, max_parallel=self.parallel, remembered=self.state.jobs)
+        resumed = self.status.spec_hash is not None
+        self.display.header(self.run_ref.name, self.layout.prefix, self.spec.tracking.uri, resumed)
+        if interrupted:
+            self.display.say(f"  restarting interrupted step(s): {', '.join(interrupted)}")
+        self.tracking.prepare()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return self._loop()
+        except (KeyboardInterrupt, _Stop):
+            stopped = self.backend.terminate_all()
+            self._save()
+            what = f" (stopped {', '.join(stopped)})" if stopped else ""
+            self.display.say(f"interrupted{what}; completed work is kept: run the same command to resume")
+            return EXIT_INTERRUPTED
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.tracking.close()
+
+    def _loop(self) -> int:
+        from spin_operator.local.actions import Actor
+
+        actor = Actor(self)
+        backoff = 1.0
+        while True:
+            decision = actor.decide()
+            before = self.status.to_wire()
+            actor.execute(decision)
+            self.status = decision.status
+            if self.status.to_wire() != before or decision.actions:
+                self._save()
+            phase = self.status.phase
+            if phase in ("Succeeded", "Failed"):
+                return self._finish(phase)
+            if phase == "Suspended" and not self.backend.active():
+                self.display.say("spec.suspend is true: nothing runs; set it to false and rerun")
+                return EXIT_OK
+            if not decision.complete:  # storage unreachable for now: try again later
+                self.display.say(f"  waiting {backoff:.0f}s: storage could not be read")
+                time.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+                continue
+            backoff = 1.0
+            self._wait(actor)
+
+    def _wait(self, actor: Any) -> None:
+        """Until some local Job changes state, refreshing progress meanwhile."""
+        while True:
+            if self.backend.poll():
+                actor.report_finished()
+                return
+            if not self.backend.active():
+                return
+            self.display.tick()
+            time.sleep(self.poll_interval)
+
+    def _finish(self, phase: str) -> int:
+        self.display.summary(self.results)
+        message = self.status.message or ""
+        if phase == "Succeeded":
+            self.display.say(f"Succeeded: {message}")
+            return EXIT_OK
+        self.display.say(f"Failed: {message}")
+        logs = sorted(self.log_dir.glob("*.log")) if self.log_dir.is_dir() else []
+        if logs:
+            self.display.say(f"  process logs: {self.log_dir}")
+        return EXIT_FAILED
+
+
+def results_of(text: str) -> dict[str, Any]:
+    """results.json as a dict ({} when unreadable)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -1,0 +1,107 @@
+"""MLflow for local runs: the operator's own `Tracking` calls, made synchronously, plus what a
+local run adds (datasets as run inputs, per-iteration summary metrics on the parent run).
+
+Tracking never fails or stalls a run (the same contract as the operator's): every call returns
+None/False on failure, and after one failure the URI is skipped for a cool-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from spin_operator.api import types as api
+from spin_operator.steps import RunRef
+from spin_operator.track import Tracking
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LocalTracking:
+    def __init__(self, spec: api.SPINRunSpec, run: RunRef, timeout: float = 60.0) -> None:
+        self.spec = spec
+        self.run = run
+        self.uri = spec.tracking.uri
+        self.tracking = Tracking(timeout=timeout)
+        self._tracker: Any = None
+        self._logged: set[tuple[str, str]] = set()
+        # MLflow logs database migrations and such at INFO on its own handler: not for a terminal
+        logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uri)
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run(coro)
+
+    def tracker(self) -> Any:
+        """A direct `spin_runtime.tracking.Tracker` for the calls `Tracking` does not wrap."""
+        if self._tracker is None and self.uri:
+            from spin_runtime.tracking import Tracker
+
+            self._tracker = Tracker(self.uri)
+        return self._tracker
+
+    def prepare(self) -> None:
+        """With an sqlite store, create the experiment with its artifacts beside the database
+        (MLflow's default would be ./mlruns in whatever directory the command ran from)."""
+        if not self.uri or not self.uri.startswith("sqlite:///"):
+            return
+        name = self.spec.tracking.experiment or self.run.namespace
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.uri.removeprefix("sqlite:///"))), "mlartifacts")
+        try:
+            client = self.tracker().client
+            if client.get_experiment_by_name(name) is None:
+                client.create_experiment(name, artifact_location=folder)
+        except Exception as exc:  # tracking never fails a run
+            log.warning("MLflow experiment %s not prepared: %s", name, exc)
+
+    def ensure_parent(self) -> api.MlflowStatus | None:
+        return self._sync(self.tracking.ensure_parent(self.spec, self.run))
+
+    def ensure_iteration(self, parent: str, t: int) -> str | None:
+        return self._sync(self.tracking.ensure_iteration(self.spec, parent, t))
+
+    def register(self, run_id: str, t: int, model_uri: str, metrics: dict[str, float]) -> str | None:
+        return self._sync(self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics))
+
+    def finish(self, run_id: str, status: str) -> bool:
+        return self._sync(self.tracking.finish(self.spec, run_id, status))
+
+    def log_dataset(self, run_id: str, name: str, uri: str, digest: str, context: str) -> None:
+        key = (run_id, name)
+        if key in self._logged:
+            return
+        try:
+            if self.tracker().log_dataset(run_id, name, uri, digest, context=context):
+                self._logged.add(key)
+        except Exception as exc:
+            log.warning("MLflow dataset %s not logged: %s", name, exc)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        try:
+            self.tracker().log_metrics(run_id, dict(metrics), step=step)
+        except Exception as exc:
+            log.warning("MLflow metrics not logged: %s", exc)
+
+    def close(self) -> None:
+        self.tracking.close()
+
+
+def file_digest(uri: str) -> str:
+    """sha256 of a dataset file (local or s3://), as its identity in MLflow."""
+    from spin_runtime import storage
+
+    if storage.is_s3(uri):
+        return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    digest = hashlib.sha256()
+    with open(storage.local_path(uri), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
