@@ -1,24 +1,26 @@
 """Training step cost on one CPU machine: this trainer vs a bare step vs TRL's DPOTrainer.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 12] [--warmup 3] [--threads 1]
+    .venv/bin/python benchmarks/train_step.py [--steps 15] [--warmup 3] [--threads 1]
 
 One tiny Llama (~3 M params, tiny.DEMO), one batch of 8 pairs = 16 sequences x 128 tokens
-(8 real + 8 generated, no padding), the same tokens for everyone, AdamW lr 1e-5, constant
-schedule, beta 0.1, sigmoid loss, max grad norm 1, fp32. Each contender runs in its own
-subprocess (so peak RSS is its own) and reports the wall time between consecutive optimizer
-steps (data collation, forward, backward, clipping, optimizer, logging: whatever the contender
-does per step); the medians are printed as ONE JSON line:
+(8 real + 8 generated, no padding), the same tokens for everyone (checked by digest), fused
+AdamW (transformers' default) lr 1e-5, constant schedule, beta 0.1, sigmoid loss, max grad norm 1, fp32. Each contender runs
+in its own process (so its peak RSS is its own) and times whole optimizer steps: data
+collation, forward, backward, clipping, optimizer, logging, whatever it does per step. Steps
+are interleaved: the parent runs one step of each contender in turn while the others wait, so
+a change of load on a shared machine hits all of them alike. Medians, as ONE JSON line:
 
-* ``spin_step_s``: :func:`spin_runtime.train.loop.train_step`, the trainer's own step (reference
-  log-probs precomputed once by the trainer before its first step, as in a real run);
-* ``floor_step_s``: forward + cross-entropy + backward + ``optimizer.step`` over the same tokens,
-  nothing else (no reference, no clipping, no logging);
-* ``trl_step_s``: TRL ``DPOTrainer`` with ``precompute_ref_log_probs=False`` (a second,
-  frozen model runs a forward every step), ``trl_precompute_step_s`` with ``True``.
+* ``spin_step_s``: :func:`spin_runtime.train.loop.train_step`, the trainer's own step, logging
+  included (reference log-probs computed once by the trainer before its first step, as in a
+  real run; that pass is reported separately as ``spin_reference_pass_s``);
+* ``floor_step_s``: forward + cross-entropy + backward + ``optimizer.step`` over the same 16
+  sequences, nothing else (no reference, no clipping, no logging);
+* ``trl_step_s``: TRL ``DPOTrainer`` with ``precompute_ref_log_probs=False`` (a frozen copy
+  of the model runs a forward every step), ``trl_precompute_step_s`` with ``True``.
 
 Targets: ``spin_step_s <= 1.10 * floor_step_s`` and ``trl_precompute_step_s >= 1.3 *
 spin_step_s``. ``--threads`` sets torch's intra-op threads in every contender (1 by default:
-steadier on a shared machine; torchrun uses 1 per process too).
+steadier on a shared machine; torchrun also runs 1 per process).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 
 PAIRS, SEQ_LEN, PROMPT_WORDS, ANSWER_WORDS = 8, 128, 48, 100
+CONTENDERS = ("spin", "floor", "trl", "trl_precompute")
 BETA, LR, MAX_GRAD_NORM = 0.1, 1e-5, 1.0
 
 
@@ -69,7 +72,10 @@ def _texts(seed: int) -> list[dict[str, str]]:
     ]
 
 
-def _token_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> list[tuple[list[int], ...]]:
+TokenPair = tuple[list[int], list[int], list[int]]
+
+
+def _token_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> list[TokenPair]:
     """(prompt, real, generated) ids as TRL builds them for plain text (prompt, then prompt +
     answer + EOS, answer = the difference) and cut to SEQ_LEN tokens like its collator."""
     out = []
@@ -79,32 +85,49 @@ def _token_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> list[tuple[list[
         for key in ("chosen", "rejected"):
             full = tokenizer(row["prompt"] + row[key] + tokenizer.eos_token)["input_ids"]
             assert full[: len(prompt)] == prompt, "prompt is not a token prefix"
-            answers.append(full[len(prompt) : SEQ_LEN])
-        out.append((prompt, answers[0], answers[1]))
+            answers.append(list(full[len(prompt) : SEQ_LEN]))
+        out.append((list(prompt), answers[0], answers[1]))
     return out
 
 
-def _digest(pairs: list[tuple[list[int], ...]]) -> str:
+def _digest(pairs: list[TokenPair]) -> str:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
 
 
-def _timed(steps: int, warmup: int, step: Any) -> list[float]:
-    """Seconds between consecutive step completions, after ``warmup`` steps."""
-    times, last = [], time.perf_counter()
-    for i in range(warmup + steps):
+class Conductor:
+    """The child side of the step protocol: the parent says when to run each measured step
+    (one contender at a time); the child answers with the seconds it took. Protocol lines are
+    prefixed ``@@`` on stdout, anything else there is ignored."""
+
+    def send(self, payload: dict[str, Any]) -> None:
+        sys.stdout.write("@@" + json.dumps(payload) + "\n")
+        sys.stdout.flush()
+
+    def wait(self) -> str:
+        return sys.stdin.readline().strip()
+
+
+def _serve(warmup: int, step: Any, summary: Any) -> None:
+    """``warmup`` unmeasured steps, then one measured step per ``step`` command; ``summary()``
+    answers the final ``done``."""
+    conductor = Conductor()
+    for i in range(warmup):
         step(i)
-        now = time.perf_counter()
-        if i >= warmup:
-            times.append(now - last)
-        last = now
-    return times
+    conductor.send({"ready": True})
+    i = warmup
+    while conductor.wait() == "step":
+        t0 = time.perf_counter()
+        step(i)
+        conductor.send({"t": time.perf_counter() - t0})
+        i += 1
+    conductor.send(summary())
 
 
 # ---------------------------------------------------------------------------------------------
 # contenders (each in its own process)
 
 
-def part_spin(model_dir: str, steps: int, warmup: int) -> dict[str, Any]:
+def part_spin(model_dir: str, warmup: int) -> None:
     import numpy as np
 
     from spin_runtime import models
@@ -144,17 +167,18 @@ def part_spin(model_dir: str, steps: int, warmup: int) -> dict[str, Any]:
         if i == 0:
             first.update(values)
 
-    times = _timed(steps, warmup, step)
-    return {
-        "times": times,
-        "reference_s": reference_s,
-        "first_loss": first["loss"],
-        "tokens": _digest(token_pairs),
-        "rss": _peak_rss_mb(),
-    }
+    def summary() -> dict[str, Any]:
+        return {
+            "reference_s": reference_s,
+            "first_loss": first["loss"],
+            "tokens": _digest(token_pairs),
+            "rss": _peak_rss_mb(),
+        }
+
+    _serve(warmup, step, summary)
 
 
-def part_floor(model_dir: str, steps: int, warmup: int) -> dict[str, Any]:
+def part_floor(model_dir: str, warmup: int) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -169,21 +193,22 @@ def part_floor(model_dir: str, steps: int, warmup: int) -> dict[str, Any]:
         for i, (p, r, g) in enumerate(token_pairs)
     ]
     model = models.load_model(model_dir, "float32", "cpu").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
 
     def step(i: int) -> None:
         batch = batches.collate(pairs, pairs[0], int(tokenizer.pad_token_id))
+        labels = torch.full((batch.input_ids.numel(),), -100, dtype=torch.long)
+        labels[batch.scored.positions] = batch.scored.targets  # the answer tokens, shifted
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = _timed(steps, warmup, step)
-    return {"times": times, "tokens": _digest(token_pairs), "rss": _peak_rss_mb()}
+    _serve(warmup, step, lambda: {"tokens": _digest(token_pairs), "rss": _peak_rss_mb()})
 
 
-def part_trl(model_dir: str, steps: int, warmup: int, precompute: bool) -> dict[str, Any]:
+def part_trl(model_dir: str, steps: int, warmup: int, precompute: bool) -> None:
     import datasets
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -193,17 +218,28 @@ def part_trl(model_dir: str, steps: int, warmup: int, precompute: bool) -> dict[
     tokenizer = models.load_tokenizer(model_dir)
     rows = _texts(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    stamps: list[float] = []
+    conductor = Conductor()
+    started = [0.0]
 
     class Clock(TrainerCallback):  # type: ignore[misc]
+        """A measured step runs from the parent's command, taken at the end of the previous
+        step, to the end of this one: logging, next batch, forward, backward, optimizer."""
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            stamps.append(time.perf_counter())
+            if state.global_step > warmup:
+                conductor.send({"t": time.perf_counter() - started[0]})
+            elif state.global_step == warmup:
+                conductor.send({"ready": True})
+            if state.global_step >= warmup:
+                if conductor.wait() != "step":
+                    control.should_training_stop = True
+                started[0] = time.perf_counter()
 
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PAIRS,
         gradient_accumulation_steps=1, max_steps=warmup + steps + 1, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch", beta=BETA, loss_type=["sigmoid"],
+        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch_fused", beta=BETA, loss_type=["sigmoid"],
         max_length=SEQ_LEN, truncation_mode="keep_start",
         precompute_ref_log_probs=precompute, use_cpu=True, bf16=False, fp16=False,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -216,42 +252,62 @@ def part_trl(model_dir: str, steps: int, warmup: int, precompute: bool) -> dict[
         processing_class=tokenizer,
         callbacks=[Clock()],
     )
-    seen = [
+    dataset: Any = trainer.train_dataset
+    seen: list[TokenPair] = [
         (
             list(r["prompt_ids"]),
             list(r["chosen_ids"])[: SEQ_LEN - len(r["prompt_ids"])],
             list(r["rejected_ids"])[: SEQ_LEN - len(r["prompt_ids"])],
         )
-        for r in trainer.train_dataset
+        for r in dataset
     ]
     trainer.train()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"times": gaps[warmup:], "tokens": _digest(seen), "rss": _peak_rss_mb()}
+    conductor.send({"tokens": _digest(seen), "rss": _peak_rss_mb()})
 
 
 # ---------------------------------------------------------------------------------------------
+# the parent
 
 
-def _run_part(name: str, model_dir: str, opts: argparse.Namespace) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), TQDM_DISABLE="1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    cmd = [
-        sys.executable, __file__, "--part", name, "--model-dir", model_dir,
-        "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--threads", str(opts.threads),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+class Contender:
+    """A contender's process, driven step by step (see :class:`Conductor`)."""
+
+    def __init__(self, name: str, model_dir: str, opts: argparse.Namespace) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), TQDM_DISABLE="1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("HF_DATASETS_OFFLINE", "1")
+        cmd = [
+            sys.executable, __file__, "--part", name, "--model-dir", model_dir,
+            "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+            "--threads", str(opts.threads),
+        ]  # fmt: skip
+        self.name = name
+        self.times: list[float] = []
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+
+    def receive(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return dict(json.loads(line[2:]))
+        raise SystemExit(f"{self.name} exited with {self.proc.wait()}: rerun its --part to debug")
+
+    def command(self, word: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+        return self.receive()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="measured steps per contender")
+    parser.add_argument("--steps", type=int, default=15, help="measured steps per contender")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured first steps")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     opts = parser.parse_args()
 
@@ -261,14 +317,11 @@ def main() -> None:
         torch.set_num_threads(opts.threads)
         torch.manual_seed(0)
         if opts.part == "spin":
-            result = part_spin(opts.model_dir, opts.steps, opts.warmup)
+            part_spin(opts.model_dir, opts.warmup)
         elif opts.part == "floor":
-            result = part_floor(opts.model_dir, opts.steps, opts.warmup)
+            part_floor(opts.model_dir, opts.warmup)
         else:
-            result = part_trl(
-                opts.model_dir, opts.steps, opts.warmup, opts.part == "trl_precompute"
-            )
-        print(json.dumps(result))
+            part_trl(opts.model_dir, opts.steps, opts.warmup, opts.part == "trl_precompute")
         return
 
     from spin_runtime import tiny
@@ -279,48 +332,42 @@ def main() -> None:
         model = tiny.make_model(tokenizer, tiny.DEMO, seed=0)
         params = tiny.num_parameters(model)
         model_dir = str(tiny.save_tiny(Path(tmp) / "model", tokenizer, model))
-        results = {
-            name: _run_part(name, model_dir, opts)
-            for name in ("spin", "floor", "trl", "trl_precompute")
-        }
+        contenders = [Contender(name, model_dir, opts) for name in CONTENDERS]
+        for c in contenders:
+            c.receive()  # set up and warmed up (the others wait meanwhile)
+        for r in range(opts.steps):  # one step of each in turn, the order rotating
+            for c in contenders[r % 4 :] + contenders[: r % 4]:
+                c.times.append(float(c.command("step")["t"]))
+        results = {c.name: {**c.command("done"), "times": c.times} for c in contenders}
+        for c in contenders:
+            c.proc.wait()
 
     digests = {name: r["tokens"] for name, r in results.items()}
     if len(set(digests.values())) != 1:
         raise SystemExit(f"contenders saw different tokens: {digests}")
     med = {name: statistics.median(r["times"]) for name, r in results.items()}
     spin, floor = med["spin"], med["floor"]
-    print(
-        json.dumps(
-            {
-                "spin_step_s": round(spin, 4),
-                "floor_step_s": round(floor, 4),
-                "trl_step_s": round(med["trl"], 4),
-                "trl_precompute_step_s": round(med["trl_precompute"], 4),
-                "spin_peak_rss_mb": round(results["spin"]["rss"], 1),
-                "trl_peak_rss_mb": round(results["trl"]["rss"], 1),
-                "trl_precompute_peak_rss_mb": round(results["trl_precompute"]["rss"], 1),
-                "spin_vs_floor": round(spin / floor, 3),
-                "trl_precompute_vs_spin": round(med["trl_precompute"] / spin, 3),
-                "spin_reference_pass_s": round(results["spin"]["reference_s"], 4),
-                "spin_first_loss": round(results["spin"]["first_loss"], 7),
-                "settings": {
-                    "params": params,
-                    "pairs": PAIRS,
-                    "sequences": 2 * PAIRS,
-                    "seq_len": SEQ_LEN,
-                    "beta": BETA,
-                    "lr": LR,
-                    "optimizer": "adamw",
-                    "max_grad_norm": MAX_GRAD_NORM,
-                    "dtype": "float32",
-                    "threads": opts.threads,
-                    "steps": opts.steps,
-                    "warmup": opts.warmup,
-                    "tokens_sha256": digests["spin"],
-                },
-            }  # fmt: skip
-        )
-    )
+    settings = {
+        "params": params, "pairs": PAIRS, "sequences": 2 * PAIRS, "seq_len": SEQ_LEN,
+        "beta": BETA, "lr": LR, "optimizer": "adamw", "max_grad_norm": MAX_GRAD_NORM,
+        "dtype": "float32", "threads": opts.threads, "steps": opts.steps,
+        "warmup": opts.warmup, "tokens_sha256": digests["spin"],
+    }  # fmt: skip
+    line = {
+        "spin_step_s": round(spin, 4),
+        "floor_step_s": round(floor, 4),
+        "trl_step_s": round(med["trl"], 4),
+        "trl_precompute_step_s": round(med["trl_precompute"], 4),
+        "spin_peak_rss_mb": round(results["spin"]["rss"], 1),
+        "trl_peak_rss_mb": round(results["trl"]["rss"], 1),
+        "trl_precompute_peak_rss_mb": round(results["trl_precompute"]["rss"], 1),
+        "spin_vs_floor": round(spin / floor, 3),
+        "trl_precompute_vs_spin": round(med["trl_precompute"] / spin, 3),
+        "spin_reference_pass_s": round(results["spin"]["reference_s"], 4),
+        "spin_first_loss": round(results["spin"]["first_loss"], 7),
+        "settings": settings,
+    }
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

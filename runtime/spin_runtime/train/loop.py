@@ -128,7 +128,8 @@ class TrainConfig:
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """RMSprop (the paper's) or AdamW; biases and norm weights (1-D) are never decayed."""
+    """RMSprop (the paper's) or AdamW (fused kernel, as transformers' default); biases and norm
+    weights (1-D) are never decayed."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -137,7 +138,7 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.learning_rate, alpha=0.99, eps=1e-8)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
