@@ -260,3 +260,42 @@ def test_records_are_valid_json_lines_with_iteration(
     lines = (out / "shard-00000-of-00001.jsonl").read_text().splitlines()
     assert all(json.loads(line)["iteration"] == 2 for line in lines)
     assert len(lines) == EVAL + TRAIN
+
+
+def test_everything_on_s3(
+    tiny_model_dir, tiny_dataset_path, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """Model (through the digest-keyed cache), dataset and output all on S3, as in a cluster."""
+    from spin_runtime import storage
+
+    monkeypatch.setenv("SPIN_CACHE_DIR", str(tmp_path / "cache"))
+    model_uri = f"{s3_bucket}/models/tiny"
+    manifest.write_dir_artifact(tiny_model_dir, model_uri, "model")
+    dataset_uri = f"{s3_bucket}/data/sft.jsonl"
+    storage.upload_file(tiny_dataset_path, dataset_uri)
+    out = f"{s3_bucket}/run/iter-000/generated"
+    flags = [
+        "--eval-samples",
+        "2",
+        "--max-samples",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ]
+    code = cli.main(
+        ["generate", "--model", model_uri, "--dataset", dataset_uri, "--output", out, *flags]
+    )
+    assert code == 0
+    recs = records.read_generated(out)
+    assert len(recs) == 6 and recs[0]["split"] == "eval"
+    assert list((tmp_path / "cache").iterdir())  # the model came through the cache
+
+    local = tmp_path / "local"
+    code = cli.main(["generate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_path),
+                     "--output", str(local), *flags])  # fmt: skip
+    assert code == 0
+    assert [r["generated"] for r in records.read_generated(str(local))] == [
+        r["generated"] for r in recs
+    ]
