@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from typing import Any
 
 import celpy
@@ -72,7 +73,11 @@ def admission_errors(obj: dict[str, Any]) -> list[str]:
     defaulted = apply_defaults(schema, obj)
     for err in jsonschema.Draft4Validator(schema).iter_errors(defaulted):
         path = ".".join(str(p) for p in err.absolute_path)
-        errors.append(f"{path}: Invalid value: {err.message}")
+        missing = re.fullmatch(r"'(.+)' is a required property", err.message)
+        if err.validator == "required" and missing:  # as Kubernetes: the missing field's own path
+            errors.append(f"{path + '.' if path else ''}{missing.group(1)}: Required value")
+        else:
+            errors.append(f"{path}: Invalid value: {err.message}")
     if not errors:  # the API server evaluates CEL only on schema-valid objects
         errors += _cel_errors(schema, defaulted, "")
     return errors
