@@ -115,12 +115,17 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(kept[-lines:])
 
 
-def stop_group(pgid: int, grace: float = TERMINATE_GRACE_S) -> None:
-    """SIGTERM a process group, then SIGKILL whatever is left after `grace` seconds."""
+def stop_group(pgid: int, grace: float = TERMINATE_GRACE_S, leader: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left after `grace` seconds. `leader`,
+    our own child, is reaped meanwhile (a zombie would keep the group "alive")."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and group_alive(pgid):
+    while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
+        if not group_alive(pgid):
+            break
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -230,7 +235,7 @@ class LocalBackend:
     def _stop_pods(self, job: LocalJob, grace: float) -> None:
         for pod in job.pods:
             if pod.running and pod.proc is not None:
-                stop_group(pod.proc.pid, grace)
+                stop_group(pod.proc.pid, grace, pod.proc)
                 pod.returncode = pod.proc.wait()
 
     def terminate(self, name: str, grace: float = TERMINATE_GRACE_S, reason: str = "Stopped") -> None:

@@ -45,11 +45,12 @@ class Loaded:
 
 def local_defaults(storage_uri: str | None, tracking_uri: str | None) -> Settings:
     """Where a spec without storage/tracking writes locally: `./spin-runs` and an sqlite MLflow
-    store inside it (absolute, so every child process agrees whatever its directory)."""
+    store inside it (absolute, so every child process agrees whatever its directory).
+    `tracking_uri=""` means no tracking unless the spec names one."""
     storage = storage_uri or os.path.abspath(DEFAULT_STORAGE)
     if tracking_uri is None and not storage.startswith("s3://"):
         tracking_uri = f"sqlite:///{os.path.abspath(storage)}/mlflow.db"
-    return Settings(storage_uri=storage, mlflow_uri=tracking_uri)
+    return Settings(storage_uri=storage, mlflow_uri=tracking_uri or None)
 
 
 def load(path: str | Path, storage_uri: str | None = None, tracking_uri: str | None = None) -> Loaded:

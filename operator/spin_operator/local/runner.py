@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri",
         help="MLflow when the spec has no tracking.uri (default: sqlite:///<storage>/mlflow.db)",
     )
+    parser.add_argument("--no-tracking", action="store_true", help="no MLflow unless the spec names a tracking.uri")
     parser.add_argument(
         "--parallel", type=int, default=None, metavar="N",
         help="generation shards run at once (default: the CPU count; 1 runs them one by one)",
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        loaded = load(args.file, args.storage_uri, args.tracking_uri)
+        loaded = load(args.file, args.storage_uri, "" if args.no_tracking else args.tracking_uri)
         preflight(loaded)
     except BadInput as exc:
         for problem in exc.problems:
@@ -81,6 +82,7 @@ class LocalRun:
         cache_dir: str | None = None,
         poll_interval: float = 0.2,
         out: Any = None,
+        python: str = sys.executable,
     ) -> None:
         from spin_operator.local.display import Display
         from spin_operator.local.tracking import LocalTracking
@@ -94,6 +96,7 @@ class LocalRun:
             cache_dir=cache_dir or os.environ.get("SPIN_CACHE_DIR") or os.path.expanduser("~/.cache/spin"),
         )  # fmt: skip
         self.parallel = parallel
+        self.python = python
         self.poll_interval = poll_interval
         self.display = Display(self.spec, out=out)
         self.tracking = LocalTracking(self.spec, self.run_ref)
@@ -141,7 +144,9 @@ class LocalRun:
         self.status = self.state.status
         self.run_ref = self.run_ref.__class__(self.run_ref.namespace, self.run_ref.name, self.state.uid)
         self.tracking.run = self.run_ref
-        self.backend = LocalBackend(self.log_dir, max_parallel=self.parallel, remembered=self.state.jobs)
+        self.backend = LocalBackend(
+            self.log_dir, max_parallel=self.parallel, remembered=self.state.jobs, python=self.python
+        )
         resumed = self.status.spec_hash is not None
         self.display.header(self.run_ref.name, self.layout.prefix, self.spec.tracking.uri, resumed)
         if interrupted:

@@ -1,0 +1,79 @@
+"""Helpers shared by the local-mode tests: spec files and the fake runtime interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FAKE = Path(__file__).with_name("local_fake_runtime.py")
+
+
+def fake_python(directory: Path) -> str:
+    """An executable that stands where `python` would in the steps' argv and runs the fake
+    runtime instead of spin_runtime."""
+    path = directory / "fake-python"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_spec(directory: Path, name: str = "local-test", **spec: Any) -> Path:
+    """A SPINRun file whose model and dataset exist (a config.json, one JSONL row); `spec`
+    overrides nested fields, e.g. `training={"beta": 2.0}`."""
+    model = directory / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text("{}")
+    data = directory / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    base = {
+        "model": {"uri": str(model)},
+        "dataset": {"uri": str(data), "evalSamples": 1},
+        "iterations": 2,
+        "generation": {"backend": "transformers", "gpusPerReplica": 0},
+        "training": {"gpusPerNode": 0, "globalBatchSize": 2, "microBatchSize": 1},
+        "evaluation": {"gpus": 0},
+        "storage": {"uri": str(directory / "artifacts")},
+        "failurePolicy": {"maxRetries": 1},
+    }
+    doc = {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name},
+           "spec": merge(base, spec)}  # fmt: skip
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def calls(path: Path) -> list[dict[str, Any]]:
+    """The fake runtime's invocation records."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def steps(path: Path) -> list[tuple[str, int]]:
+    return [(c["stage"], c["iteration"]) for c in calls(path) if c["stage"] != "hang"]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def env_without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}

@@ -1,0 +1,207 @@
+"""`spinctl run`'s loop with a fake runtime: the operator's steps in order, retries, exit codes,
+Ctrl-C and resume (the real runtime runs in test_local_e2e.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spin_operator.local.preflight import load
+from spin_operator.local.runner import LocalRun
+from spin_operator.local.state import STATE_NAME
+from tests.spin_operator.local_support import calls, fake_python, pid_alive, steps, write_spec
+
+PREFIX = ("artifacts", "default")
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(record))
+    for knob in ("FAKE_FAIL", "FAKE_HANG"):
+        monkeypatch.delenv(knob, raising=False)
+    return fake_python(tmp_path), record
+
+
+def run_local(spec: Path, python: str) -> tuple[int, str]:
+    out = io.StringIO()
+    loaded = load(spec, tracking_uri="")
+    code = LocalRun(loaded, python=python, poll_interval=0.02, out=out).run()
+    return code, out.getvalue()
+
+
+def state_of(tmp_path: Path, name: str = "local-test") -> dict:
+    return json.loads(tmp_path.joinpath(*PREFIX, name, STATE_NAME).read_text())
+
+
+def test_runs_the_operators_steps_in_order_with_the_runtime_argv(tmp_path: Path, fake: tuple[str, Path]) -> None:
+    python, record = fake
+    spec = write_spec(tmp_path, generation={"replicas": 2})
+    code, out = run_local(spec, python)
+    assert code == 0, out
+    order = steps(record)
+    assert sorted(order[:2]) == [("generate", 0)] * 2  # two shards
+    assert order[2:] == [("train", 0), ("evaluate", 0), ("generate", 1), ("generate", 1), ("train", 1), ("evaluate", 1)]
+    gens = [c for c in calls(record) if c["stage"] == "generate" and c["iteration"] == 0]
+    assert sorted(c["env"]["JOB_COMPLETION_INDEX"] for c in gens) == ["0", "1"]
+    assert {c["env"]["SPIN_NUM_SHARDS"] for c in gens} == {"2"}
+    train1 = next(c for c in calls(record) if c["stage"] == "train" and c["iteration"] == 1)
+    data = [train1["argv"][i + 1] for i, a in enumerate(train1["argv"]) if a == "--data"]
+    prefix = str(tmp_path.joinpath(*PREFIX, "local-test"))
+    assert data == [f"{prefix}/iter-001/generated", f"{prefix}/iter-000/generated"]  # mixed in
+    evaluate0 = next(c for c in calls(record) if c["stage"] == "evaluate")
+    assert "--baseline-model" in evaluate0["argv"]
+    status = state_of(tmp_path)["status"]
+    assert status["phase"] == "Succeeded" and status["progress"] == "2/2"
+    assert status["iterations"][1]["metrics"]["exact_match"] == 0.5
+    assert "θ2" in out and "0.500" in out and "Succeeded" in out  # the results table
+
+
+def test_rerun_of_a_finished_run_redoes_nothing_even_without_its_status(tmp_path: Path, fake: tuple[str, Path]) -> None:
+    python, record = fake
+    spec = write_spec(tmp_path, iterations=1)
+    assert run_local(spec, python)[0] == 0
+    first = steps(record)
+    assert run_local(spec, python)[0] == 0
+    assert steps(record) == first
+    tmp_path.joinpath(*PREFIX, "local-test", STATE_NAME).unlink()
+    code, out = run_local(spec, python)
+    assert code == 0
+    assert steps(record) == first  # found complete in storage (manifests), not redone
+    assert "found complete in storage" in out
+
+
+def test_failed_step_is_retried_then_fails_the_run(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    python, record = fake
+    monkeypatch.setenv("FAKE_FAIL", "train:0")
+    code, out = run_local(write_spec(tmp_path, iterations=1), python)
+    assert code == 1
+    assert steps(record) == [("generate", 0), ("train", 0), ("train", 0)]  # maxRetries 1
+    assert "injected failure" in out and "Failed:" in out
+    assert state_of(tmp_path)["status"]["phase"] == "Failed"
+
+
+def test_transient_failure_recovers_on_retry(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    python, record = fake
+    monkeypatch.setenv("FAKE_FAIL", "generate:0:1")
+    code, out = run_local(write_spec(tmp_path, iterations=1), python)
+    assert code == 0, out
+    assert steps(record)[:2] == [("generate", 0), ("generate", 0)]
+    assert state_of(tmp_path)["status"]["iterations"][0]["generate"]["jobName"] == "local-test-i0-gen-r1"
+
+
+RUNNER = """
+import sys
+from spin_operator.local.preflight import load
+from spin_operator.local.runner import LocalRun
+sys.exit(LocalRun(load(sys.argv[1], tracking_uri=""), python=sys.argv[2], poll_interval=0.02).run())
+"""
+
+
+def _start_runner(spec: Path, python: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(spec), python], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def _wait_for_hang(record: Path, runner: subprocess.Popen[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hung = [c for c in calls(record) if c["stage"] == "hang"]
+        if hung:
+            return hung[0]
+        assert runner.poll() is None, runner.stdout.read() if runner.stdout else ""
+        time.sleep(0.05)
+    raise TimeoutError("the step never started")
+
+
+def test_ctrl_c_stops_process_groups_keeps_work_and_a_rerun_resumes(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    python, record = fake
+    spec = write_spec(tmp_path, iterations=1)
+    monkeypatch.setenv("FAKE_HANG", "train:0")
+    runner = _start_runner(spec, python, tmp_path)
+    hung = _wait_for_hang(record, runner)
+    runner.send_signal(signal.SIGINT)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 130, out
+    assert "interrupted" in out and "resume" in out
+    assert not pid_alive(hung["pid"]) and not pid_alive(hung["child"])  # the whole group
+    step = state_of(tmp_path)["status"]["iterations"][0]["train"]
+    assert step["attempts"] == 1  # saved as it was; set back when loaded
+    monkeypatch.delenv("FAKE_HANG")
+    code, out = run_local(spec, python)
+    assert code == 0, out
+    assert steps(record) == [("generate", 0), ("train", 0), ("train", 0), ("evaluate", 0)]
+    status = state_of(tmp_path)["status"]["iterations"][0]
+    assert status["train"]["jobName"] == "local-test-i0-train"  # same attempt, no retry used
+    assert status["train"]["attempts"] == 1
+    assert "restarting interrupted step(s): local-test-i0-train" in out
+
+
+def test_groups_left_by_a_killed_runner_are_stopped_before_resuming(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    python, record = fake
+    spec = write_spec(tmp_path, iterations=1)
+    monkeypatch.setenv("FAKE_HANG", "train:0")
+    runner = _start_runner(spec, python, tmp_path)
+    hung = _wait_for_hang(record, runner)
+    time.sleep(0.3)  # the runner saves its state (with the live group) right after starting it
+    runner.kill()
+    runner.wait(timeout=30)
+    assert pid_alive(hung["pid"])  # its own session: it outlives the runner
+    monkeypatch.delenv("FAKE_HANG")
+    code, out = run_local(spec, python)
+    assert code == 0, out
+    assert not pid_alive(hung["pid"]) and not pid_alive(hung["child"])
+    assert f"stopping process group {hung['pid']}" in out
+
+
+def test_changing_an_immutable_field_mid_run_is_refused_and_the_run_goes_on(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    python, record = fake
+    monkeypatch.setenv("FAKE_HANG", "train:0")
+    runner = _start_runner(write_spec(tmp_path, iterations=1, training={"beta": 1.5}), python, tmp_path)
+    _wait_for_hang(record, runner)
+    runner.send_signal(signal.SIGINT)
+    runner.communicate(timeout=60)
+    monkeypatch.delenv("FAKE_HANG")
+    code, out = run_local(write_spec(tmp_path, iterations=1, training={"beta": 3.0}), python)
+    assert code == 0, out
+    assert "spec.training.beta: cannot change after the run started" in out
+    trains = [c["argv"] for c in calls(record) if c["stage"] == "train"]
+    assert [a[a.index("--beta") + 1] for a in trains] == ["1.5", "1.5"]
+
+
+def test_a_failed_run_stays_failed_on_rerun(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    python, record = fake
+    monkeypatch.setenv("FAKE_FAIL", "train:0")
+    spec = write_spec(tmp_path, iterations=1, failurePolicy={"maxRetries": 0})
+    assert run_local(spec, python)[0] == 1
+    monkeypatch.delenv("FAKE_FAIL")
+    code, out = run_local(spec, python)
+    assert code == 1 and "Failed:" in out
+    assert steps(record) == [("generate", 0), ("train", 0)]
+
+
+def test_suspended_spec_runs_nothing(tmp_path: Path, fake: tuple[str, Path]) -> None:
+    python, record = fake
+    code, out = run_local(write_spec(tmp_path, suspend=True), python)
+    assert code == 0 and "suspend" in out
+    assert steps(record) == []
+
+
+def test_spinctl_run_exit_codes(tmp_path: Path) -> None:
+    """Through the console script: bad input is 2 with the field named, before any work."""
+    spinctl = Path(sys.executable).with_name("spinctl")
+    bad = write_spec(tmp_path, training={"beta": -1})
+    proc = subprocess.run([str(spinctl), "run", str(bad)], capture_output=True, text=True, env=os.environ)
+    assert proc.returncode == 2
+    assert "spec.training.beta" in proc.stderr
+    assert not tmp_path.joinpath("artifacts").exists()
