@@ -89,9 +89,17 @@ class TransformersBackend:
             raise ValueError("one token budget per prompt")
         torch.manual_seed(params.seed)
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        # Prompts whose budget was capped by the context run alone: in a shared batch the
+        # longest prompt would be driven past the context by its batch-mates' larger budgets.
+        # All other prompts share one budget and fit, however they are batched.
+        top = max(max_tokens, default=0)
+        alone = [[i] for i in order if max_tokens[i] < top]
+        shared = [i for i in order if max_tokens[i] == top]
+        batches = alone + [
+            shared[k : k + self.batch_size] for k in range(0, len(shared), self.batch_size)
+        ]
         results: list[Completion | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for batch in batches:
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
