@@ -299,3 +299,15 @@ def test_everything_on_s3(
     assert [r["generated"] for r in records.read_generated(str(local))] == [
         r["generated"] for r in recs
     ]
+
+
+def test_cli_parser_is_light() -> None:
+    """Parsing generate/evaluate arguments (and ``--help``) imports no torch, transformers or vLLM."""
+    code = (
+        "import argparse, sys; from spin_runtime import evaluate; "
+        "from spin_runtime.generate import cli as g; p = argparse.ArgumentParser(); "
+        "sub = p.add_subparsers(dest='command'); g.add_parser(sub); evaluate.add_parser(sub); "
+        "p.parse_args(['generate', '--model', 'm', '--dataset', 'd', '--output', 'o']); "
+        "bad = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
