@@ -64,7 +64,7 @@ bench-train: venv ## SPIN trainer step vs. floor vs. TRL DPO
 	$(PY) benchmarks/train_step.py
 
 bench-generate: venv vllm-venv ## transformers vs. vLLM generation throughput
-	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/generate.py --threads 1
 
 bench-operator: venv ## operator latency and API requests at scale
 	$(PY) benchmarks/operator_scale.py --runs 100
