@@ -229,3 +229,26 @@ def test_a_run_killed_while_saving_leaves_nothing_marked_complete(
     monkeypatch.setattr(manifest, "write_dir_artifact", real_publish)
     assert run_train(argv) == 0  # resumes after epoch 2: only the save is left
     assert manifest.is_complete(str(tmp_path / "model"), verify=True)
+
+
+def test_schedules():
+    linear = loop.lr_factor("linear", warmup=2, total=10)
+    assert [linear(i) for i in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    cosine = loop.lr_factor("cosine", warmup=0, total=4)
+    assert [round(cosine(i), 6) for i in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
+    constant = loop.lr_factor("constant", warmup=4, total=10)
+    assert [constant(i) for i in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_bf16_gradient_checkpointing_and_rmsprop(tiny_model_dir, data, tmp_path):
+    argv = train_argv(
+        tiny_model_dir, data[:1], tmp_path / "model", tmp_path / "train", epochs=1,
+        precision="bf16", gradient_checkpointing=True, optimizer="rmsprop",
+        lr_scheduler="linear", warmup_ratio=0.5, **TRAIN_FLAGS,
+    )  # fmt: skip
+    assert run_train(argv) == 0
+    steps = metrics(tmp_path / "train")
+    assert abs(steps[0]["loss"] - LN2) < 1e-3  # bf16: reference and step batch differently
+    assert steps[0]["learning_rate"] == 0.0 and steps[2]["learning_rate"] == pytest.approx(2e-3)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["dtype"] == "float32"  # θt+1 keeps θt's dtype (fp32 master weights)

@@ -395,9 +395,12 @@ def build_session(
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
     disable_dropout(hf_model)
     if cfg.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        # non-reentrant checkpointing works under DDP and FSDP2; transformers 5 renamed the call
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf_model, "activation_checkpointing_enable"):
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     hf_model.config.use_cache = False
     num_params = sum(p.numel() for p in hf_model.parameters())
     strategy = distributed.choose_strategy(ctx, cfg.strategy, num_params, cfg.optimizer)
