@@ -314,13 +314,14 @@ class Controller:
         body = fresh
         if spec is not None:
             await self._ensure_tracking(spec, run, d)
-            for a in d.actions:
-                if isinstance(a, DeleteJob):
-                    await self._write(self.kube.delete(job_path(run.namespace, a.name)))
-                elif isinstance(a, DeleteService):
-                    await self._write(self.kube.delete(service_path(run.namespace, a.name)))
-                elif isinstance(a, SuspendJob):
-                    await self._write(self.kube.patch(job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}))
+        for a in d.actions:
+            if isinstance(a, DeleteJob):
+                await self._write(self.kube.delete(job_path(run.namespace, a.name)))
+            elif isinstance(a, DeleteService):
+                await self._write(self.kube.delete(service_path(run.namespace, a.name)))
+            elif isinstance(a, SuspendJob):
+                await self._write(self.kube.patch(job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}))
+        if spec is not None:
             for a in d.of_type(CreateStep):
                 await self._create(spec, run, new, a)
         old_wire, new_wire = old.to_wire(), new.to_wire()

@@ -227,6 +227,7 @@ class Pass:
             self.st.message = f"deleting: waiting for {len(active)} Job(s) to stop before deleting artifacts"
             return
         spec = self.o.applied_spec or (self.given if not isinstance(self.given, InvalidSpec) else None)
+        self.d.spec = spec
         if spec is not None and spec.storage.uri and self.started:
             self._act(DeleteArtifacts(self._prefix(spec)))
         self._act(SetFinalizer(False))
