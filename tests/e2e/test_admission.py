@@ -76,6 +76,7 @@ def test_malformed_spinruns_are_refused_with_their_field(
 
     for name, patch, _field, _reason in OPERATOR_CASES:
         obj = yaml.safe_load(harness.spinrun_file(tmp_path, name).read_text())
+        obj["metadata"]["namespace"] = c.namespace
         for dotted, value in patch.items():
             _, section, leaf = dotted.split(".")
             obj["spec"].setdefault(section, {})[leaf] = value
