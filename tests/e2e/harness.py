@@ -33,8 +33,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from tests.support.executor import VENV_BIN, Executor, PodContext, PodLaunch
+from tests.support.executor import Executor, PodLaunch
 from tests.support.k8s_emulator import K8sApi
+from tests.support.kubelet import VENV_BIN, PodContext, free_port
 
 T = TypeVar("T")
 
@@ -154,7 +155,7 @@ class OperatorProcess:
         name = f"{deployment['metadata']['name']}-{secrets.token_hex(4)}"
         context = PodContext(RELEASE_NAMESPACE, name, name, self.workdir / f"operator-{self.starts}",
                              dict(deployment["spec"]["template"]["metadata"].get("labels") or {}))  # fmt: skip
-        argv, env, cwd = self.executor.resolve_container(context, pod_spec, container)
+        argv, env, cwd = self.executor.kubelet.resolve_container(context, pod_spec, container)
         env["KUBECONFIG"] = str(self.api.kubeconfig_path)
         watches_before = self._watches()
         with self.log.open("ab") as out:
@@ -334,8 +335,8 @@ def cluster(api: K8sApi, workdir: Path, s3_endpoint: str, mlflow_uri: str,
         "storage.credentialsSecret": S3_SECRET,
         "storage.uri": STORAGE_URI,
         "tracking.uri": mlflow_uri,
-        "health.port": str(_free_port()),
-        "metrics.port": str(_free_port()),
+        "health.port": str(free_port()),
+        "metrics.port": str(free_port()),
         "logLevel": "INFO",
         **(operator_values or {}),
     }
@@ -356,12 +357,6 @@ def cluster(api: K8sApi, workdir: Path, s3_endpoint: str, mlflow_uri: str,
         finally:
             operator.stop()
     assert not executor.errors, "executor errors:\n" + "\n".join(executor.errors)
-
-
-def _free_port() -> int:
-    from tests.support.executor import free_port
-
-    return free_port()
 
 
 # --------------------------------------------------------------------------- S3 and MLflow facts

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import condition, wait_for
-from tests.support.executor import Api, Executor, HostRewriter, expand
+from tests.support.executor import Executor
+from tests.support.kubelet import Api, HostRewriter, expand
 
 pytestmark = pytest.mark.e2e
 
