@@ -32,9 +32,10 @@ class Tracking:
 
     def _tracker(self, uri: str) -> Any:
         if uri not in self._trackers:
-            from spin_runtime.tracking import Tracker  # mlflow is heavy: only when used
+            from spin_runtime.tracking import Tracker, TrackingPolicy  # mlflow: only when used
 
-            self._trackers[uri] = Tracker(uri)
+            # one try per call: the next reconcile pass (after the cool-down) is the retry
+            self._trackers[uri] = Tracker(uri, TrackingPolicy(attempts=1))
         return self._trackers[uri]
 
     async def _call(self, uri: str, what: str, fn: Callable[[Any], T]) -> T | None:
@@ -60,6 +61,8 @@ class Tracking:
 
         def call(t: Any) -> api.MlflowStatus | None:
             exp_id = t.ensure_experiment(experiment)
+            if exp_id is None:
+                return None
             run_id = t.ensure_parent_run(experiment, run.namespace, run.name, run.uid, spec.to_wire())
             if run_id is None:
                 return None

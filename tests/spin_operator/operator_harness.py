@@ -187,7 +187,7 @@ class OperatorProcess:
 
     def __init__(self, settings: Settings, **controller_kwargs: Any) -> None:
         self.settings = settings
-        self.controller_kwargs = {"metrics": Metrics(), "tracking": Tracking(timeout=5, cooldown=1), "retry_base": 0.2, "retry_max": 2.0}
+        self.controller_kwargs = {"metrics": Metrics(), "tracking": Tracking(timeout=5, cooldown=30), "retry_base": 0.2, "retry_max": 2.0}
         self.controller_kwargs.update(controller_kwargs)
         self.controller: Controller | None = None
         self._thread: threading.Thread | None = None
