@@ -363,6 +363,7 @@ def main() -> None:
         "trl_precompute_peak_rss_mb": round(results["trl_precompute"]["rss"], 1),
         "spin_vs_floor": round(spin / floor, 3),
         "trl_precompute_vs_spin": round(med["trl_precompute"] / spin, 3),
+        "min_step_s": {name: round(min(r["times"]), 4) for name, r in results.items()},
         "spin_reference_pass_s": round(results["spin"]["reference_s"], 4),
         "spin_first_loss": round(results["spin"]["first_loss"], 7),
         "settings": settings,
