@@ -111,3 +111,4 @@ def test_local_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.mlflow_uri == f"sqlite:///{tmp_path}/spin-runs/mlflow.db"
     assert local_defaults(None, "").mlflow_uri is None
     assert local_defaults("s3://b/p", None).mlflow_uri is None
+    assert local_defaults(None, None, "/data/runs").mlflow_uri == "sqlite:////data/runs/mlflow.db"

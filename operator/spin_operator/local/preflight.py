@@ -43,13 +43,14 @@ class Loaded:
     spec: api.SPINRunSpec  # storage and tracking resolved
 
 
-def local_defaults(storage_uri: str | None, tracking_uri: str | None) -> Settings:
-    """Where a spec without storage/tracking writes locally: `./spin-runs` and an sqlite MLflow
-    store inside it (absolute, so every child process agrees whatever its directory).
-    `tracking_uri=""` means no tracking unless the spec names one."""
+def local_defaults(storage_uri: str | None, tracking_uri: str | None, spec_storage: str | None = None) -> Settings:
+    """Where a spec without storage/tracking writes locally: `./spin-runs`, and an sqlite MLflow
+    store in the run's storage folder (absolute, so every child process agrees whatever its
+    directory). `tracking_uri=""` means no tracking unless the spec names one."""
     storage = storage_uri or os.path.abspath(DEFAULT_STORAGE)
-    if tracking_uri is None and not storage.startswith("s3://"):
-        tracking_uri = f"sqlite:///{os.path.abspath(storage)}/mlflow.db"
+    folder = spec_storage or storage
+    if tracking_uri is None and not folder.startswith("s3://"):
+        tracking_uri = f"sqlite:///{os.path.abspath(folder.removeprefix('file://'))}/mlflow.db"
     return Settings(storage_uri=storage, mlflow_uri=tracking_uri or None)
 
 
@@ -69,7 +70,7 @@ def load(path: str | Path, storage_uri: str | None = None, tracking_uri: str | N
     obj: Any = docs[0]
     try:
         spec = parse(obj)
-        spec = resolve_spec(spec, local_defaults(storage_uri, tracking_uri))
+        spec = resolve_spec(spec, local_defaults(storage_uri, tracking_uri, spec.storage.uri))
     except InvalidSpec as exc:
         raise BadInput([str(p) for p in exc.problems]) from None
     meta = obj.get("metadata") or {}

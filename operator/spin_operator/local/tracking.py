@@ -30,8 +30,6 @@ class LocalTracking:
         self.tracking = Tracking(timeout=timeout)
         self._tracker: Any = None
         self._logged: set[tuple[str, str]] = set()
-        # MLflow logs database migrations and such at INFO on its own handler: not for a terminal
-        logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLogger().level))
 
     @property
     def enabled(self) -> bool:
@@ -46,6 +44,7 @@ class LocalTracking:
             from spin_runtime.tracking import Tracker
 
             self._tracker = Tracker(self.uri)
+            quiet_mlflow()
         return self._tracker
 
     def prepare(self) -> None:
@@ -53,6 +52,9 @@ class LocalTracking:
         (MLflow's default would be ./mlruns in whatever directory the command ran from)."""
         if not self.uri or not self.uri.startswith("sqlite:///"):
             return
+        import mlflow  # noqa: F401  # configures its loggers on import: quiet them afterwards
+
+        quiet_mlflow()
         name = self.spec.tracking.experiment or self.run.namespace
         folder = os.path.join(os.path.dirname(os.path.abspath(self.uri.removeprefix("sqlite:///"))), "mlartifacts")
         try:
@@ -92,6 +94,12 @@ class LocalTracking:
 
     def close(self) -> None:
         self.tracking.close()
+
+
+def quiet_mlflow() -> None:
+    """MLflow logs database migrations and such at INFO on its own handler: not for a terminal
+    (unless spinctl runs with --log-level INFO or lower)."""
+    logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def file_digest(uri: str) -> str:

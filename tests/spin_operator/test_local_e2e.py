@@ -1,0 +1,178 @@
+"""`spinctl run` end to end with the real runtime: a tiny model through SPIN iterations, artifacts
+in S3 (moto), tracking in a real MLflow server, and an interruption in the middle of training.
+
+The full test (two iterations, Ctrl-C between training epochs, resume) starts about ten Python
+processes that each import torch and transformers, so it is marked slow; the default suite keeps
+one iteration on a local folder with an sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spin_runtime import manifest, storage
+from tests.support.servers import MlflowServer
+
+SPINCTL = str(Path(sys.executable).with_name("spinctl"))
+
+
+def spinrun(name: str, model: str, dataset: str, storage_uri: str, **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"uri": model},
+        "dataset": {"uri": dataset, "maxSamples": 128, "evalSamples": 16},
+        "iterations": 2,
+        "generation": {"backend": "transformers", "gpusPerReplica": 0, "maxNewTokens": 12},
+        "training": {
+            "gpusPerNode": 0, "beta": 1.0, "learningRate": 1e-4, "optimizer": "adamw", "epochs": 3,
+            "globalBatchSize": 8, "microBatchSize": 8, "maxLength": 64, "maxPromptLength": 40,
+        },
+        "evaluation": {"gpus": 0, "maxNewTokens": 12},
+        "storage": {"uri": storage_uri},
+        "failurePolicy": {"maxRetries": 0},
+    }  # fmt: skip
+    for key, value in extra.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name}, "spec": spec}
+
+
+def start(spec_path: Path, cwd: Path, *flags: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "SPIN_CACHE_DIR": str(cwd / "cache")}
+    return subprocess.Popen(
+        [SPINCTL, "run", str(spec_path), *flags], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path) -> None:
+    """The default suite's variant: local storage, the sqlite MLflow default, one iteration."""
+    doc = spinrun("quick", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),
+                  iterations=1, training={"epochs": 1})  # fmt: skip
+    spec_path = tmp_path / "quick.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    code, out = finish(start(spec_path, tmp_path))
+    assert code == 0, out
+    prefix = tmp_path / "runs" / "default" / "quick"
+    for artifact in ("iter-000/model", "iter-000/eval"):
+        manifest.verify_artifact(str(prefix / artifact))
+    results = json.loads((prefix / "iter-000/eval/results.json").read_text())
+    assert set(results["baseline"]) >= {"exact_match", "real_logp_per_token"}
+    assert "held-out results of θ1 (16 prompts)" in out and "Succeeded" in out
+    db = tmp_path / "runs" / "mlflow.db"  # the default tracking store
+    assert db.is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("default")
+    assert exp is not None and exp.artifact_location == str(tmp_path / "runs" / "mlartifacts")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["iter-000", "quick"]
+
+
+def _wait_for(predicate: Any, proc: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"spinctl exited early ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.05)
+    raise TimeoutError("condition not reached")
+
+
+def _created(uri: str) -> str:
+    found = manifest.locate(uri)
+    assert found is not None, uri
+    return found[0].created_at
+
+
+@pytest.mark.slow
+def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
+    tmp_path: Path, s3_bucket: str, moto_server: str, mlflow_server: MlflowServer,
+    tiny_model_dir: Path, tiny_dataset_path: Path,
+) -> None:  # fmt: skip
+    from mlflow.tracking import MlflowClient
+
+    dataset = storage.join(s3_bucket, "data", "task.jsonl")
+    storage.upload_file(tiny_dataset_path, dataset)
+    name, experiment = "e2e-local", f"local-{uuid.uuid4().hex[:8]}"
+    doc = spinrun(name, str(tiny_model_dir), dataset, storage.join(s3_bucket, "runs"),
+                  storage={"endpoint": moto_server, "region": "us-east-1"},
+                  tracking={"uri": mlflow_server.uri, "experiment": experiment, "registeredModel": experiment})  # fmt: skip
+    spec_path = tmp_path / "spinrun.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    prefix = storage.join(s3_bucket, "runs", "default", name)
+    it0 = storage.join(prefix, "iter-000")
+
+    # 1. Ctrl-C once the first training epoch is checkpointed (two epochs still to go).
+    first = start(spec_path, tmp_path)
+    _wait_for(lambda: manifest.is_complete(storage.join(it0, "train", "epoch-001")), first)
+    first.send_signal(signal.SIGINT)
+    code, out = finish(first, timeout=120)
+    assert code == 130, out
+    assert "interrupted" in out
+    assert not manifest.is_complete(storage.join(it0, "model"))
+    generated_at = _created(storage.join(it0, "generated", "shard-00000-of-00001.jsonl"))
+    logs = tmp_path / ".spin-local" / "default" / name / "logs"
+    assert not [p for p in json.loads(storage.read_text(storage.join(prefix, ".local-status.json")))["groups"]
+                if Path(f"/proc/{p}").exists()]  # fmt: skip
+
+    # 2. The same command resumes: generation of iteration 0 is not redone, training resumes.
+    code, out = finish(start(spec_path, tmp_path))
+    assert code == 0, out
+    assert "restarting interrupted step(s): e2e-local-i0-train" in out
+    assert _created(storage.join(it0, "generated", "shard-00000-of-00001.jsonl")) == generated_at
+    assert (logs / "e2e-local-i0-gen-0.log").read_text().count("=== ") == 1
+    train_log = (logs / "e2e-local-i0-train-0.log").read_text()
+    assert train_log.count("=== ") == 2 and "resumed from" in train_log
+
+    # 3. Artifacts and manifests in the bucket.
+    for t in (0, 1):
+        it = storage.join(prefix, f"iter-{t:03d}")
+        assert manifest.shard_manifests(storage.join(it, "generated"))
+        manifest.verify_artifact(storage.join(it, "model"))
+        manifest.verify_artifact(storage.join(it, "eval"))
+        assert manifest.is_complete(storage.join(it, "train", "epoch-003"))
+    assert storage.exists(storage.join(prefix, "spinrun.yaml"))
+    status = json.loads(storage.read_text(storage.join(prefix, ".local-status.json")))["status"]
+    assert status["phase"] == "Succeeded" and status["progress"] == "2/2"
+
+    # 4. MLflow: parent + 2 nested runs, datasets, metrics, model versions with aliases.
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == name)
+    nested = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                    key=lambda r: r.info.run_name)  # fmt: skip
+    assert [r.info.run_name for r in nested] == ["iter-000", "iter-001"] and len(runs) == 3
+    assert status["mlflow"]["runId"] == parent.info.run_id
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["sft"]
+    inputs = [sorted(d.dataset.name for d in r.inputs.dataset_inputs) for r in nested]
+    assert inputs == [["iter-000/generated"], ["iter-000/generated", "iter-001/generated"]]
+    for r in nested:
+        assert {"loss", "eval_margin", "eval/exact_match", "eval/real_logp_per_token"} <= set(r.data.metrics)
+    assert "eval/baseline_exact_match" in nested[0].data.metrics
+    history = client.get_metric_history(parent.info.run_id, "heldout/exact_match")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    versions = sorted(client.search_model_versions(f"name = '{experiment}'"), key=lambda v: int(v.version))
+    assert [v.source for v in versions] == [storage.join(prefix, "iter-000", "model"), storage.join(prefix, "iter-001", "model")]
+    aliases = client.get_registered_model(experiment).aliases
+    assert aliases["iter-0"] == "1" and aliases["iter-1"] == "2" and aliases["latest-iter"] == "2"
+    assert aliases["best"] in ("1", "2")
