@@ -163,8 +163,8 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     assert [r.info.run_name for r in nested] == ["iter-000", "iter-001"] and len(runs) == 3
     assert status["mlflow"]["runId"] == parent.info.run_id
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["sft"]
-    inputs = [sorted(d.dataset.name for d in r.inputs.dataset_inputs) for r in nested]
+    assert parent.inputs is not None and [d.dataset.name for d in parent.inputs.dataset_inputs] == ["sft"]
+    inputs = [sorted(d.dataset.name for d in r.inputs.dataset_inputs) if r.inputs else [] for r in nested]
     assert inputs == [["iter-000/generated"], ["iter-000/generated", "iter-001/generated"]]
     for r in nested:
         assert {"loss", "eval_margin", "eval/exact_match", "eval/real_logp_per_token"} <= set(r.data.metrics)
