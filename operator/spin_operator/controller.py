@@ -55,7 +55,7 @@ from spin_operator.reconciler import (
 )
 from spin_operator.render import render
 from spin_operator.settings import Settings, resolve_spec
-from spin_operator.steps import RunRef, plan_step
+from spin_operator.steps import RunRef, layout_of, plan_step
 from spin_operator.track import Tracking
 from spin_operator.validation import InvalidSpec, parse
 
@@ -447,8 +447,11 @@ class Controller:
                         await self.tracking.register(spec, run, rid, a.iteration, a.model_uri, dict(a.metrics))
                 else:
                     rid = parent if a.iteration is None else by_iter.get(a.iteration)
-                    if rid:
-                        await self.tracking.finish(spec, rid, a.status)
+                    if rid and await self.tracking.finish(spec, rid, a.status):
+                        # MLflow answers: deliver what Jobs spooled while it was away
+                        done = sorted(by_iter) if a.iteration is None else [a.iteration]
+                        layout = layout_of(spec, run)
+                        await self.tracking.replay(spec, [layout.iteration(t).tracking_spool for t in done])
 
         task = asyncio.create_task(send())
         self._background.add(task)

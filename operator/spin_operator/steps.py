@@ -256,6 +256,7 @@ def plan_step(
         env["AWS_REGION"] = spec.storage.region
     if spec.tracking.uri:
         env["MLFLOW_TRACKING_URI"] = spec.tracking.uri
+        env["SPIN_TRACKING_SPOOL_DIR"] = it.tracking_spool  # MLflow calls made during an outage
         if mlflow_run_id:
             env["MLFLOW_RUN_ID"] = mlflow_run_id
     master_addr = None

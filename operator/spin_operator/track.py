@@ -105,5 +105,24 @@ class Tracking:
             return False
         return bool(await self._call(uri, "finish run", lambda t: t.finish_run(run_id, status)))
 
+    async def replay(self, spec: api.SPINRunSpec, spools: list[str]) -> int:
+        """Send what Jobs spooled during an MLflow outage (`tracking.replay_spool`); returns how
+        many calls were delivered. Storage is read with the run's endpoint (observe.storage_env)."""
+        uri = spec.tracking.uri
+        if not uri or not spools:
+            return 0
+
+        def call(_: Any) -> int:
+            from spin_operator.observe import storage_env
+            from spin_runtime.tracking import replay_spool
+
+            delivered = 0
+            with storage_env(spec):
+                for spool in spools:
+                    delivered += replay_spool(spool, uri).delivered
+            return delivered
+
+        return await self._call(uri, "replay spooled calls", call) or 0
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

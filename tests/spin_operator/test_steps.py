@@ -107,6 +107,7 @@ def test_env_and_secret_references_never_values() -> None:
     assert p.env == {
         "SPIN_CACHE_DIR": "/var/cache/spin", "AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_REGION": "eu-1",
         "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_RUN_ID": "abc",
+        "SPIN_TRACKING_SPOOL_DIR": f"{R}/iter-000/tracking-spool",
     }  # fmt: skip
     assert p.secret_env["AWS_ACCESS_KEY_ID"] == SecretKey("s3", "id")
     assert p.secret_env["AWS_SECRET_ACCESS_KEY"] == SecretKey("s3", "AWS_SECRET_ACCESS_KEY")
