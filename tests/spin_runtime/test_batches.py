@@ -7,6 +7,13 @@ import torch
 
 from spin_runtime import formatting
 from spin_runtime.train import batches
+from tests.spin_runtime.test_train_support import one_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

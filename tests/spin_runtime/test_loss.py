@@ -15,6 +15,13 @@ from spin_runtime.train.loss import (
     sequence_logps_from_logits,
     spin_loss,
 )
+from tests.spin_runtime.test_train_support import one_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def reference_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
