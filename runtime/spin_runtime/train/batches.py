@@ -14,8 +14,9 @@ Length rules (documented in docs/runtime.md):
   (cutting a prompt would train on a question nobody asked);
 - answers longer than ``max_length - len(prompt)`` are cut at the end and counted.
 
-A micro-batch of B pairs is 2B right-padded rows, the B real sequences then the B generated
-ones, so one forward pass scores both.
+One forward pass scores both answers of a micro-batch of B pairs: either one row per pair
+(prompt, real answer, generated answer, the prompt computed once) or 2B rows; see
+:func:`collate`. Either way the scored sequences are the B real ones, then the B generated.
 """
 
 from __future__ import annotations

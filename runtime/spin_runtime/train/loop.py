@@ -258,7 +258,7 @@ class Runner:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
 
     def logps(self, pairs: Sequence[Pair | None]) -> tuple[torch.Tensor, batches.Batch]:
-        """(2B,) response log-prob sums: real rows then generated rows."""
+        """(2B,) answer log-prob sums: the B real answers, then the B generated ones."""
         batch = batches.collate(pairs, self.filler, self.pad_id, self.shared_prompt)
         batch = batch.to(self.ctx.device)
         with self.amp():
