@@ -27,10 +27,10 @@ from tests.support.servers import MlflowServer
 SPINCTL = str(Path(sys.executable).with_name("spinctl"))
 
 
-def spinrun(name: str, model: str, dataset: str, storage_uri: str, **extra: Any) -> dict[str, Any]:
+def spinrun(name: str, model: str, data: str, storage_uri: str, **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"uri": model},
-        "dataset": {"uri": dataset, "maxSamples": 128, "evalSamples": 16},
+        "dataset": {"uri": data, "maxSamples": 128, "evalSamples": 16},
         "iterations": 2,
         "generation": {"backend": "transformers", "gpusPerReplica": 0, "maxNewTokens": 12},
         "training": {
@@ -62,7 +62,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str]
 def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path) -> None:
     """The default suite's variant: local storage, the sqlite MLflow default, one iteration."""
     doc = spinrun("quick", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),
-                  iterations=1, training={"epochs": 1})  # fmt: skip
+                  iterations=1, training={"epochs": 1}, dataset={"maxSamples": 32, "evalSamples": 8})  # fmt: skip
     spec_path = tmp_path / "quick.yaml"
     spec_path.write_text(yaml.safe_dump(doc))
     code, out = finish(start(spec_path, tmp_path))
@@ -72,7 +72,7 @@ def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, t
         manifest.verify_artifact(str(prefix / artifact))
     results = json.loads((prefix / "iter-000/eval/results.json").read_text())
     assert set(results["baseline"]) >= {"exact_match", "real_logp_per_token"}
-    assert "held-out results of θ1 (16 prompts)" in out and "Succeeded" in out
+    assert "held-out results of θ1 (8 prompts)" in out and "Succeeded" in out
     db = tmp_path / "runs" / "mlflow.db"  # the default tracking store
     assert db.is_file()
     from mlflow.tracking import MlflowClient
