@@ -131,7 +131,7 @@ def part_spin(model_dir: str, warmup: int) -> None:
     import numpy as np
 
     from spin_runtime import models
-    from spin_runtime.train import batches, distributed, loop
+    from spin_runtime.train import batches, distributed, loop, metrics
 
     tokenizer = models.load_tokenizer(model_dir)
     token_pairs = _token_pairs(tokenizer, _texts(0))
@@ -155,7 +155,7 @@ def part_spin(model_dir: str, warmup: int) -> None:
     t0 = time.perf_counter()
     reference = session.runner.score(pairs.all, 2 * PAIRS)
     reference_s = time.perf_counter() - t0
-    log = loop.MetricsLog(ctx, cfg.work_dir, keep_until_step=0)
+    log = metrics.MetricsLog(ctx, cfg.work_dir, keep_until_step=0)
     first: dict[str, Any] = {}
 
     def step(i: int) -> None:
