@@ -132,11 +132,11 @@ def screenshot_mlflow(e2e: Cluster, run: dict[str, Any], tmp_path: Path) -> None
 
     run_id = run["status"]["iterations"][-1]["mlflowRunId"]
     experiment = MlflowClient(tracking_uri=e2e.mlflow_uri).get_run(run_id).info.experiment_id
-    url = f"{e2e.mlflow_uri}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
+    url = f"{e2e.mlflow_uri}/#/experiments/{experiment}/runs/{run_id}"
     out = tmp_path / "e2e-mlflow-run.png"
     subprocess.run(
         [str(chromium), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--window-size=1400,1000", "--virtual-time-budget=10000", f"--screenshot={out}", url],
+         "--window-size=1400,1300", "--virtual-time-budget=15000", f"--screenshot={out}", url],
         capture_output=True, timeout=120, check=False,
     )  # fmt: skip
     assert out.exists() and out.stat().st_size > 10_000, "chromium produced no screenshot"
