@@ -625,6 +625,7 @@ class Executor:
             pod.phase, pod.reason, pod.finished = "Failed", "Terminated", driver.now_rfc3339()
             with self._changed:
                 self._changed.notify_all()
+            self._publish(pod)
             return
         self._signal(pod, signal.SIGTERM)
         timer = threading.Timer(self.grace_s, self._signal, args=(pod, signal.SIGKILL))
