@@ -190,6 +190,14 @@ def test_a_failed_run_stays_failed_on_rerun(tmp_path: Path, fake: tuple[str, Pat
     assert steps(record) == [("generate", 0), ("train", 0)]
 
 
+def test_without_evaluation_the_trainers_held_out_metrics_are_shown(tmp_path: Path, fake: tuple[str, Path]) -> None:
+    python, record = fake
+    code, out = run_local(write_spec(tmp_path, iterations=1, evaluation={"enabled": False}), python)
+    assert code == 0, out
+    assert steps(record) == [("generate", 0), ("train", 0)]
+    assert "SPIN margin (held-out)       0.500  accuracy 0.750" in out
+
+
 def test_suspended_spec_runs_nothing(tmp_path: Path, fake: tuple[str, Path]) -> None:
     python, record = fake
     code, out = run_local(write_spec(tmp_path, suspend=True), python)

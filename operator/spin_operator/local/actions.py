@@ -157,12 +157,14 @@ class Actor:
         it = r.layout.iteration(t)
         try:
             with observe.storage_env(r.spec):
-                results = results_of(storage.read_text(it.eval_results))
+                evaluated = r.spec.evaluation.enabled and storage.exists(it.eval_results)
+                results = results_of(storage.read_text(it.eval_results)) if evaluated else {}
                 model = manifest.read_manifest(it.model)
         except OSError as exc:
             log.warning("results of iteration %d not readable: %s", t, exc)
             return
-        spin = dict((model.meta or {}).get("metrics") or {}) if model else {}
+        meta = (model.meta or {}) if model else {}
+        spin = {**dict(meta.get("metrics") or {}), "eval_pairs": meta.get("eval_pairs", "?")}
         r.display.iteration_results(t, results, spin)
         metrics = {k: float(v) for k, v in (results.get("metrics") or {}).items() if _number(v)}
         baseline = {k: float(v) for k, v in (results.get("baseline") or {}).items() if _number(v)}

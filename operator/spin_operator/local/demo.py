@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -95,6 +96,11 @@ def build(workdir: Path, cfg: DemoConfig, say: Any = print) -> Path:
         say(f"reusing the task and SFT model in {workdir}")
         return model_dir
     stamp.unlink(missing_ok=True)
+    stale = [p for p in (workdir / "artifacts", workdir / "mlflow.db", workdir / "mlartifacts") if p.exists()]
+    if stale:  # results of a model this build replaces: they would contradict the new one
+        say(f"removing the results of an earlier demo build: {', '.join(str(p) for p in stale)}")
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     began = time.monotonic()
     rows = tiny.make_task_rows(cfg.rows, seed=cfg.seed, tasks=cfg.tasks)
     tiny.write_jsonl(rows, task_path)
@@ -157,6 +163,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     code = LocalRun(loaded).run()
     db = (workdir / "mlflow.db").resolve()
-    print("\nSee the runs, metrics and model versions in MLflow:")
-    print(f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000")
+    print("\nSee the runs, metrics and model versions in MLflow (experiment spin-demo; select the")
+    print("iter-000 and iter-001 runs and press Compare to set the iterations side by side):")
+    print(f"  {mlflow_command()} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000")
     return code
+
+
+def mlflow_command() -> str:
+    """The mlflow script of this environment, relative to the current directory when inside it
+    (`.venv/bin/mlflow` from the repository root)."""
+    script = Path(sys.executable).with_name("mlflow")
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)

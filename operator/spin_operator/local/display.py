@@ -183,7 +183,8 @@ class Display:
         metrics: what the iteration did, not only that it ran."""
         metrics = results.get("metrics") or {}
         baseline = results.get("baseline") or {}
-        self.say(f"  held-out results of θ{t + 1} ({metrics.get('num_examples', '?')} prompts):")
+        prompts = metrics.get("num_examples", spin.get("eval_pairs", "?"))
+        self.say(f"  held-out results of θ{t + 1} ({prompts} prompts):")
         for key, label in (("exact_match", "exact match"), ("real_logp_per_token", "real answers log-lik/token")):
             if key in metrics:
                 before = f"  (θ0: {_fmt(baseline[key])})" if key in baseline else ""
