@@ -28,6 +28,7 @@ from spin_operator.local.preflight import BadInput, Loaded, load, preflight
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_IDLE_PASSES = 20  # reconcile passes in a row that start nothing while nothing runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +170,7 @@ class LocalRun:
         from spin_operator.local.actions import Actor
 
         actor = Actor(self)
-        backoff = 1.0
+        backoff, idle = 1.0, 0
         while True:
             decision = actor.decide()
             before = self.status.to_wire()
@@ -189,6 +190,14 @@ class LocalRun:
                 backoff = min(30.0, backoff * 2)
                 continue
             backoff = 1.0
+            if not self.backend.active():  # nothing runs and nothing started: cannot progress
+                idle += 1
+                if idle > MAX_IDLE_PASSES:
+                    self.display.say(f"no step can start: {self.status.message or self.status.phase}")
+                    return EXIT_FAILED
+                time.sleep(self.poll_interval)
+                continue
+            idle = 0
             self._wait(actor)
 
     def _wait(self, actor: Any) -> None:
