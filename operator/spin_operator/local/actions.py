@@ -233,8 +233,10 @@ class Actor:
                     r.tracking.register(rid, a.iteration, a.model_uri, dict(a.metrics))
             elif isinstance(a, FinishTracking):
                 rid = parent if a.iteration is None else by_iter.get(a.iteration)
-                if rid:
-                    r.tracking.finish(rid, a.status)
+                if rid and r.tracking.finish(rid, a.status):
+                    # MLflow answers: deliver what steps spooled while it was away
+                    done = sorted(by_iter) if a.iteration is None else [a.iteration]
+                    r.tracking.replay([r.layout.iteration(t).tracking_spool for t in done])
 
 
 def _number(value: Any) -> bool:

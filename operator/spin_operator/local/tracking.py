@@ -76,6 +76,10 @@ class LocalTracking:
     def finish(self, run_id: str, status: str) -> bool:
         return self._sync(self.tracking.finish(self.spec, run_id, status))
 
+    def replay(self, spools: list[str]) -> int:
+        """Deliver what steps spooled while MLflow was unreachable (as the operator does)."""
+        return self._sync(self.tracking.replay(self.spec, spools))
+
     def log_dataset(self, run_id: str, name: str, uri: str, digest: str, context: str) -> None:
         key = (run_id, name)
         if key in self._logged:
