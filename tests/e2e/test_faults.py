@@ -188,6 +188,13 @@ def test_mlflow_down_during_an_iteration(
     hit = [p.name for p in e2e.executor.pods(namespace=e2e.namespace)
            if re.search(r"MLflow .*failed", p.log())]  # fmt: skip
     assert hit, "no pod noticed the outage: it did not overlap the run"
+    # what the generation pods logged during the outage was spooled and is replayed, not lost
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    iteration_run = run["status"]["iterations"][0]["mlflowRunId"]
+    wait_for(lambda: "generate/prompts" in client.get_run(iteration_run).data.metrics, 120,
+             "the generation metrics logged during the outage to reach MLflow")  # fmt: skip
 
 
 @pytest.mark.slow
