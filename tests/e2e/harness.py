@@ -33,9 +33,11 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from tests.support import job_driver as driver
 from tests.support.executor import Executor, PodLaunch
 from tests.support.k8s_emulator import K8sApi
-from tests.support.kubelet import VENV_BIN, PodContext, free_port
+from tests.support.kubelet import VENV_BIN, PodContext
+from tests.support.servers import free_port
 
 T = TypeVar("T")
 
@@ -76,10 +78,8 @@ def wait_for(
 
 def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
     """The condition ``kind`` of an object's status when it is True, else None."""
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
-            return dict(cond)
-    return None
+    found = driver.condition(obj or {}, kind)
+    return dict(found) if found and found.get("status") == "True" else None
 
 
 def tail(path: Path, chars: int = 3000) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 import requests
 
 from tests.support.job_driver import now_rfc3339
+from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = (
@@ -180,13 +181,6 @@ def expand(text: str, env: dict[str, str]) -> str:
         out.append(ch)
         i += 1
     return "".join(out)
-
-
-def free_port() -> int:
-    """A local port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
