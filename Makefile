@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv vllm-venv tools test test-all e2e e2e-short lint generate demo chart-test \
+.PHONY: help venv vllm-venv tools test test-all e2e lint generate demo chart-test \
         bench-train bench-generate bench-operator clean
 
 help:
