@@ -71,6 +71,10 @@ class Retry(Exception):
     """The pass cannot finish now (storage/API unavailable, a name held by a stranger)."""
 
 
+class Stale(Exception):
+    """A write met a newer version of the SPINRun (409) or none (404): the watch brings it."""
+
+
 @dataclass
 class Gathered:
     """Facts fetched during one pass because the reconciler asked for them."""
@@ -122,6 +126,9 @@ class Controller:
             self.runs.pop(key, None)
             self._cancel_retry(key)
             uid = meta.get("uid")
+            jobs = self.jobs.get(key, {})
+            for name in [n for n, (owner, _) in jobs.items() if owner == uid]:
+                del jobs[name]
             self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
             self.metrics.set_phases(self._phases())
             return
@@ -178,6 +185,9 @@ class Controller:
         started = time.monotonic()
         try:
             complete = await self.reconcile(key)
+        except Stale:
+            log.debug("%s/%s: the SPINRun changed meanwhile; waiting for its watch event", *key)
+            complete = True  # the newer version's event (or DELETED) starts the next pass
         except Retry as exc:
             log.warning("%s/%s: %s; retrying later", *key, exc)
             self.metrics.errors.labels(kind="retry").inc()
@@ -341,9 +351,8 @@ class Controller:
                     {"metadata": {"resourceVersion": rv}, "status": patch},
                 )
             except ApiError as exc:
-                if exc.status in (404, 409):
-                    self._dirty.add(key)  # our snapshot was stale: go again with the newer one
-                    return
+                if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
+                    raise Stale from exc      # its way through the watch and triggers a new pass
                 raise
             if key in self.runs:
                 self.runs[key] = updated
@@ -392,10 +401,8 @@ class Controller:
         try:
             updated = await self.kube.patch(spinrun_path(run.namespace, run.name), {"metadata": patch})
         except ApiError as exc:
-            if exc.status == 409:
-                self._dirty.add(key)
             if exc.status in (404, 409):
-                return None
+                raise Stale from exc
             raise
         if key in self.runs:
             self.runs[key] = updated
