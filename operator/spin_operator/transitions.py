@@ -398,8 +398,8 @@ class Pass:
             it.metrics = {k: float(v) for k, v in facts.metrics.items()}
             if spec.tracking.uri:
                 self._act(RegisterModel(t, layout.model, dict(it.metrics)))
-        how = "found complete in storage" if found else f"Job {ss.job_name} succeeded"
-        self._event("Normal", "StepSucceeded", f"{kind} of iteration {t}: {how}")
+        if found:  # a Job's own success is on the Job (and the next JobCreated): no event here
+            self._event("Normal", "StepSucceeded", f"{kind} of iteration {t}: found complete in storage")
 
     def _create(self, spec: api.SPINRunSpec, t: int, kind: StepKind, attempt: int, why: str = "") -> Outcome:
         it = self._entry(spec, t)
