@@ -47,7 +47,9 @@ def spinrun(name: str, model: str, data: str, storage_uri: str, **extra: Any) ->
 
 
 def start(spec_path: Path, cwd: Path, *flags: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "SPIN_CACHE_DIR": str(cwd / "cache")}
+    # one thread per process: a tiny model's small kernels stall on thread barriers when the
+    # CPU is shared (measured: 10x slower generation with 2 threads on a busy 2-core machine)
+    env = {**os.environ, "SPIN_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [SPINCTL, "run", str(spec_path), *flags], cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
