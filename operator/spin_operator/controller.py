@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import logging
 import time
@@ -448,12 +449,17 @@ class Controller:
     def _finish_tracking(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision) -> None:
         """Model registration and run ends: in the background, never holding up the pass."""
         actions = [a for a in d.actions if isinstance(a, RegisterModel | FinishTracking)]
-        if not actions or not spec.tracking.uri:
+        trains = [a.iteration for a in d.of_type(CreateStep) if a.stage == "train" and a.attempt == 0]
+        if not (actions or trains) or not spec.tracking.uri:
             return
         parent = status.mlflow.run_id if status.mlflow else None
         by_iter = {i.iteration: i.mlflow_run_id for i in status.iterations}
 
         async def send() -> None:
+            for t in trains:
+                rid = by_iter.get(t)
+                if rid:
+                    await self._log_inputs(spec, run, rid, t)
             for a in actions:
                 if isinstance(a, RegisterModel):
                     rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration))
@@ -471,15 +477,35 @@ class Controller:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _log_inputs(self, spec: api.SPINRunSpec, run: RunRef, run_id: str, t: int) -> None:
+        """What iteration t trains on, as dataset inputs of its MLflow run: the generated data
+        (digest: the union of the shard manifests) and the SFT dataset (digest of its URI and
+        selection; the operator never downloads the dataset to hash its content)."""
+        d = spec.dataset
+        selection = f"{d.uri}|seed={d.seed}|max={d.max_samples}|eval={d.eval_samples}"
+        datasets = [("sft", d.uri, hashlib.sha256(selection.encode()).hexdigest(), "sft")]
+        for uri in layout_of(spec, run).training_data_for_iteration(t, spec.training.mix_previous_iterations):
+            try:
+                digest = await self._in_storage(observe.generated_digest, spec, uri)
+            except OSError as exc:  # IncompleteArtifactError included: nothing to record
+                log.debug("no digest for %s: %s", uri, exc)
+                continue
+            name = uri.rstrip("/").split("/")[-2] + "/generated"
+            datasets.append((name, uri, digest, "training"))
+        await self.tracking.log_inputs(spec, run_id, datasets)
+
     def _post(self, body: JSON, event: Event) -> None:
         try:
             self.post_event(body, event.type, event.reason, event.message)
         except Exception as exc:  # events are best effort
             log.debug("event %s not posted: %s", event.reason, exc)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop: MLflow bookkeeping in flight gets `grace` seconds to land, the rest is cancelled."""
         for handle, _ in self._retries.values():
             handle.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=grace)
         for task in [*self._running.values(), *self._background]:
             task.cancel()
         await self.kube.close()

@@ -169,3 +169,9 @@ def write_stored_spec(spec: api.SPINRunSpec, run: RunRef) -> None:
 def delete_artifacts(spec: api.SPINRunSpec, prefix: str) -> int:
     with storage_env(spec):
         return storage.delete_prefix(prefix)
+
+
+def generated_digest(spec: api.SPINRunSpec, uri: str) -> str:
+    """Content digest of a generated-data folder (all its shard manifests)."""
+    with storage_env(spec):
+        return manifest.digest(uri)

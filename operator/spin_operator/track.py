@@ -105,6 +105,20 @@ class Tracking:
             return False
         return bool(await self._call(uri, "finish run", lambda t: t.finish_run(run_id, status)))
 
+    async def log_inputs(self, spec: api.SPINRunSpec, run_id: str, datasets: list[tuple[str, str, str, str]]) -> bool:
+        """Record (name, uri, digest, context) datasets as inputs of an MLflow run (idempotent)."""
+        uri = spec.tracking.uri
+        if not uri or not datasets:
+            return False
+        d = spec.dataset
+        profile = {"maxSamples": d.max_samples, "evalSamples": d.eval_samples, "seed": d.seed}
+
+        def call(t: Any) -> bool:
+            return all(t.log_dataset(run_id, name, src, digest, context=ctx, profile=profile if ctx == "sft" else None)
+                       for name, src, digest, ctx in datasets)  # fmt: skip
+
+        return bool(await self._call(uri, "log dataset inputs", call))
+
     async def replay(self, spec: api.SPINRunSpec, spools: list[str]) -> int:
         """Send what Jobs spooled during an MLflow outage (`tracking.replay_spool`); returns how
         many calls were delivered. Storage is read with the run's endpoint (observe.storage_env)."""
