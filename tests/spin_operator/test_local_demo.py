@@ -1,0 +1,61 @@
+"""spinctl demo: the spec it writes is valid and runnable here; the build is reused or replaced."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spin_operator.local import demo
+from spin_operator.local.preflight import load, preflight
+from spin_operator.validation import problems_of
+
+SMALL = demo.DemoConfig(rows=120, max_samples=60, eval_samples=20, size="unit", sft_steps=3, sft_batch_size=8)
+
+
+def test_the_demo_spinrun_is_valid_and_points_into_the_workdir(tmp_path: Path) -> None:
+    doc = demo.spinrun(tmp_path, demo.DemoConfig(seed=3), iterations=2)
+    assert problems_of(doc) == []
+    spec = doc["spec"]
+    assert spec["model"]["uri"] == str(tmp_path / "sft-model")
+    assert spec["dataset"] == {"uri": str(tmp_path / "task.jsonl"), "maxSamples": 2000, "evalSamples": 400, "seed": 3}
+    assert spec["storage"]["uri"] == str(tmp_path / "artifacts")
+    assert spec["tracking"]["uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert spec["generation"]["temperature"] == 1.0  # sampled opponents (greedy ones collapse)
+
+
+def test_build_then_reuse_then_rebuild_on_a_new_config(tmp_path: Path) -> None:
+    said: list[str] = []
+    model = demo.build(tmp_path, SMALL, say=said.append)
+    assert (model / "config.json").is_file() and (model / "chat_template.jinja").is_file()
+    rows = (tmp_path / "task.jsonl").read_text().splitlines()
+    assert len(rows) == 120 and {json.loads(r)["task"] for r in rows} == {"reverse", "sort"}
+    stamp = (tmp_path / "demo.json").read_text()
+    spec_path = tmp_path / "spinrun.yaml"
+    spec_path.write_text(yaml.safe_dump(demo.spinrun(tmp_path, SMALL, 1)))
+    preflight(load(spec_path))  # the model, data, storage and sqlite store all check out
+
+    said.clear()
+    demo.build(tmp_path, SMALL, say=said.append)
+    assert said == [f"reusing the task and SFT model in {tmp_path}"]
+
+    (tmp_path / "artifacts" / "old").mkdir(parents=True)
+    (tmp_path / "mlflow.db").write_text("old")
+    said.clear()
+    demo.build(tmp_path, demo.DemoConfig(**{**SMALL.__dict__, "seed": 1}), say=said.append)
+    assert any("removing the results of an earlier demo build" in s for s in said)
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
+    assert (tmp_path / "demo.json").read_text() != stamp
+
+
+def test_no_run_writes_the_spec_and_says_how_to_run_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(demo, "DemoConfig", lambda seed=0: SMALL)
+    args = argparse.Namespace(workdir=str(tmp_path / "w"), seed=0, iterations=2, no_run=True)
+    assert demo.run(args) == 0
+    out = capsys.readouterr().out
+    assert f"spinctl run {tmp_path / 'w' / 'spinrun.yaml'}" in out
+    doc = yaml.safe_load((tmp_path / "w" / "spinrun.yaml").read_text())
+    assert doc["spec"]["iterations"] == 2 and not (tmp_path / "w" / "artifacts").exists()
