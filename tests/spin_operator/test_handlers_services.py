@@ -53,7 +53,8 @@ async def test_s3_storage_and_mlflow_tracking(cluster: Cluster, s3_bucket: str, 
 
     await cluster.wait("model versions and the best alias", registered, timeout=30)
     assert client.get_run(iteration_runs[0]).data.tags["mlflow.parentRunId"] == parent
-    inputs = {d.dataset.name for d in client.get_run(iteration_runs[1]).inputs.dataset_inputs}
+    run_inputs = client.get_run(iteration_runs[1]).inputs
+    inputs = {d.dataset.name for d in (run_inputs.dataset_inputs if run_inputs else [])}
     assert inputs == {"sft", "iter-001/generated", "iter-000/generated"}  # mixPreviousIterations: 1
 
 
