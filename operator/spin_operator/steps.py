@@ -167,6 +167,7 @@ def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str
         "--top-k", str(g.top_k),
         "--max-new-tokens", str(g.max_new_tokens),
         "--batch-size", str(g.batch_size),
+        "--sampling-seed", str(g.seed + t),
         "--tensor-parallel-size", str(max(1, g.gpus_per_replica)),
         "--dtype", g.dtype,
     ]  # fmt: skip

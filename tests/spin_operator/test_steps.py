@@ -39,8 +39,9 @@ def flag(argv: tuple[str, ...], name: str) -> str:
 
 
 def test_generate_plan() -> None:
-    spec = make(generation={"replicas": 4, "gpusPerReplica": 2, "temperature": 0.7, "backend": "vllm"})
+    spec = make(generation={"replicas": 4, "gpusPerReplica": 2, "temperature": 0.7, "backend": "vllm", "seed": 10})
     p = plan_step(spec, SETTINGS, RUN, 1, "generate", mlflow_run_id="run-1")
+    assert flag(p.argv, "--sampling-seed") == "11"  # generation.seed offset by the iteration
     assert p.argv[:4] == ("python", "-m", "spin_runtime", "generate")
     assert flag(p.argv, "--model") == f"{R}/iter-000/model"
     assert flag(p.argv, "--output") == f"{R}/iter-001/generated"

@@ -38,6 +38,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=-1, help="<= 0 disables top-k")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64, help="transformers backend batch")
+    p.add_argument("--sampling-seed", type=int, default=None, help="sampling seed (default: --seed)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument(
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
+            seed=args.seed if args.sampling_seed is None else args.sampling_seed,
         ),
         batch_size=args.batch_size,
         tensor_parallel_size=args.tensor_parallel_size,

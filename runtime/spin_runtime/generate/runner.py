@@ -124,7 +124,7 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
             dtype=opts.dtype,
             batch_size=opts.batch_size,
             tensor_parallel_size=opts.tensor_parallel_size,
-            seed=opts.seed,
+            seed=opts.sampling.seed,
         )
     try:
         context = backend.context_length
