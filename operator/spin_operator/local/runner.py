@@ -13,6 +13,7 @@ SIGTERM: running steps are stopped, completed work is kept).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -143,7 +144,7 @@ class LocalRun:
             stop_group(group)
         interrupted = self.state.forget_interrupted(self.run_ref.name)
         self.status = self.state.status
-        self.run_ref = self.run_ref.__class__(self.run_ref.namespace, self.run_ref.name, self.state.uid)
+        self.run_ref = dataclasses.replace(self.run_ref, uid=self.state.uid)  # MLflow finds it by uid
         self.tracking.run = self.run_ref
         self.backend = LocalBackend(
             self.log_dir, max_parallel=self.parallel, remembered=self.state.jobs, python=self.python
@@ -152,9 +153,9 @@ class LocalRun:
         self.display.header(self.run_ref.name, self.layout.prefix, self.spec.tracking.uri, resumed)
         if interrupted:
             self.display.say(f"  restarting interrupted step(s): {', '.join(interrupted)}")
-        self.tracking.prepare()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
+            self.tracking.prepare()
             return self._loop()
         except (KeyboardInterrupt, _Stop):
             stopped = self.backend.terminate_all()
