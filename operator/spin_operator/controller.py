@@ -110,6 +110,9 @@ class Controller:
         self.post_event = post_event or _kopf_event
         self.retry_base, self.retry_max = retry_base, retry_max
         self.runs: dict[Key, JSON] = {}
+        # Validating a spec (models + CRD schema) is most of a pass's CPU; status and metadata
+        # writes trigger passes with an unchanged spec, so the last result is kept per run.
+        self._parsed: dict[Key, tuple[str, api.SPINRunSpec | InvalidSpec]] = {}
         self.jobs: dict[Key, dict[str, tuple[str | None, ObservedJob]]] = {}
         self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
         self._running: dict[Key, asyncio.Task[None]] = {}
@@ -125,6 +128,7 @@ class Controller:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             self.runs.pop(key, None)
+            self._parsed.pop(key, None)
             self._cancel_retry(key)
             uid = meta.get("uid")
             jobs = self.jobs.get(key, {})
@@ -222,6 +226,20 @@ class Controller:
 
     # ------------------------------------------------------------------ one pass
 
+    def _parse(self, key: Key, body: JSON) -> api.SPINRunSpec | InvalidSpec:
+        """`validation.parse` of the run, reused while apiVersion, kind, name and spec are unchanged."""
+        meta = body.get("metadata") or {}
+        digest = json.dumps([body.get("apiVersion"), body.get("kind"), meta.get("name"), body.get("spec")], sort_keys=True, default=str)
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        try:
+            result: api.SPINRunSpec | InvalidSpec = parse(body)
+        except InvalidSpec as exc:
+            result = exc
+        self._parsed[key] = (digest, result)
+        return result
+
     async def reconcile(self, key: Key) -> bool:
         """One pass; True when every needed fact was available and every action applied."""
         body = self.runs.get(key)
@@ -231,7 +249,10 @@ class Controller:
         run = RunRef(meta["namespace"], meta["name"], meta.get("uid", ""))
         applied = self._applied(meta)
         try:
-            given: api.SPINRunSpec | InvalidSpec = resolve_spec(parse(body), self.settings, applied)
+            parsed = self._parse(key, body)
+            if isinstance(parsed, InvalidSpec):
+                raise parsed
+            given: api.SPINRunSpec | InvalidSpec = resolve_spec(parsed, self.settings, applied)
         except InvalidSpec as exc:
             given = exc
         try:
