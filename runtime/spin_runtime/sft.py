@@ -42,6 +42,13 @@ class SFTConfig:
     seed: int = 0
 
 
+def quiet_progress_bars() -> None:
+    """Silence transformers' progress bars ("Writing model shards"): noise for a 2 MB model."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one example: prompt then answer (+ EOS), prompt masked."""
     prompt = formatting.prompt_ids(tokenizer, example.system, example.prompt)

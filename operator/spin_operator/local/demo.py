@@ -88,11 +88,9 @@ def spinrun(workdir: Path, cfg: DemoConfig, iterations: int) -> dict[str, Any]:
 def build(workdir: Path, cfg: DemoConfig, say: Any = print) -> Path:
     """Task rows, tokenizer and weak SFT model under `workdir` (skipped when already built with
     the same settings). Returns the model directory."""
-    from transformers.utils import logging as hf_logging
-
     from spin_runtime import data, sft, tiny
 
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars: noise for a 2 MB model
+    sft.quiet_progress_bars()
 
     model_dir, task_path, stamp = workdir / "sft-model", workdir / "task.jsonl", workdir / "demo.json"
     wanted = json.dumps(asdict(cfg), sort_keys=True)
