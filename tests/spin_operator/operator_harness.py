@@ -242,3 +242,6 @@ class OperatorProcess:
         await asyncio.to_thread(self._thread.join, 15)
         assert not self._thread.is_alive(), "the operator did not die"
         self._thread = None
+        # kopf waits for a threading.Event stop flag in an executor thread; with its loop gone that
+        # thread would wait forever and hold up the interpreter's exit. Release it (nothing runs).
+        self._stop.set()
