@@ -82,7 +82,7 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _vllm(args: argparse.Namespace) -> dict[str, Any] | None:
-    if not VLLM_PYTHON.exists():
+    if not VLLM_PYTHON.exists() or (VLLM_PYTHON.parents[1] / ".spin-vllm-unavailable").exists():
         return None
     env = {
         **os.environ,

@@ -21,4 +21,6 @@ with zipfile.ZipFile(zip_path) as z:
             os.chmod(target, 0o755)
 PY
 "$dest/helm" version --short
-"$dest/kubectl" version --client=true 2>/dev/null | head -1
+# No `| head` here: under pipefail, head closing the pipe early kills kubectl with SIGPIPE (141).
+kubectl_version=$("$dest/kubectl" version --client=true 2>/dev/null || true)
+echo "${kubectl_version%%$'\n'*}"

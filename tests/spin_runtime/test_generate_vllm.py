@@ -20,6 +20,8 @@ from spin_runtime.generate.transformers_backend import TransformersBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+# Written by scripts/setup-vllm-venv.sh when vLLM cannot be installed on this machine.
+VLLM_UNAVAILABLE = ROOT / ".venv-vllm" / ".spin-vllm-unavailable"
 WORKER = ROOT / "tests" / "support" / "vllm_worker.py"
 EVAL, TRAIN, MAX_NEW = 4, 12, 10
 
@@ -28,6 +30,11 @@ pytestmark = [
     pytest.mark.skipif(
         not VLLM_PYTHON.exists(),
         reason=".venv-vllm is absent: run scripts/setup-vllm-venv.sh (make vllm-venv)",
+    ),
+    pytest.mark.skipif(
+        VLLM_UNAVAILABLE.exists(),
+        reason="vLLM could not be installed here: "
+        + (VLLM_UNAVAILABLE.read_text().strip() if VLLM_UNAVAILABLE.exists() else ""),
     ),
 ]
 
