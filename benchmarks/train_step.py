@@ -15,6 +15,8 @@ a change of load on a shared machine hits all of them alike. Medians, as ONE JSO
   real run; that pass is reported separately as ``spin_reference_pass_s``);
 * ``floor_step_s``: forward + cross-entropy + backward + ``optimizer.step`` over the same 16
   sequences, nothing else (no reference, no clipping, no logging);
+* ``lora_step_s``: the same trainer step with ``--peft lora`` (rank 16, alpha 32, every
+  linear layer but the head; base weights frozen), ``lora_peak_rss_mb`` its process's peak;
 * ``trl_step_s``: TRL ``DPOTrainer`` with ``precompute_ref_log_probs=False`` (a frozen copy
   of the model runs a forward every step), ``trl_precompute_step_s`` with ``True``.
 
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 
 PAIRS, SEQ_LEN, PROMPT_WORDS, ANSWER_WORDS = 8, 128, 48, 100
-CONTENDERS = ("spin", "floor", "trl", "trl_precompute")
+CONTENDERS = ("spin", "spin_lora", "floor", "trl", "trl_precompute")
+LORA_RANK, LORA_ALPHA = 16, 32  # on every linear layer but the head (--peft lora defaults)
 BETA, LR, MAX_GRAD_NORM = 0.1, 1e-5, 1.0
 
 
@@ -127,11 +131,12 @@ def _serve(warmup: int, step: Any, summary: Any) -> None:
 # contenders (each in its own process)
 
 
-def part_spin(model_dir: str, warmup: int) -> None:
+def part_spin(model_dir: str, warmup: int, lora: bool = False) -> None:
     import numpy as np
 
     from spin_runtime import models
     from spin_runtime.train import batches, distributed, loop, metrics
+    from spin_runtime.train.lora import LoraSettings
 
     tokenizer = models.load_tokenizer(model_dir)
     token_pairs = _token_pairs(tokenizer, _texts(0))
@@ -148,6 +153,7 @@ def part_spin(model_dir: str, warmup: int) -> None:
         micro_batch_size=PAIRS, max_length=SEQ_LEN, max_prompt_length=SEQ_LEN - 1,
         optimizer="adamw", lr_scheduler="constant", warmup_ratio=0.0,
         max_grad_norm=MAX_GRAD_NORM, precision="fp32",
+        lora=LoraSettings(rank=LORA_RANK, alpha=LORA_ALPHA) if lora else None,
     )  # fmt: skip
     ctx = distributed.init()
     hf_model = models.load_model(model_dir, "float32", "cpu", tokenizer=tokenizer)
@@ -178,10 +184,34 @@ def part_spin(model_dir: str, warmup: int) -> None:
     _serve(warmup, step, summary)
 
 
+def floor_step(
+    model: Any, optimizer: Any, pairs: Sequence[Any], pad_id: int, amp: Any = None
+) -> None:
+    """The bare step: forward + cross-entropy on the answer tokens + backward +
+    ``optimizer.step`` over the pairs' 2B sequences (real and generated, each with its prompt),
+    nothing else. ``amp``: an autocast context factory (bf16 on a GPU), or None."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from spin_runtime.train import batches
+
+    device = next(model.parameters()).device
+    batch = batches.collate(pairs, pairs[0], pad_id).to(device)
+    labels = torch.full((batch.input_ids.numel(),), -100, dtype=torch.long, device=device)
+    labels[batch.scored.positions] = batch.scored.targets  # the answer tokens, shifted
+    with amp() if amp is not None else contextlib.nullcontext():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=-100)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def part_floor(model_dir: str, warmup: int) -> None:
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from spin_runtime import models
     from spin_runtime.train import batches
@@ -196,14 +226,7 @@ def part_floor(model_dir: str, warmup: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
 
     def step(i: int) -> None:
-        batch = batches.collate(pairs, pairs[0], int(tokenizer.pad_token_id))
-        labels = torch.full((batch.input_ids.numel(),), -100, dtype=torch.long)
-        labels[batch.scored.positions] = batch.scored.targets  # the answer tokens, shifted
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        floor_step(model, optimizer, pairs, int(tokenizer.pad_token_id))
 
     _serve(warmup, step, lambda: {"tokens": _digest(token_pairs), "rss": _peak_rss_mb()})
 
@@ -316,8 +339,8 @@ def main() -> None:
 
         torch.set_num_threads(opts.threads)
         torch.manual_seed(0)
-        if opts.part == "spin":
-            part_spin(opts.model_dir, opts.warmup)
+        if opts.part in ("spin", "spin_lora"):
+            part_spin(opts.model_dir, opts.warmup, lora=opts.part == "spin_lora")
         elif opts.part == "floor":
             part_floor(opts.model_dir, opts.warmup)
         else:
@@ -336,7 +359,8 @@ def main() -> None:
         for c in contenders:
             c.receive()  # set up and warmed up (the others wait meanwhile)
         for r in range(opts.steps):  # one step of each in turn, the order rotating
-            for c in contenders[r % 4 :] + contenders[: r % 4]:
+            k = r % len(contenders)
+            for c in contenders[k:] + contenders[:k]:
                 c.times.append(float(c.command("step")["t"]))
         results = {c.name: {**c.command("done"), "times": c.times} for c in contenders}
         for c in contenders:
@@ -352,6 +376,7 @@ def main() -> None:
         "beta": BETA, "lr": LR, "optimizer": "adamw", "max_grad_norm": MAX_GRAD_NORM,
         "dtype": "float32", "threads": opts.threads, "steps": opts.steps,
         "warmup": opts.warmup, "tokens_sha256": digests["spin"],
+        "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": "all-linear"},
     }  # fmt: skip
     line = {
         "spin_step_s": round(spin, 4),
@@ -359,6 +384,9 @@ def main() -> None:
         "trl_step_s": round(med["trl"], 4),
         "trl_precompute_step_s": round(med["trl_precompute"], 4),
         "spin_peak_rss_mb": round(results["spin"]["rss"], 1),
+        "lora_step_s": round(med["spin_lora"], 4),
+        "lora_peak_rss_mb": round(results["spin_lora"]["rss"], 1),
+        "lora_vs_full_step": round(med["spin_lora"] / spin, 3),
         "trl_peak_rss_mb": round(results["trl"]["rss"], 1),
         "trl_precompute_peak_rss_mb": round(results["trl_precompute"]["rss"], 1),
         "spin_vs_floor": round(spin / floor, 3),
@@ -366,6 +394,7 @@ def main() -> None:
         "min_step_s": {name: round(min(r["times"]), 4) for name, r in results.items()},
         "spin_reference_pass_s": round(results["spin"]["reference_s"], 4),
         "spin_first_loss": round(results["spin"]["first_loss"], 7),
+        "lora_first_loss": round(results["spin_lora"]["first_loss"], 7),
         "settings": settings,
     }
     print(json.dumps(line))

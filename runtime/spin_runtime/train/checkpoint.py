@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from spin_runtime import manifest, storage
-from spin_runtime.train import distributed
+from spin_runtime.train import distributed, lora
 from spin_runtime.train.distributed import Context
+from spin_runtime.train.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +97,24 @@ def save_model(
     dtype: torch.dtype,
     drop: list[str],
     meta: Mapping[str, Any],
+    adapter: LoraSettings | None = None,
 ) -> None:
-    """Gather the trained weights (collective) and publish them at ``output`` from rank 0."""
+    """Gather the trained weights (collective) and publish them at ``output`` from rank 0;
+    with an ``adapter``, the merged weights, and the adapter in ``output/adapter``."""
     state = distributed.full_model_state(ctx, module)
     if ctx.main:
-        weights = {
-            k[len(WRAPPER_PREFIX) :]: v.to(dtype).contiguous()
-            for k, v in state.items()
-            if k.startswith(WRAPPER_PREFIX) and k[len(WRAPPER_PREFIX) :] not in drop
+        state = {
+            k[len(WRAPPER_PREFIX) :]: v for k, v in state.items() if k.startswith(WRAPPER_PREFIX)
         }
-        del state
         with staging(output) as folder:
-            hf_model.save_pretrained(folder, state_dict=weights)
+            target = hf_model
+            if adapter is not None:
+                target = lora.merge(hf_model.config, state, adapter, folder / lora.ADAPTER_DIR)
+                target.generation_config = hf_model.generation_config
+                state = target.state_dict()
+            weights = {k: v.to(dtype).contiguous() for k, v in state.items() if k not in drop}
+            del state
+            target.save_pretrained(folder, state_dict=weights)
             _set_config_dtype(folder / "config.json", dtype)
             tokenizer.save_pretrained(folder)
             manifest.write_dir_artifact(folder, output, MODEL_KIND, meta)

@@ -69,12 +69,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="score real and generated answers in separate rows instead of one row per pair "
         "with the prompt computed once (same log-probs; sharing needs SDPA attention)",
     )
+    p.add_argument(
+        "--peft",
+        choices=["none", "lora"],
+        default="none",
+        help="lora: train a LoRA adapter on θt (peft) and publish θt+1 merged, with the adapter "
+        "in OUTPUT/adapter; none: full fine-tuning",
+    )
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32, help="scaling is alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="on the adapter's input")
+    p.add_argument(
+        "--lora-target-modules",
+        default="all-linear",
+        help="comma-separated module names (e.g. q_proj,v_proj), or all-linear (every linear "
+        "layer but the output head)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from spin_runtime.train.loop import TrainConfig, TrainingError
     from spin_runtime.train.loop import run as train
+    from spin_runtime.train.lora import LoraSettings
+
+    adapter = None
+    if args.peft == "lora":
+        adapter = LoraSettings(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=[m.strip() for m in args.lora_target_modules.split(",")],
+        )
 
     cfg = TrainConfig(
         model=args.model,
@@ -101,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         strategy=args.strategy,
         prompt_sharing=args.prompt_sharing,
+        lora=adapter,
     )
     try:
         train(cfg)

@@ -8,6 +8,9 @@ when a full replica fits, else FSDP2 full sharding. "Fits" is the rule
 ``params x (4 weight + 4 grad + optimizer-state bytes) <= 0.5 x one device's memory``
 (optimizer state: 4 bytes/param for RMSprop, 8 for AdamW; the other half is left for
 activations), evaluated on rank 0 and broadcast so all ranks agree.
+An explicit ``--strategy ddp|fsdp`` is honoured whenever a process group exists, even of one
+process (``torchrun --nproc_per_node 1``: the wrapper's own cost, measured by
+benchmarks/gpu_check.py).
 
 Parameters are fp32 master weights. With bf16 precision, DDP and the plain module compute under
 ``torch.autocast``; FSDP2 gathers bf16 parameters and reduces gradients in fp32
@@ -130,10 +133,10 @@ def choose_strategy(ctx: Context, requested: str, num_params: int, optimizer: st
     """``none`` (one process), ``ddp`` or ``fsdp``; see the module docstring for the auto rule."""
     if requested not in STRATEGIES:
         raise ValueError(f"--strategy {requested}: expected one of {', '.join(STRATEGIES)}")
+    if requested != "auto" and ctx.initialized:
+        return requested  # honoured even for one process (torchrun --nproc_per_node 1)
     if ctx.world == 1:
         return "none"
-    if requested != "auto":
-        return requested
     need = num_params * (8 + OPTIMIZER_STATE_BYTES.get(optimizer, 8))
     choice = "ddp" if need <= 0.5 * device_memory_bytes(ctx) else "fsdp"
     return str(broadcast_object(ctx, choice))

@@ -30,7 +30,7 @@ from torch import nn
 
 from spin_runtime import manifest
 from spin_runtime.cli import UsageError
-from spin_runtime.train import batches, checkpoint, distributed
+from spin_runtime.train import batches, checkpoint, distributed, lora
 from spin_runtime.train.batches import Pair, PairSet
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
@@ -77,6 +77,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     strategy: str = "auto"
     prompt_sharing: bool = True
+    lora: lora.LoraSettings | None = None  # None: full fine-tuning
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -111,6 +112,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.lora is not None:
+            self.lora.validate()
 
     def resume_key(self) -> dict[str, Any]:
         """Settings an epoch checkpoint must share with this run to be resumed (micro-batch
@@ -120,7 +123,10 @@ class TrainConfig:
             "global_batch_size", "max_length", "max_prompt_length", "optimizer", "weight_decay",
             "lr_scheduler", "warmup_ratio", "max_grad_norm",
         )  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        key = {k: getattr(self, k) for k in keys}
+        if self.lora is not None:  # absent for full fine-tuning: older checkpoints still resume
+            key["lora"] = self.lora.as_dict()
+        return key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +298,7 @@ class Session:
     steps_per_epoch: int
     num_params: int
     bf16: bool
+    trainable_params: int = 0
 
 
 def build_session(
@@ -300,6 +307,9 @@ def build_session(
     """Prepare θt (fp32, dropout off) for training under the chosen strategy."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
     disable_dropout(hf_model)
+    if cfg.lora is not None:
+        # after disable_dropout: the adapter keeps its own dropout (harmless at B = 0, see lora)
+        hf_model = lora.apply(hf_model, cfg.lora)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works under DDP and FSDP2; transformers 5 renamed the call
         kwargs = {"use_reentrant": False}
@@ -309,6 +319,7 @@ def build_session(
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     hf_model.config.use_cache = False
     num_params = sum(p.numel() for p in hf_model.parameters())
+    trainable = lora.trainable_parameters(hf_model)
     strategy = distributed.choose_strategy(ctx, cfg.strategy, num_params, cfg.optimizer)
     module: nn.Module = SequenceLogProbs(hf_model)
     if strategy != "fsdp":
@@ -325,7 +336,7 @@ def build_session(
     autocast = bf16 and strategy != "fsdp"  # FSDP2 casts through its MixedPrecisionPolicy
     shared = cfg.prompt_sharing and supports_shared_prompt(hf_model)
     runner = Runner(ctx, module, strategy, autocast, pad_id, pairs.train[0], shared)
-    return Session(runner, optimizer, scheduler, steps_per_epoch, num_params, bf16)
+    return Session(runner, optimizer, scheduler, steps_per_epoch, num_params, bf16, trainable)
 
 
 def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
@@ -347,10 +358,11 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if ctx.main:
         log.info(
             "iteration %d: %d train pairs (%s per --data), %d held out, %d skipped long prompts, "
-            "%d cut answers; %d params; strategy %s on %d process(es), %s, prompt sharing %s; "
+            "%d cut answers; %d params (%d trained); strategy %s on %d process(es), %s, prompt sharing %s; "
             "%d steps of %d pairs",
             cfg.iteration, len(pairs.train), pairs.per_source, len(pairs.eval),
             pairs.skipped_long_prompts, pairs.truncated_answers, session.num_params,
+            session.trainable_params,
             runner.strategy, ctx.world, "bf16" if session.bf16 else "fp32",
             "on" if runner.shared_prompt else "off",
             steps_per_epoch * cfg.epochs, cfg.global_batch_size,
@@ -418,9 +430,27 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)},
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
     }
-    checkpoint.save_model(ctx, module, hf_model, tokenizer, cfg.output, save_dtype, drop, meta)
+    if cfg.lora is not None:
+        meta["adapter"] = {**cfg.lora.as_dict(), "path": lora.ADAPTER_DIR}
+    checkpoint.save_model(
+        ctx, module, hf_model, tokenizer, cfg.output, save_dtype, drop, meta, cfg.lora
+    )
+    if cfg.lora is not None:
+        _track_adapter(metrics, cfg, session.trainable_params)
     metrics.publish()
     return final
+
+
+def _track_adapter(metrics: MetricsLog, cfg: TrainConfig, trainable: int) -> None:
+    """The adapter's settings and where it is stored, on the iteration's MLflow run."""
+    from spin_runtime import storage
+
+    if metrics.tracker is None or cfg.lora is None:
+        return
+    with contextlib.suppress(Exception):  # tracking never fails training
+        metrics.tracker.log_params({f"peft.{k}": v for k, v in cfg.lora.as_dict().items()})
+        metrics.tracker.set_tags({"spin.adapter_uri": storage.join(cfg.output, lora.ADAPTER_DIR)})
+        metrics.tracker.log_metrics({"trainable_params": float(trainable)}, step=0)
 
 
 def _data_stats(pairs: PairSet) -> dict[str, Any]:
