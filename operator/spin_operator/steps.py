@@ -206,6 +206,14 @@ def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: s
         "--precision", tr.precision,
         "--strategy", tr.strategy,
     ]  # fmt: skip
+    if tr.peft is not None:
+        argv += [
+            "--peft", tr.peft.method,
+            "--lora-rank", str(tr.peft.rank),
+            "--lora-alpha", str(tr.peft.alpha),
+            "--lora-dropout", repr(tr.peft.dropout),
+            "--lora-target-modules", ",".join(tr.peft.target_modules),
+        ]  # fmt: skip
     return [*argv, "--gradient-checkpointing"] if tr.gradient_checkpointing else argv
 
 

@@ -76,6 +76,17 @@ def test_train_plan_is_torchrun_with_rendezvous() -> None:
     assert p.local_argv(node_rank=0)[6:9] == ["0", "--master-addr", "127.0.0.1"]
 
 
+def test_peft_becomes_the_runtime_lora_flags() -> None:
+    assert "--peft" not in plan_step(make(), SETTINGS, RUN, 0, "train").argv  # full fine-tuning
+    peft = {"rank": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"]}
+    p = plan_step(make(training={"peft": peft}), SETTINGS, RUN, 0, "train")
+    assert flag(p.argv, "--peft") == "lora" and flag(p.argv, "--lora-rank") == "8"
+    assert flag(p.argv, "--lora-alpha") == "16" and flag(p.argv, "--lora-dropout") == "0.05"
+    assert flag(p.argv, "--lora-target-modules") == "q_proj,v_proj"
+    defaults = plan_step(make(training={"peft": {}}), SETTINGS, RUN, 0, "train")
+    assert flag(defaults.argv, "--lora-target-modules") == "all-linear"
+
+
 def test_cpu_training_defaults_to_one_process() -> None:
     p = plan_step(make(training={"gpusPerNode": 0}), SETTINGS, RUN, 0, "train")
     assert flag(p.argv, "--nproc-per-node") == "1" and p.gpus_per_pod == 0
@@ -139,7 +150,7 @@ def _runtime_parser(command: str) -> argparse.ArgumentParser:
 @pytest.mark.parametrize("stage", ["generate", "train", "evaluate"])
 def test_argv_parses_with_the_runtime_cli(stage: str) -> None:
     """The operator's argv is accepted by the runtime's own parser (docs/runtime.md)."""
-    spec = make(model={"uri": "s3://models/sft", "tokenizer": "org/tok", "chatTemplate": "s3://bkt/t.jinja"}, training={"gradientCheckpointing": True})
+    spec = make(model={"uri": "s3://models/sft", "tokenizer": "org/tok", "chatTemplate": "s3://bkt/t.jinja"}, training={"gradientCheckpointing": True, "peft": {"targetModules": ["q_proj", "v_proj"]}})
     argv = list(plan_step(spec, SETTINGS, RUN, 0, stage).local_argv())  # type: ignore[arg-type]
     start = argv.index("spin_runtime") + 1
     parser = _runtime_parser(stage)

@@ -69,6 +69,13 @@ CASES = [
     Broken("zero-nodes", {"spec.training.nodes": 0}, "spec.training.nodes"),
     Broken("negative-beta", {"spec.training.beta": -0.1}, "spec.training.beta"),
     Broken("zero-lr", {"spec.training.learningRate": 0}, "spec.training.learningRate"),
+    Broken("lora-rank-zero", {"spec.training.peft.rank": 0}, "spec.training.peft.rank"),
+    Broken("lora-bad-method", {"spec.training.peft.method": "qlora"}, "spec.training.peft.method"),
+    Broken(
+        "lora-all-linear-and-names",
+        {"spec.training.peft.targetModules": ["all-linear", "q_proj"]},
+        "spec.training.peft.targetModules",
+    ),
     Broken("top-p-zero", {"spec.generation.topP": 0}, "spec.generation.topP"),
     Broken("warmup-one", {"spec.training.warmupRatio": 1.0}, "spec.training.warmupRatio"),
     Broken("bad-optimizer", {"spec.training.optimizer": "sgd"}, "spec.training.optimizer"),

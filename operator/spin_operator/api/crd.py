@@ -78,6 +78,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".globalBatchSize",
         },
     ],
+    "spec.training.peft": [
+        {
+            "rule": "!self.targetModules.exists(m, m == 'all-linear') || size(self.targetModules) == 1",
+            "message": "targetModules: all-linear cannot be combined with module names",
+            "fieldPath": ".targetModules",
+        },
+    ],
 }
 
 PRINTER_COLUMNS = [

@@ -207,6 +207,33 @@ class GenerationSpec(Model):
     )
 
 
+class PeftSpec(Model):
+    """Parameter-efficient training: a LoRA adapter on θt (the ``peft`` library). θt stays the
+    reference and the fresh adapter is zero, so SPIN's first loss is still ln 2. Each
+    iteration publishes θt+1 merged (generation, evaluation and the next iteration load it as
+    any checkpoint), with the adapter itself in ``iter-t/model/adapter``."""
+
+    method: Annotated[Literal["lora"], _desc("Adapter type.")] = "lora"
+    rank: Annotated[int, _desc("LoRA rank r.", ge=1, le=4096)] = 16
+    alpha: Annotated[int, _desc("LoRA alpha; the update is scaled by alpha / rank.", ge=1, le=65536)] = 32
+    dropout: Annotated[float, _desc("Dropout on the adapter's input.", ge=0, lt=1)] = 0.0
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]],
+        _desc(
+            "Module names to adapt (e.g. q_proj, v_proj), or [all-linear]: every linear layer "
+            "but the output head.",
+            min_length=1,
+            max_length=64,
+        ),
+    ] = ["all-linear"]  # pydantic copies it per object; a default_factory would not reach the CRD
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> PeftSpec:
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise FieldError("targetModules", "all-linear cannot be combined with module names")
+        return self
+
+
 class TrainingSpec(Model):
     """Step 2 of each iteration: θt+1 learns to prefer the real answers over θt's own."""
 
@@ -255,6 +282,9 @@ class TrainingSpec(Model):
         Literal["auto", "bf16", "fp32"], _desc("auto: bf16 on GPU, fp32 on CPU.")
     ] = "auto"
     gradient_checkpointing: Annotated[bool, _desc("Trade compute for activation memory.")] = False
+    peft: Annotated[
+        PeftSpec | None, _desc("Train a LoRA adapter instead of all weights (unset: full fine-tuning).")
+    ] = None
     strategy: Annotated[
         Literal["auto", "ddp", "fsdp"], _desc("auto: DDP when the model fits on one GPU, else FSDP2.")
     ] = "auto"
