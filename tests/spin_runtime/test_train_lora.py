@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from spin_runtime import manifest
+from spin_runtime.train import checkpoint, loop
 from spin_runtime.train.loss import LN2
 from tests.spin_runtime.test_train_support import (
     metrics,
@@ -88,6 +89,37 @@ def test_published_model_is_merged_and_the_adapter_reloads_onto_theta_t(single, 
         torch.testing.assert_close(reloaded[key], value, rtol=0, atol=1e-6)
     plain = AutoModelForCausalLM.from_pretrained(out)  # loads as a plain model
     assert type(plain).__name__ == "LlamaForCausalLM"
+
+
+def test_a_killed_lora_run_resumes_to_the_same_weights(
+    single, tiny_model_dir, data, tmp_path, monkeypatch
+):
+    argv = train_argv(tiny_model_dir, [data], tmp_path / "model", tmp_path / "train", **LORA)
+    real_step = loop.train_step
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in epoch 2 (4 steps an epoch)
+            raise RuntimeError("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", crashing)
+    with one_thread(), pytest.raises(RuntimeError, match="killed"):
+        run_train(argv)
+    assert checkpoint.latest_epoch(str(tmp_path / "train")) == 1
+    assert not manifest.is_complete(str(tmp_path / "model"))
+    monkeypatch.setattr(loop, "train_step", real_step)
+    with one_thread():
+        assert run_train(argv) == 0
+    a, b = _weights(single / "model"), _weights(tmp_path / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    # a full fine-tuning run cannot resume the adapter's work dir
+    full = {k: v for k, v in LORA.items() if not k.startswith(("peft", "lora"))}
+    argv = train_argv(tiny_model_dir, [data], tmp_path / "m2", tmp_path / "train", **full)
+    with one_thread():
+        assert run_train(argv) == 2
 
 
 @pytest.mark.parametrize(
