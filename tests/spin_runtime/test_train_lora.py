@@ -92,7 +92,7 @@ def test_published_model_is_merged_and_the_adapter_reloads_onto_theta_t(single, 
 
 
 def test_a_killed_lora_run_resumes_to_the_same_weights(
-    single, tiny_model_dir, data, tmp_path, monkeypatch
+    single, tiny_model_dir, data, tmp_path, monkeypatch, capsys
 ):
     argv = train_argv(tiny_model_dir, [data], tmp_path / "model", tmp_path / "train", **LORA)
     real_step = loop.train_step
@@ -118,8 +118,10 @@ def test_a_killed_lora_run_resumes_to_the_same_weights(
     # a full fine-tuning run cannot resume the adapter's work dir
     full = {k: v for k, v in LORA.items() if not k.startswith(("peft", "lora"))}
     argv = train_argv(tiny_model_dir, [data], tmp_path / "m2", tmp_path / "train", **full)
+    capsys.readouterr()
     with one_thread():
-        assert run_train(argv) == 2
+        assert run_train(argv) == 2  # refused before loading (parameter names differ)
+    assert "holds epoch checkpoints of other settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

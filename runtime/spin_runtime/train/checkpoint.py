@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,10 +223,17 @@ def _read_local(uri: str) -> tuple[Path, Path | None]:
 
 
 def load_epoch(
-    ctx: Context, work_dir: str, epoch: int, module: nn.Module, optimizer: torch.optim.Optimizer
+    ctx: Context,
+    work_dir: str,
+    epoch: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Resumed:
     """Load ``work_dir/epoch-NNN`` into ``module`` and ``optimizer`` (rank 0 reads and
-    broadcasts) and return the rest of the state on every rank."""
+    broadcasts) and return the rest of the state on every rank. ``check(trainer)`` runs on every
+    rank before any state is loaded: a checkpoint of other settings (e.g. full weights vs a
+    LoRA adapter, whose parameter names differ) is refused there, not as a load error."""
     model_state: dict[str, Any] = {}
     optimizer_state: dict[str, Any] = {}
     payload: Any = None
@@ -245,6 +252,8 @@ def load_epoch(
                 shutil.rmtree(tmp, ignore_errors=True)
         payload = (trainer, reference, rng)
     trainer, reference, rng = distributed.broadcast_object(ctx, payload)
+    if check is not None:
+        check(trainer)
     distributed.load_full_state(ctx, module, optimizer, model_state, optimizer_state)
     _set_rng_state(rng)
     return Resumed(

@@ -372,14 +372,19 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     resumed_epoch = checkpoint.latest_epoch(cfg.work_dir) if ctx.main else None
     resumed_epoch = distributed.broadcast_object(ctx, resumed_epoch)
     if resumed_epoch is not None:
-        state = checkpoint.load_epoch(ctx, cfg.work_dir, resumed_epoch, module, optimizer)
-        if state.trainer.get("resume_key") != cfg.resume_key() or (
-            state.trainer.get("data_fingerprint") != fingerprint
-        ):
-            raise UsageError(
-                f"--work-dir {cfg.work_dir} holds epoch checkpoints of other settings or data; "
-                "use an empty --work-dir"
-            )
+
+        def same_run(trainer: dict[str, Any]) -> None:
+            if trainer.get("resume_key") != cfg.resume_key() or (
+                trainer.get("data_fingerprint") != fingerprint
+            ):
+                raise UsageError(
+                    f"--work-dir {cfg.work_dir} holds epoch checkpoints of other settings or "
+                    "data; use an empty --work-dir"
+                )
+
+        state = checkpoint.load_epoch(
+            ctx, cfg.work_dir, resumed_epoch, module, optimizer, check=same_run
+        )
         scheduler.load_state_dict(state.scheduler)
         reference = state.reference.to(ctx.device)
         start_epoch, step = state.epoch + 1, state.step
