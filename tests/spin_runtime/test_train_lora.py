@@ -156,3 +156,15 @@ def test_two_processes_match_one_process(single, tiny_model_dir, data, tmp_path,
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     assert (tmp_path / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_lora_run(single, tiny_model_dir, data, tmp_path):
+    argv = train_argv(
+        tiny_model_dir, [data], tmp_path / "model", tmp_path / "train",
+        gradient_checkpointing=True, **LORA,
+    )  # fmt: skip
+    with one_thread():
+        assert run_train(argv) == 0
+    for x, y in zip(metrics(single / "train"), metrics(tmp_path / "train"), strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-6
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-5

@@ -208,10 +208,10 @@ class GenerationSpec(Model):
 
 
 class PeftSpec(Model):
-    """Parameter-efficient training: a LoRA adapter on θt (the ``peft`` library). θt stays the
-    reference and the fresh adapter is zero, so SPIN's first loss is still ln 2. Each
-    iteration publishes θt+1 merged (generation, evaluation and the next iteration load it as
-    any checkpoint), with the adapter itself in ``iter-t/model/adapter``."""
+    """A LoRA adapter on θt (peft) instead of full fine-tuning; θt+1 is published merged, the adapter in iter-t/model/adapter."""
+
+    # θt stays the reference and the fresh adapter is zero, so SPIN's first loss is still ln 2;
+    # generation, evaluation and the next iteration load the merged checkpoint unchanged.
 
     method: Annotated[Literal["lora"], _desc("Adapter type.")] = "lora"
     rank: Annotated[int, _desc("LoRA rank r.", ge=1, le=4096)] = 16
