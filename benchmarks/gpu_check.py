@@ -56,6 +56,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "runtime"), str(REPO)]
 
+CONTENDERS = (
+    "spin", "spin_gc", "spin_ddp", "spin_fsdp", "lora", "floor", "trl_precompute", "generation",
+)  # fmt: skip
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (the MFU denominator)
 BETA, LR, MAX_GRAD_NORM = 0.1, 1e-6, 1.0
 
@@ -361,7 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (tests)")
     parser.add_argument("--steps", type=int, help="measured steps per contender")
     parser.add_argument("--warmup", type=int, help="unmeasured first steps")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated contenders to run (default: all), e.g. to rerun one that failed",
+    )
     args = parser.parse_args(argv)
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: not one of {', '.join(CONTENDERS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     began = time.perf_counter()
 
@@ -419,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     results: dict[str, Any] = {}
     failed = False
+    assert tuple(contenders) == CONTENDERS
     for name, run in contenders.items():
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             results[name] = run()
@@ -430,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
     distributed.shutdown(ctx)
 
-    spin = results["spin"]
+    spin = results.get("spin", {})
     line = {
         "device": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else "cpu",
         "versions": {
