@@ -91,6 +91,7 @@ def test_published_model_is_merged_and_the_adapter_reloads_onto_theta_t(single, 
     assert type(plain).__name__ == "LlamaForCausalLM"
 
 
+@pytest.mark.slow  # another full run of ~20-40 s on a busy 2-core machine
 def test_a_killed_lora_run_resumes_to_the_same_weights(
     single, tiny_model_dir, data, tmp_path, monkeypatch, capsys
 ):
@@ -158,6 +159,7 @@ def test_two_processes_match_one_process(single, tiny_model_dir, data, tmp_path,
     assert (tmp_path / "model" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # another full run of ~20-40 s on a busy 2-core machine
 def test_gradient_checkpointing_gives_the_same_lora_run(single, tiny_model_dir, data, tmp_path):
     argv = train_argv(
         tiny_model_dir, [data], tmp_path / "model", tmp_path / "train",
