@@ -81,6 +81,9 @@ def test_vllm_greedy_equals_transformers_and_records_are_complete(
     assert vllm_run["greedy_token_ids"] == [c.token_ids for c in expected]
     assert [r["generated"] for r in recs] == [c.text for c in expected]
     assert [r["finish_reason"] for r in recs] == [c.finish_reason for c in expected]
+    # records carry the ids vLLM sampled, stop token included: what training scores
+    assert [r["generated_token_ids"] for r in recs] == [c.sampled_ids for c in expected]
+    assert any(r["finish_reason"] == "stop" for r in recs)  # the EOS branch is exercised
     assert len({tuple(t) for t in vllm_run["greedy_token_ids"]}) > len(recs) // 2  # varied
 
 
