@@ -240,10 +240,10 @@ def test_truncated_generations_have_no_eos_or_are_dropped(tokenizer):
     records = [
         {**_record(0), "generated_token_ids": cut, "finish_reason": "length"},
         {**_record(1), "finish_reason": "length"},  # an old record: text only
-        {**_record(2), "generated_token_ids": cut + [eos], "finish_reason": "stop"},
+        {**_record(2), "generated_token_ids": [*cut, eos], "finish_reason": "stop"},
     ]
     kept = batches.build_pairs([records], ["cur"], tokenizer, 64, 32)
-    assert [p.gen.tolist() for p in kept.train] == [cut, cut, cut + [eos]]
+    assert [p.gen.tolist() for p in kept.train] == [cut, cut, [*cut, eos]]
     assert kept.truncated_generations == 2 and kept.dropped_pairs == 0
     assert kept.retokenized_generations == 1
     dropped = batches.build_pairs([records], ["cur"], tokenizer, 64, 32, truncated_answers="drop")
@@ -267,5 +267,5 @@ def test_identical_pairs_are_counted_and_dropped_unless_kept(tokenizer):
 @pytest.mark.parametrize("bad", ["1 2", [1, "2"], [-1], [1.5]])
 def test_bad_generated_token_ids_name_the_record(tokenizer, bad):
     record = {**_record(7), "generated_token_ids": bad}
-    with pytest.raises(batches.DataError, match="record 7.*generated_token_ids"):
+    with pytest.raises(batches.DataError, match=r"record 7.*generated_token_ids"):
         batches.build_pairs([[record]], ["cur"], tokenizer, 64, 32)

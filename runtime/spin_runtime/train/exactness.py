@@ -63,6 +63,7 @@ class Layout:
         return {
             "prompt_sharing": self.prompt_sharing,
             "prompt_sharing_max_abs_diff": self.prompt_sharing_max_abs_diff,
+            "prompt_sharing_reason": self.prompt_sharing_reason,
             "fused_head": self.fused_head,
             "fused_head_max_abs_diff": self.fused_head_max_abs_diff,
         }

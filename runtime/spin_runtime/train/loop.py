@@ -115,8 +115,7 @@ class TrainConfig:
             ),
             (
                 self.truncated_answers in batches.TRUNCATED_ANSWERS,
-                f"--truncated-answers {self.truncated_answers}: one of "
-                f"{batches.TRUNCATED_ANSWERS}",
+                f"--truncated-answers {self.truncated_answers}: one of {batches.TRUNCATED_ANSWERS}",
             ),
         ]
         for ok, message in checks:
@@ -430,9 +429,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)},
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
     }
-    checkpoint.save_model(
-        ctx, module, hf_model, tokenizer, cfg.output, source_config, drop, meta
-    )
+    checkpoint.save_model(ctx, module, hf_model, tokenizer, cfg.output, source_config, drop, meta)
     metrics.publish()
     return final
 
