@@ -76,6 +76,18 @@ def test_train_plan_is_torchrun_with_rendezvous() -> None:
     assert p.local_argv(node_rank=0)[6:9] == ["0", "--master-addr", "127.0.0.1"]
 
 
+def test_train_plan_passes_the_exactness_settings() -> None:
+    default = plan_step(make(), SETTINGS, RUN, 0, "train").argv
+    assert flag(default, "--prompt-sharing") == "auto" and flag(default, "--truncated-answers") == "keep"
+    assert "--drop-identical-pairs" in default and "--no-drop-identical-pairs" not in default
+    spec = make(training={"promptSharing": "off", "truncatedAnswers": "drop", "dropIdenticalPairs": False})
+    argv = plan_step(spec, SETTINGS, RUN, 0, "train").argv
+    assert flag(argv, "--prompt-sharing") == "off" and flag(argv, "--truncated-answers") == "drop"
+    assert "--no-drop-identical-pairs" in argv and "--drop-identical-pairs" not in argv
+    with pytest.raises(ValidationError, match="promptSharing"):
+        make(training={"promptSharing": "always"})
+
+
 def test_cpu_training_defaults_to_one_process() -> None:
     p = plan_step(make(training={"gpusPerNode": 0}), SETTINGS, RUN, 0, "train")
     assert flag(p.argv, "--nproc-per-node") == "1" and p.gpus_per_pod == 0
