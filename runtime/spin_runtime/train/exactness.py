@@ -115,9 +115,14 @@ def probe_pairs(pairs: Sequence[Pair], count: int = PROBE_PAIRS) -> list[Pair]:
 
 @torch.no_grad()
 def _logps(module: SequenceLogProbs, pairs: Sequence[Pair], pad_id: int, shared: bool) -> Any:
+    """Summed answer log-probs, one pair (two padded rows, or one packed row) per forward: the
+    model's own head materialises full logits, so one pair at a time bounds that memory."""
     device = next(module.parameters()).device
-    batch = batches.collate(pairs, pairs[0], pad_id, shared).to(device)
-    return policy_score(module, batch).double().cpu()
+    out = []
+    for pair in pairs:
+        batch = batches.collate([pair], pair, pad_id, shared).to(device)
+        out.append(policy_score(module, batch).double().cpu())
+    return torch.cat(out)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
