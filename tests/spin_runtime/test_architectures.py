@@ -90,6 +90,17 @@ def _qwen3_next() -> Any:
     )  # fmt: skip
 
 
+def _jamba() -> Any:
+    from transformers import JambaConfig
+
+    # layer 0 Mamba (the slow PyTorch scan: no mamba_ssm here), layer 1 attention + MoE
+    return JambaConfig(
+        **SMALL, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False,
+    )  # fmt: skip
+
+
 # name -> (config factory, prompt sharing expected, why it is refused: text in the reason)
 MATRIX: dict[str, tuple[Callable[[], Any], bool, str]] = {
     "llama": (_cfg("LlamaConfig"), True, ""),
@@ -114,10 +125,11 @@ MATRIX: dict[str, tuple[Callable[[], Any], bool, str]] = {
     "falcon-h1": (_falcon_h1, False, "'hybrid'"),
     "lfm2": (_cfg("Lfm2Config", layer_types=["conv", "full_attention"]), False, "['conv']"),
     "qwen3-next": (_qwen3_next, False, "'linear_attention'"),
+    "jamba": (_jamba, False, "'linear_attention'"),  # transformers labels Mamba layers so
 }
 #: Layouts that would be wrong here: refusing them must be backed by a real, measured error.
 WRONG_WHEN_SHARED = {"mistral-window4", "qwen2-sliding", "gemma3-window4", "falcon-h1", "lfm2",
-                     "qwen3-next"}  # fmt: skip
+                     "qwen3-next", "jamba"}  # fmt: skip
 
 
 def make_model(name: str) -> Any:
