@@ -125,7 +125,7 @@ MATRIX: dict[str, tuple[Callable[[], Any], bool, str]] = {
     "falcon-h1": (_falcon_h1, False, "'hybrid'"),
     "lfm2": (_cfg("Lfm2Config", layer_types=["conv", "full_attention"]), False, "['conv']"),
     "qwen3-next": (_qwen3_next, False, "'linear_attention'"),
-    "jamba": (_jamba, False, "'linear_attention'"),  # transformers labels Mamba layers so
+    "jamba": (_jamba, False, "'linear_attention'"),  # Mamba layers are typed so
 }
 #: Layouts that would be wrong here: refusing them must be backed by a real, measured error.
 WRONG_WHEN_SHARED = {"mistral-window4", "qwen2-sliding", "gemma3-window4", "falcon-h1", "lfm2",
