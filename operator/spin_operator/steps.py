@@ -205,6 +205,9 @@ def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: s
         "--max-grad-norm", repr(tr.max_grad_norm),
         "--precision", tr.precision,
         "--strategy", tr.strategy,
+        "--prompt-sharing", tr.prompt_sharing,
+        "--truncated-answers", tr.truncated_answers,
+        "--drop-identical-pairs" if tr.drop_identical_pairs else "--no-drop-identical-pairs",
     ]  # fmt: skip
     if tr.peft is not None:
         argv += [

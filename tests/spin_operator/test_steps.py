@@ -29,7 +29,10 @@ SETTINGS = Settings(runtime_image="runtime:1", storage_uri="s3://bkt/runs")
 
 
 def make(**extra: object) -> api.SPINRunSpec:
-    raw = {"model": {"uri": "s3://models/sft"}, "dataset": {"uri": "s3://data/sft.jsonl", "maxSamples": 100, "evalSamples": 10, "seed": 3}}
+    raw = {
+        "model": {"uri": "s3://models/sft"},
+        "dataset": {"uri": "s3://data/sft.jsonl", "maxSamples": 100, "evalSamples": 10, "seed": 3},
+    }
     raw.update(extra)  # type: ignore[arg-type]
     return resolve_spec(api.SPINRunSpec.model_validate(raw), SETTINGS)
 
@@ -39,17 +42,36 @@ def flag(argv: tuple[str, ...], name: str) -> str:
 
 
 def test_generate_plan() -> None:
-    spec = make(generation={"replicas": 4, "gpusPerReplica": 2, "temperature": 0.7, "backend": "vllm", "seed": 10})
+    spec = make(
+        generation={
+            "replicas": 4,
+            "gpusPerReplica": 2,
+            "temperature": 0.7,
+            "backend": "vllm",
+            "seed": 10,
+        }
+    )
     p = plan_step(spec, SETTINGS, RUN, 1, "generate", mlflow_run_id="run-1")
     assert flag(p.argv, "--sampling-seed") == "11"  # generation.seed offset by the iteration
     assert p.argv[:4] == ("python", "-m", "spin_runtime", "generate")
     assert flag(p.argv, "--model") == f"{R}/iter-000/model"
     assert flag(p.argv, "--output") == f"{R}/iter-001/generated"
     assert flag(p.argv, "--tensor-parallel-size") == "2" and flag(p.argv, "--temperature") == "0.7"
-    assert (flag(p.argv, "--dataset"), flag(p.argv, "--max-samples"), flag(p.argv, "--eval-samples"), flag(p.argv, "--seed")) == ("s3://data/sft.jsonl", "100", "10", "3")
+    assert (
+        flag(p.argv, "--dataset"),
+        flag(p.argv, "--max-samples"),
+        flag(p.argv, "--eval-samples"),
+        flag(p.argv, "--seed"),
+    ) == ("s3://data/sft.jsonl", "100", "10", "3")
     assert "--shard-index" not in p.argv  # from JOB_COMPLETION_INDEX / SPIN_NUM_SHARDS
     assert p.env["SPIN_NUM_SHARDS"] == "4" and "MLFLOW_RUN_ID" not in p.env  # no tracking URI
-    assert (p.pods, p.processes_per_pod, p.gpus_per_pod, p.image, p.job_name) == (4, 1, 2, "runtime:1", "paper-i1-gen")
+    assert (p.pods, p.processes_per_pod, p.gpus_per_pod, p.image, p.job_name) == (
+        4,
+        1,
+        2,
+        "runtime:1",
+        "paper-i1-gen",
+    )
     assert p.shm_size == "16Gi"  # tensor parallel over 2 GPUs needs shared memory
     assert not p.rendezvous
 
@@ -60,7 +82,17 @@ def test_first_iteration_starts_from_the_base_model() -> None:
 
 
 def test_train_plan_is_torchrun_with_rendezvous() -> None:
-    spec = make(training={"nodes": 2, "gpusPerNode": 8, "globalBatchSize": 64, "betaPerIteration": [0.1, 5.0], "mixPreviousIterations": 1, "gradientCheckpointing": True}, iterations=2)
+    spec = make(
+        training={
+            "nodes": 2,
+            "gpusPerNode": 8,
+            "globalBatchSize": 64,
+            "betaPerIteration": [0.1, 5.0],
+            "mixPreviousIterations": 1,
+            "gradientCheckpointing": True,
+        },
+        iterations=2,
+    )
     p = plan_step(spec, SETTINGS, RUN, 1, "train", attempt=2)
     assert p.job_name == "paper-i1-train-r2"
     assert p.argv[:11] == (
@@ -87,6 +119,23 @@ def test_peft_becomes_the_runtime_lora_flags() -> None:
     assert flag(defaults.argv, "--lora-target-modules") == "all-linear"
 
 
+def test_train_plan_passes_the_exactness_settings() -> None:
+    default = plan_step(make(), SETTINGS, RUN, 0, "train").argv
+    assert (
+        flag(default, "--prompt-sharing") == "auto"
+        and flag(default, "--truncated-answers") == "keep"
+    )
+    assert "--drop-identical-pairs" in default and "--no-drop-identical-pairs" not in default
+    spec = make(
+        training={"promptSharing": "off", "truncatedAnswers": "drop", "dropIdenticalPairs": False}
+    )
+    argv = plan_step(spec, SETTINGS, RUN, 0, "train").argv
+    assert flag(argv, "--prompt-sharing") == "off" and flag(argv, "--truncated-answers") == "drop"
+    assert "--no-drop-identical-pairs" in argv and "--drop-identical-pairs" not in argv
+    with pytest.raises(ValidationError, match="promptSharing"):
+        make(training={"promptSharing": "always"})
+
+
 def test_cpu_training_defaults_to_one_process() -> None:
     p = plan_step(make(training={"gpusPerNode": 0}), SETTINGS, RUN, 0, "train")
     assert flag(p.argv, "--nproc-per-node") == "1" and p.gpus_per_pod == 0
@@ -98,12 +147,17 @@ def test_evaluate_plan_with_baseline_at_iteration_zero_only() -> None:
     p1 = plan_step(spec, SETTINGS, RUN, 1, "evaluate")
     assert flag(p0.argv, "--baseline-model") == "s3://models/sft"
     assert "--baseline-model" not in p1.argv
-    assert flag(p1.argv, "--model") == f"{R}/iter-001/model" and flag(p1.argv, "--output") == f"{R}/iter-001/eval"
+    assert (
+        flag(p1.argv, "--model") == f"{R}/iter-001/model"
+        and flag(p1.argv, "--output") == f"{R}/iter-001/eval"
+    )
     assert "--max-samples" not in p1.argv
 
 
 def test_custom_evaluation_command_gets_its_env() -> None:
-    spec = make(evaluation={"command": ["python", "my_eval.py", "--fast"], "image": "eval:2", "gpus": 0})
+    spec = make(
+        evaluation={"command": ["python", "my_eval.py", "--fast"], "image": "eval:2", "gpus": 0}
+    )
     p = plan_step(spec, SETTINGS, RUN, 2, "evaluate")
     assert p.argv == ("python", "my_eval.py", "--fast") and p.image == "eval:2"
     assert p.env["SPIN_MODEL_URI"] == f"{R}/iter-002/model"
@@ -112,7 +166,12 @@ def test_custom_evaluation_command_gets_its_env() -> None:
 
 def test_env_and_secret_references_never_values() -> None:
     spec = make(
-        storage={"uri": "s3://bkt/runs", "endpoint": "http://minio:9000", "region": "eu-1", "credentialsSecret": {"name": "s3", "accessKeyIdKey": "id"}},
+        storage={
+            "uri": "s3://bkt/runs",
+            "endpoint": "http://minio:9000",
+            "region": "eu-1",
+            "credentialsSecret": {"name": "s3", "accessKeyIdKey": "id"},
+        },
         tracking={"uri": "http://mlflow:5000", "credentialsSecret": {"name": "ml"}},
     )
     p = plan_step(spec, SETTINGS, RUN, 0, "train", mlflow_run_id="abc")
@@ -123,7 +182,9 @@ def test_env_and_secret_references_never_values() -> None:
     }  # fmt: skip
     assert p.secret_env["AWS_ACCESS_KEY_ID"] == SecretKey("s3", "id")
     assert p.secret_env["AWS_SECRET_ACCESS_KEY"] == SecretKey("s3", "AWS_SECRET_ACCESS_KEY")
-    assert p.secret_env["MLFLOW_TRACKING_TOKEN"] == SecretKey("ml", "MLFLOW_TRACKING_TOKEN", optional=True)
+    assert p.secret_env["MLFLOW_TRACKING_TOKEN"] == SecretKey(
+        "ml", "MLFLOW_TRACKING_TOKEN", optional=True
+    )
 
 
 def test_steps_of() -> None:
@@ -150,7 +211,14 @@ def _runtime_parser(command: str) -> argparse.ArgumentParser:
 @pytest.mark.parametrize("stage", ["generate", "train", "evaluate"])
 def test_argv_parses_with_the_runtime_cli(stage: str) -> None:
     """The operator's argv is accepted by the runtime's own parser (docs/runtime.md)."""
-    spec = make(model={"uri": "s3://models/sft", "tokenizer": "org/tok", "chatTemplate": "s3://bkt/t.jinja"}, training={"gradientCheckpointing": True, "peft": {"targetModules": ["q_proj", "v_proj"]}})
+    spec = make(
+        model={
+            "uri": "s3://models/sft",
+            "tokenizer": "org/tok",
+            "chatTemplate": "s3://bkt/t.jinja",
+        },
+        training={"gradientCheckpointing": True, "peft": {"targetModules": ["q_proj", "v_proj"]}},
+    )
     argv = list(plan_step(spec, SETTINGS, RUN, 0, stage).local_argv())  # type: ignore[arg-type]
     start = argv.index("spin_runtime") + 1
     parser = _runtime_parser(stage)
@@ -165,21 +233,39 @@ def test_argv_parses_with_the_runtime_cli(stage: str) -> None:
 
 def test_digest_ignores_mutable_fields_only() -> None:
     base = make()
-    assert spec_digest(base) == spec_digest(make(iterations=7, suspend=True, scheduling={"queueName": "q"}, training={"image": "x:1"}))
+    assert spec_digest(base) == spec_digest(
+        make(iterations=7, suspend=True, scheduling={"queueName": "q"}, training={"image": "x:1"})
+    )
     assert spec_digest(base) != spec_digest(make(training={"beta": 0.2}))
-    assert spec_digest(base) == spec_digest(make(training={"beta": 0.1}))  # explicit default == default
+    assert spec_digest(base) == spec_digest(
+        make(training={"beta": 0.1})
+    )  # explicit default == default
 
 
 def test_changed_fields_are_wire_paths() -> None:
-    assert changed_fields(make(), make(training={"beta": 0.2}, generation={"replicas": 3}, iterations=9)) == [
+    assert changed_fields(
+        make(), make(training={"beta": 0.2}, generation={"replicas": 3}, iterations=9)
+    ) == [
         "spec.generation.replicas",
         "spec.training.beta",
     ]
 
 
 def test_merge_takes_mutable_fields_from_the_new_spec() -> None:
-    merged = merge_mutable(make(), make(model={"uri": "s3://models/x"}, iterations=9, failurePolicy={"maxRetries": 5}, evaluation={"metric": "loss", "mode": "min"}))
-    assert (merged.model.uri, merged.iterations, merged.failure_policy.max_retries) == ("s3://models/sft", 9, 5)
+    merged = merge_mutable(
+        make(),
+        make(
+            model={"uri": "s3://models/x"},
+            iterations=9,
+            failurePolicy={"maxRetries": 5},
+            evaluation={"metric": "loss", "mode": "min"},
+        ),
+    )
+    assert (merged.model.uri, merged.iterations, merged.failure_policy.max_retries) == (
+        "s3://models/sft",
+        9,
+        5,
+    )
     assert (merged.evaluation.metric, merged.evaluation.mode) == ("loss", "min")
 
 

@@ -213,3 +213,59 @@ def test_batch_moves_to_device():
         batch = batches.collate([p], p, 0, shared_prompt=shared).to(torch.device("cpu"))
         assert batch.input_ids.dtype == torch.long
         assert batch.scored.num_sequences == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# generated answers: sampled ids, truncation, identical pairs (issue 16)
+
+
+def test_generated_token_ids_are_scored_as_sampled(tokenizer):
+    """Ids that decode to the same text as a canonical encoding (here: a merged word spelled
+    letter by letter, as a sampling model may produce it) are scored as sampled, not
+    re-tokenized."""
+    eos = tokenizer.eos_token_id
+    canonical = formatting.response_ids(tokenizer, "reverse")
+    sampled = [tokenizer.convert_tokens_to_ids(c) for c in "reverse"] + [eos]
+    assert len(canonical) < len(sampled)  # "reverse" is a merge in the tiny vocabulary
+    assert tokenizer.decode(sampled, skip_special_tokens=True) == "reverse"
+    record = {**_record(1), "generated_token_ids": sampled, "finish_reason": "stop"}
+    pairs = batches.build_pairs([[record]], ["cur"], tokenizer, 64, 32)
+    assert pairs.train[0].gen.tolist() == sampled
+    assert pairs.retokenized_generations == 0
+
+
+def test_truncated_generations_have_no_eos_or_are_dropped(tokenizer):
+    eos = tokenizer.eos_token_id
+    cut = formatting.response_ids(tokenizer, "x y")[:-1]
+    records = [
+        {**_record(0), "generated_token_ids": cut, "finish_reason": "length"},
+        {**_record(1), "finish_reason": "length"},  # an old record: text only
+        {**_record(2), "generated_token_ids": [*cut, eos], "finish_reason": "stop"},
+    ]
+    kept = batches.build_pairs([records], ["cur"], tokenizer, 64, 32)
+    assert [p.gen.tolist() for p in kept.train] == [cut, cut, [*cut, eos]]
+    assert kept.truncated_generations == 2 and kept.dropped_pairs == 0
+    assert kept.retokenized_generations == 1
+    dropped = batches.build_pairs([records], ["cur"], tokenizer, 64, 32, truncated_answers="drop")
+    assert [p.id for p in dropped.train] == ["2"] and dropped.dropped_pairs == 2
+    with pytest.raises(batches.DataError, match="--truncated-answers"):
+        batches.build_pairs([records], ["cur"], tokenizer, 64, 32, truncated_answers="maybe")
+
+
+def test_identical_pairs_are_counted_and_dropped_unless_kept(tokenizer):
+    same = {**_record(1), "generated": "2"}  # the real answer of _record(1), token for token
+    records = [_record(0), same, {**_record(3, "eval"), "generated": "4"}]
+    dropped = batches.build_pairs([records], ["cur"], tokenizer, 64, 32)
+    assert [p.id for p in dropped.all] == ["0"]
+    assert dropped.identical_pairs == 2 and dropped.dropped_pairs == 2
+    kept = batches.build_pairs([records], ["cur"], tokenizer, 64, 32, drop_identical=False)
+    assert [p.id for p in kept.all] == ["0", "1", "3"] and kept.identical_pairs == 2
+    with pytest.raises(batches.DataError, match=r"1 dropped: 1 identical.*--drop-identical-pairs"):
+        batches.build_pairs([[same]], ["cur"], tokenizer, 64, 32)
+
+
+@pytest.mark.parametrize("bad", ["1 2", [1, "2"], [-1], [1.5]])
+def test_bad_generated_token_ids_name_the_record(tokenizer, bad):
+    record = {**_record(7), "generated_token_ids": bad}
+    with pytest.raises(batches.DataError, match=r"record 7.*generated_token_ids"):
+        batches.build_pairs([[record]], ["cur"], tokenizer, 64, 32)

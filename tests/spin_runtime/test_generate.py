@@ -311,3 +311,35 @@ def test_cli_parser_is_light() -> None:
         "bad = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_records_carry_the_sampled_ids_that_retokenizing_would_change(
+    tiny_varied_model_dir, tiny_dataset_path, tmp_path
+) -> None:
+    """A sampling model produces token sequences its tokenizer would not (non-canonical
+    merges, split characters): the record keeps the ids, and the trainer scores those."""
+    from spin_runtime import formatting, models
+    from spin_runtime.train import batches
+
+    out = tmp_path / "generated"
+    flags = ("--temperature", "1.0", "--max-new-tokens", "16")
+    assert cli.main(argv(tiny_varied_model_dir, tiny_dataset_path, out, *flags)) == 0
+    recs = records.read_generated(str(out))
+    tok = models.load_tokenizer(str(tiny_varied_model_dir))
+    eos = tok.eos_token_id
+    for r in recs:
+        ids = r["generated_token_ids"]
+        assert r["generated"] == tok.decode(ids, skip_special_tokens=True)
+        if r["finish_reason"] == "stop":
+            assert ids[-1] == eos and eos not in ids[:-1]
+            assert r["num_generated_tokens"] == len(ids) - 1
+        else:
+            assert eos not in ids and len(ids) == r["num_generated_tokens"] == 16
+    changed = [
+        r for r in recs if formatting.response_ids(tok, r["generated"]) != r["generated_token_ids"]
+    ]
+    assert changed, "expected some answers whose text re-encodes to other ids"
+    pairs = batches.build_pairs([recs], ["g"], tok, 256, 128, drop_identical=False)
+    by_id = {p.id: p.gen.tolist() for p in pairs.all}
+    assert all(by_id[str(r["id"])] == r["generated_token_ids"] for r in recs)
+    print(f"\n{len(changed)} of {len(recs)} answers re-encode to other ids")

@@ -81,6 +81,22 @@ def test_vllm_greedy_equals_transformers_and_records_are_complete(
     assert vllm_run["greedy_token_ids"] == [c.token_ids for c in expected]
     assert [r["generated"] for r in recs] == [c.text for c in expected]
     assert [r["finish_reason"] for r in recs] == [c.finish_reason for c in expected]
+    # records carry the ids vLLM sampled, stop token included: what training scores
+    assert [r["generated_token_ids"] for r in recs] == [c.sampled_ids for c in expected]
+
+    # answers that stop: the sampled stop token is recorded, exactly as transformers samples it
+    backend = TransformersBackend(str(tiny_varied_model_dir), tok, batch_size=8)
+    backend.eos_id = vllm_run["stop_token"]
+    stopped = backend.generate(prompts, greedy, [MAX_NEW] * len(prompts))
+    backend.close()
+    assert vllm_run["stop_finish_reasons"] == [c.finish_reason for c in stopped]
+    assert vllm_run["stop_sampled_ids"] == [c.sampled_ids for c in stopped]
+    assert "stop" in vllm_run["stop_finish_reasons"]
+    for ids, reason in zip(
+        vllm_run["stop_sampled_ids"], vllm_run["stop_finish_reasons"], strict=True
+    ):
+        assert (ids[-1] == vllm_run["stop_token"]) is (reason == "stop")
+        assert vllm_run["stop_token"] not in ids[:-1]
     assert len({tuple(t) for t in vllm_run["greedy_token_ids"]}) > len(recs) // 2  # varied
 
 

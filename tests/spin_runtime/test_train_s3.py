@@ -94,3 +94,11 @@ def test_metrics_reach_mlflow(tiny_model_dir, tiny_rows, mlflow_server, tmp_path
     assert {"margin", "accuracy", "grad_norm", "learning_rate", "tokens_per_s"} <= set(
         client.get_run(run.info.run_id).data.metrics
     )
+    # the scoring layout the exactness check chose, with its measured differences (issue 16)
+    logged = client.get_run(run.info.run_id).data.metrics
+    (data_event,) = metrics(tmp_path / "train", "data")
+    assert logged["prompt_sharing"] == 1.0 and data_event["prompt_sharing"] is True
+    assert logged["prompt_sharing_max_abs_diff"] == pytest.approx(
+        data_event["prompt_sharing_max_abs_diff"]
+    )
+    assert logged["fused_head"] == 1.0 and "identical_pairs" in logged

@@ -285,6 +285,30 @@ class TrainingSpec(Model):
     peft: Annotated[
         PeftSpec | None, _desc("Train a LoRA adapter instead of all weights (unset: full fine-tuning).")
     ] = None
+    prompt_sharing: Annotated[
+        Literal["auto", "on", "off"],
+        _desc(
+            "Score each pair as one row (the prompt computed once) instead of two. auto: only "
+            "when checked exact for the model at start (full-attention layers, no window "
+            "shorter than a row, shared and separate layouts within 1e-4 nats on the run's own "
+            "pairs); on: the same check, but the training Job fails when it does not pass."
+        ),
+    ] = "auto"
+    truncated_answers: Annotated[
+        Literal["keep", "drop"],
+        _desc(
+            "Generated answers cut by maxNewTokens: keep trains on them as sampled (no EOS "
+            "appended), drop leaves their pairs out."
+        ),
+    ] = "keep"
+    drop_identical_pairs: Annotated[
+        bool,
+        _desc(
+            "Leave out pairs whose generated answer is token for token the real one: they add "
+            "no gradient but dilute each step's mean and count as wrong in the accuracy. "
+            "Counted in the metrics either way."
+        ),
+    ] = True
     strategy: Annotated[
         Literal["auto", "ddp", "fsdp"], _desc("auto: DDP when the model fits on one GPU, else FSDP2.")
     ] = "auto"

@@ -45,12 +45,21 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Completion:
-    """One answer: its tokens without the final EOS, the decoded text, and why it ended —
-    ``stop`` (EOS) or ``length`` (cut by the token budget: a truncated answer)."""
+    """One answer: its tokens without the final EOS, the decoded text, why it ended — ``stop``
+    (EOS) or ``length`` (cut by the token budget: a truncated answer) — and the stop token
+    the model sampled (None when truncated)."""
 
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
+    stop_token_id: int | None = None
+
+    @property
+    def sampled_ids(self) -> list[int]:
+        """Every token the model sampled after the prompt, its stop token included: the
+        sequence training scores (records' ``generated_token_ids``)."""
+        tail = [] if self.stop_token_id is None else [self.stop_token_id]
+        return [*self.token_ids, *tail]
 
 
 class Backend(Protocol):

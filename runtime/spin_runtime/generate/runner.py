@@ -163,6 +163,8 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
             "prompt": example.prompt,
             "real": example.response,
             "generated": completion.text,
+            # what training scores: the sampled ids, never a re-tokenization of the text
+            "generated_token_ids": completion.sampled_ids,
             "finish_reason": completion.finish_reason,
             "num_generated_tokens": len(completion.token_ids),
             "iteration": opts.iteration,

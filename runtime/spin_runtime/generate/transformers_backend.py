@@ -118,7 +118,8 @@ class TransformersBackend:
             for row, i in enumerate(batch):
                 tokens, reason = split_answer(new[row], self.eos_id, max_tokens[i])
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                results[i] = Completion(token_ids=tokens, text=text, finish_reason=reason)
+                stop = self.eos_id if reason == "stop" else None
+                results[i] = Completion(tokens, text, reason, stop_token_id=stop)
         return [r for r in results if r is not None]
 
     def close(self) -> None:

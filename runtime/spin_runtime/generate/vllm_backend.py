@@ -109,11 +109,14 @@ class VLLMBackend:
         for output in outputs:
             answer = output.outputs[0]
             tokens = list(answer.token_ids)
-            if tokens and tokens[-1] == self.eos_id:
-                tokens = tokens[:-1]
             reason: FinishReason = "stop" if answer.finish_reason == "stop" else "length"
+            stop: int | None = None
+            # vLLM keeps the stop token in token_ids — our EOS, or another EOS id from the
+            # checkpoint's generation_config — and detokenize=False rules out stop strings
+            if reason == "stop" and tokens:
+                stop = tokens.pop()
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(Completion(token_ids=tokens, text=text, finish_reason=reason))
+            completions.append(Completion(tokens, text, reason, stop_token_id=stop))
         return completions
 
     def close(self) -> None:

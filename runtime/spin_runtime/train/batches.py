@@ -6,13 +6,23 @@ so with one previous iteration mixed in, a prompt yields two pairs with the same
 The held-out pairs (records with ``split == "eval"``) come from the first directory only: they
 measure the policy against the opponent it is being trained to beat.
 
-Token ids come from :mod:`spin_runtime.formatting`, the same code generation used, so a pair's
-``prompt + generated`` is exactly the sequence θt produced.
+Prompts and real answers are tokenized by :mod:`spin_runtime.formatting`, the same code
+generation used. The generated answer is scored as the token ids θt sampled
+(``generated_token_ids`` of the record, its stop token included), never re-tokenized from its
+decoded text: decoding and re-encoding changes ~10 % of a byte-level BPE model's answers (split
+multi-byte characters, non-canonical merges). So ``prompt + generated`` is exactly the
+sequence θt produced — and an answer cut by its token budget (``finish_reason: length``) has no
+EOS, because θt produced none. Records written before the ids were recorded are re-tokenized
+(counted, with a warning).
 
 Length rules (documented in docs/runtime.md):
 - a pair whose formatted prompt is longer than ``max_prompt_length`` is skipped and counted
   (cutting a prompt would train on a question nobody asked);
-- answers longer than ``max_length - len(prompt)`` are cut at the end and counted.
+- answers longer than ``max_length - len(prompt)`` are cut at the end and counted;
+- pairs whose generated answer was truncated are kept (no EOS) or dropped
+  (``truncated_answers``), and pairs whose generated answer is token for token the real one are
+  counted and, with ``drop_identical``, dropped: their margin is 0 at every step, so they add
+  no gradient but dilute the step mean and count as wrong in the accuracy.
 
 One forward pass scores both answers of a micro-batch of B pairs: either one row per pair
 (prompt, real answer, generated answer, the prompt computed once) or 2B rows; see
@@ -33,6 +43,10 @@ from spin_runtime import formatting
 from spin_runtime.train.loss import Scored
 
 log = logging.getLogger(__name__)
+
+
+#: What to do with pairs whose generated answer hit its token budget (finish_reason length).
+TRUNCATED_ANSWERS = ("keep", "drop")
 
 
 class DataError(ValueError):
@@ -64,6 +78,10 @@ class PairSet:
     skipped_long_prompts: int = 0
     truncated_answers: int = 0
     per_source: list[int] = field(default_factory=list)
+    truncated_generations: int = 0  # finish_reason length (kept without EOS, or dropped)
+    identical_pairs: int = 0  # generated ids == real ids
+    dropped_pairs: int = 0  # truncated or identical pairs left out by the settings
+    retokenized_generations: int = 0  # old records without generated_token_ids
 
     @property
     def all(self) -> list[Pair]:
@@ -91,22 +109,45 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def generated_ids(record: dict[str, Any], tokenizer: Any, where: str) -> tuple[np.ndarray, bool]:
+    """The generated answer as θt sampled it, and whether it had to be re-tokenized (a record
+    without ``generated_token_ids``: its text + EOS unless it was truncated)."""
+    ids = record.get("generated_token_ids")
+    if ids is None:
+        text = _text(record, "generated", where)
+        tokens = formatting.response_ids(tokenizer, text)
+        if record.get("finish_reason") == "length":
+            tokens = tokens[:-1]  # θt produced no EOS
+        return _ids(tokens), True
+    if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise DataError(
+            f"{where}: record {record.get('id')!r}: generated_token_ids must be a list of "
+            "non-negative token ids"
+        )
+    return _ids(ids), False
+
+
 def build_pairs(
     record_sets: Sequence[Sequence[dict[str, Any]]],
     names: Sequence[str],
     tokenizer: Any,
     max_length: int,
     max_prompt_length: int,
+    truncated_answers: str = "keep",
+    drop_identical: bool = True,
 ) -> PairSet:
     """Tokenize the records of each ``--data`` directory (``names`` for messages) into pairs."""
     if max_prompt_length >= max_length:
         raise DataError(
             f"--max-prompt-length ({max_prompt_length}) must be below --max-length ({max_length})"
         )
+    if truncated_answers not in TRUNCATED_ANSWERS:
+        raise DataError(f"--truncated-answers {truncated_answers}: one of {TRUNCATED_ANSWERS}")
     prompt_cache: dict[tuple[str, str], np.ndarray] = {}
     train: list[tuple[str, Pair]] = []
     held_out: list[tuple[str, Pair]] = []
     skipped = truncated = 0
+    counts = {"truncated": 0, "identical": 0, "dropped": 0, "retokenized": 0}
     per_source: list[int] = []
     for source, (records, name) in enumerate(zip(record_sets, names, strict=True)):
         if not records:
@@ -129,20 +170,40 @@ def build_pairs(
             if len(prompt_ids) > max_prompt_length:
                 skipped += 1
                 continue
+            real = _ids(formatting.response_ids(tokenizer, _text(record, "real", f"--data {name}")))
+            gen, retokenized = generated_ids(record, tokenizer, f"--data {name}")
+            counts["retokenized"] += retokenized
+            cut = record.get("finish_reason") == "length"
+            same = np.array_equal(real, gen)
+            counts["truncated"] += cut
+            counts["identical"] += same
+            if (cut and truncated_answers == "drop") or (same and drop_identical):
+                counts["dropped"] += 1
+                continue
             budget = max_length - len(prompt_ids)
             answers = []
-            for field_name in ("real", "generated"):
-                ids = formatting.response_ids(
-                    tokenizer, _text(record, field_name, f"--data {name}")
-                )
+            for ids in (real, gen):
                 if len(ids) > budget:
                     truncated += 1
                     ids = ids[:budget]
-                answers.append(_ids(ids))
+                answers.append(ids)
             pair = Pair(-1, str(record.get("id")), source, prompt_ids, answers[0], answers[1])
             (held_out if split == "eval" else train).append((str(record.get("id")), pair))
             count += 1
         per_source.append(count)
+    if counts["retokenized"]:
+        log.warning(
+            "%d generated answers have no generated_token_ids (records of an older generate): "
+            "re-tokenized from their text, which may differ from what θt sampled",
+            counts["retokenized"],
+        )
+    if counts["identical"] or counts["truncated"]:
+        log.info(
+            "%d pairs with a generated answer identical to the real one, %d truncated "
+            "generations; %d pairs dropped (--drop-identical-pairs %s, --truncated-answers %s)",
+            counts["identical"], counts["truncated"], counts["dropped"], drop_identical,
+            truncated_answers,
+        )  # fmt: skip
     if skipped:
         log.warning(
             "skipped %d pairs whose prompt is longer than --max-prompt-length %d",
@@ -152,9 +213,16 @@ def build_pairs(
     if truncated:
         log.info("cut %d answers to fit --max-length %d", truncated, max_length)
     if not train:
+        why = [f"{skipped} skipped: prompt longer than --max-prompt-length"] if skipped else []
+        if counts["dropped"]:
+            why.append(
+                f"{counts['dropped']} dropped: {counts['identical']} identical to the real "
+                f"answer (--drop-identical-pairs), {counts['truncated']} truncated "
+                f"(--truncated-answers {truncated_answers})"
+            )
         raise DataError(
             f"no training pairs in --data {', '.join(names)}"
-            + (f" ({skipped} skipped: prompt longer than --max-prompt-length)" if skipped else "")
+            + (f" ({'; '.join(why)})" if why else "")
         )
 
     def ordered(items: list[tuple[str, Pair]], offset: int) -> list[Pair]:
@@ -163,7 +231,17 @@ def build_pairs(
         return [_with_index(p, offset + i) for i, (_, p) in enumerate(items)]
 
     train_pairs = ordered(train, 0)
-    return PairSet(train_pairs, ordered(held_out, len(train_pairs)), skipped, truncated, per_source)
+    return PairSet(
+        train_pairs,
+        ordered(held_out, len(train_pairs)),
+        skipped,
+        truncated,
+        per_source,
+        truncated_generations=counts["truncated"],
+        identical_pairs=counts["identical"],
+        dropped_pairs=counts["dropped"],
+        retokenized_generations=counts["retokenized"],
+    )
 
 
 def _id_key(value: str) -> tuple[int, int, str]:

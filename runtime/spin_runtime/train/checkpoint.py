@@ -88,19 +88,47 @@ def tied_output_names(model: nn.Module) -> list[str]:
     return [n for n in names if n != names[0]]
 
 
+def source_config(uri: str) -> Any:
+    """θt's own config, as stored (local, s3:// through the cache, or a hub id): θt+1 is saved
+    with it, so its dtype and settings (``use_cache``, dropout) are the model's, not the
+    trainer's in-memory ones."""
+    from transformers import AutoConfig
+
+    from spin_runtime import models
+
+    try:
+        return AutoConfig.from_pretrained(models.resolve(uri))
+    except (OSError, ValueError) as exc:
+        raise models.ModelError(f"--model {uri}: cannot read its config: {exc}") from exc
+
+
+def saved_dtype(config: Any) -> torch.dtype:
+    """The dtype θt is stored in (θt+1 is saved in the same one); fp32 only when the config
+    records none."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    log.info("the model's config records no dtype: saving θt+1 in float32")
+    return torch.float32
+
+
 def save_model(
     ctx: Context,
     module: nn.Module,
     hf_model: Any,
     tokenizer: Any,
     output: str,
-    dtype: torch.dtype,
+    config: Any,
     drop: list[str],
     meta: Mapping[str, Any],
     adapter: LoraSettings | None = None,
 ) -> None:
-    """Gather the trained weights (collective) and publish them at ``output`` from rank 0;
-    with an ``adapter``, the merged weights, and the adapter in ``output/adapter``."""
+    """Gather the trained weights (collective) and publish them at ``output`` from rank 0, in
+    the dtype and with the config of θt (``config``: :func:`source_config`); with an
+    ``adapter``, the merged weights, and the adapter in ``output/adapter``."""
+    dtype = saved_dtype(config)
     state = distributed.full_model_state(ctx, module)
     if ctx.main:
         state = {
@@ -115,6 +143,7 @@ def save_model(
             weights = {k: v.to(dtype).contiguous() for k, v in state.items() if k not in drop}
             del state
             target.save_pretrained(folder, state_dict=weights)
+            config.save_pretrained(folder)  # θt's own config over the training-time one
             _set_config_dtype(folder / "config.json", dtype)
             tokenizer.save_pretrained(folder)
             manifest.write_dir_artifact(folder, output, MODEL_KIND, meta)

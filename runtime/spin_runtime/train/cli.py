@@ -63,11 +63,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="auto: DDP when a replica fits in half a device, else FSDP2",
     )
     p.add_argument(
+        "--prompt-sharing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="score each pair as one row (prompt computed once) instead of two: auto uses it "
+        "only when checked exact for this model on the run's own pairs; on refuses (exit 2) "
+        "when that check fails",
+    )
+    p.add_argument(
         "--no-prompt-sharing",
         dest="prompt_sharing",
-        action="store_false",
-        help="score real and generated answers in separate rows instead of one row per pair "
-        "with the prompt computed once (same log-probs; sharing needs SDPA attention)",
+        action="store_const",
+        const="off",
+        help="same as --prompt-sharing off (kept for older callers)",
+    )
+    p.add_argument(
+        "--truncated-answers",
+        choices=["keep", "drop"],
+        default="keep",
+        help="generated answers cut by their token budget (finish_reason length): train on "
+        "them as sampled, without an EOS, or drop their pairs",
+    )
+    p.add_argument(
+        "--drop-identical-pairs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="drop pairs whose generated answer is token for token the real one (they carry "
+        "no gradient); counted either way",
     )
     p.add_argument(
         "--peft",
@@ -128,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         prompt_sharing=args.prompt_sharing,
         lora=adapter,
+        truncated_answers=args.truncated_answers,
+        drop_identical_pairs=args.drop_identical_pairs,
     )
     try:
         train(cfg)

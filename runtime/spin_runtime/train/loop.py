@@ -30,12 +30,12 @@ from torch import nn
 
 from spin_runtime import manifest
 from spin_runtime.cli import UsageError
-from spin_runtime.train import batches, checkpoint, distributed, lora
+from spin_runtime.train import batches, checkpoint, distributed, exactness, lora
 from spin_runtime.train.batches import Pair, PairSet
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
 from spin_runtime.train.metrics import MetricsLog, summarize
-from spin_runtime.train.policy import SequenceLogProbs, disable_dropout, supports_shared_prompt
+from spin_runtime.train.policy import SequenceLogProbs, disable_dropout
 from spin_runtime.train.policy import score as policy_score
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     strategy: str = "auto"
-    prompt_sharing: bool = True
+    prompt_sharing: str = "auto"
+    truncated_answers: str = "keep"
+    drop_identical_pairs: bool = True
     lora: lora.LoraSettings | None = None  # None: full fine-tuning
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,6 +110,14 @@ class TrainConfig:
                 self.strategy in distributed.STRATEGIES,
                 f"--strategy {self.strategy}: one of {distributed.STRATEGIES}",
             ),
+            (
+                self.prompt_sharing in exactness.SHARING_MODES,
+                f"--prompt-sharing {self.prompt_sharing}: one of {exactness.SHARING_MODES}",
+            ),
+            (
+                self.truncated_answers in batches.TRUNCATED_ANSWERS,
+                f"--truncated-answers {self.truncated_answers}: one of {batches.TRUNCATED_ANSWERS}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,7 +131,8 @@ class TrainConfig:
         keys = (
             "model", "data", "iteration", "seed", "beta", "learning_rate", "epochs",
             "global_batch_size", "max_length", "max_prompt_length", "optimizer", "weight_decay",
-            "lr_scheduler", "warmup_ratio", "max_grad_norm",
+            "lr_scheduler", "warmup_ratio", "max_grad_norm", "truncated_answers",
+            "drop_identical_pairs",
         )  # fmt: skip
         key = {k: getattr(self, k) for k in keys}
         if self.lora is not None:  # absent for full fine-tuning: older checkpoints still resume
@@ -228,8 +239,8 @@ class Runner:
 # the iteration
 
 
-def _load(cfg: TrainConfig, ctx: Context) -> tuple[Any, Any, torch.dtype, PairSet]:
-    """Tokenizer, θt (fp32, CPU), the dtype to save θt+1 in, and the pairs."""
+def _load(cfg: TrainConfig, ctx: Context) -> tuple[Any, Any, Any, PairSet]:
+    """Tokenizer, θt (fp32, CPU), θt's own config (θt+1 is saved with it), and the pairs."""
     from spin_runtime import models, records
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.tokenizer, cfg.chat_template)
@@ -243,25 +254,20 @@ def _load(cfg: TrainConfig, ctx: Context) -> tuple[Any, Any, torch.dtype, PairSe
             raise UsageError(f"--data {uri}: {exc}") from exc
     try:
         pairs = batches.build_pairs(
-            record_sets, cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length
+            record_sets,
+            cfg.data,
+            tokenizer,
+            cfg.max_length,
+            cfg.max_prompt_length,
+            truncated_answers=cfg.truncated_answers,
+            drop_identical=cfg.drop_identical_pairs,
         )
     except batches.DataError as exc:
         raise UsageError(str(exc)) from exc
+    # read before loading: the fp32 master copy rewrites the loaded model's dtype and use_cache
+    config = checkpoint.source_config(cfg.model)
     model = models.load_model(cfg.model, "float32", "cpu", tokenizer=tokenizer)
-    return tokenizer, model, _checkpoint_dtype(cfg.model), pairs
-
-
-def _checkpoint_dtype(uri: str) -> torch.dtype:
-    """The dtype θt is stored in (θt+1 is saved in the same one); fp32 if unrecorded."""
-    from spin_runtime import models
-
-    try:
-        config = json.loads((Path(models.resolve(uri)) / "config.json").read_text())
-    except (OSError, ValueError):
-        return torch.float32
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    return tokenizer, model, config, pairs
 
 
 def _check_tokens(pairs: PairSet, vocab: int) -> None:
@@ -298,6 +304,7 @@ class Session:
     steps_per_epoch: int
     num_params: int
     bf16: bool
+    layout: exactness.Layout
     trainable_params: int = 0
 
 
@@ -321,10 +328,14 @@ def build_session(
     num_params = sum(p.numel() for p in hf_model.parameters())
     trainable = lora.trainable_parameters(hf_model)
     strategy = distributed.choose_strategy(ctx, cfg.strategy, num_params, cfg.optimizer)
-    module: nn.Module = SequenceLogProbs(hf_model)
+    scorer = SequenceLogProbs(hf_model)
     if strategy != "fsdp":
-        module.to(ctx.device)
-    module = distributed.wrap(ctx, module, strategy, bf16)
+        scorer.to(ctx.device)
+    # fp32 and unwrapped (under FSDP2: still on the host); rank 0's decision binds every rank
+    layout = exactness.choose(scorer, pairs.all, pad_id, cfg.prompt_sharing)
+    layout = distributed.broadcast_object(ctx, layout)
+    scorer.fused = layout.fused_head
+    module: nn.Module = distributed.wrap(ctx, scorer, strategy, bf16)
     module.train()
     optimizer = build_optimizer(module, cfg)
     steps_per_epoch = batches.steps_per_epoch(len(pairs.train), cfg.global_batch_size)
@@ -334,9 +345,11 @@ def build_session(
         optimizer, lr_factor(cfg.lr_scheduler, warmup, total_steps)
     )
     autocast = bf16 and strategy != "fsdp"  # FSDP2 casts through its MixedPrecisionPolicy
-    shared = cfg.prompt_sharing and supports_shared_prompt(hf_model)
+    shared = layout.prompt_sharing
     runner = Runner(ctx, module, strategy, autocast, pad_id, pairs.train[0], shared)
-    return Session(runner, optimizer, scheduler, steps_per_epoch, num_params, bf16, trainable)
+    return Session(
+        runner, optimizer, scheduler, steps_per_epoch, num_params, bf16, layout, trainable
+    )
 
 
 def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
@@ -347,7 +360,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             f"--micro-batch-size {cfg.micro_batch_size} x {ctx.world} processes"
         )
     torch.manual_seed(cfg.seed)
-    tokenizer, hf_model, save_dtype, pairs = _load(cfg, ctx)
+    tokenizer, hf_model, source_config, pairs = _load(cfg, ctx)
     _check_tokens(pairs, hf_model.get_input_embeddings().num_embeddings)
     drop = checkpoint.tied_output_names(hf_model)
     session = build_session(ctx, cfg, hf_model, int(tokenizer.pad_token_id or 0), pairs)
@@ -398,7 +411,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             )
     metrics = MetricsLog(ctx, cfg.work_dir, keep_until_step=step)
     if resumed_epoch is None and ctx.main:
-        metrics.log({"event": "data", "step": 0, **_data_stats(pairs)})
+        metrics.log({"event": "data", "step": 0, **_data_stats(pairs), **session.layout.stats()})
 
     final: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -438,7 +451,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
     if cfg.lora is not None:
         meta["adapter"] = {**cfg.lora.as_dict(), "path": lora.ADAPTER_DIR}
     checkpoint.save_model(
-        ctx, module, hf_model, tokenizer, cfg.output, save_dtype, drop, meta, cfg.lora
+        ctx, module, hf_model, tokenizer, cfg.output, source_config, drop, meta, cfg.lora
     )
     if cfg.lora is not None:
         _track_adapter(metrics, cfg, session.trainable_params)
@@ -464,6 +477,10 @@ def _data_stats(pairs: PairSet) -> dict[str, Any]:
         "eval_pairs": len(pairs.eval),
         "skipped_long_prompts": pairs.skipped_long_prompts,
         "truncated_answers": pairs.truncated_answers,
+        "truncated_generations": pairs.truncated_generations,
+        "identical_pairs": pairs.identical_pairs,
+        "dropped_pairs": pairs.dropped_pairs,
+        "retokenized_generations": pairs.retokenized_generations,
     }
 
 
