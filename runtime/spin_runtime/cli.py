@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "spin_runtime.generate.cli",
     "train": "spin_runtime.train.cli",
     "evaluate": "spin_runtime.evaluate",
+    "check": "spin_runtime.check",
 }
 
 
