@@ -126,6 +126,7 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
         shards = spec.generation.replicas
         found = manifest.shard_manifests(it.generated)
         generated = all(shard_name(i, shards) in found for i in range(shards))
+        meta = next((m.meta for m in found.values() if m.meta), None) or {}
         model = manifest.is_complete(it.model)
         evaluated, metrics = False, {}
         if spec.evaluation.enabled:
@@ -136,7 +137,12 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
                     evaluated = True
                 except (FileNotFoundError, ValueError, AttributeError):
                     evaluated = False
-    return StorageFacts(generated=generated, model=model, evaluated=evaluated, metrics=metrics)
+    skipped = meta.get("dataset_skipped")
+    return StorageFacts(
+        generated=generated, model=model, evaluated=evaluated, metrics=metrics,
+        dataset_rows=int(meta.get("dataset_rows") or 0),
+        dataset_skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {},
+    )  # fmt: skip
 
 
 def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:

@@ -23,7 +23,9 @@ def add_parser(sub: Any) -> None:
     from spin_runtime.generate.cli import add_dataset_flags
 
     p = sub.add_parser("check", help="check the dataset and the model before a run")
-    p.add_argument("--model", default=None, help="θ0 checkpoint URI (local or s3://; hub ids are not checked)")
+    p.add_argument(
+        "--model", default=None, help="θ0 checkpoint URI (local or s3://; hub ids are not checked)"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer URI (default: the model's)")
     p.add_argument("--chat-template", default=None, help="jinja chat template URI override")
     add_dataset_flags(p)
@@ -50,20 +52,34 @@ def check_dataset(
 
 
 def check_model_uris(
-    model: str | None, tokenizer: str | None, chat_template: str | None, names: dict[str, str] | None = None
+    model: str | None,
+    tokenizer: str | None,
+    chat_template: str | None,
+    names: dict[str, str] | None = None,
 ) -> list[str]:
     """Problems of the model (and separate tokenizer) folders, each prefixed by its field name
     from ``names`` (default: the CLI flags)."""
     from spin_runtime import modelcheck, storage
 
-    names = names or {"model": "--model", "tokenizer": "--tokenizer", "chat_template": "--chat-template"}
+    names = names or {
+        "model": "--model",
+        "tokenizer": "--tokenizer",
+        "chat_template": "--chat-template",
+    }
     problems: list[str] = []
     try:
         if model and not modelcheck.is_hub_id(model):
-            problems += [f"{names['model']} {model}: {p}" for p in modelcheck.check_model(model, tokenizer, chat_template)]
+            problems += [
+                f"{names['model']} {model}: {p}"
+                for p in modelcheck.check_model(model, tokenizer, chat_template)
+            ]
         if tokenizer and not modelcheck.is_hub_id(tokenizer):
             folder = modelcheck.Folder.open(tokenizer)
-            found = modelcheck.check_tokenizer(folder, needs_template=chat_template is None) if folder.names else ["no such folder, or it is empty"]
+            found = (
+                modelcheck.check_tokenizer(folder, needs_template=chat_template is None)
+                if folder.names
+                else ["no such folder, or it is empty"]
+            )
             problems += [f"{names['tokenizer']} {tokenizer}: {p}" for p in found]
         if chat_template and not storage.exists(chat_template):
             problems.append(f"{names['chat_template']} {chat_template}: no such file")

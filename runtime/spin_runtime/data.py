@@ -156,6 +156,9 @@ def parse_row(row: Any) -> tuple[str | None, str, str] | str:
     """
     if not isinstance(row, Mapping):
         return "not an object"
+    system: Any
+    prompt: Any
+    response: Any
     if row.get("messages") is not None:
         parsed = _parse_messages(row["messages"])
         if isinstance(parsed, str):

@@ -60,7 +60,9 @@ class Folder:
         size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
         if size == 0:
             return b"", 0
-        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{min(n, size) - 1}")["Body"]
+        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{min(n, size) - 1}")[
+            "Body"
+        ]
         return bytes(body.read()), size
 
 
@@ -86,7 +88,11 @@ def check_safetensors(name: str, head: Callable[[str, int], tuple[bytes, int]]) 
         return f"{name} is not safetensors (its header is not JSON)"
     if not isinstance(header, dict):
         return f"{name} is not safetensors (its header is not an object)"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    ends = [
+        t["data_offsets"][1]
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t
+    ]
     expected = 8 + length + max(ends, default=0)
     if size < expected:
         return f"{name} is truncated: its header declares {expected} bytes, the file has {size}"
@@ -107,7 +113,7 @@ def _check_config(folder: Folder) -> list[str]:
     arch = config.get("architectures")
     if not (isinstance(arch, list) and arch and all(isinstance(a, str) and a for a in arch)):
         problems.append(
-            "config.json has no `architectures` (e.g. [\"LlamaForCausalLM\"]): vLLM and "
+            'config.json has no `architectures` (e.g. ["LlamaForCausalLM"]): vLLM and '
             "transformers use it to pick the model class"
         )
     return problems
@@ -115,12 +121,19 @@ def _check_config(folder: Folder) -> list[str]:
 
 def _check_weights(folder: Folder) -> list[str]:
     names = folder.names
-    for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         if index in names:
             doc, problem = _json(folder, index)
             if problem:
                 return [problem]
-            shards = sorted(set((doc or {}).get("weight_map", {}).values())) if isinstance(doc, dict) else []
+            shards = (
+                sorted(set((doc or {}).get("weight_map", {}).values()))
+                if isinstance(doc, dict)
+                else []
+            )
             if not shards:
                 return [f"{index} has no weight_map"]
             missing = [s for s in shards if s not in names]
@@ -136,7 +149,9 @@ def _check_weights(folder: Folder) -> list[str]:
             return []
     loose = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
     if loose:
-        return [f"weights {', '.join(loose)} without model.safetensors.index.json naming them as shards"]
+        return [
+            f"weights {', '.join(loose)} without model.safetensors.index.json naming them as shards"
+        ]
     return ["no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)"]
 
 
@@ -176,7 +191,9 @@ def check_tokenizer(folder: Folder, needs_template: bool = True) -> list[str]:
     return problems
 
 
-def check_model(uri: str, tokenizer_uri: str | None = None, chat_template_uri: str | None = None) -> list[str]:
+def check_model(
+    uri: str, tokenizer_uri: str | None = None, chat_template_uri: str | None = None
+) -> list[str]:
     """Problems of the checkpoint at ``uri`` (local folder or s3:// prefix), each naming the
     missing or broken piece; [] when it looks loadable. The caller prefixes the field or flag."""
     folder = Folder.open(uri)
@@ -192,6 +209,4 @@ def is_hub_id(uri: str) -> bool:
     """True for `org/model` ids (not checked here: transformers/vLLM resolve them)."""
     from pathlib import Path
 
-    if uri.startswith(("s3://", "/", "./", "../", "~", "file://")) or Path(uri).exists():
-        return False
-    return True
+    return not (uri.startswith(("s3://", "/", "./", "../", "~", "file://")) or Path(uri).exists())

@@ -61,26 +61,24 @@ def jsonl_rows(data: bytes) -> Iterator[RawRow]:
         try:
             text = data.decode("utf-16")
         except UnicodeDecodeError as exc:
-            raise FileProblem(f"UTF-16 byte-order mark but not valid UTF-16 (byte {exc.start})") from None
-        lines: list[bytes] | list[str] = text.split("\n")
-    else:
-        lines = data.split(b"\n")
-    for number, raw in enumerate(lines, start=1):
-        if isinstance(raw, bytes):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            if len(raw) > MAX_LINE_BYTES:
-                yield RawRow(f"line {number}", problem=f"line longer than {MAX_LINE_BYTES // 2**20} MiB")
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                if raw.strip():
-                    yield RawRow(f"line {number}", problem=f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
-                continue
-        else:
-            line = raw
-        line = line.removesuffix("\r")
+            raise FileProblem(
+                f"UTF-16 byte-order mark but not valid UTF-16 (byte {exc.start})"
+            ) from None
+        data = text.encode("utf-8")
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        if len(raw) > MAX_LINE_BYTES:
+            yield RawRow(
+                f"line {number}", problem=f"line longer than {MAX_LINE_BYTES // 2**20} MiB"
+            )
+            continue
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError:
+            if raw.strip():  # one reason for every such line, so they count together
+                yield RawRow(f"line {number}", problem="not UTF-8")
+            continue
         if not line.strip():
             continue  # blank lines are not rows (a trailing newline, spacing)
         try:
@@ -95,7 +93,9 @@ def json_array_rows(text: str) -> Iterator[RawRow]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FileProblem(f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise FileProblem(
+            f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     if not isinstance(items, list):
         raise FileProblem("a .json file must hold an array of rows (or one JSON object per line)")
     for number, item in enumerate(items, start=1):
@@ -107,7 +107,9 @@ def parquet_rows(data: bytes) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     if not data.startswith(PARQUET_MAGIC) or not data.endswith(PARQUET_MAGIC):
-        raise FileProblem("not a parquet file (truncated or another format: no PAR1 marker at both ends)")
+        raise FileProblem(
+            "not a parquet file (truncated or another format: no PAR1 marker at both ends)"
+        )
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -125,7 +127,9 @@ def parquet_rows(data: bytes) -> Iterator[RawRow]:
 def file_rows(name: str, data: bytes) -> Iterator[RawRow]:
     """Rows of one file's bytes, by its name's suffix (anything else is read as JSONL)."""
     if data.startswith(GZIP_MAGIC) or data.startswith(ZSTD_MAGIC):
-        raise FileProblem("compressed file: decompress it (rows are read as plain JSONL/JSON/parquet)")
+        raise FileProblem(
+            "compressed file: decompress it (rows are read as plain JSONL/JSON/parquet)"
+        )
     if name.endswith(".parquet"):
         yield from parquet_rows(data)
         return
@@ -137,7 +141,9 @@ def file_rows(name: str, data: bytes) -> Iterator[RawRow]:
             try:
                 text = data.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
-                raise FileProblem(f"not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+                raise FileProblem(
+                    f"not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+                ) from None
             yield from json_array_rows(text)
             return
     yield from jsonl_rows(data)

@@ -123,8 +123,8 @@ class Actor:
             if job.completion_time is None or job.name in self.reported:
                 continue
             self.reported.add(job.name)
-            ok = job.state == "Succeeded"
-            self.r.display.step_done(job.name, ok, "" if ok else f"{job.reason}: {job.message}")
+            # the cause is said once: by the retry event, or by the run's final "Failed:" line
+            self.r.display.step_done(job.name, job.state == "Succeeded")
 
     def _event(self, d: Decision, event: Event) -> None:
         if event.reason in QUIET_EVENTS:
@@ -133,6 +133,8 @@ class Actor:
             return
         if event.reason in ("Succeeded", "Started"):
             return  # the header and the final line say it
+        if d.status.phase == "Failed" and event.message == d.status.message:
+            return  # the run's final "Failed:" line says it (once, not three times)
         prefix = "warning: " if event.type == "Warning" else ""
         self.r.display.say(f"  {prefix}{event.message}")
 
@@ -195,7 +197,9 @@ class Actor:
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
-                    r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft")
+                    profile = {"rows": r.dataset["rows"], "usable": r.dataset["usable"], "skipped": r.dataset["skipped"],
+                               **{f"skipped/{k}": v["count"] for k, v in r.dataset["skippedByReason"].items()}} if r.dataset else None  # fmt: skip
+                    r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft", profile)
                 except OSError as exc:
                     log.warning("dataset digest not computed: %s", exc)
         parent = new.mlflow.run_id if new.mlflow else None
