@@ -109,7 +109,7 @@ def _content(message: Mapping[str, Any], what: str) -> str | tuple[str]:
         return (f"empty {what}",)
     text = _text(content)
     if text is None:
-        return (f"{what} is not text (content: {type(content).__name__} without a text part)",)
+        return (f"{what} is not text",)  # e.g. only image parts
     return text
 
 

@@ -49,7 +49,8 @@ class RawRow:
 def _line_problem(exc: json.JSONDecodeError, line: str) -> str:
     # a line cut short (a truncated download, an editor that stopped mid-row) reads differently
     # from text that was never JSON: say which, it points at a different fix
-    if exc.pos >= len(line.rstrip()) - 1 and line.lstrip().startswith(("{", "[")):
+    cut = exc.pos >= len(line.rstrip()) - 1 or exc.msg.startswith("Unterminated string")
+    if cut and line.lstrip().startswith(("{", "[")):
         return "truncated JSON"
     return "not JSON"
 

@@ -139,11 +139,11 @@ class Display:
         if tracking:
             self.say(f"  tracking   {tracking}")
 
-    def dataset(self, report: Mapping[str, Any], final: bool = False) -> None:
+    def dataset(self, report: Mapping[str, Any]) -> None:
         """Rows read, usable and skipped (with why and where): said at the start, and again at
         the end when rows were skipped, so a dropped share of the data is never silent."""
         rows, usable, skipped = report.get("rows", 0), report.get("usable", 0), report.get("skipped", 0)
-        head = "  dataset skipped" if final else "  dataset   "
+        head = "  dataset   "
         if not skipped:
             self.say(f"{head} {rows} rows, all usable")
             return
@@ -152,7 +152,7 @@ class Display:
             for reason, info in (report.get("skippedByReason") or {}).items()
         )
         share = f"{skipped / rows:.1%}" if rows else "?"
-        self.say(f"{head} {skipped} of {rows} rows ({share}; {usable} usable): {reasons}")
+        self.say(f"{head} {skipped} of {rows} rows skipped ({share}; {usable} usable): {reasons}")
 
     def step_started(self, job: LocalJob) -> None:
         plan = job.plan

@@ -221,7 +221,7 @@ class LocalRun:
     def _finish(self, phase: str) -> int:
         self.display.summary(self.results)
         if self.dataset and self.dataset.get("skipped"):
-            self.display.dataset(self.dataset, final=True)
+            self.display.dataset(self.dataset)
         message = self.status.message or ""
         if phase == "Succeeded":
             self.display.say(f"Succeeded: {message}")
