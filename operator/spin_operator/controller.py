@@ -480,7 +480,7 @@ class Controller:
             for t in trains:
                 rid = by_iter.get(t)
                 if rid:
-                    await self._log_inputs(spec, run, rid, t)
+                    await self._log_inputs(spec, run, rid, t, status.dataset)
             for a in actions:
                 if isinstance(a, RegisterModel):
                     rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration))
@@ -498,7 +498,9 @@ class Controller:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _log_inputs(self, spec: api.SPINRunSpec, run: RunRef, run_id: str, t: int) -> None:
+    async def _log_inputs(
+        self, spec: api.SPINRunSpec, run: RunRef, run_id: str, t: int, rows: api.DatasetStatus | None = None
+    ) -> None:
         """What iteration t trains on, as dataset inputs of its MLflow run: the generated data
         (digest: the union of the shard manifests) and the SFT dataset (digest of its URI and
         selection; the operator never downloads the dataset to hash its content)."""
@@ -513,7 +515,7 @@ class Controller:
                 continue
             name = uri.rstrip("/").split("/")[-2] + "/generated"
             datasets.append((name, uri, digest, "training"))
-        await self.tracking.log_inputs(spec, run_id, datasets)
+        await self.tracking.log_inputs(spec, run_id, datasets, rows)
 
     def _post(self, body: JSON, event: Event) -> None:
         try:

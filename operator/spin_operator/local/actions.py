@@ -194,11 +194,11 @@ class Actor:
             new.mlflow = r.tracking.ensure_parent() or new.mlflow
             if new.mlflow and new.mlflow.run_id:
                 from spin_operator.local.tracking import file_digest
+                from spin_operator.track import dataset_profile
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
-                    profile = {"rows": r.dataset["rows"], "usable": r.dataset["usable"], "skipped": r.dataset["skipped"],
-                               **{f"skipped/{k}": v["count"] for k, v in r.dataset["skippedByReason"].items()}} if r.dataset else None  # fmt: skip
+                    profile = dataset_profile(new.dataset) if new.dataset else None  # rows, skipped per reason
                     r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft", profile)
                 except OSError as exc:
                     log.warning("dataset digest not computed: %s", exc)

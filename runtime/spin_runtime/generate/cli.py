@@ -93,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: expected one of {', '.join(DTYPES)}")
     index, count = shard_from_args(args)
+    from spin_runtime.check import check_model_uris
+
+    # the model folder's pieces named before anything loads (on a cluster this is the first Job:
+    # a missing tokenizer fails it with exit 2, never retried, instead of transformers' message)
+    problems = check_model_uris(args.model, args.tokenizer, args.chat_template)
+    if problems:
+        raise UsageError("; ".join(problems))
     opts = GenerateOptions(
         model=args.model,
         dataset=args.dataset,
