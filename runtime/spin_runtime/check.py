@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from typing import Any
 
 from spin_runtime.cli import UsageError
@@ -71,21 +72,26 @@ def check_model_uris(
         if model and not modelcheck.is_hub_id(model):
             problems += [
                 f"{names['model']} {model}: {p}"
-                for p in modelcheck.check_model(model, tokenizer, chat_template)
+                for p in modelcheck.check_model(_expand(model), tokenizer, chat_template)
             ]
         if tokenizer and not modelcheck.is_hub_id(tokenizer):
-            folder = modelcheck.Folder.open(tokenizer)
+            folder = modelcheck.Folder.open(_expand(tokenizer))
             found = (
                 modelcheck.check_tokenizer(folder, needs_template=chat_template is None)
                 if folder.names
                 else ["no such folder, or it is empty"]
             )
             problems += [f"{names['tokenizer']} {tokenizer}: {p}" for p in found]
-        if chat_template and not storage.exists(chat_template):
+        if chat_template and not storage.exists(_expand(chat_template)):
             problems.append(f"{names['chat_template']} {chat_template}: no such file")
     except OSError as exc:
         problems.append(f"{names['model']} {model}: cannot read it: {exc}")
     return problems
+
+
+def _expand(uri: str) -> str:
+    """`~/x` as the home folder, as models.resolve reads it (storage takes paths literally)."""
+    return os.path.expanduser(uri) if uri.startswith("~") else uri
 
 
 def run(args: argparse.Namespace) -> int:

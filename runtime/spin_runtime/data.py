@@ -236,16 +236,16 @@ def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded
             raise DatasetError(f"--dataset {uri}: cannot read {file}: {exc}") from exc
         except Exception as exc:  # botocore errors have no common base we can name lazily
             raise DatasetError(f"--dataset {uri}: cannot read {file}: {type(exc).__name__}: {exc}") from exc
-    if loaded.num_skipped:
-        log.warning(
-            "dataset %s: skipped %d of %d rows: %s",
-            uri, loaded.num_skipped, loaded.total_rows, loaded.describe_skipped(),
-        )  # fmt: skip
     if not loaded.total_rows:
         raise DatasetError(f"dataset {uri} is empty: no rows")
     if not loaded.examples:
         raise DatasetError(f"dataset {uri}: no usable rows: all {loaded.total_rows} skipped: {loaded.describe_skipped()}")
     check_skipped(loaded, uri, max_skipped_fraction)
+    if loaded.num_skipped:  # (when the run fails for them, the error says it: not twice)
+        log.warning(
+            "dataset %s: skipped %d of %d rows: %s",
+            uri, loaded.num_skipped, loaded.total_rows, loaded.describe_skipped(),
+        )  # fmt: skip
     log.info("dataset %s: %d examples from %d rows", uri, len(loaded.examples), loaded.total_rows)
     return loaded
 

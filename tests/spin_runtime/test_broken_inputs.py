@@ -322,3 +322,29 @@ def test_loading_a_tokenizer_from_a_folder_without_one_names_it(tiny_model_dir: 
     with pytest.raises(models.ModelError, match="no tokenizer files") as info:
         models.load_tokenizer(str(copy))
     assert "sentencepiece" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_check_cli_reports_and_exits_2_with_the_cause_first(model: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data_path = _bytes(tmp_path / "d.jsonl", jsonl(GOOD, GOOD, GOOD, b"\xff"))
+    argv = [sys.executable, "-m", "spin_runtime", "check", "--model", str(model), "--dataset", str(data_path)]
+    ok = subprocess.run([*argv, "--max-skipped-fraction", "0.5", "--output", str(tmp_path / "report.json")],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads(ok.stdout)
+    assert doc["ok"] and doc["dataset"]["skippedByReason"] == {"not UTF-8": {"count": 1, "first": ["line 4"]}}
+    assert json.loads((tmp_path / "report.json").read_text()) == doc
+    (model / "tokenizer.json").unlink()
+    bad = subprocess.run([*argv, "--max-skipped-fraction", "0.1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert sum("not UTF-8" in line for line in lines) == 1  # said once
+    errors = lines[next(i for i, line in enumerate(lines) if line.startswith("error: ")) :]
+    assert errors[0] == f"error: dataset {data_path}: not UTF-8 ×1 (line 4) — 1 of 4 rows skipped (25.0%), above dataset.maxSkippedFraction 0.1 (--max-skipped-fraction)"
+    assert errors[1].startswith(f"--model {model}: no tokenizer files")
+    assert json.loads(bad.stdout)["ok"] is False
