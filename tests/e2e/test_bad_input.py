@@ -20,12 +20,16 @@ RUN = "bad"
 BAD_DATASET = f"s3://{harness.BUCKET}/data/bad-rows.jsonl"
 
 
-def test_bad_dataset_fails_the_first_job_once_and_is_not_retried(e2e: Cluster, tmp_path: Path) -> None:
+def test_bad_dataset_fails_the_first_job_once_and_is_not_retried(
+    e2e: Cluster, tmp_path: Path
+) -> None:
     from spin_runtime import storage
 
     good = storage.read_bytes(harness.DATASET_URI)
     storage.write_bytes(BAD_DATASET, good + b'{"prompt": "caf\xe9", "response": "x"}\n' * 20)
-    e2e.apply(harness.spinrun_file(tmp_path, RUN, spec__dataset__uri=BAD_DATASET, spec__iterations=1))
+    e2e.apply(
+        harness.spinrun_file(tmp_path, RUN, spec__dataset__uri=BAD_DATASET, spec__iterations=1)
+    )
     run = e2e.wait_run(RUN, 300)
     status = run["status"]
     assert status["phase"] == "Failed", e2e.diagnostics(RUN)
@@ -34,7 +38,9 @@ def test_bad_dataset_fails_the_first_job_once_and_is_not_retried(e2e: Cluster, t
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PodFailurePolicy"
     assert "exit code 2" in failed["message"]
-    assert failed["message"].endswith(f"(generate of iteration 0: bad input, not retried; the cause is in `kubectl logs job/{gen}`)")
+    assert failed["message"].endswith(
+        f"(generate of iteration 0: bad input, not retried; the cause is in `kubectl logs job/{gen}`)"
+    )
     step = status["iterations"][0]["generate"]
     assert (step["phase"], step["attempts"]) == ("Failed", 1)
     job = next(j for j in e2e.jobs() if j["metadata"]["name"] == gen)
