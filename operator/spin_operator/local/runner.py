@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from spin_operator.api import types as api
 from spin_operator.local.preflight import BadInput, Loaded, load, preflight
 
 log = logging.getLogger(__name__)
@@ -233,10 +234,8 @@ class LocalRun:
         return EXIT_FAILED
 
 
-def dataset_status(report: Mapping[str, Any]) -> Any:
+def dataset_status(report: Mapping[str, Any]) -> api.DatasetStatus:
     """status.dataset from a dataset profile (`spin_runtime.data.Loaded.report`)."""
-    from spin_operator.api import types as api
-
     by_reason = report.get("skippedByReason") or {}
     return api.DatasetStatus(
         rows=int(report.get("rows", 0)), usable=int(report.get("usable", 0)), skipped=int(report.get("skipped", 0)),
