@@ -446,7 +446,7 @@ class Pass:
             ss.phase = "Failed"
             ss.message = message or reason
             ss.completion_time = self.now
-            logs = f"; the cause is in `kubectl logs job/{ss.job_name}`" if reason == "PodFailurePolicy" else ""
+            logs = f"; details: kubectl logs job/{ss.job_name}" if reason == "PodFailurePolicy" else ""
             self._fail(reason, f"{message or reason} ({kind} of iteration {t}: bad input, not retried{logs})")
             return "failed"
         if ss.attempts - 1 < spec.failure_policy.max_retries:

@@ -37,12 +37,16 @@ def test_bad_dataset_fails_the_first_job_once_and_is_not_retried(
     assert e2e.job_creations() == [gen]  # one Job: no -r1 although maxRetries is 2
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PodFailurePolicy"
-    assert "exit code 2" in failed["message"]
+    # the cause first: what the runtime left in the step's output folder, not the exit-code line
+    assert failed["message"].startswith(f"dataset {BAD_DATASET}: not UTF-8 ×20 (line 241, line 242,")
+    assert "above dataset.maxSkippedFraction 0.01" in failed["message"]
     assert failed["message"].endswith(
-        f"(generate of iteration 0: bad input, not retried; the cause is in `kubectl logs job/{gen}`)"
+        f"(generate of iteration 0: bad input, not retried; details: kubectl logs job/{gen})"
     )
+    assert status["message"] == failed["message"]
     step = status["iterations"][0]["generate"]
     assert (step["phase"], step["attempts"]) == ("Failed", 1)
+    assert step["message"].startswith(f"dataset {BAD_DATASET}: not UTF-8")
     job = next(j for j in e2e.jobs() if j["metadata"]["name"] == gen)
     assert condition(job, "Failed")
     logs = "".join(p.log() for p in e2e.executor.pods(gen, e2e.namespace))

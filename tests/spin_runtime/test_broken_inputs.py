@@ -607,3 +607,16 @@ def test_check_cli_reports_and_exits_2_with_the_cause_first(model: Path, tmp_pat
     )
     assert errors[1].startswith(f"--model {model}: no tokenizer files")
     assert json.loads(bad.stdout)["ok"] is False
+
+
+def test_a_bad_input_exit_leaves_its_cause_in_the_output_folder(tmp_path: Path) -> None:
+    """What the operator shows as the cause on a cluster (it reads storage, not pod logs)."""
+    from spin_runtime import cli
+
+    data_path = _bytes(tmp_path / "d.jsonl", jsonl(GOOD))
+    out = tmp_path / "run" / "iter-000" / "generated"
+    argv = ["generate", "--model", str(tmp_path / "no-model"), "--dataset", str(data_path)]
+    assert cli.main([*argv, "--output", str(out)]) == 2
+    cause = (out / cli.BAD_INPUT_FILE).read_text()
+    assert cause == f"--model {tmp_path / 'no-model'}: no such folder, or it is empty\n"
+    assert not any(p.name.endswith("manifest.json") for p in out.iterdir())  # nothing complete
