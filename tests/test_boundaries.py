@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LIGHT_RUNTIME_MODULES = ["storage", "manifest", "layout", "cache", "tracking", "records"]
+LIGHT_RUNTIME_MODULES = ["storage", "manifest", "layout", "cache", "tracking", "records", "rows", "data", "modelcheck", "check"]
 HEAVY = ("torch", "transformers", "vllm")
 
 

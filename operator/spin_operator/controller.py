@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -115,6 +116,7 @@ class Controller:
         self._parsed: dict[Key, tuple[str, api.SPINRunSpec | InvalidSpec]] = {}
         self.jobs: dict[Key, dict[str, tuple[str | None, ObservedJob]]] = {}
         self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
+        self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
@@ -135,6 +137,7 @@ class Controller:
             for name in [n for n, (owner, _) in jobs.items() if owner == uid]:
                 del jobs[name]
             self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
+            self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
             self.metrics.set_phases(self._phases())
             return
         self.runs[key] = obj
@@ -286,9 +289,16 @@ class Controller:
         except (ValueError, ValidationError):
             return None
 
+    def _run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
+        return tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
+
     def _observed(self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered) -> Observed:
         meta = body["metadata"]
-        jobs = tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
+        # a Job failed on bad input carries the runtime's own cause, not Kubernetes' exit-code line
+        jobs = tuple(
+            dataclasses.replace(j, message=cause) if (cause := self._causes.get((run.uid, j.name))) else j
+            for j in self._run_jobs(run)
+        )
         return Observed(
             namespace=run.namespace,
             name=run.name,
@@ -337,6 +347,10 @@ class Controller:
                 if facts.generated and facts.model and (facts.evaluated or not spec.evaluation.enabled):
                     self._facts[(run.uid, t)] = facts
                 g.storage[t] = facts
+            for job in self._run_jobs(run):  # once per Job: the cause a bad-input exit left in storage
+                if job.state == "Failed" and job.reason == "PodFailurePolicy" and (run.uid, job.name) not in self._causes:
+                    cause = await self._in_storage(observe.read_bad_input, spec, run, job.iteration, job.stage)
+                    self._causes[(run.uid, job.name)] = cause
         except (OSError, ApiError) as exc:
             log.warning("%s/%s: cannot read what the decision needs: %s", run.namespace, run.name, exc)
             self.metrics.errors.labels(kind="facts").inc()
@@ -480,7 +494,7 @@ class Controller:
             for t in trains:
                 rid = by_iter.get(t)
                 if rid:
-                    await self._log_inputs(spec, run, rid, t)
+                    await self._log_inputs(spec, run, rid, t, status.dataset)
             for a in actions:
                 if isinstance(a, RegisterModel):
                     rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration))
@@ -498,7 +512,9 @@ class Controller:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _log_inputs(self, spec: api.SPINRunSpec, run: RunRef, run_id: str, t: int) -> None:
+    async def _log_inputs(
+        self, spec: api.SPINRunSpec, run: RunRef, run_id: str, t: int, rows: api.DatasetStatus | None = None
+    ) -> None:
         """What iteration t trains on, as dataset inputs of its MLflow run: the generated data
         (digest: the union of the shard manifests) and the SFT dataset (digest of its URI and
         selection; the operator never downloads the dataset to hash its content)."""
@@ -513,7 +529,7 @@ class Controller:
                 continue
             name = uri.rstrip("/").split("/")[-2] + "/generated"
             datasets.append((name, uri, digest, "training"))
-        await self.tracking.log_inputs(spec, run_id, datasets)
+        await self.tracking.log_inputs(spec, run_id, datasets, rows)
 
     def _post(self, body: JSON, event: Event) -> None:
         try:

@@ -126,6 +126,7 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
         shards = spec.generation.replicas
         found = manifest.shard_manifests(it.generated)
         generated = all(shard_name(i, shards) in found for i in range(shards))
+        meta = next((m.meta for m in found.values() if m.meta), None) or {}
         model = manifest.is_complete(it.model)
         evaluated, metrics = False, {}
         if spec.evaluation.enabled:
@@ -136,7 +137,12 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
                     evaluated = True
                 except (FileNotFoundError, ValueError, AttributeError):
                     evaluated = False
-    return StorageFacts(generated=generated, model=model, evaluated=evaluated, metrics=metrics)
+    skipped = meta.get("dataset_skipped")
+    return StorageFacts(
+        generated=generated, model=model, evaluated=evaluated, metrics=metrics,
+        dataset_rows=int(meta.get("dataset_rows") or 0),
+        dataset_skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {},
+    )  # fmt: skip
 
 
 def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:
@@ -175,3 +181,22 @@ def generated_digest(spec: api.SPINRunSpec, uri: str) -> str:
     """Content digest of a generated-data folder (all its shard manifests)."""
     with storage_env(spec):
         return manifest.digest(uri)
+
+
+def read_bad_input(spec: api.SPINRunSpec, run: RunRef, iteration: int, stage: str) -> str:
+    """The cause a step left when it exited with bad input (`spin_runtime.cli.BAD_INPUT_FILE` in
+    its output folder), "" when there is none. One line, redacted, at most 1000 characters."""
+    from spin_runtime.cli import BAD_INPUT_FILE
+    from spin_runtime.redaction import redact_text
+
+    it = layout_of(spec, run).iteration(iteration)
+    output = {"generate": it.generated, "train": it.model, "evaluate": it.eval}.get(stage)
+    if output is None:
+        return ""
+    with storage_env(spec):
+        try:
+            text = storage.read_text(storage.join(output, BAD_INPUT_FILE))
+        except (FileNotFoundError, UnicodeDecodeError):
+            return ""
+    return redact_text("; ".join(line.strip() for line in text.splitlines() if line.strip()))[:1000]
+

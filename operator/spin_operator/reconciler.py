@@ -59,6 +59,8 @@ class StorageFacts:
     model: bool = False
     evaluated: bool = False
     metrics: Mapping[str, float] = field(default_factory=dict)
+    dataset_rows: int = 0  # from the generation manifests: rows read, skipped per reason
+    dataset_skipped: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

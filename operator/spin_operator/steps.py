@@ -52,6 +52,7 @@ MUTABLE_FIELDS: tuple[str, ...] = (
     "failurePolicy",
     "scheduling",
     "retention",
+    "dataset.maxSkippedFraction",  # gates the run; changes no artifact
     "generation.image",
     "generation.resources",
     "training.image",
@@ -149,7 +150,10 @@ def _selection_flags(spec: api.SPINRunSpec, training: bool = True) -> list[str]:
     flags = ["--dataset", d.uri]
     if training:
         flags += ["--max-samples", str(d.max_samples)]
-    return [*flags, "--eval-samples", str(d.eval_samples), "--seed", str(d.seed)]
+    return [
+        *flags, "--eval-samples", str(d.eval_samples), "--seed", str(d.seed),
+        "--max-skipped-fraction", repr(d.max_skipped_fraction),
+    ]  # fmt: skip
 
 
 def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str]:

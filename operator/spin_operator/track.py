@@ -105,13 +105,20 @@ class Tracking:
             return False
         return bool(await self._call(uri, "finish run", lambda t: t.finish_run(run_id, status)))
 
-    async def log_inputs(self, spec: api.SPINRunSpec, run_id: str, datasets: list[tuple[str, str, str, str]]) -> bool:
-        """Record (name, uri, digest, context) datasets as inputs of an MLflow run (idempotent)."""
+    async def log_inputs(
+        self, spec: api.SPINRunSpec, run_id: str, datasets: list[tuple[str, str, str, str]],
+        rows: api.DatasetStatus | None = None,
+    ) -> bool:
+        """Record (name, uri, digest, context) datasets as inputs of an MLflow run (idempotent).
+        The SFT dataset's profile has the selection and, once known, its rows: read, usable,
+        skipped (per reason as `skipped/<reason>`)."""
         uri = spec.tracking.uri
         if not uri or not datasets:
             return False
         d = spec.dataset
-        profile = {"maxSamples": d.max_samples, "evalSamples": d.eval_samples, "seed": d.seed}
+        profile: dict[str, Any] = {"maxSamples": d.max_samples, "evalSamples": d.eval_samples, "seed": d.seed}
+        if rows is not None:
+            profile |= dataset_profile(rows)
 
         def call(t: Any) -> bool:
             return all(t.log_dataset(run_id, name, src, digest, context=ctx, profile=profile if ctx == "sft" else None)
@@ -140,3 +147,10 @@ class Tracking:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def dataset_profile(rows: api.DatasetStatus) -> dict[str, Any]:
+    """status.dataset as MLflow dataset profile entries (flat: the UI shows them as a table)."""
+    out: dict[str, Any] = {"rows": rows.rows, "usable": rows.usable, "skipped": rows.skipped}
+    return out | {f"skipped/{reason}": n for reason, n in rows.skipped_by_reason.items()}
+

@@ -36,6 +36,11 @@ from spin_operator.validation import InvalidSpec
 
 Outcome = Literal["done", "waiting", "failed"]
 TERMINAL = ("Succeeded", "Failed")
+# Failures that will not heal (docs/runtime.md: exit 2 = bad input, 126/127 = cannot execute):
+# a retry would fail the same way, on a cluster after waiting for GPUs again. "PodFailurePolicy"
+# is the Job condition Kubernetes sets when render.py's FailJob rule (those exit codes) matched;
+# "BadInput"/"CannotExecute" are local mode's (local/backend.py).
+UNHEALABLE_REASONS = ("BadInput", "CannotExecute", "PodFailurePolicy")
 
 
 class Pass:
@@ -389,6 +394,12 @@ class Pass:
         found = job is None or job.state != "Succeeded"
         ss.message = "found complete in storage" if found else None
         layout = layout_of(spec, self.o.run).iteration(t)
+        if kind == "generate" and facts.dataset_rows:
+            skipped = dict(facts.dataset_skipped)
+            self.st.dataset = api.DatasetStatus(
+                rows=facts.dataset_rows, usable=facts.dataset_rows - sum(skipped.values()),
+                skipped=sum(skipped.values()), skipped_by_reason=skipped,
+            )  # fmt: skip
         if kind == "train":
             it.output_model_uri = layout.model
             self._act(*(DeleteService(job_name(self.o.name, t, "train", k)) for k in range(ss.attempts)))
@@ -431,6 +442,13 @@ class Pass:
         ss = self._step_status(self._entry(spec, t), kind)
         why = f"{reason}: {message}" if message else reason
         ss.message = why
+        if reason in UNHEALABLE_REASONS:  # fail at once, the cause first (argv stays in the logs)
+            ss.phase = "Failed"
+            ss.message = message or reason
+            ss.completion_time = self.now
+            logs = f"; details: kubectl logs job/{ss.job_name}" if reason == "PodFailurePolicy" else ""
+            self._fail(reason, f"{message or reason} ({kind} of iteration {t}: bad input, not retried{logs})")
+            return "failed"
         if ss.attempts - 1 < spec.failure_policy.max_retries:
             return self._create(spec, t, kind, ss.attempts, why)
         ss.phase = "Failed"

@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "spin_runtime.generate.cli",
     "train": "spin_runtime.train.cli",
     "evaluate": "spin_runtime.evaluate",
+    "check": "spin_runtime.check",
 }
 
 
@@ -46,4 +47,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _leave_cause(args, str(exc))
         return 2
+
+
+BAD_INPUT_FILE = "_BAD_INPUT.txt"  # in the step's --output: what the operator shows as the cause
+
+
+def _leave_cause(args: argparse.Namespace, message: str) -> None:
+    """Put the cause of a bad-input exit where the operator can read it without pod logs: the
+    step's own output folder in the run's storage, which it already reads for manifests. Never
+    a manifest, so nothing looks complete; best effort (storage may be what is wrong)."""
+    output = getattr(args, "output", None)
+    if args.command not in ("generate", "train", "evaluate") or not output:
+        return
+    try:
+        from spin_runtime import storage
+
+        storage.write_text(storage.join(output, BAD_INPUT_FILE), message[:4000] + "\n")
+    except Exception as exc:  # the exit status and stderr still say it
+        logging.getLogger(__name__).debug("cause not written to %s: %s", output, exc)

@@ -10,15 +10,14 @@ Light module: no torch. Parquet needs pyarrow (imported only for parquet files).
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from spin_runtime import rows
 from spin_runtime.cli import UsageError
 
 log = logging.getLogger(__name__)
@@ -40,17 +39,49 @@ class Example:
     response: str
 
 
+FIRST_LOCATIONS = 5  # where each skip reason was seen: enough to find the pattern in an editor
+DEFAULT_MAX_SKIPPED_FRACTION = 0.01
+
+
 @dataclass
 class Loaded:
-    """Parsed examples plus what was skipped and why (reported, never silent)."""
+    """Parsed examples plus what was skipped, why and where (reported, never silent)."""
 
     examples: list[Example]
     total_rows: int
     skipped: Counter[str] = field(default_factory=Counter)
+    where: dict[str, list[str]] = field(default_factory=dict)  # reason -> first locations
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def skip(self, reason: str, location: str) -> None:
+        self.skipped[reason] += 1
+        seen = self.where.setdefault(reason, [])
+        if len(seen) < FIRST_LOCATIONS:
+            seen.append(location)
+
+    def report(self) -> dict[str, Any]:
+        """The dataset profile: status.dataset, the MLflow dataset profile, `check` output."""
+        return {
+            "rows": self.total_rows,
+            "usable": len(self.examples),
+            "skipped": self.num_skipped,
+            "skippedByReason": {
+                reason: {"count": count, "first": self.where.get(reason, [])}
+                for reason, count in self.skipped.most_common()
+            },
+        }
+
+    def describe_skipped(self) -> str:
+        """`not UTF-8 ×2 (line 23, line 40); empty prompt ×1 (line 7)`, most frequent first."""
+        parts = []
+        for reason, count in self.skipped.most_common():
+            where = self.where.get(reason, [])
+            more = ", …" if count > len(where) else ""
+            parts.append(f"{reason} ×{count} ({', '.join(where)}{more})")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -60,7 +91,8 @@ class Split:
 
 
 def _text(content: Any) -> str | None:
-    """Message content as text: a string, or OpenAI-style parts ``[{"type": "text", ...}]``."""
+    """Message content as text: a string, or OpenAI-style parts ``[{"type": "text", ...}]``
+    (non-text parts such as images are ignored; no text part at all is not text)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -70,28 +102,76 @@ def _text(content: Any) -> str | None:
     return None
 
 
+def _content(message: Mapping[str, Any], what: str) -> str | tuple[str]:
+    """The text of a message, or a one-tuple with the reason it is not usable text."""
+    content = message.get("content")
+    if content is None:
+        return (f"empty {what}",)
+    text = _text(content)
+    if text is None:
+        return (f"{what} is not text",)  # e.g. only image parts
+    return text
+
+
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _parse_messages(messages: Any) -> tuple[str | None, str, str] | str:
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        return "messages is not a list of objects"
+    if not messages:
+        return "empty messages"
+    roles = [m.get("role") for m in messages]
+    if any(not isinstance(r, str) or not r for r in roles):
+        return "a message without a role"
+    unknown = sorted({r for r in roles if r not in KNOWN_ROLES})
+    if unknown:
+        return f"unknown role {unknown[0]!r}"
+    user_at = next((i for i, r in enumerate(roles) if r == "user"), None)
+    if user_at is None:
+        return "no user message"
+    if "assistant" in roles[:user_at]:
+        return "roles out of order: assistant before the first user message"
+    if user_at + 1 >= len(roles) or roles[user_at + 1] != "assistant":
+        return "no assistant answer after the first user message"
+    system_msg = next((m for m in messages[:user_at] if m.get("role") in ("system", "developer")), None)
+    system = _content(system_msg, "system") if system_msg is not None else None
+    if isinstance(system, tuple):
+        return "system is not a string"
+    prompt = _content(messages[user_at], "prompt")
+    if isinstance(prompt, tuple):
+        return prompt[0]
+    response = _content(messages[user_at + 1], "response")
+    if isinstance(response, tuple):
+        return response[0]
+    return system, prompt, response
+
+
 def parse_row(row: Any) -> tuple[str | None, str, str] | str:
     """``(system, prompt, response)`` for a valid row, else the reason it is skipped.
 
-    ``messages`` rows: the first system message (if any), the first user turn and the assistant
-    turn right after it. Otherwise ``prompt``/``response`` (and optional ``system``) fields.
+    ``messages`` rows: the first system message before the first user turn (if any), the first
+    user turn and the assistant turn right after it. Otherwise ``prompt``/``response`` (and
+    optional ``system``) fields. The reasons are listed in docs/datasets.md.
     """
     if not isinstance(row, Mapping):
         return "not an object"
-    messages = row.get("messages")
-    if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-            return "messages is not a list of objects"
-        system = next((_text(m.get("content")) for m in messages if m.get("role") == "system"), None)
-        user_at = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-        if user_at is None:
-            return "no user message"
-        if user_at + 1 >= len(messages) or messages[user_at + 1].get("role") != "assistant":
-            return "no assistant answer after the first user message"
-        prompt = _text(messages[user_at].get("content"))
-        response = _text(messages[user_at + 1].get("content"))
-    elif "prompt" in row or "response" in row:
+    system: Any
+    prompt: Any
+    response: Any
+    if row.get("messages") is not None:
+        parsed = _parse_messages(row["messages"])
+        if isinstance(parsed, str):
+            return parsed
+        system, prompt, response = parsed
+    elif row.get("prompt") is not None or row.get("response") is not None:
         system, prompt, response = row.get("system"), row.get("prompt"), row.get("response")
+        if prompt is not None and not isinstance(prompt, str):
+            return "prompt is not a string"
+        if response is not None and not isinstance(response, str):
+            return "response is not a string"
+    elif "messages" in row:
+        return "messages is null"
     else:
         return "neither messages nor prompt/response fields"
     if not isinstance(prompt, str) or not prompt.strip():
@@ -120,62 +200,68 @@ def _data_files(uri: str) -> list[str]:
     raise DatasetError(f"--dataset {uri}: no such file or directory")
 
 
-def _rows(uri: str) -> Iterable[Any]:
+def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded:
+    """Parse every row of the dataset at ``uri`` (JSONL, JSON array or parquet; a file or a
+    directory of them), line by line: an unreadable or invalid row is skipped and counted with
+    where it was. Raises :class:`DatasetError`, cause first, when a file cannot be read at all,
+    when nothing usable is there, or when more than ``max_skipped_fraction`` of the rows were
+    skipped (None: no limit).
+    """
     from spin_runtime import storage
 
-    data = storage.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(io.BytesIO(data)).to_pylist()
-        return
-    text = data.decode("utf-8")
-    if uri.endswith(".json") and text.lstrip().startswith("["):
-        yield from json.loads(text)
-        return
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            yield None  # counted as invalid by parse_row, keeps row indices aligned
-
-
-def load_examples(uri: str) -> Loaded:
-    """Parse every row of the dataset at ``uri`` (JSONL, JSON array or parquet; a file or a
-    directory of them). Raises :class:`DatasetError` naming the URI when nothing usable is there.
-    """
     try:
         files = _data_files(uri)
-        if not files:
-            raise DatasetError(f"--dataset {uri}: no .jsonl/.json/.parquet files in it")
-        loaded = Loaded(examples=[], total_rows=0)
-        for file in files:
-            for row in _rows(file):
-                parsed = parse_row(row)
+    except OSError as exc:
+        raise DatasetError(f"--dataset {uri}: cannot list it: {exc}") from exc
+    if not files:
+        raise DatasetError(f"--dataset {uri}: no .jsonl/.json/.parquet files in it")
+    loaded = Loaded(examples=[], total_rows=0)
+    for file in files:
+        name = file.rsplit("/", 1)[-1]
+        prefix = f"{name} " if len(files) > 1 else ""
+        try:
+            data = storage.read_bytes(file)
+            for raw in rows.file_rows(file, data):
+                parsed = raw.problem or parse_row(raw.value)
                 if isinstance(parsed, str):
-                    loaded.skipped[parsed] += 1
+                    loaded.skip(parsed, prefix + raw.where)
                 else:
                     loaded.examples.append(Example(loaded.total_rows, *parsed))
                 loaded.total_rows += 1
-    except DatasetError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DatasetError(f"--dataset {uri}: cannot read it: {exc}") from exc
-    except Exception as exc:  # pyarrow/botocore errors have no common base we can name lazily
-        raise DatasetError(f"--dataset {uri}: cannot read it: {type(exc).__name__}: {exc}") from exc
-    if loaded.num_skipped:
+        except rows.FileProblem as exc:
+            raise DatasetError(f"dataset file {file}: {exc}") from None
+        except FileNotFoundError:
+            raise DatasetError(f"--dataset {uri}: {file}: no such file") from None
+        except OSError as exc:
+            raise DatasetError(f"--dataset {uri}: cannot read {file}: {exc}") from exc
+        except Exception as exc:  # botocore errors have no common base we can name lazily
+            raise DatasetError(f"--dataset {uri}: cannot read {file}: {type(exc).__name__}: {exc}") from exc
+    if not loaded.total_rows:
+        raise DatasetError(f"dataset {uri} is empty: no rows")
+    if not loaded.examples:
+        raise DatasetError(f"dataset {uri}: no usable rows: all {loaded.total_rows} skipped: {loaded.describe_skipped()}")
+    check_skipped(loaded, uri, max_skipped_fraction)
+    if loaded.num_skipped:  # (when the run fails for them, the error says it: not twice)
         log.warning(
             "dataset %s: skipped %d of %d rows: %s",
-            uri, loaded.num_skipped, loaded.total_rows, dict(loaded.skipped),
-        )
-    if not loaded.examples:
-        raise DatasetError(
-            f"--dataset {uri}: no usable rows (of {loaded.total_rows}; skipped: {dict(loaded.skipped)})"
-        )
+            uri, loaded.num_skipped, loaded.total_rows, loaded.describe_skipped(),
+        )  # fmt: skip
     log.info("dataset %s: %d examples from %d rows", uri, len(loaded.examples), loaded.total_rows)
     return loaded
+
+
+def check_skipped(loaded: Loaded, uri: str, max_fraction: float | None) -> None:
+    """DatasetError when more than ``max_fraction`` of the rows were skipped (the message leads
+    with the reasons and where, then the numbers and the field that sets the limit)."""
+    if max_fraction is None or not loaded.total_rows:
+        return
+    fraction = loaded.num_skipped / loaded.total_rows
+    if fraction > max_fraction:
+        raise DatasetError(
+            f"dataset {uri}: {loaded.describe_skipped()} — {loaded.num_skipped} of "
+            f"{loaded.total_rows} rows skipped ({fraction:.1%}), above "
+            f"dataset.maxSkippedFraction {max_fraction:g} (--max-skipped-fraction)"
+        )
 
 
 def select(examples: list[Example], seed: int, max_samples: int, eval_samples: int) -> Split:
@@ -199,6 +285,8 @@ def select(examples: list[Example], seed: int, max_samples: int, eval_samples: i
     return Split(train=train, eval=held_out)
 
 
-def load_split(uri: str, seed: int, max_samples: int, eval_samples: int) -> Split:
+def load_split(
+    uri: str, seed: int, max_samples: int, eval_samples: int, max_skipped_fraction: float | None = None
+) -> Split:
     """:func:`load_examples` then :func:`select` — what every command does."""
-    return select(load_examples(uri).examples, seed, max_samples, eval_samples)
+    return select(load_examples(uri, max_skipped_fraction).examples, seed, max_samples, eval_samples)

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     storage.delete_prefix(manifest.dir_manifest_uri(args.output))  # incomplete until rewritten
-    split = data.load_split(args.dataset, args.seed, 0, args.eval_samples)
+    split = data.load_split(args.dataset, args.seed, 0, args.eval_samples, getattr(args, "max_skipped_fraction", None))
     metrics, answers = evaluate_model(args.model, args, split.eval)
     baseline = None
     if args.baseline_model:

@@ -68,6 +68,14 @@ def load_tokenizer(
 
     flag = "--tokenizer" if tokenizer_uri else "--model"
     source = resolve(tokenizer_uri or uri, flag=flag)
+    if Path(source).is_dir():
+        # name a missing piece before transformers does (it answers a folder without tokenizer
+        # files with "You need to have sentencepiece or tiktoken installed", the wrong way)
+        from spin_runtime import modelcheck
+
+        problems = modelcheck.check_tokenizer(modelcheck.Folder.open(source), needs_template=False)
+        if problems:
+            raise ModelError(f"{flag} {tokenizer_uri or uri}: {problems[0]}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:

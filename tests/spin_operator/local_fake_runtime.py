@@ -9,6 +9,7 @@ test_local_e2e.py.
     FAKE_CALLS=path        append one JSON line per invocation (stage, iteration, shard, pid)
     FAKE_FAIL=stage:t[:n]  that step exits 1 (its first n invocations only, when n is given)
     FAKE_HANG=stage:t      that step writes its pid (and a child's) to FAKE_CALLS and sleeps
+    FAKE_BAD_INPUT=stage:t that step logs its argv, then `error: <cause>` and exits 2 (bad input)
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def main(argv: list[str]) -> int:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         _calls(calls, stage="hang", iteration=iteration, pid=os.getpid(), child=child.pid)
         time.sleep(600)
+    if _matches("FAKE_BAD_INPUT", stage, iteration, count):
+        print(f"2026-12-02 12:00:00 INFO argv: {' '.join(argv)}", flush=True)
+        print("error: dataset line 23: not UTF-8", flush=True)
+        return 2
     if _matches("FAKE_FAIL", stage, iteration, count):
         print("error: injected failure", flush=True)
         return 1

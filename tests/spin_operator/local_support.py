@@ -30,14 +30,26 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_spec(directory: Path, name: str = "local-test", **spec: Any) -> Path:
-    """A SPINRun file whose model and dataset exist (a config.json, one JSONL row); `spec`
-    overrides nested fields, e.g. `training={"beta": 2.0}`."""
-    model = directory / "model"
+def write_model_folder(model: Path) -> Path:
+    """A folder the preflight's model check accepts without loading it: a config naming its
+    architecture, a (tensor-less) safetensors file, a tokenizer.json and a chat template."""
+    import struct
+
     model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    header = b'{"__metadata__":{"format":"pt"}}'
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    (model / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return model
+
+
+def write_spec(directory: Path, name: str = "local-test", **spec: Any) -> Path:
+    """A SPINRun file whose model and dataset exist (`write_model_folder`, two JSONL rows);
+    `spec` overrides nested fields, e.g. `training={"beta": 2.0}`."""
+    model = write_model_folder(directory / "model")
     data = directory / "data.jsonl"
-    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(2)))
     base = {
         "model": {"uri": str(model)},
         "dataset": {"uri": str(data), "evalSamples": 1},

@@ -76,7 +76,7 @@ def test_a_failing_pod_fails_the_job_and_stops_its_siblings(tmp_path: Path) -> N
     assert wait(backend, job.name) == "Failed"
     assert time.monotonic() - started < 30
     observed = backend.observed()[0]
-    assert observed.reason == "BadInput" and "exited with 2" in observed.message
+    assert observed.reason == "BadInput" and observed.message == "no such dataset"  # the cause alone
     assert "no such dataset" in observed.message
     assert not pid_alive(job.pods[1].proc.pid)  # type: ignore[union-attr]
     assert [j.name for j in backend.finished()] == [job.name]

@@ -63,8 +63,13 @@ def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str]
 
 
 def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path) -> None:
-    """The default suite's variant: local storage, the sqlite MLflow default, one iteration."""
-    doc = spinrun("quick", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),
+    """The default suite's variant: local storage, the sqlite MLflow default, one iteration, on a
+    dataset with two unusable lines (under the default 1 %): said, kept in status and MLflow."""
+    data = tmp_path / "data.jsonl"
+    good = tiny_dataset_path.read_bytes()
+    data.write_bytes(b"not json\n" + good + b'{"prompt": "caf\xe9", "response": "x"}\n')
+    lines = good.count(b"\n") + 2
+    doc = spinrun("quick", str(tiny_model_dir), str(data), str(tmp_path / "runs"),
                   iterations=1, training={"epochs": 1}, dataset={"maxSamples": 32, "evalSamples": 8})  # fmt: skip
     spec_path = tmp_path / "quick.yaml"
     spec_path.write_text(yaml.safe_dump(doc))
@@ -85,6 +90,15 @@ def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, t
     assert exp is not None and exp.artifact_location == str(tmp_path / "runs" / "mlartifacts")
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["iter-000", "quick"]
+    skipped = f"2 of {lines} rows skipped"
+    assert f"dataset    {skipped}" in out and f"not UTF-8 ×1 (line {lines})" in out and "not JSON ×1 (line 1)" in out
+    status = json.loads((prefix / ".local-status.json").read_text())["status"]
+    assert status["dataset"] == {"rows": lines, "usable": lines - 2, "skipped": 2,
+                                 "skippedByReason": {"not JSON": 1, "not UTF-8": 1}}  # fmt: skip
+    parent = next(r for r in runs if r.info.run_name == "quick")
+    (sft,) = [i.dataset for i in parent.inputs.dataset_inputs if i.dataset.name == "sft"]
+    profile = json.loads(sft.profile)
+    assert (profile["rows"], profile["usable"], profile["skipped/not UTF-8"]) == (lines, lines - 2, 1)
 
 
 def _wait_for(predicate: Any, proc: subprocess.Popen[str], timeout: float = 300) -> None:

@@ -112,3 +112,70 @@ def test_local_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert local_defaults(None, "").mlflow_uri is None
     assert local_defaults("s3://b/p", None).mlflow_uri is None
     assert local_defaults(None, None, "/data/runs").mlflow_uri == "sqlite:////data/runs/mlflow.db"
+
+
+# --------------------------------------------------------------------------- data and model checks
+
+
+def _dataset(path: Path, good: int, bad_lines: dict[int, bytes] | None = None) -> Path:
+    """`good` valid rows with `bad_lines` (1-based line number -> raw bytes) put in place."""
+    import json
+
+    lines = [json.dumps({"prompt": f"Q{i}", "response": f"A{i}"}).encode() for i in range(good)]
+    for number, raw in sorted((bad_lines or {}).items()):
+        lines.insert(number - 1, raw)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _spinctl_run(spec: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    import argparse
+
+    from spin_operator.local import runner
+
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    code = runner.run(parser.parse_args([str(spec), "--no-tracking"]))
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def test_one_bad_byte_fails_before_any_job_with_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's first finding: one byte that is not UTF-8 used to fail the whole run inside
+    generation, without a line number, three times."""
+    data = _dataset(tmp_path / "d.jsonl", 23, {23: b'{"prompt": "caf\xe9", "response": "A"}'})
+    spec = write_spec(tmp_path, dataset={"uri": str(data)})
+    code, out = _spinctl_run(spec, capsys)
+    assert code == 2
+    (line,) = [x for x in out.splitlines() if "not UTF-8" in x]
+    assert line.startswith(f"error: dataset {data}: not UTF-8 ×1 (line 23) — 1 of 24 rows skipped (4.2%)")
+    assert "dataset.maxSkippedFraction 0.01" in line
+    run = tmp_path / "artifacts" / "default" / "local-test"
+    assert not run.exists()  # no Job started, nothing written for the run
+
+
+def test_skipped_rows_under_the_limit_are_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "d.jsonl", 22, {3: b"not json", 9: b'{"messages": []}'})
+    spec = write_spec(tmp_path, dataset={"uri": str(data), "maxSkippedFraction": 0.1})
+    report = preflight(load(spec, tracking_uri=""))
+    assert report is not None and (report["rows"], report["usable"], report["skipped"]) == (24, 22, 2)
+    assert report["skippedByReason"] == {"not JSON": {"count": 1, "first": ["line 3"]}, "empty messages": {"count": 1, "first": ["line 9"]}}
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "cause"),
+    [
+        (lambda d: _dataset(d / "empty.jsonl", 0), "dataset", "is empty: no rows"),
+        (lambda d: (d / "model" / "tokenizer.json").unlink(), "spec.model.uri", "no tokenizer files"),
+        (lambda d: (d / "model" / "chat_template.jinja").unlink(), "spec.model.uri", "the tokenizer has no chat template"),
+        (lambda d: (d / "model" / "config.json").write_text('{"model_type": "llama"}'), "spec.model.uri", "no `architectures`"),
+        (lambda d: (d / "model" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"), "spec.model.uri", "truncated or not safetensors"),
+    ],
+)
+def test_bad_data_and_models_are_named_before_any_job(tmp_path: Path, make, field: str, cause: str) -> None:
+    spec = write_spec(tmp_path)
+    made = make(tmp_path)
+    if isinstance(made, Path):
+        spec = write_spec(tmp_path, dataset={"uri": str(made)})
+    found = problems(spec, tracking_uri="")
+    assert any(p.startswith(field) and cause in p for p in found), found

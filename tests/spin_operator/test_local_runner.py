@@ -26,7 +26,7 @@ PREFIX = ("artifacts", "default")
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
     record = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(record))
-    for knob in ("FAKE_FAIL", "FAKE_HANG"):
+    for knob in ("FAKE_FAIL", "FAKE_HANG", "FAKE_BAD_INPUT"):
         monkeypatch.delenv(knob, raising=False)
     return fake_python(tmp_path), record
 
@@ -87,6 +87,43 @@ def test_failed_step_is_retried_then_fails_the_run(tmp_path: Path, fake: tuple[s
     assert steps(record) == [("generate", 0), ("train", 0), ("train", 0)]  # maxRetries 1
     assert "injected failure" in out and "Failed:" in out
     assert state_of(tmp_path)["status"]["phase"] == "Failed"
+
+
+def test_bad_input_fails_at_once_and_says_the_cause_once(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 will not heal (docs/runtime.md): no retry although maxRetries allows one; the
+    cause leads the message, is printed once, and argv/timestamps stay in the pod log."""
+    python, record = fake
+    monkeypatch.setenv("FAKE_BAD_INPUT", "generate:0")
+    code, out = run_local(write_spec(tmp_path, iterations=1), python)
+    assert code == 1
+    assert steps(record) == [("generate", 0)]  # one attempt, maxRetries 1 unused
+    assert out.count("not UTF-8") == 1, out
+    final = next(line for line in out.splitlines() if line.startswith("Failed: "))
+    assert final.startswith("Failed: dataset line 23: not UTF-8 (generate of iteration 0: bad input, not retried)")
+    assert "argv" not in out and "2026-12-02" not in out and "retry" not in out
+    status = state_of(tmp_path)["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BadInput" and failed["message"].startswith("dataset line 23: not UTF-8")
+    assert status["iterations"][0]["generate"] == {**status["iterations"][0]["generate"], "attempts": 1, "phase": "Failed", "message": "dataset line 23: not UTF-8"}
+    log = (tmp_path.joinpath(*PREFIX, "local-test", ".local-logs", "local-test-i0-gen-0.log")).read_text()
+    assert "argv:" in log and "=== " in log  # the details stay in the log
+
+
+def test_skipped_rows_are_in_the_cli_and_the_status(tmp_path: Path, fake: tuple[str, Path]) -> None:
+    from spin_operator.local.preflight import preflight
+
+    python, _ = fake
+    data = tmp_path / "d.jsonl"
+    rows = [json.dumps({"prompt": f"Q{i}", "response": f"A{i}"}) for i in range(18)]
+    data.write_text("\n".join([*rows[:4], "not json", *rows[4:], '{"prompt": "Q", "response": ""}']) + "\n")
+    loaded = load(write_spec(tmp_path, iterations=1, dataset={"uri": str(data), "maxSkippedFraction": 0.2}), tracking_uri="")
+    out = io.StringIO()
+    code = LocalRun(loaded, python=python, poll_interval=0.02, out=out, dataset=preflight(loaded)).run()
+    assert code == 0, out.getvalue()
+    said = [line for line in out.getvalue().splitlines() if line.startswith("  dataset")]
+    assert said == ["  dataset    2 of 20 rows skipped (10.0%; 18 usable): not JSON ×1 (line 5); empty response ×1 (line 20)"] * 2  # start and end
+    status = state_of(tmp_path)["status"]
+    assert status["dataset"] == {"rows": 20, "usable": 18, "skipped": 2, "skippedByReason": {"not JSON": 1, "empty response": 1}}
 
 
 def test_transient_failure_recovers_on_retry(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,6 +174,45 @@ def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
     assert w.status.phase == "Failed"
 
 
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        # a cluster: render.py's FailJob rule matched exit code 2 (bad input) or 126/127
+        ("PodFailurePolicy", "Container generate for pod ns/run-i0-gen-0-x failed with exit code 2 matching FailJob rule at index 0"),
+        ("BadInput", "dataset line 23: not UTF-8"),  # local mode: the runtime's own error line
+        ("CannotExecute", "no-such-evaluator: No such file or directory"),
+    ],
+)
+def test_bad_input_is_never_retried_and_the_cause_leads(reason: str, message: str) -> None:
+    w = started(failurePolicy={"maxRetries": 3})
+    name = advance_to(w, 0, "generate")
+    w.set_state(name, "Failed", reason, message)
+    d = w.reconcile()
+    assert not d.of_type(CreateStep) and "Retrying" not in [r for r, _ in w.events]
+    assert w.status.phase == "Failed"
+    failed = condition(w, "Failed")
+    assert failed.reason == reason and failed.message.startswith(f"{message} (generate of iteration 0: bad input, not retried")
+    assert ("kubectl logs job/run-i0-gen" in failed.message) == (reason == "PodFailurePolicy")
+    assert w.status.message == failed.message
+    assert [m for r, m in w.events if r == reason] == [failed.message]  # one event
+    step = w.status.iterations[0].generate
+    assert (step.phase, step.attempts, step.message) == ("Failed", 1, message)
+    w.reconcile()
+    assert [m for r, m in w.events if r == reason] == [failed.message]  # not repeated
+
+
+def test_dataset_rows_from_the_generation_manifests_reach_the_status() -> None:
+    w = started()
+    name = advance_to(w, 0, "generate")
+    w.succeed(name)
+    w.storage[0] = replace(w.storage[0], dataset_rows=24, dataset_skipped={"not JSON": 2, "empty messages": 1})
+    w.reconcile()
+    ds = w.status.dataset
+    assert ds is not None and (ds.rows, ds.usable, ds.skipped) == (24, 21, 3)
+    assert ds.skipped_by_reason == {"not JSON": 2, "empty messages": 1}
+    assert w.status.to_wire()["dataset"]["skippedByReason"] == {"not JSON": 2, "empty messages": 1}
+
+
 def test_job_succeeding_without_a_manifest_counts_as_a_failed_attempt() -> None:
     w = started(failurePolicy={"maxRetries": 0})
     name = advance_to(w, 0, "train")

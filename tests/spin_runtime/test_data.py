@@ -89,7 +89,7 @@ def test_errors_name_the_uri(tmp_path: Path) -> None:
     with pytest.raises(data.DatasetError, match=r"empty.jsonl: no usable rows"):
         data.load_examples(empty)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
-    with pytest.raises(data.DatasetError, match=r"bad.parquet: cannot read"):
+    with pytest.raises(data.DatasetError, match=r"bad.parquet: not a parquet file"):
         data.load_examples(str(tmp_path / "bad.parquet"))
     (tmp_path / "nothing").mkdir()
     with pytest.raises(data.DatasetError, match=r"no .jsonl"):

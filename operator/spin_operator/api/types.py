@@ -175,6 +175,16 @@ class DatasetSpec(Model):
         ),
     ] = 256
     seed: Annotated[int, _desc("Seed of the shuffle: every iteration sees the same prompts.", ge=0)] = 0
+    max_skipped_fraction: Annotated[
+        float,
+        _desc(
+            "Largest fraction of rows that may be skipped as unusable (not UTF-8, not JSON, no "
+            "assistant answer, ...; see docs/datasets.md) before the run fails, before any "
+            "generation, with the reasons and line numbers. 0 tolerates no bad row.",
+            ge=0,
+            le=1,
+        ),
+    ] = 0.01
 
 
 class GenerationSpec(Model):
@@ -566,6 +576,17 @@ class IterationStatus(Model):
     mlflow_run_id: Annotated[str | None, _desc("Nested MLflow run of this iteration.")] = None
 
 
+class DatasetStatus(Model):
+    """What the dataset check found: rows read, rows usable, rows skipped and why."""
+
+    rows: Annotated[int, _desc("Rows read (blank lines are not rows).", ge=0)] = 0
+    usable: Annotated[int, _desc("Rows that parse into a prompt and its answer.", ge=0)] = 0
+    skipped: Annotated[int, _desc("Rows skipped as unusable.", ge=0)] = 0
+    skipped_by_reason: Annotated[
+        dict[str, int], _desc("Skipped rows per reason (e.g. `not JSON`, `empty response`).")
+    ] = Field(default_factory=dict)
+
+
 class MlflowStatus(Model):
     """Where the run is tracked."""
 
@@ -588,6 +609,7 @@ class SPINRunStatus(Model):
     conditions: Annotated[list[Condition], _desc("Standard conditions.")] = Field(default_factory=list)
     iterations: Annotated[list[IterationStatus], _desc("One entry per started iteration.")] = Field(default_factory=list)
     mlflow: Annotated[MlflowStatus | None, _desc("MLflow tracking.")] = None
+    dataset: Annotated[DatasetStatus | None, _desc("Dataset rows usable and skipped (after the first generation).")] = None
     start_time: Annotated[str | None, _desc("When the run started.")] = None
     completion_time: Annotated[str | None, _desc("When the run finished.")] = None
     message: Annotated[str | None, _desc("Human-readable summary of the current state.")] = None

@@ -123,8 +123,8 @@ class Actor:
             if job.completion_time is None or job.name in self.reported:
                 continue
             self.reported.add(job.name)
-            ok = job.state == "Succeeded"
-            self.r.display.step_done(job.name, ok, "" if ok else f"{job.reason}: {job.message}")
+            # the cause is said once: by the retry event, or by the run's final "Failed:" line
+            self.r.display.step_done(job.name, job.state == "Succeeded")
 
     def _event(self, d: Decision, event: Event) -> None:
         if event.reason in QUIET_EVENTS:
@@ -133,6 +133,8 @@ class Actor:
             return
         if event.reason in ("Succeeded", "Started"):
             return  # the header and the final line say it
+        if d.status.phase == "Failed" and event.message == d.status.message:
+            return  # the run's final "Failed:" line says it (once, not three times)
         prefix = "warning: " if event.type == "Warning" else ""
         self.r.display.say(f"  {prefix}{event.message}")
 
@@ -192,10 +194,12 @@ class Actor:
             new.mlflow = r.tracking.ensure_parent() or new.mlflow
             if new.mlflow and new.mlflow.run_id:
                 from spin_operator.local.tracking import file_digest
+                from spin_operator.track import dataset_profile
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
-                    r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft")
+                    profile = dataset_profile(new.dataset) if new.dataset else None  # rows, skipped per reason
+                    r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft", profile)
                 except OSError as exc:
                     log.warning("dataset digest not computed: %s", exc)
         parent = new.mlflow.run_id if new.mlflow else None

@@ -111,8 +111,21 @@ def _tail(path: Path, lines: int = 3) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    # the "=== <time> <argv>" header the runner writes stays in the file, not in the message
+    kept = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("=== ")]
     return " | ".join(kept[-lines:])
+
+
+def _cause(path: Path) -> str:
+    """The runtime's own `error: ...` line (docs/runtime.md: bad input, exit 2), else the tail."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    errors = [line.strip()[len("error: ") :] for line in text.splitlines() if line.strip().startswith("error: ")]
+    return errors[-1] if errors else _tail(path)
 
 
 def stop_group(pgid: int, grace: float = TERMINATE_GRACE_S, leader: subprocess.Popen[bytes] | None = None) -> None:
@@ -216,8 +229,11 @@ class LocalBackend:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(pod.proc.pid, signal.SIGKILL)  # stragglers of its group
                     changed = True
-                    if pod.returncode != 0 and not job.reason:
-                        job.reason = "BadInput" if pod.returncode == BAD_INPUT_EXIT else "ProcessFailed"
+                    if pod.returncode == BAD_INPUT_EXIT and not job.reason:  # cause first, once
+                        job.reason = "BadInput"
+                        job.message = _cause(pod.log_path) or f"pod {pod.index} exited with {pod.returncode}"
+                    elif pod.returncode != 0 and not job.reason:
+                        job.reason = "ProcessFailed"
                         job.message = f"pod {pod.index} exited with {pod.returncode}: {_tail(pod.log_path)}"
             if job.state == "Failed":
                 self._stop_pods(job, grace=TERMINATE_GRACE_S)

@@ -139,6 +139,21 @@ class Display:
         if tracking:
             self.say(f"  tracking   {tracking}")
 
+    def dataset(self, report: Mapping[str, Any]) -> None:
+        """Rows read, usable and skipped (with why and where): said at the start, and again at
+        the end when rows were skipped, so a dropped share of the data is never silent."""
+        rows, usable, skipped = report.get("rows", 0), report.get("usable", 0), report.get("skipped", 0)
+        head = "  dataset   "
+        if not skipped:
+            self.say(f"{head} {rows} rows, all usable")
+            return
+        reasons = "; ".join(
+            f"{reason} ×{info['count']} ({', '.join(info['first'])}{', …' if info['count'] > len(info['first']) else ''})"
+            for reason, info in (report.get("skippedByReason") or {}).items()
+        )
+        share = f"{skipped / rows:.1%}" if rows else "?"
+        self.say(f"{head} {skipped} of {rows} rows skipped ({share}; {usable} usable): {reasons}")
+
     def step_started(self, job: LocalJob) -> None:
         plan = job.plan
         retry = f" (retry {plan.attempt})" if plan.attempt else ""
@@ -149,13 +164,15 @@ class Display:
         self.progress[job.name] = StepProgress(job, [Tail(p.log_path, _size(p.log_path)) for p in job.pods])
 
     def step_done(self, name: str, ok: bool, detail: str = "") -> None:
+        """A step's end. A failure's cause is said once, by whoever says what happens next (the
+        retry line, or the run's final line), so here a failure without `detail` is one word."""
         progress = self.progress.pop(name, None)
         if progress is not None:
             line = progress.line()
             if ok:
                 self.say(line.replace(STAGE_WORD[progress.job.plan.stage], "done", 1))
-            elif detail:
-                self.say(f"  failed: {detail}")
+            else:
+                self.say(line.replace(STAGE_WORD[progress.job.plan.stage], "failed", 1) + (f": {detail}" if detail else ""))
         elif detail:
             self.say(f"  {detail}")
 

@@ -2,8 +2,10 @@
 
 `spinctl run` fails fast (exit 2) on what would otherwise surface minutes later inside a step:
 a missing or invalid file (every problem `spinctl validate` reports), an unreachable storage or
-tracking URI, a model, tokenizer, chat template or dataset path that does not exist, or a
-backend this machine cannot run. Hub model ids are not checked (they resolve when loaded).
+tracking URI, a model, tokenizer, chat template or dataset path that does not exist, a dataset
+with too many unusable rows (or none), a model folder missing its config, weights, tokenizer or
+chat template, or a backend this machine cannot run. Hub model ids are not checked (they resolve
+when loaded). docs/datasets.md lists every check and its outcome.
 """
 
 from __future__ import annotations
@@ -185,10 +187,31 @@ def check_runnable(spec: api.SPINRunSpec) -> list[str]:
     return problems
 
 
-def preflight(loaded: Loaded) -> None:
-    """Raise BadInput listing every problem, or return when the run can start."""
+def check_inputs(spec: api.SPINRunSpec, skip: set[str]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The dataset parsed row by row and the model folder checked piece by piece, with the
+    runtime's own `check` functions (the reader every step uses; no weights loaded). Fields in
+    `skip` already failed a simpler check. Returns (the dataset profile, problems)."""
+    from spin_operator.observe import storage_env
+    from spin_runtime.check import check_dataset, check_model_uris
+
+    report: dict[str, Any] | None = None
+    problems: list[str] = []
+    m, d = spec.model, spec.dataset
+    with storage_env(spec):
+        if "spec.dataset.uri" not in skip:
+            report, problems = check_dataset(d.uri, d.max_skipped_fraction, d.eval_samples)
+        if not skip & {"spec.model.uri", "spec.model.tokenizer", "spec.model.chatTemplate"}:
+            names = {"model": "spec.model.uri:", "tokenizer": "spec.model.tokenizer:", "chat_template": "spec.model.chatTemplate:"}
+            problems += check_model_uris(m.uri, m.tokenizer, m.chat_template, names)
+    return report, problems
+
+
+def preflight(loaded: Loaded) -> dict[str, Any] | None:
+    """Raise BadInput listing every problem; return the dataset profile when the run can start
+    (rows, usable, skipped by reason with their first line numbers)."""
     spec = loaded.spec
     problems = check_runnable(spec)
+    failed: set[str] = set()
     for field, uri, kind in (
         ("spec.model.uri", spec.model.uri, "model"),
         ("spec.model.tokenizer", spec.model.tokenizer, "dir"),
@@ -204,8 +227,12 @@ def preflight(loaded: Loaded) -> None:
             problem = check_path(field, uri, kind)
         if problem:
             problems.append(problem)
+            failed.add(field)
+    report, found = check_inputs(spec, failed)
+    problems += found
     for problem in (check_storage(spec), check_tracking(spec.tracking.uri)):
         if problem:
             problems.append(problem)
     if problems:
         raise BadInput(problems)
+    return report

@@ -20,10 +20,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from spin_operator.api import types as api
 from spin_operator.local.preflight import BadInput, Loaded, load, preflight
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         loaded = load(args.file, args.storage_uri, "" if args.no_tracking else args.tracking_uri)
-        preflight(loaded)
+        report = preflight(loaded)
     except BadInput as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return LocalRun(loaded, parallel=args.parallel, cache_dir=args.cache_dir).run()
+    return LocalRun(loaded, parallel=args.parallel, cache_dir=args.cache_dir, dataset=report).run()
 
 
 class _Stop(Exception):
@@ -85,6 +87,7 @@ class LocalRun:
         poll_interval: float = 0.2,
         out: Any = None,
         python: str = sys.executable,
+        dataset: Mapping[str, Any] | None = None,
     ) -> None:
         from spin_operator.local.display import Display
         from spin_operator.local.tracking import LocalTracking
@@ -105,6 +108,7 @@ class LocalRun:
         self.state_uri = self.layout.prefix.rstrip("/") + "/.local-status.json"
         self.log_dir = log_dir_for(self.layout.prefix, self.run_ref.name, self.run_ref.namespace)
         self.results: list[tuple[str, dict[str, float]]] = []
+        self.dataset = dataset  # the preflight's dataset profile (rows, usable, skipped by reason)
 
     # ------------------------------------------------------------------ state
 
@@ -153,6 +157,9 @@ class LocalRun:
         self.display.header(self.run_ref.name, self.layout.prefix, self.spec.tracking.uri, resumed)
         if interrupted:
             self.display.say(f"  restarting interrupted step(s): {', '.join(interrupted)}")
+        if self.dataset:
+            self.display.dataset(self.dataset)
+            self.status.dataset = dataset_status(self.dataset)
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             self.tracking.prepare()
@@ -214,6 +221,8 @@ class LocalRun:
 
     def _finish(self, phase: str) -> int:
         self.display.summary(self.results)
+        if self.dataset and self.dataset.get("skipped"):
+            self.display.dataset(self.dataset)
         message = self.status.message or ""
         if phase == "Succeeded":
             self.display.say(f"Succeeded: {message}")
@@ -223,6 +232,15 @@ class LocalRun:
         if logs:
             self.display.say(f"  process logs: {self.log_dir}")
         return EXIT_FAILED
+
+
+def dataset_status(report: Mapping[str, Any]) -> api.DatasetStatus:
+    """status.dataset from a dataset profile (`spin_runtime.data.Loaded.report`)."""
+    by_reason = report.get("skippedByReason") or {}
+    return api.DatasetStatus(
+        rows=int(report.get("rows", 0)), usable=int(report.get("usable", 0)), skipped=int(report.get("skipped", 0)),
+        skipped_by_reason={str(k): int(v["count"]) for k, v in by_reason.items()},
+    )  # fmt: skip
 
 
 def results_of(text: str) -> dict[str, Any]:

@@ -80,12 +80,14 @@ class LocalTracking:
         """Deliver what steps spooled while MLflow was unreachable (as the operator does)."""
         return self._sync(self.tracking.replay(self.spec, spools))
 
-    def log_dataset(self, run_id: str, name: str, uri: str, digest: str, context: str) -> None:
+    def log_dataset(
+        self, run_id: str, name: str, uri: str, digest: str, context: str, profile: Mapping[str, Any] | None = None
+    ) -> None:
         key = (run_id, name)
         if key in self._logged:
             return
         try:
-            if self.tracker().log_dataset(run_id, name, uri, digest, context=context):
+            if self.tracker().log_dataset(run_id, name, uri, digest, context=context, profile=profile):
                 self._logged.add(key)
         except Exception as exc:
             log.warning("MLflow dataset %s not logged: %s", name, exc)

@@ -22,6 +22,17 @@ def add_dataset_flags(parser: argparse.ArgumentParser, *, train: bool = True) ->
         parser.add_argument("--max-samples", type=int, default=0, help="training prompts, 0 = all")
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out prompts")
     parser.add_argument("--seed", type=int, default=0, help="selection (and sampling) seed")
+    parser.add_argument(
+        "--max-skipped-fraction", type=_fraction, default=None,
+        help="fail (exit 2) when more of the dataset's rows are skipped (default: no limit)",
+    )  # fmt: skip
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -82,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: expected one of {', '.join(DTYPES)}")
     index, count = shard_from_args(args)
+    from spin_runtime.check import check_model_uris
+
+    # the model folder's pieces named before anything loads (on a cluster this is the first Job:
+    # a missing tokenizer fails it with exit 2, never retried, instead of transformers' message)
+    problems = check_model_uris(args.model, args.tokenizer, args.chat_template)
+    if problems:
+        raise UsageError("; ".join(problems))
     opts = GenerateOptions(
         model=args.model,
         dataset=args.dataset,
@@ -91,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         eval_samples=args.eval_samples,
         seed=args.seed,
+        max_skipped_fraction=args.max_skipped_fraction,
         iteration=args.iteration,
         backend=args.backend,
         sampling=SamplingConfig(

@@ -49,6 +49,7 @@ class GenerateOptions:
     max_samples: int = 0
     eval_samples: int = 0
     seed: int = 0
+    max_skipped_fraction: float | None = None
     iteration: int = 0
     backend: str = "transformers"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -102,7 +103,7 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
     uri = storage.join(opts.output, layout.shard_name(opts.shard_index, opts.num_shards))
     storage.delete_prefix(manifest.file_manifest_uri(uri))  # incomplete until rewritten
 
-    loaded = data.load_examples(opts.dataset)
+    loaded = data.load_examples(opts.dataset, opts.max_skipped_fraction)
     split = data.select(loaded.examples, opts.seed, opts.max_samples, opts.eval_samples)
     selected = [(e, "eval") for e in split.eval] + [(e, "train") for e in split.train]
     start, end = shard_bounds(len(selected), opts.shard_index, opts.num_shards)
