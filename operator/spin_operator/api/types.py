@@ -54,6 +54,22 @@ class FieldError(ValueError):
         super().__init__(message)
 
 
+class FieldErrors(ValueError):
+    """Several cross-field rules broken at once: reported together, not one per fix."""
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e.field}: {e}" for e in errors))
+
+
+def raise_all(errors: list[FieldError]) -> None:
+    """Raise nothing, the one error, or all of them (validation.py lists each at its path)."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise FieldErrors(errors)
+
+
 class Model(BaseModel):
     """Base for API types: camelCase on the wire, unknown fields refused."""
 
@@ -291,18 +307,20 @@ class TrainingSpec(Model):
 
     @model_validator(mode="after")
     def _check_batches(self) -> TrainingSpec:
+        errors: list[FieldError] = []
         if self.max_prompt_length >= self.max_length:
-            raise FieldError(
+            errors.append(FieldError(
                 "maxPromptLength",
                 f"must be less than maxLength ({self.max_length}), got {self.max_prompt_length}",
-            )
+            ))
         per_step = self.micro_batch_size * self.world_size
         if self.global_batch_size % per_step:
-            raise FieldError(
+            errors.append(FieldError(
                 "globalBatchSize",
                 f"must be a multiple of microBatchSize × nodes × processes per node "
                 f"({per_step}), got {self.global_batch_size}",
-            )
+            ))
+        raise_all(errors)
         return self
 
 
@@ -445,23 +463,25 @@ class SPINRunSpec(Model):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> SPINRunSpec:
+        errors: list[FieldError] = []
         for name in ("beta_per_iteration", "learning_rate_per_iteration"):
             values = getattr(self.training, name)
             if values and len(values) > self.iterations:
-                raise FieldError(
+                errors.append(FieldError(
                     f"training.{to_camel(name)}",
                     f"has {len(values)} values for {self.iterations} iterations",
-                )
+                ))
         if self.stopping.patience is not None and not self.evaluation.enabled:
-            raise FieldError(
+            errors.append(FieldError(
                 "stopping.patience", "needs evaluation.enabled: the rule ranks evaluation results"
-            )
+            ))
         if self.evaluation.enabled and self.evaluation.command is None and self.dataset.eval_samples == 0:
-            raise FieldError(
+            errors.append(FieldError(
                 "dataset.evalSamples",
                 "is 0 but the built-in evaluation needs held-out prompts "
                 "(set it > 0 or evaluation.enabled: false)",
-            )
+            ))
+        raise_all(errors)
         return self
 
 

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from spin_operator.api import types as api
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef
 from spin_operator.validation import InvalidSpec, parse
+from spin_operator.yamlio import YamlSyntaxError, load_file
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_STORAGE = "spin-runs"
@@ -58,13 +57,13 @@ def load(path: str | Path, storage_uri: str | None = None, tracking_uri: str | N
     """The SPINRun of a YAML file, validated like `spinctl validate`, defaults resolved."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = load_file(path)
     except FileNotFoundError:
         raise BadInput([f"{path}: no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput([f"{path}: cannot read it: {exc}"]) from None
-    except yaml.YAMLError as exc:
-        raise BadInput([f"{path}: not valid YAML: {str(exc).splitlines()[0]}"]) from None
+    except YamlSyntaxError as exc:
+        raise BadInput([f"{path}: not valid YAML: {exc}"]) from None
     if len(docs) != 1:
         raise BadInput([f"{path}: expected one SPINRun document, found {len(docs)}"])
     obj: Any = docs[0]
