@@ -1,7 +1,7 @@
 """Pure helpers for SPINRun status: conditions, ranking iterations and the stopping rule.
 
 Conditions follow metav1.Condition: `lastTransitionTime` moves only when `status` flips, so
-`kubectl wait --for=condition=Ready` and alerting see real transitions, not every reconcile.
+`kubectl wait --for=condition=Complete` (or `Ready`) and alerting see real transitions, not every reconcile.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Literal
 from spin_operator.api import types as api
 
 READY = "Ready"
+COMPLETE = "Complete"
 PROGRESSING = "Progressing"
 SUSPENDED = "Suspended"
 FAILED = "Failed"
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
-CONDITION_TYPES = (READY, PROGRESSING, SUSPENDED, FAILED)
+CONDITION_TYPES = (READY, COMPLETE, PROGRESSING, SUSPENDED, FAILED)
 
 
 def get_condition(conditions: Sequence[api.Condition], type_: str) -> api.Condition | None:

@@ -50,6 +50,7 @@ class Pass:
         self.now = observed.now
         self.started = status.spec_hash is not None
         self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
+        self.success: str | None = None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
 
     # ------------------------------------------------------------------ entry point
 
@@ -97,6 +98,7 @@ class Pass:
                 self._act(DeleteJob(job.name))
 
     def _succeed(self, reason: str, message: str) -> None:
+        self.success = reason
         self.st.phase = "Succeeded"
         self.st.stage = "Done"
         self.st.message = message
@@ -450,6 +452,12 @@ class Pass:
         stage = st.stage or "Pending"
         cs = st.conditions
         cond.set_condition(cs, cond.READY, phase == "Succeeded", phase, st.message or "", now, gen)
+        # Complete, as Jobs and TrainJobs have it: `kubectl wait --for=condition=Complete`.
+        # Its reason says how the run ended (Succeeded, EarlyStopped), kept on later reconciles.
+        complete = cond.get_condition(self.old.conditions, cond.COMPLETE)
+        done_reason = self.success or (complete.reason if complete and complete.status == "True" else "Succeeded")
+        succeeded = phase == "Succeeded"
+        cond.set_condition(cs, cond.COMPLETE, succeeded, done_reason if succeeded else "NotComplete", (st.message or "") if succeeded else "", now, gen)
         running = phase == "Running"
         cond.set_condition(cs, cond.PROGRESSING, running, stage if running else phase, (st.message or "") if running else "", now, gen)
         cond.set_condition(cs, cond.SUSPENDED, phase == "Suspended", "SuspendedBySpec" if phase == "Suspended" else "NotSuspended", "", now, gen)

@@ -72,6 +72,8 @@ def test_three_iterations_to_succeeded() -> None:
     assert [it.metrics["exact_match"] for it in s.iterations] == pytest.approx([0.1, 0.2, 0.3])
     assert s.best_iteration == 2
     assert condition(w, "Ready").status == "True"
+    complete = condition(w, "Complete")
+    assert (complete.status, complete.reason) == ("True", "Succeeded")
     assert condition(w, "Progressing").status == "False"
     assert s.iterations[1].model_uri == "s3://bucket/runs/ns/run/iter-000/model"
     assert s.iterations[2].output_model_uri == "s3://bucket/runs/ns/run/iter-002/model"
@@ -169,6 +171,7 @@ def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
     assert failed.status == "True" and failed.reason == "DeadlineExceeded"
     assert "generate of iteration 1 failed after 2 attempt(s)" in failed.message
     assert condition(w, "Ready").status == "False"
+    assert (condition(w, "Complete").status, condition(w, "Complete").reason) == ("False", "NotComplete")
     assert w.status.iterations[1].generate.phase == "Failed"
     assert w.reconcile().actions == []  # terminal: nothing more
     assert w.status.phase == "Failed"
@@ -479,6 +482,10 @@ def test_early_stopping_reports_the_best_iteration() -> None:
     assert w.status.best_iteration == 2  # 0.405 is the best score even though below minDelta
     assert "stopped after 4 iteration(s)" in (w.status.message or "")
     assert w.events[-1][0] == "EarlyStopped"
+    # `kubectl wait --for=condition=Complete` ends; the reason says how, and later passes keep it.
+    w.reconcile()
+    complete = condition(w, "Complete")
+    assert (complete.status, complete.reason) == ("True", "EarlyStopped")
 
 
 def test_min_mode_ranks_lower_as_better() -> None:

@@ -494,7 +494,7 @@ Stage = Literal["Generating", "Training", "Evaluating", "Done"]
 class Condition(Model):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: Annotated[str, _desc("Ready, Progressing, Suspended, Failed, SpecChangeRefused, ...")]
+    type: Annotated[str, _desc("Ready, Complete, Progressing, Suspended, Failed, SpecChangeRefused, ...")]
     status: Annotated[Literal["True", "False", "Unknown"], _desc("True, False or Unknown.")]
     reason: Annotated[str, _desc("CamelCase machine-readable reason.")] = ""
     message: Annotated[str, _desc("Human-readable details.")] = ""
