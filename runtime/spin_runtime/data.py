@@ -10,6 +10,7 @@ Light module: no torch. Parquet needs pyarrow (imported only for parquet files).
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import logging
@@ -103,11 +104,30 @@ def parse_row(row: Any) -> tuple[str | None, str, str] | str:
     return (system or None), prompt, response
 
 
-def _data_files(uri: str) -> list[str]:
-    """The file itself, or every data file directly under a directory/prefix, sorted (shards
-    like ``train-00000-of-00003.parquet`` then concatenate in order)."""
+def data_files(uri: str) -> list[str]:
+    """The data files a dataset URI names, in the order their rows are read.
+
+    - a ``.jsonl``/``.json``/``.parquet`` file: itself;
+    - a directory (``.../data/``, or a name without a suffix that is a folder): every data file
+      directly in it;
+    - a glob in the last segment (``.../data/train_sft-*``): the matching data files beside it;
+    - a name prefix (``.../data/train_sft-``): the data files beside it whose names start with it.
+
+    Shards are sorted by name, so ``train-00000-of-00003.parquet``... concatenate in order and row
+    ids stay stable. Hub datasets such as UltraChat ship ``data/train_sft-*`` next to
+    ``data/test_sft-*``: a glob or prefix picks one split where the directory would mix them.
+    """
     from spin_runtime import storage
 
+    parent, _, last = uri.rstrip("/").rpartition("/")
+    if "*" in last or "?" in last:
+        if not parent:
+            raise DatasetError(f"--dataset {uri}: a glob needs a folder before it, such as ./{last}")
+        matched = [n for n in storage.list_files(parent) if "/" not in n and fnmatch.fnmatchcase(n, last)]
+        files = [storage.join(parent, n) for n in matched if n.endswith(DATA_SUFFIXES)]
+        if not files:
+            raise DatasetError(f"--dataset {uri}: no .jsonl/.json/.parquet files match {last!r} in {parent}")
+        return files
     if uri.endswith(DATA_SUFFIXES):
         return [uri]
     names = storage.list_files(uri)
@@ -115,9 +135,14 @@ def _data_files(uri: str) -> list[str]:
         return [storage.join(uri, n) for n in names if n.endswith(DATA_SUFFIXES) and "/" not in n]
     if not storage.is_s3(uri) and storage.local_path(uri).is_dir():
         return []
-    if storage.exists(uri):  # a file without a data suffix: try it as JSONL
+    if not uri.endswith("/") and storage.exists(uri):  # a file without a data suffix: try it as JSONL
         return [uri]
-    raise DatasetError(f"--dataset {uri}: no such file or directory")
+    if parent and not uri.endswith("/"):
+        siblings = [n for n in storage.list_files(parent) if "/" not in n and n.startswith(last)]
+        files = [storage.join(parent, n) for n in siblings if n.endswith(DATA_SUFFIXES)]
+        if files:
+            return files
+    raise DatasetError(f"--dataset {uri}: no such file, directory or prefix of shards")
 
 
 def _rows(uri: str) -> Iterable[Any]:
@@ -143,11 +168,11 @@ def _rows(uri: str) -> Iterable[Any]:
 
 
 def load_examples(uri: str) -> Loaded:
-    """Parse every row of the dataset at ``uri`` (JSONL, JSON array or parquet; a file or a
-    directory of them). Raises :class:`DatasetError` naming the URI when nothing usable is there.
+    """Parse every row of the dataset at ``uri`` (JSONL, JSON array or parquet; a file, or a
+    directory, glob or name prefix of shards: :func:`data_files`). Raises :class:`DatasetError` naming the URI when nothing usable is there.
     """
     try:
-        files = _data_files(uri)
+        files = data_files(uri)
         if not files:
             raise DatasetError(f"--dataset {uri}: no .jsonl/.json/.parquet files in it")
         loaded = Loaded(examples=[], total_rows=0)

@@ -112,3 +112,23 @@ def test_local_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert local_defaults(None, "").mlflow_uri is None
     assert local_defaults("s3://b/p", None).mlflow_uri is None
     assert local_defaults(None, None, "/data/runs").mlflow_uri == "sqlite:////data/runs/mlflow.db"
+
+
+def test_dataset_shards_by_directory_glob_or_prefix(tmp_path: Path) -> None:
+    shards = tmp_path / "data"
+    shards.mkdir()
+    for k in range(2):
+        (shards / f"train_sft-{k:05d}-of-00002.jsonl").write_text('{"prompt": "Q", "response": "A"}\n')
+    for uri, problem in (
+        (f"{shards}/train_sft-*", None),
+        (f"{shards}/train_sft-", None),
+        (f"{shards}/", None),
+        (f"{shards}/test_sft-*", "no .jsonl/.json/.parquet files match"),
+        (f"{shards}/test_sft-", "no such file, directory or prefix"),
+    ):
+        loaded = load(write_spec(tmp_path, dataset={"uri": uri}), tracking_uri="")
+        if problem is None:
+            preflight(loaded)
+            continue
+        found = [p for p in problems(write_spec(tmp_path, dataset={"uri": uri}), tracking_uri="") if p.startswith("spec.dataset.uri")]
+        assert len(found) == 1 and problem in found[0], (uri, found)

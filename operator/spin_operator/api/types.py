@@ -30,7 +30,12 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
 S3_OR_PATH = rf"^(s3://{_BUCKET}(/.*)?|file:///.*|/.*|\.{{1,2}}(/.*)?)$"
 MODEL_URI = rf"^(s3://{_BUCKET}(/.*)?|file:///.*|/.*|\.{{1,2}}(/.*)?|[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?)$"
-DATASET_URI = rf"^(s3://{_BUCKET}/.+|file:///.+|/.+|\.{{1,2}}/.+|[^:]+)\.(jsonl|json|parquet)$"
+# A data file, a directory (trailing `/`, or a last segment without a suffix, which may also be a
+# name prefix of shards such as data/train_sft-), or a glob in the last segment (train_sft-*).
+DATASET_URI = (
+    rf"^(s3://{_BUCKET}/.+|file:///.+|/.+|\.{{1,2}}/.+|[^:]+)"
+    r"(\.(jsonl|json|parquet)|/|/[^/.*]+|/[^/]*\*[^/]*)$"
+)
 HTTP_OR_PATH = r"^(https?://[^\s]+|file:///.*|/.*|sqlite:///.+|databricks.*)$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -39,7 +44,10 @@ QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 PATTERN_HELP = {
     S3_OR_PATH: "s3://bucket/prefix or a local path",
     MODEL_URI: "s3://bucket/prefix, a local path, or a hub id such as org/model",
-    DATASET_URI: "s3://bucket/key or a local path ending in .jsonl, .json or .parquet",
+    DATASET_URI: (
+        "s3://bucket/key or a local path: a .jsonl, .json or .parquet file, a directory "
+        "(ending in /), a name prefix of shards (data/train_sft-) or a glob (data/train_sft-*)"
+    ),
     HTTP_OR_PATH: "http(s):// URL, sqlite:///path or a local path",
     DNS_SUBDOMAIN: "Kubernetes name: lowercase letters, digits, '-' and '.'",
     QUANTITY: "Kubernetes quantity such as 8, 500m or 64Gi",
@@ -173,8 +181,9 @@ class DatasetSpec(Model):
     uri: Annotated[
         str,
         _desc(
-            "JSONL or parquet file (s3:// or path) with OpenAI-style `messages` or "
-            "`prompt`/`response` fields.",
+            "JSONL, JSON or parquet data (s3:// or path) with OpenAI-style `messages` or "
+            "`prompt`/`response` fields: one file, a directory of shards (ending in /), a name "
+            "prefix of shards (data/train_sft-) or a glob (data/train_sft-*). See docs/datasets.md.",
             pattern=DATASET_URI,
             max_length=1024,
         ),

@@ -192,11 +192,12 @@ class Actor:
             new.mlflow = r.tracking.ensure_parent() or new.mlflow
             if new.mlflow and new.mlflow.run_id:
                 from spin_operator.local.tracking import file_digest
+                from spin_runtime.cli import UsageError
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
                     r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft")
-                except OSError as exc:
+                except (OSError, UsageError) as exc:  # UsageError: DatasetError (no such data)
                     log.warning("dataset digest not computed: %s", exc)
         parent = new.mlflow.run_id if new.mlflow else None
         for t in wanted:
