@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.status import resolve_metric
 from spin_operator.steps import RunRef
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class Tracking:
             uri, f"register iteration {iteration}",
             lambda t: t.register_iteration_model(
                 name, run_id, iteration, model_uri, metrics=metrics,
-                best_metric=ev.metric if ev.enabled else None, higher_is_better=ev.mode == "max",
+                best_metric=resolve_metric(ev.metric, [metrics]) if ev.enabled else None,
+                higher_is_better=ev.mode == "max",
             ),
         )  # fmt: skip
 

@@ -295,10 +295,20 @@ class Pass:
         self._event("Normal", "IterationCompleted", f"iteration {t} done{': ' + summary if summary else ''}")
         self._act(FinishTracking(t, "FINISHED"))
         if spec.evaluation.enabled:
-            best = cond.best_iteration(self.st.iterations, spec.evaluation.metric, spec.evaluation.mode)
+            metric = cond.ranking_metric(self.st.iterations, spec)
+            best = cond.best_iteration(self.st.iterations, metric, spec.evaluation.mode)
             if best != self.st.best_iteration and best is not None:
-                self._event("Normal", "BestIteration", f"iteration {best} is the best so far by {spec.evaluation.metric}")
+                self._event("Normal", "BestIteration", f"iteration {best} is the best so far by {metric}")
             self.st.best_iteration = best
+            blind = cond.uninformative(self.st.iterations, metric)
+            previous = cond.get_condition(self.st.conditions, cond.METRIC_UNINFORMATIVE)
+            if blind and (previous is None or previous.status != "True"):
+                self._event("Warning", cond.METRIC_UNINFORMATIVE, blind)
+            if blind or previous is not None:
+                cond.set_condition(
+                    self.st.conditions, cond.METRIC_UNINFORMATIVE, bool(blind),
+                    "SameValueEverywhere" if blind else "MetricRanks", blind or "", self.now, self.o.generation,
+                )  # fmt: skip
 
     def _next_iteration(self, spec: api.SPINRunSpec, t: int) -> bool:
         """After iteration t: finish the run, stop early, or start t+1 (True)."""

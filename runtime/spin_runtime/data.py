@@ -203,6 +203,28 @@ def load_examples(uri: str) -> Loaded:
     return loaded
 
 
+# Reference answers of at most this many words (median) count as short answers that one right
+# output can match; longer, free-text answers (chat data) almost never match exactly, so exact
+# match is ~0 for every model and ranks nothing. Short-answer tasks: arithmetic, extraction, the
+# tiny demo task (<= 7 words); UltraChat's answers: a median of ~200 words.
+SHORT_ANSWER_WORDS = 16
+
+
+def score_metric(examples: list[Example]) -> tuple[str, str]:
+    """The evaluation metric that can rank models on these examples, and why (the `auto` rule):
+    ``exact_match`` for short answers, ``real_logp_per_token`` (the real answers' log-likelihood
+    per token) for free text."""
+    words = sorted(len(e.response.split()) for e in examples)
+    if not words:
+        return "exact_match", "no examples"
+    median = words[len(words) // 2]
+    if median <= SHORT_ANSWER_WORDS:
+        return "exact_match", f"short answers (median {median} words <= {SHORT_ANSWER_WORDS})"
+    return "real_logp_per_token", (
+        f"free-text answers (median {median} words > {SHORT_ANSWER_WORDS}): exact match would be ~0"
+    )
+
+
 def select(examples: list[Example], seed: int, max_samples: int, eval_samples: int) -> Split:
     """Shuffle by ``seed``; the first ``eval_samples`` are held out, the next ``max_samples``
     (0 = all the rest) train. Depends only on the examples' ids and the arguments."""

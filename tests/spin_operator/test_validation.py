@@ -106,3 +106,10 @@ def test_dataset_may_be_a_directory_glob_or_prefix_of_shards(uri: str, valid: bo
     obj = {**BASE, "spec": {**BASE["spec"], "dataset": {**BASE["spec"]["dataset"], "uri": uri}}}
     assert (problems_of(obj) == []) is valid, problems_of(obj)
     assert (admission_errors(obj) == []) is valid
+
+
+def test_auto_metric_needs_mode_max() -> None:
+    obj = {**BASE, "spec": {**BASE["spec"], "evaluation": {"mode": "min"}}}
+    assert [p.path for p in problems_of(obj)] == ["spec.evaluation.mode"]
+    obj["spec"]["evaluation"] = {"mode": "min", "metric": "loss"}
+    assert problems_of(obj) == []

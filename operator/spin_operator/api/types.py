@@ -358,8 +358,16 @@ class EvaluationSpec(Model):
     gpus: Annotated[int, _desc("GPUs of the evaluation pod.", ge=0, le=64)] = 1
     metric: Annotated[
         str,
-        _desc("Metric in results.json that ranks iterations (best alias, stopping).", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$"),
-    ] = "exact_match"
+        _desc(
+            "Metric in results.json that ranks iterations (best alias, stopping). `auto`: the "
+            "built-in evaluation's `score`, chosen by the data: exact_match for short answers, "
+            "real_logp_per_token (real answers' log-likelihood per token) for free text such as "
+            "chat, where exact match is ~0 for every model; exact_match for a custom command "
+            "that writes no `score`.",
+            min_length=1,
+            pattern=r"^[A-Za-z0-9_./-]+$",
+        ),
+    ] = "auto"
     mode: Annotated[Literal["max", "min"], _desc("Whether a higher or lower metric is better.")] = "max"
 
 
@@ -489,6 +497,11 @@ class SPINRunSpec(Model):
                 "dataset.evalSamples",
                 "is 0 but the built-in evaluation needs held-out prompts "
                 "(set it > 0 or evaluation.enabled: false)",
+            ))
+        if self.evaluation.metric == "auto" and self.evaluation.mode != "max":
+            errors.append(FieldError(
+                "evaluation.mode",
+                "must be max with metric auto (both metrics it picks are higher-is-better)",
             ))
         raise_all(errors)
         return self
