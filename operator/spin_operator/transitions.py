@@ -285,7 +285,9 @@ class Pass:
         st.progress = f"{done}/{spec.iterations}"
         if st.phase in ("Running", "Suspended"):
             suffix = " (suspended)" if st.phase == "Suspended" else ""
-            st.message = f"iteration {st.iteration + 1}/{spec.iterations}: {st.stage}{suffix}"
+            # Iterations count from 0 everywhere (ITERATION column, Job names, MLflow runs).
+            t = st.iteration
+            st.message = f"iteration {t} of {spec.iterations} (θ{t} → θ{t + 1}): {st.stage}{suffix}"
 
     def _complete_iteration(self, spec: api.SPINRunSpec, t: int) -> None:
         it = self._entry(spec, t)
@@ -298,8 +300,9 @@ class Pass:
             metric = cond.ranking_metric(self.st.iterations, spec)
             best = cond.best_iteration(self.st.iterations, metric, spec.evaluation.mode)
             if best != self.st.best_iteration and best is not None:
-                self._event("Normal", "BestIteration", f"iteration {best} is the best so far by {metric}")
+                self._event("Normal", "BestIteration", f"θ{best + 1} (iteration {best}) is the best model so far by {metric}")
             self.st.best_iteration = best
+            self.st.best_model = None if best is None else f"θ{best + 1}"
             blind = cond.uninformative(self.st.iterations, metric)
             previous = cond.get_condition(self.st.conditions, cond.METRIC_UNINFORMATIVE)
             if blind and (previous is None or previous.status != "True"):
@@ -313,7 +316,8 @@ class Pass:
     def _next_iteration(self, spec: api.SPINRunSpec, t: int) -> bool:
         """After iteration t: finish the run, stop early, or start t+1 (True)."""
         done = t + 1
-        best = f"; best iteration {self.st.best_iteration}" if self.st.best_iteration is not None else ""
+        b = self.st.best_iteration
+        best = f"; best model θ{b + 1} (iteration {b})" if b is not None else ""
         if done >= spec.iterations:
             self._succeed("Succeeded", f"{done} iteration(s) done{best}")
             return False

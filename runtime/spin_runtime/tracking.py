@@ -65,6 +65,17 @@ SPEC_ARTIFACT = "spinrun.yaml"
 TAG_NS, TAG_NAME, TAG_UID = "spin.namespace", "spin.name", "spin.uid"
 TAG_ROLE, TAG_ITER, TAG_PARENT = "spin.role", "spin.iteration", "mlflow.parentRunId"
 METRIC_TAG_PREFIX = "spin.metric."
+TAG_MODEL, TAG_FROM = "spin.model", "spin.trained_from"
+
+
+def theta(k: int) -> str:
+    """Model k's name: θ0 is the base model, θt+1 the output of iteration t."""
+    return f"θ{k}"
+
+
+def model_alias(k: int) -> str:
+    """The registry alias of θk (k >= 1): `theta-2` is θ2, the output of iteration 1."""
+    return f"theta-{k}"
 
 
 def _quote(value: str) -> str:
@@ -251,18 +262,33 @@ class Tracker:
             else:
                 tags = {k: v for k, v in run_tags.items() if k.startswith("spin.")}
                 tags[TAG_ITER] = str(iteration)
+                # One numbering (docs/mlflow.md): iteration t trains θt into θt+1.
+                tags[TAG_MODEL], tags[TAG_FROM] = theta(iteration + 1), theta(iteration)
                 version = self.client.create_model_version(
                     model_name, redact_text(source_uri), run_id=run_id,
                     tags=redact(tags), await_creation_for=0,
+                    description=self._lineage(model_name, run_tags.get(TAG_UID), iteration),
                 )  # fmt: skip
             for key, value in (metrics or {}).items():
                 tag = f"{METRIC_TAG_PREFIX}{key}"
                 self.client.set_model_version_tag(model_name, version.version, tag, str(value))
-            self.client.set_registered_model_alias(model_name, f"iter-{iteration}", version.version)
+            self.client.set_registered_model_alias(model_name, model_alias(iteration + 1), version.version)
             self._move_aliases(model_name, run_tags.get(TAG_UID), best_metric, higher_is_better)
             return str(version.version)
 
         return self._safe(f"register {model_name} iteration {iteration}", register)
+
+    def _lineage(self, name: str, uid: str | None, iteration: int) -> str:
+        """θt+1's description: which iteration made it and from which version (θ0 is the base
+        model, not a registered version)."""
+        text = f"{theta(iteration + 1)}: trained in iteration {iteration} from {theta(iteration)}"
+        if iteration == 0:
+            return text + " (the base model)"
+        for v in self.client.search_model_versions(f"name = {_quote(name)}"):
+            if v.tags.get(TAG_ITER) == str(iteration - 1) and (uid is None or v.tags.get(TAG_UID) == uid):
+                return text + f" (version {v.version})"
+        return text
+
 
     def _ensure_registered_model(self, name: str) -> None:
         try:

@@ -56,12 +56,14 @@ def test_kubectl_apply_runs_two_real_iterations(e2e: Cluster, tmp_path: Path) ->
     # --- kubectl get shows the printer columns
     table = e2e.kubectl("get", "spinruns", "-n", e2e.namespace).stdout.splitlines()
     header = table[0].split()
-    assert header[:2] == ["NAME", "PHASE"] and {"ITERATION", "STAGE", "BEST", "AGE"} <= set(
+    assert header[:2] == ["NAME", "PHASE"] and {"ITERATION", "STAGE", "DONE", "BEST", "AGE"} <= set(
         header
     ), table
     row = dict(zip(header, table[1].split(), strict=False))
     assert row["NAME"] == RUN and row["PHASE"] == "Succeeded"
-    assert row["ITERATION"] == "2/2" and row["BEST"] == str(status["bestIteration"])
+    # One numbering: the last iteration is 1 (0-based), 2 of 2 done, the best model θ(t+1).
+    assert row["ITERATION"] == "1" and row["DONE"] == "2/2"
+    assert row["BEST"] == f"θ{status['bestIteration'] + 1}" == status["bestModel"]
 
     # --- the cluster: one Job per step, each created exactly once; pods per Job as planned
     created = e2e.job_creations()

@@ -178,5 +178,7 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     versions = sorted(client.search_model_versions(f"name = '{experiment}'"), key=lambda v: int(v.version))
     assert [v.source for v in versions] == [storage.join(prefix, "iter-000", "model"), storage.join(prefix, "iter-001", "model")]
     aliases = client.get_registered_model(experiment).aliases
-    assert aliases["iter-0"] == "1" and aliases["iter-1"] == "2" and aliases["latest-iter"] == "2"
+    assert aliases["theta-1"] == "1" and aliases["theta-2"] == "2" and aliases["latest-iter"] == "2"
+    assert [(v.tags["spin.model"], v.tags["spin.trained_from"]) for v in versions] == [("θ1", "θ0"), ("θ2", "θ1")]
+    assert versions[1].description == "θ2: trained in iteration 1 from θ1 (version 1)"
     assert aliases["best"] in ("1", "2")

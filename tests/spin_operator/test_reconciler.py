@@ -661,7 +661,9 @@ def test_default_metric_follows_the_data_not_exact_match() -> None:
     w = World(obj)
     _run_with_results(w, CHAT)
     assert (w.status.phase, w.status.progress, w.status.best_iteration) == ("Succeeded", "3/3", 2)
-    assert ("BestIteration", "iteration 2 is the best so far by score") in w.events
+    assert ("BestIteration", "θ3 (iteration 2) is the best model so far by score") in w.events
+    assert w.status.best_model == "θ3"
+    assert "best model θ3 (iteration 2)" in (w.status.message or "")
     assert get_condition(w.status.conditions, "MetricUninformative") is None
 
 

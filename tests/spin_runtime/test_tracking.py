@@ -157,11 +157,17 @@ def test_two_iteration_run_lineage(
     }
     registered = client.get_registered_model(model_name)
     assert registered.aliases == {
-        "iter-0": versions[0],
-        "iter-1": versions[1],
+        "theta-1": versions[0],
+        "theta-2": versions[1],
         LATEST_ALIAS: versions[1],
         BEST_ALIAS: versions[0],
     }
+    # One numbering: version of θ2 says it was trained in iteration 1 from θ1's version.
+    by_version = {v.version: v for v in mvs}
+    assert by_version[versions[1]].tags["spin.model"] == "θ2"
+    assert by_version[versions[1]].tags["spin.trained_from"] == "θ1"
+    assert by_version[versions[1]].description == f"θ2: trained in iteration 1 from θ1 (version {versions[0]})"
+    assert by_version[versions[0]].description == "θ1: trained in iteration 0 from θ0 (the base model)"
 
     # Artifacts (the spec) are in the bucket behind the MLflow artifact proxy.
     keys = [

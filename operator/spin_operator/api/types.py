@@ -568,10 +568,15 @@ class SPINRunStatus(Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     phase: Annotated[Phase, _desc("Pending, Running, Suspended, Succeeded or Failed.")] = "Pending"
-    iteration: Annotated[int, _desc("Current iteration (0-based).", ge=0)] = 0
+    iteration: Annotated[int, _desc("Current iteration t (0-based): it trains θt into θt+1.", ge=0)] = 0
     stage: Annotated[Stage | None, _desc("Current stage.")] = None
     progress: Annotated[str | None, _desc("Iterations completed out of the total, e.g. 1/3.")] = None
-    best_iteration: Annotated[int | None, _desc("Iteration whose model scored best so far.")] = None
+    best_iteration: Annotated[
+        int | None, _desc("Iteration whose output model scored best so far (t: its model is θt+1).")
+    ] = None
+    best_model: Annotated[
+        str | None, _desc("The best model so far by name, θt+1 for bestIteration t (θ0 is the base).")
+    ] = None
     observed_generation: Annotated[int | None, _desc("Last spec generation the operator acted on.")] = None
     conditions: Annotated[list[Condition], _desc("Standard conditions.")] = Field(default_factory=list)
     iterations: Annotated[list[IterationStatus], _desc("One entry per started iteration.")] = Field(default_factory=list)
