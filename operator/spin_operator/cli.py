@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("spin_operator.plan", "every Job of every iteration: pods, GPUs, steps, tokens, GPU-hours, cost"),
     "render": ("spin_operator.plan", "print the manifests the operator would create for one iteration"),
     "run": ("spin_operator.local.runner", "run a SPINRun on this machine (no cluster)"),
+    "status": ("spin_operator.local.status_cmd", "where a local run (spinctl run FILE) stands: iterations, steps, metrics"),
     "demo": ("spin_operator.local.demo", "build a tiny task and model, then run SPIN on it locally"),
     "operator": ("spin_operator.handlers", "run the operator (the kopf controller)"),
 }

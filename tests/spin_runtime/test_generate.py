@@ -32,10 +32,16 @@ def test_cli_end_to_end_in_a_subprocess(tiny_model_dir, tiny_dataset_path, tmp_p
     a manifest with counts, checksum, model, sampling and throughput."""
     out = tmp_path / "generated"
     env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "SPIN_NUM_SHARDS": "1"}
-    cmd = [sys.executable, "-m", "spin_runtime", *argv(tiny_model_dir, tiny_dataset_path, out)]
+    batch = 8
+    cmd = [sys.executable, "-m", "spin_runtime", *argv(tiny_model_dir, tiny_dataset_path, out, "--batch-size", str(batch))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "generated tokens/s" in proc.stderr and "truncation rate" in proc.stderr
+    # Progress by batch: one JSON line per batch of --batch-size prompts, counting up to the total.
+    progress = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"event": "generate"')]
+    done = [p["done"] for p in progress]
+    assert done[0] == 0 and done[-1] == EVAL + TRAIN == progress[-1]["total"]
+    assert done == sorted(done) and len(done) == 1 + -(-(EVAL + TRAIN) // batch)
 
     recs = records.read_generated(str(out))
     split = data.load_split(str(tiny_dataset_path), seed=3, max_samples=TRAIN, eval_samples=EVAL)
