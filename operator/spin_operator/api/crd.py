@@ -23,7 +23,7 @@ from spin_operator.api import types as api
 _ORDER = [
     "type", "description", "format", "default", "enum", "minimum", "exclusiveMinimum", "maximum",
     "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "nullable",
-    "required", "items", "additionalProperties", "properties",
+    "required", "items", "additionalProperties", "properties", "x-kubernetes-preserve-unknown-fields",
 ]
 _KEEP = set(_ORDER)
 

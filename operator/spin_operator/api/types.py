@@ -7,9 +7,9 @@ every default lives here and is written into the CRD so `kubectl get -o yaml` sh
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "selfplay.dev"
@@ -54,48 +54,8 @@ PATTERN_HELP = {
 }
 
 
-class FieldError(ValueError):
-    """A cross-field rule broken at `field` (a dotted wire path relative to the model)."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
-
-
-class FieldErrors(ValueError):
-    """Several cross-field rules broken at once: reported together, not one per fix."""
-
-    def __init__(self, errors: list[FieldError]):
-        self.errors = errors
-        super().__init__("; ".join(f"{e.field}: {e}" for e in errors))
-
-
-def raise_all(errors: list[FieldError]) -> None:
-    """Raise nothing, the one error, or all of them (validation.py lists each at its path)."""
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise FieldErrors(errors)
-
-
-class Model(BaseModel):
-    """Base for API types: camelCase on the wire, unknown fields refused."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-    )
-
-    def to_wire(self) -> dict[str, Any]:
-        """The object as Kubernetes stores it (camelCase, unset optionals omitted)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def _desc(text: str, **kw: Any) -> Any:
-    return Field(description=text, **kw)
-
+# Model, FieldError and friends live in base.py so api/pod.py can build on them too.
+from spin_operator.api.base import FieldError, FieldErrors, Model, _desc, raise_all  # noqa: E402, F401
 
 # --------------------------------------------------------------------------- references
 
@@ -145,6 +105,8 @@ class Resources(Model):
     ] = Field(default_factory=dict)
 
 
+from spin_operator.api.pod import PodSpec  # noqa: E402
+
 # --------------------------------------------------------------------------- spec sections
 
 
@@ -160,6 +122,15 @@ class ModelSpec(Model):
             max_length=1024,
         ),
     ]
+    revision: Annotated[
+        str | None,
+        _desc(
+            "Hub revision (commit sha, tag or branch) of a hub-id uri, pinned so every pod and "
+            "iteration starts from the same weights.",
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+            max_length=255,
+        ),
+    ] = None
     tokenizer: Annotated[
         str | None,
         _desc("Tokenizer to use instead of the model's own.", pattern=MODEL_URI, max_length=1024),
@@ -474,6 +445,9 @@ class SPINRunSpec(Model):
     storage: Annotated[StorageSpec, _desc("Artifact storage.")] = Field(default_factory=StorageSpec)
     tracking: Annotated[TrackingSpec, _desc("MLflow tracking.")] = Field(default_factory=TrackingSpec)
     scheduling: Annotated[SchedulingSpec, _desc("Pod scheduling.")] = Field(default_factory=SchedulingSpec)
+    pod: Annotated[
+        PodSpec, _desc("Pod customization of every Job: env, pull secrets, volumes, model cache, affinity, labels.")
+    ] = Field(default_factory=PodSpec)
     failure_policy: Annotated[FailurePolicySpec, _desc("Retries.")] = Field(default_factory=FailurePolicySpec)
     suspend: Annotated[bool, _desc("Suspend running Jobs and start nothing new; false resumes.")] = False
     retention: Annotated[RetentionSpec, _desc("Artifact retention.")] = Field(default_factory=RetentionSpec)
