@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from spin_operator.api import types as api
 from spin_operator.status import resolve_metric
-from spin_operator.steps import RunRef
+from spin_operator.steps import RunRef, layout_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,16 +72,25 @@ class Tracking:
 
         return await self._call(uri, "ensure parent run", call)
 
-    async def ensure_iteration(self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int) -> str | None:
+    async def ensure_iteration(
+        self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int, run: RunRef | None = None
+    ) -> str | None:
         uri = spec.tracking.uri
         if not uri:
             return None
         tr, g = spec.training, spec.generation
-        params = {
+        params: dict[str, Any] = {
             "beta": tr.beta_for(iteration), "learning_rate": tr.learning_rate_for(iteration), "epochs": tr.epochs,
             "global_batch_size": tr.global_batch_size, "nodes": tr.nodes, "generation.replicas": g.replicas,
-            "generation.temperature": g.temperature, "generation.max_new_tokens": g.max_new_tokens,
+            "generation.temperature": g.temperature, "generation.top_p": g.top_p, "generation.top_k": g.top_k,
+            "generation.max_new_tokens": g.max_new_tokens,
+            "input_model": f"θ{iteration}", "output_model": f"θ{iteration + 1}",
         }  # fmt: skip
+        if run is not None:  # where θt comes from, what it trains on, where θt+1 goes
+            layout = layout_of(spec, run)
+            params["model_uri"] = spec.model.uri if iteration == 0 else layout.iteration(iteration - 1).model
+            params["data_uris"] = layout.training_data_for_iteration(iteration, tr.mix_previous_iterations)
+            params["checkpoint_uri"] = layout.iteration(iteration).model
         return await self._call(uri, f"ensure iteration run {iteration}", lambda t: t.ensure_iteration_run(parent_run_id, iteration, params))
 
     async def register(

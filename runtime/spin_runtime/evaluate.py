@@ -182,7 +182,34 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps(answer, ensure_ascii=False) + "\n")
         manifest.write_dir_artifact(tmp, args.output, EVAL_KIND, {"metrics": metrics})
     _log_metrics(metrics, baseline)
+    _log_samples(answers)
     return 0
+
+
+SAMPLES = 20  # rows of the per-iteration sample generations table
+SAMPLES_TABLE = "eval_samples.json"
+
+
+def _log_samples(answers: list[dict[str, Any]]) -> None:
+    """The first held-out answers (θt+1's greedy answer beside the reference, and θ0's at
+    iteration 0) as an MLflow table of the iteration's run, so a reviewer reads what the model
+    says, not only its scores. Logged once: a retried evaluation finds it and does not append."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    rows = answers[:SAMPLES]
+    columns = ["id", "prompt", "reference", "answer", "exact"]
+    if any("baseline_answer" in r for r in rows):
+        columns.append("baseline_answer")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if any(a.path == SAMPLES_TABLE for a in client.list_artifacts(run_id)):
+            return
+        client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, SAMPLES_TABLE)
+    except Exception as exc:  # tracking never fails a job
+        log.warning("could not log sample answers to MLflow: %s", exc)
 
 
 def _log_metrics(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> None:

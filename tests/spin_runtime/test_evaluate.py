@@ -180,3 +180,14 @@ def test_metrics_reach_mlflow(
     assert logged["eval/baseline_real_logp_per_token"] == pytest.approx(
         metrics["real_logp_per_token"]
     )
+    # The sample generations table: θt+1's answers beside the references (and θ0's), once.
+    (tmp_path / "dl").mkdir()
+    table = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl"))).read_text())
+    assert table["columns"] == ["id", "prompt", "reference", "answer", "exact", "baseline_answer"]
+    assert len(table["data"]) == 4
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--baseline-model", str(tiny_model_dir),
+                     "--dataset", str(tiny_dataset_path), "--output", str(out),
+                     "--eval-samples", "4", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    (tmp_path / "dl2").mkdir()
+    again = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl2"))).read_text())
+    assert len(again["data"]) == 4  # a retry does not append

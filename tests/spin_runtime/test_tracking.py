@@ -119,6 +119,14 @@ def test_two_iteration_run_lineage(
     assert exp is not None
     everything = client.search_runs([exp.experiment_id])
     assert len(everything) == 3  # one parent + two iterations, no duplicates
+    # The UI opens the experiment as model training (not GenAI); the parent run is comparable.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    top = client.get_run(parent)
+    assert top.data.tags["mlflow.note.content"].startswith("SPINRun team-a/spin-demo: ")
+    assert top.data.tags["mlflow.source.type"] == "JOB"
+    assert top.data.params["training.beta"] == "0.1" and top.data.params["model.uri"] == "hf-org/base-model"
+    assert float(top.data.params["training.learningRate"]) == 5e-7
+    assert not any(FAKE_SECRET in v for v in top.data.params.values())  # storage/tracking are not params
     nested = client.search_runs(
         [exp.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent}'",

@@ -68,7 +68,7 @@ class LocalTracking:
         return self._sync(self.tracking.ensure_parent(self.spec, self.run))
 
     def ensure_iteration(self, parent: str, t: int) -> str | None:
-        return self._sync(self.tracking.ensure_iteration(self.spec, parent, t))
+        return self._sync(self.tracking.ensure_iteration(self.spec, parent, t, self.run))
 
     def register(self, run_id: str, t: int, model_uri: str, metrics: dict[str, float]) -> str | None:
         return self._sync(self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics))
