@@ -142,6 +142,15 @@ def test_shards_together_are_the_unsharded_selection(
     ]
     assert len({r["id"] for r in sharded}) == EVAL + TRAIN
     assert records.read_generated(str(out), split="eval") == sharded[:EVAL]
+    # One iteration's generation over all shards (what the trainer logs as generate/total_*),
+    # not the last shard's numbers.
+    from spin_runtime.train.loop import generation_totals
+
+    totals = generation_totals(str(out))
+    assert totals["generate/total_prompts"] == EVAL + TRAIN and totals["generate/shards"] == 3
+    assert totals["generate/total_generated_tokens"] == sum(r["num_generated_tokens"] for r in sharded)
+    truncated = sum(r["finish_reason"] == "length" for r in sharded)
+    assert totals["generate/truncation_rate"] == pytest.approx(truncated / len(sharded))
 
 
 def test_shard_from_environment(tiny_model_dir, tiny_dataset_path, tmp_path, monkeypatch) -> None:
