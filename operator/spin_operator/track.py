@@ -67,7 +67,9 @@ class Tracking:
             run_id = t.ensure_parent_run(experiment, run.namespace, run.name, run.uid, spec.to_wire())
             if run_id is None:
                 return None
-            url = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else None
+            # MLflow 3's UI opens in GenAI mode unless the link (or the browser's last choice) says
+            # model training; the experiment kind tag alone does not switch it (measured, 3.17).
+            url = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning" if uri.startswith("http") else None
             return api.MlflowStatus(run_id=run_id, experiment_id=exp_id, url=url)
 
         return await self._call(uri, "ensure parent run", call)
