@@ -168,7 +168,7 @@ class Actor:
         r.display.iteration_results(t, results, spin)
         metrics = {k: float(v) for k, v in (results.get("metrics") or {}).items() if _number(v)}
         baseline = {k: float(v) for k, v in (results.get("baseline") or {}).items() if _number(v)}
-        keep = ("exact_match", "real_logp_per_token")
+        keep = ("score", "exact_match", "real_logp_per_token")  # score: what evaluation.metric auto ranks by
         if t == 0 and baseline:
             r.results.append(("θ0 (SFT)", {k: baseline[k] for k in keep if k in baseline}))
         row = {k: metrics[k] for k in keep if k in metrics}
