@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help venv vllm-venv tools test test-all e2e lint generate demo chart-test \
-        bench-train bench-generate bench-operator clean
+        bench-train bench-generate bench-operator clean images
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -53,6 +53,21 @@ generate: venv ## regenerate crds/ and docs/api.md from the API models
 	$(VENV)/bin/spinctl docs > docs/api.md
 	cp crds/selfplay.dev_spinruns.yaml charts/spin-operator/crds/selfplay.dev_spinruns.yaml
 	$(PY) scripts/chart_readme.py
+
+# Images: `make images IMAGE_REGISTRY=registry.example.com/spin [CUDA=12] [PUSH=1]`. Needs a Docker
+# engine with buildx (none on the machines this project is developed on: never run here).
+IMAGE_REGISTRY ?= ghcr.io/spin-operator
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+PLATFORM ?= linux/amd64
+CUDA ?= 13
+BUILDX := docker buildx build --platform $(PLATFORM) $(if $(PUSH),--push,--load)
+CUDA12_ARGS := --build-arg CUDA_MAJOR=12 --build-arg CUDA_IMAGE=nvidia/cuda:12.9.1-base-ubuntu24.04 \
+	--build-arg TORCH_BACKEND=cu129 --build-arg EXTRA_INDEX_URL=https://wheels.vllm.ai/0.33.0/cu129
+
+images: ## build the operator and runtime images with docker buildx (CUDA=12 for older drivers, PUSH=1 to push)
+	$(BUILDX) -f images/operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
+	$(BUILDX) -f images/runtime/Dockerfile $(if $(filter 12,$(CUDA)),$(CUDA12_ARGS)) \
+		-t $(IMAGE_REGISTRY)/runtime:$(IMAGE_TAG)$(if $(filter 12,$(CUDA)),-cu12) .
 
 demo: venv ## build a tiny task and model, run two SPIN iterations locally
 	$(VENV)/bin/spinctl demo --workdir $(DEMO_DIR)

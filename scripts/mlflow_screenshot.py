@@ -37,7 +37,14 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
     policy = TrackingPolicy(attempts=2, base_delay=0.1, flush_interval=0)
     tracker = Tracker(tracking_uri, policy=policy)
     run = RunLayout.for_run("s3://spin-artifacts/runs", "team-a", "zephyr-spin")
-    spec = {"model": {"uri": "s3://models/zephyr-sft"}, "training": {"beta": 0.1}}
+    spec = {
+        "iterations": 3,
+        "model": {"uri": "s3://models/zephyr-sft"},
+        "dataset": {"uri": "s3://datasets/ultrachat_200k/data/train_sft-*", "maxSamples": 50000, "evalSamples": 256},
+        "generation": {"backend": "vllm", "temperature": 1.0, "maxNewTokens": 256, "replicas": 8},
+        "training": {"beta": 0.1, "learningRate": 5e-7, "epochs": 2, "globalBatchSize": 64, "optimizer": "rmsprop"},
+        "evaluation": {"metric": "auto", "mode": "max"},
+    }
     parent = tracker.ensure_parent_run(
         "spin-demo", "team-a", "zephyr-spin", str(uuid.uuid4()), spec
     )
@@ -47,9 +54,10 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
         it_run = tracker.ensure_iteration_run(
             parent, t,
             {"beta": 0.1, "learning_rate": 5e-7 if t < 2 else 1e-7, "temperature": 1.0,
-             "top_p": 1.0, "max_new_tokens": 256,
+             "top_p": 1.0, "max_new_tokens": 256, "input_model": f"θ{t}", "output_model": f"θ{t + 1}",
              "model_uri": run.model_for_iteration(t, "s3://models/zephyr-sft"),
-             "data_uris": run.training_data_for_iteration(t, 1)},
+             "data_uris": run.training_data_for_iteration(t, 1),
+             "checkpoint_uri": run.iteration(t).model},
         )  # fmt: skip
         assert it_run is not None
         with RunLogger(it_run, tracking_uri, policy=policy) as logger:
@@ -64,7 +72,14 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
         tracker.log_dataset(
             it_run, f"iter-{t:03d}/generated", run.iteration(t).generated, f"{t:064x}"
         )
-        tracker.log_metrics(it_run, {"eval/exact_match": [0.41, 0.47, 0.49][t]})
+        logp = [-1.21, -1.12, -1.08][t]
+        tracker.log_metrics(it_run, {"eval/exact_match": 0.0, "eval/real_logp_per_token": logp, "eval/score": logp})
+        MlflowClient(tracking_uri).log_table(it_run, {
+            "prompt": ["Name three prime numbers.", "Summarize the water cycle in one sentence."],
+            "reference": ["2, 3 and 5.", "Water evaporates, condenses into clouds and falls as precipitation."],
+            "answer": [f"(simulated answer of θ{t + 1})", f"(simulated answer of θ{t + 1})"],
+        }, "eval_samples.json")  # fmt: skip
+        tracker.register_iteration_model("zephyr-spin", it_run, t, run.iteration(t).model, {"score": logp}, "score")
         tracker.finish_run(it_run)
     tracker.finish_run(parent)
     exp = MlflowClient(tracking_uri).get_experiment_by_name("spin-demo")
@@ -83,6 +98,25 @@ def compare_url(tracking_uri: str, parent: str) -> str:
     ids = json.dumps([r.info.run_id for r in runs])
     query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([exp_id])})
     return f"{tracking_uri.rstrip('/')}/#/compare-runs?{query}"
+
+
+def view_urls(tracking_uri: str, parent: str) -> dict[str, str]:
+    """The pages the docs show: the iterations compared, the experiment's runs table (opened as
+    model training, not GenAI), the parent run's overview (description, params), and the first
+    iteration's sample generations table."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    first = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", order_by=["attributes.run_name ASC"])[0]
+    base = f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}"
+    ml = "workflowType=machine_learning"  # what status.mlflow.url carries (GenAI mode otherwise)
+    return {
+        "compare": compare_url(tracking_uri, parent) + f"&{ml}",
+        "experiment": f"{base}/runs?{ml}",
+        "parent-run": f"{base}/runs/{parent}?{ml}",
+        "samples": f"{base}/runs/{first.info.run_id}/artifacts/eval_samples.json?{ml}",
+    }
 
 
 def screenshot(url: str, out: Path, chromium: str, budget_ms: int) -> None:
@@ -107,6 +141,7 @@ def main() -> int:
     parser.add_argument("--parent-run", help="with --tracking-uri: the SPINRun's parent run id")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time for the UI")
+    parser.add_argument("--all-views", action="store_true", help="also the experiment, parent run and samples pages (mlflow-<view>.png beside --out)")
     args = parser.parse_args()
     if bool(args.tracking_uri) != bool(args.parent_run):
         parser.error("--tracking-uri and --parent-run go together")
@@ -115,6 +150,13 @@ def main() -> int:
         uri, parent = args.tracking_uri, args.parent_run
         if not uri:
             uri, parent = start_and_simulate(stack)
+        if args.all_views:
+            for view, url in view_urls(uri, parent).items():
+                out = args.out.parent / f"mlflow-{view}.png"
+                print(f"screenshot of {url}", file=sys.stderr)
+                screenshot(url, out, args.chromium, args.budget_ms)
+                print(out)
+            return 0
         url = compare_url(uri, parent)
         print(f"screenshot of {url}", file=sys.stderr)
         screenshot(url, args.out, args.chromium, args.budget_ms)

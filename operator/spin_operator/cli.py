@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("spin_operator.cli", "print the SPINRun CRD generated from the API models"),
     "docs": ("spin_operator.cli", "print the SPINRun API reference (docs/api.md)"),
     "validate": ("spin_operator.cli", "check SPINRun files; print every problem with its field path"),
+    "plan": ("spin_operator.plan", "every Job of every iteration: pods, GPUs, steps, tokens, GPU-hours, cost"),
+    "render": ("spin_operator.plan", "print the manifests the operator would create for one iteration"),
     "run": ("spin_operator.local.runner", "run a SPINRun on this machine (no cluster)"),
+    "status": ("spin_operator.local.status_cmd", "where a local run (spinctl run FILE) stands: iterations, steps, metrics"),
     "demo": ("spin_operator.local.demo", "build a tiny task and model, then run SPIN on it locally"),
     "operator": ("spin_operator.handlers", "run the operator (the kopf controller)"),
 }
@@ -63,6 +66,7 @@ def _validate(files: list[str], quiet: bool) -> int:
 def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int] | None]:
     """The parser, with the arguments of `command` only: other command modules stay unimported."""
     parser = argparse.ArgumentParser(prog="spinctl", description="SPIN (Self-Play Fine-Tuning) runs, on Kubernetes or locally.")
+    parser.add_argument("--version", action="version", version=f"spinctl {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runner: Callable[[argparse.Namespace], int] | None = None
     for name, (module_name, help_text) in COMMANDS.items():
@@ -79,6 +83,17 @@ def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, Callable
         module.add_arguments(parsed)
         runner = module.run
     return parser, runner
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's pyproject when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("spin-operator")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _missing(message: str) -> int:

@@ -479,7 +479,7 @@ class Controller:
         for t in wanted:
             it = next((i for i in new.iterations if i.iteration == t), None)
             if parent and it is not None and it.mlflow_run_id is None:
-                it.mlflow_run_id = await self.tracking.ensure_iteration(spec, parent, t)
+                it.mlflow_run_id = await self.tracking.ensure_iteration(spec, parent, t, run)
 
     def _finish_tracking(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision) -> None:
         """Model registration and run ends: in the background, never holding up the pass."""
@@ -497,7 +497,7 @@ class Controller:
                     await self._log_inputs(spec, run, rid, t, status.dataset)
             for a in actions:
                 if isinstance(a, RegisterModel):
-                    rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration))
+                    rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration, run))
                     if rid:
                         await self.tracking.register(spec, run, rid, a.iteration, a.model_uri, dict(a.metrics))
                 else:

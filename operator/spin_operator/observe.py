@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from spin_operator import yamlio
 from spin_operator.api import types as api
 from spin_operator.naming import (
     ATTEMPT_LABEL,
@@ -150,9 +151,11 @@ def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:
     uri = layout_of(spec, run).spec
     with storage_env(spec):
         try:
-            doc = yaml.safe_load(storage.read_text(uri))
+            doc = yamlio.load(storage.read_text(uri))
         except FileNotFoundError:
             return None
+        except yamlio.YamlSyntaxError:
+            return "unreadable"
     raw = doc.get("spec", doc) if isinstance(doc, dict) else None
     try:
         return spec_digest(api.SPINRunSpec.model_validate(raw))

@@ -83,9 +83,15 @@ def _resources(plan: StepPlan, gpu_resource: str) -> dict[str, Any]:
     return out
 
 
-def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec) -> dict[str, Any]:
-    mounts = [{"name": CACHE_VOLUME, "mountPath": plan.env.get("SPIN_CACHE_DIR", POD_CACHE_DIR)}]
-    volumes: list[dict[str, Any]] = [{"name": CACHE_VOLUME, "emptyDir": {}}]
+def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpec) -> dict[str, Any]:
+    cache_mount: dict[str, Any] = {"name": CACHE_VOLUME, "mountPath": plan.env.get("SPIN_CACHE_DIR", POD_CACHE_DIR)}
+    cache: dict[str, Any] = {"emptyDir": {}}
+    if custom.model_cache:  # one download per cluster instead of one per pod
+        cache = {"persistentVolumeClaim": {"claimName": custom.model_cache.claim_name}}
+        if custom.model_cache.sub_path:
+            cache_mount["subPath"] = custom.model_cache.sub_path
+    mounts = [cache_mount]
+    volumes: list[dict[str, Any]] = [{"name": CACHE_VOLUME, **cache}]
     if plan.shm_size:
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}})
@@ -93,7 +99,7 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec) -> dict[str, Any]:
         "name": plan.stage,
         "image": plan.image,
         "command": list(plan.argv),
-        "env": _env(plan),
+        "env": _env(plan) + [e.to_wire() for e in custom.env],
         "resources": _resources(plan, scheduling.gpu_resource_name),
         "volumeMounts": mounts,
         "securityContext": {
@@ -110,6 +116,12 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec) -> dict[str, Any]:
         "containers": [container],
         "volumes": volumes,
     }
+    mounts += [m.to_wire() for m in custom.volume_mounts]
+    volumes += [dict(v) for v in custom.volumes]
+    if custom.image_pull_secrets:
+        pod["imagePullSecrets"] = [r.to_wire() for r in custom.image_pull_secrets]
+    if custom.affinity:
+        pod["affinity"] = dict(custom.affinity)
     if plan.rendezvous:
         pod["subdomain"] = service_name(plan.job_name)
     if scheduling.service_account_name:
@@ -149,8 +161,8 @@ def render_job(
             ]
         },
         "template": {
-            "metadata": {"labels": step_labels(run.name, plan.iteration, plan.stage, plan.attempt)},
-            "spec": _pod_spec(plan, spec.scheduling),
+            "metadata": _pod_metadata(plan, spec, run),
+            "spec": _pod_spec(plan, spec.scheduling, spec.pod),
         },
     }
     if spec.failure_policy.active_deadline_seconds:
@@ -158,6 +170,14 @@ def render_job(
     if queue:
         job_spec["suspend"] = True
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def _pod_metadata(plan: StepPlan, spec: api.SPINRunSpec, run: RunRef) -> dict[str, Any]:
+    """The user's labels and annotations; the operator's own labels win (it selects by them)."""
+    meta: dict[str, Any] = {"labels": {**spec.pod.labels, **step_labels(run.name, plan.iteration, plan.stage, plan.attempt)}}
+    if spec.pod.annotations:
+        meta["annotations"] = dict(spec.pod.annotations)
+    return meta
 
 
 def render_service(plan: StepPlan, run: RunRef, owner: Mapping[str, Any]) -> dict[str, Any] | None:

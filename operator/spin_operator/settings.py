@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from spin_operator.api import types as api
+from spin_operator.templates import PodTemplate, TemplateError, apply_template, load_templates
 
 VERSION = "0.1.0"
 DEFAULT_IMAGE = f"ghcr.io/spin-operator/runtime:{VERSION}"
@@ -42,6 +43,8 @@ class Settings:
     metrics_port: int = 9090
     health_port: int = 8080
     cache_dir: str = POD_CACHE_DIR
+    # Admin pod templates (SPIN_POD_TEMPLATES); None where they are not known (local mode, plan).
+    pod_templates: dict[str, PodTemplate] | None = None
 
     @property
     def clusterwide(self) -> bool:
@@ -71,6 +74,11 @@ class Settings:
         if not isinstance(logging.getLevelName(level), int):
             raise SettingsError(f"SPIN_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
         namespaces = tuple(n.strip() for n in (text("SPIN_NAMESPACES") or "").split(",") if n.strip())
+        templates_file = text("SPIN_POD_TEMPLATES")
+        try:
+            templates = load_templates(templates_file) if templates_file else {}
+        except TemplateError as exc:
+            raise SettingsError(f"SPIN_POD_TEMPLATES: {exc}") from None
         return cls(
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
@@ -83,6 +91,7 @@ class Settings:
             log_level=level,
             metrics_port=port("SPIN_METRICS_PORT", 9090),
             health_port=port("SPIN_HEALTH_PORT", 8080),
+            pod_templates=templates,
         )
 
 
@@ -121,4 +130,4 @@ def resolve_spec(
     tracking.uri = tracking.uri or tracking_defaults.uri
     if tracking.uri:
         tracking.credentials_secret = tracking.credentials_secret or tracking_defaults.credentials_secret
-    return spec.model_copy(update={"storage": storage, "tracking": tracking})
+    return apply_template(spec.model_copy(update={"storage": storage, "tracking": tracking}), settings.pod_templates)

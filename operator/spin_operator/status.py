@@ -1,22 +1,28 @@
 """Pure helpers for SPINRun status: conditions, ranking iterations and the stopping rule.
 
 Conditions follow metav1.Condition: `lastTransitionTime` moves only when `status` flips, so
-`kubectl wait --for=condition=Ready` and alerting see real transitions, not every reconcile.
+`kubectl wait --for=condition=Complete` (or `Ready`) and alerting see real transitions, not every reconcile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from spin_operator.api import types as api
 
 READY = "Ready"
+COMPLETE = "Complete"
 PROGRESSING = "Progressing"
 SUSPENDED = "Suspended"
 FAILED = "Failed"
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
-CONDITION_TYPES = (READY, PROGRESSING, SUSPENDED, FAILED)
+# True when the ranking metric has the same value for every evaluated model, so `best` and the
+# stopping rule cannot tell them apart (exact match on chat data is ~0 everywhere).
+METRIC_UNINFORMATIVE = "MetricUninformative"
+AUTO_METRIC = "auto"
+SCORE = "score"
+CONDITION_TYPES = (READY, COMPLETE, PROGRESSING, SUSPENDED, FAILED)
 
 
 def get_condition(conditions: Sequence[api.Condition], type_: str) -> api.Condition | None:
@@ -51,6 +57,40 @@ def set_condition(
     if flipped:
         current.last_transition_time = now
     return flipped
+
+
+def resolve_metric(metric: str, metrics: Sequence[Mapping[str, float]]) -> str:
+    """The metric that ranks: `metric`, or for `auto` the built-in evaluation's data-chosen
+    `score` (exact_match when no result carries one: a custom command or an older runtime)."""
+    if metric != AUTO_METRIC:
+        return metric
+    return SCORE if any(SCORE in m for m in metrics) else "exact_match"
+
+
+def ranking_metric(iterations: Sequence[api.IterationStatus], spec: api.SPINRunSpec) -> str:
+    return resolve_metric(spec.evaluation.metric, [it.metrics for it in iterations])
+
+
+def uninformative(iterations: Sequence[api.IterationStatus], metric: str) -> str | None:
+    """Why `metric` cannot rank the evaluated models (θ0's baseline included), or None.
+
+    Two or more models scored and all equal: `best` then stays on the first and the stopping
+    rule sees no improvement, which looked like a result while it was the metric's blindness."""
+    values: list[tuple[str, float]] = []
+    for it in iterations:
+        base = it.metrics.get(f"baseline/{metric}")
+        if it.iteration == 0 and isinstance(base, int | float):
+            values.append(("θ0", float(base)))
+        value = score(it, metric)
+        if it.stage == "Done" and value is not None:
+            values.append((f"θ{it.iteration + 1}", value))
+    if len(values) < 2 or max(v for _, v in values) - min(v for _, v in values) > 1e-12:
+        return None
+    return (
+        f"{metric} is {values[0][1]:g} for every evaluated model ({', '.join(n for n, _ in values)}): "
+        "it cannot rank them, so the best iteration and early stopping stay on the first; "
+        "set evaluation.metric to auto or real_logp_per_token for free-text data"
+    )
 
 
 def score(iteration: api.IterationStatus, metric: str) -> float | None:
@@ -99,7 +139,7 @@ def should_stop(
     done = [it for it in iterations if it.stage == "Done"]
     if patience is None or not spec.evaluation.enabled or not done:
         return False, ""
-    metric, mode = spec.evaluation.metric, spec.evaluation.mode
+    metric, mode = ranking_metric(iterations, spec), spec.evaluation.mode
     last = done[-1].iteration
     improved = last_improvement(done, metric, mode, spec.stopping.min_delta)
     since = last + 1 if improved is None else last - improved

@@ -51,6 +51,7 @@ MUTABLE_FIELDS: tuple[str, ...] = (
     "stopping",
     "failurePolicy",
     "scheduling",
+    "pod",
     "retention",
     "dataset.maxSkippedFraction",  # gates the run; changes no artifact
     "generation.image",
@@ -266,6 +267,8 @@ def plan_step(
     it = layout.iteration(iteration)
     name = job_name(run.name, iteration, stage, attempt)
     env: dict[str, str] = {"SPIN_CACHE_DIR": settings.cache_dir or POD_CACHE_DIR}
+    if spec.model.revision:  # the runtime pins this hub id to this revision (models.resolve)
+        env["SPIN_HUB_MODEL"], env["SPIN_HUB_REVISION"] = spec.model.uri, spec.model.revision
     if spec.storage.endpoint:
         env["AWS_ENDPOINT_URL_S3"] = spec.storage.endpoint
     if spec.storage.region:

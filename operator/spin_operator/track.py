@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
-from spin_operator.steps import RunRef
+from spin_operator.status import resolve_metric
+from spin_operator.steps import RunRef, layout_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,21 +67,32 @@ class Tracking:
             run_id = t.ensure_parent_run(experiment, run.namespace, run.name, run.uid, spec.to_wire())
             if run_id is None:
                 return None
-            url = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else None
+            # MLflow 3's UI opens in GenAI mode unless the link (or the browser's last choice) says
+            # model training; the experiment kind tag alone does not switch it (measured, 3.17).
+            url = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning" if uri.startswith("http") else None
             return api.MlflowStatus(run_id=run_id, experiment_id=exp_id, url=url)
 
         return await self._call(uri, "ensure parent run", call)
 
-    async def ensure_iteration(self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int) -> str | None:
+    async def ensure_iteration(
+        self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int, run: RunRef | None = None
+    ) -> str | None:
         uri = spec.tracking.uri
         if not uri:
             return None
         tr, g = spec.training, spec.generation
-        params = {
+        params: dict[str, Any] = {
             "beta": tr.beta_for(iteration), "learning_rate": tr.learning_rate_for(iteration), "epochs": tr.epochs,
             "global_batch_size": tr.global_batch_size, "nodes": tr.nodes, "generation.replicas": g.replicas,
-            "generation.temperature": g.temperature, "generation.max_new_tokens": g.max_new_tokens,
+            "generation.temperature": g.temperature, "generation.top_p": g.top_p, "generation.top_k": g.top_k,
+            "generation.max_new_tokens": g.max_new_tokens,
+            "input_model": f"θ{iteration}", "output_model": f"θ{iteration + 1}",
         }  # fmt: skip
+        if run is not None:  # where θt comes from, what it trains on, where θt+1 goes
+            layout = layout_of(spec, run)
+            params["model_uri"] = spec.model.uri if iteration == 0 else layout.iteration(iteration - 1).model
+            params["data_uris"] = layout.training_data_for_iteration(iteration, tr.mix_previous_iterations)
+            params["checkpoint_uri"] = layout.iteration(iteration).model
         return await self._call(uri, f"ensure iteration run {iteration}", lambda t: t.ensure_iteration_run(parent_run_id, iteration, params))
 
     async def register(
@@ -95,7 +107,8 @@ class Tracking:
             uri, f"register iteration {iteration}",
             lambda t: t.register_iteration_model(
                 name, run_id, iteration, model_uri, metrics=metrics,
-                best_metric=ev.metric if ev.enabled else None, higher_is_better=ev.mode == "max",
+                best_metric=resolve_metric(ev.metric, [metrics]) if ev.enabled else None,
+                higher_is_better=ev.mode == "max",
             ),
         )  # fmt: skip
 

@@ -55,6 +55,7 @@ class Pass:
         self.now = observed.now
         self.started = status.spec_hash is not None
         self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
+        self.success: str | None = None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
 
     # ------------------------------------------------------------------ entry point
 
@@ -102,6 +103,7 @@ class Pass:
                 self._act(DeleteJob(job.name))
 
     def _succeed(self, reason: str, message: str) -> None:
+        self.success = reason
         self.st.phase = "Succeeded"
         self.st.stage = "Done"
         self.st.message = message
@@ -288,7 +290,9 @@ class Pass:
         st.progress = f"{done}/{spec.iterations}"
         if st.phase in ("Running", "Suspended"):
             suffix = " (suspended)" if st.phase == "Suspended" else ""
-            st.message = f"iteration {st.iteration + 1}/{spec.iterations}: {st.stage}{suffix}"
+            # Iterations count from 0 everywhere (ITERATION column, Job names, MLflow runs).
+            t = st.iteration
+            st.message = f"iteration {t} of {spec.iterations} (θ{t} → θ{t + 1}): {st.stage}{suffix}"
 
     def _complete_iteration(self, spec: api.SPINRunSpec, t: int) -> None:
         it = self._entry(spec, t)
@@ -298,15 +302,27 @@ class Pass:
         self._event("Normal", "IterationCompleted", f"iteration {t} done{': ' + summary if summary else ''}")
         self._act(FinishTracking(t, "FINISHED"))
         if spec.evaluation.enabled:
-            best = cond.best_iteration(self.st.iterations, spec.evaluation.metric, spec.evaluation.mode)
+            metric = cond.ranking_metric(self.st.iterations, spec)
+            best = cond.best_iteration(self.st.iterations, metric, spec.evaluation.mode)
             if best != self.st.best_iteration and best is not None:
-                self._event("Normal", "BestIteration", f"iteration {best} is the best so far by {spec.evaluation.metric}")
+                self._event("Normal", "BestIteration", f"θ{best + 1} (iteration {best}) is the best model so far by {metric}")
             self.st.best_iteration = best
+            self.st.best_model = None if best is None else f"θ{best + 1}"
+            blind = cond.uninformative(self.st.iterations, metric)
+            previous = cond.get_condition(self.st.conditions, cond.METRIC_UNINFORMATIVE)
+            if blind and (previous is None or previous.status != "True"):
+                self._event("Warning", cond.METRIC_UNINFORMATIVE, blind)
+            if blind or previous is not None:
+                cond.set_condition(
+                    self.st.conditions, cond.METRIC_UNINFORMATIVE, bool(blind),
+                    "SameValueEverywhere" if blind else "MetricRanks", blind or "", self.now, self.o.generation,
+                )  # fmt: skip
 
     def _next_iteration(self, spec: api.SPINRunSpec, t: int) -> bool:
         """After iteration t: finish the run, stop early, or start t+1 (True)."""
         done = t + 1
-        best = f"; best iteration {self.st.best_iteration}" if self.st.best_iteration is not None else ""
+        b = self.st.best_iteration
+        best = f"; best model θ{b + 1} (iteration {b})" if b is not None else ""
         if done >= spec.iterations:
             self._succeed("Succeeded", f"{done} iteration(s) done{best}")
             return False
@@ -468,6 +484,12 @@ class Pass:
         stage = st.stage or "Pending"
         cs = st.conditions
         cond.set_condition(cs, cond.READY, phase == "Succeeded", phase, st.message or "", now, gen)
+        # Complete, as Jobs and TrainJobs have it: `kubectl wait --for=condition=Complete`.
+        # Its reason says how the run ended (Succeeded, EarlyStopped), kept on later reconciles.
+        complete = cond.get_condition(self.old.conditions, cond.COMPLETE)
+        done_reason = self.success or (complete.reason if complete and complete.status == "True" else "Succeeded")
+        succeeded = phase == "Succeeded"
+        cond.set_condition(cs, cond.COMPLETE, succeeded, done_reason if succeeded else "NotComplete", (st.message or "") if succeeded else "", now, gen)
         running = phase == "Running"
         cond.set_condition(cs, cond.PROGRESSING, running, stage if running else phase, (st.message or "") if running else "", now, gen)
         cond.set_condition(cs, cond.SUSPENDED, phase == "Suspended", "SuspendedBySpec" if phase == "Suspended" else "NotSuspended", "", now, gen)

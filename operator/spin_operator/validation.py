@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from spin_operator.api import crd
 from spin_operator.api import types as api
+from spin_operator.yamlio import YamlSyntaxError, load_file
 
 
 @dataclass(frozen=True, order=True)
@@ -79,6 +79,9 @@ def _pydantic_problems(exc: ValidationError, prefix: str, model: type[BaseModel]
         elif err["type"] == "missing":
             message = "required field is missing"
         cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, api.FieldErrors):
+            problems += [Problem(_dotted((prefix, *loc, *e.field.split("."))), str(e)) for e in cause.errors]
+            continue
         if isinstance(cause, api.FieldError):
             loc = (*loc, *cause.field.split("."))
         problems.append(Problem(_dotted((prefix, *loc)), message))
@@ -157,16 +160,17 @@ def parse(obj: dict[str, Any]) -> api.SPINRunSpec:
 
 
 def load_documents(path: str | Path) -> list[Any]:
-    """YAML documents of a file (empty documents dropped)."""
-    text = Path(path).read_text()
-    return [d for d in yaml.safe_load_all(text) if d is not None]
+    """YAML documents of a file (empty documents dropped), read as `kubectl` reads them."""
+    return load_file(path)
 
 
 def validate_file(path: str | Path) -> list[Problem]:
     """Problems of every SPINRun in a file; paths are prefixed by the document index when >1."""
     try:
         docs = load_documents(path)
-    except (OSError, yaml.YAMLError) as exc:
+    except YamlSyntaxError as exc:
+        return [Problem("(file)", f"not valid YAML: {exc}")]
+    except (OSError, UnicodeDecodeError) as exc:
         return [Problem("(file)", str(exc).splitlines()[0])]
     if not docs:
         return [Problem("(file)", "no YAML documents found")]

@@ -10,6 +10,7 @@ Light module: no torch. Parquet needs pyarrow (imported only for parquet files).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import random
 from collections import Counter
@@ -183,11 +184,30 @@ def parse_row(row: Any) -> tuple[str | None, str, str] | str:
     return (system or None), prompt, response
 
 
-def _data_files(uri: str) -> list[str]:
-    """The file itself, or every data file directly under a directory/prefix, sorted (shards
-    like ``train-00000-of-00003.parquet`` then concatenate in order)."""
+def data_files(uri: str) -> list[str]:
+    """The data files a dataset URI names, in the order their rows are read.
+
+    - a ``.jsonl``/``.json``/``.parquet`` file: itself;
+    - a directory (``.../data/``, or a name without a suffix that is a folder): every data file
+      directly in it;
+    - a glob in the last segment (``.../data/train_sft-*``): the matching data files beside it;
+    - a name prefix (``.../data/train_sft-``): the data files beside it whose names start with it.
+
+    Shards are sorted by name, so ``train-00000-of-00003.parquet``... concatenate in order and row
+    ids stay stable. Hub datasets such as UltraChat ship ``data/train_sft-*`` next to
+    ``data/test_sft-*``: a glob or prefix picks one split where the directory would mix them.
+    """
     from spin_runtime import storage
 
+    parent, _, last = uri.rstrip("/").rpartition("/")
+    if "*" in last or "?" in last:
+        if not parent:
+            raise DatasetError(f"--dataset {uri}: a glob needs a folder before it, such as ./{last}")
+        matched = [n for n in storage.list_files(parent) if "/" not in n and fnmatch.fnmatchcase(n, last)]
+        files = [storage.join(parent, n) for n in matched if n.endswith(DATA_SUFFIXES)]
+        if not files:
+            raise DatasetError(f"--dataset {uri}: no .jsonl/.json/.parquet files match {last!r} in {parent}")
+        return files
     if uri.endswith(DATA_SUFFIXES):
         return [uri]
     names = storage.list_files(uri)
@@ -195,14 +215,19 @@ def _data_files(uri: str) -> list[str]:
         return [storage.join(uri, n) for n in names if n.endswith(DATA_SUFFIXES) and "/" not in n]
     if not storage.is_s3(uri) and storage.local_path(uri).is_dir():
         return []
-    if storage.exists(uri):  # a file without a data suffix: try it as JSONL
+    if not uri.endswith("/") and storage.exists(uri):  # a file without a data suffix: try it as JSONL
         return [uri]
-    raise DatasetError(f"--dataset {uri}: no such file or directory")
+    if parent and not uri.endswith("/"):
+        siblings = [n for n in storage.list_files(parent) if "/" not in n and n.startswith(last)]
+        files = [storage.join(parent, n) for n in siblings if n.endswith(DATA_SUFFIXES)]
+        if files:
+            return files
+    raise DatasetError(f"--dataset {uri}: no such file, directory or prefix of shards")
 
 
 def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded:
-    """Parse every row of the dataset at ``uri`` (JSONL, JSON array or parquet; a file or a
-    directory of them), line by line: an unreadable or invalid row is skipped and counted with
+    """Parse every row of the dataset at ``uri`` (JSONL, JSON array or parquet; a file, or a
+    directory, glob or name prefix of shards: :func:`data_files`), line by line: an unreadable or invalid row is skipped and counted with
     where it was. Raises :class:`DatasetError`, cause first, when a file cannot be read at all,
     when nothing usable is there, or when more than ``max_skipped_fraction`` of the rows were
     skipped (None: no limit).
@@ -210,7 +235,7 @@ def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded
     from spin_runtime import storage
 
     try:
-        files = _data_files(uri)
+        files = data_files(uri)
     except OSError as exc:
         raise DatasetError(f"--dataset {uri}: cannot list it: {exc}") from exc
     if not files:
@@ -262,6 +287,28 @@ def check_skipped(loaded: Loaded, uri: str, max_fraction: float | None) -> None:
             f"{loaded.total_rows} rows skipped ({fraction:.1%}), above "
             f"dataset.maxSkippedFraction {max_fraction:g} (--max-skipped-fraction)"
         )
+
+
+# Reference answers of at most this many words (median) count as short answers that one right
+# output can match; longer, free-text answers (chat data) almost never match exactly, so exact
+# match is ~0 for every model and ranks nothing. Short-answer tasks: arithmetic, extraction, the
+# tiny demo task (<= 7 words); UltraChat's answers: a median of ~200 words.
+SHORT_ANSWER_WORDS = 16
+
+
+def score_metric(examples: list[Example]) -> tuple[str, str]:
+    """The evaluation metric that can rank models on these examples, and why (the `auto` rule):
+    ``exact_match`` for short answers, ``real_logp_per_token`` (the real answers' log-likelihood
+    per token) for free text."""
+    words = sorted(len(e.response.split()) for e in examples)
+    if not words:
+        return "exact_match", "no examples"
+    median = words[len(words) // 2]
+    if median <= SHORT_ANSWER_WORDS:
+        return "exact_match", f"short answers (median {median} words <= {SHORT_ANSWER_WORDS})"
+    return "real_logp_per_token", (
+        f"free-text answers (median {median} words > {SHORT_ANSWER_WORDS}): exact match would be ~0"
+    )
 
 
 def select(examples: list[Example], seed: int, max_samples: int, eval_samples: int) -> Split:

@@ -7,7 +7,9 @@ selection of :mod:`spin_runtime.data`):
   task metric for tasks with one right answer (the tiny task, extraction, arithmetic);
 * ``real_logp_per_token``: log-likelihood of the reference answers per token (summed over all
   answers' tokens including EOS, divided by their count) — SPIN's own objective pushes it up,
-  and it is meaningful for open-ended data where exact match is not.
+  and it is meaningful for open-ended data where exact match is not;
+* ``score``: whichever of the two can rank models on this data (``data.score_metric``: exact
+  match for short answers, log-likelihood for free text), recorded in ``score_metric``.
 
 With ``--baseline-model`` (θ0 at iteration 0) the same is computed for it, so a run shows its
 gain without a second job. Writes ``results.json`` and ``answers.jsonl`` then ``_MANIFEST.json``.
@@ -151,16 +153,23 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     storage.delete_prefix(manifest.dir_manifest_uri(args.output))  # incomplete until rewritten
     split = data.load_split(args.dataset, args.seed, 0, args.eval_samples, getattr(args, "max_skipped_fraction", None))
+    # `score` is the data's own ranking metric (what `evaluation.metric: auto` ranks by): the same
+    # held-out prompts every iteration, so every iteration picks the same one.
+    chosen, why = data.score_metric(split.eval)
+    log.info("evaluate: score = %s (%s)", chosen, why)
     metrics, answers = evaluate_model(args.model, args, split.eval)
+    metrics["score"] = metrics[chosen]
     baseline = None
     if args.baseline_model:
         baseline, base_answers = evaluate_model(args.baseline_model, args, split.eval)
+        baseline["score"] = baseline[chosen]
         for answer, base in zip(answers, base_answers, strict=False):
             if answer["id"] == base["id"]:
                 answer["baseline_answer"] = base["answer"]
     results = {
         "metrics": metrics,
         "baseline": baseline,
+        "score_metric": {"metric": chosen, "why": why},
         "model": args.model,
         "baseline_model": args.baseline_model,
         "dataset": args.dataset,
@@ -173,7 +182,34 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps(answer, ensure_ascii=False) + "\n")
         manifest.write_dir_artifact(tmp, args.output, EVAL_KIND, {"metrics": metrics})
     _log_metrics(metrics, baseline)
+    _log_samples(answers)
     return 0
+
+
+SAMPLES = 20  # rows of the per-iteration sample generations table
+SAMPLES_TABLE = "eval_samples.json"
+
+
+def _log_samples(answers: list[dict[str, Any]]) -> None:
+    """The first held-out answers (θt+1's greedy answer beside the reference, and θ0's at
+    iteration 0) as an MLflow table of the iteration's run, so a reviewer reads what the model
+    says, not only its scores. Logged once: a retried evaluation finds it and does not append."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    rows = answers[:SAMPLES]
+    columns = ["id", "prompt", "reference", "answer", "exact"]
+    if any("baseline_answer" in r for r in rows):
+        columns.append("baseline_answer")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if any(a.path == SAMPLES_TABLE for a in client.list_artifacts(run_id)):
+            return
+        client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, SAMPLES_TABLE)
+    except Exception as exc:  # tracking never fails a job
+        log.warning("could not log sample answers to MLflow: %s", exc)
 
 
 def _log_metrics(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> None:

@@ -12,6 +12,7 @@ backend, which runs in an environment with another transformers version.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,21 @@ def resolve(uri: str, flag: str = "--model") -> str:
         return str(path)
     if uri.count("/") > 1 or not uri.strip():
         raise ModelError(f"{flag} {uri}: neither an existing path, an s3:// URI nor a hub id")
+    revision = os.environ.get("SPIN_HUB_REVISION")
+    if revision and os.environ.get("SPIN_HUB_MODEL") == uri:
+        return _pinned(uri, revision, flag)
     return uri
+
+
+def _pinned(repo_id: str, revision: str, flag: str) -> str:
+    """The local snapshot of `repo_id` at `revision` (spec.model.revision), downloaded once into
+    the hub cache: every loader then reads the same files, whatever the branch moves to."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return str(snapshot_download(repo_id=repo_id, revision=revision))
+    except Exception as exc:  # unknown revision, gated repo without HF_TOKEN, offline
+        raise ModelError(f"{flag} {repo_id}@{revision}: cannot fetch this revision: {type(exc).__name__}: {exc}") from exc
 
 
 def load_tokenizer(

@@ -65,6 +65,45 @@ SPEC_ARTIFACT = "spinrun.yaml"
 TAG_NS, TAG_NAME, TAG_UID = "spin.namespace", "spin.name", "spin.uid"
 TAG_ROLE, TAG_ITER, TAG_PARENT = "spin.role", "spin.iteration", "mlflow.parentRunId"
 METRIC_TAG_PREFIX = "spin.metric."
+TAG_MODEL, TAG_FROM = "spin.model", "spin.trained_from"
+# MLflow 3's UI opens an experiment in GenAI mode unless told it holds model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# Spec sections whose scalar settings become the parent run's params (`training.beta`, ...).
+PARAM_SECTIONS = ("model", "dataset", "generation", "training", "evaluation", "stopping")
+PARAM_SKIP = ("resources", "image", "command")
+
+
+def parent_run_params(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The SPINRun's settings as flat params (`iterations`, `training.learning_rate`, ...):
+    scalars and short lists of the sections that decide what is trained, not where it runs."""
+    out: dict[str, Any] = {"iterations": spec.get("iterations")}
+    for section in PARAM_SECTIONS:
+        for key, value in (spec.get(section) or {}).items():
+            if key in PARAM_SKIP or isinstance(value, dict):
+                continue
+            out[f"{section}.{key}"] = value
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def parent_run_tags(namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, str]:
+    """The run's description (`mlflow.note.content`) and source, shown on the run page."""
+    model, data = spec.get("model") or {}, spec.get("dataset") or {}
+    note = (
+        f"SPINRun {namespace}/{name}: {spec.get('iterations')} SPIN iteration(s) from "
+        f"{model.get('uri')} (θ0) on {data.get('uri')}. Iteration t trains θt into θt+1; "
+        "each nested run iter-00t holds one iteration, the registered model one version per θ."
+    )
+    return {"mlflow.note.content": note, "mlflow.source.name": f"spin-operator SPINRun {namespace}/{name}", "mlflow.source.type": "JOB"}
+
+
+def theta(k: int) -> str:
+    """Model k's name: θ0 is the base model, θt+1 the output of iteration t."""
+    return f"θ{k}"
+
+
+def model_alias(k: int) -> str:
+    """The registry alias of θk (k >= 1): `theta-2` is θ2, the output of iteration 1."""
+    return f"theta-{k}"
 
 
 def _quote(value: str) -> str:
@@ -105,9 +144,11 @@ class Tracker:
         def find_or_create() -> str:
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # leave a kind someone chose alone
+                    self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
                 return str(exp.experiment_id)
             try:
-                return str(self.client.create_experiment(name))
+                return str(self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}))
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -135,8 +176,11 @@ class Tracker:
         def find_or_create() -> str:
             run_id = self._find_run(exp_id, **tags)
             if run_id is None:
-                run = self.client.create_run(exp_id, tags=redact(tags), run_name=name)
+                described = {**tags, **parent_run_tags(namespace, name, spec)}
+                run = self.client.create_run(exp_id, tags=redact(described), run_name=name)
                 run_id = run.info.run_id
+            # Params make SPINRuns comparable in the runs table (logged once; immutable).
+            self._log_new_params(run_id, parent_run_params(spec))
             names = {a.path for a in self.client.list_artifacts(run_id)}
             if SPEC_ARTIFACT not in names:  # also heals a crash between create and upload
                 text = yaml.safe_dump(redact(dict(spec)), sort_keys=False)
@@ -251,18 +295,33 @@ class Tracker:
             else:
                 tags = {k: v for k, v in run_tags.items() if k.startswith("spin.")}
                 tags[TAG_ITER] = str(iteration)
+                # One numbering (docs/mlflow.md): iteration t trains θt into θt+1.
+                tags[TAG_MODEL], tags[TAG_FROM] = theta(iteration + 1), theta(iteration)
                 version = self.client.create_model_version(
                     model_name, redact_text(source_uri), run_id=run_id,
                     tags=redact(tags), await_creation_for=0,
+                    description=self._lineage(model_name, run_tags.get(TAG_UID), iteration),
                 )  # fmt: skip
             for key, value in (metrics or {}).items():
                 tag = f"{METRIC_TAG_PREFIX}{key}"
                 self.client.set_model_version_tag(model_name, version.version, tag, str(value))
-            self.client.set_registered_model_alias(model_name, f"iter-{iteration}", version.version)
+            self.client.set_registered_model_alias(model_name, model_alias(iteration + 1), version.version)
             self._move_aliases(model_name, run_tags.get(TAG_UID), best_metric, higher_is_better)
             return str(version.version)
 
         return self._safe(f"register {model_name} iteration {iteration}", register)
+
+    def _lineage(self, name: str, uid: str | None, iteration: int) -> str:
+        """θt+1's description: which iteration made it and from which version (θ0 is the base
+        model, not a registered version)."""
+        text = f"{theta(iteration + 1)}: trained in iteration {iteration} from {theta(iteration)}"
+        if iteration == 0:
+            return text + " (the base model)"
+        for v in self.client.search_model_versions(f"name = {_quote(name)}"):
+            if v.tags.get(TAG_ITER) == str(iteration - 1) and (uid is None or v.tags.get(TAG_UID) == uid):
+                return text + f" (version {v.version})"
+        return text
+
 
     def _ensure_registered_model(self, name: str) -> None:
         try:

@@ -346,7 +346,8 @@ def test_default_env_is_the_operator_defaults() -> None:
     }
     settings = pytest.importorskip("spin_operator.settings")
     parsed = settings.Settings.from_env({name: e["value"] for name, e in env.items()})
-    assert parsed == settings.Settings()  # the chart's defaults are the operator's defaults
+    # the chart's defaults are the operator's defaults (an operator knows its templates: none)
+    assert parsed == settings.Settings(pod_templates={})
 
 
 @needs_helm
@@ -449,3 +450,30 @@ def test_helm_binary_is_the_pinned_one() -> None:
     out = subprocess.run([str(HELM), "version", "--short"], capture_output=True, text=True,
                          timeout=30, check=True).stdout
     assert out.startswith("v4."), out
+
+
+@needs_helm
+def test_pod_templates_reach_the_operator() -> None:
+    from spin_operator.templates import parse_templates
+
+    templates = {
+        "gpu": {
+            "default": True,
+            "allowOverride": ["pod.env"],
+            "pod": {"imagePullSecrets": [{"name": "registry"}], "modelCache": {"claimName": "hf-cache"}},
+            "scheduling": {"queueName": "gpu-queue"},
+        }
+    }
+    objects = render({"podTemplates": templates})
+    config = one(objects, "ConfigMap")
+    assert config["metadata"]["name"] == f"{FULLNAME}-pod-templates"
+    parsed = parse_templates(yaml.safe_load(config["data"]["templates.yaml"]))
+    assert parsed["gpu"].default and parsed["gpu"].scheduling == {"queueName": "gpu-queue"}
+    pod = one(objects, "Deployment")["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["SPIN_POD_TEMPLATES"] == "/etc/spin/pod-templates/templates.yaml"
+    assert "checksum/pod-templates" in pod["metadata"]["annotations"]
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.35", strict=True)
+    assert "podTemplates" in render_error({"podTemplates": {"gpu": {"allowOverride": ["image"]}}})
+    assert not find(render(), "ConfigMap")

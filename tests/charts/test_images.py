@@ -89,7 +89,11 @@ def test_runtime_image() -> None:
     assert re.fullmatch(r"3\.11\.\d+", args["PYTHON_VERSION"])
     steps = instructions(RUNTIME)
     install = next(arg for keyword, arg in steps if keyword == "RUN" and "uv pip install" in arg)
-    assert '".[runtime,vllm]"' in install and "--constraint images/runtime/constraints.txt" in install
+    assert '".[runtime,vllm]"' in install and "--constraint /tmp/constraints.txt" in install
+    # CUDA 13: the full lock; CUDA 12: the lock without its CUDA 13 wheels (the indexes bring cu12 ones)
+    assert "13) cp images/runtime/constraints.txt /tmp/constraints.txt" in install
+    assert "12) grep -vE '^(nvidia-|cuda-)' images/runtime/constraints.txt > /tmp/constraints.txt" in install
+    assert args["CUDA_MAJOR"] == "13" and args["TORCH_BACKEND"] == "" and args["EXTRA_INDEX_URL"] == ""
     final = _final_stage(RUNTIME)
     assert ("USER", "65532:65532") in final
     env = " ".join(arg for keyword, arg in final if keyword == "ENV")
@@ -157,3 +161,27 @@ def test_dockerignore_admits_exactly_what_the_images_copy() -> None:
                     "operator/spin_operator/__pycache__/cli.cpython-311.pyc", ".tools/bin/helm",
                     "charts/spin-operator/values.yaml", "operator/.env"):
         assert _dockerignore_excludes(outside, patterns), outside
+
+
+def test_make_images_builds_both_images_for_cuda_13_or_12() -> None:
+    """`make images` (docker buildx): shown with `make -n`, since no Docker engine runs here."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def plan(*args: str) -> list[str]:
+        out = subprocess.run(["make", "-s", "-n", "images", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+        return [" ".join(line.split()) for line in out.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+
+    default = plan()
+    assert default[0] == "docker buildx build --platform linux/amd64 --load -f images/operator/Dockerfile -t ghcr.io/spin-operator/operator:0.1.0 ."
+    assert default[1] == "docker buildx build --platform linux/amd64 --load -f images/runtime/Dockerfile -t ghcr.io/spin-operator/runtime:0.1.0 ."
+    cu12 = plan("CUDA=12", "PUSH=1", "IMAGE_REGISTRY=registry.example.com/spin", "IMAGE_TAG=1.2.3")
+    assert "--push" in cu12[1] and cu12[1].endswith("-t registry.example.com/spin/runtime:1.2.3-cu12 .")
+    for arg in ("CUDA_MAJOR=12", "CUDA_IMAGE=nvidia/cuda:12.", "TORCH_BACKEND=cu12"):
+        assert f"--build-arg {arg}" in cu12[1], arg
+    lock = (ROOT / "images" / "runtime" / "constraints.txt").read_text()
+    assert re.search(r"^vllm==0\.33\.0$", lock, re.M)  # the EXTRA_INDEX_URL names this version
+    assert "wheels.vllm.ai/0.33.0/" in cu12[1]

@@ -49,16 +49,21 @@ def test_kubectl_apply_runs_two_real_iterations(e2e: Cluster, tmp_path: Path) ->
             assert it[step]["attempts"] == 1
         assert "exact_match" in it["metrics"]
     assert status["bestIteration"] in (0, 1)
+    # --- `kubectl wait` on the Job-style condition returns at once for a finished run
+    waited = e2e.kubectl("wait", "--for=condition=Complete", f"spinrun/{RUN}", "-n", e2e.namespace, "--timeout=30s")
+    assert "condition met" in waited.stdout, waited.stdout + waited.stderr
 
     # --- kubectl get shows the printer columns
     table = e2e.kubectl("get", "spinruns", "-n", e2e.namespace).stdout.splitlines()
     header = table[0].split()
-    assert header[:2] == ["NAME", "PHASE"] and {"ITERATION", "STAGE", "BEST", "AGE"} <= set(
+    assert header[:2] == ["NAME", "PHASE"] and {"ITERATION", "STAGE", "DONE", "BEST", "AGE"} <= set(
         header
     ), table
     row = dict(zip(header, table[1].split(), strict=False))
     assert row["NAME"] == RUN and row["PHASE"] == "Succeeded"
-    assert row["ITERATION"] == "2/2" and row["BEST"] == str(status["bestIteration"])
+    # One numbering: the last iteration is 1 (0-based), 2 of 2 done, the best model θ(t+1).
+    assert row["ITERATION"] == "1" and row["DONE"] == "2/2"
+    assert row["BEST"] == f"θ{status['bestIteration'] + 1}" == status["bestModel"]
 
     # --- the cluster: one Job per step, each created exactly once; pods per Job as planned
     created = e2e.job_creations()

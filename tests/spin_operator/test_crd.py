@@ -68,7 +68,7 @@ def test_crd_names_and_columns() -> None:
     version = obj["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns[:4] == ["Phase", "Iteration", "Stage", "Best"] and columns[-1] == "Age"
+    assert columns[:5] == ["Phase", "Iteration", "Stage", "Done", "Best"] and columns[-1] == "Age"
     status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     for column in version["additionalPrinterColumns"]:
         section, field = column["jsonPath"].split(".")[1:3]

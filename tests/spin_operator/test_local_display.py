@@ -70,6 +70,22 @@ def test_generation_progress_counts_finished_shards(tmp_path: Path) -> None:
     assert "shards 2/4" in out.getvalue() and out.getvalue().count("\r\x1b[2K") == 1
 
 
+def test_generation_progress_by_batch(tmp_path: Path) -> None:
+    """Each shard logs {"event": "generate", ...} after every batch: progress counts prompts."""
+    out = io.StringIO()
+    display = Display(SPEC, out=out, tty=True)
+    gen = job(tmp_path, "generate", pods=2)
+    display.step_started(gen)
+    gen.pods[0].log_path.write_text(json.dumps({"event": "generate", "shard": 0, "done": 0, "total": 100}) + "\n")
+    display.tick()
+    assert "shards 0/2" in out.getvalue() and "prompts" not in out.getvalue()  # shard 1 not heard from yet
+    with gen.pods[0].log_path.open("a") as f:
+        f.write(json.dumps({"event": "generate", "shard": 0, "done": 64, "total": 100}) + "\n")
+    gen.pods[1].log_path.write_text(json.dumps({"event": "generate", "shard": 1, "done": 36, "total": 100}) + "\n")
+    display.tick()
+    assert "prompts 100/200, shards 0/2" in out.getvalue()
+
+
 def test_iteration_results_and_summary(tmp_path: Path) -> None:
     out = io.StringIO()
     display = Display(SPEC, out=out, tty=False)

@@ -187,10 +187,21 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     for r in nested:
         assert {"loss", "eval_margin", "eval/exact_match", "eval/real_logp_per_token"} <= set(r.data.metrics)
     assert "eval/baseline_exact_match" in nested[0].data.metrics
+    # Iteration params as docs/mlflow.md lists them: θt's URI, the data trained on, θt+1's checkpoint.
+    p1 = nested[1].data.params
+    assert p1["model_uri"] == storage.join(prefix, "iter-000", "model")
+    assert json.loads(p1["data_uris"]) == [storage.join(prefix, "iter-001", "generated"), storage.join(prefix, "iter-000", "generated")]
+    assert p1["checkpoint_uri"] == storage.join(prefix, "iter-001", "model")
+    assert (p1["input_model"], p1["output_model"]) == ("θ1", "θ2")
+    assert parent.data.params["iterations"] == "2" and "mlflow.note.content" in parent.data.tags
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert any(a.path == "eval_samples.json" for a in client.list_artifacts(nested[0].info.run_id))
     history = client.get_metric_history(parent.info.run_id, "heldout/exact_match")
     assert sorted(m.step for m in history) == [0, 1, 2]
     versions = sorted(client.search_model_versions(f"name = '{experiment}'"), key=lambda v: int(v.version))
     assert [v.source for v in versions] == [storage.join(prefix, "iter-000", "model"), storage.join(prefix, "iter-001", "model")]
     aliases = client.get_registered_model(experiment).aliases
-    assert aliases["iter-0"] == "1" and aliases["iter-1"] == "2" and aliases["latest-iter"] == "2"
+    assert aliases["theta-1"] == "1" and aliases["theta-2"] == "2" and aliases["latest-iter"] == "2"
+    assert [(v.tags["spin.model"], v.tags["spin.trained_from"]) for v in versions] == [("θ1", "θ0"), ("θ2", "θ1")]
+    assert versions[1].description == "θ2: trained in iteration 1 from θ1 (version 1)"
     assert aliases["best"] in ("1", "2")

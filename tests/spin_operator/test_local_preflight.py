@@ -179,3 +179,23 @@ def test_bad_data_and_models_are_named_before_any_job(tmp_path: Path, make, fiel
         spec = write_spec(tmp_path, dataset={"uri": str(made)})
     found = problems(spec, tracking_uri="")
     assert any(p.startswith(field) and cause in p for p in found), found
+
+
+def test_dataset_shards_by_directory_glob_or_prefix(tmp_path: Path) -> None:
+    shards = tmp_path / "data"
+    shards.mkdir()
+    for k in range(2):
+        (shards / f"train_sft-{k:05d}-of-00002.jsonl").write_text('{"prompt": "Q", "response": "A"}\n')
+    for uri, problem in (
+        (f"{shards}/train_sft-*", None),
+        (f"{shards}/train_sft-", None),
+        (f"{shards}/", None),
+        (f"{shards}/test_sft-*", "no .jsonl/.json/.parquet files match"),
+        (f"{shards}/test_sft-", "no such file, directory or prefix"),
+    ):
+        loaded = load(write_spec(tmp_path, dataset={"uri": uri}), tracking_uri="")
+        if problem is None:
+            preflight(loaded)
+            continue
+        found = [p for p in problems(write_spec(tmp_path, dataset={"uri": uri}), tracking_uri="") if p.startswith("spec.dataset.uri")]
+        assert len(found) == 1 and problem in found[0], (uri, found)

@@ -250,3 +250,26 @@ def test_spinctl_run_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "spec.training.beta" in proc.stderr
     assert not tmp_path.joinpath("artifacts").exists()
+
+
+def test_spinctl_status_shows_a_local_run(tmp_path: Path, fake: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from spin_operator.cli import main
+
+    python, _ = fake
+    spec = write_spec(tmp_path)
+    assert main(["status", str(spec)]) == 1
+    assert "default/local-test: not started" in capsys.readouterr().out
+    code, out = run_local(spec, python)
+    assert code == 0, out
+    assert main(["status", str(spec)]) == 0
+    text = capsys.readouterr().out
+    assert "phase: Succeeded" in text and "done 2/2" in text and "Complete (Succeeded)" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith(("0 ", "1 "))]
+    assert [r[:6] for r in rows] == [
+        ["0", "θ0→θ1", "Done", "Succeeded", "Succeeded", "Succeeded"],
+        ["1", "θ1→θ2", "Done", "Succeeded", "Succeeded", "Succeeded"],
+    ]
+    assert rows[1][7] == "0.5"  # exact_match of θ2 (the fake evaluation writes 0.25 × (t + 1))
+    assert main(["status", str(spec), "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"]["phase"] == "Succeeded" and doc["status"]["bestModel"] == f"θ{doc['status']['bestIteration'] + 1}"

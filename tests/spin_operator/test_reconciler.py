@@ -72,6 +72,8 @@ def test_three_iterations_to_succeeded() -> None:
     assert [it.metrics["exact_match"] for it in s.iterations] == pytest.approx([0.1, 0.2, 0.3])
     assert s.best_iteration == 2
     assert condition(w, "Ready").status == "True"
+    complete = condition(w, "Complete")
+    assert (complete.status, complete.reason) == ("True", "Succeeded")
     assert condition(w, "Progressing").status == "False"
     assert s.iterations[1].model_uri == "s3://bucket/runs/ns/run/iter-000/model"
     assert s.iterations[2].output_model_uri == "s3://bucket/runs/ns/run/iter-002/model"
@@ -169,6 +171,7 @@ def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
     assert failed.status == "True" and failed.reason == "DeadlineExceeded"
     assert "generate of iteration 1 failed after 2 attempt(s)" in failed.message
     assert condition(w, "Ready").status == "False"
+    assert (condition(w, "Complete").status, condition(w, "Complete").reason) == ("False", "NotComplete")
     assert w.status.iterations[1].generate.phase == "Failed"
     assert w.reconcile().actions == []  # terminal: nothing more
     assert w.status.phase == "Failed"
@@ -518,6 +521,10 @@ def test_early_stopping_reports_the_best_iteration() -> None:
     assert w.status.best_iteration == 2  # 0.405 is the best score even though below minDelta
     assert "stopped after 4 iteration(s)" in (w.status.message or "")
     assert w.events[-1][0] == "EarlyStopped"
+    # `kubectl wait --for=condition=Complete` ends; the reason says how, and later passes keep it.
+    w.reconcile()
+    complete = condition(w, "Complete")
+    assert (complete.status, complete.reason) == ("True", "EarlyStopped")
 
 
 def test_min_mode_ranks_lower_as_better() -> None:
@@ -662,3 +669,57 @@ def test_invalid_spec_object_is_accepted_as_input() -> None:
     problems = InvalidSpec([Problem("spec.iterations", "must be >= 1")])
     d = reconcile(problems, api.SPINRunStatus(), Observed(namespace="ns", name="x", now="t"))
     assert d.status.phase == "Failed" and "spec.iterations" in d.status.message  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- ranking metric
+
+
+def _run_with_results(w: World, results: list[dict[str, float]], limit: int = 100) -> None:
+    """Run to the end; iteration t's evaluation writes results[t] (as results.json would)."""
+    for _ in range(limit):
+        w.reconcile()
+        if w.status.phase in ("Succeeded", "Failed"):
+            return
+        for job in w.active():
+            w.succeed(job.name, results[job.iteration] if job.stage == "evaluate" else None)
+    raise AssertionError(w.status.message)
+
+
+# Chat data as the built-in evaluation reports it: exact match 0 for every model, the real
+# answers' log-likelihood rising, `score` = that log-likelihood (data.score_metric's choice).
+CHAT = [
+    {"exact_match": 0.0, "real_logp_per_token": lp, "score": lp, "baseline/exact_match": 0.0, "baseline/score": -2.5}
+    for lp in (-2.2, -1.9, -1.7)
+]
+
+
+def test_default_metric_follows_the_data_not_exact_match() -> None:
+    """The finding: with exact_match ranking, best stuck at iteration 0 on chat data."""
+    obj = spin_object(iterations=3, stopping={"patience": 1})
+    assert api.SPINRunSpec.model_validate(obj["spec"]).evaluation.metric == "auto"
+    w = World(obj)
+    _run_with_results(w, CHAT)
+    assert (w.status.phase, w.status.progress, w.status.best_iteration) == ("Succeeded", "3/3", 2)
+    assert ("BestIteration", "θ3 (iteration 2) is the best model so far by score") in w.events
+    assert w.status.best_model == "θ3"
+    assert "best model θ3 (iteration 2)" in (w.status.message or "")
+    assert get_condition(w.status.conditions, "MetricUninformative") is None
+
+
+def test_an_uninformative_metric_is_a_warning_condition() -> None:
+    w = World(spin_object(iterations=3, evaluation={"metric": "exact_match"}, stopping={"patience": 1}))
+    _run_with_results(w, CHAT)
+    # It stops after θ2 did not beat θ1 on a metric that is 0 everywhere: now said out loud.
+    assert w.status.best_iteration == 0 and w.status.progress == "2/3"
+    blind = condition(w, "MetricUninformative")
+    assert blind.status == "True" and blind.reason == "SameValueEverywhere"
+    assert "exact_match is 0 for every evaluated model (θ0, θ1, θ2)" in blind.message
+    assert [r for r, _ in w.events].count("MetricUninformative") == 1
+
+
+def test_auto_without_a_score_ranks_by_exact_match() -> None:
+    """A custom evaluation (or an older runtime) writes no `score`: auto keeps exact_match."""
+    w = World(spin_object(iterations=2))
+    _run_with_results(w, [{"exact_match": 0.4}, {"exact_match": 0.3}])
+    assert w.status.best_iteration == 0
+    assert get_condition(w.status.conditions, "MetricUninformative") is None

@@ -86,3 +86,30 @@ def test_examples_are_valid(example: Path) -> None:
     for doc in yaml.safe_load_all(example.read_text()):
         if doc and doc.get("kind") == api.KIND:
             assert admission_errors(doc) == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "valid"),
+    [
+        ("s3://hub-data/ultrachat_200k/data/train_sft-*", True),
+        ("s3://hub-data/ultrachat_200k/data/train_sft-*.parquet", True),
+        ("s3://hub-data/ultrachat_200k/data/train_sft-", True),
+        ("s3://hub-data/ultrachat_200k/data/", True),
+        ("./data/shards", True),
+        ("/data/sft.parquet", True),
+        ("s3://hub-data/sft.csv", False),
+        ("s3://hub-data/sft.csv/", True),  # a folder may have any name when it ends in /
+        ("/data/sft.txt", False),
+    ],
+)
+def test_dataset_may_be_a_directory_glob_or_prefix_of_shards(uri: str, valid: bool) -> None:
+    obj = {**BASE, "spec": {**BASE["spec"], "dataset": {**BASE["spec"]["dataset"], "uri": uri}}}
+    assert (problems_of(obj) == []) is valid, problems_of(obj)
+    assert (admission_errors(obj) == []) is valid
+
+
+def test_auto_metric_needs_mode_max() -> None:
+    obj = {**BASE, "spec": {**BASE["spec"], "evaluation": {"mode": "min"}}}
+    assert [p.path for p in problems_of(obj)] == ["spec.evaluation.mode"]
+    obj["spec"]["evaluation"] = {"mode": "min", "metric": "loss"}
+    assert problems_of(obj) == []

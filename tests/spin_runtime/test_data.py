@@ -127,3 +127,71 @@ def test_select_all_and_bounds() -> None:
 def test_tiny_dataset_loads(tiny_dataset_path: Path) -> None:
     split = data.load_split(str(tiny_dataset_path), seed=0, max_samples=100, eval_samples=20)
     assert len(split.train) == 100 and len(split.eval) == 20
+
+
+def _ultrachat_like(root: Path) -> list[str]:
+    """UltraChat 200k's layout: data/{train,test}_{sft,gen}-NNNNN-of-NNNNN-<hash>.parquet with
+    multi-turn `messages` (and `prompt`, `prompt_id`) columns. Returns the train_sft prompts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    prompts: list[str] = []
+    for split, shards in (("train_sft", 2), ("test_sft", 1), ("train_gen", 1)):
+        for k in range(shards):
+            rows = []
+            for i in range(3):
+                q = f"{split}-{k}-Q{i}"
+                turns = [{"role": "user", "content": q}, {"role": "assistant", "content": f"A{i}"},
+                         {"role": "user", "content": "more?"}, {"role": "assistant", "content": "no"}]
+                rows.append({"prompt": q, "prompt_id": f"{split}{k}{i}", "messages": turns})
+                if split == "train_sft":
+                    prompts.append(q)
+            name = f"{split}-{k:05d}-of-{shards:05d}-a1b2c3.parquet"
+            pq.write_table(pa.Table.from_pylist(rows), root / "data" / name)
+    (root / "README.md").write_text("card")
+    return prompts
+
+
+@pytest.fixture(params=["local", "s3"])
+def ultrachat(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, list[str]]:
+    """The UltraChat-like layout on a local folder or under an S3 prefix (moto)."""
+    prompts = _ultrachat_like(tmp_path / "uc")
+    if request.param == "local":
+        return str(tmp_path / "uc"), prompts
+    from spin_runtime import storage
+
+    root = str(request.getfixturevalue("s3_bucket")) + "/hub/ultrachat_200k"
+    for path in sorted((tmp_path / "uc").rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(root, path.relative_to(tmp_path / "uc").as_posix()))
+    return root, prompts
+
+
+def test_a_glob_or_prefix_of_shards_reads_one_split_in_order(ultrachat: tuple[str, list[str]]) -> None:
+    root, train_prompts = ultrachat
+    for uri in (f"{root}/data/train_sft-*", f"{root}/data/train_sft-*.parquet", f"{root}/data/train_sft-"):
+        files = data.data_files(uri)
+        assert [f.rsplit("/", 1)[-1][:15] for f in files] == ["train_sft-00000", "train_sft-00001"], uri
+        loaded = data.load_examples(uri)
+        # Multi-turn rows: the first user turn and the answer right after it; later turns unused.
+        assert [e.prompt for e in loaded.examples] == train_prompts
+        assert {e.response for e in loaded.examples} == {"A0", "A1", "A2"}
+        assert [e.id for e in loaded.examples] == list(range(6))
+    # The directory itself mixes every split (documented: use the glob or prefix).
+    assert len(data.load_examples(f"{root}/data/").examples) == 12
+    assert len(data.load_examples(f"{root}/data").examples) == 12
+    with pytest.raises(data.DatasetError, match=r"no \.jsonl/\.json/\.parquet files match 'validation-\*'"):
+        data.data_files(f"{root}/data/validation-*")
+    with pytest.raises(data.DatasetError, match="no such file, directory or prefix"):
+        data.data_files(f"{root}/data/validation-")
+
+
+def test_the_rows_in_docs_datasets_md_parse_as_documented() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "datasets.md").read_text()
+    rows = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", doc, re.S)]
+    assert len(rows) == 2
+    expected = ("You are a concise assistant.", "Name three prime numbers.", "2, 3 and 5.")
+    assert [data.parse_row(r) for r in rows] == [expected, expected]

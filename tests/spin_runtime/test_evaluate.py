@@ -78,6 +78,37 @@ def test_exact_match_and_logp_with_baseline(
     assert [a["id"] for a in answers] == [e.id for e in held_out]
     assert sum(a["exact"] for a in answers) == EVAL // 2
     assert all("baseline_answer" in a for a in answers)
+    # Short answers: `score` (what evaluation.metric auto ranks by) is exact match.
+    assert results["score_metric"]["metric"] == "exact_match"
+    assert (metrics["score"], base["score"]) == (metrics["exact_match"], base["exact_match"])
+
+
+def test_score_is_the_real_answer_loglik_on_free_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Chat-like references (long free text): exact match is 0 for any model, so `score` is the
+    real answers' log-likelihood per token."""
+    rows = tiny.make_task_rows(24, seed=3)
+    for k, row in enumerate(rows):
+        row["messages"][-1]["content"] = " ".join(tiny._WORDS[(k + j) % len(tiny._WORDS)] for j in range(40))
+    dataset = tiny.write_jsonl(rows, tmp_path / "chat.jsonl")
+    out = tmp_path / "eval"
+    assert cli.main([
+        "evaluate", "--model", str(tiny_model_dir), "--dataset", str(dataset), "--eval-samples", "4",
+        "--max-new-tokens", "4", "--output", str(out),
+    ]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["score_metric"]["metric"] == "real_logp_per_token"
+    assert "median 40 words" in results["score_metric"]["why"]
+    assert results["metrics"]["exact_match"] == 0.0
+    assert results["metrics"]["score"] == results["metrics"]["real_logp_per_token"] < 0
+
+
+def test_score_metric_rule() -> None:
+    short = [data.Example(i, None, "q", "12") for i in range(5)]
+    long = [data.Example(i, None, "q", "word " * 120) for i in range(5)]
+    assert data.score_metric(short)[0] == "exact_match"
+    assert data.score_metric(long)[0] == "real_logp_per_token"
+    # The median decides: a few long answers among short ones do not flip it.
+    assert data.score_metric(short + long[:2])[0] == "exact_match"
 
 
 def test_normalize() -> None:
@@ -149,3 +180,14 @@ def test_metrics_reach_mlflow(
     assert logged["eval/baseline_real_logp_per_token"] == pytest.approx(
         metrics["real_logp_per_token"]
     )
+    # The sample generations table: θt+1's answers beside the references (and θ0's), once.
+    (tmp_path / "dl").mkdir()
+    table = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl"))).read_text())
+    assert table["columns"] == ["id", "prompt", "reference", "answer", "exact", "baseline_answer"]
+    assert len(table["data"]) == 4
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--baseline-model", str(tiny_model_dir),
+                     "--dataset", str(tiny_dataset_path), "--output", str(out),
+                     "--eval-samples", "4", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    (tmp_path / "dl2").mkdir()
+    again = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl2"))).read_text())
+    assert len(again["data"]) == 4  # a retry does not append

@@ -32,10 +32,16 @@ def test_cli_end_to_end_in_a_subprocess(tiny_model_dir, tiny_dataset_path, tmp_p
     a manifest with counts, checksum, model, sampling and throughput."""
     out = tmp_path / "generated"
     env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "SPIN_NUM_SHARDS": "1"}
-    cmd = [sys.executable, "-m", "spin_runtime", *argv(tiny_model_dir, tiny_dataset_path, out)]
+    batch = 8
+    cmd = [sys.executable, "-m", "spin_runtime", *argv(tiny_model_dir, tiny_dataset_path, out, "--batch-size", str(batch))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "generated tokens/s" in proc.stderr and "truncation rate" in proc.stderr
+    # Progress by batch: one JSON line per batch of --batch-size prompts, counting up to the total.
+    progress = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"event": "generate"')]
+    done = [p["done"] for p in progress]
+    assert done[0] == 0 and done[-1] == EVAL + TRAIN == progress[-1]["total"]
+    assert done == sorted(done) and len(done) == 1 + -(-(EVAL + TRAIN) // batch)
 
     recs = records.read_generated(str(out))
     split = data.load_split(str(tiny_dataset_path), seed=3, max_samples=TRAIN, eval_samples=EVAL)
@@ -136,6 +142,15 @@ def test_shards_together_are_the_unsharded_selection(
     ]
     assert len({r["id"] for r in sharded}) == EVAL + TRAIN
     assert records.read_generated(str(out), split="eval") == sharded[:EVAL]
+    # One iteration's generation over all shards (what the trainer logs as generate/total_*),
+    # not the last shard's numbers.
+    from spin_runtime.train.loop import generation_totals
+
+    totals = generation_totals(str(out))
+    assert totals["generate/total_prompts"] == EVAL + TRAIN and totals["generate/shards"] == 3
+    assert totals["generate/total_generated_tokens"] == sum(r["num_generated_tokens"] for r in sharded)
+    truncated = sum(r["finish_reason"] == "length" for r in sharded)
+    assert totals["generate/truncation_rate"] == pytest.approx(truncated / len(sharded))
 
 
 def test_shard_from_environment(tiny_model_dir, tiny_dataset_path, tmp_path, monkeypatch) -> None:

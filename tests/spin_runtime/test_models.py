@@ -69,3 +69,15 @@ def test_dtype_choice() -> None:
     assert models.torch_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(UsageError, match="--dtype"):
         models.torch_dtype("fp8", "cpu")
+
+
+def test_a_pinned_hub_revision_is_fetched_as_that_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """spec.model.revision reaches resolve() as SPIN_HUB_MODEL/SPIN_HUB_REVISION; offline and
+    without a cached snapshot the error names the model and the revision (exit 2, not a crash)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SPIN_HUB_MODEL", "example-org/never-downloaded")
+    monkeypatch.setenv("SPIN_HUB_REVISION", "0123abc")
+    with pytest.raises(models.ModelError, match=r"example-org/never-downloaded@0123abc: cannot fetch this revision"):
+        models.resolve("example-org/never-downloaded")
+    # Other hub ids (a tokenizer override, say) are left to transformers as before.
+    assert models.resolve("example-org/other") == "example-org/other"

@@ -119,6 +119,14 @@ def test_two_iteration_run_lineage(
     assert exp is not None
     everything = client.search_runs([exp.experiment_id])
     assert len(everything) == 3  # one parent + two iterations, no duplicates
+    # The UI opens the experiment as model training (not GenAI); the parent run is comparable.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    top = client.get_run(parent)
+    assert top.data.tags["mlflow.note.content"].startswith("SPINRun team-a/spin-demo: ")
+    assert top.data.tags["mlflow.source.type"] == "JOB"
+    assert top.data.params["training.beta"] == "0.1" and top.data.params["model.uri"] == "hf-org/base-model"
+    assert float(top.data.params["training.learningRate"]) == 5e-7
+    assert not any(FAKE_SECRET in v for v in top.data.params.values())  # storage/tracking are not params
     nested = client.search_runs(
         [exp.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent}'",
@@ -157,11 +165,17 @@ def test_two_iteration_run_lineage(
     }
     registered = client.get_registered_model(model_name)
     assert registered.aliases == {
-        "iter-0": versions[0],
-        "iter-1": versions[1],
+        "theta-1": versions[0],
+        "theta-2": versions[1],
         LATEST_ALIAS: versions[1],
         BEST_ALIAS: versions[0],
     }
+    # One numbering: version of θ2 says it was trained in iteration 1 from θ1's version.
+    by_version = {v.version: v for v in mvs}
+    assert by_version[versions[1]].tags["spin.model"] == "θ2"
+    assert by_version[versions[1]].tags["spin.trained_from"] == "θ1"
+    assert by_version[versions[1]].description == f"θ2: trained in iteration 1 from θ1 (version {versions[0]})"
+    assert by_version[versions[0]].description == "θ1: trained in iteration 0 from θ0 (the base model)"
 
     # Artifacts (the spec) are in the bucket behind the MLflow artifact proxy.
     keys = [

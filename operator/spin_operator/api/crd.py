@@ -23,7 +23,7 @@ from spin_operator.api import types as api
 _ORDER = [
     "type", "description", "format", "default", "enum", "minimum", "exclusiveMinimum", "maximum",
     "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "nullable",
-    "required", "items", "additionalProperties", "properties",
+    "required", "items", "additionalProperties", "properties", "x-kubernetes-preserve-unknown-fields",
 ]
 _KEEP = set(_ORDER)
 
@@ -89,9 +89,10 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Run phase"},
-    {"name": "Iteration", "type": "string", "jsonPath": ".status.progress", "description": "Iterations done / total"},
+    {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration", "description": "Current iteration t (0-based): θt -> θt+1"},
     {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Stage of the current iteration"},
-    {"name": "Best", "type": "integer", "jsonPath": ".status.bestIteration", "description": "Best iteration so far"},
+    {"name": "Done", "type": "string", "jsonPath": ".status.progress", "description": "Iterations done / total"},
+    {"name": "Best", "type": "string", "jsonPath": ".status.bestModel", "description": "Best model so far (θt+1 of iteration t)"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "priority": 1, "description": "Base model"},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1, "description": "Status message"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -7,9 +7,9 @@ every default lives here and is written into the CRD so `kubectl get -o yaml` sh
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "selfplay.dev"
@@ -30,7 +30,12 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
 S3_OR_PATH = rf"^(s3://{_BUCKET}(/.*)?|file:///.*|/.*|\.{{1,2}}(/.*)?)$"
 MODEL_URI = rf"^(s3://{_BUCKET}(/.*)?|file:///.*|/.*|\.{{1,2}}(/.*)?|[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?)$"
-DATASET_URI = rf"^(s3://{_BUCKET}/.+|file:///.+|/.+|\.{{1,2}}/.+|[^:]+)\.(jsonl|json|parquet)$"
+# A data file, a directory (trailing `/`, or a last segment without a suffix, which may also be a
+# name prefix of shards such as data/train_sft-), or a glob in the last segment (train_sft-*).
+DATASET_URI = (
+    rf"^(s3://{_BUCKET}/.+|file:///.+|/.+|\.{{1,2}}/.+|[^:]+)"
+    r"(\.(jsonl|json|parquet)|/|/[^/.*]+|/[^/]*\*[^/]*)$"
+)
 HTTP_OR_PATH = r"^(https?://[^\s]+|file:///.*|/.*|sqlite:///.+|databricks.*)$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -39,39 +44,18 @@ QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 PATTERN_HELP = {
     S3_OR_PATH: "s3://bucket/prefix or a local path",
     MODEL_URI: "s3://bucket/prefix, a local path, or a hub id such as org/model",
-    DATASET_URI: "s3://bucket/key or a local path ending in .jsonl, .json or .parquet",
+    DATASET_URI: (
+        "s3://bucket/key or a local path: a .jsonl, .json or .parquet file, a directory "
+        "(ending in /), a name prefix of shards (data/train_sft-) or a glob (data/train_sft-*)"
+    ),
     HTTP_OR_PATH: "http(s):// URL, sqlite:///path or a local path",
     DNS_SUBDOMAIN: "Kubernetes name: lowercase letters, digits, '-' and '.'",
     QUANTITY: "Kubernetes quantity such as 8, 500m or 64Gi",
 }
 
 
-class FieldError(ValueError):
-    """A cross-field rule broken at `field` (a dotted wire path relative to the model)."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
-
-
-class Model(BaseModel):
-    """Base for API types: camelCase on the wire, unknown fields refused."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-    )
-
-    def to_wire(self) -> dict[str, Any]:
-        """The object as Kubernetes stores it (camelCase, unset optionals omitted)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def _desc(text: str, **kw: Any) -> Any:
-    return Field(description=text, **kw)
-
+# Model, FieldError and friends live in base.py so api/pod.py can build on them too.
+from spin_operator.api.base import FieldError, FieldErrors, Model, _desc, raise_all  # noqa: E402, F401
 
 # --------------------------------------------------------------------------- references
 
@@ -121,6 +105,8 @@ class Resources(Model):
     ] = Field(default_factory=dict)
 
 
+from spin_operator.api.pod import PodSpec  # noqa: E402
+
 # --------------------------------------------------------------------------- spec sections
 
 
@@ -136,6 +122,15 @@ class ModelSpec(Model):
             max_length=1024,
         ),
     ]
+    revision: Annotated[
+        str | None,
+        _desc(
+            "Hub revision (commit sha, tag or branch) of a hub-id uri, pinned so every pod and "
+            "iteration starts from the same weights.",
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+            max_length=255,
+        ),
+    ] = None
     tokenizer: Annotated[
         str | None,
         _desc("Tokenizer to use instead of the model's own.", pattern=MODEL_URI, max_length=1024),
@@ -157,8 +152,9 @@ class DatasetSpec(Model):
     uri: Annotated[
         str,
         _desc(
-            "JSONL or parquet file (s3:// or path) with OpenAI-style `messages` or "
-            "`prompt`/`response` fields.",
+            "JSONL, JSON or parquet data (s3:// or path) with OpenAI-style `messages` or "
+            "`prompt`/`response` fields: one file, a directory of shards (ending in /), a name "
+            "prefix of shards (data/train_sft-) or a glob (data/train_sft-*). See docs/datasets.md.",
             pattern=DATASET_URI,
             max_length=1024,
         ),
@@ -355,18 +351,20 @@ class TrainingSpec(Model):
 
     @model_validator(mode="after")
     def _check_batches(self) -> TrainingSpec:
+        errors: list[FieldError] = []
         if self.max_prompt_length >= self.max_length:
-            raise FieldError(
+            errors.append(FieldError(
                 "maxPromptLength",
                 f"must be less than maxLength ({self.max_length}), got {self.max_prompt_length}",
-            )
+            ))
         per_step = self.micro_batch_size * self.world_size
         if self.global_batch_size % per_step:
-            raise FieldError(
+            errors.append(FieldError(
                 "globalBatchSize",
                 f"must be a multiple of microBatchSize × nodes × processes per node "
                 f"({per_step}), got {self.global_batch_size}",
-            )
+            ))
+        raise_all(errors)
         return self
 
 
@@ -395,8 +393,16 @@ class EvaluationSpec(Model):
     gpus: Annotated[int, _desc("GPUs of the evaluation pod.", ge=0, le=64)] = 1
     metric: Annotated[
         str,
-        _desc("Metric in results.json that ranks iterations (best alias, stopping).", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$"),
-    ] = "exact_match"
+        _desc(
+            "Metric in results.json that ranks iterations (best alias, stopping). `auto`: the "
+            "built-in evaluation's `score`, chosen by the data: exact_match for short answers, "
+            "real_logp_per_token (real answers' log-likelihood per token) for free text such as "
+            "chat, where exact match is ~0 for every model; exact_match for a custom command "
+            "that writes no `score`.",
+            min_length=1,
+            pattern=r"^[A-Za-z0-9_./-]+$",
+        ),
+    ] = "auto"
     mode: Annotated[Literal["max", "min"], _desc("Whether a higher or lower metric is better.")] = "max"
 
 
@@ -503,29 +509,39 @@ class SPINRunSpec(Model):
     storage: Annotated[StorageSpec, _desc("Artifact storage.")] = Field(default_factory=StorageSpec)
     tracking: Annotated[TrackingSpec, _desc("MLflow tracking.")] = Field(default_factory=TrackingSpec)
     scheduling: Annotated[SchedulingSpec, _desc("Pod scheduling.")] = Field(default_factory=SchedulingSpec)
+    pod: Annotated[
+        PodSpec, _desc("Pod customization of every Job: env, pull secrets, volumes, model cache, affinity, labels.")
+    ] = Field(default_factory=PodSpec)
     failure_policy: Annotated[FailurePolicySpec, _desc("Retries.")] = Field(default_factory=FailurePolicySpec)
     suspend: Annotated[bool, _desc("Suspend running Jobs and start nothing new; false resumes.")] = False
     retention: Annotated[RetentionSpec, _desc("Artifact retention.")] = Field(default_factory=RetentionSpec)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> SPINRunSpec:
+        errors: list[FieldError] = []
         for name in ("beta_per_iteration", "learning_rate_per_iteration"):
             values = getattr(self.training, name)
             if values and len(values) > self.iterations:
-                raise FieldError(
+                errors.append(FieldError(
                     f"training.{to_camel(name)}",
                     f"has {len(values)} values for {self.iterations} iterations",
-                )
+                ))
         if self.stopping.patience is not None and not self.evaluation.enabled:
-            raise FieldError(
+            errors.append(FieldError(
                 "stopping.patience", "needs evaluation.enabled: the rule ranks evaluation results"
-            )
+            ))
         if self.evaluation.enabled and self.evaluation.command is None and self.dataset.eval_samples == 0:
-            raise FieldError(
+            errors.append(FieldError(
                 "dataset.evalSamples",
                 "is 0 but the built-in evaluation needs held-out prompts "
                 "(set it > 0 or evaluation.enabled: false)",
-            )
+            ))
+        if self.evaluation.metric == "auto" and self.evaluation.mode != "max":
+            errors.append(FieldError(
+                "evaluation.mode",
+                "must be max with metric auto (both metrics it picks are higher-is-better)",
+            ))
+        raise_all(errors)
         return self
 
 
@@ -538,7 +554,7 @@ Stage = Literal["Generating", "Training", "Evaluating", "Done"]
 class Condition(Model):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: Annotated[str, _desc("Ready, Progressing, Suspended, Failed, SpecChangeRefused, ...")]
+    type: Annotated[str, _desc("Ready, Complete, Progressing, Suspended, Failed, SpecChangeRefused, ...")]
     status: Annotated[Literal["True", "False", "Unknown"], _desc("True, False or Unknown.")]
     reason: Annotated[str, _desc("CamelCase machine-readable reason.")] = ""
     message: Annotated[str, _desc("Human-readable details.")] = ""
@@ -601,10 +617,15 @@ class SPINRunStatus(Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     phase: Annotated[Phase, _desc("Pending, Running, Suspended, Succeeded or Failed.")] = "Pending"
-    iteration: Annotated[int, _desc("Current iteration (0-based).", ge=0)] = 0
+    iteration: Annotated[int, _desc("Current iteration t (0-based): it trains θt into θt+1.", ge=0)] = 0
     stage: Annotated[Stage | None, _desc("Current stage.")] = None
     progress: Annotated[str | None, _desc("Iterations completed out of the total, e.g. 1/3.")] = None
-    best_iteration: Annotated[int | None, _desc("Iteration whose model scored best so far.")] = None
+    best_iteration: Annotated[
+        int | None, _desc("Iteration whose output model scored best so far (t: its model is θt+1).")
+    ] = None
+    best_model: Annotated[
+        str | None, _desc("The best model so far by name, θt+1 for bestIteration t (θ0 is the base).")
+    ] = None
     observed_generation: Annotated[int | None, _desc("Last spec generation the operator acted on.")] = None
     conditions: Annotated[list[Condition], _desc("Standard conditions.")] = Field(default_factory=list)
     iterations: Annotated[list[IterationStatus], _desc("One entry per started iteration.")] = Field(default_factory=list)

@@ -170,7 +170,7 @@ class Actor:
         r.display.iteration_results(t, results, spin)
         metrics = {k: float(v) for k, v in (results.get("metrics") or {}).items() if _number(v)}
         baseline = {k: float(v) for k, v in (results.get("baseline") or {}).items() if _number(v)}
-        keep = ("exact_match", "real_logp_per_token")
+        keep = ("score", "exact_match", "real_logp_per_token")  # score: what evaluation.metric auto ranks by
         if t == 0 and baseline:
             r.results.append(("θ0 (SFT)", {k: baseline[k] for k in keep if k in baseline}))
         row = {k: metrics[k] for k in keep if k in metrics}
@@ -195,12 +195,13 @@ class Actor:
             if new.mlflow and new.mlflow.run_id:
                 from spin_operator.local.tracking import file_digest
                 from spin_operator.track import dataset_profile
+                from spin_runtime.cli import UsageError
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
                     profile = dataset_profile(new.dataset) if new.dataset else None  # rows, skipped per reason
                     r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft", profile)
-                except OSError as exc:
+                except (OSError, UsageError) as exc:  # UsageError: DatasetError (no such data)
                     log.warning("dataset digest not computed: %s", exc)
         parent = new.mlflow.run_id if new.mlflow else None
         for t in wanted:

@@ -74,6 +74,7 @@ class StepProgress:
     step: int = 0
     last: dict[str, Any] = field(default_factory=dict)
     reported_tenth: int = -1
+    prompts: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard -> (done, total)
 
     def update(self, spec: api.SPINRunSpec) -> None:
         for tail in self.tails:
@@ -98,6 +99,8 @@ class StepProgress:
             self.last = record
         elif event == "eval":
             self.last = {**self.last, **record}
+        elif event == "generate" and all(isinstance(record.get(k), int) for k in ("shard", "done", "total")):
+            self.prompts[record["shard"]] = (record["done"], record["total"])
 
     def line(self) -> str:
         plan = self.job.plan
@@ -110,7 +113,11 @@ class StepProgress:
             return f"{head} {bar(self.step, self.total_steps)} step {self.step}/{self.total_steps}{stats} ({elapsed:.0f}s)"
         if plan.stage == "generate":
             done = sum(p.returncode == 0 for p in self.job.pods)
-            return f"{head} {bar(done, len(self.job.pods))} shards {done}/{len(self.job.pods)} ({elapsed:.0f}s)"
+            shards = f"shards {done}/{len(self.job.pods)}"
+            if len(self.prompts) == len(self.job.pods):  # every shard has reported its total
+                made, total = (sum(v[i] for v in self.prompts.values()) for i in (0, 1))
+                return f"{head} {bar(made, total)} prompts {made}/{total}, {shards} ({elapsed:.0f}s)"
+            return f"{head} {bar(done, len(self.job.pods))} {shards} ({elapsed:.0f}s)"
         return f"{head} ({elapsed:.0f}s)"
 
 

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from spin_operator.api import types as api
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef
 from spin_operator.validation import InvalidSpec, parse
+from spin_operator.yamlio import YamlSyntaxError, load_file
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_STORAGE = "spin-runs"
@@ -60,13 +59,13 @@ def load(path: str | Path, storage_uri: str | None = None, tracking_uri: str | N
     """The SPINRun of a YAML file, validated like `spinctl validate`, defaults resolved."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = load_file(path)
     except FileNotFoundError:
         raise BadInput([f"{path}: no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput([f"{path}: cannot read it: {exc}"]) from None
-    except yaml.YAMLError as exc:
-        raise BadInput([f"{path}: not valid YAML: {str(exc).splitlines()[0]}"]) from None
+    except YamlSyntaxError as exc:
+        raise BadInput([f"{path}: not valid YAML: {exc}"]) from None
     if len(docs) != 1:
         raise BadInput([f"{path}: expected one SPINRun document, found {len(docs)}"])
     obj: Any = docs[0]
@@ -98,9 +97,12 @@ def _s3_exists(uri: str) -> bool:
 
 
 def check_path(field: str, uri: str | None, kind: str) -> str | None:
-    """`kind`: "model" (a checkpoint directory), "dir", or "file". None when fine."""
+    """`kind`: "model" (a checkpoint directory), "dir", "file" or "data" (a dataset: a file, or
+    a directory, glob or name prefix of shards). None when fine."""
     if not uri:
         return None
+    if kind == "data":
+        return _check_data(field, uri)
     if uri.startswith("s3://"):
         probe = uri.rstrip("/") + "/config.json" if kind == "model" else uri
         try:
@@ -117,6 +119,30 @@ def check_path(field: str, uri: str | None, kind: str) -> str | None:
         return f"{field}: {uri}: no such directory"
     if kind == "model" and not (path / "config.json").is_file():
         return f"{field}: {uri}: not a Hugging Face checkpoint (no config.json)"
+    return None
+
+
+def _check_data(field: str, uri: str) -> str | None:
+    """The dataset names at least one data file, resolved as the runtime resolves it."""
+    from spin_runtime.cli import UsageError
+    from spin_runtime.data import data_files
+
+    try:
+        files = data_files(uri)
+    except UsageError as exc:
+        return f"{field}: {str(exc).removeprefix(f'--dataset {uri}: ')} ({uri})"
+    except Exception as exc:  # S3 unreachable, denied, ...
+        return f"{field}: cannot reach {uri}: {type(exc).__name__}: {exc}"
+    if not files:
+        return f"{field}: {uri}: no .jsonl/.json/.parquet files in it"
+    if files == [uri]:
+        from spin_runtime import storage
+
+        try:
+            found = storage.exists(uri)
+        except Exception as exc:
+            return f"{field}: cannot reach {uri}: {type(exc).__name__}: {exc}"
+        return None if found else f"{field}: {uri}: no such file"
     return None
 
 
@@ -216,7 +242,7 @@ def preflight(loaded: Loaded) -> dict[str, Any] | None:
         ("spec.model.uri", spec.model.uri, "model"),
         ("spec.model.tokenizer", spec.model.tokenizer, "dir"),
         ("spec.model.chatTemplate", spec.model.chat_template, "file"),
-        ("spec.dataset.uri", spec.dataset.uri, "file"),
+        ("spec.dataset.uri", spec.dataset.uri, "data"),
     ):
         if uri and uri.startswith("s3://"):
             from spin_operator.observe import storage_env

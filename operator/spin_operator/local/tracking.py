@@ -68,7 +68,7 @@ class LocalTracking:
         return self._sync(self.tracking.ensure_parent(self.spec, self.run))
 
     def ensure_iteration(self, parent: str, t: int) -> str | None:
-        return self._sync(self.tracking.ensure_iteration(self.spec, parent, t))
+        return self._sync(self.tracking.ensure_iteration(self.spec, parent, t, self.run))
 
     def register(self, run_id: str, t: int, model_uri: str, metrics: dict[str, float]) -> str | None:
         return self._sync(self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics))
@@ -109,7 +109,20 @@ def quiet_mlflow() -> None:
 
 
 def file_digest(uri: str) -> str:
-    """sha256 of a dataset file (local or s3://), as its identity in MLflow."""
+    """sha256 of a dataset (local or s3://; one file, or every shard a directory, glob or name
+    prefix names, in reading order, with their names), as its identity in MLflow."""
+    from spin_runtime.data import data_files
+
+    files = data_files(uri)
+    if files == [uri]:
+        return _one_file_digest(uri)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.rsplit('/', 1)[-1]}\0{_one_file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _one_file_digest(uri: str) -> str:
     from spin_runtime import storage
 
     if storage.is_s3(uri):

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +152,12 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
                 too_long[:20],
             )
         began = time.perf_counter()
+        report = _progress_reporter(opts.shard_index, began)
+        report(0, len(prompts))
+        if hasattr(backend, "on_batch"):  # transformers: after every batch; vLLM: one call
+            backend.on_batch = report
         completions = backend.generate(prompts, opts.sampling, budgets)
+        report(len(prompts), len(prompts))
         elapsed = time.perf_counter() - began
     finally:
         if owned:
@@ -211,3 +218,20 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
         len(too_long),
     )
     return ShardResult(uri=uri, records=records, stats=stats)
+
+
+def _progress_reporter(shard: int, began: float) -> Callable[[int, int], None]:
+    """Progress by batch as JSON lines on stderr (what `spinctl run` shows, and what a pod's
+    log says on a cluster): ``{"event": "generate", "shard": i, "done": d, "total": n}``.
+    Repeats of the same count (the final call after the last batch) are dropped."""
+    last: list[int] = [-1]
+
+    def report(done: int, total: int) -> None:
+        if done == last[0]:
+            return
+        last[0] = done
+        elapsed = time.perf_counter() - began
+        record = {"event": "generate", "shard": shard, "done": done, "total": total, "seconds": round(elapsed, 1)}
+        print(json.dumps(record), file=sys.stderr, flush=True)
+
+    return report

@@ -8,6 +8,7 @@ depend on its batch-mates (greedy output in a padded batch equals the output alo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from spin_runtime.generate.backends import Completion, FinishReason, SamplingConfig
@@ -47,6 +48,8 @@ class TransformersBackend:
 
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Called with (prompts done, prompts in this call) after every batch: progress by batch.
+        self.on_batch: Callable[[int, int], None] | None = None
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.model = models.load_model(model_path, dtype, self.device, tokenizer=tokenizer)
@@ -99,6 +102,7 @@ class TransformersBackend:
             shared[k : k + self.batch_size] for k in range(0, len(shared), self.batch_size)
         ]
         results: list[Completion | None] = [None] * len(prompts)
+        done = 0
         for batch in batches:
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -120,6 +124,9 @@ class TransformersBackend:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 stop = self.eos_id if reason == "stop" else None
                 results[i] = Completion(tokens, text, reason, stop_token_id=stop)
+            done += len(batch)
+            if self.on_batch is not None:
+                self.on_batch(done, len(prompts))
         return [r for r in results if r is not None]
 
     def close(self) -> None:

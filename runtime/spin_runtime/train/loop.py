@@ -411,7 +411,8 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             )
     metrics = MetricsLog(ctx, cfg.work_dir, keep_until_step=step)
     if resumed_epoch is None and ctx.main:
-        metrics.log({"event": "data", "step": 0, **_data_stats(pairs), **session.layout.stats()})
+        stats = {**_data_stats(pairs), **session.layout.stats(), **_totals_or_nothing(cfg.data[0])}
+        metrics.log({"event": "data", "step": 0, **stats})
 
     final: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -469,6 +470,37 @@ def _track_adapter(metrics: MetricsLog, cfg: TrainConfig, trainable: int) -> Non
         metrics.tracker.log_params({f"peft.{k}": v for k, v in cfg.lora.as_dict().items()})
         metrics.tracker.set_tags({"spin.adapter_uri": storage.join(cfg.output, lora.ADAPTER_DIR)})
         metrics.tracker.log_metrics({"trainable_params": float(trainable)}, step=0)
+
+
+def generation_totals(generated_uri: str) -> dict[str, float]:
+    """This iteration's generation over all its shards (each shard logs only its own numbers):
+    `generate/total_prompts`, `.../total_generated_tokens`, `.../truncation_rate`, and the
+    slowest shard's seconds. Empty when the manifests carry no stats."""
+    from spin_runtime import manifest
+
+    stats = [
+        m.meta.get("stats") or {}
+        for m in {id(m): m for m in manifest.shard_manifests(generated_uri).values()}.values()
+    ]
+    prompts = sum(int(s.get("prompts", 0)) for s in stats)
+    if not prompts:
+        return {}
+    truncated = sum(float(s.get("truncation_rate", 0.0)) * int(s.get("prompts", 0)) for s in stats)
+    return {
+        "generate/total_prompts": prompts,
+        "generate/total_generated_tokens": sum(int(s.get("generated_tokens", 0)) for s in stats),
+        "generate/truncation_rate": truncated / prompts,
+        "generate/slowest_shard_seconds": max(float(s.get("seconds", 0.0)) for s in stats),
+        "generate/shards": len(stats),
+    }
+
+
+def _totals_or_nothing(generated_uri: str) -> dict[str, float]:
+    try:
+        return generation_totals(generated_uri)
+    except Exception as exc:  # reporting never fails training
+        log.warning("generation totals of %s not computed: %s", generated_uri, exc)
+        return {}
 
 
 def _data_stats(pairs: PairSet) -> dict[str, Any]:
