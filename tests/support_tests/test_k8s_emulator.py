@@ -416,11 +416,11 @@ def test_kubectl_apply_get_delete(k8s_api: K8sApi) -> None:
 
     assert "created" in kubectl("apply", "--validate=false", "-f", str(example))
     assert "unchanged" in kubectl("apply", "--validate=false", "-f", str(example))
-    k8s_api.patch("spinruns", "minimal", {"status": {"phase": "Running", "progress": "1/3", "stage": "Training"}},
+    k8s_api.patch("spinruns", "minimal", {"status": {"phase": "Running", "iteration": 1, "progress": "1/3", "stage": "Training"}},
                   subresource="status")
     header, row = kubectl("get", "spinruns").splitlines()
-    assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "BEST", "AGE"]
-    assert row.split()[:4] == ["minimal", "Running", "1/3", "Training"]
+    assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "DONE", "BEST", "AGE"]
+    assert row.split()[:5] == ["minimal", "Running", "1", "Training", "1/3"]
     assert "deleted" in kubectl("delete", "-f", str(example))
     assert k8s_api.get("spinruns", "minimal") is None
 
