@@ -13,6 +13,8 @@ from tests.cluster.controlplane import build_binary
 from tests.e2e import harness as e2e
 from tests.support.servers import MlflowServer, s3_client_for
 
+GATED = Path(__file__).with_name("gated.py")
+
 
 @pytest.fixture(scope="session")
 def control_plane_binary() -> Path:
@@ -62,6 +64,24 @@ def cluster_quick(real_cluster: harness.Session, tmp_path: Path, cluster_inputs:
     with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
                          launch_hook=quick_pods) as c:  # fmt: skip
         yield c
+
+
+@pytest.fixture
+def cluster_gated(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
+                  mlflow_server: MlflowServer) -> Iterator[tuple[harness.RealCluster, Path]]:  # fmt: skip
+    """Like ``cluster_quick``, but each stand-in step waits until the returned gate file exists:
+    the test decides when steps finish, so a fault lands mid-step every time."""
+    mlflow_server.start()
+    gate = tmp_path / "gate"
+
+    def hook(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
+        if "job-name" not in (pod["metadata"].get("labels") or {}):
+            return argv
+        return [str(e2e.VENV_BIN / "python"), str(GATED), str(gate), str(e2e.STANDIN), *argv]
+
+    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
+                         launch_hook=hook) as c:  # fmt: skip
+        yield c, gate
 
 
 def quick_pods(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
