@@ -204,7 +204,9 @@ def session(binary: Path, workdir: Path) -> Iterator[Session]:
         kubectl = Kubectl(plane.admin_kubeconfig)
         started = time.monotonic()
         kubectl("apply", "-f", str(CRD))  # validation on: the CRD itself is checked
-        kubectl("wait", "--for=condition=Established", "crd/spinruns.selfplay.dev", "--timeout=60s")
+        # Polled here, not `kubectl wait`: right after the create the CRD has no status.conditions
+        # yet, and kubectl wait then fails at once instead of waiting.
+        wait_for(lambda: _established(kubectl), 60, "the SPINRun CRD to be Established", 0.2)
         timings["crd_s"] = time.monotonic() - started
         with NodeAgent(plane.api(), plane.url, workdir / "pods", NODES) as agent:
             yield Session(plane, agent, kubectl, timings)
@@ -250,6 +252,12 @@ def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
             helm(s.plane.admin_kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait",
                  "--timeout=2m")  # fmt: skip
         s.kubectl("delete", "namespace", c.namespace, "--wait=false", check=False)
+
+
+def _established(kubectl: Kubectl) -> bool:
+    crd = kubectl.json("get", "crd", "spinruns.selfplay.dev")
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 def new_name() -> str:
