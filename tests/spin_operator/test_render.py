@@ -158,5 +158,8 @@ def test_cpu_only_has_no_gpu_resources() -> None:
 
 def test_pod_security_context() -> None:
     job = render_job(plan_step(make({}), SETTINGS, RUN, 0, "generate"), make({}), RUN, run_owner(RUN))
-    assert job["spec"]["template"]["spec"]["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert job["spec"]["template"]["spec"]["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     assert container(job)["securityContext"]["allowPrivilegeEscalation"] is False

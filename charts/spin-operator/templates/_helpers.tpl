@@ -86,6 +86,12 @@ client (spin_operator/kube.py).
 - apiGroups: ["selfplay.dev"]
   resources: ["spinruns/status"]
   verbs: ["patch"]
+# Never called: every Job and Service the operator creates names its SPINRun as owner with
+# blockOwnerDeletion, which the OwnerReferencesPermissionEnforcement admission plugin (on in
+# OpenShift, and in tests/cluster) admits only for users who may update the owner's finalizers.
+- apiGroups: ["selfplay.dev"]
+  resources: ["spinruns/finalizers"]
+  verbs: ["update"]
 # The generation, training and evaluation Jobs: kopf watches them; the operator lists them once at
 # start, creates them, reads one back (adoption after a conflict, or to confirm one is gone),
 # patches spec.suspend and deletes them (run deletion, cleanup).

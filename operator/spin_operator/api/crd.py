@@ -66,14 +66,20 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".dataset.evalSamples",
         },
     ],
+    # has() guards: a real API server also checks these rules against the section's `default: {}`
+    # when the CRD is created (nested defaults not applied there) and refused the CRD with "no
+    # such key". Stored objects always have the keys (the API server fills nested defaults first).
     "spec.training": [
         {
-            "rule": "self.maxPromptLength < self.maxLength",
+            "rule": "!has(self.maxPromptLength) || !has(self.maxLength) || self.maxPromptLength < self.maxLength",
             "message": "maxPromptLength must be less than maxLength",
             "fieldPath": ".maxPromptLength",
         },
         {
-            "rule": f"self.globalBatchSize % (self.microBatchSize * self.nodes * {_PROCS}) == 0",
+            "rule": (
+                "!has(self.globalBatchSize) || !has(self.microBatchSize) || !has(self.nodes) || "
+                f"self.globalBatchSize % (self.microBatchSize * self.nodes * {_PROCS}) == 0"
+            ),
             "message": "globalBatchSize must be a multiple of microBatchSize × nodes × processes per node",
             "fieldPath": ".globalBatchSize",
         },

@@ -1,0 +1,264 @@
+"""The real-control-plane tier: what runs, and how the user's tools reach it.
+
+- ``ControlPlane`` (tests/cluster/controlplane.py): etcd + kube-apiserver + kube-controller-manager
+  + kube-scheduler built from the Go module proxy, production flags (RBAC, PodSecurity,
+  OwnerReferencesPermissionEnforcement, ServiceAccount tokens, TLS).
+- ``NodeAgent`` (tests/cluster/node_agent.py): three Nodes (one with 2 ``nvidia.com/gpu``) whose
+  bound pods run as local process groups.
+- the user's tools: ``.tools/bin/kubectl`` and ``.tools/bin/helm`` with an administrator's
+  kubeconfig (client certificate). The CRD goes in with ``kubectl apply`` (validation on); the
+  chart with ``helm install --skip-crds --wait`` - so the operator is the chart's Deployment, its
+  pod scheduled by the real scheduler, run by the agent, authenticated by its ServiceAccount's
+  projected token and limited to exactly the chart's RBAC.
+- S3 (moto) and MLflow (a real server) from tests/support/servers.py, shared with tests/e2e.
+
+Every test namespace (and the release namespace) is labelled
+``pod-security.kubernetes.io/enforce: restricted``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.node_agent import LaunchHook, NodeAgent, NodeSpec
+from tests.e2e import harness as e2e
+from tests.e2e.harness import Kubectl, wait_for
+
+RELEASE = "spin"
+RELEASE_NAMESPACE = e2e.RELEASE_NAMESPACE
+CRD = e2e.REPO / "crds" / "selfplay.dev_spinruns.yaml"
+RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
+NODES = [NodeSpec("node-a"), NodeSpec("node-b"), NodeSpec("gpu-node", gpus=2)]
+OPERATOR_GROUP = f"system:serviceaccounts:{RELEASE_NAMESPACE}"
+
+
+def helm(kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(e2e.HELM), "--kubeconfig", str(kubeconfig), *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}\n{proc.stdout}")
+    return proc
+
+
+@dataclass
+class RealCluster:
+    """One test's view: the control plane, the agent, the operator's release, a namespace."""
+
+    plane: ControlPlane
+    agent: NodeAgent
+    kubectl: Kubectl
+    namespace: str
+    workdir: Path
+    s3_endpoint: str
+    mlflow_uri: str
+    values: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ namespaces and runs
+
+    def create_namespace(self, name: str, *, secret: bool = True) -> None:
+        self.kubectl("create", "namespace", name)
+        self.kubectl("label", "namespace", name, RESTRICTED, "--overwrite")
+        if secret:
+            literals = [f"--from-literal={k}={v}" for k, v in e2e.S3_CREDENTIALS.items()]
+            self.kubectl("create", "secret", "generic", e2e.S3_SECRET, "-n", name, *literals)
+
+    def apply(self, path: Path = e2e.EXAMPLE, namespace: str | None = None,
+              check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """``kubectl apply -f`` with client-side and server-side (strict) validation on."""
+        return self.kubectl("apply", "-n", namespace or self.namespace, "-f", str(path),
+                            check=check)  # fmt: skip
+
+    def get(self, resource: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        ns = namespace or self.namespace
+        proc = self.kubectl("get", resource, name, "-n", ns, "-o", "json", check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr:
+                return None
+            raise AssertionError(proc.stderr)
+        return dict(json.loads(proc.stdout))
+
+    def run(self, name: str, namespace: str | None = None) -> dict[str, Any]:
+        path = (
+            f"/apis/selfplay.dev/v1alpha1/namespaces/{namespace or self.namespace}/spinruns/{name}"
+        )
+        return dict(self.plane.api().get(path) or {})
+
+    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        path = f"/apis/batch/v1/namespaces/{namespace or self.namespace}/jobs"
+        return list((self.plane.api().get(path) or {}).get("items", []))
+
+    def pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        path = f"/api/v1/namespaces/{namespace or self.namespace}/pods"
+        return list((self.plane.api().get(path) or {}).get("items", []))
+
+    def job_creations(self, namespace: str | None = None) -> list[str]:
+        """Names of Jobs the operator created (201s in the API server's audit log), in order."""
+        ns = namespace or self.namespace
+        return [
+            ref.get("name", "")
+            for event in self.plane.audit(OPERATOR_GROUP)
+            if event.get("verb") == "create"
+            and (ref := event.get("objectRef") or {}).get("resource") == "jobs"
+            and ref.get("namespace") == ns
+            and (event.get("responseStatus") or {}).get("code") == 201
+        ]  # fmt: skip
+
+    def wait_run(self, name: str, timeout: float, phases: tuple[str, ...] = e2e.TERMINAL,
+                 namespace: str | None = None) -> dict[str, Any]:  # fmt: skip
+        try:
+            return wait_for(
+                lambda: (r := self.run(name, namespace)).get("status", {}).get("phase") in phases and r,
+                timeout, f"{name} to reach {'/'.join(phases)}", interval=0.5,
+            )  # fmt: skip
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics(name, namespace)}") from None
+
+    def wait_stage(self, name: str, iteration: int, stage: str, timeout: float) -> dict[str, Any]:
+        def at() -> dict[str, Any] | None:
+            status = self.run(name).get("status") or {}
+            return (
+                status
+                if (status.get("iteration"), status.get("stage")) == (iteration, stage)
+                else None
+            )
+
+        try:
+            return wait_for(at, timeout, f"{name} at iteration {iteration} {stage}", interval=0.25)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics(name)}") from None
+
+    # ------------------------------------------------------------------ the operator's pod
+
+    def operator_pod(self) -> dict[str, Any] | None:
+        pods = self.pods(RELEASE_NAMESPACE)
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return live[0] if live else None
+
+    def operator_log(self) -> Path | None:
+        pod = self.operator_pod()
+        if pod is None:
+            return None
+        return self.agent.workdir / RELEASE_NAMESPACE / pod["metadata"]["name"] / "log.txt"
+
+    def kill_operator(self) -> int:
+        """SIGKILL the operator container (an OOM kill, say); the agent restarts it, as a
+        kubelet does for ``restartPolicy: Always``. Returns the restart count to wait for."""
+        pod = self.operator_pod()
+        assert pod is not None, "no operator pod"
+        local = self.agent.find(RELEASE_NAMESPACE, pod["metadata"]["name"])
+        before = local.restarts
+        self.agent.kill_container(local)
+        return before + 1
+
+    def diagnostics(self, name: str | None = None, namespace: str | None = None) -> str:
+        ns = namespace or self.namespace
+        lines = []
+        if name:
+            lines.append("status: " + json.dumps(self.run(name, ns).get("status"), indent=1)[:4000])
+        for job in self.jobs(ns):
+            lines.append(f"job {job['metadata']['name']}: {json.dumps(job.get('status'))[:600]}")
+        for pod in self.pods(ns):
+            status = pod.get("status") or {}
+            lines.append(
+                f"pod {pod['metadata']['name']} {status.get('phase')} node={pod['spec'].get('nodeName')}"
+            )
+            with contextlib.suppress(KeyError):
+                local = self.agent.find(ns, pod["metadata"]["name"])
+                if local.exit_code not in (0, None):
+                    lines.append("  log: " + e2e.tail(local.log_path, 1500).replace("\n", "\n  "))
+        events = self.kubectl("get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False)
+        lines.append("events:\n" + events.stdout[-3000:])
+        log = self.operator_log()
+        lines.append("operator log:\n" + (e2e.tail(log, 6000) if log else "<no operator pod>"))
+        return "\n".join(lines)
+
+
+@dataclass
+class Session:
+    """What lives for the whole test session: the control plane, the agent, kubectl."""
+
+    plane: ControlPlane
+    agent: NodeAgent
+    kubectl: Kubectl
+    timings: dict[str, float]
+
+
+@contextlib.contextmanager
+def session(binary: Path, workdir: Path) -> Iterator[Session]:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    plane = ControlPlane(binary, workdir / "plane")
+    try:
+        plane.start()
+        timings["control_plane_start_s"] = time.monotonic() - started
+        kubectl = Kubectl(plane.admin_kubeconfig)
+        started = time.monotonic()
+        kubectl("apply", "-f", str(CRD))  # validation on: the CRD itself is checked
+        # Polled here, not `kubectl wait`: right after the create the CRD has no status.conditions
+        # yet, and kubectl wait then fails at once instead of waiting.
+        wait_for(lambda: _established(kubectl), 60, "the SPINRun CRD to be Established", 0.2)
+        timings["crd_s"] = time.monotonic() - started
+        with NodeAgent(plane.api(), plane.url, workdir / "pods", NODES) as agent:
+            yield Session(plane, agent, kubectl, timings)
+    finally:
+        plane.stop()
+
+
+@contextlib.contextmanager
+def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
+            launch_hook: LaunchHook | None = None,
+            operator_values: dict[str, str] | None = None) -> Iterator[RealCluster]:  # fmt: skip
+    """``helm install`` the chart (its Deployment runs through the agent) and a fresh namespace;
+    ``helm uninstall`` afterwards."""
+    values = {
+        "storage.endpoint": s3_endpoint,
+        "storage.region": "us-east-1",
+        "storage.credentialsSecret": e2e.S3_SECRET,
+        "storage.uri": e2e.STORAGE_URI,
+        "tracking.uri": mlflow_uri,
+        # Every pod shares this host's network: free ports, not the chart's defaults.
+        "health.port": str(e2e.free_port()),
+        "metrics.port": str(e2e.free_port()),
+        "logLevel": "INFO",
+        **(operator_values or {}),
+    }
+    s.agent.launch_hook = launch_hook
+    c = RealCluster(s.plane, s.agent, s.kubectl, e2e.new_namespace(), workdir, s3_endpoint,
+                    mlflow_uri, values, dict(s.timings))  # fmt: skip
+    if s.kubectl("get", "namespace", RELEASE_NAMESPACE, check=False).returncode != 0:
+        c.create_namespace(RELEASE_NAMESPACE)
+    c.create_namespace(c.namespace)
+    argv = ["install", RELEASE, str(e2e.CHART), "-n", RELEASE_NAMESPACE, "--skip-crds", "--wait",
+            "--timeout=5m"]  # fmt: skip
+    for key, value in values.items():
+        argv += ["--set-string" if key.endswith(("uri", "endpoint")) else "--set", f"{key}={value}"]
+    started = time.monotonic()
+    helm(s.plane.admin_kubeconfig, *argv)
+    c.timings["helm_install_s"] = time.monotonic() - started
+    try:
+        yield c
+    finally:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            helm(s.plane.admin_kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait",
+                 "--timeout=2m")  # fmt: skip
+        s.kubectl("delete", "namespace", c.namespace, "--wait=false", check=False)
+
+
+def _established(kubectl: Kubectl) -> bool:
+    crd = kubectl.json("get", "crd", "spinruns.selfplay.dev")
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+
+def new_name() -> str:
+    return f"run-{secrets.token_hex(3)}"

@@ -1,0 +1,125 @@
+"""The two-iteration run on a real control plane, and the operator SIGKILLed mid-run.
+
+helm install -> the operator's pod (real ReplicaSet, real scheduler, the node agent) ->
+kubectl apply -> Jobs -> the real Job controller's pods -> real generation and torchrun
+training -> S3 (moto) -> MLflow (real server). Both tests are in the default suite.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import pytest
+
+from spin_operator.naming import StepKind, job_name
+from tests.cluster.harness import RealCluster
+from tests.e2e import harness as e2e
+from tests.e2e.harness import wait_for
+from tests.e2e.test_spinrun import check_mlflow
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+RUN = "e2e"
+RUN_TIMEOUT = 600.0
+STEPS: tuple[StepKind, ...] = ("generate", "train", "evaluate")
+
+
+def steps(iterations: int) -> list[str]:
+    return [job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS]
+
+
+def assert_each_step_once(c: RealCluster, iterations: int) -> None:
+    """Each step's Job created once by the operator (audit log), and its pods ran once."""
+    expected = steps(iterations)
+    created = c.job_creations()
+    assert sorted(created) == sorted(expected), f"Job creations: {created}"
+    assert {j["metadata"]["name"] for j in c.jobs()} == set(expected)
+    pods = collections.Counter(p["metadata"]["labels"]["job-name"] for p in c.pods())
+    planned = {name: 1 if name.endswith("-eval") else 2 for name in expected}
+    assert dict(pods) == planned, f"pods per Job: {dict(pods)}"
+    assert all(p["status"]["phase"] == "Succeeded" for p in c.pods())
+
+
+def test_helm_install_then_kubectl_apply_runs_two_real_iterations(cluster: RealCluster) -> None:
+    c = cluster
+    operator = c.operator_pod()
+    assert operator is not None and operator["status"]["phase"] == "Running"
+    assert operator["spec"]["nodeName"] in {n.name for n in c.agent.nodes.values()}
+    started = time.monotonic()
+    applied = c.apply()
+    assert f"spinrun.selfplay.dev/{RUN} created" in applied.stdout
+    run = c.wait_run(RUN, RUN_TIMEOUT)
+    elapsed = time.monotonic() - started
+    status = run["status"]
+    assert status["phase"] == "Succeeded", c.diagnostics(RUN)
+    print(f"\nCLUSTER two-iteration run: {elapsed:.1f}s; timings {c.timings}")
+
+    assert status["progress"] == "2/2"
+    for it in status["iterations"]:
+        for step in STEPS:
+            assert it[step]["phase"] == "Succeeded", (it["iteration"], step, it[step])
+            assert it[step]["attempts"] == 1
+    assert_each_step_once(c, 2)
+    # The Job controller (not a stand-in) made the pods; the scheduler bound each to a Node.
+    for pod in c.pods():
+        owner = pod["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "Job" and owner["controller"], owner
+        assert pod["spec"]["nodeName"], pod["metadata"]["name"]
+        assert pod["spec"]["restartPolicy"] == "Never"
+    # Every Job is owned by the SPINRun (garbage collection on deletion).
+    for job in c.jobs():
+        owners = job["metadata"]["ownerReferences"]
+        assert [(o["kind"], o["name"]) for o in owners] == [("SPINRun", RUN)], owners
+    # rank 1 found rank 0 through <job>-0.<headless service>, resolved to 127.0.0.1
+    train = job_name(RUN, 0, "train")
+    rank1 = next(
+        p for p in c.pods()
+        if p["metadata"]["labels"]["job-name"] == train
+        and p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
+    )  # fmt: skip
+    argv = c.agent.find(c.namespace, rank1["metadata"]["name"]).argv
+    assert argv[argv.index("--master-addr") + 1] == "127.0.0.1", argv
+
+    stamps = e2e.artifact_stamps(f"{e2e.STORAGE_URI}/{c.namespace}/{RUN}")
+    for t in (0, 1):
+        assert f"iter-{t:03d}/model/_MANIFEST.json" in stamps
+        assert f"iter-{t:03d}/eval/_MANIFEST.json" in stamps
+    check_mlflow(c, run)  # type: ignore[arg-type]  # uses .mlflow_uri and .namespace only
+
+
+def test_operator_sigkilled_during_training_adopts_the_running_job(
+    cluster: RealCluster, tmp_path: Path
+) -> None:
+    """SIGKILL the operator's container while both training ranks run: the node agent restarts
+    it (restartPolicy Always); it must adopt the running Job, not create another."""
+    c = cluster
+    started = time.monotonic()
+    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1))
+    train = job_name(RUN, 0, "train")
+
+    def ranks_running() -> bool:
+        pods = [p for p in c.pods() if p["metadata"]["labels"].get("job-name") == train]
+        return sum((p.get("status") or {}).get("phase") == "Running" for p in pods) >= 2
+
+    wait_for(ranks_running, RUN_TIMEOUT, f"both ranks of {train} running", interval=0.25)
+    prefix = f"{e2e.STORAGE_URI}/{c.namespace}/{RUN}"
+    generated = e2e.artifact_stamps(prefix)
+    restarts = c.kill_operator()
+
+    def restarted() -> bool:
+        pod = c.operator_pod() or {}
+        statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+        return (
+            statuses[0].get("restartCount", 0) >= restarts and pod["status"]["phase"] == "Running"
+        )
+
+    wait_for(restarted, 120, "the operator container to be restarted", interval=0.25)
+    run = c.wait_run(RUN, RUN_TIMEOUT)
+    assert run["status"]["phase"] == "Succeeded", c.diagnostics(RUN)
+    print(f"\nCLUSTER operator SIGKILL during training: {time.monotonic() - started:.1f}s")
+    assert_each_step_once(c, 1)
+    after = e2e.artifact_stamps(prefix)
+    changed = {k: (v, after.get(k)) for k, v in generated.items() if after.get(k) != v}
+    assert generated and not changed, f"artifacts rewritten after the restart: {changed}"
