@@ -3,12 +3,15 @@ model versions and the best alias, and a run that goes on while MLflow is down."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spin_operator import naming
+from spin_operator.api import types as api
+from spin_operator.track import Tracking
 from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
 from tests.support.k8s_emulator import running_api
 from tests.support.servers import MlflowServer, free_port
@@ -70,3 +73,55 @@ async def test_mlflow_down_never_blocks_the_run(cluster: Cluster) -> None:
         await op.stop()
     assert status["phase"] == "Succeeded" and not (status.get("mlflow") or {}).get("runId")
     assert gen["metadata"]["labels"][naming.STAGE_LABEL] == "generate"
+
+
+class HangingFinish(Tracking):
+    """MLflow run ends never return: the operator is killed while they are in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=5, cooldown=30)
+        self.calls = 0
+
+    async def finish(self, spec: api.SPINRunSpec, run_id: str, status: str) -> bool:
+        self.calls += 1
+        await asyncio.Event().wait()
+        return True
+
+
+async def test_operator_killed_right_after_succeeded_still_ends_the_mlflow_runs(
+    cluster: Cluster, mlflow_server: MlflowServer
+) -> None:
+    """The run's status says Succeeded, the operator dies before MLflow confirmed the run ends:
+    the restarted operator ends them (the reconciler asks until status.mlflow.finished says so)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    hanging = HangingFinish()
+    op = await OperatorProcess(cluster.settings(mlflow_uri=mlflow_server.uri), tracking=hanging).start()
+    try:
+        await cluster.api.acreate(spinrun("killed", iterations=1))
+        status = await cluster.run_to_end("killed", timeout=60)
+        await cluster.wait("the run ends in flight", lambda: _true_when(hanging.calls > 0))
+    finally:
+        await op.kill()
+    assert status["phase"] == "Succeeded"
+    parent, iteration_run = status["mlflow"]["runId"], status["iterations"][0]["mlflowRunId"]
+    assert client.get_run(parent).info.status == "RUNNING"  # what the bug left forever
+    assert not (await cluster.status("killed"))["mlflow"].get("finished")
+
+    op = await OperatorProcess(cluster.settings(mlflow_uri=mlflow_server.uri)).start()
+    try:
+
+        async def confirmed() -> bool:
+            return sorted((await cluster.status("killed"))["mlflow"].get("finished") or []) == sorted([parent, iteration_run])
+
+        await cluster.wait("status.mlflow.finished to hold both runs", confirmed, timeout=60)
+    finally:
+        await op.stop()
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(iteration_run).info.status == "FINISHED"
+    assert (await cluster.status("killed"))["mlflow"]["spooledCalls"] == 0
+
+
+async def _true_when(value: bool) -> bool:
+    return value
