@@ -213,3 +213,35 @@ def test_spinctl_run_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "spec.training.beta" in proc.stderr
     assert not tmp_path.joinpath("artifacts").exists()
+
+
+def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run succeeds but MLflow does not confirm the run ends (down at that moment, or the
+    command killed right then): the saved status says so, and rerunning the command ends them."""
+    from mlflow.tracking import MlflowClient
+
+    from spin_operator.local.tracking import LocalTracking
+
+    python, _ = fake
+    spec = write_spec(tmp_path, iterations=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real_settle = LocalTracking.settle
+    monkeypatch.setattr(LocalTracking, "settle", lambda self, status, actions: False)
+    out = io.StringIO()
+    assert LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run() == 0
+    assert "has not confirmed" in out.getvalue()
+    status = state_of(tmp_path)["status"]
+    parent, iteration_run = status["mlflow"]["runId"], status["iterations"][0]["mlflowRunId"]
+    client = MlflowClient(uri)
+    assert status["phase"] == "Succeeded" and not status["mlflow"].get("finished")
+    assert client.get_run(parent).info.status == "RUNNING"
+
+    monkeypatch.setattr(LocalTracking, "settle", real_settle)
+    out = io.StringIO()
+    assert LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run() == 0
+    assert "has not confirmed" not in out.getvalue()
+    assert sorted(state_of(tmp_path)["status"]["mlflow"]["finished"]) == sorted([parent, iteration_run])
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(iteration_run).info.status == "FINISHED"
