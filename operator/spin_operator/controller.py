@@ -5,8 +5,9 @@ by run. A run is reconciled in one task at a time (events arriving meanwhile coa
 more pass). Each pass builds `Observed` from the caches, asks the reconciler, fetches only the
 facts it asks for (storage manifests, Secrets, a GET for a Job the cache does not have), then
 applies the decision: metadata patch, MLflow ids, Job/Service writes, one `/status` patch when
-the status changed, events. Nothing polls: a pass that could not finish (storage or API down)
-schedules one retry with backoff.
+the status changed, events, then MLflow run ends and spool replays (`Tracking.settle`; a second
+patch records what MLflow confirmed). Nothing polls: a pass that could not finish (storage, API
+or MLflow down) schedules one retry with backoff.
 """
 
 from __future__ import annotations
