@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,21 @@ def live_children() -> list[str]:
         if int(fields[1]) == me and fields[0] != "Z":
             found.append(f"{entry.name}: {cmdline[:200]}")
     return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`SPIN_CACHE_DIR` (model downloads, the runtime's fallback tracking spool) in this
+    session's tmp dir, never ~/.cache/spin: nothing cached by an earlier run (or another user of
+    the machine) is seen. Tests that need their own set it with monkeypatch."""
+    folder = tmp_path_factory.mktemp("spin-cache")
+    previous = os.environ.get("SPIN_CACHE_DIR")
+    os.environ["SPIN_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("SPIN_CACHE_DIR", None)
+    else:
+        os.environ["SPIN_CACHE_DIR"] = previous
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
