@@ -85,6 +85,10 @@ def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, t
     assert exp is not None and exp.artifact_location == str(tmp_path / "runs" / "mlartifacts")
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["iter-000", "quick"]
+    # local mode ends the runs before it exits, and its saved status records MLflow's confirmation
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    saved = json.loads((prefix / ".local-status.json").read_text())["status"]["mlflow"]
+    assert sorted(saved["finished"]) == sorted(r.info.run_id for r in runs) and saved["spooledCalls"] == 0
 
 
 def _wait_for(predicate: Any, proc: subprocess.Popen[str], timeout: float = 300) -> None:
