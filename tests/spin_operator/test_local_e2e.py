@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from spin_runtime import manifest, storage
+from tests.spin_operator.local_support import with_default_sigint
 from tests.support.servers import MlflowServer
 
 SPINCTL = str(Path(sys.executable).with_name("spinctl"))
@@ -52,7 +53,7 @@ def start(spec_path: Path, cwd: Path, *flags: str) -> subprocess.Popen[str]:
     # CPU is shared (measured: 10x slower generation with 2 threads on a busy 2-core machine)
     env = {**os.environ, "SPIN_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [SPINCTL, "run", str(spec_path), *flags], cwd=cwd, env=env, text=True,
+        with_default_sigint([SPINCTL, "run", str(spec_path), *flags]), cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
 

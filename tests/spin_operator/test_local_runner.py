@@ -17,7 +17,14 @@ import pytest
 from spin_operator.local.preflight import load
 from spin_operator.local.runner import LocalRun
 from spin_operator.local.state import STATE_NAME
-from tests.spin_operator.local_support import calls, fake_python, pid_alive, steps, write_spec
+from tests.spin_operator.local_support import (
+    calls,
+    fake_python,
+    pid_alive,
+    steps,
+    with_default_sigint,
+    write_spec,
+)
 
 PREFIX = ("artifacts", "default")
 
@@ -108,7 +115,7 @@ sys.exit(LocalRun(load(sys.argv[1], tracking_uri=""), python=sys.argv[2], poll_i
 
 def _start_runner(spec: Path, python: str, tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, str(spec), python], stdout=subprocess.PIPE,
+        with_default_sigint([sys.executable, "-c", RUNNER, str(spec), python]), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
 
