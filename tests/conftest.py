@@ -10,4 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 from tests.support.k8s_emulator import *  # noqa: F403
 from tests.support.servers import *  # noqa: F403
+from tests.support.session_guard import (  # noqa: F401
+    hermetic_cache,
+    pytest_sessionfinish,
+    pytest_sessionstart,
+)
 from tests.support.tiny import *  # noqa: F403

@@ -5,8 +5,9 @@ by run. A run is reconciled in one task at a time (events arriving meanwhile coa
 more pass). Each pass builds `Observed` from the caches, asks the reconciler, fetches only the
 facts it asks for (storage manifests, Secrets, a GET for a Job the cache does not have), then
 applies the decision: metadata patch, MLflow ids, Job/Service writes, one `/status` patch when
-the status changed, events. Nothing polls: a pass that could not finish (storage or API down)
-schedules one retry with backoff.
+the status changed, events, then MLflow run ends and spool replays (`Tracking.settle`; a second
+patch records what MLflow confirmed). Nothing polls: a pass that could not finish (storage, API
+or MLflow down) schedules one retry with backoff.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from spin_operator.reconciler import (
     EnsureIterationRun,
     EnsureParentRun,
     Event,
-    FinishTracking,
     Observed,
     ObservedJob,
     RecordSpec,
@@ -120,6 +120,8 @@ class Controller:
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
+        self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
+        self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
         self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
 
@@ -131,6 +133,7 @@ class Controller:
         if event_type == "DELETED":
             self.runs.pop(key, None)
             self._parsed.pop(key, None)
+            self._tracking_pending.pop(key, None)
             self._cancel_retry(key)
             uid = meta.get("uid")
             jobs = self.jobs.get(key, {})
@@ -216,8 +219,22 @@ class Controller:
         if handle is not None:
             handle.cancel()
         delay = min(self.retry_max, self.retry_base * 2**count)
+        if self._tracking_pending.get(key):  # next try when MLflow calls resume, not later
+            uri = self._tracking_uri(key)
+            delay = min(delay, max(self.retry_base, self.tracking.down_for(uri) + 0.1))
         loop = asyncio.get_running_loop()
         self._retries[key] = (loop.call_later(delay, self.kick, key), count + 1)
+
+    def _tracking_uri(self, key: Key) -> str | None:
+        cached = self._parsed.get(key)
+        given = cached[1].tracking.uri if cached is not None and isinstance(cached[1], api.SPINRunSpec) else None
+        return given or self.settings.mlflow_uri  # resolve_spec's default
+
+    def _mlflow_back(self, uri: str) -> None:
+        """MLflow answers again: retry now every run waiting for it (spool replays, run ends)."""
+        for key in [k for k, pending in self._tracking_pending.items() if pending and k in self.runs]:
+            log.info("%s/%s: MLflow at %s answers again; delivering what waits for it", *key, uri)
+            self.kick(key)
 
     def _cancel_retry(self, key: Key) -> None:
         handle, _ = self._retries.pop(key, (None, 0))
@@ -277,8 +294,9 @@ class Controller:
                 {k: v for k, v in (("storage", decision.needs_storage), ("secrets", decision.needs_secrets),
                                    ("jobs", decision.needs_jobs), ("storedSpec", decision.needs_stored_spec)) if v},
             )  # fmt: skip
-        await self._execute(key, body, run, status, decision)
-        return decision.complete
+        settled = await self._execute(key, body, run, status, decision)
+        self._tracking_pending[key] = not settled
+        return decision.complete and settled
 
     def _applied(self, meta: JSON) -> api.SPINRunSpec | None:
         raw = (meta.get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
@@ -359,11 +377,12 @@ class Controller:
 
     # ------------------------------------------------------------------ applying a decision
 
-    async def _execute(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision) -> None:
+    async def _execute(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision) -> bool:
+        """Apply `d`; False when MLflow has not confirmed every run end and replay it asked for."""
         new, spec = d.status, d.spec
         fresh = await self._metadata(key, body, run, d)
         if fresh is None:
-            return  # gone (finalizer released) or a conflict: the next event brings the new state
+            return True  # gone (finalizer released) or a conflict: the next event brings the new state
         body = fresh
         if spec is not None:
             await self._ensure_tracking(spec, run, d)
@@ -377,28 +396,42 @@ class Controller:
         if spec is not None:
             for a in d.of_type(CreateStep):
                 await self._create(spec, run, new, a)
-        old_wire, new_wire = old.to_wire(), new.to_wire()
-        if new_wire != old_wire:
-            patch = {k: None for k in old_wire if k not in new_wire} | new_wire
-            rv = body["metadata"].get("resourceVersion")
-            try:
-                updated = await self.kube.patch(
-                    spinrun_path(run.namespace, run.name, status=True),
-                    {"metadata": {"resourceVersion": rv}, "status": patch},
-                )
-            except ApiError as exc:
-                if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
-                    raise Stale from exc      # its way through the watch and triggers a new pass
-                raise
-            if key in self.runs:
-                self.runs[key] = updated
-            if old.phase != new.phase:
-                self.metrics.transitions.labels(from_phase=old.phase, to_phase=new.phase).inc()
-            self.metrics.set_phases(self._phases())
+        body = await self._patch_status(key, body, run, old, new)
         for a in d.of_type(Event):
             self._post(body, a)
-        if spec is not None:
-            self._finish_tracking(spec, run, new, d)
+        if spec is None:
+            return True
+        self._background_tracking(spec, run, new, d)
+        # After the phase is written (so MLflow never holds it up): run ends and spool replays,
+        # recorded in status.mlflow only once MLflow confirmed them. A kill before that patch, or
+        # an MLflow that does not answer, leaves them out of the status: the reconciler asks again.
+        written = new.model_copy(deep=True)
+        settled = await self.tracking.settle(spec, run, new, d.actions)
+        await self._patch_status(key, body, run, written, new)
+        return settled
+
+    async def _patch_status(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, new: api.SPINRunStatus) -> JSON:
+        """One `/status` merge patch from `old` to `new` (none when equal); the updated body."""
+        old_wire, new_wire = old.to_wire(), new.to_wire()
+        if new_wire == old_wire:
+            return body
+        patch = {k: None for k in old_wire if k not in new_wire} | new_wire
+        rv = body["metadata"].get("resourceVersion")
+        try:
+            updated: JSON = await self.kube.patch(
+                spinrun_path(run.namespace, run.name, status=True),
+                {"metadata": {"resourceVersion": rv}, "status": patch},
+            )
+        except ApiError as exc:
+            if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
+                raise Stale from exc      # its way through the watch and triggers a new pass
+            raise
+        if key in self.runs:
+            self.runs[key] = updated
+        if old.phase != new.phase:
+            self.metrics.transitions.labels(from_phase=old.phase, to_phase=new.phase).inc()
+        self.metrics.set_phases(self._phases())
+        return updated or body
 
     async def _write(self, call: Any) -> Any:
         try:
@@ -481,9 +514,9 @@ class Controller:
             if parent and it is not None and it.mlflow_run_id is None:
                 it.mlflow_run_id = await self.tracking.ensure_iteration(spec, parent, t, run)
 
-    def _finish_tracking(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision) -> None:
-        """Model registration and run ends: in the background, never holding up the pass."""
-        actions = [a for a in d.actions if isinstance(a, RegisterModel | FinishTracking)]
+    def _background_tracking(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision) -> None:
+        """Model registration and dataset inputs: in the background, never holding up the pass."""
+        actions = d.of_type(RegisterModel)
         trains = [a.iteration for a in d.of_type(CreateStep) if a.stage == "train" and a.attempt == 0]
         if not (actions or trains) or not spec.tracking.uri:
             return
@@ -496,17 +529,9 @@ class Controller:
                 if rid:
                     await self._log_inputs(spec, run, rid, t, status.dataset)
             for a in actions:
-                if isinstance(a, RegisterModel):
-                    rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration, run))
-                    if rid:
-                        await self.tracking.register(spec, run, rid, a.iteration, a.model_uri, dict(a.metrics))
-                else:
-                    rid = parent if a.iteration is None else by_iter.get(a.iteration)
-                    if rid and await self.tracking.finish(spec, rid, a.status):
-                        # MLflow answers: deliver what Jobs spooled while it was away
-                        done = sorted(by_iter) if a.iteration is None else [a.iteration]
-                        layout = layout_of(spec, run)
-                        await self.tracking.replay(spec, [layout.iteration(t).tracking_spool for t in done])
+                rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration, run))
+                if rid:
+                    await self.tracking.register(spec, run, rid, a.iteration, a.model_uri, dict(a.metrics))
 
         task = asyncio.create_task(send())
         self._background.add(task)

@@ -162,15 +162,27 @@ class RegisterModel:
 
 @dataclass(frozen=True)
 class FinishTracking:
-    """End the MLflow run of `iteration` (None: the parent run)."""
+    """End the MLflow run of `iteration` (None: the parent run), after delivering what its Jobs
+    spooled. Emitted on every pass until `status.mlflow.finished` holds the run id: the executor
+    adds it there only when MLflow confirmed both (so an operator killed in between, or an MLflow
+    outage, only delays the end)."""
 
     iteration: int | None
     status: Literal["FINISHED", "FAILED"]
 
 
+@dataclass(frozen=True)
+class ReplaySpool:
+    """Deliver what the Jobs of these iterations spooled while MLflow was unreachable; the
+    executor writes the count still undelivered to `status.mlflow.spooledCalls`."""
+
+    iterations: tuple[int, ...]
+
+
 Action = (
     CreateStep | SuspendJob | DeleteJob | DeleteService | Event | RecordSpec | SetFinalizer
     | DeleteArtifacts | EnsureParentRun | EnsureIterationRun | RegisterModel | FinishTracking
+    | ReplaySpool
 )  # fmt: skip
 
 

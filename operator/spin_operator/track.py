@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.reconciler import Action, FinishTracking, ReplaySpool
 from spin_operator.status import resolve_metric
 from spin_operator.steps import RunRef, layout_of
 
@@ -30,6 +31,9 @@ class Tracking:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="spin-mlflow")
         self._trackers: dict[str, Any] = {}
         self._down_until: dict[str, float] = {}
+        # called with the URI when MLflow answers again after a failure (the controller then
+        # retries at once what waits for MLflow, instead of at each run's backoff)
+        self.on_recovered: Callable[[str], None] | None = None
 
     def _tracker(self, uri: str) -> Any:
         if uri not in self._trackers:
@@ -52,7 +56,13 @@ class Tracking:
             result = None
         if result is None or result is False:
             self._down_until[uri] = time.monotonic() + self.cooldown
+        elif self._down_until.pop(uri, None) is not None and self.on_recovered is not None:
+            self.on_recovered(uri)
         return result
+
+    def down_for(self, uri: str | None) -> float:
+        """Seconds until calls to `uri` are tried again (0: now)."""
+        return max(0.0, self._down_until.get(uri or "", 0.0) - time.monotonic())
 
     async def ensure_parent(self, spec: api.SPINRunSpec, run: RunRef) -> api.MlflowStatus | None:
         uri = spec.tracking.uri
@@ -139,24 +149,57 @@ class Tracking:
 
         return bool(await self._call(uri, "log dataset inputs", call))
 
-    async def replay(self, spec: api.SPINRunSpec, spools: list[str]) -> int:
-        """Send what Jobs spooled during an MLflow outage (`tracking.replay_spool`); returns how
-        many calls were delivered. Storage is read with the run's endpoint (observe.storage_env)."""
+    async def replay(self, spec: api.SPINRunSpec, spools: dict[int, str]) -> dict[int, int] | None:
+        """Send what Jobs spooled during an MLflow outage (`tracking.replay_spool`); returns the
+        calls still undelivered per key of `spools`, None when the replay could not run (MLflow
+        or storage unreachable). Storage is read with the run's endpoint (observe.storage_env)."""
         uri = spec.tracking.uri
         if not uri or not spools:
-            return 0
+            return {}
 
-        def call(_: Any) -> int:
+        def call(_: Any) -> dict[int, int]:
             from spin_operator.observe import storage_env
             from spin_runtime.tracking import replay_spool
 
-            delivered = 0
             with storage_env(spec):
-                for spool in spools:
-                    delivered += replay_spool(spool, uri).delivered
-            return delivered
+                return {key: replay_spool(spool, uri).remaining for key, spool in spools.items()}
 
-        return await self._call(uri, "replay spooled calls", call) or 0
+        remaining = await self._call(uri, "replay spooled calls", call)
+        if remaining and any(remaining.values()):  # MLflow did not take the backlog: cool down
+            self._down_until[uri] = time.monotonic() + self.cooldown
+        return remaining
+
+    async def settle(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, actions: list[Action]) -> bool:
+        """Carry out the decision's ReplaySpool/FinishTracking actions and record in `status.mlflow`
+        what MLflow confirmed: ended run ids (`finished`) and the undelivered backlog
+        (`spooledCalls`). True when nothing is left to ask MLflow for."""
+        ml = status.mlflow
+        ends = [a for a in actions if isinstance(a, FinishTracking)]
+        wanted = {t for a in actions if isinstance(a, ReplaySpool) for t in a.iterations}
+        wanted |= {a.iteration for a in ends if a.iteration is not None}
+        if ml is None or not (wanted or ends) or not spec.tracking.uri:
+            return True
+        layout = layout_of(spec, run)
+        remaining = await self.replay(spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)})
+        if remaining is None:  # not replayed (cool-down, storage): a known backlog stays as it was
+            ml.spooled_calls = ml.spooled_calls or None
+            return False
+        ml.spooled_calls = sum(remaining.values())
+        by_iter = {i.iteration: i.mlflow_run_id for i in status.iterations}
+        settled = True
+        # iterations first: the parent ends last, as the Jobs' runs nest under it
+        for a in sorted(ends, key=lambda e: e.iteration is None):
+            rid = ml.run_id if a.iteration is None else by_iter.get(a.iteration)
+            if not rid or rid in ml.finished:
+                continue
+            if a.iteration is not None and remaining.get(a.iteration):
+                settled = False  # never end a run before its spooled calls are in
+                continue
+            if await self.finish(spec, rid, a.status):
+                ml.finished.append(rid)
+            else:
+                settled = False
+        return settled and not ml.spooled_calls
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -26,6 +26,7 @@ from spin_operator.reconciler import (
     ObservedJob,
     RecordSpec,
     RegisterModel,
+    ReplaySpool,
     SetFinalizer,
     StorageFacts,
     SuspendJob,
@@ -56,6 +57,7 @@ class Pass:
         self.started = status.spec_hash is not None
         self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
         self.success: str | None = None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
+        self.steps_done: set[int] = set()  # iterations with a step that succeeded in this pass
 
     # ------------------------------------------------------------------ entry point
 
@@ -71,6 +73,8 @@ class Pass:
                 self._cleanup_terminal()
             elif self.started or self._start(spec):
                 self._drive(spec)
+            if self.started and spec.tracking.uri:
+                self._tracking()
         self._sync_conditions()
         self.st.observed_generation = self.o.generation
         return self.d
@@ -96,8 +100,6 @@ class Pass:
         self.st.completion_time = self.st.completion_time if repeated else self.now
         if not repeated:
             self._event("Warning", reason, message)
-            if self.started:
-                self._act(FinishTracking(None, "FAILED"))
         for job in self.o.jobs:
             if job.state in ACTIVE_STATES and not job.deleting:
                 self._act(DeleteJob(job.name))
@@ -109,7 +111,6 @@ class Pass:
         self.st.message = message
         self.st.completion_time = self.now
         self._event("Normal", reason, message)
-        self._act(FinishTracking(None, "FINISHED"))
 
     # ------------------------------------------------------------------ spec
 
@@ -219,6 +220,33 @@ class Pass:
             return False
         return True
 
+    def _tracking(self) -> None:
+        """MLflow run ends and spool replays, decided from the status alone: asked for again on
+        every pass until `status.mlflow` records MLflow's confirmation (see FinishTracking)."""
+        ml, st = self.st.mlflow, self.st
+        if ml is None:
+            return  # no parent run: MLflow was never reached, nothing of this run is there
+        confirmed = set(ml.finished)
+        terminal = st.phase in TERMINAL
+        ends: list[FinishTracking] = []
+        open_runs: list[int] = []
+        for it in st.iterations:
+            if not it.mlflow_run_id or it.mlflow_run_id in confirmed:
+                continue
+            if it.stage == "Done":
+                ends.append(FinishTracking(it.iteration, "FINISHED"))
+            elif terminal:  # the iteration a failed run stopped in
+                ends.append(FinishTracking(it.iteration, "FAILED"))
+            else:
+                open_runs.append(it.iteration)
+        # a finished step may have left a spool; an unknown or known backlog is retried on every
+        # pass (each pass after MLflow answers again delivers it)
+        if open_runs and (self.steps_done & set(open_runs) or ml.spooled_calls != 0):
+            self._act(ReplaySpool(tuple(open_runs)))
+        self._act(*ends)
+        if terminal and ml.run_id and ml.run_id not in confirmed:
+            self._act(FinishTracking(None, "FINISHED" if st.phase == "Succeeded" else "FAILED"))
+
     def _cleanup_terminal(self) -> None:
         for job in self.o.jobs:
             if job.state in ACTIVE_STATES and not job.deleting:
@@ -300,7 +328,6 @@ class Pass:
         it.completion_time = self.now
         summary = ", ".join(f"{k}={v:g}" for k, v in sorted(it.metrics.items()))
         self._event("Normal", "IterationCompleted", f"iteration {t} done{': ' + summary if summary else ''}")
-        self._act(FinishTracking(t, "FINISHED"))
         if spec.evaluation.enabled:
             metric = cond.ranking_metric(self.st.iterations, spec)
             best = cond.best_iteration(self.st.iterations, metric, spec.evaluation.mode)
@@ -406,6 +433,7 @@ class Pass:
         it = self._entry(spec, t)
         ss = self._step_status(it, kind)
         ss.phase = "Succeeded"
+        self.steps_done.add(t)
         ss.completion_time = (job.completion_time if job and job.state == "Succeeded" else None) or self.now
         found = job is None or job.state != "Succeeded"
         ss.message = "found complete in storage" if found else None

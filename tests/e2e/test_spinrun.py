@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import harness
-from tests.e2e.harness import Cluster
+from tests.e2e.harness import Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -100,21 +100,34 @@ def check_mlflow(e2e: Cluster, run: dict[str, Any]) -> None:
     client = MlflowClient(tracking_uri=e2e.mlflow_uri)
     status = run["status"]
     parent_id = status["mlflow"]["runId"]
+    iteration_ids = {it["mlflowRunId"] for it in status["iterations"]}
+    # run ends follow the Succeeded status (MLflow never holds the phase up): wait for the status
+    # to record MLflow's confirmation, with a deadline, instead of reading MLflow at once
+    wait_for(
+        lambda: set((e2e.run(RUN).get("status", {}).get("mlflow") or {}).get("finished") or [])
+        >= iteration_ids | {parent_id},
+        60, "status.mlflow.finished to hold the parent and iteration runs",
+    )  # fmt: skip
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
+    assert e2e.run(RUN)["status"]["mlflow"]["spooledCalls"] == 0
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.name == e2e.namespace
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
     )
     child_ids = {c.info.run_id for c in children}
-    iteration_ids = {it["mlflowRunId"] for it in status["iterations"]}
     assert iteration_ids <= child_ids and len(iteration_ids) == 2, (iteration_ids, child_ids)
     iteration_runs = [c for c in children if c.info.run_id in iteration_ids]
     for child in iteration_runs:
         assert child.data.metrics, f"iteration run {child.info.run_id} has no metrics"
-    versions = client.search_model_versions(f"name = '{RUN}'")
-    assert {v.run_id for v in versions} >= iteration_ids, [(v.version, v.run_id) for v in versions]
+    # registration runs in the background after the evaluation's status: polled, not asserted
+    wait_for(
+        lambda: {v.run_id for v in client.search_model_versions(f"name = '{RUN}'")} >= iteration_ids,
+        60, "a model version for each iteration run",
+    )  # fmt: skip
+    for child in iteration_runs:
+        assert child.info.status == "FINISHED"
     logged = {
         c.info.run_id: [d.dataset.name for d in (c.inputs.dataset_inputs if c.inputs else [])]
         for c in iteration_runs

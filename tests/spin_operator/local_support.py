@@ -89,3 +89,15 @@ def pid_alive(pid: int) -> bool:
 
 def env_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def with_default_sigint(argv: list[str]) -> list[str]:
+    """`argv` started with SIGINT at its default disposition, as from an interactive terminal.
+
+    A shell without job control (a CI script, `make test &`) starts background commands with
+    SIGINT ignored, and every child inherits that: a Python started so never raises
+    KeyboardInterrupt, so a test's "Ctrl-C" would do nothing and its wait time out (seen in a
+    fresh-clone `.ci/run` started in the background). The launcher resets the disposition, then
+    execs `argv`, which starts as under a terminal."""
+    launcher = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", launcher, *argv]

@@ -8,6 +8,7 @@ Jobs through states and assert on what the reconciler did. It answers the reconc
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,8 @@ from spin_operator.reconciler import (
     Decision,
     DeleteArtifacts,
     DeleteJob,
+    EnsureIterationRun,
+    EnsureParentRun,
     Observed,
     ObservedJob,
     RecordSpec,
@@ -30,11 +33,36 @@ from spin_operator.reconciler import (
     reconcile,
 )
 from spin_operator.settings import Settings, resolve_spec
-from spin_operator.steps import spec_digest
+from spin_operator.steps import RunRef, spec_digest
+from spin_operator.track import Tracking
 from spin_operator.validation import InvalidSpec, parse
 
 NAME = "run"
 NAMESPACE = "ns"
+
+
+class MlflowStandIn(Tracking):
+    """The operator's `Tracking` (its `settle` decides what counts as confirmed) over an
+    in-memory MLflow that can be down: run ids, ended runs, spooled calls per iteration."""
+
+    def __init__(self) -> None:
+        super().__init__(cooldown=0.0)
+        self.up = True
+        self.ended: dict[str, str] = {}  # run id -> status
+        self.spooled: dict[int, int] = {}  # iteration -> calls its Jobs spooled, not delivered
+        self.delivered = 0
+
+    async def replay(self, spec: api.SPINRunSpec, spools: dict[int, str]) -> dict[int, int] | None:
+        if not self.up:
+            return None
+        for t in spools:
+            self.delivered += self.spooled.pop(t, 0)
+        return {t: 0 for t in spools}
+
+    async def finish(self, spec: api.SPINRunSpec, run_id: str, status: str) -> bool:
+        if self.up:
+            self.ended[run_id] = status
+        return self.up
 
 
 def spin_object(**spec: Any) -> dict[str, Any]:
@@ -74,6 +102,8 @@ class World:
     decisions: list[Decision] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)
     unknown_storage: bool = False  # storage reads fail: needs stay unanswered
+    mlflow: MlflowStandIn = field(default_factory=MlflowStandIn)
+    settled: bool = True  # the last decision's MLflow work was all confirmed
 
     # ------------------------------------------------------------ inputs
 
@@ -110,7 +140,8 @@ class World:
 
     # ------------------------------------------------------------ one reconcile
 
-    def reconcile(self) -> Decision:
+    def reconcile(self, killed: bool = False) -> Decision:
+        """One pass; `killed`: the operator dies after writing the status, before MLflow calls."""
         storage: set[int] = set()
         secrets = stored = False
         jobs: set[str] = set()
@@ -127,7 +158,7 @@ class World:
         else:
             raise AssertionError("reconciler kept asking for facts")
         self.check(decision)
-        self.apply(decision)
+        self.apply(decision, killed)
         return decision
 
     def check(self, d: Decision) -> None:
@@ -168,8 +199,15 @@ class World:
             assert new.phase == old.phase, "a finished run changed phase"
         api.SPINRunStatus.model_validate(new.to_wire())  # round-trips
 
-    def apply(self, d: Decision) -> None:
+    def apply(self, d: Decision, killed: bool = False) -> None:
         self.decisions.append(d)
+        new = d.status
+        if self.mlflow.up and d.of_type(EnsureParentRun) and new.mlflow is None:
+            new.mlflow = api.MlflowStatus(run_id="parent", experiment_id="1")
+        for e in d.of_type(EnsureIterationRun):
+            it = next(i for i in new.iterations if i.iteration == e.iteration)
+            if self.mlflow.up and new.mlflow is not None:
+                it.mlflow_run_id = it.mlflow_run_id or f"iter-{e.iteration}"
         for a in d.actions:
             if isinstance(a, CreateStep):
                 parsed = parse_job_name(a.name)
@@ -193,6 +231,12 @@ class World:
                 self.storage.clear()
             elif hasattr(a, "reason"):
                 self.events.append((a.reason, a.message))  # type: ignore[union-attr]
+        if killed:  # the status patch landed; what came after it never ran
+            self.status = d.status
+            return
+        if d.spec is not None:
+            run = RunRef(NAMESPACE, NAME, self.obj["metadata"]["uid"])
+            self.settled = asyncio.run(self.mlflow.settle(d.spec, run, new, d.actions))
         self.status = d.status
 
     # ------------------------------------------------------------ moving Jobs

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from spin_runtime import manifest, storage
+from tests.spin_operator.local_support import with_default_sigint
 from tests.support.servers import MlflowServer
 
 SPINCTL = str(Path(sys.executable).with_name("spinctl"))
@@ -52,7 +53,7 @@ def start(spec_path: Path, cwd: Path, *flags: str) -> subprocess.Popen[str]:
     # CPU is shared (measured: 10x slower generation with 2 threads on a busy 2-core machine)
     env = {**os.environ, "SPIN_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [SPINCTL, "run", str(spec_path), *flags], cwd=cwd, env=env, text=True,
+        with_default_sigint([SPINCTL, "run", str(spec_path), *flags]), cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
@@ -99,6 +100,10 @@ def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, t
     (sft,) = [i.dataset for i in parent.inputs.dataset_inputs if i.dataset.name == "sft"]
     profile = json.loads(sft.profile)
     assert (profile["rows"], profile["usable"], profile["skipped/not UTF-8"]) == (lines, lines - 2, 1)
+    # local mode ends the runs before it exits, and its saved status records MLflow's confirmation
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    saved = json.loads((prefix / ".local-status.json").read_text())["status"]["mlflow"]
+    assert sorted(saved["finished"]) == sorted(r.info.run_id for r in runs) and saved["spooledCalls"] == 0
 
 
 def _wait_for(predicate: Any, proc: subprocess.Popen[str], timeout: float = 300) -> None:

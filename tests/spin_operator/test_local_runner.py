@@ -17,7 +17,14 @@ import pytest
 from spin_operator.local.preflight import load
 from spin_operator.local.runner import LocalRun
 from spin_operator.local.state import STATE_NAME
-from tests.spin_operator.local_support import calls, fake_python, pid_alive, steps, write_spec
+from tests.spin_operator.local_support import (
+    calls,
+    fake_python,
+    pid_alive,
+    steps,
+    with_default_sigint,
+    write_spec,
+)
 
 PREFIX = ("artifacts", "default")
 
@@ -145,7 +152,7 @@ sys.exit(LocalRun(load(sys.argv[1], tracking_uri=""), python=sys.argv[2], poll_i
 
 def _start_runner(spec: Path, python: str, tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, str(spec), python], stdout=subprocess.PIPE,
+        with_default_sigint([sys.executable, "-c", RUNNER, str(spec), python]), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
 
@@ -273,3 +280,35 @@ def test_spinctl_status_shows_a_local_run(tmp_path: Path, fake: tuple[str, Path]
     assert main(["status", str(spec), "-o", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"]["phase"] == "Succeeded" and doc["status"]["bestModel"] == f"θ{doc['status']['bestIteration'] + 1}"
+
+
+def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run succeeds but MLflow does not confirm the run ends (down at that moment, or the
+    command killed right then): the saved status says so, and rerunning the command ends them."""
+    from mlflow.tracking import MlflowClient
+
+    from spin_operator.local.tracking import LocalTracking
+
+    python, _ = fake
+    spec = write_spec(tmp_path, iterations=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real_settle = LocalTracking.settle
+    monkeypatch.setattr(LocalTracking, "settle", lambda self, status, actions: False)
+    out = io.StringIO()
+    assert LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run() == 0
+    assert "has not confirmed" in out.getvalue()
+    status = state_of(tmp_path)["status"]
+    parent, iteration_run = status["mlflow"]["runId"], status["iterations"][0]["mlflowRunId"]
+    client = MlflowClient(uri)
+    assert status["phase"] == "Succeeded" and not status["mlflow"].get("finished")
+    assert client.get_run(parent).info.status == "RUNNING"
+
+    monkeypatch.setattr(LocalTracking, "settle", real_settle)
+    out = io.StringIO()
+    assert LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run() == 0
+    assert "has not confirmed" not in out.getvalue()
+    assert sorted(state_of(tmp_path)["status"]["mlflow"]["finished"]) == sorted([parent, iteration_run])
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(iteration_run).info.status == "FINISHED"

@@ -609,6 +609,22 @@ class MlflowStatus(Model):
     run_id: Annotated[str | None, _desc("Parent MLflow run id.")] = None
     experiment_id: Annotated[str | None, _desc("MLflow experiment id.")] = None
     url: Annotated[str | None, _desc("Link to the parent run in the MLflow UI.")] = None
+    finished: Annotated[
+        list[str],
+        _desc(
+            "Ids of the MLflow runs (parent and iterations) that MLflow confirmed ended, each after "
+            "every call its Jobs spooled during an outage was delivered. The operator keeps ending "
+            "the others of a finished iteration or run until MLflow confirms."
+        ),
+    ] = Field(default_factory=list)
+    spooled_calls: Annotated[
+        int | None,
+        _desc(
+            "Tracking calls that Jobs spooled while MLflow was unreachable and that are not "
+            "delivered yet (0: none pending; unset: no spool checked yet).",
+            ge=0,
+        ),
+    ] = None
 
 
 class SPINRunStatus(Model):

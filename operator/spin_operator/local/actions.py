@@ -20,7 +20,6 @@ from spin_operator.reconciler import (
     EnsureIterationRun,
     EnsureParentRun,
     Event,
-    FinishTracking,
     Observed,
     RecordSpec,
     RegisterModel,
@@ -48,6 +47,7 @@ class Actor:
         self.facts: dict[int, StorageFacts] = {}  # complete iterations only (they never change)
         self.reported: set[str] = set()
         self.shown: set[int] = set()
+        self.settled = True  # MLflow confirmed every run end and spool replay asked for so far
 
     # ------------------------------------------------------------------ observe + decide
 
@@ -115,7 +115,10 @@ class Actor:
             elif isinstance(a, Event):
                 self._event(d, a)
         if spec is not None and r.tracking.enabled:
-            self._finish_tracking(d)
+            self._register(d)
+            # run ends and spool replays: in the status only once MLflow confirmed them, so a
+            # rerun of an interrupted or MLflow-less invocation asks again (see FinishTracking)
+            self.settled = r.tracking.settle(d.status, d.actions)
 
     def report_finished(self) -> None:
         """Print each local Job's end once (success, or the failure and its log tail)."""
@@ -227,21 +230,14 @@ class Actor:
             name = uri.rstrip("/").split("/")[-2] + "/generated"
             r.tracking.log_dataset(it.mlflow_run_id, name, uri, digest, "training")
 
-    def _finish_tracking(self, d: Decision) -> None:
+    def _register(self, d: Decision) -> None:
         r, status = self.r, d.status
         parent = status.mlflow.run_id if status.mlflow else None
         by_iter = {i.iteration: i.mlflow_run_id for i in status.iterations}
-        for a in d.actions:
-            if isinstance(a, RegisterModel):
-                rid = by_iter.get(a.iteration) or (parent and r.tracking.ensure_iteration(parent, a.iteration))
-                if rid:
-                    r.tracking.register(rid, a.iteration, a.model_uri, dict(a.metrics))
-            elif isinstance(a, FinishTracking):
-                rid = parent if a.iteration is None else by_iter.get(a.iteration)
-                if rid and r.tracking.finish(rid, a.status):
-                    # MLflow answers: deliver what steps spooled while it was away
-                    done = sorted(by_iter) if a.iteration is None else [a.iteration]
-                    r.tracking.replay([r.layout.iteration(t).tracking_spool for t in done])
+        for a in d.of_type(RegisterModel):
+            rid = by_iter.get(a.iteration) or (parent and r.tracking.ensure_iteration(parent, a.iteration))
+            if rid:
+                r.tracking.register(rid, a.iteration, a.model_uri, dict(a.metrics))
 
 
 def _number(value: Any) -> bool:

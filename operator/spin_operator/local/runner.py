@@ -188,7 +188,7 @@ class LocalRun:
                 self._save()
             phase = self.status.phase
             if phase in ("Succeeded", "Failed"):
-                return self._finish(phase)
+                return self._finish(phase, actor.settled)
             if phase == "Suspended" and not self.backend.active():
                 self.display.say("spec.suspend is true: nothing runs; set it to false and rerun")
                 return EXIT_OK
@@ -219,11 +219,17 @@ class LocalRun:
             self.display.tick()
             time.sleep(self.poll_interval)
 
-    def _finish(self, phase: str) -> int:
+    def _finish(self, phase: str, tracked: bool = True) -> int:
         self.display.summary(self.results)
         if self.dataset and self.dataset.get("skipped"):
             self.display.dataset(self.dataset)
         message = self.status.message or ""
+        if not tracked:
+            self.display.say(
+                f"  MLflow ({self.spec.tracking.uri}) has not confirmed the end of this run's MLflow runs "
+                f"(spooled calls pending: {self.status.mlflow.spooled_calls if self.status.mlflow else '?'}); "
+                "run the same command again to deliver them"
+            )
         if phase == "Succeeded":
             self.display.say(f"Succeeded: {message}")
             return EXIT_OK

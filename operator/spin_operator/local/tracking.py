@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.reconciler import Action
 from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
 
@@ -76,9 +77,10 @@ class LocalTracking:
     def finish(self, run_id: str, status: str) -> bool:
         return self._sync(self.tracking.finish(self.spec, run_id, status))
 
-    def replay(self, spools: list[str]) -> int:
-        """Deliver what steps spooled while MLflow was unreachable (as the operator does)."""
-        return self._sync(self.tracking.replay(self.spec, spools))
+    def settle(self, status: api.SPINRunStatus, actions: list[Action]) -> bool:
+        """Spool replays and run ends the decision asks for, as the operator's `Tracking.settle`:
+        confirmed ones go into `status.mlflow`; False while MLflow has not confirmed them all."""
+        return self._sync(self.tracking.settle(self.spec, self.run, status, actions))
 
     def log_dataset(
         self, run_id: str, name: str, uri: str, digest: str, context: str, profile: Mapping[str, Any] | None = None
