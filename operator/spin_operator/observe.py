@@ -143,7 +143,8 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
         meta = next((m.meta for m in found.values() if m.meta), None) or {}
         model = manifest.is_complete(it.model)
         evaluated, metrics = _evaluated(spec, it.eval, it.eval_results)
-        control_model, control_evaluated, control_metrics = False, False, {}
+        control_model, control_evaluated = False, False
+        control_metrics: dict[str, float] = {}
         if spec.control_arm.enabled:
             control_model = manifest.is_complete(it.control_model)
             control_evaluated, control_metrics = _evaluated(spec, it.control_eval, it.control_eval_results)

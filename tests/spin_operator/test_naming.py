@@ -8,9 +8,8 @@ import pytest
 
 from spin_operator.api import types as api
 from spin_operator.naming import (
-    DNS_LABEL_MAX,
     ALL_STEP_KINDS,
-    STEP_KINDS,
+    DNS_LABEL_MAX,
     job_name,
     parse_job_name,
     pod_hostname,
