@@ -133,6 +133,14 @@ def _evaluated(spec: api.SPINRunSpec, eval_dir: str, results: str) -> tuple[bool
     return False, {}
 
 
+def facts_final(spec: api.SPINRunSpec, facts: StorageFacts) -> bool:
+    """True when every artifact of the iteration is complete, so its facts never change again
+    and may be cached (the control arm's too: its steps may finish after SPIN's)."""
+    spin = facts.generated and facts.model and (facts.evaluated or not spec.evaluation.enabled)
+    control = not spec.control_arm.enabled or (facts.control_model and facts.control_evaluated)
+    return spin and control
+
+
 def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFacts:
     """Which artifacts of `iteration` are complete. Raises OSError when storage is unreachable."""
     it = layout_of(spec, run).iteration(iteration)

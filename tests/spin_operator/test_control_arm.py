@@ -356,3 +356,22 @@ def test_disabled_makes_no_control_steps_or_condition() -> None:
     it = w.status.iterations[0]
     assert it.control is None and it.control_train is None and "controlTrain" not in it.to_wire()
     assert get_condition(w.status.conditions, "ControlArm") is None
+
+
+def test_facts_are_final_only_when_both_arms_are_complete() -> None:
+    """Callers cache final facts: caching SPIN's complete evaluation before the control's
+    finished made the control's finished Job look like one that wrote nothing."""
+    from spin_operator.observe import facts_final
+
+    spin_done = StorageFacts(generated=True, model=True, evaluated=True)
+    assert facts_final(make(controlArm={"enabled": False}), spin_done)
+    assert not facts_final(make(), spin_done)
+    assert not facts_final(
+        make(), StorageFacts(generated=True, model=True, evaluated=True, control_model=True)
+    )
+    assert facts_final(
+        make(),
+        StorageFacts(
+            generated=True, model=True, evaluated=True, control_model=True, control_evaluated=True
+        ),
+    )
