@@ -375,3 +375,16 @@ def test_facts_are_final_only_when_both_arms_are_complete() -> None:
             generated=True, model=True, evaluated=True, control_model=True, control_evaluated=True
         ),
     )
+
+
+def test_spinctl_status_lists_both_arms() -> None:
+    from spin_operator.local.status_cmd import describe
+
+    w = world(iterations=2)
+    w.reconcile()
+    _finish(w, spin=0.30, control=0.40)
+    _finish(w, spin=0.50, control=0.45)
+    text = "\n".join(describe(w.status, 2))
+    assert "SPIN vs equal-compute SFT control (exact_match):" in text
+    assert "θ1 0.3  control 0.4  SPIN behind (-0.1)" in text
+    assert "θ2 0.5  control 0.45  SPIN ahead (+0.05)" in text
