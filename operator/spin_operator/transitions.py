@@ -342,28 +342,10 @@ class Pass:
 
     def _compare_control(self, spec: api.SPINRunSpec, it: api.IterationStatus, metric: str) -> None:
         """Status, the ControlArm condition and (control ahead) a Warning: did SPIN pay off?"""
-        t, control = it.iteration, it.control or api.ControlArmStatus()
-        it.control = control
-        compared = cond.control_comparison(it, metric, spec.evaluation.mode)
-        control.metric = metric
-        if compared is None:
-            message = f"iteration {t}: {metric} missing from SPIN's or the control's evaluation results"
-            cond.set_condition(self.st.conditions, cond.CONTROL_ARM, False, "NotCompared", message, self.now, self.o.generation)
-            return
-        spin, other, advantage = compared
-        control.spin_score, control.control_score, control.spin_advantage = spin, other, advantage
-        versus = f"θ{t + 1} {metric}={spin:g} vs SFT control {other:g}"
-        if advantage > 0:
-            message = f"iteration {t}: SPIN ahead by {advantage:g} ({versus})"
-            cond.set_condition(self.st.conditions, cond.CONTROL_ARM, True, "SPINAhead", message, self.now, self.o.generation)
-            return
-        message = (
-            f"iteration {t}: the SFT control is {'ahead by ' + format(-advantage, 'g') if advantage < 0 else 'level'} "
-            f"({versus}): SPIN has not paid off over plain SFT for the same steps; the model may be "
-            "under-trained (continue SFT first) — the best alias stays on SPIN's models"
-        )
-        cond.set_condition(self.st.conditions, cond.CONTROL_ARM, False, "ControlAhead", message, self.now, self.o.generation)
-        self._event("Warning", "ControlAhead", message)
+        ahead, reason, message = cond.control_verdict(it, metric, spec.evaluation.mode)
+        cond.set_condition(self.st.conditions, cond.CONTROL_ARM, ahead, reason, message, self.now, self.o.generation)
+        if reason == "ControlAhead":
+            self._event("Warning", "ControlAhead", message)
 
     def _next_iteration(self, spec: api.SPINRunSpec, t: int) -> bool:
         """After iteration t: finish the run, stop early, or start t+1 (True)."""

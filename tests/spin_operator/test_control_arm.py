@@ -388,3 +388,13 @@ def test_spinctl_status_lists_both_arms() -> None:
     assert "SPIN vs equal-compute SFT control (exact_match):" in text
     assert "θ1 0.3  control 0.4  SPIN behind (-0.1)" in text
     assert "θ2 0.5  control 0.45  SPIN ahead (+0.05)" in text
+
+
+def test_a_tie_is_not_a_win_for_spin() -> None:
+    w = world(iterations=1)
+    w.reconcile()
+    _finish(w, spin=0.30, control=0.30)
+    cond = get_condition(w.status.conditions, "ControlArm")
+    assert cond is not None and (cond.status, cond.reason) == ("False", "ControlAhead")
+    assert "the SFT control is level" in cond.message
+    assert [r for r, _ in w.events].count("ControlAhead") == 1
