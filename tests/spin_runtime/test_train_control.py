@@ -103,3 +103,24 @@ def test_no_reference_pass_and_unknown_objective_is_a_usage_error(
     with pytest.raises(SystemExit) as exc:
         run_train(bad)
     assert exc.value.code == 2
+
+
+def test_lora_control_trains_only_the_adapter_and_publishes_it_merged(
+    tiny_model_dir, data, tmp_path
+):
+    from safetensors.torch import load_file
+
+    flags = {**FLAGS, "epochs": 1, "peft": "lora", "lora_rank": 4, "lora_alpha": 8}
+    argv = train_argv(
+        tiny_model_dir, [data], tmp_path / "m", tmp_path / "w", objective="sft", **flags
+    )
+    assert run_train(argv) == 0
+    found = manifest.require_complete(str(tmp_path / "m"))
+    assert found.meta["objective"] == "sft" and found.meta["adapter"]["rank"] == 4
+    assert (tmp_path / "m" / "adapter").is_dir()
+    steps = metrics(tmp_path / "w")
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(tmp_path / "m" / "model.safetensors")
+    assert set(after) == set(before)  # merged: a plain checkpoint of θ0's architecture
+    assert any(not torch.equal(after[k], before[k]) for k in before)
