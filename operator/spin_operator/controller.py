@@ -362,7 +362,7 @@ class Controller:
                 facts = self._facts.get((run.uid, t))
                 if facts is None:
                     facts = await self._in_storage(observe.read_facts, spec, run, t)
-                if facts.generated and facts.model and (facts.evaluated or not spec.evaluation.enabled):
+                if observe.facts_final(spec, facts):
                     self._facts[(run.uid, t)] = facts
                 g.storage[t] = facts
             for job in self._run_jobs(run):  # once per Job: the cause a bad-input exit left in storage

@@ -13,12 +13,23 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-StepKind = Literal["generate", "train", "evaluate"]
+StepKind = Literal["generate", "train", "evaluate", "control-train", "control-evaluate"]
 STEP_KINDS: tuple[StepKind, ...] = ("generate", "train", "evaluate")
+# spec.controlArm's steps: each runs beside its SPIN counterpart (same stage of the iteration)
+CONTROL_KINDS: tuple[StepKind, ...] = ("control-train", "control-evaluate")
+ALL_STEP_KINDS: tuple[StepKind, ...] = (*STEP_KINDS, *CONTROL_KINDS)
 
-_SHORT: dict[StepKind, str] = {"generate": "gen", "train": "train", "evaluate": "eval"}
+_SHORT: dict[StepKind, str] = {
+    "generate": "gen", "train": "train", "evaluate": "eval",
+    "control-train": "ctrain", "control-evaluate": "ceval",
+}  # fmt: skip
 _FROM_SHORT = {v: k for k, v in _SHORT.items()}
-_NAME_RE = re.compile(r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>gen|train|eval)(-r(?P<k>\d+))?$")
+_NAME_RE = re.compile(r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$")
+
+
+def step_field(kind: StepKind) -> str:
+    """The IterationStatus field of a step (control-train -> control_train)."""
+    return kind.replace("-", "_")
 
 GROUP = "selfplay.dev"
 RUN_LABEL = f"{GROUP}/run"

@@ -20,11 +20,11 @@ import yaml
 from spin_operator import yamlio
 from spin_operator.api import types as api
 from spin_operator.naming import (
+    ALL_STEP_KINDS,
     ATTEMPT_LABEL,
     ITERATION_LABEL,
     KUEUE_QUEUE_LABEL,
     STAGE_LABEL,
-    STEP_KINDS,
 )
 from spin_operator.reconciler import ObservedJob, StorageFacts
 from spin_operator.steps import RunRef, layout_of, spec_digest
@@ -55,7 +55,7 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         stage = labels[STAGE_LABEL]
     except (KeyError, ValueError):
         return None
-    if stage not in STEP_KINDS:
+    if stage not in ALL_STEP_KINDS:
         return None
     spec, status = job.get("spec") or {}, job.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
@@ -120,6 +120,27 @@ def _metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _evaluated(spec: api.SPINRunSpec, eval_dir: str, results: str) -> tuple[bool, dict[str, float]]:
+    """(complete?, metrics) of one evaluation output (SPIN's or the control's)."""
+    if not spec.evaluation.enabled:
+        return False, {}
+    custom = spec.evaluation.command is not None  # a custom command writes no manifest
+    if manifest.is_complete(eval_dir) or (custom and storage.exists(results)):
+        try:
+            return True, _metrics(json.loads(storage.read_text(results)))
+        except (FileNotFoundError, ValueError, AttributeError):
+            return False, {}
+    return False, {}
+
+
+def facts_final(spec: api.SPINRunSpec, facts: StorageFacts) -> bool:
+    """True when every artifact of the iteration is complete, so its facts never change again
+    and may be cached (the control arm's too: its steps may finish after SPIN's)."""
+    spin = facts.generated and facts.model and (facts.evaluated or not spec.evaluation.enabled)
+    control = not spec.control_arm.enabled or (facts.control_model and facts.control_evaluated)
+    return spin and control
+
+
 def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFacts:
     """Which artifacts of `iteration` are complete. Raises OSError when storage is unreachable."""
     it = layout_of(spec, run).iteration(iteration)
@@ -129,18 +150,16 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
         generated = all(shard_name(i, shards) in found for i in range(shards))
         meta = next((m.meta for m in found.values() if m.meta), None) or {}
         model = manifest.is_complete(it.model)
-        evaluated, metrics = False, {}
-        if spec.evaluation.enabled:
-            custom = spec.evaluation.command is not None  # a custom command writes no manifest
-            if manifest.is_complete(it.eval) or (custom and storage.exists(it.eval_results)):
-                try:
-                    metrics = _metrics(json.loads(storage.read_text(it.eval_results)))
-                    evaluated = True
-                except (FileNotFoundError, ValueError, AttributeError):
-                    evaluated = False
+        evaluated, metrics = _evaluated(spec, it.eval, it.eval_results)
+        control_model, control_evaluated = False, False
+        control_metrics: dict[str, float] = {}
+        if spec.control_arm.enabled:
+            control_model = manifest.is_complete(it.control_model)
+            control_evaluated, control_metrics = _evaluated(spec, it.control_eval, it.control_eval_results)
     skipped = meta.get("dataset_skipped")
     return StorageFacts(
         generated=generated, model=model, evaluated=evaluated, metrics=metrics,
+        control_model=control_model, control_evaluated=control_evaluated, control_metrics=control_metrics,
         dataset_rows=int(meta.get("dataset_rows") or 0),
         dataset_skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {},
     )  # fmt: skip

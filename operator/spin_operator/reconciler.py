@@ -9,6 +9,8 @@ and calls again. So the caller reads storage and Secrets only when a decision de
 State machine (KubeRay-style, explicit):
     phase:  Pending -> Running <-> Suspended -> Succeeded | Failed
     stage:  Generating -> Training -> (Evaluating) -> Done, then the next iteration.
+    With spec.controlArm, the control's steps run beside SPIN's in the same stage
+    (train + control-train, evaluate + control-evaluate); a stage ends when both are done.
 A step is done when status says so or storage holds its complete manifest; a Job found by its
 deterministic name is adopted, never created twice; a failed Job is replaced by a new attempt
 (`-r<k>`) up to failurePolicy.maxRetries. See docs/operations.md for the spec-change rule.
@@ -59,6 +61,9 @@ class StorageFacts:
     model: bool = False
     evaluated: bool = False
     metrics: Mapping[str, float] = field(default_factory=dict)
+    control_model: bool = False  # spec.controlArm: the control checkpoint and its evaluation
+    control_evaluated: bool = False
+    control_metrics: Mapping[str, float] = field(default_factory=dict)
     dataset_rows: int = 0  # from the generation manifests: rows read, skipped per reason
     dataset_skipped: Mapping[str, int] = field(default_factory=dict)
 

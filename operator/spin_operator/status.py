@@ -20,6 +20,9 @@ SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 # True when the ranking metric has the same value for every evaluated model, so `best` and the
 # stopping rule cannot tell them apart (exact match on chat data is ~0 everywhere).
 METRIC_UNINFORMATIVE = "MetricUninformative"
+# spec.controlArm: True when SPIN's model beat the equal-compute SFT control in the latest
+# compared iteration, False (reason ControlAhead) when the control did at least as well.
+CONTROL_ARM = "ControlArm"
 AUTO_METRIC = "auto"
 SCORE = "score"
 CONDITION_TYPES = (READY, COMPLETE, PROGRESSING, SUSPENDED, FAILED)
@@ -149,3 +152,39 @@ def should_stop(
             f"iteration(s) (patience {patience})"
         )
     return False, ""
+
+
+def control_comparison(
+    iteration: api.IterationStatus, metric: str, mode: str
+) -> tuple[float, float, float] | None:
+    """(SPIN's score, the control's, SPIN's advantage) of one iteration by `metric`; the
+    advantage is positive when SPIN's model is better (mode min flips the sign). None when
+    either arm has no value for the metric."""
+    spin = score(iteration, metric)
+    value = (iteration.control.metrics if iteration.control else {}).get(metric)
+    if spin is None or not isinstance(value, int | float):
+        return None
+    control = float(value)
+    return spin, control, (spin - control) if mode == "max" else (control - spin)
+
+
+def control_verdict(iteration: api.IterationStatus, metric: str, mode: str) -> tuple[bool, str, str]:
+    """Fill `iteration.control`'s comparison and say (SPIN ahead?, reason, message) for the
+    ControlArm condition: SPINAhead, ControlAhead (also when level) or NotCompared."""
+    t, control = iteration.iteration, iteration.control or api.ControlArmStatus()
+    iteration.control = control
+    control.metric = metric
+    compared = control_comparison(iteration, metric, mode)
+    if compared is None:
+        return False, "NotCompared", f"iteration {t}: {metric} missing from SPIN's or the control's evaluation results"
+    spin, other, advantage = compared
+    control.spin_score, control.control_score, control.spin_advantage = spin, other, advantage
+    versus = f"θ{t + 1} {metric}={spin:g} vs SFT control {other:g}"
+    if advantage > 0:
+        return True, "SPINAhead", f"iteration {t}: SPIN ahead by {advantage:g} ({versus})"
+    lead = f"ahead by {-advantage:g}" if advantage < 0 else "level"
+    return False, "ControlAhead", (
+        f"iteration {t}: the SFT control is {lead} ({versus}): SPIN has not paid off over plain "
+        "SFT for the same steps; the model may be under-trained (continue SFT first) — the best "
+        "alias stays on SPIN's models"
+    )

@@ -18,11 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spin_operator.api import types as api
-from spin_operator.naming import STEP_KINDS, StepKind, job_name, pod_hostname, service_name
+from spin_operator.naming import (
+    CONTROL_KINDS,
+    STEP_KINDS,
+    StepKind,
+    job_name,
+    pod_hostname,
+    service_name,
+)
 from spin_operator.settings import POD_CACHE_DIR, Settings
 from spin_runtime.layout import RunLayout
 
 __all__ = [
+    "CONTROL_KINDS",
+    "CONTROL_OF",
     "MASTER_PORT",
     "MUTABLE_FIELDS",
     "NODE_RANK",
@@ -31,6 +40,7 @@ __all__ = [
     "SecretKey",
     "StepKind",
     "StepPlan",
+    "beside",
     "changed_fields",
     "layout_of",
     "merge_mutable",
@@ -125,9 +135,21 @@ class StepPlan:
         return out
 
 
+# The control arm's step that runs beside a SPIN step (spec.controlArm): same stage, same inputs.
+CONTROL_OF: dict[StepKind, StepKind] = {"train": "control-train", "evaluate": "control-evaluate"}
+# The env var that makes the runtime's MLflow logger prefix every key (runlog.METRIC_PREFIX_ENV).
+CONTROL_METRIC_PREFIX = "control/"
+
+
 def steps_of(spec: api.SPINRunSpec) -> tuple[StepKind, ...]:
-    """The steps of every iteration, in order."""
+    """The SPIN steps of every iteration, in order (the control arm's run beside them)."""
     return STEP_KINDS if spec.evaluation.enabled else STEP_KINDS[:2]
+
+
+def beside(spec: api.SPINRunSpec, kind: StepKind) -> tuple[StepKind, ...]:
+    """The steps of the stage SPIN step `kind` leads: itself, and its control with controlArm."""
+    partner = CONTROL_OF.get(kind) if spec.control_arm.enabled else None
+    return (kind,) if partner is None else (kind, partner)
 
 
 def layout_of(spec: api.SPINRunSpec, run: RunRef) -> RunLayout:
@@ -178,8 +200,17 @@ def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str
     ]  # fmt: skip
 
 
-def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: str) -> list[str]:
+def _train_argv(
+    spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: str, control: bool = False
+) -> list[str]:
     tr = spec.training
+    it = layout.iteration(t)
+    if control:  # same data, batch, epochs and schedule: the same optimizer steps on the same prompts
+        model, output, work = layout.control_model_for_iteration(t, spec.model.uri), it.control_model, it.control_train_work
+        lr = spec.control_arm.learning_rate or tr.learning_rate_for(t)
+    else:
+        model, output, work = layout.model_for_iteration(t, spec.model.uri), it.model, it.train_work
+        lr = tr.learning_rate_for(t)
     data = [a for uri in layout.training_data_for_iteration(t, tr.mix_previous_iterations) for a in ("--data", uri)]
     argv = [
         "torchrun",
@@ -189,15 +220,15 @@ def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: s
         "--master-addr", master_addr,
         "--master-port", str(MASTER_PORT),
         "-m", "spin_runtime", "train",
-        "--model", layout.model_for_iteration(t, spec.model.uri),
+        "--model", model,
         *_model_flags(spec),
         *data,
-        "--output", layout.iteration(t).model,
-        "--work-dir", layout.iteration(t).train_work,
+        "--output", output,
+        "--work-dir", work,
         "--iteration", str(t),
         "--seed", str(tr.seed),
         "--beta", repr(tr.beta_for(t)),
-        "--learning-rate", repr(tr.learning_rate_for(t)),
+        "--learning-rate", repr(lr),
         "--epochs", str(tr.epochs),
         "--global-batch-size", str(tr.global_batch_size),
         "--micro-batch-size", str(tr.micro_batch_size),
@@ -222,21 +253,25 @@ def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: s
             "--lora-dropout", repr(tr.peft.dropout),
             "--lora-target-modules", ",".join(tr.peft.target_modules),
         ]  # fmt: skip
+    if control:
+        argv += ["--objective", "sft"]
     return [*argv, "--gradient-checkpointing"] if tr.gradient_checkpointing else argv
 
 
-def _evaluate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str]:
+def _evaluate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False) -> list[str]:
     ev = spec.evaluation
     if ev.command is not None:
         return list(ev.command)
-    argv = ["python", "-m", "spin_runtime", "evaluate", "--model", layout.iteration(t).model]
-    if ev.baseline and t == 0:
+    it = layout.iteration(t)
+    model, output = (it.control_model, it.control_eval) if control else (it.model, it.eval)
+    argv = ["python", "-m", "spin_runtime", "evaluate", "--model", model]
+    if ev.baseline and t == 0 and not control:  # θ0's score is SPIN's baseline, once
         argv += ["--baseline-model", spec.model.uri]
     return [
         *argv,
         *_selection_flags(spec, training=False),
         "--max-new-tokens", str(ev.max_new_tokens),
-        "--output", layout.iteration(t).eval,
+        "--output", output,
     ]  # fmt: skip
 
 
@@ -286,18 +321,23 @@ def plan_step(
         env["SPIN_NUM_SHARDS"] = str(g.replicas)
         resources, output = g.resources, it.generated
         shm = spec.training.shm_size if g.gpus_per_replica > 1 else None  # vLLM tensor parallel
-    elif stage == "train":
+    elif stage in ("train", "control-train"):
         tr = spec.training
+        control = stage == "control-train"
         master_addr = f"{pod_hostname(name, 0)}.{service_name(name)}"
-        argv = _train_argv(spec, layout, iteration, master_addr)
+        argv = _train_argv(spec, layout, iteration, master_addr, control)
         pods, procs, gpus, image = tr.nodes, tr.procs_per_node, tr.gpus_per_node, tr.image
-        resources, output, shm = tr.resources, it.model, tr.shm_size
+        resources, output, shm = tr.resources, it.control_model if control else it.model, tr.shm_size
     else:
         ev = spec.evaluation
-        argv, pods, procs, gpus, image = _evaluate_argv(spec, layout, iteration), 1, 1, ev.gpus, ev.image
-        resources, output = api.Resources(), it.eval
+        control = stage == "control-evaluate"
+        argv, pods, procs, gpus, image = _evaluate_argv(spec, layout, iteration, control), 1, 1, ev.gpus, ev.image
+        model, output = (it.control_model, it.control_eval) if control else (it.model, it.eval)
+        resources = api.Resources()
         if ev.command is not None:
-            env |= {"SPIN_MODEL_URI": it.model, "SPIN_EVAL_OUTPUT": it.eval, "SPIN_ITERATION": str(iteration)}
+            env |= {"SPIN_MODEL_URI": model, "SPIN_EVAL_OUTPUT": output, "SPIN_ITERATION": str(iteration)}
+    if stage in CONTROL_KINDS and spec.tracking.uri:
+        env["SPIN_METRIC_PREFIX"] = CONTROL_METRIC_PREFIX  # both arms on one iteration run
     return StepPlan(
         stage=stage,
         iteration=iteration,
@@ -344,6 +384,9 @@ def immutable_view(spec: api.SPINRunSpec) -> dict[str, Any]:
     wire = spec.model_dump(mode="json", by_alias=True)  # defaults included: explicit == default
     for path in MUTABLE_FIELDS:
         _drop(wire, path)
+    if not spec.control_arm.enabled:
+        # off (the default) leaves the digest of runs started before the field existed unchanged
+        wire.pop("controlArm", None)
     return wire
 
 

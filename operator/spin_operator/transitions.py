@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from spin_operator import status as cond
 from spin_operator.api import types as api
-from spin_operator.naming import StepKind, job_name
+from spin_operator.naming import StepKind, job_name, step_field
 from spin_operator.reconciler import (
     ACTIVE_STATES,
     KIND_OF,
@@ -32,7 +32,14 @@ from spin_operator.reconciler import (
     SuspendJob,
     referenced_secrets,
 )
-from spin_operator.steps import changed_fields, layout_of, merge_mutable, spec_digest, steps_of
+from spin_operator.steps import (
+    beside,
+    changed_fields,
+    layout_of,
+    merge_mutable,
+    spec_digest,
+    steps_of,
+)
 from spin_operator.validation import InvalidSpec
 
 Outcome = Literal["done", "waiting", "failed"]
@@ -283,6 +290,9 @@ class Pass:
         )
         if not spec.evaluation.enabled:
             it.evaluate.phase = "Skipped"
+        if spec.control_arm.enabled:
+            it.control_train, it.control_evaluate = api.StepStatus(), api.StepStatus()
+            it.control = api.ControlArmStatus(model_uri=layout.control_model_for_iteration(t, spec.model.uri))
         self.st.iterations.append(it)
         return it
 
@@ -304,7 +314,7 @@ class Pass:
                     break
                 continue
             kind = KIND_OF[it.stage]
-            outcome = self._step(spec, t, kind)
+            outcome = self._stage(spec, t, kind)
             if outcome != "done":
                 break
             later = steps[steps.index(kind) + 1 :]
@@ -321,6 +331,16 @@ class Pass:
             # Iterations count from 0 everywhere (ITERATION column, Job names, MLflow runs).
             t = st.iteration
             st.message = f"iteration {t} of {spec.iterations} (θ{t} → θ{t + 1}): {st.stage}{suffix}"
+
+    def _stage(self, spec: api.SPINRunSpec, t: int, kind: StepKind) -> Outcome:
+        """SPIN's step `kind` and, with controlArm, its control beside it (both start at once:
+        a waiting step does not hold back its partner); done when every one of them is."""
+        outcomes: list[Outcome] = []
+        for k in beside(spec, kind):
+            outcomes.append(self._step(spec, t, k))
+            if self.st.phase in TERMINAL:  # failed: nothing more may start this pass
+                return "failed"
+        return "done" if all(o == "done" for o in outcomes) else "waiting"
 
     def _complete_iteration(self, spec: api.SPINRunSpec, t: int) -> None:
         it = self._entry(spec, t)
@@ -344,6 +364,15 @@ class Pass:
                     self.st.conditions, cond.METRIC_UNINFORMATIVE, bool(blind),
                     "SameValueEverywhere" if blind else "MetricRanks", blind or "", self.now, self.o.generation,
                 )  # fmt: skip
+            if spec.control_arm.enabled:
+                self._compare_control(spec, it, metric)
+
+    def _compare_control(self, spec: api.SPINRunSpec, it: api.IterationStatus, metric: str) -> None:
+        """Status, the ControlArm condition and (control ahead) a Warning: did SPIN pay off?"""
+        ahead, reason, message = cond.control_verdict(it, metric, spec.evaluation.mode)
+        cond.set_condition(self.st.conditions, cond.CONTROL_ARM, ahead, reason, message, self.now, self.o.generation)
+        if reason == "ControlAhead":
+            self._event("Warning", "ControlAhead", message)
 
     def _next_iteration(self, spec: api.SPINRunSpec, t: int) -> bool:
         """After iteration t: finish the run, stop early, or start t+1 (True)."""
@@ -364,7 +393,11 @@ class Pass:
     # ------------------------------------------------------------------ steps
 
     def _step_status(self, it: api.IterationStatus, kind: StepKind) -> api.StepStatus:
-        return {"generate": it.generate, "train": it.train, "evaluate": it.evaluate}[kind]
+        ss: api.StepStatus | None = getattr(it, step_field(kind))
+        if ss is None:  # a control step of an entry written before it existed
+            ss = api.StepStatus()
+            setattr(it, step_field(kind), ss)
+        return ss
 
     def _step(self, spec: api.SPINRunSpec, t: int, kind: StepKind) -> Outcome:
         it = self._entry(spec, t)
@@ -400,7 +433,10 @@ class Pass:
                 return "waiting"
             return self._failed_attempt(spec, t, kind, "JobDeleted", f"Job {name} was deleted before it finished")
         if current.state == "Succeeded":
-            what = {"generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results"}[kind]
+            what = {
+                "generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results",
+                "control-train": "the control checkpoint", "control-evaluate": "the control's evaluation results",
+            }[kind]  # fmt: skip
             return self._failed_attempt(spec, t, kind, "ArtifactIncomplete", f"Job {current.name} succeeded but {what} has no complete manifest")
         if current.state == "Failed":
             return self._failed_attempt(spec, t, kind, current.reason or "JobFailed", current.message)
@@ -427,7 +463,10 @@ class Pass:
 
     @staticmethod
     def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
-        return {"generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated}[kind]
+        return {
+            "generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated,
+            "control-train": facts.control_model, "control-evaluate": facts.control_evaluated,
+        }[kind]  # fmt: skip
 
     def _step_succeeded(self, spec: api.SPINRunSpec, t: int, kind: StepKind, facts: StorageFacts, job: ObservedJob | None) -> None:
         it = self._entry(spec, t)
@@ -449,6 +488,13 @@ class Pass:
             self._act(*(DeleteService(job_name(self.o.name, t, "train", k)) for k in range(ss.attempts)))
             if not spec.evaluation.enabled and spec.tracking.uri:
                 self._act(RegisterModel(t, layout.model, {}))
+        if kind == "control-train":
+            it.control = it.control or api.ControlArmStatus()
+            it.control.output_model_uri = layout.control_model
+            self._act(*(DeleteService(job_name(self.o.name, t, "control-train", k)) for k in range(ss.attempts)))
+        if kind == "control-evaluate":  # never registered: the best alias stays on SPIN's models
+            it.control = it.control or api.ControlArmStatus()
+            it.control.metrics = {k: float(v) for k, v in facts.control_metrics.items()}
         if kind == "evaluate":
             it.metrics = {k: float(v) for k, v in facts.metrics.items()}
             if spec.tracking.uri:
@@ -467,8 +513,8 @@ class Pass:
             return "waiting"
         if not self._secrets_ok(spec):
             return "failed" if self.st.phase == "Failed" else "waiting"
-        if spec.tracking.uri and it.mlflow_run_id is None:
-            self._act(EnsureIterationRun(t))
+        if spec.tracking.uri and it.mlflow_run_id is None and EnsureIterationRun(t) not in self.d.actions:
+            self._act(EnsureIterationRun(t))  # once, when a control step starts beside SPIN's
         self._act(CreateStep(t, kind, attempt, name))
         ss.attempts = attempt + 1
         ss.job_name = name

@@ -204,10 +204,14 @@ def _log_samples(answers: list[dict[str, Any]]) -> None:
     try:
         from mlflow.tracking import MlflowClient
 
+        # the control arm's evaluation keeps its own table beside SPIN's (control/eval_samples.json)
+        prefix = os.environ.get("SPIN_METRIC_PREFIX", "")
+        table = f"{prefix}{SAMPLES_TABLE}"
         client = MlflowClient()
-        if any(a.path == SAMPLES_TABLE for a in client.list_artifacts(run_id)):
+        listed = client.list_artifacts(run_id, prefix.rstrip("/") or None)
+        if any(a.path == table for a in listed):
             return
-        client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, SAMPLES_TABLE)
+        client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, table)
     except Exception as exc:  # tracking never fails a job
         log.warning("could not log sample answers to MLflow: %s", exc)
 

@@ -8,6 +8,7 @@ agree on every name, so nobody formats ``iter-000`` or ``shard-00000-of-00004.js
     R/iter-000/generated/shard-00000-of-00004.jsonl (+ shard-00000-of-00004.manifest.json)
     R/iter-000/train/epoch-001/    R/iter-000/model/    R/iter-000/eval/results.json
     R/iter-000/tracking-spool/     (only after an MLflow outage)
+    R/iter-000/control/model/  R/iter-000/control/train/  R/iter-000/control/eval/  (controlArm)
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ class IterationLayout:
         return storage.join(self.eval, "results.json")
 
     @property
+    def control(self) -> str:
+        """The equal-compute SFT control arm's artifacts (spec.controlArm)."""
+        return storage.join(self.prefix, "control")
+
+    @property
+    def control_model(self) -> str:
+        return storage.join(self.control, "model")
+
+    @property
+    def control_train_work(self) -> str:
+        return storage.join(self.control, "train")
+
+    @property
+    def control_eval(self) -> str:
+        return storage.join(self.control, "eval")
+
+    @property
+    def control_eval_results(self) -> str:
+        return storage.join(self.control_eval, "results.json")
+
+    @property
     def tracking_spool(self) -> str:
         """Where this iteration's Jobs spool MLflow calls during an outage
         (``SPIN_TRACKING_SPOOL_DIR``); the operator replays it with ``tracking.replay_spool``."""
@@ -110,6 +132,11 @@ class RunLayout:
         """θt: the base model for t = 0, else the model iteration t-1 produced."""
         _check_index("iteration", t)
         return base_model_uri if t == 0 else self.iteration(t - 1).model
+
+    def control_model_for_iteration(self, t: int, base_model_uri: str) -> str:
+        """The control arm's start: θ0 for t = 0, else the control model of iteration t-1."""
+        _check_index("iteration", t)
+        return base_model_uri if t == 0 else self.iteration(t - 1).control_model
 
     def training_data_for_iteration(self, t: int, mix_previous: int = 1) -> list[str]:
         """Generated folders iteration t trains on: its own first, then up to ``mix_previous``

@@ -207,6 +207,9 @@ def _default_spool_dir() -> str:
     return str(Path(root) / "tracking-spool")
 
 
+METRIC_PREFIX_ENV = "SPIN_METRIC_PREFIX"
+
+
 @dataclass
 class RunLogger:
     """Logs to one MLflow run by id; a no-op when ``run_id`` or ``tracking_uri`` is missing."""
@@ -216,6 +219,9 @@ class RunLogger:
     spool_dir: str | None = None
     policy: TrackingPolicy = field(default_factory=TrackingPolicy.from_env)
     spooled: list[str] = field(default_factory=list)  # spool files written by this logger
+    # Prepended to every metric, param and tag key: the control arm's Jobs log to the same
+    # iteration run as SPIN's under `control/` (SPIN_METRIC_PREFIX), so both arms share a chart.
+    prefix: str = ""
 
     def __post_init__(self) -> None:
         self.enabled = bool(self.run_id and self.tracking_uri)
@@ -241,6 +247,7 @@ class RunLogger:
             os.environ.get("MLFLOW_TRACKING_URI") or None,
             spool_dir=spool_dir or os.environ.get("SPIN_TRACKING_SPOOL_DIR") or None,
             policy=policy or TrackingPolicy.from_env(),
+            prefix=os.environ.get(METRIC_PREFIX_ENV, ""),
         )
 
     @property
@@ -249,14 +256,18 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        items = [[k, float(v), now, int(step or 0)] for k, v in metrics.items()]
+        items = [[self.prefix + k, float(v), now, int(step or 0)] for k, v in metrics.items()]
         self._add("metrics", items)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._add("params", [[k, _str_value(v)] for k, v in redact(dict(params)).items()])
+        self._add(
+            "params", [[self.prefix + k, _str_value(v)] for k, v in redact(dict(params)).items()]
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._add("tags", [[k, _str_value(v)] for k, v in redact(dict(tags)).items()])
+        self._add(
+            "tags", [[self.prefix + k, _str_value(v)] for k, v in redact(dict(tags)).items()]
+        )
 
     def log_dataset(
         self, name: str, uri: str, digest: str, context: str = "training",

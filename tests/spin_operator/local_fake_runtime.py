@@ -56,6 +56,8 @@ def main(argv: list[str]) -> int:
     assert argv[:2] == ["-m", "spin_runtime"], argv
     stage, rest = argv[2], argv[3:]
     iteration = int(re.search(r"iter-(\d+)", _flag(rest, "--output"))[1])  # type: ignore[index]
+    control = "/control/" in _flag(rest, "--output")  # spec.controlArm's steps
+    stage = f"control-{stage}" if control else stage
     shard = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     calls = os.environ.get("FAKE_CALLS", os.devnull)
     count = _calls(calls, stage=stage, iteration=iteration, shard=shard, pid=os.getpid(), argv=rest,
@@ -79,14 +81,16 @@ def main(argv: list[str]) -> int:
             name = f"shard-{shard:05d}-of-{shards:05d}.jsonl"
             Path(tmp, name).write_text(json.dumps({"id": shard, "generated": "x"}) + "\n")
             manifest.write_file_artifact(Path(tmp, name), storage.join(out, name), "generated")
-        elif stage == "train":
+        elif stage in ("train", "control-train"):
             for step in (1, 2):
                 print(json.dumps({"event": "train", "step": step, "loss": 0.6, "margin": 0.1}), flush=True)
             Path(tmp, "config.json").write_text("{}")
             metrics = {"eval_margin": 0.5 + iteration, "eval_accuracy": 0.75}
             manifest.write_dir_artifact(tmp, out, "model", {"metrics": metrics})
         else:
-            results = {"metrics": {"exact_match": 0.25 * (iteration + 1), "real_logp_per_token": -1.0}}
+            # the SFT control scores 0.375 at every iteration: SPIN behind at t=0, ahead from t=1
+            score = 0.375 if control else 0.25 * (iteration + 1)
+            results = {"metrics": {"exact_match": score, "real_logp_per_token": -1.0}}
             if "--baseline-model" in rest:
                 results["baseline"] = {"exact_match": 0.125, "real_logp_per_token": -2.0}
             Path(tmp, "results.json").write_text(json.dumps(results))

@@ -59,3 +59,17 @@ def test_no_run_writes_the_spec_and_says_how_to_run_it(tmp_path: Path, monkeypat
     assert f"spinctl run {tmp_path / 'w' / 'spinrun.yaml'}" in out
     doc = yaml.safe_load((tmp_path / "w" / "spinrun.yaml").read_text())
     assert doc["spec"]["iterations"] == 2 and not (tmp_path / "w" / "artifacts").exists()
+
+
+def test_control_arm_flag_enables_the_sft_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "controlArm" not in demo.spinrun(tmp_path, demo.DemoConfig(), 2)["spec"]  # off by default
+    doc = demo.spinrun(tmp_path, demo.DemoConfig(), 2, control_arm=True)
+    assert problems_of(doc) == [] and doc["spec"]["controlArm"] == {"enabled": True}
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert parser.parse_args(["--control-arm"]).control_arm and not parser.parse_args([]).control_arm
+    monkeypatch.setattr(demo, "DemoConfig", lambda seed=0: SMALL)
+    args = argparse.Namespace(workdir=str(tmp_path / "w"), seed=0, iterations=1, no_run=True, control_arm=True)
+    assert demo.run(args) == 0
+    written = yaml.safe_load((tmp_path / "w" / "spinrun.yaml").read_text())
+    assert written["spec"]["controlArm"] == {"enabled": True}

@@ -210,3 +210,37 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     assert [(v.tags["spin.model"], v.tags["spin.trained_from"]) for v in versions] == [("θ1", "θ0"), ("θ2", "θ1")]
     assert versions[1].description == "θ2: trained in iteration 1 from θ1 (version 1)"
     assert aliases["best"] in ("1", "2")
+
+
+@pytest.mark.slow
+def test_control_arm_with_the_real_runtime(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path) -> None:
+    """spec.controlArm through the real runtime: the SFT control trains (same steps as SPIN) and
+    is evaluated beside SPIN; status, the CLI table and MLflow compare both arms."""
+    doc = spinrun("ctl", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),
+                  iterations=1, training={"epochs": 1}, dataset={"maxSamples": 32, "evalSamples": 8},
+                  controlArm={"enabled": True})  # fmt: skip
+    spec_path = tmp_path / "ctl.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    code, out = finish(start(spec_path, tmp_path))
+    assert code == 0, out
+    prefix = tmp_path / "runs" / "default" / "ctl" / "iter-000"
+    spin = manifest.verify_artifact(str(prefix / "model"))
+    control = manifest.verify_artifact(str(prefix / "control" / "model"))
+    manifest.verify_artifact(str(prefix / "control" / "eval"))
+    assert control.meta["objective"] == "sft" and control.meta["steps"] == spin.meta["steps"]
+    assert control.meta["base_model"] == str(tiny_model_dir)
+    status = json.loads((prefix.parent / ".local-status.json").read_text())["status"]
+    c = status["iterations"][0]["control"]
+    assert {"spinScore", "controlScore", "spinAdvantage", "metrics"} <= set(c)
+    assert c["spinAdvantage"] == pytest.approx(c["spinScore"] - c["controlScore"])
+    assert any(x["type"] == "ControlArm" for x in status["conditions"])
+    assert "SPIN vs equal-compute SFT control" in out and "control θ1" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("default")
+    assert exp is not None
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    it = runs["iter-000"].data.metrics
+    assert {"eval/exact_match", "control/eval/exact_match", "loss", "control/loss"} <= set(it)
+    assert {"heldout/exact_match", "heldout/control/exact_match"} <= set(runs["ctl"].data.metrics)

@@ -312,3 +312,31 @@ def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
     assert sorted(state_of(tmp_path)["status"]["mlflow"]["finished"]) == sorted([parent, iteration_run])
     assert client.get_run(parent).info.status == "FINISHED"
     assert client.get_run(iteration_run).info.status == "FINISHED"
+
+
+def test_control_arm_runs_beside_spin_and_the_table_compares_both(tmp_path: Path, fake: tuple[str, Path]) -> None:
+    python, record = fake
+    spec = write_spec(tmp_path, controlArm={"enabled": True})
+    code, out = run_local(spec, python)
+    assert code == 0, out
+    order = steps(record)
+    for t in (0, 1):  # each control step starts with (beside) its SPIN step, never before it
+        assert order.index(("train", t)) < order.index(("evaluate", t))
+        assert order.index(("control-train", t)) < order.index(("control-evaluate", t))
+        assert order.index(("generate", t)) < order.index(("control-train", t))
+    ctrain1 = next(c for c in calls(record) if c["stage"] == "control-train" and c["iteration"] == 1)
+    prefix = str(tmp_path.joinpath(*PREFIX, "local-test"))
+    argv = ctrain1["argv"]
+    assert argv[argv.index("--model") + 1] == f"{prefix}/iter-000/control/model"
+    assert argv[argv.index("--objective") + 1] == "sft"
+    status = state_of(tmp_path)["status"]
+    assert status["phase"] == "Succeeded"
+    first, second = (it["control"] for it in status["iterations"])
+    assert (first["spinScore"], first["controlScore"], first["spinAdvantage"]) == (0.25, 0.375, -0.125)
+    assert second["spinAdvantage"] == 0.125
+    control = next(c for c in status["conditions"] if c["type"] == "ControlArm")
+    assert (control["status"], control["reason"]) == ("True", "SPINAhead")
+    assert "warning: iteration 0: the SFT control is ahead by 0.125" in out
+    assert "control -> SFT control ahead (-0.125)" not in out  # said with the scores:
+    assert "θ1 0.250, control 0.375 -> SFT control ahead (-0.125)" in out
+    assert "control θ1" in out and "control θ2" in out  # rows of the summary table

@@ -8,8 +8,8 @@ import pytest
 
 from spin_operator.api import types as api
 from spin_operator.naming import (
+    ALL_STEP_KINDS,
     DNS_LABEL_MAX,
-    STEP_KINDS,
     job_name,
     parse_job_name,
     pod_hostname,
@@ -29,7 +29,7 @@ def test_names() -> None:
         job_name("r", -1, "train")
 
 
-@pytest.mark.parametrize("stage", STEP_KINDS)
+@pytest.mark.parametrize("stage", ALL_STEP_KINDS)
 def test_longest_names_fit_a_dns_label(stage: str) -> None:
     run = "a" * api.MAX_NAME_LENGTH
     name = job_name(run, api.MAX_ITERATIONS - 1, stage, api.MAX_RETRIES)  # type: ignore[arg-type]
@@ -39,7 +39,7 @@ def test_longest_names_fit_a_dns_label(stage: str) -> None:
         assert DNS_LABEL.match(text)
 
 
-@pytest.mark.parametrize("stage", STEP_KINDS)
+@pytest.mark.parametrize("stage", ALL_STEP_KINDS)
 @pytest.mark.parametrize("attempt", [0, 1, 9])
 def test_parse_round_trips(stage: str, attempt: int) -> None:
     parsed = parse_job_name(job_name("my-run-2", 7, stage, attempt))  # type: ignore[arg-type]

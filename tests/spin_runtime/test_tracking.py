@@ -340,3 +340,37 @@ def test_hanging_mlflow_costs_one_timeout_per_cooldown(
     lines = [json.loads(x) for x in Path(spool).read_text().splitlines()]
     assert sum(len(op["items"]) for op in lines) == 200
     assert lines[0]["items"][0][:2] == ["loss", 1.0] and lines[-1]["items"][-1][3] == 199
+
+
+def test_control_arm_logs_beside_spin_on_one_run_under_control_prefix(
+    mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spec.controlArm's Jobs share the iteration run (SPIN_METRIC_PREFIX=control/): the same
+    metric names side by side, one chart, one row per iteration in the compare table."""
+    from spin_runtime import evaluate
+
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    run = tracker.ensure_parent_run(f"ctl-{uuid.uuid4().hex[:8]}", "ns", "ctl", "uid-c", {})
+    assert run is not None
+    monkeypatch.setenv("MLFLOW_RUN_ID", run)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    answers = [{"id": "1", "prompt": "p", "reference": "r", "answer": "a", "exact": 1}]
+    monkeypatch.delenv("SPIN_METRIC_PREFIX", raising=False)
+    with RunLogger.from_env(policy=FAST) as spin:
+        spin.log_metrics({"eval/score": 0.5, "loss": 0.6}, 1)
+        spin.log_params({"peft.rank": 8})
+    evaluate._log_samples(answers)
+    monkeypatch.setenv("SPIN_METRIC_PREFIX", "control/")
+    with RunLogger.from_env(policy=FAST) as control:
+        control.log_metrics({"eval/score": 0.625, "loss": 2.5}, 1)
+        control.log_params({"peft.rank": 8})
+    evaluate._log_samples([{**answers[0], "answer": "b"}])
+    client = MlflowClient(mlflow_server.uri)
+    data = client.get_run(run).data
+    assert data.metrics["eval/score"] == 0.5 and data.metrics["control/eval/score"] == 0.625
+    assert data.metrics["loss"] == 0.6 and data.metrics["control/loss"] == 2.5
+    assert data.params["peft.rank"] == data.params["control/peft.rank"] == "8"
+    tables = {a.path for a in client.list_artifacts(run)} | {
+        a.path for a in client.list_artifacts(run, "control")
+    }
+    assert {"eval_samples.json", "control/eval_samples.json"} <= tables

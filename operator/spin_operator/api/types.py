@@ -406,6 +406,29 @@ class EvaluationSpec(Model):
     mode: Annotated[Literal["max", "min"], _desc("Whether a higher or lower metric is better.")] = "max"
 
 
+class ControlArmSpec(Model):
+    """An equal-compute SFT control: does SPIN beat plain SFT continued for the same steps?"""
+
+    enabled: Annotated[
+        bool,
+        _desc(
+            "Per iteration, beside SPIN's training Job, train a plain SFT model (cross-entropy "
+            "on the real answers) for the same optimizer steps on the same prompts, continuing "
+            "from the previous control checkpoint (θ0 at iteration 0), and evaluate it by the "
+            "same evaluation. Status, the ControlArm condition and MLflow (`control/` metrics) "
+            "compare both arms; the best alias stays on SPIN's models.",
+        ),
+    ] = False
+    learning_rate: Annotated[
+        float | None,
+        _desc(
+            "Peak learning rate of the SFT control; default: SPIN's learning rate of the "
+            "iteration (same optimizer, schedule, batch and epochs either way).",
+            gt=0,
+        ),
+    ] = None
+
+
 class StoppingSpec(Model):
     """Early stopping: SPIN can regress in later iterations (e.g. with too high a learning rate)."""
 
@@ -506,6 +529,9 @@ class SPINRunSpec(Model):
     training: Annotated[TrainingSpec, _desc("Training step.")] = Field(default_factory=TrainingSpec)
     evaluation: Annotated[EvaluationSpec, _desc("Evaluation step.")] = Field(default_factory=EvaluationSpec)
     stopping: Annotated[StoppingSpec, _desc("Early stopping rule.")] = Field(default_factory=StoppingSpec)
+    control_arm: Annotated[
+        ControlArmSpec, _desc("Equal-compute SFT control arm (off by default).")
+    ] = Field(default_factory=ControlArmSpec)
     storage: Annotated[StorageSpec, _desc("Artifact storage.")] = Field(default_factory=StorageSpec)
     tracking: Annotated[TrackingSpec, _desc("MLflow tracking.")] = Field(default_factory=TrackingSpec)
     scheduling: Annotated[SchedulingSpec, _desc("Pod scheduling.")] = Field(default_factory=SchedulingSpec)
@@ -535,6 +561,11 @@ class SPINRunSpec(Model):
                 "dataset.evalSamples",
                 "is 0 but the built-in evaluation needs held-out prompts "
                 "(set it > 0 or evaluation.enabled: false)",
+            ))
+        if self.control_arm.enabled and not self.evaluation.enabled:
+            errors.append(FieldError(
+                "controlArm.enabled",
+                "needs evaluation.enabled: both arms are compared by the evaluation",
             ))
         if self.evaluation.metric == "auto" and self.evaluation.mode != "max":
             errors.append(FieldError(
@@ -575,6 +606,21 @@ class StepStatus(Model):
     message: Annotated[str | None, _desc("Last failure reason, if any.")] = None
 
 
+class ControlArmStatus(Model):
+    """The SFT control of one iteration and how SPIN's model compares to it."""
+
+    model_uri: Annotated[str | None, _desc("The control model this iteration starts from.")] = None
+    output_model_uri: Annotated[str | None, _desc("The control checkpoint it produced.")] = None
+    metrics: Annotated[dict[str, float], _desc("The control's evaluation results.")] = Field(default_factory=dict)
+    metric: Annotated[str | None, _desc("The metric both arms are compared by (evaluation.metric).")] = None
+    spin_score: Annotated[float | None, _desc("SPIN's model (θt+1) on that metric.")] = None
+    control_score: Annotated[float | None, _desc("The control model on that metric.")] = None
+    spin_advantage: Annotated[
+        float | None,
+        _desc("How much SPIN beat the control: spinScore - controlScore (negated for mode min); negative when the control is ahead."),
+    ] = None
+
+
 class IterationStatus(Model):
     """One SPIN iteration t: θt -> θt+1."""
 
@@ -583,6 +629,15 @@ class IterationStatus(Model):
     generate: Annotated[StepStatus, _desc("Generation step.")] = Field(default_factory=StepStatus)
     train: Annotated[StepStatus, _desc("Training step.")] = Field(default_factory=StepStatus)
     evaluate: Annotated[StepStatus, _desc("Evaluation step.")] = Field(default_factory=StepStatus)
+    control_train: Annotated[
+        StepStatus | None, _desc("SFT control training step (controlArm.enabled).")
+    ] = None
+    control_evaluate: Annotated[
+        StepStatus | None, _desc("SFT control evaluation step (controlArm.enabled).")
+    ] = None
+    control: Annotated[
+        ControlArmStatus | None, _desc("The SFT control arm and SPIN's score against it (controlArm.enabled).")
+    ] = None
     start_time: Annotated[str | None, _desc("When the iteration started.")] = None
     completion_time: Annotated[str | None, _desc("When the iteration finished.")] = None
     model_uri: Annotated[str | None, _desc("θt, the model this iteration starts from.")] = None

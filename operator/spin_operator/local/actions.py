@@ -75,7 +75,7 @@ class Actor:
                 gone |= decision.needs_jobs
                 for t in sorted(decision.needs_storage):
                     facts = self.facts.get(t) or observe.read_facts(spec, r.run_ref, t)
-                    if facts.generated and facts.model and (facts.evaluated or not spec.evaluation.enabled):
+                    if observe.facts_final(spec, facts):
                         self.facts[t] = facts
                     storage[t] = facts
             except OSError as exc:
@@ -148,6 +148,9 @@ class Actor:
         those of earlier iterations too)."""
         last = "evaluate" if self.r.spec.evaluation.enabled else "train"
         for it in d.status.iterations:
+            control = it.control_evaluate  # controlArm: both arms' results together
+            if control is not None and control.phase != "Succeeded":
+                continue
             if it.iteration not in self.shown and getattr(it, last).phase == "Succeeded":
                 self.shown.add(it.iteration)
                 self._show_results(d, it.iteration)
@@ -179,11 +182,32 @@ class Actor:
         row = {k: metrics[k] for k in keep if k in metrics}
         row |= {k: float(spin[k]) for k in ("eval_margin", "eval_accuracy") if _number(spin.get(k))}
         r.results.append((f"θ{t + 1}", row))
+        control = self._control_row(d, t, keep)
+        if control is not None:
+            r.results.append((f"control θ{t + 1}", control))
         parent = d.status.mlflow.run_id if d.status.mlflow else None
         if parent and r.tracking.enabled:
             if t == 0 and baseline:
                 r.tracking.log_metrics(parent, {f"heldout/{k}": baseline[k] for k in keep if k in baseline}, 0)
+                if control is not None:  # both arms start from θ0: one chart, one origin
+                    r.tracking.log_metrics(parent, {f"heldout/control/{k}": baseline[k] for k in keep if k in baseline}, 0)
             r.tracking.log_metrics(parent, {f"heldout/{k}": v for k, v in row.items()}, t + 1)
+            if control is not None:
+                r.tracking.log_metrics(parent, {f"heldout/control/{k}": v for k, v in control.items()}, t + 1)
+
+    def _control_row(self, d: Decision, t: int, keep: tuple[str, ...]) -> dict[str, float] | None:
+        """The SFT control's held-out results of iteration t (controlArm), and the verdict."""
+        it = next((i for i in d.status.iterations if i.iteration == t), None)
+        if it is None or it.control is None or not it.control.metrics:
+            return None
+        c = it.control
+        if c.spin_advantage is not None:
+            who = "SPIN ahead" if c.spin_advantage > 0 else "SFT control ahead" if c.spin_advantage < 0 else "level"
+            self.r.display.say(
+                f"  SPIN vs equal-compute SFT control ({c.metric}): θ{t + 1} {c.spin_score:.3f}, "
+                f"control {c.control_score:.3f} -> {who} ({c.spin_advantage:+.3f})"
+            )
+        return {k: c.metrics[k] for k in keep if k in c.metrics}
 
     # ------------------------------------------------------------------ MLflow
 

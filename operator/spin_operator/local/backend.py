@@ -188,7 +188,7 @@ class LocalBackend:
         # Shards may run side by side; a multi-node torchrun must (its ranks wait for each other).
         parallel = plan.pods if plan.rendezvous else min(plan.pods, self.max_parallel)
         env = {**self.base_env, **plan.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
-        if "OMP_NUM_THREADS" not in env and plan.stage != "train":
+        if "OMP_NUM_THREADS" not in env and plan.stage not in ("train", "control-train"):
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
         job = LocalJob(plan, pods, env, parallel)
         self.jobs[plan.job_name] = job

@@ -27,7 +27,11 @@ from spin_operator.api import types as api
 from spin_operator.local.backend import LocalJob
 
 BAR_WIDTH = 24
-STAGE_WORD = {"generate": "generating", "train": "training", "evaluate": "evaluating"}
+STAGE_WORD = {
+    "generate": "generating", "train": "training", "evaluate": "evaluating",
+    "control-train": "training SFT control", "control-evaluate": "evaluating SFT control",
+}  # fmt: skip
+TRAINING = ("train", "control-train")
 
 
 def bar(done: float, total: float, width: int = BAR_WIDTH) -> str:
@@ -106,7 +110,7 @@ class StepProgress:
         plan = self.job.plan
         elapsed = time.monotonic() - self.started
         head = f"  {STAGE_WORD[plan.stage]:<10}"
-        if plan.stage == "train" and self.total_steps:
+        if plan.stage in TRAINING and self.total_steps:
             stats = "".join(
                 f" {k} {_fmt(self.last[k])}" for k in ("loss", "margin", "accuracy") if k in self.last
             )
@@ -164,7 +168,7 @@ class Display:
     def step_started(self, job: LocalJob) -> None:
         plan = job.plan
         retry = f" (retry {plan.attempt})" if plan.attempt else ""
-        procs = f", {plan.pods} x {plan.processes_per_pod} process(es)" if plan.stage == "train" else ""
+        procs = f", {plan.pods} x {plan.processes_per_pod} process(es)" if plan.stage in TRAINING else ""
         shards = f", {plan.pods} shard(s)" if plan.stage == "generate" else ""
         t = plan.iteration
         self.say(f"iteration {t} of {self.spec.iterations} (θ{t} -> θ{t + 1}): {plan.stage}{retry}{shards}{procs}")

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from spin_operator.api import types as api
-from spin_operator.naming import STEP_KINDS, job_name
+from spin_operator.naming import ALL_STEP_KINDS, job_name, step_field
 from spin_operator.reconciler import ObservedJob
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ class LocalState:
         finished = {j.name for j in self.jobs}
         interrupted = []
         for it in self.status.iterations:
-            for kind in STEP_KINDS:
-                step: api.StepStatus = getattr(it, kind)
-                if step.phase not in ("Pending", "Running") or step.attempts == 0:
+            for kind in ALL_STEP_KINDS:
+                step: api.StepStatus | None = getattr(it, step_field(kind))
+                if step is None or step.phase not in ("Pending", "Running") or step.attempts == 0:
                     continue
                 name = step.job_name or job_name(run, it.iteration, kind, step.attempts - 1)
                 if name in finished:

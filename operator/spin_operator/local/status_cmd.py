@@ -76,6 +76,17 @@ def describe(status: api.SPINRunStatus, total: int) -> list[str]:
         lines += [
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
         ]
+    compared = [it for it in status.iterations if it.control and it.control.spin_advantage is not None]
+    if compared:  # spec.controlArm: did SPIN beat the equal-compute SFT control?
+        lines += ["", f"SPIN vs equal-compute SFT control ({compared[0].control.metric}):"]  # type: ignore[union-attr]
+        for it in compared:
+            c = it.control
+            assert c is not None and c.spin_advantage is not None
+            lines.append(
+                f"  θ{it.iteration + 1} {c.spin_score:.4g}  control {c.control_score:.4g}  "
+                f"SPIN {'ahead' if c.spin_advantage > 0 else 'behind' if c.spin_advantage < 0 else 'level'} "
+                f"({c.spin_advantage:+.4g})"
+            )
     failing = [
         f"  {it.iteration}/{s}: {getattr(it, s).message}"
         for it in status.iterations

@@ -92,6 +92,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "no gradient); counted either way",
     )
     p.add_argument(
+        "--objective",
+        choices=["spin", "sft"],
+        default="spin",
+        help="sft: the control arm, plain cross-entropy on the real answers of the same pairs "
+        "for the same optimizer steps (no reference pass; --beta is ignored)",
+    )
+    p.add_argument(
         "--peft",
         choices=["none", "lora"],
         default="none",
@@ -152,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         lora=adapter,
         truncated_answers=args.truncated_answers,
         drop_identical_pairs=args.drop_identical_pairs,
+        objective=args.objective,
     )
     try:
         train(cfg)

@@ -30,7 +30,7 @@ from torch import nn
 
 from spin_runtime import manifest
 from spin_runtime.cli import UsageError
-from spin_runtime.train import batches, checkpoint, distributed, exactness, lora
+from spin_runtime.train import batches, checkpoint, control, distributed, exactness, lora
 from spin_runtime.train.batches import Pair, PairSet
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
@@ -80,6 +80,7 @@ class TrainConfig:
     truncated_answers: str = "keep"
     drop_identical_pairs: bool = True
     lora: lora.LoraSettings | None = None  # None: full fine-tuning
+    objective: str = "spin"  # sft: the control arm (train/control.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -87,6 +88,10 @@ class TrainConfig:
         checks = [
             (bool(self.data), "--data: at least one generated directory is required"),
             (self.beta > 0, f"--beta {self.beta}: must be > 0"),
+            (
+                self.objective in control.OBJECTIVES,
+                f"--objective {self.objective}: one of {control.OBJECTIVES}",
+            ),
             (self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be > 0"),
             (self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1"),
             (self.global_batch_size >= 1, "--global-batch-size: must be >= 1"),
@@ -137,6 +142,8 @@ class TrainConfig:
         key = {k: getattr(self, k) for k in keys}
         if self.lora is not None:  # absent for full fine-tuning: older checkpoints still resume
             key["lora"] = self.lora.as_dict()
+        if self.objective != "spin":  # likewise absent for SPIN
+            key["objective"] = self.objective
         return key
 
 
@@ -402,6 +409,8 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         reference = state.reference.to(ctx.device)
         start_epoch, step = state.epoch + 1, state.step
         log.info("resumed from %s", checkpoint.epoch_uri(cfg.work_dir, state.epoch))
+    elif cfg.objective == "sft":  # plain cross-entropy needs no reference
+        reference = torch.zeros(len(pairs.all), 2, dtype=torch.float32, device=ctx.device)
     else:
         t0 = time.perf_counter()
         reference = runner.score(pairs.all, 2 * cfg.micro_batch_size)
@@ -419,7 +428,10 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
         order = batches.epoch_order(len(pairs.train), cfg.seed, epoch)
         for s in range(steps_per_epoch):
             step += 1
-            values = train_step(runner, cfg, pairs, reference, order, s, optimizer, scheduler)
+            if cfg.objective == "sft":
+                values = control.sft_step(runner, cfg, pairs, order, s, optimizer, scheduler)
+            else:
+                values = train_step(runner, cfg, pairs, reference, order, s, optimizer, scheduler)
             record: dict[str, Any] = {
                 "event": "train",
                 "step": step,
@@ -430,7 +442,10 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             final.update({k: v for k, v in record.items() if k != "event"})
         if pairs.eval:
             policy = runner.score(pairs.eval, 2 * cfg.micro_batch_size)
-            held_out = summarize(policy, reference[len(pairs.train) :], cfg.beta, "eval_")
+            if cfg.objective == "sft":
+                held_out = control.held_out(policy, pairs.eval)
+            else:
+                held_out = summarize(policy, reference[len(pairs.train) :], cfg.beta, "eval_")
             metrics.log({"event": "eval", "step": step, "epoch": epoch, **held_out})
             final.update(held_out)
         checkpoint.save_epoch(
@@ -440,6 +455,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
 
     meta = {
         "iteration": cfg.iteration,
+        "objective": cfg.objective,
         "base_model": cfg.model,
         "data": cfg.data,
         "steps": step,
@@ -554,7 +570,7 @@ def train_step(
             ]
         )
     distributed.all_reduce_sum(ctx, sums)
-    grad_norm = _clip(runner.module, cfg.max_grad_norm)
+    grad_norm = clip_grad(runner.module, cfg.max_grad_norm)
     loss, rr, rg, correct, tokens = (
         sums / torch.tensor([n_pairs] * 4 + [1], device=ctx.device)
     ).tolist()
@@ -582,7 +598,7 @@ def train_step(
     }
 
 
-def _clip(module: nn.Module, max_norm: float) -> float:
+def clip_grad(module: nn.Module, max_norm: float) -> float:
     """Global gradient norm (before clipping); clips when ``max_norm`` > 0."""
     params = [p for p in module.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
