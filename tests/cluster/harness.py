@@ -207,6 +207,12 @@ def session(binary: Path, workdir: Path) -> Iterator[Session]:
         # Polled here, not `kubectl wait`: right after the create the CRD has no status.conditions
         # yet, and kubectl wait then fails at once instead of waiting.
         wait_for(lambda: _established(kubectl), 60, "the SPINRun CRD to be Established", 0.2)
+        # Established is not yet served: the API server publishes a new CRD in discovery and
+        # OpenAPI asynchronously, and kubectl (explain, apply) fails with "couldn't find resource"
+        # until it does (seen about 1 run in 2 right after Established).
+        wait_for(
+            lambda: _served(kubectl), 60, "the SPINRun CRD to be served (discovery, OpenAPI)", 0.2
+        )
         timings["crd_s"] = time.monotonic() - started
         with NodeAgent(plane.api(), plane.url, workdir / "pods", NODES) as agent:
             yield Session(plane, agent, kubectl, timings)
@@ -252,6 +258,10 @@ def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
             helm(s.plane.admin_kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait",
                  "--timeout=2m")  # fmt: skip
         s.kubectl("delete", "namespace", c.namespace, "--wait=false", check=False)
+
+
+def _served(kubectl: Kubectl) -> bool:
+    return kubectl("explain", "spinrun.spec.training", check=False).returncode == 0
 
 
 def _established(kubectl: Kubectl) -> bool:
