@@ -9,7 +9,6 @@ trainer's own.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ def sft_step(
     scheduler: Any,
 ) -> dict[str, float]:
     """One optimizer step: mean cross-entropy over every real-answer token of the step's pairs."""
-    from spin_runtime.train.loop import TrainingError, clip_grad
+    from spin_runtime.train.loop import apply_update, clip_grad
 
     ctx = runner.ctx
     t0 = time.perf_counter()
@@ -65,16 +64,7 @@ def sft_step(
     distributed.all_reduce_sum(ctx, sums)
     grad_norm = clip_grad(runner.module, cfg.max_grad_norm)
     loss = float(sums[0]) / max(1, n_tokens)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise TrainingError(
-            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer "
-            f"step {scheduler.last_epoch + 1} (loss {loss}, grad norm {grad_norm}): lower "
-            "--learning-rate, or check the data; nothing was saved for this step"
-        )
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = apply_update(optimizer, scheduler, loss, grad_norm, "--learning-rate")
     elapsed = time.perf_counter() - t0
     return {
         "loss": loss,

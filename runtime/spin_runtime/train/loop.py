@@ -574,16 +574,7 @@ def train_step(
     loss, rr, rg, correct, tokens = (
         sums / torch.tensor([n_pairs] * 4 + [1], device=ctx.device)
     ).tolist()
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise TrainingError(
-            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer "
-            f"step {scheduler.last_epoch + 1} (loss {loss}, grad norm {grad_norm}): lower "
-            "--learning-rate or --beta, or check the data; nothing was saved for this step"
-        )
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = apply_update(optimizer, scheduler, loss, grad_norm, "--learning-rate or --beta")
     elapsed = time.perf_counter() - t0
     return {
         "loss": loss,
@@ -596,6 +587,24 @@ def train_step(
         "tokens_per_s": tokens / elapsed,
         "step_s": elapsed,
     }
+
+
+def apply_update(
+    optimizer: torch.optim.Optimizer, scheduler: Any, loss: float, grad_norm: float, knobs: str
+) -> float:
+    """Step the optimizer and the schedule once the loss and gradient norm are finite (else
+    TrainingError naming ``knobs`` to lower, before any weight changes); the step's learning rate."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer "
+            f"step {scheduler.last_epoch + 1} (loss {loss}, grad norm {grad_norm}): lower "
+            f"{knobs}, or check the data; nothing was saved for this step"
+        )
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
 
 
 def clip_grad(module: nn.Module, max_norm: float) -> float:
