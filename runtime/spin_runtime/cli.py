@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "spin_runtime.train.cli",
     "evaluate": "spin_runtime.evaluate",
     "check": "spin_runtime.check",
+    "demo-build": "spin_runtime.demo_build",
 }
 
 

@@ -1,9 +1,7 @@
 """`spinctl demo`: SPIN end to end on this machine in a few minutes, with no downloads.
 
-It builds a small instruction-following task with held-out prompts (`spin_runtime.tiny`: reverse
-a word list, sort digits — one exact answer each, so exact match means something), trains a
-tokenizer on it and a small transformer briefly (`spin_runtime.sft`: a *weak* SFT model — SPIN
-gains little on a model already trained to a plateau), writes a ready SPINRun to
+It builds a small instruction-following task with held-out prompts and a weak SFT model on it
+(`python -m spin_runtime demo-build`, in a subprocess: torch never loads in spinctl), writes a ready SPINRun to
 `DIR/spinrun.yaml` and runs it with `spinctl run`'s own code: artifacts in `DIR/artifacts`, MLflow
 in `DIR/mlflow.db`. Each iteration prints its held-out exact match, SPIN margin and real-answer
 log-likelihood next to the SFT model's. The defaults were chosen by measurement (see
@@ -17,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +25,10 @@ import yaml
 RUN_NAME = "spin-demo"
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo builds. Changing any field rebuilds the task and model."""
-
-    seed: int = 0
-    tasks: tuple[str, ...] = ("reverse", "sort")
-    rows: int = 4000
-    max_samples: int = 2000  # SPIN prompts (the SFT model trains on the same ones)
-    eval_samples: int = 400  # held out from SFT and SPIN alike (400: one prompt = 0.25 points)
-    size: str = "small"  # ~0.5 M parameters
-    vocab_size: int = 512
-    sft_steps: int = 250
-    sft_batch_size: int = 32
-    sft_learning_rate: float = 1e-3
+# The task and model come from the runtime's `demo-build` command (spin_runtime/demo_build.py,
+# where each of its knobs is declared), run as a subprocess so torch never loads in spinctl.
+# It writes its settings here; the SPINRun below reads the dataset split from them.
+SETTINGS = "demo.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def spinrun(workdir: Path, cfg: DemoConfig, iterations: int, control_arm: bool = False) -> dict[str, Any]:
-    """The demo's SPINRun: the measured recipe for a tiny model on CPU (paper values would not
-    move it: see the field notes in docs/quickstart.md)."""
+def spinrun(workdir: Path, cfg: dict[str, Any], iterations: int, control_arm: bool = False) -> dict[str, Any]:
+    """The demo's SPINRun for the task `demo-build` made with settings `cfg`: the measured recipe
+    for a tiny model on CPU (paper values would not move it: see docs/quickstart.md)."""
+    seed = int(cfg["seed"])
     root = workdir.resolve()
     doc: dict[str, Any] = {
         "apiVersion": "selfplay.dev/v1alpha1",
@@ -69,19 +56,19 @@ def spinrun(workdir: Path, cfg: DemoConfig, iterations: int, control_arm: bool =
             "model": {"uri": str(root / "sft-model")},
             "dataset": {
                 "uri": str(root / "task.jsonl"),
-                "maxSamples": cfg.max_samples,
-                "evalSamples": cfg.eval_samples,
-                "seed": cfg.seed,
+                "maxSamples": int(cfg["max_samples"]),
+                "evalSamples": int(cfg["eval_samples"]),
+                "seed": seed,
             },
             "iterations": iterations,
             "generation": {
                 "backend": "transformers", "gpusPerReplica": 0, "temperature": 1.0,
-                "maxNewTokens": 32, "seed": cfg.seed, "batchSize": 128, "replicas": 2,
+                "maxNewTokens": 32, "seed": seed, "batchSize": 128, "replicas": 2,
             },
             "training": {
                 "gpusPerNode": 0, "processesPerNode": 2, "beta": 2.0, "learningRate": 1.0e-4,
                 "optimizer": "adamw", "epochs": 2, "globalBatchSize": 64, "microBatchSize": 32,
-                "maxLength": 96, "maxPromptLength": 48, "precision": "fp32", "seed": cfg.seed,
+                "maxLength": 96, "maxPromptLength": 48, "precision": "fp32", "seed": seed,
             },
             "evaluation": {"gpus": 0, "maxNewTokens": 32},
             "storage": {"uri": str(root / "artifacts")},
@@ -93,56 +80,17 @@ def spinrun(workdir: Path, cfg: DemoConfig, iterations: int, control_arm: bool =
     return doc
 
 
-def build(workdir: Path, cfg: DemoConfig, say: Any = print) -> Path:
-    """Task rows, tokenizer and weak SFT model under `workdir` (skipped when already built with
-    the same settings). Returns the model directory."""
-    from spin_runtime import data, sft, tiny
-
-    sft.quiet_progress_bars()
-
-    model_dir, task_path, stamp = workdir / "sft-model", workdir / "task.jsonl", workdir / "demo.json"
-    wanted = json.dumps(asdict(cfg), sort_keys=True)
-    if stamp.is_file() and stamp.read_text() == wanted and (model_dir / "config.json").is_file():
-        say(f"reusing the task and SFT model in {workdir}")
-        return model_dir
-    stamp.unlink(missing_ok=True)
-    stale = [p for p in (workdir / "artifacts", workdir / "mlflow.db", workdir / "mlartifacts") if p.exists()]
-    if stale:  # results of a model this build replaces: they would contradict the new one
-        say(f"removing the results of an earlier demo build: {', '.join(str(p) for p in stale)}")
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    began = time.monotonic()
-    rows = tiny.make_task_rows(cfg.rows, seed=cfg.seed, tasks=cfg.tasks)
-    tiny.write_jsonl(rows, task_path)
-    shape = tiny.SIZES[cfg.size]
-    tokenizer = tiny.train_tokenizer(rows, cfg.vocab_size, model_max_length=shape.max_position_embeddings)
-    model = tiny.make_model(tokenizer, shape, seed=cfg.seed)
-    split = data.load_split(str(task_path), cfg.seed, cfg.max_samples, cfg.eval_samples)
-    say(
-        f"task: {len(rows)} prompts ({', '.join(cfg.tasks)}) in {task_path}; SPIN uses "
-        f"{len(split.train)}, {len(split.eval)} held out"
-    )
-    say(f"training a weak SFT model: {tiny.num_parameters(model) / 1e6:.2f} M parameters, {cfg.sft_steps} steps")
-    sft_cfg = sft.SFTConfig(
-        steps=cfg.sft_steps, batch_size=cfg.sft_batch_size,
-        learning_rate=cfg.sft_learning_rate, seed=cfg.seed,
-    )  # fmt: skip
-    tty = sys.stdout.isatty()
-
-    def progress(step: int, loss: float) -> None:
-        if tty:
-            from spin_operator.local.display import bar
-
-            sys.stdout.write(f"\r\x1b[2K  sft {bar(step, cfg.sft_steps)} step {step}/{cfg.sft_steps} loss {loss:.3f}")
-            sys.stdout.flush()
-
-    losses = sft.train_sft(model, tokenizer, split.train, sft_cfg, on_step=progress)
-    if tty:
-        sys.stdout.write("\r\x1b[2K")
-    tiny.save_tiny(model_dir, tokenizer, model)
-    stamp.write_text(wanted)
-    say(f"  SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} in {time.monotonic() - began:.0f}s; saved to {model_dir}")
-    return model_dir
+def build(workdir: Path, seed: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Build (or reuse) the task and weak SFT model under `workdir` with the runtime's
+    `demo-build` (`extra`: more of its flags, e.g. a smaller task for tests); returns the
+    settings it used."""
+    argv = [sys.executable, "-m", "spin_runtime", "--log-level", "WARNING", "demo-build"]
+    argv += ["--workdir", str(workdir), "--seed", str(seed), *extra]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the demo task and model failed (exit {done.returncode}): {' '.join(argv)}")
+    settings: dict[str, Any] = json.loads((workdir / SETTINGS).read_text())
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = DemoConfig(seed=args.seed)
-    build(workdir, cfg)
+    cfg = build(workdir, args.seed)
     spec_path = workdir / "spinrun.yaml"
     doc = spinrun(workdir, cfg, args.iterations, control_arm=getattr(args, "control_arm", False))
     spec_path.write_text(yaml.safe_dump(doc, sort_keys=False))
