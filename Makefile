@@ -54,6 +54,7 @@ cluster-test: venv tools cluster-bin ## the tier on the real control plane (test
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check operator runtime tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 generate: venv ## regenerate crds/ and docs/api.md from the API models
 	$(VENV)/bin/spinctl crd > crds/selfplay.dev_spinruns.yaml

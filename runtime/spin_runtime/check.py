@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: Any) -> None:
-    from spin_runtime.generate.cli import add_dataset_flags
+    from spin_runtime.data import add_dataset_flags
 
     p = sub.add_parser("check", help="check the dataset and the model before a run")
     p.add_argument(

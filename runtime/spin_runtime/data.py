@@ -10,6 +10,7 @@ Light module: no torch. Parquet needs pyarrow (imported only for parquet files).
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import logging
 import random
@@ -337,3 +338,23 @@ def load_split(
 ) -> Split:
     """:func:`load_examples` then :func:`select` — what every command does."""
     return select(load_examples(uri, max_skipped_fraction).examples, seed, max_samples, eval_samples)
+
+
+def add_dataset_flags(parser: argparse.ArgumentParser, *, train: bool = True) -> None:
+    """The selection flags shared with ``evaluate`` (docs/runtime.md, "Dataset selection")."""
+    parser.add_argument("--dataset", required=True, help="SFT dataset URI (JSONL/parquet)")
+    if train:
+        parser.add_argument("--max-samples", type=int, default=0, help="training prompts, 0 = all")
+    parser.add_argument("--eval-samples", type=int, default=0, help="held-out prompts")
+    parser.add_argument("--seed", type=int, default=0, help="selection (and sampling) seed")
+    parser.add_argument(
+        "--max-skipped-fraction", type=_fraction, default=None,
+        help="fail (exit 2) when more of the dataset's rows are skipped (default: no limit)",
+    )  # fmt: skip
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value

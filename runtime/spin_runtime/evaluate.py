@@ -34,7 +34,7 @@ EVAL_KIND = "eval"
 
 
 def add_parser(subparsers: Any) -> None:
-    from spin_runtime.generate.cli import add_dataset_flags
+    from spin_runtime.data import add_dataset_flags
 
     p = subparsers.add_parser("evaluate", help="held-out exact match and reference log-likelihood")
     p.add_argument("--model", required=True, help="θt+1 checkpoint URI")

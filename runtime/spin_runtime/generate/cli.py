@@ -11,28 +11,9 @@ import os
 from typing import Any
 
 from spin_runtime.cli import UsageError
+from spin_runtime.data import add_dataset_flags
 
 log = logging.getLogger(__name__)
-
-
-def add_dataset_flags(parser: argparse.ArgumentParser, *, train: bool = True) -> None:
-    """The selection flags shared with ``evaluate`` (docs/runtime.md, "Dataset selection")."""
-    parser.add_argument("--dataset", required=True, help="SFT dataset URI (JSONL/parquet)")
-    if train:
-        parser.add_argument("--max-samples", type=int, default=0, help="training prompts, 0 = all")
-    parser.add_argument("--eval-samples", type=int, default=0, help="held-out prompts")
-    parser.add_argument("--seed", type=int, default=0, help="selection (and sampling) seed")
-    parser.add_argument(
-        "--max-skipped-fraction", type=_fraction, default=None,
-        help="fail (exit 2) when more of the dataset's rows are skipped (default: no limit)",
-    )  # fmt: skip
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
