@@ -25,7 +25,6 @@ METRIC_UNINFORMATIVE = "MetricUninformative"
 CONTROL_ARM = "ControlArm"
 AUTO_METRIC = "auto"
 SCORE = "score"
-CONDITION_TYPES = (READY, COMPLETE, PROGRESSING, SUSPENDED, FAILED)
 
 
 def get_condition(conditions: Sequence[api.Condition], type_: str) -> api.Condition | None:

@@ -114,12 +114,6 @@ def all_gather_rows(ctx: Context, rows: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def any_rank(ctx: Context, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one (to fail together)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    return bool(all_reduce_sum(ctx, t).item() > 0)
-
-
 def device_memory_bytes(ctx: Context) -> int:
     """One device's memory: the GPU's, or this host's RAM shared by its local processes."""
     if ctx.device.type == "cuda":
@@ -180,15 +174,6 @@ def wrap(ctx: Context, module: nn.Module, strategy: str, bf16: bool) -> nn.Modul
         fully_shard(module, mesh=mesh, mp_policy=mp)  # root: embeddings, norm, head
         return module
     raise ValueError(f"unknown strategy {strategy!r}")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module DDP wraps (FSDP2 wraps in place)."""
-    return (
-        getattr(module, "module", module)
-        if hasattr(module, "require_backward_grad_sync")
-        else module
-    )
 
 
 def _options(ctx: Context, broadcast: bool = False) -> Any:

@@ -16,13 +16,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -613,10 +611,3 @@ def clip_grad(module: nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     full = getattr(norm, "full_tensor", None)
     return float(full() if full is not None else norm)
-
-
-def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a metrics.jsonl (tests, tooling)."""
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            yield json.loads(line)
