@@ -8,5 +8,8 @@ local processes with the same runtime argv (`spin_operator.steps`). Modules:
 * `preflight` bad input named by field, before any work starts;
 * `display`   stages, progress bars and per-iteration results on the terminal;
 * `runner`    the loop: observe -> reconcile -> act (`spinctl run`);
-* `demo`      a tiny task and weak SFT model built offline, then run (`spinctl demo`).
+* `actions`   what the runner does for each of the reconciler's requests and actions;
+* `tracking`  MLflow for local runs (the parent run, iteration runs, model versions);
+* `status_cmd` `spinctl status`: a local run's status read back from its storage;
+* `demo`      `spinctl demo`: the runtime's `demo-build` (a subprocess), then a run.
 """
