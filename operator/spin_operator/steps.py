@@ -28,6 +28,7 @@ from spin_operator.naming import (
 )
 from spin_operator.settings import POD_CACHE_DIR, Settings
 from spin_runtime.layout import RunLayout
+from spin_runtime.train.config import LoraSettings, TrainConfig
 
 __all__ = [
     "CONTROL_KINDS",
@@ -211,8 +212,42 @@ def _train_argv(
     else:
         model, output, work = layout.model_for_iteration(t, spec.model.uri), it.model, it.train_work
         lr = tr.learning_rate_for(t)
-    data = [a for uri in layout.training_data_for_iteration(t, tr.mix_previous_iterations) for a in ("--data", uri)]
-    argv = [
+    # The runtime's own settings class writes the flags (spin_runtime/train/config.py), so a
+    # knob cannot drift between what the operator sends and what `train` parses.
+    cfg = TrainConfig(
+        model=model,
+        data=layout.training_data_for_iteration(t, tr.mix_previous_iterations),
+        output=output,
+        work_dir=work,
+        tokenizer=spec.model.tokenizer,
+        chat_template=spec.model.chat_template,
+        iteration=t,
+        seed=tr.seed,
+        beta=tr.beta_for(t),
+        learning_rate=lr,
+        epochs=tr.epochs,
+        global_batch_size=tr.global_batch_size,
+        micro_batch_size=tr.micro_batch_size,
+        max_length=tr.max_length,
+        max_prompt_length=tr.max_prompt_length,
+        optimizer=tr.optimizer,
+        weight_decay=tr.weight_decay,
+        lr_scheduler=tr.lr_scheduler,
+        warmup_ratio=tr.warmup_ratio,
+        max_grad_norm=tr.max_grad_norm,
+        precision=tr.precision,
+        gradient_checkpointing=tr.gradient_checkpointing,
+        strategy=tr.strategy,
+        prompt_sharing=tr.prompt_sharing,
+        truncated_answers=tr.truncated_answers,
+        drop_identical_pairs=tr.drop_identical_pairs,
+        objective="sft" if control else "spin",
+        lora=None if tr.peft is None else LoraSettings(
+            rank=tr.peft.rank, alpha=tr.peft.alpha, dropout=tr.peft.dropout,
+            target_modules=list(tr.peft.target_modules),
+        ),
+    )  # fmt: skip
+    torchrun = [
         "torchrun",
         "--nnodes", str(tr.nodes),
         "--nproc-per-node", str(tr.procs_per_node),
@@ -220,42 +255,8 @@ def _train_argv(
         "--master-addr", master_addr,
         "--master-port", str(MASTER_PORT),
         "-m", "spin_runtime", "train",
-        "--model", model,
-        *_model_flags(spec),
-        *data,
-        "--output", output,
-        "--work-dir", work,
-        "--iteration", str(t),
-        "--seed", str(tr.seed),
-        "--beta", repr(tr.beta_for(t)),
-        "--learning-rate", repr(lr),
-        "--epochs", str(tr.epochs),
-        "--global-batch-size", str(tr.global_batch_size),
-        "--micro-batch-size", str(tr.micro_batch_size),
-        "--max-length", str(tr.max_length),
-        "--max-prompt-length", str(tr.max_prompt_length),
-        "--optimizer", tr.optimizer,
-        "--weight-decay", repr(tr.weight_decay),
-        "--lr-scheduler", tr.lr_scheduler,
-        "--warmup-ratio", repr(tr.warmup_ratio),
-        "--max-grad-norm", repr(tr.max_grad_norm),
-        "--precision", tr.precision,
-        "--strategy", tr.strategy,
-        "--prompt-sharing", tr.prompt_sharing,
-        "--truncated-answers", tr.truncated_answers,
-        "--drop-identical-pairs" if tr.drop_identical_pairs else "--no-drop-identical-pairs",
     ]  # fmt: skip
-    if tr.peft is not None:
-        argv += [
-            "--peft", tr.peft.method,
-            "--lora-rank", str(tr.peft.rank),
-            "--lora-alpha", str(tr.peft.alpha),
-            "--lora-dropout", repr(tr.peft.dropout),
-            "--lora-target-modules", ",".join(tr.peft.target_modules),
-        ]  # fmt: skip
-    if control:
-        argv += ["--objective", "sft"]
-    return [*argv, "--gradient-checkpointing"] if tr.gradient_checkpointing else argv
+    return [*torchrun, *cfg.to_argv()]
 
 
 def _evaluate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False) -> list[str]:

@@ -40,13 +40,13 @@ import numpy as np
 import torch
 
 from spin_runtime import formatting
+from spin_runtime.train.config import TRUNCATED_ANSWERS
 from spin_runtime.train.loss import Scored
 
 log = logging.getLogger(__name__)
 
 
 #: What to do with pairs whose generated answer hit its token budget (finish_reason length).
-TRUNCATED_ANSWERS = ("keep", "drop")
 
 
 class DataError(ValueError):

@@ -21,7 +21,6 @@ from spin_runtime.train.batches import Pair, PairSet
 if TYPE_CHECKING:
     from spin_runtime.train.loop import Runner, TrainConfig
 
-OBJECTIVES = ("spin", "sft")
 
 
 def answer_tokens(pairs: Sequence[Pair], slots: Sequence[int]) -> int:

@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spin_runtime.train.config import STRATEGIES
+
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "ddp", "fsdp")
 OPTIMIZER_STATE_BYTES = {"rmsprop": 4, "adamw": 8}
 
 

@@ -33,6 +33,7 @@ import torch
 from spin_runtime.cli import UsageError
 from spin_runtime.train import batches
 from spin_runtime.train.batches import Pair
+from spin_runtime.train.config import SHARING_MODES
 from spin_runtime.train.policy import SequenceLogProbs, supports_shared_prompt
 from spin_runtime.train.policy import score as policy_score
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Largest |difference| of a summed answer log-prob (nats, fp32) two layouts may show.
 TOLERANCE = 1e-4
-SHARING_MODES = ("auto", "on", "off")
 #: Layer types that honour a 4-D mask; windowed ones only when the window covers every row.
 _ATTENTION = "full_attention"
 _WINDOWED = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}

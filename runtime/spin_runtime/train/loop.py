@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from spin_runtime import manifest
 from spin_runtime.cli import UsageError
 from spin_runtime.train import batches, checkpoint, control, distributed, exactness, lora
 from spin_runtime.train.batches import Pair, PairSet
+from spin_runtime.train.config import TrainConfig
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
 from spin_runtime.train.metrics import MetricsLog, summarize
@@ -38,111 +39,12 @@ from spin_runtime.train.policy import score as policy_score
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("rmsprop", "adamw")
-SCHEDULERS = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
+# TrainConfig (every setting, with its default and meaning) lives in the light config module.
+__all__ = ["TrainConfig", "TrainingError", "run"]
 
 
 class TrainingError(RuntimeError):
     """Training itself went wrong (non-finite loss or gradient): exit 1, nothing published."""
-
-
-@dataclass
-class TrainConfig:
-    """The ``train`` command's settings (docs/runtime.md)."""
-
-    model: str
-    data: list[str]
-    output: str
-    work_dir: str
-    tokenizer: str | None = None
-    chat_template: str | None = None
-    iteration: int = 0
-    seed: int = 0
-    beta: float = 0.1
-    learning_rate: float = 5e-7
-    epochs: int = 2
-    global_batch_size: int = 64
-    micro_batch_size: int = 1
-    max_length: int = 1024
-    max_prompt_length: int = 512
-    optimizer: str = "rmsprop"
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    strategy: str = "auto"
-    prompt_sharing: str = "auto"
-    truncated_answers: str = "keep"
-    drop_identical_pairs: bool = True
-    lora: lora.LoraSettings | None = None  # None: full fine-tuning
-    objective: str = "spin"  # sft: the control arm (train/control.py)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        """Bad values are usage errors naming the flag (exit 2)."""
-        checks = [
-            (bool(self.data), "--data: at least one generated directory is required"),
-            (self.beta > 0, f"--beta {self.beta}: must be > 0"),
-            (
-                self.objective in control.OBJECTIVES,
-                f"--objective {self.objective}: one of {control.OBJECTIVES}",
-            ),
-            (self.learning_rate > 0, f"--learning-rate {self.learning_rate}: must be > 0"),
-            (self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1"),
-            (self.global_batch_size >= 1, "--global-batch-size: must be >= 1"),
-            (self.micro_batch_size >= 1, "--micro-batch-size: must be >= 1"),
-            (self.max_length >= 2, "--max-length: must be >= 2"),
-            (
-                0 < self.max_prompt_length < self.max_length,
-                f"--max-prompt-length {self.max_prompt_length}: must be in "
-                f"[1, --max-length {self.max_length})",
-            ),
-            (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: one of {OPTIMIZERS}"),
-            (self.weight_decay >= 0, "--weight-decay: must be >= 0"),
-            (
-                self.lr_scheduler in SCHEDULERS,
-                f"--lr-scheduler {self.lr_scheduler}: one of {SCHEDULERS}",
-            ),
-            (0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio}: must be in [0, 1)"),
-            (self.max_grad_norm >= 0, "--max-grad-norm: must be >= 0 (0 disables clipping)"),
-            (self.precision in PRECISIONS, f"--precision {self.precision}: one of {PRECISIONS}"),
-            (
-                self.strategy in distributed.STRATEGIES,
-                f"--strategy {self.strategy}: one of {distributed.STRATEGIES}",
-            ),
-            (
-                self.prompt_sharing in exactness.SHARING_MODES,
-                f"--prompt-sharing {self.prompt_sharing}: one of {exactness.SHARING_MODES}",
-            ),
-            (
-                self.truncated_answers in batches.TRUNCATED_ANSWERS,
-                f"--truncated-answers {self.truncated_answers}: one of {batches.TRUNCATED_ANSWERS}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        if self.lora is not None:
-            self.lora.validate()
-
-    def resume_key(self) -> dict[str, Any]:
-        """Settings an epoch checkpoint must share with this run to be resumed (micro-batch
-        size, world size and strategy may change: they do not change the update)."""
-        keys = (
-            "model", "data", "iteration", "seed", "beta", "learning_rate", "epochs",
-            "global_batch_size", "max_length", "max_prompt_length", "optimizer", "weight_decay",
-            "lr_scheduler", "warmup_ratio", "max_grad_norm", "truncated_answers",
-            "drop_identical_pairs",
-        )  # fmt: skip
-        key = {k: getattr(self, k) for k in keys}
-        if self.lora is not None:  # absent for full fine-tuning: older checkpoints still resume
-            key["lora"] = self.lora.as_dict()
-        if self.objective != "spin":  # likewise absent for SPIN
-            key["objective"] = self.objective
-        return key
 
 
 # ---------------------------------------------------------------------------------------------

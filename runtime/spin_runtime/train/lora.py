@@ -18,7 +18,6 @@ subfolder, so loaders of the merged checkpoint never mistake it for an adapter c
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,65 +25,35 @@ import torch
 from torch import nn
 
 from spin_runtime.cli import UsageError
+from spin_runtime.train.config import ALL_LINEAR, LoraSettings
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lora",)
-ALL_LINEAR = "all-linear"
 ADAPTER_DIR = "adapter"
 
 
-@dataclass
-class LoraSettings:
-    """``--peft lora`` and its ``--lora-*`` flags (docs/runtime.md)."""
+def peft_config(settings: LoraSettings) -> Any:
+    from peft import LoraConfig
 
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
-
-    def validate(self) -> None:
-        checks = [
-            (self.rank >= 1, f"--lora-rank {self.rank}: must be >= 1"),
-            (self.alpha > 0, f"--lora-alpha {self.alpha}: must be > 0"),
-            (0 <= self.dropout < 1, f"--lora-dropout {self.dropout}: must be in [0, 1)"),
-            (
-                bool(self.target_modules) and all(m.strip() for m in self.target_modules),
-                "--lora-target-modules: give module names (e.g. q_proj,v_proj) or all-linear",
-            ),
-            (
-                ALL_LINEAR not in self.target_modules or len(self.target_modules) == 1,
-                "--lora-target-modules: all-linear cannot be combined with module names",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-
-    def peft_config(self) -> Any:
-        from peft import LoraConfig
-
-        targets: str | list[str] = (
-            ALL_LINEAR if self.target_modules == [ALL_LINEAR] else list(self.target_modules)
-        )
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"method": "lora", **asdict(self)}
+    targets: str | list[str] = (
+        ALL_LINEAR if settings.target_modules == [ALL_LINEAR] else list(settings.target_modules)
+    )
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _peft_model(model: nn.Module, settings: LoraSettings) -> Any:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, settings.peft_config())  # type: ignore[arg-type]
+        return get_peft_model(model, peft_config(settings))  # type: ignore[arg-type]
     except ValueError as exc:  # e.g. target modules not found in the model
         raise UsageError(
             f"--lora-target-modules {','.join(settings.target_modules)}: {exc}"
