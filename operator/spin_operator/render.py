@@ -24,7 +24,9 @@ from typing import Any
 from spin_operator.api import types as api
 from spin_operator.naming import KUEUE_QUEUE_LABEL, service_name, step_labels
 from spin_operator.settings import POD_CACHE_DIR
-from spin_operator.steps import MASTER_PORT, RunRef, StepPlan
+from spin_operator.steps import MASTER_PORT, NODE_RANK_ENV, RunRef, StepPlan
+
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 UNHEALABLE_EXIT_CODES = [2, 126, 127]
 CACHE_VOLUME = "spin-cache"
@@ -61,6 +63,9 @@ def _metadata(plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str 
 
 def _env(plan: StepPlan) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plan.env.items()]
+    if plan.rendezvous:  # torchrun's --node-rank: the pod's completion index (Indexed Job)
+        index = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+        env.append({"name": NODE_RANK_ENV, "valueFrom": {"fieldRef": {"fieldPath": index}}})
     for name, ref in plan.secret_env.items():
         selector: dict[str, Any] = {"name": ref.secret, "key": ref.key}
         if ref.optional:

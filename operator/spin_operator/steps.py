@@ -35,7 +35,7 @@ __all__ = [
     "CONTROL_OF",
     "MASTER_PORT",
     "MUTABLE_FIELDS",
-    "NODE_RANK",
+    "NODE_RANK_ENV",
     "STEP_KINDS",
     "RunRef",
     "SecretKey",
@@ -50,8 +50,11 @@ __all__ = [
     "steps_of",
 ]
 
-# In a training Job, Kubernetes expands this in argv to the pod's completion index (node rank).
-NODE_RANK = "$(JOB_COMPLETION_INDEX)"
+# torchrun reads each of its flags from PET_<FLAG> when the flag is absent: the training argv
+# carries no topology; the plan's env holds the static part, and render() sets the node rank
+# from the pod's completion index (`batch.kubernetes.io/job-completion-index`), local mode from
+# its process index. Nothing is rewritten in argv.
+NODE_RANK_ENV = "PET_NODE_RANK"
 MASTER_PORT = 29500
 
 # Wire paths (relative to spec) that may change while a run is going: they do not change what
@@ -97,9 +100,10 @@ class SecretKey:
 class StepPlan:
     """One step attempt, independent of how it is executed.
 
-    `argv` is what every pod (or local process group) runs; for training it is a torchrun
-    command whose `--node-rank` is `NODE_RANK` and whose `--master-addr` is `master_addr`
-    (`<job>-0.<service>`): local mode replaces both (see `local_argv`).
+    `argv` is what every pod (or local process group) runs. For training it is a torchrun
+    command whose topology is in `env` as torchrun's own variables (`PET_NNODES`,
+    `PET_NPROC_PER_NODE`, `PET_MASTER_ADDR` = `<job>-0.<service>`, `PET_MASTER_PORT`); each pod
+    adds its `PET_NODE_RANK` (see `local_env` for local mode).
     """
 
     stage: StepKind
@@ -124,16 +128,12 @@ class StepPlan:
         """True when pods must find each other (the training Job's headless Service)."""
         return self.master_addr is not None
 
-    def local_argv(self, node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
-        """argv with the Kubernetes placeholders replaced, for running outside a cluster."""
-        out = []
-        for arg in self.argv:
-            if arg == NODE_RANK:
-                arg = str(node_rank)
-            elif self.master_addr is not None and arg == self.master_addr:
-                arg = master_addr
-            out.append(arg)
-        return out
+    def local_env(self, node_rank: int, master_port: int) -> dict[str, str]:
+        """What a local process of pod `node_rank` adds to `env`: its rank, and the master on
+        this machine (a free port per Job, so concurrent Jobs never collide)."""
+        if not self.rendezvous:
+            return {}
+        return {NODE_RANK_ENV: str(node_rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(master_port)}
 
 
 # The control arm's step that runs beside a SPIN step (spec.controlArm): same stage, same inputs.
@@ -201,9 +201,7 @@ def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str
     ]  # fmt: skip
 
 
-def _train_argv(
-    spec: api.SPINRunSpec, layout: RunLayout, t: int, master_addr: str, control: bool = False
-) -> list[str]:
+def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False) -> list[str]:
     tr = spec.training
     it = layout.iteration(t)
     if control:  # same data, batch, epochs and schedule: the same optimizer steps on the same prompts
@@ -247,16 +245,7 @@ def _train_argv(
             target_modules=list(tr.peft.target_modules),
         ),
     )  # fmt: skip
-    torchrun = [
-        "torchrun",
-        "--nnodes", str(tr.nodes),
-        "--nproc-per-node", str(tr.procs_per_node),
-        "--node-rank", NODE_RANK,
-        "--master-addr", master_addr,
-        "--master-port", str(MASTER_PORT),
-        "-m", "spin_runtime", "train",
-    ]  # fmt: skip
-    return [*torchrun, *cfg.to_argv()]
+    return ["torchrun", "-m", "spin_runtime", "train", *cfg.to_argv()]  # topology: PET_* env
 
 
 def _evaluate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False) -> list[str]:
@@ -326,7 +315,13 @@ def plan_step(
         tr = spec.training
         control = stage == "control-train"
         master_addr = f"{pod_hostname(name, 0)}.{service_name(name)}"
-        argv = _train_argv(spec, layout, iteration, master_addr, control)
+        argv = _train_argv(spec, layout, iteration, control)
+        env |= {
+            "PET_NNODES": str(tr.nodes),
+            "PET_NPROC_PER_NODE": str(tr.procs_per_node),
+            "PET_MASTER_ADDR": master_addr,
+            "PET_MASTER_PORT": str(MASTER_PORT),
+        }
         pods, procs, gpus, image = tr.nodes, tr.procs_per_node, tr.gpus_per_node, tr.image
         resources, output, shm = tr.resources, it.control_model if control else it.model, tr.shm_size
     else:

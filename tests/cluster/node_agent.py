@@ -90,6 +90,7 @@ class LocalPod:
     disruption: bool = False
     deleting: bool = False
     argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # as resolved for the process
 
     @property
     def log_path(self) -> Path:
@@ -281,7 +282,7 @@ class NodeAgent:
             return
         if self.launch_hook is not None:
             argv = self.launch_hook(obj, argv, env)
-        pod.argv = argv
+        pod.argv, pod.env = argv, env
         while True:
             if pod.deleting or self._stop.is_set():
                 return

@@ -79,8 +79,9 @@ def test_helm_install_then_kubectl_apply_runs_two_real_iterations(cluster: RealC
         if p["metadata"]["labels"]["job-name"] == train
         and p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
     )  # fmt: skip
-    argv = c.agent.find(c.namespace, rank1["metadata"]["name"]).argv
-    assert argv[argv.index("--master-addr") + 1] == "127.0.0.1", argv
+    env = c.agent.find(c.namespace, rank1["metadata"]["name"]).env
+    # torchrun's own variables: the rank from the completion-index annotation (downward API)
+    assert (env["PET_MASTER_ADDR"], env["PET_NODE_RANK"]) == ("127.0.0.1", "1"), env
 
     stamps = e2e.artifact_stamps(f"{e2e.STORAGE_URI}/{c.namespace}/{RUN}")
     for t in (0, 1):

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         uri = storage.join(output, layout.shard_name(index, shards))
         manifest.write_file_artifact(shard, uri, "generated", {"records": 1, "standin": True})
     elif "train" in argv:
-        if _flag(argv, "--node-rank") != "0":
+        if os.environ.get("PET_NODE_RANK", "0") != "0":
             return 0  # only rank 0 saves the model
         (scratch / "config.json").write_text("{}")
         manifest.write_dir_artifact(scratch, output, "model", {"standin": True})

@@ -76,8 +76,9 @@ def test_kubectl_apply_runs_two_real_iterations(e2e: Cluster, tmp_path: Path) ->
     for job, count in per_job.items():
         assert count == (1 if "eval" in job else 2), per_job
     train = next(p for p in pods if "train" in p.job and p.index == 1)
-    master = train.argv[train.argv.index("--master-addr") + 1]
-    assert master == "127.0.0.1", train.argv  # <job>-0.<svc> resolved to the local master
+    master = train.env["PET_MASTER_ADDR"]  # torchrun's own variable, not an argv flag
+    assert master == "127.0.0.1", train.env  # <job>-0.<svc> resolved to the local master
+    assert train.env["PET_NODE_RANK"] == "1" and "--node-rank" not in train.argv
 
     # --- storage: every artifact complete (manifests last)
     prefix = f"{harness.STORAGE_URI}/{e2e.namespace}/{RUN}"

@@ -57,14 +57,15 @@ def test_control_train_is_spins_training_with_the_sft_objective_from_the_previou
     t: int,
 ) -> None:
     spec = make(training={"learningRate": 1e-6, "epochs": 3, "mixPreviousIterations": 2})
-    spin = plan_step(spec, SETTINGS, RUN, t, "train").argv
+    spin_plan = plan_step(spec, SETTINGS, RUN, t, "train")
+    spin = spin_plan.argv
     ctl = plan_step(spec, SETTINGS, RUN, t, "control-train")
     assert flag(ctl.argv, "--model") == (
         "s3://models/sft" if t == 0 else f"{R}/iter-{t - 1:03d}/control/model"
     )
     assert flag(ctl.argv, "--output") == ctl.output_uri == f"{R}/iter-{t:03d}/control/model"
     assert flag(ctl.argv, "--work-dir") == f"{R}/iter-{t:03d}/control/train"
-    assert flag(ctl.argv, "--objective") == "sft" and "--objective" not in spin
+    assert flag(ctl.argv, "--objective") == "sft" and flag(spin, "--objective") == "spin"
     # the same prompts in the same order, the same optimizer steps and schedule
     assert values(ctl.argv, "--data") == values(spin, "--data")
     for name in (
@@ -77,9 +78,9 @@ def test_control_train_is_spins_training_with_the_sft_objective_from_the_previou
         "--lr-scheduler",
         "--warmup-ratio",
         "--max-length",
-        "--nproc-per-node",
     ):
         assert flag(ctl.argv, name) == flag(spin, name), name
+    assert ctl.env["PET_NPROC_PER_NODE"] == spin_plan.env["PET_NPROC_PER_NODE"]
     assert ctl.rendezvous and ctl.job_name == f"paper-i{t}-ctrain"
     assert ctl.master_addr == f"paper-i{t}-ctrain-0.paper-i{t}-ctrain"
 
@@ -137,7 +138,7 @@ def test_control_argv_parses_with_the_runtime_cli_and_renders_valid_jobs(stage: 
         training={"peft": {"targetModules": ["q_proj"]}}, tracking={"uri": "http://mlflow:5000"}
     )
     plan = plan_step(spec, SETTINGS, RUN, 3, stage, 1, mlflow_run_id="r1")  # type: ignore[arg-type]
-    argv = list(plan.local_argv())
+    argv = list(plan.argv)
     start = argv.index("spin_runtime") + 1
     command = argv[start]
     args = _runtime_parser(command).parse_args(argv[start:])

@@ -11,7 +11,7 @@ import pytest
 from spin_operator.api import types as api
 from spin_operator.local.backend import LocalBackend, local_command
 from spin_operator.settings import Settings
-from spin_operator.steps import NODE_RANK, RunRef, StepPlan, plan_step
+from spin_operator.steps import RunRef, StepPlan, plan_step
 from tests.spin_operator.local_support import pid_alive
 
 
@@ -39,15 +39,15 @@ def test_training_argv_runs_torchrun_of_this_python_on_localhost() -> None:
         "training": {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 2, "globalBatchSize": 4},
     })  # fmt: skip
     train = plan_step(spec, Settings(), RunRef("ns", "run"), 0, "train")
-    assert NODE_RANK in train.argv and train.master_addr in train.argv
-    argv = local_command(train, pod=1, port=4321, python="/venv/bin/python")
-    assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
-    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
-    assert flags["--node-rank"] == "1" and flags["--master-addr"] == "127.0.0.1"
-    assert flags["--master-port"] == "4321" and flags["--nnodes"] == "2"
-    assert argv[argv.index("-m", 3) + 1 :][:2] == ["spin_runtime", "train"]
+    argv = local_command(train, python="/venv/bin/python")
+    assert argv[:5] == ["/venv/bin/python", "-m", "torch.distributed.run", "-m", "spin_runtime"]
+    assert "--node-rank" not in argv and "--master-addr" not in argv  # topology: PET_* env
+    env = {**train.env, **train.local_env(1, 4321)}
+    assert (env["PET_NODE_RANK"], env["PET_MASTER_ADDR"], env["PET_MASTER_PORT"]) == ("1", "127.0.0.1", "4321")
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("2", "2")
     evaluate = plan_step(spec, Settings(), RunRef("ns", "run"), 0, "evaluate")
-    assert local_command(evaluate, 0, 0, "/py")[:4] == ["/py", "-m", "spin_runtime", "evaluate"]
+    assert local_command(evaluate, "/py")[:4] == ["/py", "-m", "spin_runtime", "evaluate"]
+    assert evaluate.local_env(0, 4321) == {} and not any(k.startswith("PET_") for k in evaluate.env)
 
 
 CODE = "import os, time; open(os.environ['OUT'] + os.environ['JOB_COMPLETION_INDEX'], 'w').write(f'{time.time()} '); time.sleep(0.8); open(os.environ['OUT'] + os.environ['JOB_COMPLETION_INDEX'], 'a').write(f'{time.time()} ' + os.environ['SPIN_TEST'])"

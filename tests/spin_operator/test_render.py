@@ -90,8 +90,12 @@ def test_training_job_and_headless_service() -> None:
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["subdomain"] == name
     cmd = container(job)["command"]
-    assert cmd[cmd.index("--master-addr") + 1] == f"{name}-0.{name}"
-    assert cmd[cmd.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert cmd[:4] == ["torchrun", "-m", "spin_runtime", "train"] and "--node-rank" not in cmd
+    env = {e["name"]: e for e in container(job)["env"]}  # torchrun's own topology variables
+    assert env["PET_MASTER_ADDR"]["value"] == f"{name}-0.{name}"
+    assert (env["PET_NNODES"]["value"], env["PET_MASTER_PORT"]["value"]) == ("2", "29500")
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["PET_NODE_RANK"]["valueFrom"] == {"fieldRef": {"fieldPath": index}}
     assert (job["spec"]["completions"], job["spec"]["completionMode"]) == (2, "Indexed")
     shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}

@@ -12,7 +12,6 @@ from spin_operator.api import types as api
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import (
     MUTABLE_FIELDS,
-    NODE_RANK,
     RunRef,
     SecretKey,
     changed_fields,
@@ -95,17 +94,17 @@ def test_train_plan_is_torchrun_with_rendezvous() -> None:
     )
     p = plan_step(spec, SETTINGS, RUN, 1, "train", attempt=2)
     assert p.job_name == "paper-i1-train-r2"
-    assert p.argv[:11] == (
-        "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", NODE_RANK,
-        "--master-addr", "paper-i1-train-r2-0.paper-i1-train-r2", "--master-port", "29500",
-    )  # fmt: skip
-    assert p.argv[11:14] == ("-m", "spin_runtime", "train")
+    assert p.argv[:4] == ("torchrun", "-m", "spin_runtime", "train")
+    assert {k: v for k, v in p.env.items() if k.startswith("PET_")} == {
+        "PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "PET_MASTER_PORT": "29500",
+        "PET_MASTER_ADDR": "paper-i1-train-r2-0.paper-i1-train-r2",
+    }  # fmt: skip
     data = [p.argv[i + 1] for i, a in enumerate(p.argv) if a == "--data"]
     assert data == [f"{R}/iter-001/generated", f"{R}/iter-000/generated"]
     assert flag(p.argv, "--beta") == "5.0" and flag(p.argv, "--work-dir") == f"{R}/iter-001/train"
     assert "--gradient-checkpointing" in p.argv
     assert (p.pods, p.processes_per_pod, p.gpus_per_pod, p.shm_size) == (2, 8, 8, "16Gi")
-    assert p.local_argv(node_rank=0)[6:9] == ["0", "--master-addr", "127.0.0.1"]
+    assert p.local_env(node_rank=1, master_port=4000)["PET_NODE_RANK"] == "1"
 
 
 def test_peft_becomes_the_runtime_lora_flags() -> None:
@@ -138,7 +137,7 @@ def test_train_plan_passes_the_exactness_settings() -> None:
 
 def test_cpu_training_defaults_to_one_process() -> None:
     p = plan_step(make(training={"gpusPerNode": 0}), SETTINGS, RUN, 0, "train")
-    assert flag(p.argv, "--nproc-per-node") == "1" and p.gpus_per_pod == 0
+    assert p.env["PET_NPROC_PER_NODE"] == "1" and p.gpus_per_pod == 0
 
 
 def test_evaluate_plan_with_baseline_at_iteration_zero_only() -> None:
@@ -179,6 +178,8 @@ def test_env_and_secret_references_never_values() -> None:
         "SPIN_CACHE_DIR": "/var/cache/spin", "AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_REGION": "eu-1",
         "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_RUN_ID": "abc",
         "SPIN_TRACKING_SPOOL_DIR": f"{R}/iter-000/tracking-spool",
+        "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_MASTER_PORT": "29500",
+        "PET_MASTER_ADDR": "paper-i0-train-0.paper-i0-train",
     }  # fmt: skip
     assert p.secret_env["AWS_ACCESS_KEY_ID"] == SecretKey("s3", "id")
     assert p.secret_env["AWS_SECRET_ACCESS_KEY"] == SecretKey("s3", "AWS_SECRET_ACCESS_KEY")
@@ -219,7 +220,7 @@ def test_argv_parses_with_the_runtime_cli(stage: str) -> None:
         },
         training={"gradientCheckpointing": True, "peft": {"targetModules": ["q_proj", "v_proj"]}},
     )
-    argv = list(plan_step(spec, SETTINGS, RUN, 0, stage).local_argv())  # type: ignore[arg-type]
+    argv = list(plan_step(spec, SETTINGS, RUN, 0, stage).argv)  # type: ignore[arg-type]
     start = argv.index("spin_runtime") + 1
     parser = _runtime_parser(stage)
     try:

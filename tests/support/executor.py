@@ -90,6 +90,7 @@ class PodInfo:
     reason: str
     argv: tuple[str, ...]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
 
     def log(self) -> str:
         try:
@@ -548,7 +549,7 @@ class Executor:
         launch = PodLaunch(job, pod.index, argv, env, pod.directory)
         if self.launch_hook is not None:
             self.launch_hook(launch)
-        pod.argv = launch.argv
+        pod.argv, pod.env = launch.argv, dict(launch.env)
         try:
             with open(pod.log_path, "ab") as out:
                 pod.proc = subprocess.Popen(
@@ -680,4 +681,4 @@ def _rule_matches(rule: dict[str, Any], pod: PodRecord) -> bool:
 
 def _info(pod: PodRecord) -> PodInfo:
     return PodInfo(pod.namespace, pod.job, pod.index, pod.name, pod.phase, pod.exit_code, pod.reason,
-                   tuple(pod.argv), pod.log_path)  # fmt: skip
+                   tuple(pod.argv), pod.log_path, dict(pod.env))  # fmt: skip

@@ -22,7 +22,7 @@ What a container gets:
   pod's namespace, and the bare Service name when it is a whole argv element/env value or is
   followed by ``:<port>``, is rewritten to ``127.0.0.1`` before exec — so a training Job's
   ``<job>-0.<headless svc>`` master resolves locally. Ports attached to rewritten hosts (and
-  ``--master-port``/``--master_port``/``MASTER_PORT`` of such a container) are mapped to a free
+  ``--master-port``/``--master_port``/``MASTER_PORT``/``PET_MASTER_PORT`` of such a container) are mapped to a free
   local port per (namespace, Service, port), so concurrent multi-node Jobs do not collide.
 """
 
@@ -55,6 +55,7 @@ VENV_BIN = (
     else Path(sys.executable).parent
 )
 PORT_FLAGS = ("--master-port", "--master_port")
+PORT_ENV = ("MASTER_PORT", "PET_MASTER_PORT")
 log = logging.getLogger("kubelet")
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 USER_AGENT = "executor"  # how the emulator's request log tells our calls from the operator's
@@ -265,6 +266,7 @@ class PodRecord:
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # as resolved for the process
     exit_code: int | None = None
     reason: str = ""
     message: str = ""
@@ -349,8 +351,9 @@ class Kubelet:
             elif arg.startswith(tuple(f + "=" for f in PORT_FLAGS)):
                 flag, value = arg.split("=", 1)
                 argv[i] = f"{flag}={rewriter.map_port(value)}"
-        if "MASTER_PORT" in env:
-            env["MASTER_PORT"] = rewriter.map_port(env["MASTER_PORT"])
+        for name in PORT_ENV:  # torchrun's master port, as flag or as its PET_ variable
+            if name in env:
+                env[name] = rewriter.map_port(env[name])
         full_env = {**self.base_env, "HOME": str(pod.directory), **env}
         cwd = (
             Path(_rewrite_mounts(container["workingDir"], mounts))

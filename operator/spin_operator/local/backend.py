@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spin_operator.reconciler import ObservedJob
-from spin_operator.steps import MASTER_PORT, StepPlan
+from spin_operator.steps import StepPlan
 
 BAD_INPUT_EXIT = 2
 TERMINATE_GRACE_S = 10.0
@@ -41,13 +41,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def local_command(plan: StepPlan, pod: int, port: int, python: str = sys.executable) -> list[str]:
-    """The plan's argv for pod `pod` on this machine: `python` is this interpreter, `torchrun`
-    is `python -m torch.distributed.run` (no reliance on PATH), the Kubernetes placeholders
-    (node rank, master address) are filled in and the fixed master port becomes `port`."""
-    argv = plan.local_argv(node_rank=pod, master_addr="127.0.0.1")
-    if plan.rendezvous:
-        argv = [str(port) if a == str(MASTER_PORT) and argv[i - 1] == "--master-port" else a for i, a in enumerate(argv)]
+def local_command(plan: StepPlan, python: str = sys.executable) -> list[str]:
+    """The plan's argv on this machine: `python` is this interpreter and `torchrun` is
+    `python -m torch.distributed.run` (no reliance on PATH). The topology is in the env
+    (`StepPlan.local_env`), never in argv."""
+    argv = list(plan.argv)
     if argv and argv[0] == "python":
         return [python, *argv[1:]]
     if argv and argv[0] == "torchrun":
@@ -76,6 +74,7 @@ class LocalJob:
     pods: list[Pod]
     env: dict[str, str]
     parallel: int
+    master_port: int = 0  # torchrun's rendezvous on 127.0.0.1 (training Jobs)
     start_time: str = field(default_factory=now_iso)
     completion_time: str | None = None
     reason: str = ""
@@ -182,7 +181,7 @@ class LocalBackend:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = free_port() if plan.rendezvous else 0
         pods = [
-            Pod(i, local_command(plan, i, port, self.python), self.log_dir / f"{plan.job_name}-{i}.log")
+            Pod(i, local_command(plan, self.python), self.log_dir / f"{plan.job_name}-{i}.log")
             for i in range(plan.pods)
         ]
         # Shards may run side by side; a multi-node torchrun must (its ranks wait for each other).
@@ -190,7 +189,7 @@ class LocalBackend:
         env = {**self.base_env, **plan.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         if "OMP_NUM_THREADS" not in env and plan.stage not in ("train", "control-train"):
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-        job = LocalJob(plan, pods, env, parallel)
+        job = LocalJob(plan, pods, env, parallel, master_port=port)
         self.jobs[plan.job_name] = job
         self._launch_ready(job)
         return job
@@ -203,7 +202,7 @@ class LocalBackend:
                 self._spawn(job, pod)
 
     def _spawn(self, job: LocalJob, pod: Pod) -> None:
-        env = {**job.env, "JOB_COMPLETION_INDEX": str(pod.index)}
+        env = {**job.env, "JOB_COMPLETION_INDEX": str(pod.index), **job.plan.local_env(pod.index, job.master_port)}
         with pod.log_path.open("ab") as log:
             log.write(f"=== {now_iso()} {' '.join(pod.argv)}\n".encode())
             log.flush()
