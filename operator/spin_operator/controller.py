@@ -298,8 +298,9 @@ class Controller:
             parsed = self._parse(key, body)
             if isinstance(parsed, InvalidSpec):
                 raise parsed
-            given: api.SPINRunSpec | InvalidSpec = resolve_spec(parsed, self.settings, applied)
-            layout_of(given, run)  # the run prefix must be usable (an operator default too)
+            resolved = resolve_spec(parsed, self.settings, applied)
+            layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
+            given: api.SPINRunSpec | InvalidSpec = resolved
         except InvalidSpec as exc:
             given = exc
         except ValueError as exc:  # a storage URI the layout cannot use, e.g. s3://b/a/../c

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,12 +138,16 @@ class Setup:
         deadline = time.monotonic() + timeout
         while not probe():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"status {self.api.run.get('status')}, creates {self.api.creates}")
+                raise TimeoutError(
+                    f"status {self.api.run.get('status')}, creates {self.api.creates}"
+                )
             await asyncio.sleep(0.02)
 
     def failed(self) -> JSON | None:
         conditions = (self.api.run.get("status") or {}).get("conditions") or []
-        return next((c for c in conditions if c["type"] == "Failed" and c["status"] == "True"), None)
+        return next(
+            (c for c in conditions if c["type"] == "Failed" and c["status"] == "True"), None
+        )
 
     async def close(self) -> None:
         await self.controller.close(grace=0)
@@ -160,13 +165,22 @@ FORBIDDEN = (
 
 @pytest.mark.parametrize(
     ("status", "reason", "message"),
-    [(422, "Invalid", INVALID), (403, "Forbidden", FORBIDDEN), (400, "BadRequest", "json: cannot unmarshal")],
+    [
+        (422, "Invalid", INVALID),
+        (403, "Forbidden", FORBIDDEN),
+        (400, "BadRequest", "json: cannot unmarshal"),
+    ],
 )
-async def test_permanent_refusal_fails_with_the_api_message(tmp_path: Path, status: int, reason: str, message: str) -> None:
+async def test_permanent_refusal_fails_with_the_api_message(
+    tmp_path: Path, status: int, reason: str, message: str
+) -> None:
     """A create the API server refuses for good (here the dry run at start, as a real server
     refuses it the same way) fails the run with its message as the Failed condition and one
     Warning event; nothing is written to storage and no Job exists."""
-    s = Setup(tmp_path, lambda path, body, dry: ApiError(status, reason, message) if "/jobs" in path else None)
+    s = Setup(
+        tmp_path,
+        lambda path, body, dry: ApiError(status, reason, message) if "/jobs" in path else None,
+    )
     s.start()
     try:
         await s.wait(lambda: s.failed() is not None)
@@ -175,7 +189,9 @@ async def test_permanent_refusal_fails_with_the_api_message(tmp_path: Path, stat
         assert failed is not None and failed["reason"] == "CreateRejected"
         assert message in failed["message"] and "generate of iteration 0" in failed["message"]
         assert s.api.run["status"]["phase"] == "Failed"
-        assert [e for e in s.events if e[0] == "Warning"] == [("Warning", "CreateRejected", failed["message"])]
+        assert [e for e in s.events if e[0] == "Warning"] == [
+            ("Warning", "CreateRejected", failed["message"])
+        ]
         assert all(dry for _, dry, _ in s.api.creates), s.api.creates  # no real create was sent
         assert len(s.api.creates) == 1, s.api.creates  # refused once, not retried
         assert not (tmp_path / "artifacts").exists()  # R/spinrun.yaml is written only after it
@@ -191,7 +207,11 @@ async def test_dry_run_covers_every_object_of_iteration_0(tmp_path: Path) -> Non
 
     def refuse(path: str, body: JSON, dry: bool) -> ApiError | None:
         if body["metadata"]["name"] == train and body["kind"] == "Job":
-            return ApiError(422, "Invalid", f'Job.batch "{train}" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: "9": must be less than or equal to cpu limit of 8')
+            return ApiError(
+                422,
+                "Invalid",
+                f'Job.batch "{train}" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: "9": must be less than or equal to cpu limit of 8',
+            )
         return None
 
     s = Setup(tmp_path, refuse)
@@ -229,15 +249,32 @@ async def test_refusal_mid_run_fails_the_step(tmp_path: Path) -> None:
     the retry of a failed generation Job): the step is Failed with the API's message instead of
     `Retry` forever."""
     gen, retry = job_name(NAME, 0, "generate"), job_name(NAME, 0, "generate", 1)
-    s = Setup(tmp_path, lambda path, body, dry: ApiError(403, "Forbidden", FORBIDDEN) if body["metadata"]["name"] == retry else None)
+    s = Setup(
+        tmp_path,
+        lambda path, body, dry: (
+            ApiError(403, "Forbidden", FORBIDDEN) if body["metadata"]["name"] == retry else None
+        ),
+    )
     s.start()
     try:
         await s.wait(lambda: any(n == gen and not d for n, d, _ in s.api.creates))
         await s.wait(lambda: (s.api.run.get("status") or {}).get("phase") == "Running")
         job = await s.api.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{gen}")
         assert job is not None
-        job["metadata"]["ownerReferences"] = [{"uid": "run-uid", "kind": "SPINRun", "name": NAME, "controller": True}]
-        job["status"] = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "boom"}]}
+        job["metadata"]["ownerReferences"] = [
+            {"uid": "run-uid", "kind": "SPINRun", "name": NAME, "controller": True}
+        ]
+        job["status"] = {
+            "failed": 1,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "boom",
+                }
+            ],
+        }
         s.controller.on_job("MODIFIED", job)
         await s.wait(lambda: s.failed() is not None)
         status = s.api.run["status"]
@@ -255,7 +292,9 @@ async def test_refusal_mid_run_fails_the_step(tmp_path: Path) -> None:
     [(429, "too many requests", 1.0), (503, "etcdserver: leader changed", None),
      (403, 'exceeded quota: compute, requested: pods=1, used: pods=4, limited: pods=4', None)],
 )  # fmt: skip
-async def test_retryable_errors_back_off_then_create(tmp_path: Path, status: int, message: str, retry_after: float | None) -> None:
+async def test_retryable_errors_back_off_then_create(
+    tmp_path: Path, status: int, message: str, retry_after: float | None
+) -> None:
     """429 (at least Retry-After apart), 5xx and an exhausted quota: backed off, not failed;
     the Job is created once the API server accepts it."""
     refusals = [0]
@@ -264,7 +303,12 @@ async def test_retryable_errors_back_off_then_create(tmp_path: Path, status: int
         if dry or "/jobs" not in path or refusals[0] >= 2:
             return None
         refusals[0] += 1
-        return ApiError(status, "TooManyRequests" if status == 429 else "ServiceUnavailable", message, retry_after)
+        return ApiError(
+            status,
+            "TooManyRequests" if status == 429 else "ServiceUnavailable",
+            message,
+            retry_after,
+        )
 
     s = Setup(tmp_path, refuse)
     s.start()
@@ -273,7 +317,7 @@ async def test_retryable_errors_back_off_then_create(tmp_path: Path, status: int
         await s.wait(lambda: sum(n == gen and not d for n, d, _ in s.api.creates) == 3)
         await s.wait(lambda: (s.api.run.get("status") or {}).get("phase") == "Running")
         times = [t for n, d, t in s.api.creates if n == gen and not d]
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert min(gaps) >= (retry_after or 0.2) * 0.9, gaps
         assert s.failed() is None
         assert not [e for e in s.events if e[1] == "CreateRejected"]
