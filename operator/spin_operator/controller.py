@@ -66,7 +66,7 @@ from spin_operator.render import render
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, layout_of, plan_step, steps_of
 from spin_operator.track import Tracking
-from spin_operator.validation import InvalidSpec, Problem, parse
+from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -300,6 +300,8 @@ class Controller:
                 raise parsed
             resolved = resolve_spec(parsed, self.settings, applied)
             layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
+            if refused := cluster_problems(parsed, resolved.tracking.uri):  # a local MLflow store: pods cannot share it
+                raise InvalidSpec(refused)
             given: api.SPINRunSpec | InvalidSpec = resolved
         except InvalidSpec as exc:
             given = exc

@@ -340,3 +340,34 @@ async def test_unusable_storage_uri_is_invalid_spec(tmp_path: Path) -> None:
         assert s.api.creates == []
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "file:///tmp/mlruns", "/var/mlruns"])
+async def test_local_tracking_store_is_refused_in_cluster_mode(tmp_path: Path, uri: str) -> None:
+    """Issue 14 item 5: a local MLflow store cannot be shared by the operator and the pods; the
+    run fails as InvalidSpec naming spec.tracking.uri before anything is created."""
+    s = Setup(tmp_path, tracking={"uri": uri})
+    s.start()
+    try:
+        await s.wait(lambda: s.failed() is not None)
+        failed = s.failed()
+        assert failed is not None and failed["reason"] == "InvalidSpec"
+        assert (
+            failed["message"].startswith("spec.tracking.uri: ")
+            and "share no file system" in failed["message"]
+        )
+        assert s.api.creates == []
+        assert ("Warning", "InvalidSpec", failed["message"]) in s.events
+    finally:
+        await s.close()
+
+
+async def test_local_operator_default_tracking_store_is_refused(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.controller.settings = Settings(mlflow_uri="sqlite:////data/mlflow.db")
+    s.start()
+    try:
+        await s.wait(lambda: s.failed() is not None)
+        assert "SPIN_MLFLOW_URI" in s.failed()["message"]  # type: ignore[index]
+    finally:
+        await s.close()
