@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -74,6 +75,9 @@ Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
 EventPoster = Callable[[JSON, str, str, str], None]
 MAX_ROUNDS = api.MAX_ITERATIONS + 10
+# The run whose pass is making API calls (each pass runs in its own task, so its own context):
+# a `Warning` header the API server sends on those calls becomes an event on that SPINRun.
+_PASS: contextvars.ContextVar[Key | None] = contextvars.ContextVar("spin_pass", default=None)
 
 
 class Retry(Exception):
@@ -143,6 +147,20 @@ class Controller:
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
         self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
+        self._warned: dict[Key, set[str]] = {}  # API warnings already posted as events, per run
+        kube.on_warning = self._api_warning
+
+    def _api_warning(self, method: str, path: str, text: str) -> None:
+        """An API server `Warning` header (deprecated field, ignored value, ...) on a call made
+        for a run: one Warning event per distinct text on that SPINRun (kube.py logs them all)."""
+        key = _PASS.get()
+        body = self.runs.get(key) if key is not None else None
+        if key is None or body is None or method == "GET":
+            return
+        seen = self._warned.setdefault(key, set())
+        if text not in seen:
+            seen.add(text)
+            self._post(body, Event("Warning", "ApiWarning", f"{method} {path}: {text}"))
 
     # ------------------------------------------------------------------ watch events
 
@@ -154,6 +172,7 @@ class Controller:
             self._parsed.pop(key, None)
             self._tracking_pending.pop(key, None)
             self._rejected.pop(key, None)
+            self._warned.pop(key, None)
             self._cancel_retry(key)
             uid = meta.get("uid")
             jobs = self.jobs.get(key, {})
@@ -214,6 +233,7 @@ class Controller:
     async def _guarded(self, key: Key) -> None:
         started = time.monotonic()
         after: float | None = None
+        _PASS.set(key)
         try:
             complete = await self.reconcile(key)
         except Stale:

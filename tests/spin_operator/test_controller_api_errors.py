@@ -53,10 +53,14 @@ class FakeApi:
         self.creates: list[tuple[str, bool, float]] = []  # (name, dry run, monotonic time)
         self.status_patches = 0
         self.rv = 1
+        self.warning: str | None = None  # a Warning header to send with every create
+        self.on_warning: Callable[[str, str, str], None] | None = None
 
     async def create(self, path: str, body: JSON, *, dry_run: bool = False) -> JSON:
         name = body["metadata"]["name"]
         self.creates.append((name, dry_run, time.monotonic()))
+        if self.warning and self.on_warning is not None:
+            self.on_warning("POST", path, self.warning)
         error = self.refuse(path, body, dry_run)
         if error is not None:
             raise error
@@ -369,5 +373,18 @@ async def test_local_operator_default_tracking_store_is_refused(tmp_path: Path) 
     try:
         await s.wait(lambda: s.failed() is not None)
         assert "SPIN_MLFLOW_URI" in s.failed()["message"]  # type: ignore[index]
+    finally:
+        await s.close()
+
+
+async def test_api_warnings_become_events_on_the_run(tmp_path: Path) -> None:
+    """A `Warning` header on the calls of a run's pass: one Warning event per distinct text."""
+    s = Setup(tmp_path)
+    s.api.warning = "spec.template.metadata.annotations[x]: deprecated"
+    s.start()
+    try:
+        await s.wait(lambda: (s.api.run.get("status") or {}).get("phase") == "Running")
+        warned = [e for e in s.events if e[1] == "ApiWarning"]
+        assert len(warned) == 1 and warned[0][2].endswith(s.api.warning), s.events
     finally:
         await s.close()
