@@ -141,7 +141,8 @@ class Controller:
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
         # Children the API server refused for good, per run: (digest of the spec they were
-        # rendered from, {Job name: message}). A changed spec renders new objects: forgotten.
+        # rendered from and the run's annotations, {Job name: message}). A changed spec renders
+        # new objects, and touching the run (an annotation) asks to try again: both forget it.
         self._rejected: dict[Key, tuple[str, dict[str, str]]] = {}
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
@@ -364,7 +365,7 @@ class Controller:
 
     def _refusals(self, key: Key, spec: api.SPINRunSpec | InvalidSpec) -> dict[str, str]:
         held = self._rejected.get(key)
-        if held is None or isinstance(spec, InvalidSpec) or held[0] != _digest(spec):
+        if held is None or isinstance(spec, InvalidSpec) or held[0] != self._attempt_digest(key, spec):
             return {}
         return held[1]
 
@@ -541,8 +542,15 @@ class Controller:
         released = finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
         return None if released or not updated.get("metadata") else updated
 
+    def _attempt_digest(self, key: Key, spec: api.SPINRunSpec) -> str:
+        """What a refusal holds for: the spec, and the annotations a user may touch (after fixing
+        RBAC or the namespace, `kubectl annotate ... selfplay.dev/recheck=...` retries)."""
+        annotations = ((self.runs.get(key) or {}).get("metadata") or {}).get("annotations") or {}
+        touched = {k: v for k, v in annotations.items() if k != APPLIED_SPEC_ANNOTATION and not k.startswith("kopf.")}
+        return _digest(spec, touched)
+
     def _refused(self, key: Key, spec: api.SPINRunSpec, name: str, message: str) -> None:
-        digest = _digest(spec)
+        digest = self._attempt_digest(key, spec)
         held = self._rejected.get(key)
         names = held[1] if held is not None and held[0] == digest else {}
         if name in names:  # decided on already and still asked for: never loop on it
@@ -669,8 +677,8 @@ class Controller:
         self._storage.shutdown(wait=False, cancel_futures=True)
 
 
-def _digest(spec: api.SPINRunSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.to_wire(), sort_keys=True).encode()).hexdigest()
+def _digest(spec: api.SPINRunSpec, annotations: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps([spec.to_wire(), annotations], sort_keys=True).encode()).hexdigest()
 
 
 def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:

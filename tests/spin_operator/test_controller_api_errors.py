@@ -388,3 +388,26 @@ async def test_api_warnings_become_events_on_the_run(tmp_path: Path) -> None:
         assert len(warned) == 1 and warned[0][2].endswith(s.api.warning), s.events
     finally:
         await s.close()
+
+
+async def test_touching_the_run_retries_a_refused_start(tmp_path: Path) -> None:
+    """After the cause is fixed (RBAC granted again), an annotation on the run re-checks it; the
+    operator's own writes (status, applied-spec annotation) do not send the refused call again."""
+    granted = [False]
+    s = Setup(
+        tmp_path,
+        lambda path, body, dry: None if granted[0] else ApiError(403, "Forbidden", FORBIDDEN),
+    )
+    s.start()
+    try:
+        await s.wait(lambda: s.failed() is not None)
+        s.feed()  # the watch event of the operator's own status patch
+        await asyncio.sleep(0.5)
+        assert len(s.api.creates) == 1, s.api.creates
+        granted[0] = True
+        s.api.run["metadata"].setdefault("annotations", {})["selfplay.dev/recheck"] = "1"
+        s.feed()
+        await s.wait(lambda: (s.api.run.get("status") or {}).get("phase") == "Running")
+        assert any(n == job_name(NAME, 0, "generate") and not d for n, d, _ in s.api.creates)
+    finally:
+        await s.close()
