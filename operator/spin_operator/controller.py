@@ -43,6 +43,8 @@ from spin_operator.naming import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     RUN_LABEL,
+    StepKind,
+    job_name,
 )
 from spin_operator.reconciler import (
     CreateStep,
@@ -143,7 +145,7 @@ class Controller:
         # Children the API server refused for good, per run: (digest of the spec they were
         # rendered from and the run's annotations, {Job name: message}). A changed spec renders
         # new objects, and touching the run (an annotation) asks to try again: both forget it.
-        self._rejected: dict[Key, tuple[str, dict[str, str]]] = {}
+        self._rejected: dict[Key, tuple[str, dict[str, tuple[str, str]]]] = {}
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
@@ -363,14 +365,14 @@ class Controller:
     def _run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
         return tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
 
-    def _refusals(self, key: Key, spec: api.SPINRunSpec | InvalidSpec) -> dict[str, str]:
+    def _refusals(self, key: Key, spec: api.SPINRunSpec | InvalidSpec) -> dict[str, tuple[str, str]]:
         held = self._rejected.get(key)
         if held is None or isinstance(spec, InvalidSpec) or held[0] != self._attempt_digest(key, spec):
             return {}
         return held[1]
 
     def _observed(
-        self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered, rejected: dict[str, str]
+        self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered, rejected: dict[str, tuple[str, str]]
     ) -> Observed:
         meta = body["metadata"]
         # a Job failed on bad input carries the runtime's own cause, not Kubernetes' exit-code line
@@ -549,15 +551,28 @@ class Controller:
         touched = {k: v for k, v in annotations.items() if k != APPLIED_SPEC_ANNOTATION and not k.startswith("kopf.")}
         return _digest(spec, touched)
 
-    def _refused(self, key: Key, spec: api.SPINRunSpec, name: str, message: str) -> None:
+    def _refused(self, key: Key, spec: api.SPINRunSpec, name: str, message: str, reason: str = "CreateRejected") -> None:
         digest = self._attempt_digest(key, spec)
         held = self._rejected.get(key)
         names = held[1] if held is not None and held[0] == digest else {}
         if name in names:  # decided on already and still asked for: never loop on it
-            raise Retry(f"the API server refused {name} again: {message}")
-        self._rejected[key] = (digest, {**names, name: message})
+            raise Retry(f"{name} refused again: {message}")
+        self._rejected[key] = (digest, {**names, name: (reason, message)})
         self.metrics.errors.labels(kind="rejected").inc()
         raise Again(message)
+
+    def _objects(
+        self, key: Key, spec: api.SPINRunSpec, run: RunRef, t: int, kind: StepKind, attempt: int, mlflow_run_id: str | None
+    ) -> tuple[str, list[JSON]]:
+        """The Job name and rendered objects of a step attempt. A spec that cannot be laid out
+        or rendered (a URI the layout refuses) fails the step as InvalidSpec instead of raising
+        on every pass."""
+        try:
+            plan = plan_step(spec, self.settings, run, t, kind, attempt, mlflow_run_id)
+            return plan.job_name, render(plan, spec, run)
+        except ValueError as exc:
+            self._refused(key, spec, job_name(run.name, t, kind, attempt), f"{kind} of iteration {t}: {exc}", "InvalidSpec")
+            raise  # unreachable: _refused raises
 
     async def _dry_run(self, key: Key, spec: api.SPINRunSpec, run: RunRef) -> None:
         """Send iteration 0's Jobs and Services with dryRun=All: the API server validates and
@@ -565,22 +580,22 @@ class Controller:
         permanent refusal fails the run before it starts; anything else is left to the real
         create (a quota in use now, a Job already there from before a restart)."""
         for kind in steps_of(spec):
-            plan = plan_step(spec, self.settings, run, 0, kind, 0, None)
-            for obj in render(plan, spec, run):
+            name, objects = self._objects(key, spec, run, 0, kind, 0, None)
+            for obj in objects:
                 path = job_path(run.namespace) if obj["kind"] == "Job" else service_path(run.namespace)
                 try:
                     await self.kube.create(path, obj, dry_run=True)
                 except ApiError as exc:
                     if not exc.permanent:
-                        log.info("%s/%s: dry run of %s %s: %s (left to the real create)", *key, obj["kind"], plan.job_name, exc)
+                        log.info("%s/%s: dry run of %s %s: %s (left to the real create)", *key, obj["kind"], name, exc)
                         continue
                     what = f"{kind} of iteration 0: the API server refuses {obj['kind']} {obj['metadata']['name']} (dry run at start)"
-                    self._refused(key, spec, plan.job_name, f"{what}: {exc.reason}: {exc.message}")
+                    self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
 
     async def _create(self, key: Key, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep) -> None:
         it = next((i for i in status.iterations if i.iteration == a.iteration), None)
-        plan = plan_step(spec, self.settings, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None)
-        for obj in render(plan, spec, run):
+        name, objects = self._objects(key, spec, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None)
+        for obj in objects:
             is_job = obj["kind"] == "Job"
             path = job_path(run.namespace) if is_job else service_path(run.namespace)
             created: JSON | None
@@ -589,15 +604,15 @@ class Controller:
             except ApiError as exc:
                 if exc.permanent:  # the same request would be refused again: fail the step
                     what = f"{a.stage} of iteration {a.iteration}: the API server refuses {obj['kind']} {obj['metadata']['name']}"
-                    self._refused(key, spec, plan.job_name, f"{what}: {exc.reason}: {exc.message}")
+                    self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
                 if exc.status != 409:  # 429, 5xx, a quota in use, ...: back off
-                    raise Retry(f"cannot create {obj['kind']} {plan.job_name}: {exc}", exc.retry_after) from exc
+                    raise Retry(f"cannot create {obj['kind']} {name}: {exc}", exc.retry_after) from exc
                 if not is_job:
                     continue  # the Service of an earlier try of this pass: same spec, keep it
-                created = await self.kube.get(job_path(run.namespace, plan.job_name)) or {}
+                created = await self.kube.get(job_path(run.namespace, name)) or {}
                 if observe.owner_uid(created) != run.uid:
-                    raise Retry(f"Job {plan.job_name} exists but belongs to another object") from exc
-                log.info("%s/%s: adopted existing Job %s", run.namespace, run.name, plan.job_name)
+                    raise Retry(f"Job {name} exists but belongs to another object") from exc
+                log.info("%s/%s: adopted existing Job %s", run.namespace, run.name, name)
             if is_job and created:
                 self.on_job("ADDED", created)
                 self.metrics.jobs_created.labels(stage=a.stage).inc()

@@ -411,3 +411,30 @@ async def test_touching_the_run_retries_a_refused_start(tmp_path: Path) -> None:
         assert any(n == job_name(NAME, 0, "generate") and not d for n, d, _ in s.api.creates)
     finally:
         await s.close()
+
+
+async def test_a_step_that_cannot_be_rendered_fails_as_invalid_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ValueError from laying out or rendering a step (a URI the layout refuses) fails the run
+    as InvalidSpec with the cause, instead of an exception and a retry on every pass."""
+    import spin_operator.controller as controller
+
+    real = controller.plan_step
+
+    def plan_step(spec: Any, settings: Any, run: Any, t: int, kind: str, *rest: Any) -> Any:
+        if kind == "evaluate":
+            raise ValueError("malformed S3 URI 's3://bkt//x': empty, '.' or '..' path segment")
+        return real(spec, settings, run, t, kind, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(controller, "plan_step", plan_step)
+    s = Setup(tmp_path)
+    s.start()
+    try:
+        await s.wait(lambda: s.failed() is not None)
+        failed = s.failed()
+        assert failed is not None and failed["reason"] == "InvalidSpec"
+        assert failed["message"].startswith("evaluate of iteration 0: malformed S3 URI"), failed
+        assert not any(not d for _, d, _ in s.api.creates)
+    finally:
+        await s.close()
