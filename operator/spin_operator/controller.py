@@ -65,6 +65,7 @@ from spin_operator.reconciler import (
     reconcile,
     referenced_secrets,
 )
+from spin_operator.refusals import Refusals
 from spin_operator.render import render
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, layout_of, plan_step, steps_of
@@ -142,10 +143,7 @@ class Controller:
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
-        # Children the API server refused for good, per run: (digest of the spec they were
-        # rendered from and the run's annotations, {Job name: message}). A changed spec renders
-        # new objects, and touching the run (an annotation) asks to try again: both forget it.
-        self._rejected: dict[Key, tuple[str, dict[str, tuple[str, str]]]] = {}
+        self.refusals = Refusals()  # children the API server refused for good (refusals.py)
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
@@ -174,7 +172,7 @@ class Controller:
             self.runs.pop(key, None)
             self._parsed.pop(key, None)
             self._tracking_pending.pop(key, None)
-            self._rejected.pop(key, None)
+            self.refusals.forget(key)
             self._warned.pop(key, None)
             self._cancel_retry(key)
             uid = meta.get("uid")
@@ -338,7 +336,7 @@ class Controller:
         facts = Gathered()
         decision = None
         for _ in range(MAX_ROUNDS):
-            decision = reconcile(given, status, self._observed(body, run, applied, facts, self._refusals(key, given)))
+            decision = reconcile(given, status, self._observed(body, run, applied, facts, self.refusals.of(key, body, None if isinstance(given, InvalidSpec) else given)))
             if decision.complete or not await self._gather(decision, run, facts):
                 break
         assert decision is not None
@@ -364,12 +362,6 @@ class Controller:
 
     def _run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
         return tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
-
-    def _refusals(self, key: Key, spec: api.SPINRunSpec | InvalidSpec) -> dict[str, tuple[str, str]]:
-        held = self._rejected.get(key)
-        if held is None or isinstance(spec, InvalidSpec) or held[0] != self._attempt_digest(key, spec):
-            return {}
-        return held[1]
 
     def _observed(
         self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered, rejected: dict[str, tuple[str, str]]
@@ -544,20 +536,9 @@ class Controller:
         released = finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
         return None if released or not updated.get("metadata") else updated
 
-    def _attempt_digest(self, key: Key, spec: api.SPINRunSpec) -> str:
-        """What a refusal holds for: the spec, and the annotations a user may touch (after fixing
-        RBAC or the namespace, `kubectl annotate ... selfplay.dev/recheck=...` retries)."""
-        annotations = ((self.runs.get(key) or {}).get("metadata") or {}).get("annotations") or {}
-        touched = {k: v for k, v in annotations.items() if k != APPLIED_SPEC_ANNOTATION and not k.startswith("kopf.")}
-        return _digest(spec, touched)
-
     def _refused(self, key: Key, spec: api.SPINRunSpec, name: str, message: str, reason: str = "CreateRejected") -> None:
-        digest = self._attempt_digest(key, spec)
-        held = self._rejected.get(key)
-        names = held[1] if held is not None and held[0] == digest else {}
-        if name in names:  # decided on already and still asked for: never loop on it
-            raise Retry(f"{name} refused again: {message}")
-        self._rejected[key] = (digest, {**names, name: (reason, message)})
+        if not self.refusals.record(key, self.runs.get(key), spec, name, (reason, message)):
+            raise Retry(f"{name} refused again: {message}")  # decided on already: never loop on it
         self.metrics.errors.labels(kind="rejected").inc()
         raise Again(message)
 
@@ -690,10 +671,6 @@ class Controller:
         await self.kube.close()
         self.tracking.close()
         self._storage.shutdown(wait=False, cancel_futures=True)
-
-
-def _digest(spec: api.SPINRunSpec, annotations: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps([spec.to_wire(), annotations], sort_keys=True).encode()).hexdigest()
 
 
 def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:
