@@ -9,9 +9,13 @@ from typing import Any
 
 import pytest
 
+from spin_operator.api import types as api
 from spin_operator.api.kube import label_key_error, label_value_error, quantity_value
-from spin_operator.validation import problems_of
-from tests.spin_operator.reconciler_world import spin_object
+from spin_operator.naming import job_name
+from spin_operator.reconciler import CreateStep, Event, Observed, RecordSpec, reconcile
+from spin_operator.settings import Settings, resolve_spec
+from spin_operator.validation import parse, problems_of
+from tests.spin_operator.reconciler_world import NAME, NAMESPACE, spin_object
 
 
 def paths(**spec: Any) -> dict[str, str]:
@@ -140,3 +144,26 @@ def test_label_helpers() -> None:
     )  # the prefix is a lowercase DNS subdomain
     assert label_key_error("a" * 64) is not None
     assert label_value_error("") is None and label_value_error("a" * 64) is not None
+
+
+def test_reconciler_fails_a_refused_start_once() -> None:
+    """The pure decision: a refusal recorded for an iteration-0 Job fails the run before it
+    starts (nothing created, nothing recorded), with one Warning event; the same refusal on the
+    next pass repeats no event."""
+    spec = resolve_spec(parse(spin_object()), Settings())
+    refusal = (
+        "CreateRejected",
+        "train of iteration 0: the API server refuses Job x: Forbidden: no",
+    )
+    observed = Observed(
+        namespace=NAMESPACE, name=NAME, uid="u", now="2026-01-01T00:00:00Z", stored_spec_checked=True,
+        missing_secrets=frozenset(), rejected={job_name(NAME, 0, "train"): refusal},
+    )  # fmt: skip
+    first = reconcile(spec, api.SPINRunStatus(), observed)
+    assert first.status.phase == "Failed" and first.status.spec_hash is None
+    assert not first.of_type(CreateStep) and not first.of_type(RecordSpec)
+    assert first.of_type(Event) == [Event("Warning", "CreateRejected", refusal[1])]
+    failed = next(c for c in first.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason, failed.message) == ("True", "CreateRejected", refusal[1])
+    again = reconcile(spec, first.status, observed)
+    assert again.status.phase == "Failed" and not again.of_type(Event)
