@@ -220,11 +220,12 @@ def run_benchmark(runs: int, iterations: int, timeout: float, profile: pathlib.P
             if auto.errors:
                 raise SystemExit("job driver errors:\n" + "\n".join(auto.errors[:3]))
             lat = latencies(api, auto.finished_at)
-            ops = [e for e in api.requests.entries() if e.user_agent.startswith(OPERATOR_AGENTS)]
+            # dry runs too (each run's start checks its iteration-0 objects): they load the server
+            ops = [e for e in api.requests.entries(dry_runs=True) if e.user_agent.startswith(OPERATOR_AGENTS)]
             total_iterations = runs * iterations
             by_kind: dict[str, int] = {}
             for e in ops:
-                key = f"{e.verb} {e.rbac_resource}"
+                key = f"{e.verb} {e.rbac_resource}" + (" (dry run)" if e.dry_run else "")
                 by_kind[key] = by_kind.get(key, 0) + 1
             phases = [(o.get("status") or {}).get("phase") for o in final]
             return {

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if parser.prog.endswith(" validate"):
         parser.add_argument("files", nargs="+", metavar="FILE", help="YAML files with SPINRuns")
         parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+        parser.add_argument(
+            "--cluster", action="store_true",
+            help="also refuse what cannot work when the operator runs it (e.g. a local MLflow store)",
+        )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,15 +49,15 @@ def run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(markdown())
         return 0
-    return _validate(args.files, quiet=args.quiet)
+    return _validate(args.files, quiet=args.quiet, cluster=args.cluster)
 
 
-def _validate(files: list[str], quiet: bool) -> int:
-    from spin_operator.validation import validate_file
+def _validate(files: list[str], quiet: bool, cluster: bool = False) -> int:
+    from spin_operator.validation import validate_cluster_file, validate_file
 
     failed = 0
     for path in files:
-        problems = validate_file(path)
+        problems = validate_cluster_file(path) if cluster else validate_file(path)
         for problem in problems:
             print(f"{path}: {problem}")
         if problems:

@@ -8,12 +8,20 @@ applies the decision: metadata patch, MLflow ids, Job/Service writes, one `/stat
 the status changed, events, then MLflow run ends and spool replays (`Tracking.settle`; a second
 patch records what MLflow confirmed). Nothing polls: a pass that could not finish (storage, API
 or MLflow down) schedules one retry with backoff.
+
+API errors on creates (docs/operations.md, "API errors"): 409 adopts or waits, 429/5xx back off
+(at least as long as `Retry-After` says); a permanent refusal (400, 422, 403 other than an
+exhausted quota) is recorded per step and the next pass fails the step with the API server's
+message (a condition and a Warning event). When a run starts, every Job and Service of
+iteration 0 is first sent with `dryRun=All`, so the API server's own validation and admission
+refuse a bad spec before anything is written to storage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -35,6 +43,8 @@ from spin_operator.naming import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     RUN_LABEL,
+    StepKind,
+    job_name,
 )
 from spin_operator.reconciler import (
     CreateStep,
@@ -55,11 +65,12 @@ from spin_operator.reconciler import (
     reconcile,
     referenced_secrets,
 )
+from spin_operator.refusals import Refusals
 from spin_operator.render import render
 from spin_operator.settings import Settings, resolve_spec
-from spin_operator.steps import RunRef, layout_of, plan_step
+from spin_operator.steps import RunRef, layout_of, plan_step, steps_of
 from spin_operator.track import Tracking
-from spin_operator.validation import InvalidSpec, parse
+from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,10 +78,22 @@ Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
 EventPoster = Callable[[JSON, str, str, str], None]
 MAX_ROUNDS = api.MAX_ITERATIONS + 10
+# The run whose pass is making API calls (each pass runs in its own task, so its own context):
+# a `Warning` header the API server sends on those calls becomes an event on that SPINRun.
+_PASS: contextvars.ContextVar[Key | None] = contextvars.ContextVar("spin_pass", default=None)
 
 
 class Retry(Exception):
-    """The pass cannot finish now (storage/API unavailable, a name held by a stranger)."""
+    """The pass cannot finish now (storage/API unavailable, a name held by a stranger);
+    `after`: the least wait the API server asked for (Retry-After)."""
+
+    def __init__(self, message: str, after: float | None = None):
+        super().__init__(message)
+        self.after = after
+
+
+class Again(Exception):
+    """The API server refused a child for good: decide again now, with the refusal as a fact."""
 
 
 class Stale(Exception):
@@ -120,10 +143,25 @@ class Controller:
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
+        self.refusals = Refusals()  # children the API server refused for good (refusals.py)
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
         self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
+        self._warned: dict[Key, set[str]] = {}  # API warnings already posted as events, per run
+        kube.on_warning = self._api_warning
+
+    def _api_warning(self, method: str, path: str, text: str) -> None:
+        """An API server `Warning` header (deprecated field, ignored value, ...) on a call made
+        for a run: one Warning event per distinct text on that SPINRun (kube.py logs them all)."""
+        key = _PASS.get()
+        body = self.runs.get(key) if key is not None else None
+        if key is None or body is None or method == "GET":
+            return
+        seen = self._warned.setdefault(key, set())
+        if text not in seen:
+            seen.add(text)
+            self._post(body, Event("Warning", "ApiWarning", f"{method} {path}: {text}"))
 
     # ------------------------------------------------------------------ watch events
 
@@ -134,6 +172,8 @@ class Controller:
             self.runs.pop(key, None)
             self._parsed.pop(key, None)
             self._tracking_pending.pop(key, None)
+            self.refusals.forget(key)
+            self._warned.pop(key, None)
             self._cancel_retry(key)
             uid = meta.get("uid")
             jobs = self.jobs.get(key, {})
@@ -170,8 +210,7 @@ class Controller:
         selector = {"labelSelector": f"{MANAGED_BY_LABEL}={MANAGED_BY}"}
         paths = [job_path(ns) for ns in self.settings.namespaces] or ["/apis/batch/v1/jobs"]
         for path in paths:
-            listing = await self.kube.request("GET", path, params=selector)
-            for item in listing.get("items") or []:
+            for item in await self.kube.list(path, params=selector):
                 self.on_job("ADDED", item)
 
     # ------------------------------------------------------------------ scheduling
@@ -194,15 +233,21 @@ class Controller:
 
     async def _guarded(self, key: Key) -> None:
         started = time.monotonic()
+        after: float | None = None
+        _PASS.set(key)
         try:
             complete = await self.reconcile(key)
         except Stale:
             log.debug("%s/%s: the SPINRun changed meanwhile; waiting for its watch event", *key)
             complete = True  # the newer version's event (or DELETED) starts the next pass
+        except Again:
+            self._dirty.add(key)  # _loop runs the next pass at once
+            complete = True
         except Retry as exc:
             log.warning("%s/%s: %s; retrying later", *key, exc)
             self.metrics.errors.labels(kind="retry").inc()
             complete = False
+            after = exc.after
         except Exception:
             log.exception("%s/%s: reconcile failed; retrying later", *key)
             self.metrics.errors.labels(kind="exception").inc()
@@ -212,13 +257,15 @@ class Controller:
         if complete:
             self._cancel_retry(key)
         elif key in self.runs:
-            self._schedule_retry(key)
+            self._schedule_retry(key, after)
 
-    def _schedule_retry(self, key: Key) -> None:
+    def _schedule_retry(self, key: Key, after: float | None = None) -> None:
         handle, count = self._retries.get(key, (None, 0))
         if handle is not None:
             handle.cancel()
         delay = min(self.retry_max, self.retry_base * 2**count)
+        if after is not None:  # the API server's Retry-After: never sooner (bounded by retry_max)
+            delay = max(delay, min(after, self.retry_max))
         if self._tracking_pending.get(key):  # next try when MLflow calls resume, not later
             uri = self._tracking_uri(key)
             delay = min(delay, max(self.retry_base, self.tracking.down_for(uri) + 0.1))
@@ -272,9 +319,15 @@ class Controller:
             parsed = self._parse(key, body)
             if isinstance(parsed, InvalidSpec):
                 raise parsed
-            given: api.SPINRunSpec | InvalidSpec = resolve_spec(parsed, self.settings, applied)
+            resolved = resolve_spec(parsed, self.settings, applied)
+            layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
+            if refused := cluster_problems(parsed, resolved.tracking.uri):  # a local MLflow store: pods cannot share it
+                raise InvalidSpec(refused)
+            given: api.SPINRunSpec | InvalidSpec = resolved
         except InvalidSpec as exc:
             given = exc
+        except ValueError as exc:  # a storage URI the layout cannot use, e.g. s3://b/a/../c
+            given = InvalidSpec([Problem("spec.storage.uri", str(exc))])
         try:
             status = api.SPINRunStatus.model_validate(body.get("status") or {})
         except ValidationError:
@@ -283,7 +336,7 @@ class Controller:
         facts = Gathered()
         decision = None
         for _ in range(MAX_ROUNDS):
-            decision = reconcile(given, status, self._observed(body, run, applied, facts))
+            decision = reconcile(given, status, self._observed(body, run, applied, facts, self.refusals.of(key, body, None if isinstance(given, InvalidSpec) else given)))
             if decision.complete or not await self._gather(decision, run, facts):
                 break
         assert decision is not None
@@ -310,7 +363,9 @@ class Controller:
     def _run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
         return tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
 
-    def _observed(self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered) -> Observed:
+    def _observed(
+        self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered, rejected: dict[str, tuple[str, str]]
+    ) -> Observed:
         meta = body["metadata"]
         # a Job failed on bad input carries the runtime's own cause, not Kubernetes' exit-code line
         jobs = tuple(
@@ -332,6 +387,7 @@ class Controller:
             stored_spec_checked=g.stored_checked,
             stored_spec_digest=g.stored_digest,
             applied_spec=applied,
+            rejected=dict(rejected),
         )
 
     async def _in_storage(self, fn: Callable[..., T], *args: Any) -> T:
@@ -380,6 +436,8 @@ class Controller:
     async def _execute(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision) -> bool:
         """Apply `d`; False when MLflow has not confirmed every run end and replay it asked for."""
         new, spec = d.status, d.spec
+        if spec is not None and old.spec_hash is None and new.spec_hash is not None:
+            await self._dry_run(key, spec, run)  # before R/spinrun.yaml: a refused spec leaves nothing
         fresh = await self._metadata(key, body, run, d)
         if fresh is None:
             return True  # gone (finalizer released) or a conflict: the next event brings the new state
@@ -395,7 +453,7 @@ class Controller:
                 await self._write(self.kube.patch(job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}))
         if spec is not None:
             for a in d.of_type(CreateStep):
-                await self._create(spec, run, new, a)
+                await self._create(key, spec, run, new, a)
         body = await self._patch_status(key, body, run, old, new)
         for a in d.of_type(Event):
             self._post(body, a)
@@ -439,7 +497,7 @@ class Controller:
         except ApiError as exc:
             if exc.status == 404:
                 return None
-            raise Retry(f"API write failed: {exc}") from exc
+            raise Retry(f"API write failed: {exc}", exc.retry_after) from exc
 
     async def _metadata(self, key: Key, body: JSON, run: RunRef, d: Decision) -> JSON | None:
         """Storage records first (R/spinrun.yaml, artifact deletion), then one metadata patch."""
@@ -478,24 +536,64 @@ class Controller:
         released = finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
         return None if released or not updated.get("metadata") else updated
 
-    async def _create(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep) -> None:
+    def _refused(self, key: Key, spec: api.SPINRunSpec, name: str, message: str, reason: str = "CreateRejected") -> None:
+        if not self.refusals.record(key, self.runs.get(key), spec, name, (reason, message)):
+            raise Retry(f"{name} refused again: {message}")  # decided on already: never loop on it
+        self.metrics.errors.labels(kind="rejected").inc()
+        raise Again(message)
+
+    def _objects(
+        self, key: Key, spec: api.SPINRunSpec, run: RunRef, t: int, kind: StepKind, attempt: int, mlflow_run_id: str | None
+    ) -> tuple[str, list[JSON]]:
+        """The Job name and rendered objects of a step attempt. A spec that cannot be laid out
+        or rendered (a URI the layout refuses) fails the step as InvalidSpec instead of raising
+        on every pass."""
+        try:
+            plan = plan_step(spec, self.settings, run, t, kind, attempt, mlflow_run_id)
+            return plan.job_name, render(plan, spec, run)
+        except ValueError as exc:
+            self._refused(key, spec, job_name(run.name, t, kind, attempt), f"{kind} of iteration {t}: {exc}", "InvalidSpec")
+            raise  # unreachable: _refused raises
+
+    async def _dry_run(self, key: Key, spec: api.SPINRunSpec, run: RunRef) -> None:
+        """Send iteration 0's Jobs and Services with dryRun=All: the API server validates and
+        admits them (schema, PodSecurity, quota limits, RBAC) without storing anything. A
+        permanent refusal fails the run before it starts; anything else is left to the real
+        create (a quota in use now, a Job already there from before a restart)."""
+        for kind in steps_of(spec):
+            name, objects = self._objects(key, spec, run, 0, kind, 0, None)
+            for obj in objects:
+                path = job_path(run.namespace) if obj["kind"] == "Job" else service_path(run.namespace)
+                try:
+                    await self.kube.create(path, obj, dry_run=True)
+                except ApiError as exc:
+                    if not exc.permanent:
+                        log.info("%s/%s: dry run of %s %s: %s (left to the real create)", *key, obj["kind"], name, exc)
+                        continue
+                    what = f"{kind} of iteration 0: the API server refuses {obj['kind']} {obj['metadata']['name']} (dry run at start)"
+                    self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
+
+    async def _create(self, key: Key, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep) -> None:
         it = next((i for i in status.iterations if i.iteration == a.iteration), None)
-        plan = plan_step(spec, self.settings, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None)
-        for obj in render(plan, spec, run):
+        name, objects = self._objects(key, spec, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None)
+        for obj in objects:
             is_job = obj["kind"] == "Job"
             path = job_path(run.namespace) if is_job else service_path(run.namespace)
             created: JSON | None
             try:
                 created = await self.kube.create(path, obj)
             except ApiError as exc:
-                if exc.status != 409:
-                    raise Retry(f"cannot create {obj['kind']} {plan.job_name}: {exc}") from exc
+                if exc.permanent:  # the same request would be refused again: fail the step
+                    what = f"{a.stage} of iteration {a.iteration}: the API server refuses {obj['kind']} {obj['metadata']['name']}"
+                    self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
+                if exc.status != 409:  # 429, 5xx, a quota in use, ...: back off
+                    raise Retry(f"cannot create {obj['kind']} {name}: {exc}", exc.retry_after) from exc
                 if not is_job:
                     continue  # the Service of an earlier try of this pass: same spec, keep it
-                created = await self.kube.get(job_path(run.namespace, plan.job_name)) or {}
+                created = await self.kube.get(job_path(run.namespace, name)) or {}
                 if observe.owner_uid(created) != run.uid:
-                    raise Retry(f"Job {plan.job_name} exists but belongs to another object") from exc
-                log.info("%s/%s: adopted existing Job %s", run.namespace, run.name, plan.job_name)
+                    raise Retry(f"Job {name} exists but belongs to another object") from exc
+                log.info("%s/%s: adopted existing Job %s", run.namespace, run.name, name)
             if is_job and created:
                 self.on_job("ADDED", created)
                 self.metrics.jobs_created.labels(stage=a.stage).inc()

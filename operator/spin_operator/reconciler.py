@@ -86,6 +86,10 @@ class Observed:
     stored_spec_checked: bool = False
     stored_spec_digest: str | None = None  # digest of R/spinrun.yaml, None if absent
     applied_spec: api.SPINRunSpec | None = None  # the selfplay.dev/applied-spec annotation
+    # Job name -> (reason, message): the API server refused to create it (or its Service) for
+    # good (CreateRejected), in a real create or in the dry run of iteration 0 when the run
+    # starts, or the step could not be rendered from the spec (InvalidSpec)
+    rejected: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def run(self) -> RunRef:

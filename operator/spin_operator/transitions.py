@@ -198,6 +198,10 @@ class Pass:
             return False
         if not self._secrets_ok(spec):
             return False
+        if o.rejected:  # the dry run of iteration 0: nothing was created or stored
+            refusals = [o.rejected[n] for n in sorted(o.rejected)]
+            self._fail(refusals[0][0], "; ".join(message for _, message in refusals))
+            return False
         self.started = True
         self.st.spec_hash = digest
         self.st.phase = "Running"
@@ -513,6 +517,11 @@ class Pass:
             return "waiting"
         if not self._secrets_ok(spec):
             return "failed" if self.st.phase == "Failed" else "waiting"
+        if name in self.o.rejected:  # a permanent API error: the same Job would be refused again
+            reason, refused = self.o.rejected[name]
+            ss.phase, ss.message, ss.completion_time = "Failed", refused, self.now
+            self._fail(reason, refused)
+            return "failed"
         if spec.tracking.uri and it.mlflow_run_id is None and EnsureIterationRun(t) not in self.d.actions:
             self._act(EnsureIterationRun(t))  # once, when a control step starts beside SPIN's
         self._act(CreateStep(t, kind, attempt, name))

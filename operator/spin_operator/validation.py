@@ -151,6 +151,40 @@ def _same_fault(problem: Problem, earlier: list[str]) -> bool:
     return problem.message.startswith(restatements) and bool(earlier)
 
 
+# What a tracking URI must look like when the operator runs the SPINRun: a server both the
+# operator and the Job pods reach. A path, file:// or sqlite: store is a file on whichever
+# machine opens it, and the operator and the pods share no file system.
+REMOTE_TRACKING = ("http://", "https://", "databricks")
+
+
+def cluster_problems(spec: api.SPINRunSpec, default_tracking: str | None = None) -> list[Problem]:
+    """What cannot work when the operator (not `spinctl run`) runs this spec; `default_tracking`
+    is the operator's SPIN_MLFLOW_URI, used where the spec sets none."""
+    uri = spec.tracking.uri or default_tracking
+    if not uri or uri.startswith(REMOTE_TRACKING):
+        return []
+    where = "" if spec.tracking.uri else " (the operator's default, SPIN_MLFLOW_URI)"
+    return [Problem("spec.tracking.uri", (
+        f"{uri!r}{where} is a local MLflow store: on a cluster the operator and the Job pods share "
+        "no file system, so each would write its own copy and the run's metrics would be lost; use "
+        "the MLflow server's http(s):// URL, or leave tracking.uri unset for the operator's default "
+        "(a local store works with `spinctl run`)"
+    ))]  # fmt: skip
+
+
+def validate_cluster_file(path: str | Path) -> list[Problem]:
+    """`validate_file`, plus what only fails on a cluster (`spinctl validate --cluster`)."""
+    problems = validate_file(path)
+    if problems:
+        return problems
+    docs = load_documents(path)
+    out = []
+    for i, doc in enumerate(docs):
+        prefix = f"[{i}]." if len(docs) > 1 else ""
+        out += [Problem(prefix + p.path, p.message) for p in cluster_problems(parse(doc))]
+    return out
+
+
 def parse(obj: dict[str, Any]) -> api.SPINRunSpec:
     """The validated spec of a SPINRun object, or InvalidSpec listing every problem."""
     problems = problems_of(obj)

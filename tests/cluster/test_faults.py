@@ -103,16 +103,13 @@ def test_evicted_pod_is_replaced_without_counting_as_a_failure(
     assert run["status"]["iterations"][0]["generate"]["attempts"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,  # only the missing condition; a broken harness must still fail
-    reason="hardening issue 14 item 1: a 403 on create is retried silently; no condition",
-)
 def test_rbac_denial_surfaces_as_a_condition(
     cluster_gated: tuple[RealCluster, Path], tmp_path: Path
 ) -> None:
     """Take Job ``create`` away from the operator's ClusterRole (list/watch stay): the run must
-    say so (a condition naming the denial) within a minute instead of retrying silently."""
+    say so (a condition naming the denial) within a minute instead of retrying silently: the dry
+    run of iteration 0's Jobs at start meets the API server's 403, the run fails before any Job
+    exists, with a Warning event carrying the same message."""
     c, _gate = cluster_gated
     role = c.kubectl("get", "clusterrole", "-l", "app.kubernetes.io/instance=spin", "-o", "name")
     name = role.stdout.split()[0]
@@ -129,3 +126,11 @@ def test_rbac_denial_surfaces_as_a_condition(
         return any("forbidden" in (x.get("message") or "").lower() for x in conditions)
 
     wait_for(denied, 60, "a condition naming the RBAC denial", 0.5)
+    run = c.run(RUN)
+    assert run["status"]["phase"] == "Failed", run["status"]
+    failed = next(x for x in run["status"]["conditions"] if x["type"] == "Failed")
+    assert failed["reason"] == "CreateRejected" and 'cannot create resource "jobs"' in failed["message"], failed
+    assert c.jobs() == [] and c.job_creations() == []
+    events = json.loads(c.kubectl("get", "events", "-n", c.namespace, "-o", "json").stdout)["items"]
+    warnings = [e for e in events if e.get("reason") == "CreateRejected" and e.get("type") == "Warning"]
+    assert warnings and "forbidden" in warnings[0]["message"].lower(), [e.get("reason") for e in events]

@@ -350,7 +350,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             record = ApiRequest(verb, None, None, None, None, None, None, 0, agent, raw.path, started)
         else:
             record = ApiRequest(verb, route.group, route.version, route.plural, route.subresource,
-                                route.namespace, route.name, 0, agent, raw.path, started)
+                                route.namespace, route.name, 0, agent, raw.path, started,
+                                dry_run=raw.query.get("dryRun") == "All")
         try:
             for fault in list(self.faults):
                 if (error := fault(record)) is not None:

@@ -29,6 +29,7 @@ class ApiRequest:
     path: str
     time: float  # when the server began serving it (time.time())
     duration: float = 0.0  # seconds the server spent on it (0 for watches, which stream on)
+    dry_run: bool = False  # `?dryRun=All`: validated and admitted, nothing stored
 
     @property
     def rbac_resource(self) -> str:
@@ -51,12 +52,15 @@ class RequestLog:
         with self._lock:
             self._entries.clear()
 
-    def entries(self, *, user_agent: str | None = None, resources_only: bool = True) -> list[ApiRequest]:
-        """Resource requests (all requests with resources_only=False) whose User-Agent starts with `user_agent`."""
+    def entries(self, *, user_agent: str | None = None, resources_only: bool = True, dry_runs: bool = False) -> list[ApiRequest]:
+        """Resource requests (all requests with resources_only=False) whose User-Agent starts with
+        `user_agent`; dry runs (which store nothing, e.g. the operator's check of iteration 0 when
+        a run starts) only with dry_runs=True, so counts of creates are counts of objects."""
         with self._lock:
             entries = list(self._entries)
         return [e for e in entries
                 if (not resources_only or e.resource is not None)
+                and (dry_runs or not e.dry_run)
                 and (user_agent is None or e.user_agent.startswith(user_agent))]
 
     def __iter__(self) -> Iterator[ApiRequest]:

@@ -388,21 +388,6 @@ def test_fault_injection_answers_the_given_error(k8s_api: K8sApi) -> None:
     assert k8s_api.requests.count(verb="create", resource="jobs", code=500) == 1
 
 
-def test_kubernetes_client_gets_objects_and_api_errors(k8s_api: K8sApi) -> None:
-    kubernetes = pytest.importorskip("kubernetes")
-    client = kubernetes.config.new_client_from_config(config_file=str(k8s_api.kubeconfig_path))
-    custom = kubernetes.client.CustomObjectsApi(client)
-    created = custom.create_namespaced_custom_object("selfplay.dev", "v1alpha1", "default", "spinruns", spinrun("a"))
-    assert created["metadata"]["uid"]  # 201 with the object (kmock's 200 gave None)
-    with pytest.raises(kubernetes.client.ApiException) as err:
-        custom.create_namespaced_custom_object("selfplay.dev", "v1alpha1", "default", "spinruns",
-                                               spinrun("b", iterations=0))
-    assert err.value.status == 422 and "spec.iterations" in err.value.body
-    batch = kubernetes.client.BatchV1Api(client)
-    assert batch.create_namespaced_job("default", job("j")).metadata.name == "j"
-    assert [j.metadata.name for j in batch.list_namespaced_job("default").items] == ["j"]
-
-
 @pytest.mark.skipif(not KUBECTL.exists() or shutil.which("true") is None, reason="kubectl not installed "
                     "(scripts/install-tools.sh)")
 def test_kubectl_apply_get_delete(k8s_api: K8sApi) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from spin_operator.api.base import DNS_SUBDOMAIN, FieldError, Model, raise_all
 from spin_operator.api.base import _desc as desc
+from spin_operator.api.kube import DATA_KEY, label_value_error
 
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
@@ -34,7 +35,7 @@ class KeySelector(Model):
     """A key of a Secret or ConfigMap in the SPINRun's namespace."""
 
     name: Annotated[str, desc("Secret or ConfigMap name.", pattern=DNS_SUBDOMAIN, max_length=253)]
-    key: Annotated[str, desc("Key in it.", min_length=1, max_length=253)]
+    key: Annotated[str, desc("Key in it.", min_length=1, max_length=253, pattern=DATA_KEY)]
     optional: Annotated[bool | None, desc("Start the pod even if the key is missing.")] = None
 
 
@@ -189,6 +190,9 @@ class PodSpec(Model):
                         "not a valid label key (prefix/name, name up to 63 characters)",
                     )
                 )
+        for key, value in self.labels.items():
+            if (why := label_value_error(value)) is not None:
+                errors.append(FieldError(f"labels.{key}", why))
         env = [e.name for e in self.env]
         for i, name in enumerate(env):
             if RESERVED_ENV.match(name):

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from spin_operator.api.kube import (
+    DATA_KEY,
+    label_key_error,
+    label_value_error,
+    quantity_value,
+    s3_uri_error,
+)
 
 GROUP = "selfplay.dev"
 VERSION = "v1alpha1"
@@ -38,7 +46,9 @@ DATASET_URI = (
 )
 HTTP_OR_PATH = r"^(https?://[^\s]+|file:///.*|/.*|sqlite:///.+|databricks.*)$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# core/v1 resource.Quantity without a sign (a negative request or limit is refused): a number with
+# at most one '.', then one binary (Ki..Ei), decimal (n, u, m, k, M..E) or exponent suffix.
+QUANTITY = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
 
 # What each pattern means, for error messages a person can act on.
 PATTERN_HELP = {
@@ -50,7 +60,8 @@ PATTERN_HELP = {
     ),
     HTTP_OR_PATH: "http(s):// URL, sqlite:///path or a local path",
     DNS_SUBDOMAIN: "Kubernetes name: lowercase letters, digits, '-' and '.'",
-    QUANTITY: "Kubernetes quantity such as 8, 500m or 64Gi",
+    QUANTITY: "a non-negative Kubernetes quantity such as 8, 500m, 1.5 or 64Gi",
+    DATA_KEY: "a Secret key: letters, digits, '-', '_' and '.'",
 }
 
 
@@ -70,10 +81,10 @@ class S3CredentialsSecretRef(SecretRef):
     """Secret holding S3 credentials; exposed to Jobs as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
 
     access_key_id_key: Annotated[
-        str, _desc("Key of the access key id in the Secret.", min_length=1)
+        str, _desc("Key of the access key id in the Secret.", min_length=1, max_length=253, pattern=DATA_KEY)
     ] = "AWS_ACCESS_KEY_ID"
     secret_access_key_key: Annotated[
-        str, _desc("Key of the secret access key in the Secret.", min_length=1)
+        str, _desc("Key of the secret access key in the Secret.", min_length=1, max_length=253, pattern=DATA_KEY)
     ] = "AWS_SECRET_ACCESS_KEY"
 
 
@@ -91,6 +102,24 @@ class Toleration(Model):
         int | None, _desc("For NoExecute: how long the pod stays bound.", ge=0)
     ] = None
 
+    @model_validator(mode="after")
+    def _as_the_api_server(self) -> Toleration:
+        """The API server's own toleration rules (ValidateTolerations), refused here first."""
+        errors = []
+        if self.key:
+            if (why := label_key_error(self.key)) is not None:
+                errors.append(FieldError("key", why))
+        elif self.operator != "Exists":
+            errors.append(FieldError("operator", "must be Exists when key is empty (an empty key with Exists matches every taint)"))
+        if self.operator == "Exists" and self.value:
+            errors.append(FieldError("value", "must be empty when operator is Exists"))
+        elif self.operator == "Equal" and self.value and (why := label_value_error(self.value)) is not None:
+            errors.append(FieldError("value", why))
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            errors.append(FieldError("tolerationSeconds", "needs effect NoExecute (only NoExecute evicts after a while)"))
+        raise_all(errors)
+        return self
+
 
 class Resources(Model):
     """Container resource requests and limits (quantities as in core/v1)."""
@@ -103,6 +132,16 @@ class Resources(Model):
         dict[str, Annotated[str, Field(pattern=QUANTITY)]],
         _desc("Resource limits. GPUs are added from gpusPerReplica/gpusPerNode."),
     ] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Resources:
+        errors = []
+        for name, request in sorted(self.requests.items()):
+            limit = self.limits.get(name)
+            if limit is not None and quantity_value(request) > quantity_value(limit):
+                errors.append(FieldError(f"requests.{name}", f"{request} is above the limit {limit} (limits.{name})"))
+        raise_all(errors)
+        return self
 
 
 from spin_operator.api.pod import PodSpec  # noqa: E402
@@ -145,6 +184,13 @@ class ModelSpec(Model):
         ),
     ] = None
 
+    @field_validator("uri")
+    @classmethod
+    def _s3_segments(cls, uri: str | None) -> str | None:
+        if (why := s3_uri_error(uri)) is not None:
+            raise ValueError(why)
+        return uri
+
 
 class DatasetSpec(Model):
     """The SFT dataset: prompts and their human (real) responses."""
@@ -181,6 +227,13 @@ class DatasetSpec(Model):
             le=1,
         ),
     ] = 0.01
+
+    @field_validator("uri")
+    @classmethod
+    def _s3_segments(cls, uri: str | None) -> str | None:
+        if (why := s3_uri_error(uri)) is not None:
+            raise ValueError(why)
+        return uri
 
 
 class GenerationSpec(Model):
@@ -459,6 +512,13 @@ class StorageSpec(Model):
         S3CredentialsSecretRef | None, _desc("Secret with S3 credentials; none uses the pod's identity.")
     ] = None
 
+    @field_validator("uri")
+    @classmethod
+    def _s3_segments(cls, uri: str | None) -> str | None:
+        if (why := s3_uri_error(uri)) is not None:
+            raise ValueError(why)
+        return uri
+
 
 class TrackingSpec(Model):
     """MLflow: one parent run per SPINRun, one nested run per iteration, a model version each."""
@@ -489,6 +549,17 @@ class SchedulingSpec(Model):
     priority_class_name: Annotated[str | None, _desc("PriorityClass of child pods.", pattern=DNS_SUBDOMAIN, max_length=253)] = None
     node_selector: Annotated[dict[str, str], _desc("Node selector of child pods.")] = Field(default_factory=dict)
     tolerations: Annotated[list[Toleration], _desc("Tolerations of child pods.")] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _labels(self) -> SchedulingSpec:
+        errors = []
+        for key, value in self.node_selector.items():
+            if (why := label_key_error(key)) is not None:
+                errors.append(FieldError(f"nodeSelector.{key}", f"key: {why}"))
+            if (why := label_value_error(value)) is not None:
+                errors.append(FieldError(f"nodeSelector.{key}", why))
+        raise_all(errors)
+        return self
     service_account_name: Annotated[
         str | None, _desc("ServiceAccount of child pods (e.g. for IRSA/workload identity).", pattern=DNS_SUBDOMAIN, max_length=253)
     ] = None
