@@ -53,7 +53,13 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.INFO  # only the events the reconciler decides
         settings.watching.server_timeout = 600
+        # Server-side filtering: the `labels=` of a handler only filters on the client, after the
+        # API server sent every Job of the cluster; this selector makes the list and the watch
+        # carry `labelSelector`, so only the operator's own Jobs travel. Lists come in pages.
+        settings.watching.label_selectors["batch", "v1", "jobs"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        settings.watching.chunk_size = controller.settings.list_chunk_size
         await controller.prime()
+        controller.start_resync()
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

@@ -45,6 +45,11 @@ class Settings:
     cache_dir: str = POD_CACHE_DIR
     # Admin pod templates (SPIN_POD_TEMPLATES); None where they are not known (local mode, plan).
     pod_templates: dict[str, PodTemplate] | None = None
+    # Watch scale and drift (docs/operations.md, "Watches and resync"): lists are fetched in pages
+    # of `list_chunk_size` objects; every `resync_seconds` (0 = never) the children are re-listed
+    # and what vanished during a watch gap is dropped from the caches.
+    list_chunk_size: int = 500
+    resync_seconds: float = 300.0
 
     @property
     def clusterwide(self) -> bool:
@@ -79,6 +84,18 @@ class Settings:
             templates = load_templates(templates_file) if templates_file else {}
         except TemplateError as exc:
             raise SettingsError(f"SPIN_POD_TEMPLATES: {exc}") from None
+        def count(name: str, default: int, low: int) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r}: expected a whole number") from None
+            if value < low:
+                raise SettingsError(f"{name}={raw!r}: expected a number >= {low}")
+            return value
+
         return cls(
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
@@ -92,6 +109,8 @@ class Settings:
             metrics_port=port("SPIN_METRICS_PORT", 9090),
             health_port=port("SPIN_HEALTH_PORT", 8080),
             pod_templates=templates,
+            list_chunk_size=count("SPIN_LIST_CHUNK_SIZE", 500, 1),
+            resync_seconds=float(count("SPIN_RESYNC_SECONDS", 300, 0)),
         )
 
 
