@@ -126,6 +126,7 @@ class Controller:
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
         self._resync_task: asyncio.Task[None] | None = None
+        self.leading = not settings.leader_election  # else only once leader.py holds the Lease
         self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
 
     # ------------------------------------------------------------------ watch events
@@ -195,7 +196,15 @@ class Controller:
 
     # ------------------------------------------------------------------ scheduling
 
+    def lead(self) -> None:
+        """This replica now holds the Lease (leader.py): reconcile every cached run."""
+        self.leading = True
+        for key in list(self.runs):
+            self.kick(key)
+
     def kick(self, key: Key) -> None:
+        if not self.leading:  # a standby replica only keeps its caches warm
+            return
         if key in self._running:
             self._dirty.add(key)
             return

@@ -50,6 +50,12 @@ class Settings:
     # and what vanished during a watch gap is dropped from the caches.
     list_chunk_size: int = 500
     resync_seconds: float = 300.0
+    # Leader election (leader.py): only the holder of Lease `lease_namespace/lease_name` reconciles.
+    leader_election: bool = False
+    lease_name: str = "spin-operator"
+    lease_namespace: str = "default"
+    lease_seconds: float = 15.0
+    lease_identity: str = ""  # default: POD_NAME (downward API), else host and pid
 
     @property
     def clusterwide(self) -> bool:
@@ -96,6 +102,12 @@ class Settings:
                 raise SettingsError(f"{name}={raw!r}: expected a number >= {low}")
             return value
 
+        def flag(name: str) -> bool:
+            raw = (text(name) or "false").lower()
+            if raw not in ("true", "false"):
+                raise SettingsError(f"{name}={raw!r}: expected true or false")
+            return raw == "true"
+
         return cls(
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
@@ -111,6 +123,11 @@ class Settings:
             pod_templates=templates,
             list_chunk_size=count("SPIN_LIST_CHUNK_SIZE", 500, 1),
             resync_seconds=float(count("SPIN_RESYNC_SECONDS", 300, 0)),
+            leader_election=flag("SPIN_LEADER_ELECTION"),
+            lease_name=text("SPIN_LEASE_NAME") or "spin-operator",
+            lease_namespace=text("SPIN_LEASE_NAMESPACE") or text("POD_NAMESPACE") or "default",
+            lease_seconds=float(count("SPIN_LEASE_SECONDS", 15, 3)),
+            lease_identity=text("POD_NAME") or "",
         )
 
 
