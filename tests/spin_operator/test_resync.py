@@ -16,7 +16,7 @@ import pytest
 
 from spin_operator import resync
 from spin_operator.controller import Controller
-from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
+from tests.spin_operator.operator_harness import NS, SPINRUNS, Cluster, OperatorProcess, spinrun
 from tests.support.k8s_emulator import running_api
 
 RUN = "gap"
@@ -97,3 +97,34 @@ async def test_lists_are_paged_with_the_label_selector() -> None:
     assert names == [f"j{i}" for i in range(7)]
     assert [c.get("continue") for c in kube.calls] == [None, "3", "6"]
     assert all(c["limit"] == "3" and c["labelSelector"] == "a=b" for c in kube.calls)
+
+
+async def test_a_run_deleted_in_a_watch_gap_is_dropped_by_the_resync(cluster: Cluster) -> None:
+    op = await OperatorProcess(cluster.settings(resync_seconds=0.5)).start()
+    try:
+        await cluster.api.acreate(spinrun(RUN))
+        await cluster.wait_job(RUN, GEN)
+        controller = op.controller
+        assert controller is not None
+        hear = controller.on_run
+        controller.on_run = lambda *args: None  # type: ignore[method-assign]
+        try:
+            await cluster.api.adelete(SPINRUNS, RUN, NS)
+            await cluster.wait("the run deleted", lambda: _run_absent(cluster))
+        finally:
+            controller.on_run = hear  # type: ignore[method-assign]
+
+        async def dropped() -> bool:
+            return (NS, RUN) not in controller.runs
+
+        await cluster.wait("the resync to drop the run", dropped, timeout=10)
+        assert controller.metrics.value("spin_operator_resync_dropped_total", kind="spinrun") == 1
+        assert (NS, RUN) not in controller.run_touched or GEN not in controller.jobs.get(
+            (NS, RUN), {}
+        )
+    finally:
+        await op.stop()
+
+
+async def _run_absent(cluster: Cluster) -> bool:
+    return await cluster.api.aget(SPINRUNS, RUN, NS) is None
