@@ -33,15 +33,13 @@ from typing import Any, TypeVar, cast
 
 from pydantic import ValidationError
 
-from spin_operator import observe
+from spin_operator import observe, resync
 from spin_operator.api import types as api
 from spin_operator.kube import ApiError, Kube, job_path, secret_path, service_path, spinrun_path
 from spin_operator.metrics import Metrics
 from spin_operator.naming import (
     APPLIED_SPEC_ANNOTATION,
     FINALIZER,
-    MANAGED_BY,
-    MANAGED_BY_LABEL,
     RUN_LABEL,
     StepKind,
     job_name,
@@ -138,6 +136,10 @@ class Controller:
         # writes trigger passes with an unchanged spec, so the last result is kept per run.
         self._parsed: dict[Key, tuple[str, api.SPINRunSpec | InvalidSpec]] = {}
         self.jobs: dict[Key, dict[str, tuple[str | None, ObservedJob]]] = {}
+        # When each cache entry last changed (monotonic; kept after a delete): resync.py changes
+        # only entries older than its lists.
+        self.touched: dict[tuple[str, str, str], float] = {}
+        self.run_touched: dict[Key, float] = {}
         self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
         self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
         self._running: dict[Key, asyncio.Task[None]] = {}
@@ -147,6 +149,8 @@ class Controller:
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
+        self._resync_task: asyncio.Task[None] | None = None
+        self.leading = not settings.leader_election  # else only once leader.py holds the Lease
         self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
         self._warned: dict[Key, set[str]] = {}  # API warnings already posted as events, per run
         kube.on_warning = self._api_warning
@@ -168,6 +172,7 @@ class Controller:
     def on_run(self, event_type: str | None, obj: JSON) -> None:
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
+        self.run_touched[key] = time.monotonic()
         if event_type == "DELETED":
             self.runs.pop(key, None)
             self._parsed.pop(key, None)
@@ -195,6 +200,7 @@ class Controller:
         key = (meta.get("namespace", ""), run)
         jobs = self.jobs.setdefault(key, {})
         before = jobs.get(job.name)
+        self.touched[(*key, job.name)] = time.monotonic()
         if event_type == "DELETED":
             jobs.pop(job.name, None)
         else:
@@ -207,15 +213,38 @@ class Controller:
     async def prime(self) -> None:
         """Fill the Job cache with one LIST before watching starts, so a restarted operator
         never mistakes a Job it has not heard of yet for a deleted one."""
-        selector = {"labelSelector": f"{MANAGED_BY_LABEL}={MANAGED_BY}"}
-        paths = [job_path(ns) for ns in self.settings.namespaces] or ["/apis/batch/v1/jobs"]
-        for path in paths:
-            for item in await self.kube.list(path, params=selector):
+        for path in resync.job_paths(self):
+            pages = resync.list_pages(self.kube, path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size)
+            async for item in pages:
                 self.on_job("ADDED", item)
+
+    def start_resync(self) -> None:
+        if self._resync_task is None and self.settings.resync_seconds > 0:
+            self._resync_task = asyncio.create_task(self.resync_forever(), name="resync")
+
+    async def resync_forever(self) -> None:
+        """Every `settings.resync_seconds`: re-list children and runs, drop what is gone."""
+        while self.settings.resync_seconds > 0:
+            await asyncio.sleep(self.settings.resync_seconds)
+            try:
+                jobs, runs = await resync.resync(self)
+            except Exception as exc:  # a failed resync (API down, 410 mid-list) waits for the next one
+                log.warning("resync failed (next in %.0fs): %s", self.settings.resync_seconds, exc)
+                continue
+            self.metrics.resync_dropped.labels(kind="job").inc(jobs)
+            self.metrics.resync_dropped.labels(kind="spinrun").inc(runs)
 
     # ------------------------------------------------------------------ scheduling
 
+    def lead(self) -> None:
+        """This replica now holds the Lease (leader.py): reconcile every cached run."""
+        self.leading = True
+        for key in list(self.runs):
+            self.kick(key)
+
     def kick(self, key: Key) -> None:
+        if not self.leading:  # a standby replica only keeps its caches warm
+            return
         if key in self._running:
             self._dirty.add(key)
             return
@@ -664,6 +693,8 @@ class Controller:
         """Stop: MLflow bookkeeping in flight gets `grace` seconds to land, the rest is cancelled."""
         for handle, _ in self._retries.values():
             handle.cancel()
+        if self._resync_task is not None:
+            self._resync_task.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=grace)
         for task in [*self._running.values(), *self._background]:

@@ -9,6 +9,7 @@ every decision and write; the operator's own finalizer exists only on runs with
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -39,9 +40,12 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     import kopf
 
     from spin_operator.api import types as api
+    from spin_operator.leader import LeaseElector, default_identity
     from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL
 
     registry = kopf.OperatorRegistry()
+    electors: list[LeaseElector] = []
+    tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.login(registry=registry)
     def authenticate(**kwargs: Any) -> Any:
@@ -53,11 +57,29 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.INFO  # only the events the reconciler decides
         settings.watching.server_timeout = 600
+        # Server-side filtering: the `labels=` of a handler only filters on the client, after the
+        # API server sent every Job of the cluster; this selector makes the list and the watch
+        # carry `labelSelector`, so only the operator's own Jobs travel. Lists come in pages.
+        settings.watching.label_selectors["batch", "v1", "jobs"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        settings.watching.chunk_size = controller.settings.list_chunk_size
         await controller.prime()
+        controller.start_resync()
+        if controller.settings.leader_election:
+            s = controller.settings
+            identity = s.lease_identity or default_identity()
+            elector = LeaseElector(controller.kube, s.lease_namespace, s.lease_name, identity, s.lease_seconds)
+            electors.append(elector)
+            tasks.append(asyncio.create_task(elector.run(controller.lead), name="leader election"))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+        controller.leading = not electors  # nothing new starts while it stops
         await controller.close()
+        for elector in electors:  # after close(): the Lease is given up once nothing reconciles
+            await elector.release()
+            await controller.kube.close()
 
     @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
     async def spinrun_event(event: Any, **_: Any) -> None:
@@ -80,7 +102,7 @@ def make_controller(settings: Settings, **kwargs: Any) -> Controller:
 def operator_kwargs(settings: Settings) -> dict[str, Any]:
     """kopf.operator()/kopf.run() arguments for these settings (namespaces, liveness probe)."""
     return {
-        "standalone": True,  # one replica, no peering objects (the chart uses strategy: Recreate)
+        "standalone": True,  # no kopf peering objects: replicas coordinate through a Lease (leader.py)
         "clusterwide": settings.clusterwide,
         "namespaces": list(settings.namespaces),
         "liveness_endpoint": f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,

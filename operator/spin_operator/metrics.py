@@ -35,6 +35,10 @@ class Metrics:
         self.jobs_created = Counter(
             "spin_operator_jobs_created_total", "Jobs created, by stage", ["stage"], registry=self.registry
         )
+        self.resync_dropped = Counter(
+            "spin_operator_resync_dropped_total", "Cached objects a resync found gone (missed watch events)", ["kind"],
+            registry=self.registry,
+        )
         for phase in PHASES:
             self.runs.labels(phase=phase).set(0)
 

@@ -66,6 +66,8 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         state = "Failed"
         reason = str(conditions["Failed"].get("reason") or "JobFailed")
         message = str(conditions["Failed"].get("message") or "")
+        if status.get("failedIndexes"):  # generation: which shards ran out of retries
+            message = f"{message} (failed shards: {status['failedIndexes']})".strip()
     elif spec.get("suspend"):
         state = "Suspended"
     elif (status.get("active") or 0) > 0 or (status.get("ready") or 0) > 0:

@@ -7,8 +7,16 @@ Choices a long GPU Job needs, and why:
   reachable as `<job>-0.<service>` through the headless Service (publishNotReadyAddresses: the
   name must resolve before any pod is Ready).
 * `restartPolicy: Never` + `podReplacementPolicy: Failed`: a new pod only once the old one is
-  gone, so two pods never share a hostname/rank. `backoffLimit` comes from the spec (default 0:
-  the operator retries with a fresh Job, which resumes from epoch checkpoints).
+  gone, so two pods never share a hostname/rank. `failurePolicy.backoffLimit` (default 0: the
+  operator retries with a fresh Job) means, per step (`_failure_settings`):
+  - generation: `backoffLimitPerIndex` — a failed shard is retried alone, the other shards go on;
+    a Job whose shard ran out of retries fails only after the others finished, and the next Job
+    skips every shard whose manifest is complete (`generate` exits 0 at once for those);
+  - single-node training and evaluation: `backoffLimit` — a new pod restarts every local rank;
+  - multi-node training: always `backoffLimit: 0` and disruptions count — torchrun's static
+    rendezvous cannot take a replaced rank, so any rank's failure or eviction fails the Job (the
+    Job controller then stops the other ranks) and the group restarts as the operator's next
+    Job, from the last complete epoch checkpoint.
 * `podFailurePolicy`: exit codes that won't heal (2 = bad input per docs/runtime.md, 126/127 =
   cannot execute) fail the Job at once; disruptions (preemption, drain) do not count as failures.
 * `ttlSecondsAfterFinished` unset: a finished Job stays so its status remains observable; Jobs go
@@ -142,6 +150,29 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
     return pod
 
 
+def _failure_settings(plan: StepPlan, backoff_limit: int) -> dict[str, Any]:
+    """backoffLimit / backoffLimitPerIndex and the podFailurePolicy of one step (module doc)."""
+    # Bad input fails every shard and rank the same way (each reads the whole dataset and the
+    # same model): fail the whole Job at once rather than per index.
+    unhealable = {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": plan.stage, "operator": "In", "values": UNHEALABLE_EXIT_CODES},
+    }
+    disruption_ignored = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    settings: dict[str, Any] = {"podReplacementPolicy": "Failed"}
+    if plan.stage == "generate":
+        settings["backoffLimitPerIndex"] = backoff_limit
+        rules = [unhealable, disruption_ignored]
+    elif plan.rendezvous and plan.pods > 1:
+        settings["backoffLimit"] = 0  # group restart only: see the module doc
+        rules = [unhealable]
+    else:
+        settings["backoffLimit"] = backoff_limit
+        rules = [unhealable, disruption_ignored]
+    settings["podFailurePolicy"] = {"rules": rules}
+    return settings
+
+
 def render_job(
     plan: StepPlan, spec: api.SPINRunSpec, run: RunRef, owner: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -152,21 +183,7 @@ def render_job(
         "completions": plan.pods,
         "parallelism": plan.pods,
         "completionMode": "Indexed",
-        "backoffLimit": spec.failure_policy.backoff_limit,
-        "podReplacementPolicy": "Failed",
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": plan.stage,
-                        "operator": "In",
-                        "values": UNHEALABLE_EXIT_CODES,
-                    },
-                },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]
-        },
+        **_failure_settings(plan, spec.failure_policy.backoff_limit),
         "template": {
             "metadata": _pod_metadata(plan, spec, run),
             "spec": _pod_spec(plan, spec.scheduling, spec.pod),

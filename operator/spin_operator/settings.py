@@ -45,6 +45,17 @@ class Settings:
     cache_dir: str = POD_CACHE_DIR
     # Admin pod templates (SPIN_POD_TEMPLATES); None where they are not known (local mode, plan).
     pod_templates: dict[str, PodTemplate] | None = None
+    # Watch scale and drift (docs/operations.md, "Watches and resync"): lists are fetched in pages
+    # of `list_chunk_size` objects; every `resync_seconds` (0 = never) the children are re-listed
+    # and what vanished during a watch gap is dropped from the caches.
+    list_chunk_size: int = 500
+    resync_seconds: float = 300.0
+    # Leader election (leader.py): only the holder of Lease `lease_namespace/lease_name` reconciles.
+    leader_election: bool = False
+    lease_name: str = "spin-operator"
+    lease_namespace: str = "default"
+    lease_seconds: float = 15.0
+    lease_identity: str = ""  # default: POD_NAME (downward API), else host and pid
 
     @property
     def clusterwide(self) -> bool:
@@ -79,6 +90,24 @@ class Settings:
             templates = load_templates(templates_file) if templates_file else {}
         except TemplateError as exc:
             raise SettingsError(f"SPIN_POD_TEMPLATES: {exc}") from None
+        def count(name: str, default: int, low: int) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r}: expected a whole number") from None
+            if value < low:
+                raise SettingsError(f"{name}={raw!r}: expected a number >= {low}")
+            return value
+
+        def flag(name: str) -> bool:
+            raw = (text(name) or "false").lower()
+            if raw not in ("true", "false"):
+                raise SettingsError(f"{name}={raw!r}: expected true or false")
+            return raw == "true"
+
         return cls(
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
@@ -92,6 +121,13 @@ class Settings:
             metrics_port=port("SPIN_METRICS_PORT", 9090),
             health_port=port("SPIN_HEALTH_PORT", 8080),
             pod_templates=templates,
+            list_chunk_size=count("SPIN_LIST_CHUNK_SIZE", 500, 1),
+            resync_seconds=float(count("SPIN_RESYNC_SECONDS", 300, 0)),
+            leader_election=flag("SPIN_LEADER_ELECTION"),
+            lease_name=text("SPIN_LEASE_NAME") or "spin-operator",
+            lease_namespace=text("SPIN_LEASE_NAMESPACE") or text("POD_NAMESPACE") or "default",
+            lease_seconds=float(count("SPIN_LEASE_SECONDS", 15, 3)),
+            lease_identity=text("POD_NAME") or "",
         )
 
 

@@ -477,3 +477,32 @@ def test_pod_templates_reach_the_operator() -> None:
         kubernetes_validate.validate(obj, "1.35", strict=True)
     assert "podTemplates" in render_error({"podTemplates": {"gpu": {"allowOverride": ["image"]}}})
     assert not find(render(), "ConfigMap")
+
+
+@needs_helm
+def test_leader_election_renders_a_lease_role_and_rolling_updates() -> None:
+    values = {"replicas": 2, "leaderElection": {"enabled": True, "leaseSeconds": 20}}
+    objects = render(values)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = _env(deployment)
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    settings = pytest.importorskip("spin_operator.settings")
+    parsed = settings.Settings.from_env(
+        {n: e["value"] for n, e in env.items() if "value" in e} | {"POD_NAMESPACE": NAMESPACE, "POD_NAME": "p-1"}
+    )
+    assert (parsed.leader_election, parsed.lease_seconds, parsed.lease_namespace, parsed.lease_identity) == (
+        True, 20.0, NAMESPACE, "p-1")  # fmt: skip
+    assert parsed.lease_name == deployment["metadata"]["name"]
+    role = next(o for o in find(objects, "Role") if o["metadata"]["name"].endswith("-leader-election"))
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]}]
+    binding = next(o for o in find(objects, "RoleBinding") if o["metadata"]["name"] == role["metadata"]["name"])
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+@needs_helm
+def test_two_replicas_without_leader_election_are_refused() -> None:
+    assert "needs leaderElection.enabled" in render_error({"replicas": 2})
+    assert not [o for o in find(render({}), "Role") if o["metadata"]["name"].endswith("-leader-election")]

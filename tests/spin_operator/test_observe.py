@@ -48,6 +48,16 @@ def test_states_as_the_job_controller_writes_them() -> None:
     assert "deadline" in failed.message
 
 
+def test_failed_shards_are_named() -> None:
+    """backoffLimitPerIndex: the Job fails with FailedIndexes; the message says which shards."""
+    base = job()
+    status = jd.job_failed_status(base, "FailedIndexes")
+    status["failedIndexes"] = "1,3"
+    failed = observe.job_state(with_status(base, status))
+    assert failed is not None and failed.reason == "FailedIndexes"
+    assert failed.message.endswith("(failed shards: 1,3)")
+
+
 def test_failure_target_alone_is_not_final_yet() -> None:
     """Pods may still be terminating until `Failed` is set: no retry may overlap them."""
     base = job()

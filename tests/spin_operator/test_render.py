@@ -113,6 +113,44 @@ def test_failure_settings_of_a_long_gpu_job() -> None:
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 
 
+DISRUPTION_IGNORED = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_generation_retries_a_failed_shard_alone() -> None:
+    """backoffLimitPerIndex: a failed shard is retried by itself while the others go on (the
+    per-Job backoffLimit, which would fail the Job for every shard, is left at its default)."""
+    [job] = objects(make({"failurePolicy": {"backoffLimit": 2}, "generation": {"replicas": 8}}), "generate")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["backoffLimitPerIndex"]) == ("Indexed", 2)
+    assert "backoffLimit" not in spec and "maxFailedIndexes" not in spec
+    fail_job, ignore = spec["podFailurePolicy"]["rules"]
+    # bad input fails the whole Job at once: every shard reads the same dataset and model
+    assert fail_job["action"] == "FailJob" and fail_job["onExitCodes"]["values"] == [2, 126, 127]
+    assert ignore == DISRUPTION_IGNORED
+
+
+@pytest.mark.parametrize("backoff", [0, 3])
+def test_multi_node_training_restarts_as_a_group(backoff: int) -> None:
+    """A replaced rank cannot rejoin torchrun's static rendezvous: any rank's failure or eviction
+    fails the Job (backoffLimit 0, disruptions not ignored), whatever failurePolicy.backoffLimit
+    says; the operator's next Job restarts every rank from the last epoch checkpoint."""
+    spec_ = make({"failurePolicy": {"backoffLimit": backoff}, "training": {"nodes": 4, "gpusPerNode": 8, "globalBatchSize": 64}})
+    for stage in ("train", "control-train"):
+        job = objects(spec_, stage)[-1]
+        spec = job["spec"]
+        assert spec["backoffLimit"] == 0 and "backoffLimitPerIndex" not in spec
+        assert spec["podFailurePolicy"]["rules"] == [
+            {"action": "FailJob", "onExitCodes": {"containerName": stage, "operator": "In", "values": [2, 126, 127]}}
+        ]
+
+
+def test_single_node_training_keeps_pod_retries() -> None:
+    """One node holds every rank: a new pod restarts the whole group, so backoffLimit applies."""
+    job = objects(make({"failurePolicy": {"backoffLimit": 2}, "training": {"nodes": 1, "gpusPerNode": 8}}), "train")[-1]
+    assert job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["podFailurePolicy"]["rules"][1] == DISRUPTION_IGNORED
+
+
 def test_owner_reference_and_labels() -> None:
     [job] = objects(make({}), "evaluate", attempt=2)
     assert job["metadata"]["ownerReferences"] == [

@@ -27,7 +27,17 @@ def test_values() -> None:
     assert (s.metrics_port, s.health_port) == (9100, 0)
 
 
-@pytest.mark.parametrize(("var", "value"), [("SPIN_METRICS_PORT", "abc"), ("SPIN_HEALTH_PORT", "70000"), ("SPIN_LOG_LEVEL", "LOUD")])
+def test_watch_settings() -> None:
+    assert (Settings.from_env({}).resync_seconds, Settings.from_env({}).list_chunk_size) == (300.0, 500)
+    s = Settings.from_env({"SPIN_RESYNC_SECONDS": "0", "SPIN_LIST_CHUNK_SIZE": "50"})
+    assert (s.resync_seconds, s.list_chunk_size) == (0.0, 50)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("SPIN_METRICS_PORT", "abc"), ("SPIN_HEALTH_PORT", "70000"), ("SPIN_LOG_LEVEL", "LOUD"),
+     ("SPIN_RESYNC_SECONDS", "-1"), ("SPIN_RESYNC_SECONDS", "5m"), ("SPIN_LIST_CHUNK_SIZE", "0")],
+)  # fmt: skip
 def test_bad_values_name_the_variable(var: str, value: str) -> None:
     with pytest.raises(SettingsError, match=var):
         Settings.from_env({var: value})

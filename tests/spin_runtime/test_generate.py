@@ -358,3 +358,33 @@ def test_records_carry_the_sampled_ids_that_retokenizing_would_change(
     by_id = {p.id: p.gen.tolist() for p in pairs.all}
     assert all(by_id[str(r["id"])] == r["generated_token_ids"] for r in recs)
     print(f"\n{len(changed)} of {len(recs)} answers re-encode to other ids")
+
+
+def test_a_retry_skips_shards_that_are_already_complete(
+    tiny_model_dir, tiny_dataset_path, tmp_path, monkeypatch
+) -> None:
+    """A new attempt of a generation step re-runs every shard: a shard complete with the same
+    inputs is not generated again (no model loaded, file and manifest untouched); a shard made
+    with other inputs, or whose file no longer matches its manifest, is generated again."""
+    out = tmp_path / "generated"
+    common = ["--num-shards", "2", "--shard-index", "0", "--temperature", "0"]
+    assert cli.main(argv(tiny_model_dir, tiny_dataset_path, out, *common)) == 0
+    shard = out / "shard-00000-of-00002.jsonl"
+    marker = out / "shard-00000-of-00002.manifest.json"
+    stamps = (shard.stat().st_mtime_ns, marker.read_bytes())
+
+    made = []
+    real = runner.make_backend
+    monkeypatch.setattr(runner, "make_backend", lambda *a, **k: made.append(1) or real(*a, **k))
+    assert cli.main(argv(tiny_model_dir, tiny_dataset_path, out, *common)) == 0
+    assert made == [] and (shard.stat().st_mtime_ns, marker.read_bytes()) == stamps
+
+    other = [*common[:-1], "0.7"]  # other sampling: the old shard is not reused
+    assert cli.main(argv(tiny_model_dir, tiny_dataset_path, out, *other)) == 0
+    assert made == [1]
+    assert json.loads(marker.read_text())["meta"]["sampling"]["temperature"] == 0.7
+
+    shard.write_text(shard.read_text().replace('"split"', '"split" ', 1))  # corrupted meanwhile
+    assert cli.main(argv(tiny_model_dir, tiny_dataset_path, out, *other)) == 0
+    assert made == [1, 1]
+    assert manifest.is_complete(str(shard), verify=True)

@@ -575,7 +575,11 @@ class FailurePolicySpec(Model):
         int, _desc("New Jobs created for a failed step before the run fails.", ge=0, le=MAX_RETRIES)
     ] = 2
     backoff_limit: Annotated[
-        int, _desc("Pod restarts within one Job (Job backoffLimit) before the Job fails.", ge=0, le=100)
+        int, _desc(
+            "Pod restarts within one Job before it fails: per shard for generation (backoffLimitPerIndex); "
+            "not used by multi-node training, whose ranks restart together as the next Job.",
+            ge=0, le=100,
+        )
     ] = 0
     active_deadline_seconds: Annotated[
         int | None, _desc("Wall-clock limit of each Job.", ge=1)

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         num_shards=count,
     )
     result = generate_shard(opts)
-    log_to_tracking(result.stats, index)
+    if not result.reused:  # a reused shard's stats were logged by the attempt that made it
+        log_to_tracking(result.stats, index)
     return 0
 
 

@@ -8,6 +8,10 @@ depends only on (dataset, seed, sizes, index, n), so re-running shard i rewrites
 
 Crash safety: the shard's manifest is removed before any work and written only after the shard
 file (docs/design.md), so a failed or killed shard never looks complete.
+
+Retries: a shard that is already complete — manifest present, file checksum verified, and made
+from the same inputs (model, data, selection, sampling, layout) — is not redone: a new attempt of
+a generation step then only pays for the shards that failed.
 """
 
 from __future__ import annotations
@@ -67,6 +71,38 @@ class ShardResult:
     uri: str
     records: list[dict[str, Any]]
     stats: dict[str, Any]
+    reused: bool = False  # already complete with the same inputs: nothing was generated
+
+
+def _inputs(opts: GenerateOptions) -> dict[str, Any]:
+    """The manifest `meta` entries that determine a shard's content (as written below)."""
+    return {
+        "iteration": opts.iteration,
+        "shard_index": opts.shard_index,
+        "num_shards": opts.num_shards,
+        "dataset": opts.dataset,
+        "selection": {"seed": opts.seed, "max_samples": opts.max_samples, "eval_samples": opts.eval_samples},
+        "model": opts.model,
+        "tokenizer": opts.tokenizer or opts.model,
+        "chat_template": opts.chat_template,
+        "backend": opts.backend,
+        "dtype": opts.dtype,
+        "sampling": opts.sampling.to_dict(),
+    }
+
+
+def complete_shard(opts: GenerateOptions, uri: str) -> manifest.Manifest | None:
+    """The manifest of shard `uri` when it is complete, intact and made from `opts`' inputs."""
+    try:
+        found = manifest.require_complete(uri, verify=True)
+    except (OSError, ValueError) as exc:  # missing, incomplete, malformed or a checksum mismatch
+        log.debug("shard %s is not reusable: %s", uri, exc)
+        return None
+    changed = sorted(k for k, v in _inputs(opts).items() if found.meta.get(k) != v)
+    if changed:
+        log.info("shard %s exists but was made with other %s: generating it again", uri, ", ".join(changed))
+        return None
+    return found
 
 
 def _stats(completions: list[Completion], elapsed: float, skipped_too_long: int) -> dict[str, Any]:
@@ -103,6 +139,10 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
     if opts.iteration < 0:
         raise UsageError(f"--iteration must be >= 0, got {opts.iteration}")
     uri = storage.join(opts.output, layout.shard_name(opts.shard_index, opts.num_shards))
+    done = complete_shard(opts, uri)
+    if done is not None:  # a retry of the step: this shard finished in an earlier attempt
+        log.info("shard %s is already complete with these inputs: not generated again", uri)
+        return ShardResult(uri=uri, records=[], stats=dict(done.meta.get("stats") or {}), reused=True)
     storage.delete_prefix(manifest.file_manifest_uri(uri))  # incomplete until rewritten
 
     loaded = data.load_examples(opts.dataset, opts.max_skipped_fraction)
