@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -72,6 +73,11 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         state = "Running"
     else:
         state = "Pending"
+    # Pods worth a look (observe.pod_blockage): some active pod not ready, or none yet at all.
+    # Our pods have no readiness probes, so ready = running.
+    starting = state in ("Pending", "Running") and (
+        (status.get("ready") or 0) < (status.get("active") or 0) or not status.get("active")
+    )
     return ObservedJob(
         name=str(meta.get("name")),
         iteration=iteration,
@@ -84,7 +90,69 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         completion_time=status.get("completionTime"),
         queued=KUEUE_QUEUE_LABEL in labels,
         deleting=bool(meta.get("deletionTimestamp")),
+        starting=starting and not meta.get("deletionTimestamp"),
     )
+
+
+# Container waiting reasons that do not go away by waiting (unlike ContainerCreating or
+# PodInitializing): the kubelet keeps retrying, the pod stays Pending, the Job shows nothing.
+BLOCKING_WAITS = frozenset({
+    "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Blockage:
+    """Why a Job's pods do not start, and since when a pod has waited ("" / None: nothing)."""
+
+    reason: str = ""
+    message: str = ""
+    since: str | None = None
+
+
+def _is_job_pod(pod: Mapping[str, Any], job: str) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return job in (labels.get("batch.kubernetes.io/job-name"), labels.get("job-name"))
+
+
+def pod_blockage(job: Mapping[str, Any], pods: list[Mapping[str, Any]], events: list[Mapping[str, Any]]) -> Blockage:
+    """What keeps the pods of `job` from starting (pure): a pod's container waiting for a reason
+    that does not heal by itself, a pod the scheduler cannot place, or (no pod could be created)
+    the Job controller's latest FailedCreate event — PodSecurity or a ResourceQuota refusing the
+    pod. `pods` and `events` may hold other objects (the list is filtered here)."""
+    meta, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
+    name = str(meta.get("name"))
+    mine = sorted((p for p in pods if _is_job_pod(p, name)), key=lambda p: str(p["metadata"].get("name")))
+    waiting = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") == "Pending"
+               and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    since = min((str(p["metadata"].get("creationTimestamp")) for p in waiting if p["metadata"].get("creationTimestamp")), default=None)
+    for pod in waiting:
+        pname, pstatus = pod["metadata"].get("name"), pod.get("status") or {}
+        for cs in [*(pstatus.get("initContainerStatuses") or []), *(pstatus.get("containerStatuses") or [])]:
+            wait = (cs.get("state") or {}).get("waiting") or {}
+            if wait.get("reason") in BLOCKING_WAITS:
+                return Blockage(str(wait["reason"]), f"pod {pname}: {wait.get('message') or wait['reason']}", since)
+        for c in pstatus.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return Blockage(str(c.get("reason") or "Unschedulable"), f"pod {pname}: {c.get('message') or 'not scheduled'}", since)
+    wanted = min(int(spec.get("parallelism") or 1), int(spec.get("completions") or 1) - int(status.get("succeeded") or 0))
+    live = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") in ("Pending", "Running")]
+    if len(live) < wanted:
+        refused = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"
+                   and (e.get("involvedObject") or {}).get("name") == name
+                   and (e.get("involvedObject") or {}).get("kind") == "Job"]  # fmt: skip
+        if refused:
+            latest = max(refused, key=_event_time)
+            first = str(latest.get("firstTimestamp") or latest.get("eventTime") or "") or None
+            return Blockage("FailedCreate", str(latest.get("message") or "the Job cannot create its pods"), first)
+        if not mine:  # no pod yet: waiting since the Job started
+            return Blockage(since=status.get("startTime") or meta.get("creationTimestamp"))
+    return Blockage(since=since)
+
+
+def _event_time(event: Mapping[str, Any]) -> str:
+    return str(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or "")
 
 
 @contextlib.contextmanager

@@ -49,6 +49,17 @@ TERMINAL = ("Succeeded", "Failed")
 # is the Job condition Kubernetes sets when render.py's FailJob rule (those exit codes) matched;
 # "BadInput"/"CannotExecute" are local mode's (local/backend.py).
 UNHEALABLE_REASONS = ("BadInput", "CannotExecute", "PodFailurePolicy")
+BLOCKED_PREFIX = "pods cannot start: "  # step messages set while pods are blocked (cleared after)
+
+
+def _seconds_between(start: str, end: str) -> float | None:
+    """Seconds from one RFC 3339 time to another; None when either is unreadable."""
+    from datetime import datetime
+
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):
+        return None
 
 
 class Pass:
@@ -65,6 +76,8 @@ class Pass:
         self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
         self.success: str | None = None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
         self.steps_done: set[int] = set()  # iterations with a step that succeeded in this pass
+        self.blocked: list[tuple[str, str]] = []  # (cause, message) of steps whose pods cannot start
+        self.drove = False  # _drive ran: the PodsBlocked condition reflects this pass
 
     # ------------------------------------------------------------------ entry point
 
@@ -298,6 +311,7 @@ class Pass:
 
     def _drive(self, spec: api.SPINRunSpec) -> None:
         st = self.st
+        self.drove = True
         if spec.suspend and st.phase != "Suspended":
             st.phase = "Suspended"
             self._event("Normal", "Suspended", "spec.suspend is true: running Jobs suspended, nothing new starts")
@@ -458,8 +472,31 @@ class Pass:
                 ss.phase, ss.message = "Pending", None
         else:
             ss.phase = "Running" if job.state == "Running" else "Pending"
-            ss.message = None if ss.message in ("suspended", "waiting for Kueue admission") else ss.message
+            transient = ss.message in ("suspended", "waiting for Kueue admission") or (ss.message or "").startswith(BLOCKED_PREFIX)
+            ss.message = None if transient else ss.message
+            return self._starting(spec, ss, job)
         return "waiting"
+
+    def _starting(self, spec: api.SPINRunSpec, ss: api.StepStatus, job: ObservedJob) -> Outcome:
+        """A running Job whose pods may not start: say why (PodsBlocked condition, a Warning
+        event per new cause) and fail the step once a pod waited failurePolicy.pendingTimeoutSeconds."""
+        what = f"{job.stage} of iteration {job.iteration}: Job {job.name}"
+        if job.blocked_reason:
+            ss.message = f"{BLOCKED_PREFIX}{job.blocked_reason}: {job.blocked_message}"
+            self.blocked.append((job.blocked_reason, f"{what}: {job.blocked_reason}: {job.blocked_message}"))
+        timeout = spec.failure_policy.pending_timeout_seconds
+        waited = _seconds_between(job.pending_since, self.now) if job.pending_since else None
+        if not timeout or waited is None or waited <= timeout:
+            return "waiting"
+        cause = f"{job.blocked_reason}: {job.blocked_message}" if job.blocked_reason else "pods still Pending"
+        ss.phase, ss.completion_time = "Failed", self.now
+        ss.message = f"PendingTimeout: {cause}"
+        self._fail(
+            "PendingTimeout",
+            f"{what}: a pod waited {int(waited)}s to start, over failurePolicy.pendingTimeoutSeconds "
+            f"({timeout}s): {cause}",
+        )
+        return "failed"
 
     @staticmethod
     def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
@@ -568,3 +605,22 @@ class Pass:
         cond.set_condition(cs, cond.PROGRESSING, running, stage if running else phase, (st.message or "") if running else "", now, gen)
         cond.set_condition(cs, cond.SUSPENDED, phase == "Suspended", "SuspendedBySpec" if phase == "Suspended" else "NotSuspended", "", now, gen)
         cond.set_condition(cs, cond.FAILED, phase == "Failed", reason if phase == "Failed" else "NotFailed", message if phase == "Failed" else "", now, gen)
+        self._pods_blocked_condition()
+
+    def _pods_blocked_condition(self) -> None:
+        """PodsBlocked: True with the first cause while pods cannot start (all causes in the
+        message); one Warning event per cause not already reported; False once they start."""
+        cs, previous = self.st.conditions, cond.get_condition(self.old.conditions, cond.PODS_BLOCKED)
+        was = previous.message if previous is not None and previous.status == "True" else ""
+        if not self.drove or self.st.phase in TERMINAL:
+            if was and self.st.phase in TERMINAL:
+                cond.set_condition(cs, cond.PODS_BLOCKED, False, self.st.phase, "", self.now, self.o.generation)
+            return
+        if self.blocked:
+            for cause, message in self.blocked:
+                if message not in was:
+                    self._event("Warning", cause, message)
+            text = "; ".join(m for _, m in self.blocked)
+            cond.set_condition(cs, cond.PODS_BLOCKED, True, self.blocked[0][0], text, self.now, self.o.generation)
+        elif previous is not None:
+            cond.set_condition(cs, cond.PODS_BLOCKED, False, "PodsStarted", "", self.now, self.o.generation)

@@ -48,7 +48,7 @@ NAMESPACED_RULES = {
     ("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")
 } | {
     ("", "services", verb) for verb in ("create", "delete")
-} | {("", "secrets", "get"), ("", "events", "create")}
+} | {("", "secrets", "get"), ("", "events", "create"), ("", "events", "list"), ("", "pods", "list")}
 # Cluster-scoped, both modes: kopf's CRD observation.
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 # Cluster-scoped, namespaced mode only: kopf's namespace observation (a cluster-wide kopf

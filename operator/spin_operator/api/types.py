@@ -391,6 +391,9 @@ class EvaluationSpec(Model):
     baseline: Annotated[bool, _desc("At iteration 0, also evaluate θ0 for comparison.")] = True
     max_new_tokens: Annotated[int, _desc("Token limit of greedy answers.", ge=1, le=65536)] = 256
     gpus: Annotated[int, _desc("GPUs of the evaluation pod.", ge=0, le=64)] = 1
+    resources: Annotated[
+        Resources, _desc("CPU/memory/ephemeral-storage requests and limits of the evaluation pod.")
+    ] = Field(default_factory=Resources)
     metric: Annotated[
         str,
         _desc(
@@ -509,6 +512,15 @@ class FailurePolicySpec(Model):
     active_deadline_seconds: Annotated[
         int | None, _desc("Wall-clock limit of each Job.", ge=1)
     ] = None
+    pending_timeout_seconds: Annotated[
+        int,
+        _desc(
+            "Fail the step when a pod of its Job has waited this long to start (unschedulable, "
+            "image pull back-off, a missing Secret key, pods refused by PodSecurity or a quota); "
+            "0 waits forever. A Job suspended for Kueue does not count as waiting.",
+            ge=0,
+        ),
+    ] = 3600
 
 
 class RetentionSpec(Model):
