@@ -453,7 +453,9 @@ class Controller:
             await self._ensure_tracking(spec, run, d)
         for a in d.actions:
             if isinstance(a, DeleteJob):
-                await self._write(self.kube.delete(job_path(run.namespace, a.name)))
+                # Foreground: the Job stays (marked deleting) until its pods are gone, so the
+                # reconciler can tell when nothing writes any more (run deletion, retries).
+                await self._write(self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground"))
             elif isinstance(a, DeleteService):
                 await self._write(self.kube.delete(service_path(run.namespace, a.name)))
             elif isinstance(a, SuspendJob):

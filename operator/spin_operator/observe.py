@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -142,10 +143,15 @@ def pod_blockage(job: Mapping[str, Any], pods: list[Mapping[str, Any]], events: 
         refused = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"
                    and (e.get("involvedObject") or {}).get("name") == name
                    and (e.get("involvedObject") or {}).get("kind") == "Job"]  # fmt: skip
+        newest_pod = max((str(p["metadata"].get("creationTimestamp") or "") for p in mine), default="")
+        refused = [e for e in refused if _event_time(e) >= newest_pod]  # not from before a pod got in
         if refused:
             latest = max(refused, key=_event_time)
-            first = str(latest.get("firstTimestamp") or latest.get("eventTime") or "") or None
-            return Blockage("FailedCreate", str(latest.get("message") or "the Job cannot create its pods"), first)
+            # Each refused pod has its own name, so each try is a new Event: the wait began at the
+            # first of them, or when the Job started if it never had a pod.
+            first = min(str(e.get("firstTimestamp") or e.get("eventTime") or _event_time(e)) for e in refused)
+            since = first if mine else (status.get("startTime") or meta.get("creationTimestamp") or first)
+            return Blockage("FailedCreate", str(latest.get("message") or "the Job cannot create its pods"), since)
         if not mine:  # no pod yet: waiting since the Job started
             return Blockage(since=status.get("startTime") or meta.get("creationTimestamp"))
     return Blockage(since=since)
@@ -178,12 +184,21 @@ def storage_env(spec: api.SPINRunSpec) -> Iterator[None]:
                     os.environ[key] = old
 
 
-def _metrics(results: Mapping[str, Any]) -> dict[str, float]:
+# What of a results.json reaches the SPINRun's status: the ranking metric (evaluation.metric) and
+# this fixed set, for the model and its θ0 baseline. results.json is written by the tenant's own
+# code (a custom evaluation command): copying every key would let it grow the status object
+# without bound. MLflow keeps every metric the step logs.
+STATUS_METRICS = ("score", "exact_match", "real_logp_per_token", "num_examples", "truncation_rate")
+
+
+def _metrics(results: Mapping[str, Any], ranking: str) -> dict[str, float]:
+    keep = {*STATUS_METRICS, ranking}
     out: dict[str, float] = {}
     for prefix, section in (("", results.get("metrics")), ("baseline/", results.get("baseline"))):
         if isinstance(section, Mapping):
-            for key, value in section.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
+            for key in sorted(keep & {k for k in section if isinstance(k, str)}):
+                value = section[key]
+                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                     out[f"{prefix}{key}"] = float(value)
     return out
 
@@ -195,7 +210,7 @@ def _evaluated(spec: api.SPINRunSpec, eval_dir: str, results: str) -> tuple[bool
     custom = spec.evaluation.command is not None  # a custom command writes no manifest
     if manifest.is_complete(eval_dir) or (custom and storage.exists(results)):
         try:
-            return True, _metrics(json.loads(storage.read_text(results)))
+            return True, _metrics(json.loads(storage.read_text(results)), spec.evaluation.metric)
         except (FileNotFoundError, ValueError, AttributeError):
             return False, {}
     return False, {}

@@ -93,6 +93,7 @@ class Pass:
                 self._cleanup_terminal()
             elif self.started or self._start(spec):
                 self._drive(spec)
+            self._sweep_recorded()
             if self.started and spec.tracking.uri:
                 self._tracking()
         self._sync_conditions()
@@ -273,13 +274,18 @@ class Pass:
                 self._act(DeleteJob(job.name))
 
     def _deleting(self) -> None:
-        """With retention Delete: stop writers, then delete the run prefix, then let go."""
+        """With retention Delete: stop writers, then delete the run prefix, then let go.
+
+        Every Job goes (the controller deletes with propagationPolicy Foreground, so a Job stays
+        visible, marked deleting, until the garbage collector removed all its pods): artifacts
+        are deleted only once no Job is left, so no pod still uploading writes into a deleted
+        prefix (and a finished Job's pods are gone with it)."""
         if not self.o.finalizer:
             return
-        active = [j for j in self.o.jobs if j.state in ACTIVE_STATES]
-        if active:
-            self._act(*(DeleteJob(j.name) for j in active if not j.deleting))
-            self.st.message = f"deleting: waiting for {len(active)} Job(s) to stop before deleting artifacts"
+        remaining = list(self.o.jobs)
+        if remaining:
+            self._act(*(DeleteJob(j.name) for j in remaining if not j.deleting))
+            self.st.message = f"deleting: waiting for {len(remaining)} Job(s) and their pods to be gone before deleting artifacts"
             return
         spec = self.o.applied_spec or (self.given if not isinstance(self.given, InvalidSpec) else None)
         self.d.spec = spec
@@ -455,6 +461,23 @@ class Pass:
         if current.state == "Failed":
             return self._failed_attempt(spec, t, kind, current.reason or "JobFailed", current.message)
         return self._active(spec, ss, current)
+
+    def _sweep_recorded(self) -> None:
+        """Finished Jobs do not pile up: every Job of a step the status records as succeeded is
+        deleted (its pods with it), attempts that failed before included."""
+        deleting = {a.name for a in self.d.of_type(DeleteJob)}
+        for job in self.o.jobs:
+            if not job.deleting and job.name not in deleting and self._recorded(job.iteration, job.stage):
+                self._act(DeleteJob(job.name))
+
+    def _recorded(self, t: int, kind: StepKind) -> bool:
+        """True when the status this pass started from (what the API server holds) says the step
+        succeeded. Only then are its finished Jobs deleted: a step is never decided from its Job
+        again once recorded, so a deleted Job is never re-run, and a status write that did not
+        land leaves the Job for the next pass to see."""
+        it = next((i for i in self.old.iterations if i.iteration == t), None)
+        ss = getattr(it, step_field(kind), None) if it is not None else None
+        return ss is not None and ss.phase == "Succeeded"
 
     def _active(self, spec: api.SPINRunSpec, ss: api.StepStatus, job: ObservedJob) -> Outcome:
         if job.deleting:

@@ -275,7 +275,16 @@ def test_failed_create_when_pods_are_missing_latest_event_wins() -> None:
     events = [failed_create("old quota", at="2026-01-01T00:00:03Z"), failed_create("violates PodSecurity", at="2026-01-01T00:00:09Z"),
               failed_create("other job", name="other"), {**failed_create("normal"), "type": "Normal"}]  # fmt: skip
     b = pod_blockage(job(), [], events)
-    assert b == Blockage("FailedCreate", "violates PodSecurity", "2026-01-01T00:00:09Z")
+    # never had a pod: it has waited since the Job started, however many refusals (Events) came
+    assert b == Blockage("FailedCreate", "violates PodSecurity", "2026-01-01T00:00:01Z")
+
+
+def test_failed_create_after_some_pods_got_in_waits_since_the_first_later_refusal() -> None:
+    running = pod("p-1", "Running")  # created 00:00:01
+    events = [failed_create("before", at="2026-01-01T00:00:00Z"), failed_create("quota", at="2026-01-01T00:00:07Z"),
+              failed_create("quota again", at="2026-01-01T00:00:30Z")]  # fmt: skip
+    b = pod_blockage(job(active=1), [running], events)
+    assert b == Blockage("FailedCreate", "quota again", "2026-01-01T00:00:07Z")
 
 
 def test_failed_create_ignored_once_every_pod_exists() -> None:

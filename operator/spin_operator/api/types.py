@@ -655,7 +655,14 @@ class IterationStatus(Model):
     model_uri: Annotated[str | None, _desc("θt, the model this iteration starts from.")] = None
     output_model_uri: Annotated[str | None, _desc("θt+1, the checkpoint it produced.")] = None
     data_uri: Annotated[str | None, _desc("Generated data of this iteration.")] = None
-    metrics: Annotated[dict[str, float], _desc("Summary metrics (evaluation results).")] = Field(default_factory=dict)
+    metrics: Annotated[
+        dict[str, float],
+        _desc(
+            "Summary metrics (evaluation results): evaluation.metric and score, exact_match, "
+            "real_logp_per_token, num_examples, truncation_rate, each also as baseline/<key> for "
+            "θ0; every other metric is in MLflow only.",
+        ),
+    ] = Field(default_factory=dict)
     mlflow_run_id: Annotated[str | None, _desc("Nested MLflow run of this iteration.")] = None
 
 
