@@ -93,7 +93,8 @@ class Pass:
                 self._cleanup_terminal()
             elif self.started or self._start(spec):
                 self._drive(spec)
-            self._sweep_recorded()
+            if spec.retention.finished_jobs == "Delete":
+                self._sweep_recorded()
             if self.started and spec.tracking.uri:
                 self._tracking()
         self._sync_conditions()

@@ -94,8 +94,19 @@ def test_finished_jobs_go_once_recorded(cluster_quick: RealCluster, tmp_path: Pa
     assert c.run("tidy")["status"]["phase"] == "Succeeded"
 
 
-def can_i(c: RealCluster, user: str, verb: str, resource: str = "spinruns.selfplay.dev") -> bool:
-    proc = c.kubectl("auth", "can-i", verb, resource, "-n", c.namespace, "--as", user, check=False)
+def can_i(c: RealCluster, user: str, verb: str, *extra: str) -> bool:
+    proc = c.kubectl(
+        "auth",
+        "can-i",
+        verb,
+        "spinruns.selfplay.dev",
+        *extra,
+        "-n",
+        c.namespace,
+        "--as",
+        user,
+        check=False,
+    )
     return proc.stdout.strip() == "yes"
 
 
@@ -122,7 +133,8 @@ def test_edit_users_create_spinruns_and_view_users_read_them(
     for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
         assert can_i(c, "alice", verb), verb
         assert can_i(c, "bob", verb) == (verb in ("get", "list", "watch")), verb
-    assert not can_i(c, "alice", "patch", "spinruns.selfplay.dev/status")
+    assert can_i(c, "alice", "get", "--subresource=status")
+    assert not can_i(c, "alice", "patch", "--subresource=status")
     path = e2e.spinrun_file(tmp_path, "by-alice", spec__iterations=1)
     created = c.kubectl("--as", "alice", "create", "-n", c.namespace, "-f", str(path), check=False)
     assert created.returncode == 0, created.stderr

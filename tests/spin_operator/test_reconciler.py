@@ -526,6 +526,13 @@ def test_jobs_of_a_recorded_step_are_deleted_and_never_rerun() -> None:
     assert not w.jobs, "finished Jobs left behind"
 
 
+def test_retention_retain_keeps_finished_jobs() -> None:
+    w = World(spin_object(iterations=2, retention={"finishedJobs": "Retain"}))
+    w.run_to_end()
+    w.reconcile()
+    assert sorted(w.jobs) == sorted(w.created) and not any(d.of_type(DeleteJob) for d in w.decisions)
+
+
 def test_a_status_write_that_did_not_land_keeps_the_job() -> None:
     w = started()
     gen = advance_to(w, 0, "generate")

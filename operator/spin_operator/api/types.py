@@ -529,6 +529,14 @@ class RetentionSpec(Model):
     on_delete: Annotated[
         Literal["Retain", "Delete"], _desc("Retain keeps checkpoints and data in storage; Delete removes the run prefix.")
     ] = "Retain"
+    finished_jobs: Annotated[
+        Literal["Delete", "Retain"],
+        _desc(
+            "Delete removes a step's Jobs and their pods once the status records the step as "
+            "succeeded (so they do not pile up); Retain keeps them until the SPINRun is deleted "
+            "(for debugging). Jobs of a step that failed the run are always kept.",
+        ),
+    ] = "Delete"
 
 
 class SPINRunSpec(Model):
