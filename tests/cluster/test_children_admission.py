@@ -60,7 +60,10 @@ def test_operator_children_pass_admission_and_need_both_fixes(
            "spec": copy.deepcopy(job["spec"]["template"]["spec"])}  # fmt: skip
     code, out = dry_run(c, pod, tmp_path / "pod.json")
     assert code == 0, f"PodSecurity restricted refuses the operator's pod:\n{out}"
-    pod["spec"]["securityContext"].pop("runAsNonRoot")
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsUser"] == 65532
+    spec["securityContext"].pop("runAsNonRoot")
+    spec["containers"][0]["securityContext"].pop("runAsNonRoot")
     code, out = dry_run(c, pod, tmp_path / "pod.json")
     assert code != 0 and "runAsNonRoot" in out, out
 
