@@ -124,6 +124,7 @@ class Controller:
         post_event: EventPoster | None = None,
         retry_base: float = 2.0,
         retry_max: float = 60.0,
+        pod_check: float = 20.0,
     ) -> None:
         self.settings = settings
         self.kube = kube
@@ -142,6 +143,13 @@ class Controller:
         self.run_touched: dict[Key, float] = {}
         self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
         self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
+        # Jobs whose pods are not all running: their latest body, and what their pods and events
+        # said ((run uid, Job) -> (monotonic time of the look, blockage)); looked at again every
+        # `pod_check` seconds while they wait, since a stuck pod changes nothing on the Job.
+        self.pod_check = pod_check
+        self._starting: dict[tuple[str, str], JSON] = {}
+        self._blocked: dict[tuple[str, str], tuple[float, observe.Blockage]] = {}
+        self._rechecks: dict[Key, asyncio.TimerHandle] = {}
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
@@ -186,6 +194,10 @@ class Controller:
                 del jobs[name]
             self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
             self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
+            self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
+            recheck = self._rechecks.pop(key, None)
+            if recheck is not None:
+                recheck.cancel()
             self.metrics.set_phases(self._phases())
             return
         self.runs[key] = obj
@@ -201,6 +213,10 @@ class Controller:
         jobs = self.jobs.setdefault(key, {})
         before = jobs.get(job.name)
         self.touched[(*key, job.name)] = time.monotonic()
+        if job.starting and event_type != "DELETED":
+            self._starting[(key[0], job.name)] = obj
+        else:
+            self._starting.pop((key[0], job.name), None)
         if event_type == "DELETED":
             jobs.pop(job.name, None)
         else:
@@ -287,6 +303,20 @@ class Controller:
             self._cancel_retry(key)
         elif key in self.runs:
             self._schedule_retry(key, after)
+        self._schedule_recheck(key)
+
+    def _schedule_recheck(self, key: Key) -> None:
+        """While a Job of the run waits for pods, look again in `pod_check` seconds: a pod stuck
+        in ImagePullBackOff or a Job refused its pods changes nothing the watch would bring."""
+        handle = self._rechecks.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        body = self.runs.get(key)
+        if body is None:
+            return
+        run = RunRef(key[0], key[1], (body.get("metadata") or {}).get("uid", ""))
+        if any(j.starting for j in self._run_jobs(run)):
+            self._rechecks[key] = asyncio.get_running_loop().call_later(self.pod_check, self.kick, key)
 
     def _schedule_retry(self, key: Key, after: float | None = None) -> None:
         handle, count = self._retries.get(key, (None, 0))
@@ -362,6 +392,7 @@ class Controller:
         except ValidationError:
             log.warning("%s/%s: unreadable status; starting from storage and children", *key)
             status = api.SPINRunStatus()
+        await self._look_at_pods(run)
         facts = Gathered()
         decision = None
         for _ in range(MAX_ROUNDS):
@@ -379,6 +410,35 @@ class Controller:
         settled = await self._execute(key, body, run, status, decision)
         self._tracking_pending[key] = not settled
         return decision.complete and settled
+
+    async def _look_at_pods(self, run: RunRef) -> None:
+        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods (and,
+        when they do not explain the wait, its events) -> `observe.pod_blockage`. Best effort: a
+        failed look leaves the last one (the step then just waits, as before)."""
+        now = time.monotonic()
+        for job in self._run_jobs(run):
+            k = (run.uid, job.name)
+            body = self._starting.get((run.namespace, job.name))
+            if body is None:
+                self._blocked.pop(k, None)
+                continue
+            seen = self._blocked.get(k)
+            if seen is not None and now - seen[0] < self.pod_check * 0.9:
+                continue
+            try:
+                pods = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/pods",
+                                               params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"})  # fmt: skip
+                found = observe.pod_blockage(body, pods.get("items") or [], [])
+                if not found.reason:
+                    selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
+                    events = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/events",
+                                                     params={"fieldSelector": selector})  # fmt: skip
+                    found = observe.pod_blockage(body, pods.get("items") or [], events.get("items") or [])
+            except ApiError as exc:
+                level = logging.DEBUG if exc.status == 404 else logging.WARNING
+                log.log(level, "%s/%s: cannot look at the pods of Job %s: %s", run.namespace, run.name, job.name, exc)
+                continue
+            self._blocked[k] = (now, found)
 
     def _applied(self, meta: JSON) -> api.SPINRunSpec | None:
         raw = (meta.get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
@@ -400,6 +460,11 @@ class Controller:
         jobs = tuple(
             dataclasses.replace(j, message=cause) if (cause := self._causes.get((run.uid, j.name))) else j
             for j in self._run_jobs(run)
+        )
+        jobs = tuple(  # what keeps its pods from starting (looked at in _look_at_pods)
+            dataclasses.replace(j, blocked_reason=b.reason, blocked_message=b.message, pending_since=b.since)
+            if j.starting and (b := self._blocked.get((run.uid, j.name), (0.0, None))[1]) is not None else j
+            for j in jobs
         )
         return Observed(
             namespace=run.namespace,
@@ -475,7 +540,9 @@ class Controller:
             await self._ensure_tracking(spec, run, d)
         for a in d.actions:
             if isinstance(a, DeleteJob):
-                await self._write(self.kube.delete(job_path(run.namespace, a.name)))
+                # Foreground: the Job stays (marked deleting) until its pods are gone, so the
+                # reconciler can tell when nothing writes any more (run deletion, retries).
+                await self._write(self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground"))
             elif isinstance(a, DeleteService):
                 await self._write(self.kube.delete(service_path(run.namespace, a.name)))
             elif isinstance(a, SuspendJob):
@@ -695,6 +762,8 @@ class Controller:
             handle.cancel()
         if self._resync_task is not None:
             self._resync_task.cancel()
+        for recheck in self._rechecks.values():
+            recheck.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=grace)
         for task in [*self._running.values(), *self._background]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -74,6 +76,11 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         state = "Running"
     else:
         state = "Pending"
+    # Pods worth a look (observe.pod_blockage): some active pod not ready, or none yet at all.
+    # Our pods have no readiness probes, so ready = running.
+    starting = state in ("Pending", "Running") and (
+        (status.get("ready") or 0) < (status.get("active") or 0) or not status.get("active")
+    )
     return ObservedJob(
         name=str(meta.get("name")),
         iteration=iteration,
@@ -86,7 +93,74 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         completion_time=status.get("completionTime"),
         queued=KUEUE_QUEUE_LABEL in labels,
         deleting=bool(meta.get("deletionTimestamp")),
+        starting=starting and not meta.get("deletionTimestamp"),
     )
+
+
+# Container waiting reasons that do not go away by waiting (unlike ContainerCreating or
+# PodInitializing): the kubelet keeps retrying, the pod stays Pending, the Job shows nothing.
+BLOCKING_WAITS = frozenset({
+    "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Blockage:
+    """Why a Job's pods do not start, and since when a pod has waited ("" / None: nothing)."""
+
+    reason: str = ""
+    message: str = ""
+    since: str | None = None
+
+
+def _is_job_pod(pod: Mapping[str, Any], job: str) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return job in (labels.get("batch.kubernetes.io/job-name"), labels.get("job-name"))
+
+
+def pod_blockage(job: Mapping[str, Any], pods: list[Mapping[str, Any]], events: list[Mapping[str, Any]]) -> Blockage:
+    """What keeps the pods of `job` from starting (pure): a pod's container waiting for a reason
+    that does not heal by itself, a pod the scheduler cannot place, or (no pod could be created)
+    the Job controller's latest FailedCreate event — PodSecurity or a ResourceQuota refusing the
+    pod. `pods` and `events` may hold other objects (the list is filtered here)."""
+    meta, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
+    name = str(meta.get("name"))
+    mine = sorted((p for p in pods if _is_job_pod(p, name)), key=lambda p: str(p["metadata"].get("name")))
+    waiting = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") == "Pending"
+               and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    since = min((str(p["metadata"].get("creationTimestamp")) for p in waiting if p["metadata"].get("creationTimestamp")), default=None)
+    for pod in waiting:
+        pname, pstatus = pod["metadata"].get("name"), pod.get("status") or {}
+        for cs in [*(pstatus.get("initContainerStatuses") or []), *(pstatus.get("containerStatuses") or [])]:
+            wait = (cs.get("state") or {}).get("waiting") or {}
+            if wait.get("reason") in BLOCKING_WAITS:
+                return Blockage(str(wait["reason"]), f"pod {pname}: {wait.get('message') or wait['reason']}", since)
+        for c in pstatus.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return Blockage(str(c.get("reason") or "Unschedulable"), f"pod {pname}: {c.get('message') or 'not scheduled'}", since)
+    wanted = min(int(spec.get("parallelism") or 1), int(spec.get("completions") or 1) - int(status.get("succeeded") or 0))
+    live = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") in ("Pending", "Running")]
+    if len(live) < wanted:
+        refused = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"
+                   and (e.get("involvedObject") or {}).get("name") == name
+                   and (e.get("involvedObject") or {}).get("kind") == "Job"]  # fmt: skip
+        newest_pod = max((str(p["metadata"].get("creationTimestamp") or "") for p in mine), default="")
+        refused = [e for e in refused if _event_time(e) >= newest_pod]  # not from before a pod got in
+        if refused:
+            latest = max(refused, key=_event_time)
+            # Each refused pod has its own name, so each try is a new Event: the wait began at the
+            # first of them, or when the Job started if it never had a pod.
+            first = min(str(e.get("firstTimestamp") or e.get("eventTime") or _event_time(e)) for e in refused)
+            since = first if mine else (status.get("startTime") or meta.get("creationTimestamp") or first)
+            return Blockage("FailedCreate", str(latest.get("message") or "the Job cannot create its pods"), since)
+        if not mine:  # no pod yet: waiting since the Job started
+            return Blockage(since=status.get("startTime") or meta.get("creationTimestamp"))
+    return Blockage(since=since)
+
+
+def _event_time(event: Mapping[str, Any]) -> str:
+    return str(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or "")
 
 
 @contextlib.contextmanager
@@ -112,12 +186,21 @@ def storage_env(spec: api.SPINRunSpec) -> Iterator[None]:
                     os.environ[key] = old
 
 
-def _metrics(results: Mapping[str, Any]) -> dict[str, float]:
+# What of a results.json reaches the SPINRun's status: the ranking metric (evaluation.metric) and
+# this fixed set, for the model and its θ0 baseline. results.json is written by the tenant's own
+# code (a custom evaluation command): copying every key would let it grow the status object
+# without bound. MLflow keeps every metric the step logs.
+STATUS_METRICS = ("score", "exact_match", "real_logp_per_token", "num_examples", "truncation_rate")
+
+
+def _metrics(results: Mapping[str, Any], ranking: str) -> dict[str, float]:
+    keep = {*STATUS_METRICS, ranking}
     out: dict[str, float] = {}
     for prefix, section in (("", results.get("metrics")), ("baseline/", results.get("baseline"))):
         if isinstance(section, Mapping):
-            for key, value in section.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
+            for key in sorted(keep & {k for k in section if isinstance(k, str)}):
+                value = section[key]
+                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                     out[f"{prefix}{key}"] = float(value)
     return out
 
@@ -129,7 +212,7 @@ def _evaluated(spec: api.SPINRunSpec, eval_dir: str, results: str) -> tuple[bool
     custom = spec.evaluation.command is not None  # a custom command writes no manifest
     if manifest.is_complete(eval_dir) or (custom and storage.exists(results)):
         try:
-            return True, _metrics(json.loads(storage.read_text(results)))
+            return True, _metrics(json.loads(storage.read_text(results)), spec.evaluation.metric)
         except (FileNotFoundError, ValueError, AttributeError):
             return False, {}
     return False, {}

@@ -51,6 +51,13 @@ class ObservedJob:
     completion_time: str | None = None
     queued: bool = False  # carries a Kueue queue label: Kueue, not the operator, unsuspends it
     deleting: bool = False
+    starting: bool = False  # active, but not every pod it wants is running yet (pods worth a look)
+    # Why its pods do not start, from the pods and the Job's events (observe.pod_blockage):
+    # Unschedulable, ImagePullBackOff, CreateContainerConfigError, FailedCreate (PodSecurity,
+    # quota), ...; "" when none is known. `pending_since`: since when a pod has waited to start.
+    blocked_reason: str = ""
+    blocked_message: str = ""
+    pending_since: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,15 @@ Choices a long GPU Job needs, and why:
     Job, from the last complete epoch checkpoint.
 * `podFailurePolicy`: exit codes that won't heal (2 = bad input per docs/runtime.md, 126/127 =
   cannot execute) fail the Job at once; disruptions (preemption, drain) do not count as failures.
-* `ttlSecondsAfterFinished` unset: a finished Job stays so its status remains observable; Jobs go
-  with the SPINRun through ownerReferences.
+* `ttlSecondsAfterFinished` unset: a Job stays until the status records its step (the
+  reconciler then deletes it, transitions._sweep_recorded), so its outcome is never lost to a TTL
+  that fired before the operator saw it; Jobs go with the SPINRun through ownerReferences.
 * With a Kueue queue the Job is created suspended, as Kueue expects, and Kueue starts it.
+* Pods pass PodSecurity `restricted`: a numeric non-root user (the runtime image's `spin`,
+  RUNTIME_UID), seccomp RuntimeDefault, every capability dropped, no privilege escalation; no
+  ServiceAccount token (steps never call the API server); NVIDIA_VISIBLE_DEVICES=void without GPUs
+  (a GPU node's runtime would otherwise expose every GPU to a pod that requested none); an
+  ephemeral-storage request and a sizeLimit on the emptyDir model cache.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from spin_operator.steps import MASTER_PORT, NODE_RANK_ENV, RunRef, StepPlan
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 UNHEALABLE_EXIT_CODES = [2, 126, 127]
+RUNTIME_UID = 65532  # the `spin` user of images/runtime/Dockerfile (numeric: runAsNonRoot can check it)
+# Scheduling hint for the model cache and logs, unless the step's resources name ephemeral-storage.
+EPHEMERAL_STORAGE_REQUEST = "10Gi"
 CACHE_VOLUME = "spin-cache"
 SHM_VOLUME = "dshm"
 
@@ -69,11 +78,13 @@ def _metadata(plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str 
     }
 
 
-def _env(plan: StepPlan) -> list[dict[str, Any]]:
+def _env(plan: StepPlan, custom: api.PodSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plan.env.items()]
     if plan.rendezvous:  # torchrun's --node-rank: the pod's completion index (Indexed Job)
         index = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
         env.append({"name": NODE_RANK_ENV, "valueFrom": {"fieldRef": {"fieldPath": index}}})
+    if plan.gpus_per_pod == 0 and not any(e.name == "NVIDIA_VISIBLE_DEVICES" for e in custom.env):
+        env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     for name, ref in plan.secret_env.items():
         selector: dict[str, Any] = {"name": ref.secret, "key": ref.key}
         if ref.optional:
@@ -88,6 +99,8 @@ def _resources(plan: StepPlan, gpu_resource: str) -> dict[str, Any]:
     if plan.gpus_per_pod > 0:
         limits[gpu_resource] = str(plan.gpus_per_pod)
         requests.pop(gpu_resource, None)  # extended resources: request defaults to the limit
+    if "ephemeral-storage" not in requests and "ephemeral-storage" not in limits:
+        requests["ephemeral-storage"] = EPHEMERAL_STORAGE_REQUEST
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -98,7 +111,7 @@ def _resources(plan: StepPlan, gpu_resource: str) -> dict[str, Any]:
 
 def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpec) -> dict[str, Any]:
     cache_mount: dict[str, Any] = {"name": CACHE_VOLUME, "mountPath": plan.env.get("SPIN_CACHE_DIR", POD_CACHE_DIR)}
-    cache: dict[str, Any] = {"emptyDir": {}}
+    cache: dict[str, Any] = {"emptyDir": {"sizeLimit": custom.cache_size_limit}}
     if custom.model_cache:  # one download per cluster instead of one per pod
         cache = {"persistentVolumeClaim": {"claimName": custom.model_cache.claim_name}}
         if custom.model_cache.sub_path:
@@ -112,12 +125,14 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
         "name": plan.stage,
         "image": plan.image,
         "command": list(plan.argv),
-        "env": _env(plan) + [e.to_wire() for e in custom.env],
+        "env": _env(plan, custom) + [e.to_wire() for e in custom.env],
         "resources": _resources(plan, scheduling.gpu_resource_name),
         "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
     if plan.rendezvous:
@@ -125,9 +140,13 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,  # no Service env vars injected into long-lived pods
+        "automountServiceAccountToken": False,  # steps never call the API server
         # PodSecurity "restricted" (enforced on many clusters) rejects pods without runAsNonRoot;
-        # the runtime image runs as its non-root `spin` user (images/runtime/Dockerfile).
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        # a numeric user lets the kubelet verify it for any image (a named USER cannot be checked).
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": volumes,
     }

@@ -23,6 +23,9 @@ METRIC_UNINFORMATIVE = "MetricUninformative"
 # spec.controlArm: True when SPIN's model beat the equal-compute SFT control in the latest
 # compared iteration, False (reason ControlAhead) when the control did at least as well.
 CONTROL_ARM = "ControlArm"
+# True while a step's pods cannot start (reason: the cause, e.g. Unschedulable, ImagePullBackOff,
+# CreateContainerConfigError, FailedCreate); False (PodsStarted) once they all run again.
+PODS_BLOCKED = "PodsBlocked"
 AUTO_METRIC = "auto"
 SCORE = "score"
 

@@ -73,6 +73,7 @@ MUTABLE_FIELDS: tuple[str, ...] = (
     "training.image",
     "training.resources",
     "evaluation.image",
+    "evaluation.resources",
     "evaluation.metric",
     "evaluation.mode",
 )
@@ -329,7 +330,7 @@ def plan_step(
         control = stage == "control-evaluate"
         argv, pods, procs, gpus, image = _evaluate_argv(spec, layout, iteration, control), 1, 1, ev.gpus, ev.image
         model, output = (it.control_model, it.control_eval) if control else (it.model, it.eval)
-        resources = api.Resources()
+        resources = ev.resources
         if ev.command is not None:
             env |= {"SPIN_MODEL_URI": model, "SPIN_EVAL_OUTPUT": output, "SPIN_ITERATION": str(iteration)}
     if stage in CONTROL_KINDS and spec.tracking.uri:

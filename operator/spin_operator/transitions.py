@@ -49,6 +49,17 @@ TERMINAL = ("Succeeded", "Failed")
 # is the Job condition Kubernetes sets when render.py's FailJob rule (those exit codes) matched;
 # "BadInput"/"CannotExecute" are local mode's (local/backend.py).
 UNHEALABLE_REASONS = ("BadInput", "CannotExecute", "PodFailurePolicy")
+BLOCKED_PREFIX = "pods cannot start: "  # step messages set while pods are blocked (cleared after)
+
+
+def _seconds_between(start: str, end: str) -> float | None:
+    """Seconds from one RFC 3339 time to another; None when either is unreadable."""
+    from datetime import datetime
+
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):
+        return None
 
 
 class Pass:
@@ -65,6 +76,8 @@ class Pass:
         self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
         self.success: str | None = None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
         self.steps_done: set[int] = set()  # iterations with a step that succeeded in this pass
+        self.blocked: list[tuple[str, str]] = []  # (cause, message) of steps whose pods cannot start
+        self.drove = False  # _drive ran: the PodsBlocked condition reflects this pass
 
     # ------------------------------------------------------------------ entry point
 
@@ -80,6 +93,8 @@ class Pass:
                 self._cleanup_terminal()
             elif self.started or self._start(spec):
                 self._drive(spec)
+            if spec.retention.finished_jobs == "Delete":
+                self._sweep_recorded()
             if self.started and spec.tracking.uri:
                 self._tracking()
         self._sync_conditions()
@@ -264,13 +279,18 @@ class Pass:
                 self._act(DeleteJob(job.name))
 
     def _deleting(self) -> None:
-        """With retention Delete: stop writers, then delete the run prefix, then let go."""
+        """With retention Delete: stop writers, then delete the run prefix, then let go.
+
+        Every Job goes (the controller deletes with propagationPolicy Foreground, so a Job stays
+        visible, marked deleting, until the garbage collector removed all its pods): artifacts
+        are deleted only once no Job is left, so no pod still uploading writes into a deleted
+        prefix (and a finished Job's pods are gone with it)."""
         if not self.o.finalizer:
             return
-        active = [j for j in self.o.jobs if j.state in ACTIVE_STATES]
-        if active:
-            self._act(*(DeleteJob(j.name) for j in active if not j.deleting))
-            self.st.message = f"deleting: waiting for {len(active)} Job(s) to stop before deleting artifacts"
+        remaining = list(self.o.jobs)
+        if remaining:
+            self._act(*(DeleteJob(j.name) for j in remaining if not j.deleting))
+            self.st.message = f"deleting: waiting for {len(remaining)} Job(s) and their pods to be gone before deleting artifacts"
             return
         spec = self.o.applied_spec or (self.given if not isinstance(self.given, InvalidSpec) else None)
         self.d.spec = spec
@@ -302,6 +322,7 @@ class Pass:
 
     def _drive(self, spec: api.SPINRunSpec) -> None:
         st = self.st
+        self.drove = True
         if spec.suspend and st.phase != "Suspended":
             st.phase = "Suspended"
             self._event("Normal", "Suspended", "spec.suspend is true: running Jobs suspended, nothing new starts")
@@ -446,6 +467,23 @@ class Pass:
             return self._failed_attempt(spec, t, kind, current.reason or "JobFailed", current.message)
         return self._active(spec, ss, current)
 
+    def _sweep_recorded(self) -> None:
+        """Finished Jobs do not pile up: every Job of a step the status records as succeeded is
+        deleted (its pods with it), attempts that failed before included."""
+        deleting = {a.name for a in self.d.of_type(DeleteJob)}
+        for job in self.o.jobs:
+            if not job.deleting and job.name not in deleting and self._recorded(job.iteration, job.stage):
+                self._act(DeleteJob(job.name))
+
+    def _recorded(self, t: int, kind: StepKind) -> bool:
+        """True when the status this pass started from (what the API server holds) says the step
+        succeeded. Only then are its finished Jobs deleted: a step is never decided from its Job
+        again once recorded, so a deleted Job is never re-run, and a status write that did not
+        land leaves the Job for the next pass to see."""
+        it = next((i for i in self.old.iterations if i.iteration == t), None)
+        ss = getattr(it, step_field(kind), None) if it is not None else None
+        return ss is not None and ss.phase == "Succeeded"
+
     def _active(self, spec: api.SPINRunSpec, ss: api.StepStatus, job: ObservedJob) -> Outcome:
         if job.deleting:
             return "waiting"
@@ -462,8 +500,31 @@ class Pass:
                 ss.phase, ss.message = "Pending", None
         else:
             ss.phase = "Running" if job.state == "Running" else "Pending"
-            ss.message = None if ss.message in ("suspended", "waiting for Kueue admission") else ss.message
+            transient = ss.message in ("suspended", "waiting for Kueue admission") or (ss.message or "").startswith(BLOCKED_PREFIX)
+            ss.message = None if transient else ss.message
+            return self._starting(spec, ss, job)
         return "waiting"
+
+    def _starting(self, spec: api.SPINRunSpec, ss: api.StepStatus, job: ObservedJob) -> Outcome:
+        """A running Job whose pods may not start: say why (PodsBlocked condition, a Warning
+        event per new cause) and fail the step once a pod waited failurePolicy.pendingTimeoutSeconds."""
+        what = f"{job.stage} of iteration {job.iteration}: Job {job.name}"
+        if job.blocked_reason:
+            ss.message = f"{BLOCKED_PREFIX}{job.blocked_reason}: {job.blocked_message}"
+            self.blocked.append((job.blocked_reason, f"{what}: {job.blocked_reason}: {job.blocked_message}"))
+        timeout = spec.failure_policy.pending_timeout_seconds
+        waited = _seconds_between(job.pending_since, self.now) if job.pending_since else None
+        if not timeout or waited is None or waited <= timeout:
+            return "waiting"
+        cause = f"{job.blocked_reason}: {job.blocked_message}" if job.blocked_reason else "pods still Pending"
+        ss.phase, ss.completion_time = "Failed", self.now
+        ss.message = f"PendingTimeout: {cause}"
+        self._fail(
+            "PendingTimeout",
+            f"{what}: a pod waited {int(waited)}s to start, over failurePolicy.pendingTimeoutSeconds "
+            f"({timeout}s): {cause}",
+        )
+        return "failed"
 
     @staticmethod
     def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
@@ -577,3 +638,22 @@ class Pass:
         cond.set_condition(cs, cond.PROGRESSING, running, stage if running else phase, (st.message or "") if running else "", now, gen)
         cond.set_condition(cs, cond.SUSPENDED, phase == "Suspended", "SuspendedBySpec" if phase == "Suspended" else "NotSuspended", "", now, gen)
         cond.set_condition(cs, cond.FAILED, phase == "Failed", reason if phase == "Failed" else "NotFailed", message if phase == "Failed" else "", now, gen)
+        self._pods_blocked_condition()
+
+    def _pods_blocked_condition(self) -> None:
+        """PodsBlocked: True with the first cause while pods cannot start (all causes in the
+        message); one Warning event per cause not already reported; False once they start."""
+        cs, previous = self.st.conditions, cond.get_condition(self.old.conditions, cond.PODS_BLOCKED)
+        was = previous.message if previous is not None and previous.status == "True" else ""
+        if not self.drove or self.st.phase in TERMINAL:
+            if was and self.st.phase in TERMINAL:
+                cond.set_condition(cs, cond.PODS_BLOCKED, False, self.st.phase, "", self.now, self.o.generation)
+            return
+        if self.blocked:
+            for cause, message in self.blocked:
+                if message not in was:
+                    self._event("Warning", cause, message)
+            text = "; ".join(m for _, m in self.blocked)
+            cond.set_condition(cs, cond.PODS_BLOCKED, True, self.blocked[0][0], text, self.now, self.o.generation)
+        elif previous is not None:
+            cond.set_condition(cs, cond.PODS_BLOCKED, False, "PodsStarted", "", self.now, self.o.generation)

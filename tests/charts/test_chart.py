@@ -88,6 +88,8 @@ def test_default_objects() -> None:
     cluster = f"{NAMESPACE}-{FULLNAME}"
     assert names == [
         ("ClusterRole", cluster, None),
+        ("ClusterRole", f"{cluster}-edit", None),
+        ("ClusterRole", f"{cluster}-view", None),
         ("ClusterRoleBinding", cluster, None),
         ("Deployment", FULLNAME, NAMESPACE),
         ("Service", f"{FULLNAME}-metrics", NAMESPACE),
@@ -100,7 +102,41 @@ def test_namespaced_mode_objects() -> None:
     objects = render(NAMESPACED)
     assert sorted(o["metadata"]["namespace"] for o in find(objects, "Role")) == ["team-a", "team-b"]
     assert sorted(o["metadata"]["namespace"] for o in find(objects, "RoleBinding")) == ["team-a", "team-b"]
-    assert len(find(objects, "ClusterRole")) == 1 and len(find(objects, "ClusterRoleBinding")) == 1
+    operator_roles = [o for o in find(objects, "ClusterRole") if not o["metadata"]["name"].endswith(("-edit", "-view"))]
+    assert len(operator_roles) == 1 and len(find(objects, "ClusterRoleBinding")) == 1
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+@needs_helm
+@pytest.mark.parametrize("values", [{}, NAMESPACED])
+def test_aggregated_user_roles(values: dict[str, Any]) -> None:
+    """`edit` (and `admin`) users may do everything with SPINRuns but write their status; `view`
+    users read them (issue 14, item 4). Nothing binds these roles to the operator."""
+    from tests.charts.rbac import rule_allows
+
+    objects = render(values)
+    roles = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in find(objects, "ClusterRole")
+             if any(k.startswith(AGGREGATE) for k in o["metadata"].get("labels", {}))}  # fmt: skip
+    assert set(roles) == {"edit", "view"}
+    labels = {name: {k for k, v in role["metadata"]["labels"].items() if k.startswith(AGGREGATE) and v == "true"}
+              for name, role in roles.items()}  # fmt: skip
+    assert labels == {"edit": {AGGREGATE + "edit", AGGREGATE + "admin"}, "view": {AGGREGATE + "view"}}
+
+    def allows(role: str, verb: str, resource: str) -> bool:
+        return any(rule_allows(r, verb, "selfplay.dev", resource) for r in roles[role]["rules"])
+
+    for verb in ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"):
+        assert allows("edit", verb, "spinruns")
+        assert allows("view", verb, "spinruns") == (verb in ("get", "list", "watch"))
+    for role in roles:
+        assert allows(role, "get", "spinruns/status") and not allows(role, "patch", "spinruns/status")
+        assert not allows(role, "update", "spinruns/finalizers")
+    bound = {b["roleRef"]["name"] for b in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding")}
+    assert not bound & {r["metadata"]["name"] for r in roles.values()}
+    off = render({**values, "rbac": {"create": True, "aggregateToDefaultRoles": False}})
+    assert not [o for o in find(off, "ClusterRole") if o["metadata"]["name"].endswith(("-edit", "-view"))]
 
 
 @needs_helm

@@ -36,7 +36,9 @@ def test_operator_children_pass_admission_and_need_both_fixes(
     cluster_quick: RealCluster, tmp_path: Path
 ) -> None:
     c = cluster_quick
-    c.apply(e2e.spinrun_file(tmp_path, "owner", spec__iterations=1))
+    # finished Jobs kept (retention.finishedJobs: Retain): the generation Job is read back below
+    c.apply(e2e.spinrun_file(tmp_path, "owner", spec__iterations=1,
+                             spec__retention={"finishedJobs": "Retain"}))  # fmt: skip
     assert c.wait_run("owner", 300)["status"]["phase"] == "Succeeded", c.diagnostics("owner")
     job = c.get("job", job_name("owner", 0, "generate"))
     assert job is not None
@@ -58,7 +60,10 @@ def test_operator_children_pass_admission_and_need_both_fixes(
            "spec": copy.deepcopy(job["spec"]["template"]["spec"])}  # fmt: skip
     code, out = dry_run(c, pod, tmp_path / "pod.json")
     assert code == 0, f"PodSecurity restricted refuses the operator's pod:\n{out}"
-    pod["spec"]["securityContext"].pop("runAsNonRoot")
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsUser"] == 65532
+    spec["securityContext"].pop("runAsNonRoot")
+    spec["containers"][0]["securityContext"].pop("runAsNonRoot")
     code, out = dry_run(c, pod, tmp_path / "pod.json")
     assert code != 0 and "runAsNonRoot" in out, out
 

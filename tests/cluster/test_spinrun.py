@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 RUN = "e2e"
 RUN_TIMEOUT = 600.0
 STEPS: tuple[StepKind, ...] = ("generate", "train", "evaluate")
+KEEP_JOBS = {"finishedJobs": "Retain"}
 
 
 def steps(iterations: int) -> list[str]:
@@ -42,13 +43,14 @@ def assert_each_step_once(c: RealCluster, iterations: int) -> None:
     assert all(p["status"]["phase"] == "Succeeded" for p in c.pods())
 
 
-def test_helm_install_then_kubectl_apply_runs_two_real_iterations(cluster: RealCluster) -> None:
+def test_helm_install_then_kubectl_apply_runs_two_real_iterations(cluster: RealCluster, tmp_path: Path) -> None:
     c = cluster
     operator = c.operator_pod()
     assert operator is not None and operator["status"]["phase"] == "Running"
     assert operator["spec"]["nodeName"] in {n.name for n in c.agent.nodes.values()}
     started = time.monotonic()
-    applied = c.apply()
+    # examples/04-e2e.yaml, keeping finished Jobs and pods (retention.finishedJobs) to inspect them
+    applied = c.apply(e2e.spinrun_file(tmp_path, RUN, spec__retention=KEEP_JOBS))
     assert f"spinrun.selfplay.dev/{RUN} created" in applied.stdout
     run = c.wait_run(RUN, RUN_TIMEOUT)
     elapsed = time.monotonic() - started
@@ -97,7 +99,7 @@ def test_operator_sigkilled_during_training_adopts_the_running_job(
     it (restartPolicy Always); it must adopt the running Job, not create another."""
     c = cluster
     started = time.monotonic()
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1))
+    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1, spec__retention=KEEP_JOBS))
     train = job_name(RUN, 0, "train")
 
     def ranks_running() -> bool:

@@ -35,7 +35,9 @@ def prefix(c: Cluster) -> str:
 
 
 def apply_run(c: Cluster, tmp_path: Path, iterations: int) -> None:
-    c.apply(harness.spinrun_file(tmp_path, RUN, spec__iterations=iterations))
+    # finished Jobs kept (retention.finishedJobs: Retain): the checks below count every Job
+    c.apply(harness.spinrun_file(tmp_path, RUN, spec__iterations=iterations,
+                                 spec__retention={"finishedJobs": "Retain"}))  # fmt: skip
 
 
 def steps(iterations: int) -> list[str]:

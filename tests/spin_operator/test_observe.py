@@ -107,7 +107,7 @@ def test_read_facts_counts_only_complete_manifests(tmp_path: Path) -> None:
     _publish(tmp_path, "eval", it.eval, "eval", json.dumps({"metrics": {"exact_match": 0.25, "n": 8, "ok": True}, "baseline": {"exact_match": 0.1}}))
     facts = observe.read_facts(spec, RUN, 0)
     assert facts.model and facts.evaluated
-    assert facts.metrics == {"exact_match": 0.25, "n": 8.0, "baseline/exact_match": 0.1}
+    assert facts.metrics == {"exact_match": 0.25, "baseline/exact_match": 0.1}  # "n" is not a status metric
 
 
 def test_custom_evaluation_results_count_without_a_manifest(tmp_path: Path) -> None:
@@ -118,6 +118,23 @@ def test_custom_evaluation_results_count_without_a_manifest(tmp_path: Path) -> N
     assert observe.read_facts(spec, RUN, 1).metrics == {"score": 3.0}
     builtin = make(tmp_path / "store")
     assert not observe.read_facts(builtin, RUN, 1).evaluated  # the built-in one writes a manifest
+
+
+def test_tenant_results_reach_the_status_bounded(tmp_path: Path) -> None:
+    """A custom command's results.json with 10,000 numeric keys, NaN and a huge baseline: the
+    status gets the ranking metric and the fixed STATUS_METRICS set only (issue 14, item 10)."""
+    spec = make(tmp_path / "store", evaluation={"command": ["python", "eval.py"], "metric": "pass_at_1"})
+    it = observe.layout_of(spec, RUN).iteration(0)
+    Path(it.eval).mkdir(parents=True)
+    flood = {f"m{i}": float(i) for i in range(10_000)}
+    results = {
+        "metrics": {**flood, "pass_at_1": 0.5, "exact_match": 0.25, "real_logp_per_token": float("nan"), "score": True},
+        "baseline": {**flood, "pass_at_1": 0.4, "num_examples": 64},
+    }
+    Path(it.eval_results).write_text(json.dumps(results))
+    metrics = observe.read_facts(spec, RUN, 0).metrics
+    assert metrics == {"pass_at_1": 0.5, "exact_match": 0.25, "baseline/pass_at_1": 0.4, "baseline/num_examples": 64.0}
+    assert len(metrics) <= 2 * (len(observe.STATUS_METRICS) + 1)
 
 
 def test_stored_spec_round_trip(tmp_path: Path) -> None:

@@ -493,8 +493,84 @@ def test_deletion_with_delete_stops_jobs_then_deletes_artifacts_then_lets_go() -
     name = advance_to(w, 0, "train")
     w.deleting = True
     d = w.reconcile()
-    assert d.of_type(DeleteJob) == [DeleteJob(name)] and not d.of_type(DeleteArtifacts)
+    # the running Job, and the generation Job whose step the status recorded in the same pass
+    assert sorted(a.name for a in d.of_type(DeleteJob)) == ["run-i0-gen", name] and not d.of_type(DeleteArtifacts)
     d = w.reconcile()
+    assert d.of_type(DeleteArtifacts) == [DeleteArtifacts("s3://bucket/runs/ns/run")]
+    assert d.of_type(SetFinalizer) == [SetFinalizer(False)]
+
+
+def test_jobs_of_a_recorded_step_are_deleted_and_never_rerun() -> None:
+    """Finished Jobs do not pile up (issue 14, item 10): once the status holds a step's success,
+    its Jobs (failed attempts included) are deleted, and the step is never run again for lack
+    of a Job, whatever happens to storage afterwards."""
+    w = started(failurePolicy={"maxRetries": 1})
+    gen = advance_to(w, 0, "generate")
+    w.set_state(gen, "Failed", "BackoffLimitExceeded", "pod failed")
+    w.reconcile()
+    retry = next(j.name for j in w.active())
+    w.succeed(retry)
+    d = w.reconcile()  # records the step; the Jobs are still needed by nothing but not yet deleted
+    assert w.status.iterations[0].generate.phase == "Succeeded" and not d.of_type(DeleteJob)
+    d = w.reconcile()  # the status now says so: both attempts go
+    assert sorted(a.name for a in d.of_type(DeleteJob)) == sorted([gen, retry])
+    assert gen not in w.jobs and retry not in w.jobs
+    w.storage.pop(0)  # even if storage forgot the data, a recorded step is not redone
+    for _ in range(3):
+        d = w.reconcile()
+        assert not [c for c in d.of_type(CreateStep) if c.stage == "generate"]
+        assert not d.needs_jobs
+    w.run_to_end()
+    assert sorted(w.created) == sorted([gen, retry, "run-i0-train", "run-i0-eval"] + [f"run-i{t}-{k}" for t in (1, 2) for k in ("gen", "train", "eval")])
+    w.reconcile()  # the pass after the final status write (its watch event) sweeps the last one
+    assert not w.jobs, "finished Jobs left behind"
+
+
+def test_retention_retain_keeps_finished_jobs() -> None:
+    w = World(spin_object(iterations=2, retention={"finishedJobs": "Retain"}))
+    w.run_to_end()
+    w.reconcile()
+    assert sorted(w.jobs) == sorted(w.created) and not any(d.of_type(DeleteJob) for d in w.decisions)
+
+
+def test_a_status_write_that_did_not_land_keeps_the_job() -> None:
+    w = started()
+    gen = advance_to(w, 0, "generate")
+    w.succeed(gen)
+    before = w.status
+    w.reconcile()
+    w.status = before  # the /status patch was lost (409, operator killed)
+    d = w.reconcile()
+    assert not d.of_type(DeleteJob) and gen in w.jobs  # not recorded yet: the Job stays
+    d = w.reconcile()
+    assert [a.name for a in d.of_type(DeleteJob)] == [gen]
+
+
+def test_artifacts_are_deleted_only_once_every_job_and_its_pods_are_gone() -> None:
+    """Foreground deletion keeps a Job, marked deleting, until its pods are gone: a pod still
+    uploading must never write into a prefix that was already deleted (issue 14, item 9)."""
+    w = started(retention={"onDelete": "Delete"}, controlArm={"enabled": True})
+    gen = advance_to(w, 0, "generate")
+    w.succeed(gen)
+    w.reconcile()
+    trains = sorted(j.name for j in w.active())
+    w.jobs[gen] = replace(w.jobs[gen], state="Succeeded")  # a finished Job not yet cleaned up
+    w.deleting = True
+    obs = w.observed({0}, True, set(), True)
+    d = reconcile(w.spec(), w.status, obs)
+    assert sorted(a.name for a in d.of_type(DeleteJob)) == sorted([gen, *trains])
+    assert not d.of_type(DeleteArtifacts) and not d.of_type(SetFinalizer)
+    for name in list(w.jobs):  # Foreground: marked deleting, pods still terminating
+        w.jobs[name] = replace(w.jobs[name], deleting=True)
+    for _ in range(3):
+        d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
+        assert not d.of_type(DeleteArtifacts) and not d.of_type(DeleteJob)
+        assert "waiting for" in (d.status.message or "")
+    del w.jobs[trains[0]]
+    d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
+    assert not d.of_type(DeleteArtifacts)
+    w.jobs.clear()  # the garbage collector removed the pods, then the Jobs
+    d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
     assert d.of_type(DeleteArtifacts) == [DeleteArtifacts("s3://bucket/runs/ns/run")]
     assert d.of_type(SetFinalizer) == [SetFinalizer(False)]
 

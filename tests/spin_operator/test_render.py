@@ -188,7 +188,7 @@ def test_credentials_only_as_secret_refs() -> None:
     assert env["MLFLOW_RUN_ID"]["value"] == "r1"
     secret_vars = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
     assert all("value" not in env[k] and "secretKeyRef" in env[k]["valueFrom"] for k in secret_vars)
-    assert container(job)["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "128Gi", "nvidia.com/gpu": "1"}}
+    assert container(job)["resources"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "10Gi"}, "limits": {"memory": "128Gi", "nvidia.com/gpu": "1"}}
 
 
 def test_cpu_only_has_no_gpu_resources() -> None:
@@ -201,7 +201,58 @@ def test_cpu_only_has_no_gpu_resources() -> None:
 def test_pod_security_context() -> None:
     job = render_job(plan_step(make({}), SETTINGS, RUN, 0, "generate"), make({}), RUN, run_owner(RUN))
     assert job["spec"]["template"]["spec"]["securityContext"] == {
-        "runAsNonRoot": True,
+        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
         "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    }  # fmt: skip
     assert container(job)["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("stage", ["generate", "train", "evaluate"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_pod_is_podsecurity_restricted_without_a_token(variant: str, stage: str) -> None:
+    from tests.charts.test_chart import assert_restricted
+
+    job = objects(make(VARIANTS[variant]), stage)[-1]
+    pod = job["spec"]["template"]["spec"]
+    assert_restricted(pod)
+    assert isinstance(pod["securityContext"]["runAsUser"], int) and pod["securityContext"]["runAsUser"] > 0
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_no_gpu_pods_see_no_gpus_and_gpu_pods_keep_theirs() -> None:
+    cpu, gpu = make(VARIANTS["cpu-only"]), make({})
+    for stage in ("generate", "train", "evaluate"):
+        env = {e["name"]: e.get("value") for e in container(objects(cpu, stage)[-1])["env"]}
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+        assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in container(objects(gpu, stage)[-1])["env"]}
+    mine = make({**VARIANTS["cpu-only"], "pod": {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}]}})
+    names = [e["name"] for e in container(objects(mine, "generate")[-1])["env"]]
+    assert names.count("NVIDIA_VISIBLE_DEVICES") == 1  # the user's own value, not two
+
+
+def test_ephemeral_storage_request_and_cache_size_limit() -> None:
+    job = objects(make({}), "generate")[-1]
+    assert container(job)["resources"]["requests"] == {"ephemeral-storage": "10Gi"}
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["spin-cache"] == {"name": "spin-cache", "emptyDir": {"sizeLimit": "200Gi"}}
+    spec = make({"pod": {"cacheSizeLimit": "1Ti"}, "generation": {"resources": {"limits": {"ephemeral-storage": "50Gi"}}}})
+    job = objects(spec, "generate")[-1]
+    assert "ephemeral-storage" not in container(job)["resources"].get("requests", {})  # defaults to the limit
+    assert {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["spin-cache"]["emptyDir"] == {"sizeLimit": "1Ti"}
+    pvc = make({"pod": {"modelCache": {"claimName": "hf"}}})
+    volumes = {v["name"]: v for v in objects(pvc, "train")[-1]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["spin-cache"] == {"name": "spin-cache", "persistentVolumeClaim": {"claimName": "hf"}}
+
+
+@pytest.mark.parametrize("bad", ["1.2.3", "-4", "10 Gi", "", "lots"])
+def test_cache_size_limit_must_be_a_size(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"cacheSizeLimit|cache_size_limit"):
+        make({"pod": {"cacheSizeLimit": bad}})
+
+
+def test_evaluation_resources_come_from_the_spec() -> None:
+    spec = make({"evaluation": {"gpus": 1, "resources": {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "48Gi"}}}})
+    res = container(objects(spec, "evaluate")[-1])["resources"]
+    assert res == {"requests": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "10Gi"}, "limits": {"memory": "48Gi", "nvidia.com/gpu": "1"}}
+    control = make({"controlArm": {"enabled": True}, "evaluation": {"resources": {"requests": {"cpu": "2"}}}})
+    assert container(objects(control, "control-evaluate")[-1])["resources"]["requests"]["cpu"] == "2"

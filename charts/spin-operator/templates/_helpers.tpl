@@ -107,10 +107,16 @@ client (spin_operator/kube.py).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Events on SPINRuns (posted through kopf).
+# Events on SPINRuns (posted through kopf); listed for a Job whose pods do not appear, to find
+# the Job controller's FailedCreate (PodSecurity or a quota refusing the pods).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+# Pods of a Job that waits to start, listed to say why (unschedulable, image pull back-off, a
+# missing Secret key); never changed.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- end }}
 
 {{/*

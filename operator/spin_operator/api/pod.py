@@ -25,6 +25,7 @@ SECRET_NAME = re.compile(
     r"(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY|PRIVATE_KEY)", re.I
 )
 PASSTHROUGH = {"x-kubernetes-preserve-unknown-fields": True}
+STORAGE_SIZE = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"  # a positive byte quantity
 # Set by the operator on every pod: a user value would break the step's contract.
 RESERVED_ENV = re.compile(
     r"^(SPIN_.*|MLFLOW_TRACKING_URI|MLFLOW_RUN_ID|JOB_COMPLETION_INDEX|AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_ENDPOINT_URL_S3|AWS_REGION|MLFLOW_TRACKING_USERNAME|MLFLOW_TRACKING_PASSWORD|MLFLOW_TRACKING_TOKEN)$"
@@ -144,6 +145,14 @@ class PodSpec(Model):
     model_cache: Annotated[
         ModelCache | None, desc("PVC for the model download cache (default: an emptyDir per pod).")
     ] = None
+    cache_size_limit: Annotated[
+        str,
+        desc(
+            "sizeLimit of the per-pod model cache (an emptyDir; not used with modelCache): the "
+            "kubelet evicts a pod that writes more, instead of the node running out of disk.",
+            pattern=STORAGE_SIZE,
+        ),
+    ] = "200Gi"
     affinity: Annotated[
         dict[str, Any] | None,
         desc("core/v1 Affinity of the pods, passed through.", json_schema_extra=PASSTHROUGH),

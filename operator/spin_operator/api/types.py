@@ -444,6 +444,9 @@ class EvaluationSpec(Model):
     baseline: Annotated[bool, _desc("At iteration 0, also evaluate θ0 for comparison.")] = True
     max_new_tokens: Annotated[int, _desc("Token limit of greedy answers.", ge=1, le=65536)] = 256
     gpus: Annotated[int, _desc("GPUs of the evaluation pod.", ge=0, le=64)] = 1
+    resources: Annotated[
+        Resources, _desc("CPU/memory/ephemeral-storage requests and limits of the evaluation pod.")
+    ] = Field(default_factory=Resources)
     metric: Annotated[
         str,
         _desc(
@@ -584,6 +587,15 @@ class FailurePolicySpec(Model):
     active_deadline_seconds: Annotated[
         int | None, _desc("Wall-clock limit of each Job.", ge=1)
     ] = None
+    pending_timeout_seconds: Annotated[
+        int,
+        _desc(
+            "Fail the step when a pod of its Job has waited this long to start (unschedulable, "
+            "image pull back-off, a missing Secret key, pods refused by PodSecurity or a quota); "
+            "0 waits forever. A Job suspended for Kueue does not count as waiting.",
+            ge=0,
+        ),
+    ] = 3600
 
 
 class RetentionSpec(Model):
@@ -592,6 +604,14 @@ class RetentionSpec(Model):
     on_delete: Annotated[
         Literal["Retain", "Delete"], _desc("Retain keeps checkpoints and data in storage; Delete removes the run prefix.")
     ] = "Retain"
+    finished_jobs: Annotated[
+        Literal["Delete", "Retain"],
+        _desc(
+            "Delete removes a step's Jobs and their pods once the status records the step as "
+            "succeeded (so they do not pile up); Retain keeps them until the SPINRun is deleted "
+            "(for debugging). Jobs of a step that failed the run are always kept.",
+        ),
+    ] = "Delete"
 
 
 class SPINRunSpec(Model):
@@ -718,7 +738,14 @@ class IterationStatus(Model):
     model_uri: Annotated[str | None, _desc("θt, the model this iteration starts from.")] = None
     output_model_uri: Annotated[str | None, _desc("θt+1, the checkpoint it produced.")] = None
     data_uri: Annotated[str | None, _desc("Generated data of this iteration.")] = None
-    metrics: Annotated[dict[str, float], _desc("Summary metrics (evaluation results).")] = Field(default_factory=dict)
+    metrics: Annotated[
+        dict[str, float],
+        _desc(
+            "Summary metrics (evaluation results): evaluation.metric and score, exact_match, "
+            "real_logp_per_token, num_examples, truncation_rate, each also as baseline/<key> for "
+            "θ0; every other metric is in MLflow only.",
+        ),
+    ] = Field(default_factory=dict)
     mlflow_run_id: Annotated[str | None, _desc("Nested MLflow run of this iteration.")] = None
 
 
