@@ -24,7 +24,7 @@ from typing import Any
 from spin_operator.api import types as api
 from spin_operator.naming import KUEUE_QUEUE_LABEL, service_name, step_labels
 from spin_operator.settings import POD_CACHE_DIR
-from spin_operator.steps import MASTER_PORT, RunRef, StepPlan
+from spin_operator.steps import MASTER_PORT, NODE_RANK, RunRef, StepPlan
 
 UNHEALABLE_EXIT_CODES = [2, 126, 127]
 CACHE_VOLUME = "spin-cache"
@@ -59,8 +59,21 @@ def _metadata(plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str 
     }
 
 
+def literal(value: str) -> str:
+    """`value` as the kubelet must pass it on: it expands `$(VAR)` in a container's command, args
+    and env values and turns `$$` into `$`, so doubling every `$` keeps the text exactly as
+    written. Without this a URI or command holding `$(AWS_SECRET_ACCESS_KEY)` would reach the
+    runtime (and its logs and MLflow params) with the Secret's value in it."""
+    return value.replace("$", "$$")
+
+
+def _argv(plan: StepPlan) -> list[str]:
+    # NODE_RANK is the one operator-written reference the kubelet must expand (the pod's index)
+    return [arg if arg == NODE_RANK else literal(arg) for arg in plan.argv]
+
+
 def _env(plan: StepPlan) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plan.env.items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": literal(v)} for k, v in plan.env.items()]
     for name, ref in plan.secret_env.items():
         selector: dict[str, Any] = {"name": ref.secret, "key": ref.key}
         if ref.optional:
@@ -98,7 +111,7 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
     container: dict[str, Any] = {
         "name": plan.stage,
         "image": plan.image,
-        "command": list(plan.argv),
+        "command": _argv(plan),
         "env": _env(plan) + [e.to_wire() for e in custom.env],
         "resources": _resources(plan, scheduling.gpu_resource_name),
         "volumeMounts": mounts,
