@@ -56,7 +56,7 @@ from spin_operator.reconciler import (
     referenced_secrets,
 )
 from spin_operator.render import render
-from spin_operator.settings import Settings, resolve_spec
+from spin_operator.settings import Settings, check_policy, resolve_spec
 from spin_operator.steps import RunRef, layout_of, plan_step
 from spin_operator.track import Tracking
 from spin_operator.validation import InvalidSpec, parse
@@ -272,7 +272,9 @@ class Controller:
             parsed = self._parse(key, body)
             if isinstance(parsed, InvalidSpec):
                 raise parsed
-            given: api.SPINRunSpec | InvalidSpec = resolve_spec(parsed, self.settings, applied)
+            resolved = resolve_spec(parsed, self.settings, applied)
+            check_policy(parsed, resolved, run.namespace, self.settings)  # the admin's allow-lists
+            given: api.SPINRunSpec | InvalidSpec = resolved
         except InvalidSpec as exc:
             given = exc
         try:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spin_operator.api import types as api
+from spin_operator.policy import Policy, PolicyError, problems
 from spin_operator.templates import PodTemplate, TemplateError, apply_template, load_templates
 
 VERSION = "0.1.0"
@@ -45,6 +46,8 @@ class Settings:
     cache_dir: str = POD_CACHE_DIR
     # Admin pod templates (SPIN_POD_TEMPLATES); None where they are not known (local mode, plan).
     pod_templates: dict[str, PodTemplate] | None = None
+    # The admin's allow-lists for what SPINRuns may point the operator at (SPIN_SECURITY).
+    security: Policy = field(default_factory=Policy)
 
     @property
     def clusterwide(self) -> bool:
@@ -79,7 +82,12 @@ class Settings:
             templates = load_templates(templates_file) if templates_file else {}
         except TemplateError as exc:
             raise SettingsError(f"SPIN_POD_TEMPLATES: {exc}") from None
+        try:
+            security = Policy.parse(text("SPIN_SECURITY"))
+        except PolicyError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
+            security=security,
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
             storage_uri=text("SPIN_STORAGE_URI"),
@@ -131,3 +139,16 @@ def resolve_spec(
     if tracking.uri:
         tracking.credentials_secret = tracking.credentials_secret or tracking_defaults.credentials_secret
     return apply_template(spec.model_copy(update={"storage": storage, "tracking": tracking}), settings.pod_templates)
+
+
+def check_policy(written: api.SPINRunSpec, resolved: api.SPINRunSpec, namespace: str, settings: Settings) -> None:
+    """Raises `validation.InvalidSpec` naming each field of `resolved` that points the operator's
+    identity somewhere the admin did not allow (spin_operator.policy, docs/security.md)."""
+    from spin_operator.validation import InvalidSpec, Problem
+
+    found = problems(
+        written, resolved, namespace, settings.security,
+        default_storage=settings.storage_uri, default_endpoint=settings.s3_endpoint, default_tracking=settings.mlflow_uri,
+    )  # fmt: skip
+    if found:
+        raise InvalidSpec([Problem(path, message) for path, message in found])

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.policy import registered_model
 from spin_operator.reconciler import Action, FinishTracking, ReplaySpool
 from spin_operator.status import resolve_metric
 from spin_operator.steps import RunRef, layout_of
@@ -112,7 +113,7 @@ class Tracking:
         if not uri:
             return None
         ev = spec.evaluation
-        name = spec.tracking.registered_model or run.name
+        name = registered_model(spec, run.namespace, run.name)  # confined to the namespace (policy.py)
         return await self._call(
             uri, f"register iteration {iteration}",
             lambda t: t.register_iteration_model(
