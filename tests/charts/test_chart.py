@@ -337,7 +337,7 @@ def test_deployment_runs_one_operator() -> None:
 def _security_json(given: dict[str, Any]) -> str:
     """SPIN_SECURITY as the chart renders it: the `security` value (defaults: empty lists), JSON."""
     keys = ("storagePrefixes", "s3Endpoints", "trackingUris", "serviceAccounts", "experiments", "registeredModels")
-    return json.dumps({**dict.fromkeys(keys, []), "namespaces": {}, **given}, sort_keys=True, separators=(",", ":"))
+    return json.dumps({**{key: [] for key in keys}, "namespaces": {}, **given}, sort_keys=True, separators=(",", ":"))
 
 
 @needs_helm
