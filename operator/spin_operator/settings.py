@@ -48,10 +48,17 @@ class Settings:
     pod_templates: dict[str, PodTemplate] | None = None
     # The admin's allow-lists for what SPINRuns may point the operator at (SPIN_SECURITY).
     security: Policy = field(default_factory=Policy)
+    # Cluster-wide mode: namespaces where RBAC lets the operator `get` Secrets (the chart's
+    # rbac.secretCheckNamespaces); a namespaced operator may in each watched namespace.
+    secret_check_namespaces: tuple[str, ...] = ()
 
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+    def may_read_secrets(self, namespace: str) -> bool:
+        """Whether RBAC grants `get secrets` in `namespace` (never cluster-wide: docs/security.md)."""
+        return namespace in self.namespaces or namespace in self.secret_check_namespaces
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,8 +93,10 @@ class Settings:
             security = Policy.parse(text("SPIN_SECURITY"))
         except PolicyError as exc:
             raise SettingsError(str(exc)) from None
+        secret_check = tuple(n.strip() for n in (text("SPIN_SECRET_CHECK_NAMESPACES") or "").split(",") if n.strip())
         return cls(
             security=security,
+            secret_check_namespaces=secret_check,
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
             storage_uri=text("SPIN_STORAGE_URI"),
