@@ -123,7 +123,8 @@ class Controller:
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
         self._background: set[asyncio.Task[Any]] = set()
-        self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
+        # one small pool per storage endpoint: a store that hangs holds up only the runs that use it
+        self._storage: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
 
     # ------------------------------------------------------------------ watch events
 
@@ -336,8 +337,13 @@ class Controller:
             applied_spec=applied,
         )
 
-    async def _in_storage(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
+    async def _in_storage(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
+        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
+        pool = self._storage.get(endpoint)
+        if pool is None:
+            pool = self._storage[endpoint] = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="spin-storage")
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
 
     async def _gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
         """Fetch what `d` asks for; False when something could not be fetched (act partially)."""
@@ -587,7 +593,8 @@ class Controller:
             task.cancel()
         await self.kube.close()
         self.tracking.close()
-        self._storage.shutdown(wait=False, cancel_futures=True)
+        for pool in self._storage.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:

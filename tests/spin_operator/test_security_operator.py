@@ -7,6 +7,7 @@ away)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -160,3 +161,33 @@ async def test_allow_listed_endpoints_do_get_them(cluster: Cluster, capture: Cap
 async def _both(capture: Capture) -> bool:
     seen = set(capture.credentials_seen())
     return {"AWS_ACCESS_KEY_ID", "basic auth"} <= seen
+
+
+async def test_a_hanging_storage_endpoint_does_not_hold_up_another_run(cluster: Cluster) -> None:
+    """Threat 8, in part: storage calls go to a pool per endpoint with no process-wide lock, so an
+    (allow-listed) endpoint that accepts connections and never answers delays only its own runs."""
+    import socket
+    import time
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # connections complete in the kernel's backlog; nothing ever answers
+    url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    policy = Policy.parse(
+        json.dumps({"storagePrefixes": ["s3://slow-bucket"], "s3Endpoints": [url]})
+    )
+    op = await OperatorProcess(cluster.settings(security=policy)).start()
+    try:
+        await cluster.api.acreate(
+            spinrun("stuck", storage={"uri": "s3://slow-bucket/runs", "endpoint": url})
+        )
+        await asyncio.sleep(0.5)  # the stuck run's first storage read is under way
+        started = time.monotonic()
+        await cluster.api.acreate(spinrun("fine"))
+        await cluster.wait_job("fine", "fine-i0-gen")
+        waited = time.monotonic() - started
+        assert await cluster.jobs("stuck") == []
+    finally:
+        hole.close()  # resets the pending connections: the stuck reads end now
+        await op.stop()
+    assert waited < 10, f"the second run waited {waited:.1f}s behind the hanging endpoint"
