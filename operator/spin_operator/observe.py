@@ -2,8 +2,8 @@
 
 * `job_state`: a batch/v1 Job object -> `ObservedJob` (pure).
 * `read_facts`, `read_stored_digest`, `write_stored_spec`, `delete_artifacts`: storage I/O
-  through `spin_runtime.storage/manifest/layout` (blocking; the kopf layer runs them in a single
-  worker thread). Only manifests count: a half-written artifact is never "done".
+  through `spin_runtime.storage/manifest/layout` (blocking; the controller runs them in a small
+  worker pool per storage endpoint). Only manifests count: a half-written artifact is never "done".
 """
 
 from __future__ import annotations
