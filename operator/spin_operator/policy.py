@@ -101,6 +101,8 @@ def _under(uri: str, prefix: str) -> bool:
     """`uri` is `prefix` or below it, path component by component (s3://b/p allows s3://b/p/x,
     not s3://b/p2)."""
     uri, prefix = uri.rstrip("/"), prefix.rstrip("/")
+    if any(part in (".", "..") for part in uri.split("/")):
+        return False  # s3://b/p/../other would start with the prefix and name another place
     return uri == prefix or uri.startswith(prefix + "/")
 
 

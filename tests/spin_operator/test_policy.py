@@ -49,6 +49,7 @@ def test_defaults_of_the_admin_are_allowed() -> None:
         ({"storage": {"uri": "s3://corp-models/x"}}, "spec.storage.uri"),
         ({"storage": {"uri": "s3://runs/spin-other"}}, "spec.storage.uri"),  # component-wise prefix
         ({"storage": {"uri": "/etc"}}, "spec.storage.uri"),
+        ({"storage": {"uri": "s3://runs/spin/../other-team"}}, "spec.storage.uri"),  # dot segments
         ({"storage": {"endpoint": "http://169.254.169.254"}}, "spec.storage.endpoint"),
         ({"tracking": {"uri": "http://127.0.0.1:8080"}}, "spec.tracking.uri"),
         ({"tracking": {"uri": "file:///var/run"}}, "spec.tracking.uri"),
