@@ -65,7 +65,7 @@ from spin_operator.reconciler import (
 )
 from spin_operator.refusals import Refusals
 from spin_operator.render import render
-from spin_operator.settings import Settings, resolve_spec
+from spin_operator.settings import Settings, check_policy, resolve_spec
 from spin_operator.steps import RunRef, layout_of, plan_step, steps_of
 from spin_operator.track import Tracking
 from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
@@ -159,7 +159,8 @@ class Controller:
         self._background: set[asyncio.Task[Any]] = set()
         self._resync_task: asyncio.Task[None] | None = None
         self.leading = not settings.leader_election  # else only once leader.py holds the Lease
-        self._storage = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spin-storage")
+        # one small pool per storage endpoint: a store that hangs holds up only the runs that use it
+        self._storage: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
         self._warned: dict[Key, set[str]] = {}  # API warnings already posted as events, per run
         kube.on_warning = self._api_warning
 
@@ -382,6 +383,7 @@ class Controller:
             layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
             if refused := cluster_problems(parsed, resolved.tracking.uri):  # a local MLflow store: pods cannot share it
                 raise InvalidSpec(refused)
+            check_policy(parsed, resolved, run.namespace, self.settings)  # the admin's allow-lists
             given: api.SPINRunSpec | InvalidSpec = resolved
         except InvalidSpec as exc:
             given = exc
@@ -484,8 +486,13 @@ class Controller:
             rejected=dict(rejected),
         )
 
-    async def _in_storage(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
+    async def _in_storage(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
+        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
+        pool = self._storage.get(endpoint)
+        if pool is None:
+            pool = self._storage[endpoint] = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="spin-storage")
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
 
     async def _gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
         """Fetch what `d` asks for; False when something could not be fetched (act partially)."""
@@ -497,11 +504,7 @@ class Controller:
                 g.stored_digest = await self._in_storage(observe.read_stored_digest, spec, run)
                 g.stored_checked = True
             if d.needs_secrets:
-                missing = set()
-                for name in referenced_secrets(spec):
-                    if await self.kube.get(secret_path(run.namespace, name)) is None:
-                        missing.add(name)
-                g.missing_secrets = frozenset(missing)
+                g.missing_secrets = await self._missing_secrets(spec, run)
             for name in d.needs_jobs:
                 found = await self.kube.get(job_path(run.namespace, name))
                 if found is None:
@@ -524,6 +527,23 @@ class Controller:
             self.metrics.errors.labels(kind="facts").inc()
             return False
         return True
+
+    async def _missing_secrets(self, spec: api.SPINRunSpec, run: RunRef) -> frozenset[str]:
+        """Referenced Secrets that do not exist, where RBAC lets the operator look (a namespaced
+        grant only, docs/security.md); elsewhere none are reported and a missing Secret shows up
+        as the pods' CreateContainerConfigError instead."""
+        if not self.settings.may_read_secrets(run.namespace):
+            return frozenset()
+        missing = set()
+        for name in referenced_secrets(spec):
+            try:
+                if await self.kube.get(secret_path(run.namespace, name)) is None:
+                    missing.add(name)
+            except ApiError as exc:
+                if exc.status != 403:
+                    raise
+                log.info("%s/%s: no RBAC grant to check Secret %s; not checked", run.namespace, run.name, name)
+        return frozenset(missing)
 
     # ------------------------------------------------------------------ applying a decision
 
@@ -770,7 +790,8 @@ class Controller:
             task.cancel()
         await self.kube.close()
         self.tracking.close()
-        self._storage.shutdown(wait=False, cancel_futures=True)
+        for pool in self._storage.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:

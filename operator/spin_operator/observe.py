@@ -2,8 +2,8 @@
 
 * `job_state`: a batch/v1 Job object -> `ObservedJob` (pure).
 * `read_facts`, `read_stored_digest`, `write_stored_spec`, `delete_artifacts`: storage I/O
-  through `spin_runtime.storage/manifest/layout` (blocking; the kopf layer runs them in a single
-  worker thread). Only manifests count: a half-written artifact is never "done".
+  through `spin_runtime.storage/manifest/layout` (blocking; the controller runs them in a small
+  worker pool per storage endpoint). Only manifests count: a half-written artifact is never "done".
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +30,6 @@ from spin_operator.reconciler import ObservedJob, StorageFacts
 from spin_operator.steps import RunRef, layout_of, spec_digest
 from spin_runtime import manifest, storage
 from spin_runtime.layout import shard_name
-
-_ENV_LOCK = threading.Lock()
 
 
 def owner_uid(job: Mapping[str, Any]) -> str | None:
@@ -165,25 +161,14 @@ def _event_time(event: Mapping[str, Any]) -> str:
 
 @contextlib.contextmanager
 def storage_env(spec: api.SPINRunSpec) -> Iterator[None]:
-    """Point the S3 client at the run's endpoint/region for the duration of a storage call.
+    """Point S3 calls in this block at the run's endpoint/region (`storage.target`: per thread,
+    no process environment change, so runs on different endpoints never wait for each other).
 
     The operator reads with its own credentials (RBAC lets it see that a Secret exists, never its
-    value), but each run may name its own S3-compatible endpoint. Calls are serialised here.
+    value), and only at endpoints its admin allowed (spin_operator.policy).
     """
-    overrides = {"AWS_ENDPOINT_URL_S3": spec.storage.endpoint, "AWS_REGION": spec.storage.region}
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in overrides}
-        try:
-            for key, value in overrides.items():
-                if value:
-                    os.environ[key] = value
-            yield
-        finally:
-            for key, old in saved.items():
-                if old is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = old
+    with storage.target(spec.storage.endpoint, spec.storage.region):
+        yield
 
 
 # What of a results.json reaches the SPINRun's status: the ranking metric (evaluation.metric) and

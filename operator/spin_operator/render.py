@@ -78,8 +78,17 @@ def _metadata(plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str 
     }
 
 
+def literal(value: str) -> str:
+    """`value` as the kubelet must pass it on: it expands `$(VAR)` in a container's command, args
+    and env values and turns `$$` into `$`, so doubling every `$` keeps the text exactly as
+    written. Without this a URI or command holding `$(AWS_SECRET_ACCESS_KEY)` would reach the
+    runtime (and its logs and MLflow params) with the Secret's value in it. (The operator writes
+    no `$(...)` reference of its own: the node rank comes through the downward API.)"""
+    return value.replace("$", "$$")
+
+
 def _env(plan: StepPlan, custom: api.PodSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plan.env.items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": literal(v)} for k, v in plan.env.items()]
     if plan.rendezvous:  # torchrun's --node-rank: the pod's completion index (Indexed Job)
         index = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
         env.append({"name": NODE_RANK_ENV, "valueFrom": {"fieldRef": {"fieldPath": index}}})
@@ -124,7 +133,7 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
     container: dict[str, Any] = {
         "name": plan.stage,
         "image": plan.image,
-        "command": list(plan.argv),
+        "command": [literal(arg) for arg in plan.argv],
         "env": _env(plan, custom) + [e.to_wire() for e in custom.env],
         "resources": _resources(plan, scheduling.gpu_resource_name),
         "volumeMounts": mounts,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spin_operator.api import types as api
+from spin_operator.policy import Policy, PolicyError, problems
 from spin_operator.templates import PodTemplate, TemplateError, apply_template, load_templates
 
 VERSION = "0.1.0"
@@ -56,10 +57,19 @@ class Settings:
     lease_namespace: str = "default"
     lease_seconds: float = 15.0
     lease_identity: str = ""  # default: POD_NAME (downward API), else host and pid
+    # The admin's allow-lists for what SPINRuns may point the operator at (SPIN_SECURITY).
+    security: Policy = field(default_factory=Policy)
+    # Cluster-wide mode: namespaces where RBAC lets the operator `get` Secrets (the chart's
+    # rbac.secretCheckNamespaces); a namespaced operator may in each watched namespace.
+    secret_check_namespaces: tuple[str, ...] = ()
 
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+    def may_read_secrets(self, namespace: str) -> bool:
+        """Whether RBAC grants `get secrets` in `namespace` (never cluster-wide: docs/security.md)."""
+        return namespace in self.namespaces or namespace in self.secret_check_namespaces
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,7 +118,14 @@ class Settings:
                 raise SettingsError(f"{name}={raw!r}: expected true or false")
             return raw == "true"
 
+        try:
+            security = Policy.parse(text("SPIN_SECURITY"))
+        except PolicyError as exc:
+            raise SettingsError(str(exc)) from None
+        secret_check = tuple(n.strip() for n in (text("SPIN_SECRET_CHECK_NAMESPACES") or "").split(",") if n.strip())
         return cls(
+            security=security,
+            secret_check_namespaces=secret_check,
             namespaces=namespaces,
             runtime_image=text("SPIN_RUNTIME_IMAGE") or DEFAULT_IMAGE,
             storage_uri=text("SPIN_STORAGE_URI"),
@@ -167,3 +184,16 @@ def resolve_spec(
     if tracking.uri:
         tracking.credentials_secret = tracking.credentials_secret or tracking_defaults.credentials_secret
     return apply_template(spec.model_copy(update={"storage": storage, "tracking": tracking}), settings.pod_templates)
+
+
+def check_policy(written: api.SPINRunSpec, resolved: api.SPINRunSpec, namespace: str, settings: Settings) -> None:
+    """Raises `validation.InvalidSpec` naming each field of `resolved` that points the operator's
+    identity somewhere the admin did not allow (spin_operator.policy, docs/security.md)."""
+    from spin_operator.validation import InvalidSpec, Problem
+
+    found = problems(
+        written, resolved, namespace, settings.security,
+        default_storage=settings.storage_uri, default_endpoint=settings.s3_endpoint, default_tracking=settings.mlflow_uri,
+    )  # fmt: skip
+    if found:
+        raise InvalidSpec([Problem(path, message) for path, message in found])

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.policy import registered_model
 from spin_operator.reconciler import Action, FinishTracking, ReplaySpool
 from spin_operator.status import resolve_metric
 from spin_operator.steps import RunRef, layout_of
@@ -112,7 +113,7 @@ class Tracking:
         if not uri:
             return None
         ev = spec.evaluation
-        name = spec.tracking.registered_model or run.name
+        name = registered_model(spec, run.namespace, run.name)  # confined to the namespace (policy.py)
         return await self._call(
             uri, f"register iteration {iteration}",
             lambda t: t.register_iteration_model(
@@ -149,7 +150,9 @@ class Tracking:
 
         return bool(await self._call(uri, "log dataset inputs", call))
 
-    async def replay(self, spec: api.SPINRunSpec, spools: dict[int, str]) -> dict[int, int] | None:
+    async def replay(
+        self, spec: api.SPINRunSpec, spools: dict[int, str], run_ids: frozenset[str] | None = None
+    ) -> dict[int, int] | None:
         """Send what Jobs spooled during an MLflow outage (`tracking.replay_spool`); returns the
         calls still undelivered per key of `spools`, None when the replay could not run (MLflow
         or storage unreachable). Storage is read with the run's endpoint (observe.storage_env)."""
@@ -162,7 +165,7 @@ class Tracking:
             from spin_runtime.tracking import replay_spool
 
             with storage_env(spec):
-                return {key: replay_spool(spool, uri).remaining for key, spool in spools.items()}
+                return {key: replay_spool(spool, uri, run_ids=run_ids).remaining for key, spool in spools.items()}
 
         remaining = await self._call(uri, "replay spooled calls", call)
         if remaining and any(remaining.values()):  # MLflow did not take the backlog: cool down
@@ -180,7 +183,9 @@ class Tracking:
         if ml is None or not (wanted or ends) or not spec.tracking.uri:
             return True
         layout = layout_of(spec, run)
-        remaining = await self.replay(spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)})
+        # spools are written by the run's pods: replay only touches the MLflow runs of this status
+        own = frozenset(r for r in (ml.run_id, *(i.mlflow_run_id for i in status.iterations)) if r)
+        remaining = await self.replay(spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)}, own)
         if remaining is None:  # not replayed (cool-down, storage): a known backlog stays as it was
             ml.spooled_calls = ml.spooled_calls or None
             return False

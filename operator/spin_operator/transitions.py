@@ -292,10 +292,17 @@ class Pass:
             self._act(*(DeleteJob(j.name) for j in remaining if not j.deleting))
             self.st.message = f"deleting: waiting for {len(remaining)} Job(s) and their pods to be gone before deleting artifacts"
             return
-        spec = self.o.applied_spec or (self.given if not isinstance(self.given, InvalidSpec) else None)
-        self.d.spec = spec
-        if spec is not None and spec.storage.uri and self.started:
-            self._act(DeleteArtifacts(self._prefix(spec)))
+        if self.started:
+            # Only the prefix the run started with, proven by status.specHash (written by the
+            # operator alone): the applied-spec annotation and the spec are the author's to edit,
+            # and a tampered one must not redirect a recursive delete (docs/security.md, threat 4).
+            given = self.given if not isinstance(self.given, InvalidSpec) else None
+            spec = next((s for s in (self.o.applied_spec, given) if s is not None and spec_digest(s) == self.st.spec_hash), None)
+            self.d.spec = spec
+            if spec is None:
+                self._event("Warning", "ArtifactsKept", f"no spec matching specHash {self.st.spec_hash} (the applied-spec annotation was altered or lost): artifacts are kept, delete them by hand")
+            elif spec.storage.uri:
+                self._act(DeleteArtifacts(self._prefix(spec)))
         self._act(SetFinalizer(False))
 
     # ------------------------------------------------------------------ iterations

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -369,11 +369,18 @@ class ReplayResult:
 
 
 def replay_spool(
-    uri: str, tracking_uri: str | None = None, policy: TrackingPolicy | None = None
+    uri: str,
+    tracking_uri: str | None = None,
+    policy: TrackingPolicy | None = None,
+    run_ids: Collection[str] | None = None,
 ) -> ReplayResult:
     """Send the calls in a spool file (or every ``*.jsonl`` in a spool folder) to MLflow.
     Delivered files are deleted; a partly delivered one is rewritten with what is left.
-    Never raises for an unreachable MLflow: the result says what remains."""
+    Never raises for an unreachable MLflow: the result says what remains.
+
+    ``run_ids``: the only MLflow runs the calls may touch. Spool files are written by a Job's
+    pods, i.e. by code the replaying operator does not trust: a call naming any other run (of
+    another namespace, say) is dropped, never sent with the operator's credentials."""
     TrackingPolicy.configure_mlflow_http()
     policy = policy or TrackingPolicy.from_env()
     client = MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
@@ -385,6 +392,11 @@ def replay_spool(
     remaining = 0
     for path in files:
         ops = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        if run_ids is not None:
+            foreign = sorted({str(op.get("run")) for op in ops if op.get("run") not in run_ids})
+            if foreign:
+                log.warning("%s: dropped spooled calls for MLflow runs not of this run: %s", path, foreign[:5])
+                ops = [op for op in ops if op.get("run") in run_ids]
         done = send_ops(client, policy, ops) if not left else 0
         delivered += done
         if done == len(ops):

@@ -26,7 +26,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -209,11 +211,29 @@ def _is_not_found(exc: BaseException) -> bool:
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
+# (endpoint, region) of the calls made in this thread/task, over the environment's: a process that
+# serves several stores (the operator) points each call at one without touching os.environ, so
+# calls to different endpoints need no lock and never wait for each other.
+_target: ContextVar[tuple[str | None, str | None] | None] = ContextVar("spin_storage_target", default=None)
+
+
+@contextmanager
+def target(endpoint: str | None, region: str | None) -> Iterator[None]:
+    """S3 calls in this block go to `endpoint`/`region` (None: the environment's)."""
+    token = _target.set((endpoint, region))
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
 def s3_client() -> Any:
-    """The boto3 S3 client for the current environment (cached per endpoint/region/key)."""
+    """The boto3 S3 client for the current environment (cached per endpoint/region/key), or for
+    the endpoint/region of an enclosing `target` block."""
     env = os.environ
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    chosen = _target.get() or (None, None)
+    endpoint = chosen[0] or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    region = chosen[1] or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
     cfg = _config
     key = (endpoint, region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SESSION_TOKEN"), cfg)
     with _clients_lock:

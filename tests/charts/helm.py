@@ -46,6 +46,7 @@ FULL: dict[str, Any] = {
         "credentialsSecret": "spin-s3",
     },
     "tracking": {"uri": "https://mlflow.example.com", "credentialsSecret": "spin-mlflow"},
+    "security": {"serviceAccounts": ["spin-jobs"], "namespaces": {"team-a": {"storagePrefixes": ["s3://team-a-models/spin"]}}},
     "logLevel": "DEBUG",
     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.example.com:3128"}],
     "health": {"port": 8081},

@@ -6,6 +6,7 @@ Every rendered object is validated against the Kubernetes 1.35 OpenAPI schemas i
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -369,6 +370,12 @@ def test_deployment_runs_one_operator() -> None:
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
 
 
+def _security_json(given: dict[str, Any]) -> str:
+    """SPIN_SECURITY as the chart renders it: the `security` value (defaults: empty lists), JSON."""
+    keys = ("storagePrefixes", "s3Endpoints", "trackingUris", "serviceAccounts", "experiments", "registeredModels")
+    return json.dumps({**{key: [] for key in keys}, "namespaces": {}, **given}, sort_keys=True, separators=(",", ":"))
+
+
 @needs_helm
 def test_default_env_is_the_operator_defaults() -> None:
     env = _env(_deployment({}))
@@ -378,6 +385,7 @@ def test_default_env_is_the_operator_defaults() -> None:
         "SPIN_LOG_LEVEL": "INFO",
         "SPIN_HEALTH_PORT": "8080",
         "SPIN_METRICS_PORT": "9090",
+        "SPIN_SECURITY": _security_json({}),
         "HOME": "/tmp",
     }
     settings = pytest.importorskip("spin_operator.settings")
@@ -406,9 +414,12 @@ def test_full_env_maps_every_setting() -> None:
         "SPIN_MLFLOW_URI": "https://mlflow.example.com",
         "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
         "SPIN_MLFLOW_SECRET": "spin-mlflow",
+        "SPIN_SECURITY": _security_json(FULL["security"]),
         "HOME": "/tmp",
         "HTTPS_PROXY": "http://proxy.example.com:3128",
     }
+    policy = pytest.importorskip("spin_operator.policy").Policy.parse(plain["SPIN_SECURITY"])
+    assert policy.of("team-a").storage_prefixes == ("s3://team-a-models/spin",) and policy.of("team-b").service_accounts == ("spin-jobs",)
     refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
     assert refs == {
         "AWS_ACCESS_KEY_ID": {"name": "spin-s3", "key": "AWS_ACCESS_KEY_ID"},

@@ -48,7 +48,10 @@ NAMESPACED_RULES = {
     ("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")
 } | {
     ("", "services", verb) for verb in ("create", "delete")
-} | {("", "secrets", "get"), ("", "events", "create"), ("", "events", "list"), ("", "pods", "list")}
+} | {("", "events", "create"), ("", "events", "list"), ("", "pods", "list")}
+# Secrets: `get` only, and only through namespaced Roles (docs/security.md, threat 5): in each
+# watched namespace (namespaced mode) or each of rbac.secretCheckNamespaces (cluster-wide mode).
+SECRET_RULES = {("", "secrets", "get")}
 # Cluster-scoped, both modes: kopf's CRD observation.
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 # Cluster-scoped, namespaced mode only: kopf's namespace observation (a cluster-wide kopf
@@ -83,15 +86,30 @@ def _scoped_pairs(values: dict[str, Any]) -> tuple[set[tuple[str, str, str]], di
 @needs_helm
 def test_clusterwide_rules() -> None:
     cluster, per_ns = _scoped_pairs({})
-    assert cluster == NAMESPACED_RULES | CRD_RULES
+    assert cluster == NAMESPACED_RULES | CRD_RULES, "no Secret access cluster-wide"
     assert per_ns == {}
+
+
+@needs_helm
+def test_clusterwide_secret_checks_are_namespaced_grants() -> None:
+    values = {"rbac": {"secretCheckNamespaces": ["team-a"]}}
+    cluster, per_ns = _scoped_pairs(values)
+    assert cluster == NAMESPACED_RULES | CRD_RULES
+    assert per_ns == {"team-a": SECRET_RULES}
+    grants = _grants(values)
+    assert grants.allows(Call("get", "", "secrets", "team-a"))
+    for ns in ("team-b", "kube-system", NAMESPACE):
+        assert not grants.allows(Call("get", "", "secrets", ns)), ns
+    env = {e["name"]: e.get("value") for o in render(values) if o["kind"] == "Deployment"
+           for e in o["spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["SPIN_SECRET_CHECK_NAMESPACES"] == "team-a"
 
 
 @needs_helm
 def test_namespaced_rules() -> None:
     cluster, per_ns = _scoped_pairs(NAMESPACED)
     assert cluster == CRD_RULES | NAMESPACE_RULES, "only kopf's observation is cluster-wide"
-    assert per_ns == dict.fromkeys(WATCHED, NAMESPACED_RULES)
+    assert per_ns == dict.fromkeys(WATCHED, NAMESPACED_RULES | SECRET_RULES)
 
 
 @needs_helm
@@ -113,6 +131,7 @@ def test_rules_are_minimal_by_construction(mode: str) -> None:
             assert not any("peering" in r for r in rule["resources"]), "the operator runs standalone"
             if "secrets" in rule["resources"]:
                 assert rule["verbs"] == ["get"], "Secrets: get only (existence checks)"
+                assert role["kind"] == "Role", "Secrets: never a cluster-wide grant"
     assert not any(o["kind"] == "Role" and o["metadata"]["namespace"] == NAMESPACE for o in objects), (
         "nothing is granted in the operator's own namespace: it watches no peering objects there"
     )
@@ -142,6 +161,8 @@ def test_authorizer_model_denies_what_it_should() -> None:
     assert not namespaced.allows(Call("patch", "selfplay.dev", "spinruns/scale", "team-a"))
     assert clusterwide.allows(Call("watch", "selfplay.dev", "spinruns", None))
     assert not clusterwide.allows(Call("list", "", "secrets", "team-a"))
+    assert not clusterwide.allows(Call("get", "", "secrets", "kube-system"))
+    assert namespaced.allows(Call("get", "", "secrets", "team-a"))
     assert not clusterwide.allows(Call("get", "selfplay.dev", "spinruns", "team-a"))
     assert not clusterwide.allows(Call("update", "batch", "jobs", "team-a"))
     assert not clusterwide.allows(Call("create", "", "pods", "team-a"))
@@ -149,7 +170,7 @@ def test_authorizer_model_denies_what_it_should() -> None:
 
 
 def test_allow_list_entries_are_granted_and_still_called() -> None:
-    assert set(ALLOW_LIST) <= NAMESPACED_RULES | CRD_RULES | NAMESPACE_RULES
+    assert set(ALLOW_LIST) <= NAMESPACED_RULES | SECRET_RULES | CRD_RULES | NAMESPACE_RULES
     source = "\n".join(p.read_text() for p in (ROOT / "operator" / "spin_operator").glob("*.py"))
     for pair, (_why, witness) in ALLOW_LIST.items():
         assert witness in source, f"{pair}: the operator no longer calls {witness!r}; drop the grant"

@@ -340,12 +340,15 @@ def cluster(api: K8sApi, workdir: Path, s3_endpoint: str, mlflow_uri: str,
         "logLevel": "INFO",
         **(operator_values or {}),
     }
+    namespace = new_namespace()
+    # cluster-wide mode reads Secrets only where granted per namespace (docs/security.md)
+    values.setdefault("rbac.secretCheckNamespaces[0]", namespace)
     options = {"backoff_s": 0.5, "grace_s": 2.0, **(executor_options or {})}
     with Executor(api.url, workdir / "pods", **options) as executor:
         kubectl = Kubectl(api.kubeconfig_path)
         operator = OperatorProcess(executor, api, values, workdir)
         c = Cluster(
-            api, executor, operator, kubectl, new_namespace(), workdir, s3_endpoint, mlflow_uri
+            api, executor, operator, kubectl, namespace, workdir, s3_endpoint, mlflow_uri
         )
         c.create_namespace(RELEASE_NAMESPACE)  # the operator's own S3 credentials (chart env)
         c.create_namespace(c.namespace)

@@ -124,7 +124,7 @@ def check_mlflow(e2e: Cluster, run: dict[str, Any]) -> None:
         assert child.data.metrics, f"iteration run {child.info.run_id} has no metrics"
     # registration runs in the background after the evaluation's status: polled, not asserted
     wait_for(
-        lambda: {v.run_id for v in client.search_model_versions(f"name = '{RUN}'")} >= iteration_ids,
+        lambda: {v.run_id for v in client.search_model_versions(f"name = '{e2e.namespace}.{RUN}'")} >= iteration_ids,
         60, "a model version for each iteration run",
     )  # fmt: skip
     for child in iteration_runs:

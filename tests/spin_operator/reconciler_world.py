@@ -51,8 +51,12 @@ class MlflowStandIn(Tracking):
         self.ended: dict[str, str] = {}  # run id -> status
         self.spooled: dict[int, int] = {}  # iteration -> calls its Jobs spooled, not delivered
         self.delivered = 0
+        self.replay_run_ids: frozenset[str] | None = None  # what the last replay was confined to
 
-    async def replay(self, spec: api.SPINRunSpec, spools: dict[int, str]) -> dict[int, int] | None:
+    async def replay(
+        self, spec: api.SPINRunSpec, spools: dict[int, str], run_ids: frozenset[str] | None = None
+    ) -> dict[int, int] | None:
+        self.replay_run_ids = run_ids
         if not self.up:
             return None
         for t in spools:

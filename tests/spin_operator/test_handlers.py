@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from spin_operator import naming
+from spin_operator.policy import Allowed, Policy
 from tests.spin_operator.operator_harness import NS, SPINRUNS, Cluster, OperatorProcess, spinrun
 from tests.support.k8s_emulator import running_api
 
@@ -202,7 +203,9 @@ async def test_restart_with_status_lost_resumes_from_storage(cluster: Cluster) -
 
 
 async def test_missing_storage_default_fails_naming_the_field(cluster: Cluster) -> None:
-    op = await OperatorProcess(cluster.settings(storage_uri=None)).start()
+    # no default, but the admin allows the prefix the fixed spec names (spin_operator.policy)
+    allowed = Policy(Allowed(storage_prefixes=(str(cluster.storage),)))
+    op = await OperatorProcess(cluster.settings(storage_uri=None, security=allowed)).start()
     try:
         await cluster.api.acreate(spinrun("nowhere"))
         await cluster.wait_phase("nowhere", "Failed")

@@ -11,6 +11,7 @@ import pytest
 
 from spin_operator import naming
 from spin_operator.api import types as api
+from spin_operator.policy import Allowed, Policy
 from spin_operator.track import Tracking
 from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
 from tests.support.k8s_emulator import running_api
@@ -33,7 +34,9 @@ async def test_s3_storage_and_mlflow_tracking(cluster: Cluster, s3_bucket: str, 
     from mlflow.tracking import MlflowClient
 
     cluster.storage = s3_bucket + "/runs"  # type: ignore[assignment]
-    settings = cluster.settings(storage_uri=None, mlflow_uri=mlflow_server.uri)
+    # the run names its own bucket and endpoint: the admin allows them (spin_operator.policy)
+    allowed = Policy(Allowed(storage_prefixes=(s3_bucket,), s3_endpoints=(moto_server,)))
+    settings = cluster.settings(storage_uri=None, mlflow_uri=mlflow_server.uri, security=allowed)
     op = await OperatorProcess(settings).start()
     try:
         await cluster.api.acreate(spinrun("tracked", iterations=2, storage={"uri": s3_bucket + "/runs", "endpoint": moto_server}))
@@ -51,8 +54,8 @@ async def test_s3_storage_and_mlflow_tracking(cluster: Cluster, s3_bucket: str, 
     client = MlflowClient(mlflow_server.uri)
 
     async def registered() -> bool:
-        versions = client.search_model_versions("name = 'tracked'")
-        return len(versions) == 2 and client.get_model_version_by_alias("tracked", "best").tags.get("spin.iteration") == "0"
+        versions = client.search_model_versions(f"name = '{NS}.tracked'")  # confined to the namespace
+        return len(versions) == 2 and client.get_model_version_by_alias(f"{NS}.tracked", "best").tags.get("spin.iteration") == "0"
 
     await cluster.wait("model versions and the best alias", registered, timeout=30)
     assert client.get_run(iteration_runs[0]).data.tags["mlflow.parentRunId"] == parent

@@ -155,11 +155,24 @@ def test_delete_artifacts(tmp_path: Path) -> None:
 
 
 def test_storage_env_is_scoped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The run's endpoint/region apply to S3 clients made in the block, in this thread only, and
+    the process environment is never changed (no lock between runs on different endpoints)."""
     import os
+    import threading
+
+    from spin_runtime import storage
 
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     spec = make(tmp_path, storage={"uri": "s3://bkt/p", "endpoint": "http://minio:9000", "region": "eu-1"})
+    elsewhere: list[str | None] = []
     with observe.storage_env(spec):
-        assert (os.environ["AWS_ENDPOINT_URL_S3"], os.environ["AWS_REGION"]) == ("http://minio:9000", "eu-1")
-    assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_REGION"] == "us-east-1"
+        client = storage.s3_client()
+        assert (client.meta.endpoint_url, client.meta.region_name) == ("http://minio:9000", "eu-1")
+        assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_REGION"] == "us-east-1"
+        other = threading.Thread(target=lambda: elsewhere.append(storage.s3_client().meta.region_name))
+        other.start()
+        other.join()
+    assert elsewhere == ["us-east-1"]  # another thread (another run's call) is not redirected
+    assert storage.s3_client().meta.region_name == "us-east-1"

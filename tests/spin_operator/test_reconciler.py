@@ -20,6 +20,7 @@ from spin_operator.reconciler import (
     DeleteService,
     EnsureIterationRun,
     EnsureParentRun,
+    Event,
     FinishTracking,
     Observed,
     RecordSpec,
@@ -573,6 +574,30 @@ def test_artifacts_are_deleted_only_once_every_job_and_its_pods_are_gone() -> No
     d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
     assert d.of_type(DeleteArtifacts) == [DeleteArtifacts("s3://bucket/runs/ns/run")]
     assert d.of_type(SetFinalizer) == [SetFinalizer(False)]
+
+
+@pytest.mark.parametrize("tamper", ["annotation", "annotation and spec"])
+def test_a_tampered_applied_spec_never_redirects_the_deletion(tamper: str) -> None:
+    """Threat 4 (docs/security.md): the author rewrites the applied-spec annotation (and the spec)
+    to point at another team's prefix before deleting the run; only the started prefix, checked
+    against status.specHash, is ever deleted."""
+    w = started(retention={"onDelete": "Delete"})
+    advance_to(w, 0, "train")
+    assert w.applied is not None
+    other = w.applied.model_copy(update={"storage": w.applied.storage.model_copy(update={"uri": "s3://corp-models/prod"})})
+    w.applied = other
+    if tamper == "annotation and spec":
+        w.obj["spec"]["storage"] = {"uri": "s3://corp-models/prod"}
+    w.deleting = True
+    assert not w.reconcile().of_type(DeleteArtifacts)  # the Jobs stop first
+    d = w.reconcile()
+    deleted = d.of_type(DeleteArtifacts)
+    assert all(a.prefix == "s3://bucket/runs/ns/run" for a in deleted), deleted
+    assert d.of_type(SetFinalizer) == [SetFinalizer(False)]
+    if tamper == "annotation":  # the spec itself still proves the started prefix
+        assert deleted == [DeleteArtifacts("s3://bucket/runs/ns/run")]
+    else:  # nothing proves it: nothing is deleted, and the event says so
+        assert deleted == [] and any(e.reason == "ArtifactsKept" for e in d.of_type(Event))
 
 
 def test_retention_change_adds_and_removes_the_finalizer() -> None:

@@ -374,3 +374,21 @@ def test_control_arm_logs_beside_spin_on_one_run_under_control_prefix(
         a.path for a in client.list_artifacts(run, "control")
     }
     assert {"eval_samples.json", "control/eval_samples.json"} <= tables
+
+
+def test_replay_touches_only_the_given_runs(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """Threat 3 (docs/security.md): a spool written by a run's pods names another namespace's MLflow
+    run; the operator's replay (run_ids: the runs in the SPINRun's status) drops that call."""
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    own = tracker.ensure_parent_run(f"own-{uuid.uuid4().hex[:8]}", "team-a", "mine", "uid-a", {})
+    theirs = tracker.ensure_parent_run(f"their-{uuid.uuid4().hex[:8]}", "team-b", "prod", "uid-b", {})
+    assert own and theirs
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    ops = [{"op": "metrics", "run": rid, "items": [["eval/exact_match", 0.99, 1, 0]]} for rid in (own, theirs, own)]
+    (spool / "x.jsonl").write_text("".join(json.dumps(op) + "\n" for op in ops))
+    result = replay_spool(str(spool), mlflow_server.uri, policy=FAST, run_ids={own})
+    assert (result.delivered, result.remaining) == (2, 0) and list(spool.iterdir()) == []
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_run(own).data.metrics == {"eval/exact_match": 0.99}
+    assert client.get_run(theirs).data.metrics == {}, "another run was written from a spool"

@@ -102,11 +102,6 @@ client (spin_operator/kube.py).
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "delete"]
-# Secrets: get only, to check that referenced credentials Secrets exist. Values never pass through
-# the operator: Jobs receive them through secretKeyRef.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
 # Events on SPINRuns (posted through kopf); listed for a Job whose pods do not appear, to find
 # the Job controller's FailedCreate (PodSecurity or a quota refusing the pods).
 - apiGroups: [""]
@@ -117,6 +112,19 @@ client (spin_operator/kube.py).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+{{- end }}
+
+{{/*
+Secrets: get only, to check that the credentials Secrets a SPINRun references exist (values never
+pass through the operator: Jobs receive them through secretKeyRef). Granted per namespace only,
+never cluster-wide (a cluster-wide get would read kube-system's Secrets too): in each watched
+namespace in namespaced mode, in `rbac.secretCheckNamespaces` in cluster-wide mode. Elsewhere the
+operator skips the check and a missing Secret shows as the pods' CreateContainerConfigError.
+*/}}
+{{- define "spin-operator.secretRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}
 
 {{/*

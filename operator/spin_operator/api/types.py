@@ -508,7 +508,7 @@ class StorageSpec(Model):
         ),
     ] = None
     endpoint: Annotated[
-        str | None, _desc("S3 endpoint URL for S3-compatible stores.", pattern=r"^https?://[^\s]+$")
+        str | None, _desc("S3 endpoint URL for S3-compatible stores; the operator accepts only its default or endpoints its admin allows.", pattern=r"^https?://[^\s]+$")
     ] = None
     region: Annotated[str | None, _desc("S3 region.", pattern=r"^[a-z0-9-]+$")] = None
     credentials_secret: Annotated[
@@ -528,14 +528,14 @@ class TrackingSpec(Model):
 
     uri: Annotated[
         str | None,
-        _desc("MLflow tracking URI; defaults to the operator's setting.", pattern=HTTP_OR_PATH),
+        _desc("MLflow tracking URI; defaults to the operator's setting. The operator accepts only its default or URIs its admin allows.", pattern=HTTP_OR_PATH),
     ] = None
     experiment: Annotated[
-        str | None, _desc("Experiment name; defaults to the SPINRun's namespace.", min_length=1, max_length=500)
+        str | None, _desc("Experiment name; defaults to the SPINRun's namespace. The operator accepts the namespace or `<namespace>/...` (or a name its admin allows).", min_length=1, max_length=500)
     ] = None
     registered_model: Annotated[
         str | None,
-        _desc("Registered model name for the iterations' checkpoints; defaults to the SPINRun name.", min_length=1, max_length=256),
+        _desc("Registered model name for the iterations' checkpoints; defaults to `<namespace>.<SPINRun name>`. The operator accepts `<namespace>.<name>` (or a name its admin allows).", min_length=1, max_length=256),
     ] = None
     credentials_secret: Annotated[
         SecretRef | None,
@@ -564,7 +564,7 @@ class SchedulingSpec(Model):
         raise_all(errors)
         return self
     service_account_name: Annotated[
-        str | None, _desc("ServiceAccount of child pods (e.g. for IRSA/workload identity).", pattern=DNS_SUBDOMAIN, max_length=253)
+        str | None, _desc("ServiceAccount of child pods (e.g. for IRSA/workload identity); the operator accepts only names its admin allows (chart value security.serviceAccounts).", pattern=DNS_SUBDOMAIN, max_length=253)
     ] = None
     gpu_resource_name: Annotated[
         str, _desc("Extended resource name of a GPU.", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
