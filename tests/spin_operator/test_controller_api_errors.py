@@ -14,6 +14,7 @@ import copy
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from spin_operator.controller import Controller
 from spin_operator.kube import ApiError
 from spin_operator.metrics import Metrics
 from spin_operator.naming import job_name
+from spin_operator.policy import Allowed, Policy
 from spin_operator.settings import Settings
 from spin_operator.track import Tracking
 
@@ -125,8 +127,10 @@ class Setup:
     def __init__(self, tmp_path: Path, refuse: Refuse | None = None, **spec: Any) -> None:
         self.api = FakeApi(spinrun(tmp_path / "artifacts", **spec), refuse)
         self.events: list[tuple[str, str, str]] = []
+        # the admin allows this run's local storage (issue 15's allow-lists refuse it otherwise)
+        allowed = Policy(Allowed(storage_prefixes=(str(tmp_path / "artifacts"),)))
         self.controller = Controller(
-            Settings(), self.api,  # type: ignore[arg-type]
+            Settings(security=allowed), self.api,  # type: ignore[arg-type]
             tracking=Tracking(), metrics=Metrics(), retry_base=0.2, retry_max=2.0,
             post_event=lambda body, type_, reason, message: self.events.append((type_, reason, message)),
         )  # fmt: skip
@@ -334,7 +338,7 @@ async def test_unusable_storage_uri_is_invalid_spec(tmp_path: Path) -> None:
     InvalidSpec naming spec.storage.uri, instead of a ValueError on every pass."""
     s = Setup(tmp_path)
     s.api.run["spec"].pop("storage")
-    s.controller.settings = Settings(storage_uri="s3://bkt/a/../b")
+    s.controller.settings = replace(s.controller.settings, storage_uri="s3://bkt/a/../b")
     s.start()
     try:
         await s.wait(lambda: s.failed() is not None)
@@ -368,7 +372,7 @@ async def test_local_tracking_store_is_refused_in_cluster_mode(tmp_path: Path, u
 
 async def test_local_operator_default_tracking_store_is_refused(tmp_path: Path) -> None:
     s = Setup(tmp_path)
-    s.controller.settings = Settings(mlflow_uri="sqlite:////data/mlflow.db")
+    s.controller.settings = replace(s.controller.settings, mlflow_uri="sqlite:////data/mlflow.db")
     s.start()
     try:
         await s.wait(lambda: s.failed() is not None)

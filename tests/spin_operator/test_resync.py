@@ -34,11 +34,18 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
 async def _delete_during_a_watch_gap(cluster: Cluster, controller: Controller) -> None:
     """Delete the generation Job while the operator hears no Job events (a broken watch)."""
     hear = controller.on_job
-    controller.on_job = lambda *args: None  # type: ignore[method-assign]
+    lost: list[tuple[str | None, str]] = []  # the events the broken watch swallowed
+    controller.on_job = lambda event, obj: lost.append((event, obj["metadata"]["name"]))  # type: ignore[method-assign]
+
+    async def deletion_lost() -> bool:
+        return ("DELETED", GEN) in lost
+
     try:
         await cluster.api.adelete("jobs", GEN, NS)
         await cluster.wait("the Job deleted", lambda: _absent(cluster))
-        await asyncio.sleep(0.3)  # any DELETED event has been delivered (and ignored) by now
+        # deaf until the watch has delivered (and lost) the DELETED event, however loaded the
+        # machine: a late one must not be what drops the Job
+        await cluster.wait("the watch to deliver the deletion", deletion_lost)
     finally:
         controller.on_job = hear  # type: ignore[method-assign]
 
@@ -107,10 +114,18 @@ async def test_a_run_deleted_in_a_watch_gap_is_dropped_by_the_resync(cluster: Cl
         controller = op.controller
         assert controller is not None
         hear = controller.on_run
-        controller.on_run = lambda *args: None  # type: ignore[method-assign]
+        lost: list[tuple[str | None, str]] = []  # the events the broken watch swallowed
+        controller.on_run = lambda event, obj: lost.append((event, obj["metadata"]["name"]))  # type: ignore[method-assign]
+
+        async def deletion_lost() -> bool:
+            return ("DELETED", RUN) in lost
+
         try:
             await cluster.api.adelete(SPINRUNS, RUN, NS)
             await cluster.wait("the run deleted", lambda: _run_absent(cluster))
+            # deaf until the watch has delivered (and lost) the DELETED event, however loaded
+            # the machine: a late one must not be what drops the run
+            await cluster.wait("the watch to deliver the deletion", deletion_lost)
         finally:
             controller.on_run = hear  # type: ignore[method-assign]
 
