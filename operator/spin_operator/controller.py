@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+import aiohttp
 from pydantic import ValidationError
 
 from spin_operator import observe, resync
@@ -66,7 +67,7 @@ from spin_operator.reconciler import (
 from spin_operator.refusals import Refusals
 from spin_operator.render import render
 from spin_operator.settings import Settings, check_policy, resolve_spec
-from spin_operator.steps import RunRef, layout_of, plan_step, steps_of
+from spin_operator.steps import RunRef, beside, layout_of, plan_step, steps_of
 from spin_operator.track import Tracking
 from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
 
@@ -436,8 +437,9 @@ class Controller:
                     events = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/events",
                                                      params={"fieldSelector": selector})  # fmt: skip
                     found = observe.pod_blockage(body, pods.get("items") or [], events.get("items") or [])
-            except ApiError as exc:
-                level = logging.DEBUG if exc.status == 404 else logging.WARNING
+            except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
+                # best effort: a dropped connection must not fail the pass this look serves
+                level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
                 log.log(level, "%s/%s: cannot look at the pods of Job %s: %s", run.namespace, run.name, job.name, exc)
                 continue
             self._blocked[k] = (now, found)
@@ -676,7 +678,7 @@ class Controller:
         admits them (schema, PodSecurity, quota limits, RBAC) without storing anything. A
         permanent refusal fails the run before it starts; anything else is left to the real
         create (a quota in use now, a Job already there from before a restart)."""
-        for kind in steps_of(spec):
+        for kind in [k for lead in steps_of(spec) for k in beside(spec, lead)]:  # control arm too
             name, objects = self._objects(key, spec, run, 0, kind, 0, None)
             for obj in objects:
                 path = job_path(run.namespace) if obj["kind"] == "Job" else service_path(run.namespace)
@@ -778,6 +780,9 @@ class Controller:
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop: MLflow bookkeeping in flight gets `grace` seconds to land, the rest is cancelled."""
+        # First, so that no timer (retry, pod re-check) re-armed by a pass still running can
+        # start a new pass against the client and pools closed below.
+        self.leading = False
         for handle, _ in self._retries.values():
             handle.cancel()
         if self._resync_task is not None:
@@ -792,6 +797,7 @@ class Controller:
         self.tracking.close()
         for pool in self._storage.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        self._storage.clear()
 
 
 def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:

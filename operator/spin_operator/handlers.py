@@ -75,7 +75,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         for task in tasks:
             task.cancel()
-        controller.leading = not electors  # nothing new starts while it stops
+        controller.leading = False  # nothing new starts while it stops
         await controller.close()
         for elector in electors:  # after close(): the Lease is given up once nothing reconciles
             await elector.release()

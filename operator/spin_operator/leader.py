@@ -157,7 +157,10 @@ class LeaseElector:
         while True:
             await asyncio.sleep(self.retry)
             try:
-                if await self.renew():
+                # Bounded by the renew deadline: the client's own retries (429/5xx, Retry-After)
+                # must never keep a leader reconciling after a standby may have taken the Lease.
+                left = self.renew_deadline - (time.monotonic() - renewed)
+                if await asyncio.wait_for(self.renew(), timeout=max(0.1, left)):
                     renewed = time.monotonic()
                     continue
                 lost = "another replica holds the Lease"

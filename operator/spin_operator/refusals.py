@@ -22,16 +22,22 @@ Key = tuple[str, str]  # namespace, run name
 Refusal = tuple[str, str]  # reason (CreateRejected, InvalidSpec), message
 
 
-def attempt_digest(body: dict[str, Any] | None, spec: api.SPINRunSpec) -> str:
-    """What a refusal holds for: the spec and the annotations a user may touch."""
+def attempt_digest(body: dict[str, Any] | None, spec: api.SPINRunSpec | None) -> str:
+    """What a refusal holds for: the spec as the user wrote it and the annotations a user may
+    touch. The written spec, not the effective one (merged with the started spec, defaults
+    resolved): the pass that records a refusal and the pass that reads it must agree even when
+    the two differ, or a refused create would be retried forever instead of failing the step."""
     annotations = ((body or {}).get("metadata") or {}).get("annotations") or {}
+    written = (body or {}).get("spec")
+    if written is None:
+        written = spec.to_wire() if spec is not None else None
     touched = {
         k: v
         for k, v in annotations.items()
         if k != APPLIED_SPEC_ANNOTATION and not k.startswith("kopf.")
     }
     return hashlib.sha256(
-        json.dumps([spec.to_wire(), touched], sort_keys=True).encode()
+        json.dumps([written, touched], sort_keys=True, default=str).encode()
     ).hexdigest()
 
 
@@ -44,7 +50,7 @@ class Refusals:
     ) -> dict[str, Refusal]:
         """Job name -> refusal, for this version of the run (empty when it changed since)."""
         held = self._held.get(key)
-        if held is None or spec is None or held[0] != attempt_digest(body, spec):
+        if held is None or held[0] != attempt_digest(body, spec):
             return {}
         return dict(held[1])
 

@@ -252,10 +252,12 @@ async def test_dry_run_passes_then_jobs_are_created(tmp_path: Path) -> None:
         await s.close()
 
 
-async def test_refusal_mid_run_fails_the_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["in the spec", "the operator's default"])
+async def test_refusal_mid_run_fails_the_step(tmp_path: Path, storage: str) -> None:
     """A real create refused for good after the run started (RBAC taken away meanwhile, here for
     the retry of a failed generation Job): the step is Failed with the API's message instead of
-    `Retry` forever."""
+    `Retry` forever. Also when the effective spec differs from the written one (storage from the
+    operator's default): the refusal is keyed by what the user wrote, so both passes agree."""
     gen, retry = job_name(NAME, 0, "generate"), job_name(NAME, 0, "generate", 1)
     s = Setup(
         tmp_path,
@@ -263,6 +265,9 @@ async def test_refusal_mid_run_fails_the_step(tmp_path: Path) -> None:
             ApiError(403, "Forbidden", FORBIDDEN) if body["metadata"]["name"] == retry else None
         ),
     )
+    if storage != "in the spec":
+        uri = s.api.run["spec"].pop("storage")["uri"]
+        s.controller.settings = replace(s.controller.settings, storage_uri=uri)
     s.start()
     try:
         await s.wait(lambda: any(n == gen and not d for n, d, _ in s.api.creates))
