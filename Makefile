@@ -51,8 +51,9 @@ e2e: venv tools cluster-bin ## every end-to-end test: emulated cluster and real 
 cluster-test: venv tools cluster-bin ## the tier on the real control plane (tests/cluster), slow ones included
 	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
-lint: venv ## ruff and mypy
+lint: venv ## ruff (lint and format), mypy and the import contracts
 	$(VENV)/bin/ruff check operator runtime tests benchmarks scripts
+	$(VENV)/bin/ruff format --check operator runtime tests benchmarks scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 

@@ -62,11 +62,18 @@ def min_requests_per_iteration(iterations_per_run: int) -> float:
 
 
 def spinrun(name: str, iterations: int) -> dict[str, Any]:
-    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"model": {"uri": "s3://models/tiny"},
-                     "dataset": {"uri": "s3://data/sft.jsonl", "maxSamples": 64, "evalSamples": 8},
-                     "iterations": iterations, "generation": {"replicas": 2},
-                     "evaluation": {"enabled": True}}}
+    return {
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "model": {"uri": "s3://models/tiny"},
+            "dataset": {"uri": "s3://data/sft.jsonl", "maxSamples": 64, "evalSamples": 8},
+            "iterations": iterations,
+            "generation": {"replicas": 2},
+            "evaluation": {"enabled": True},
+        },
+    }
 
 
 class ArtifactWriter:
@@ -86,33 +93,57 @@ class ArtifactWriter:
         if stage == "generate":
             for index in range(n):
                 shard = scratch / f"shard-{index}.jsonl"
-                shard.write_text(json.dumps({"id": index, "split": "train", "prompt": "p", "real": "r",
-                                             "generated": "g"}) + "\n")
+                shard.write_text(
+                    json.dumps(
+                        {
+                            "id": index,
+                            "split": "train",
+                            "prompt": "p",
+                            "real": "r",
+                            "generated": "g",
+                        }
+                    )
+                    + "\n"
+                )
                 manifest.write_file_artifact(shard, it.shard(index, n), "generated", {"records": 1})
         elif stage == "train":
             (scratch / "config.json").write_text("{}")
             manifest.write_dir_artifact(scratch, it.model, "model")
         else:
-            (scratch / "results.json").write_text(json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None}))
+            (scratch / "results.json").write_text(
+                json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None})
+            )
             manifest.write_dir_artifact(scratch, it.eval, "eval", {"metrics": {"exact_match": 0.5}})
         return None
 
 
 @contextlib.contextmanager
-def operator_process(api: K8sApi, workdir: pathlib.Path, storage: pathlib.Path, metrics_port: int = 0,
-                     profile: pathlib.Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def operator_process(
+    api: K8sApi,
+    workdir: pathlib.Path,
+    storage: pathlib.Path,
+    metrics_port: int = 0,
+    profile: pathlib.Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
     """`spinctl operator` as the chart's Deployment runs it (settings from the environment);
     under cProfile when `profile` is given (pstats file, written when the operator exits)."""
     spinctl = pathlib.Path(sys.executable).with_name("spinctl")
     argv = [str(spinctl), "operator"]
     if profile is not None:
         argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv]
-    env = {**os.environ, "KUBECONFIG": str(api.kubeconfig_path), "SPIN_STORAGE_URI": str(storage),
-           "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:bench", "SPIN_LOG_LEVEL": "INFO",
-           "SPIN_HEALTH_PORT": "0", "SPIN_METRICS_PORT": str(metrics_port)}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(api.kubeconfig_path),
+        "SPIN_STORAGE_URI": str(storage),
+        "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:bench",
+        "SPIN_LOG_LEVEL": "INFO",
+        "SPIN_HEALTH_PORT": "0",
+        "SPIN_METRICS_PORT": str(metrics_port),
+    }
     with (workdir / "operator.log").open("wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             yield proc
         finally:
@@ -144,10 +175,15 @@ def reconcile_passes(port: int) -> tuple[float, float]:
             text = rsp.read().decode()
     except OSError:
         return float("nan"), float("nan")
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith("spin_operator_reconcile_duration_seconds_")}
-    return (values.get("spin_operator_reconcile_duration_seconds_count", float("nan")),
-            values.get("spin_operator_reconcile_duration_seconds_sum", float("nan")))
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("spin_operator_reconcile_duration_seconds_")
+    }
+    return (
+        values.get("spin_operator_reconcile_duration_seconds_count", float("nan")),
+        values.get("spin_operator_reconcile_duration_seconds_sum", float("nan")),
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -167,8 +203,13 @@ def latencies(api: K8sApi, finished_at: dict[str, float]) -> list[float]:
     """Per run: each Job's completion to the next Job the operator created for that run."""
     created: dict[str, list[tuple[float, str]]] = {}
     for e in api.requests.entries():
-        if e.verb == "create" and e.resource == "jobs" and e.code == 201 and e.name \
-                and e.user_agent.startswith(OPERATOR_AGENTS):
+        if (
+            e.verb == "create"
+            and e.resource == "jobs"
+            and e.code == 201
+            and e.name
+            and e.user_agent.startswith(OPERATOR_AGENTS)
+        ):
             job = api.get("jobs", e.name, e.namespace)
             run = job["metadata"]["labels"][RUN_LABEL] if job else e.name.rsplit("-i", 1)[0]
             created.setdefault(f"{e.namespace}/{run}", []).append((e.time, e.name))
@@ -183,19 +224,31 @@ def latencies(api: K8sApi, finished_at: dict[str, float]) -> list[float]:
     return out
 
 
-def run_benchmark(runs: int, iterations: int, timeout: float, profile: pathlib.Path | None = None) -> dict[str, Any]:
+def run_benchmark(
+    runs: int, iterations: int, timeout: float, profile: pathlib.Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="spin-bench-") as tmp:
         workdir = pathlib.Path(tmp)
         storage = workdir / "artifacts"
         storage.mkdir()
         port = free_port()
         load_before = os.getloadavg()[0]
-        with running_api(workdir) as api, operator_process(api, workdir, storage, port, profile) as proc:
-            api.wait_for(lambda: proc.poll() is not None or api.requests.count(
-                user_agent="kopf", verb="watch", resource="spinruns") > 0, timeout=60)
+        with (
+            running_api(workdir) as api,
+            operator_process(api, workdir, storage, port, profile) as proc,
+        ):
+            api.wait_for(
+                lambda: (
+                    proc.poll() is not None
+                    or api.requests.count(user_agent="kopf", verb="watch", resource="spinruns") > 0
+                ),
+                timeout=60,
+            )
             if proc.poll() is not None:
-                raise SystemExit(f"the operator exited ({proc.returncode}):\n"
-                                 + (workdir / "operator.log").read_text()[-4000:])
+                raise SystemExit(
+                    f"the operator exited ({proc.returncode}):\n"
+                    + (workdir / "operator.log").read_text()[-4000:]
+                )
             time.sleep(0.5)  # let startup settle; its discovery is not per-iteration cost
             api.reset_requests()
             driver = JobDriver(api.url)
@@ -206,8 +259,13 @@ def run_benchmark(runs: int, iterations: int, timeout: float, profile: pathlib.P
 
                 def finished() -> list[dict[str, Any]] | None:
                     items = api.list("spinruns", "default")
-                    done = [o for o in items if (o.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+                    done = [
+                        o
+                        for o in items
+                        if (o.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+                    ]
                     return items if len(done) == runs else None
+
                 final: list[dict[str, Any]]
                 try:
                     final = api.wait_for(finished, timeout=timeout, interval=0.2)
@@ -221,7 +279,11 @@ def run_benchmark(runs: int, iterations: int, timeout: float, profile: pathlib.P
                 raise SystemExit("job driver errors:\n" + "\n".join(auto.errors[:3]))
             lat = latencies(api, auto.finished_at)
             # dry runs too (each run's start checks its iteration-0 objects): they load the server
-            ops = [e for e in api.requests.entries(dry_runs=True) if e.user_agent.startswith(OPERATOR_AGENTS)]
+            ops = [
+                e
+                for e in api.requests.entries(dry_runs=True)
+                if e.user_agent.startswith(OPERATOR_AGENTS)
+            ]
             total_iterations = runs * iterations
             by_kind: dict[str, int] = {}
             for e in ops:
@@ -239,13 +301,22 @@ def run_benchmark(runs: int, iterations: int, timeout: float, profile: pathlib.P
                 "runs_succeeded": phases.count("Succeeded"),
                 "transitions": len(lat),
                 "wall_s": round(wall, 2),
-                "requests_by_kind": {k: round(v / total_iterations, 2) for k, v in sorted(by_kind.items())},
-                "errors": dict(sorted(collections.Counter(
-                    f"{e.code} {e.verb} {e.rbac_resource}" for e in ops if e.code >= 400).items())),
+                "requests_by_kind": {
+                    k: round(v / total_iterations, 2) for k, v in sorted(by_kind.items())
+                },
+                "errors": dict(
+                    sorted(
+                        collections.Counter(
+                            f"{e.code} {e.verb} {e.rbac_resource}" for e in ops if e.code >= 400
+                        ).items()
+                    )
+                ),
                 "operator_cpu_s": cpu,
                 "operator_cpu_ms_per_iteration": round(1000 * cpu / total_iterations, 1),
                 "reconcile_passes_per_iteration": round(passes / total_iterations, 2),
-                "reconcile_pass_mean_ms": round(1000 * pass_seconds / passes, 1) if passes else None,
+                "reconcile_pass_mean_ms": round(1000 * pass_seconds / passes, 1)
+                if passes
+                else None,
                 "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
                 "cpus": os.cpu_count(),
                 "harness_cpu_s": round(time.process_time(), 1),
@@ -256,9 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=2, help="SPIN iterations per run")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for all runs to finish")
-    parser.add_argument("--profile", type=pathlib.Path, default=None,
-                        help="run the operator under cProfile and write pstats here (slower: not for the targets)")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds for all runs to finish"
+    )
+    parser.add_argument(
+        "--profile",
+        type=pathlib.Path,
+        default=None,
+        help="run the operator under cProfile and write pstats here (slower: not for the targets)",
+    )
     args = parser.parse_args(argv)
     print(json.dumps(run_benchmark(args.runs, args.iterations, args.timeout, args.profile)))
     return 0

@@ -108,7 +108,9 @@ def rows(values_path: Path) -> list[Row]:
         if not any(leaf == path or leaf.startswith(path + ".") for path in docs)
     ]
     if undocumented:
-        raise ValueError(f"{values_path}: values without a '# --' description: {', '.join(undocumented)}")
+        raise ValueError(
+            f"{values_path}: values without a '# --' description: {', '.join(undocumented)}"
+        )
     out = []
     for path, description in docs.items():
         value = _lookup(values, path)
@@ -123,7 +125,9 @@ def table(values_path: Path) -> str:
 
     lines = ["| Key | Type | Default | Description |", "|---|---|---|---|"]
     for row in rows(values_path):
-        lines.append(f"| `{row.path}` | {row.type} | `{cell(row.default)}` | {cell(row.description)} |")
+        lines.append(
+            f"| `{row.path}` | {row.type} | `{cell(row.default)}` | {cell(row.description)} |"
+        )
     return "\n".join(lines)
 
 

@@ -40,9 +40,19 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
     spec = {
         "iterations": 3,
         "model": {"uri": "s3://models/zephyr-sft"},
-        "dataset": {"uri": "s3://datasets/ultrachat_200k/data/train_sft-*", "maxSamples": 50000, "evalSamples": 256},
+        "dataset": {
+            "uri": "s3://datasets/ultrachat_200k/data/train_sft-*",
+            "maxSamples": 50000,
+            "evalSamples": 256,
+        },
         "generation": {"backend": "vllm", "temperature": 1.0, "maxNewTokens": 256, "replicas": 8},
-        "training": {"beta": 0.1, "learningRate": 5e-7, "epochs": 2, "globalBatchSize": 64, "optimizer": "rmsprop"},
+        "training": {
+            "beta": 0.1,
+            "learningRate": 5e-7,
+            "epochs": 2,
+            "globalBatchSize": 64,
+            "optimizer": "rmsprop",
+        },
         "evaluation": {"metric": "auto", "mode": "max"},
     }
     parent = tracker.ensure_parent_run(
@@ -73,13 +83,17 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
             it_run, f"iter-{t:03d}/generated", run.iteration(t).generated, f"{t:064x}"
         )
         logp = [-1.21, -1.12, -1.08][t]
-        tracker.log_metrics(it_run, {"eval/exact_match": 0.0, "eval/real_logp_per_token": logp, "eval/score": logp})
+        tracker.log_metrics(
+            it_run, {"eval/exact_match": 0.0, "eval/real_logp_per_token": logp, "eval/score": logp}
+        )
         MlflowClient(tracking_uri).log_table(it_run, {
             "prompt": ["Name three prime numbers.", "Summarize the water cycle in one sentence."],
             "reference": ["2, 3 and 5.", "Water evaporates, condenses into clouds and falls as precipitation."],
             "answer": [f"(simulated answer of θ{t + 1})", f"(simulated answer of θ{t + 1})"],
         }, "eval_samples.json")  # fmt: skip
-        tracker.register_iteration_model("zephyr-spin", it_run, t, run.iteration(t).model, {"score": logp}, "score")
+        tracker.register_iteration_model(
+            "zephyr-spin", it_run, t, run.iteration(t).model, {"score": logp}, "score"
+        )
         tracker.finish_run(it_run)
     tracker.finish_run(parent)
     exp = MlflowClient(tracking_uri).get_experiment_by_name("spin-demo")
@@ -108,7 +122,9 @@ def view_urls(tracking_uri: str, parent: str) -> dict[str, str]:
 
     client = MlflowClient(tracking_uri)
     exp_id = client.get_run(parent).info.experiment_id
-    first = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", order_by=["attributes.run_name ASC"])[0]
+    first = client.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", order_by=["attributes.run_name ASC"]
+    )[0]
     base = f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}"
     ml = "workflowType=machine_learning"  # what status.mlflow.url carries (GenAI mode otherwise)
     return {
@@ -141,7 +157,11 @@ def main() -> int:
     parser.add_argument("--parent-run", help="with --tracking-uri: the SPINRun's parent run id")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time for the UI")
-    parser.add_argument("--all-views", action="store_true", help="also the experiment, parent run and samples pages (mlflow-<view>.png beside --out)")
+    parser.add_argument(
+        "--all-views",
+        action="store_true",
+        help="also the experiment, parent run and samples pages (mlflow-<view>.png beside --out)",
+    )
     args = parser.parse_args()
     if bool(args.tracking_uri) != bool(args.parent_run):
         parser.error("--tracking-uri and --parent-run go together")

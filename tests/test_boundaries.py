@@ -9,7 +9,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LIGHT_RUNTIME_MODULES = ["storage", "manifest", "layout", "cache", "tracking", "records", "rows", "data", "modelcheck", "check"]
+LIGHT_RUNTIME_MODULES = [
+    "storage",
+    "manifest",
+    "layout",
+    "cache",
+    "tracking",
+    "records",
+    "rows",
+    "data",
+    "modelcheck",
+    "check",
+]
 HEAVY = ("torch", "transformers", "vllm")
 
 
@@ -25,14 +36,25 @@ def test_the_import_contracts_hold() -> None:
     operator; neither the operator nor the light runtime modules reach torch/transformers/vllm,
     directly or through another module, function-level imports included."""
     lint = Path(sys.executable).with_name("lint-imports")
-    out = subprocess.run([str(lint), "--config", str(REPO / ".importlinter"), "--no-cache"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(lint), "--config", str(REPO / ".importlinter"), "--no-cache"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
 def test_operator_and_light_runtime_modules_load_without_torch() -> None:
-    present = [m for m in LIGHT_RUNTIME_MODULES if (REPO / "runtime" / "spin_runtime" / f"{m}.py").exists()]
+    present = [
+        m for m in LIGHT_RUNTIME_MODULES if (REPO / "runtime" / "spin_runtime" / f"{m}.py").exists()
+    ]
     modules = ["spin_operator.cli", "spin_operator.validation", "spin_operator.api.crd"]
-    modules += [f"spin_operator.{p.stem}" for p in (REPO / "operator" / "spin_operator").glob("*.py") if p.stem not in ("__init__", "__main__")]
+    modules += [
+        f"spin_operator.{p.stem}"
+        for p in (REPO / "operator" / "spin_operator").glob("*.py")
+        if p.stem not in ("__init__", "__main__")
+    ]
     modules += [f"spin_runtime.{m}" for m in present]
     code = (
         "import importlib, sys\n"

@@ -17,12 +17,27 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("spin_operator.cli", "print the SPINRun CRD generated from the API models"),
     "docs": ("spin_operator.cli", "print the SPINRun API reference (docs/api.md)"),
-    "validate": ("spin_operator.cli", "check SPINRun files; print every problem with its field path"),
-    "plan": ("spin_operator.plan", "every Job of every iteration: pods, GPUs, steps, tokens, GPU-hours, cost"),
-    "render": ("spin_operator.plan", "print the manifests the operator would create for one iteration"),
+    "validate": (
+        "spin_operator.cli",
+        "check SPINRun files; print every problem with its field path",
+    ),
+    "plan": (
+        "spin_operator.plan",
+        "every Job of every iteration: pods, GPUs, steps, tokens, GPU-hours, cost",
+    ),
+    "render": (
+        "spin_operator.plan",
+        "print the manifests the operator would create for one iteration",
+    ),
     "run": ("spin_operator.local.runner", "run a SPINRun on this machine (no cluster)"),
-    "status": ("spin_operator.local.status_cmd", "where a local run (spinctl run FILE) stands: iterations, steps, metrics"),
-    "demo": ("spin_operator.local.demo", "build a tiny task and model, then run SPIN on it locally"),
+    "status": (
+        "spin_operator.local.status_cmd",
+        "where a local run (spinctl run FILE) stands: iterations, steps, metrics",
+    ),
+    "demo": (
+        "spin_operator.local.demo",
+        "build a tiny task and model, then run SPIN on it locally",
+    ),
     "operator": ("spin_operator.handlers", "run the operator (the kopf controller)"),
 }
 
@@ -67,9 +82,13 @@ def _validate(files: list[str], quiet: bool, cluster: bool = False) -> int:
     return 1 if failed else 0
 
 
-def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int] | None]:
+def build_parser(
+    command: str | None,
+) -> tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int] | None]:
     """The parser, with the arguments of `command` only: other command modules stay unimported."""
-    parser = argparse.ArgumentParser(prog="spinctl", description="SPIN (Self-Play Fine-Tuning) runs, on Kubernetes or locally.")
+    parser = argparse.ArgumentParser(
+        prog="spinctl", description="SPIN (Self-Play Fine-Tuning) runs, on Kubernetes or locally."
+    )
     parser.add_argument("--version", action="version", version=f"spinctl {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runner: Callable[[argparse.Namespace], int] | None = None
@@ -109,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, runner = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     assert runner is not None  # parse_args exits on an unknown command
     return runner(args)
 

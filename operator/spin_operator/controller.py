@@ -232,7 +232,9 @@ class Controller:
         """Fill the Job cache with one LIST before watching starts, so a restarted operator
         never mistakes a Job it has not heard of yet for a deleted one."""
         for path in resync.job_paths(self):
-            pages = resync.list_pages(self.kube, path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size)
+            pages = resync.list_pages(
+                self.kube, path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size
+            )
             async for item in pages:
                 self.on_job("ADDED", item)
 
@@ -246,7 +248,9 @@ class Controller:
             await asyncio.sleep(self.settings.resync_seconds)
             try:
                 jobs, runs = await resync.resync(self)
-            except Exception as exc:  # a failed resync (API down, 410 mid-list) waits for the next one
+            except (
+                Exception
+            ) as exc:  # a failed resync (API down, 410 mid-list) waits for the next one
                 log.warning("resync failed (next in %.0fs): %s", self.settings.resync_seconds, exc)
                 continue
             self.metrics.resync_dropped.labels(kind="job").inc(jobs)
@@ -266,7 +270,9 @@ class Controller:
         if key in self._running:
             self._dirty.add(key)
             return
-        self._running[key] = asyncio.create_task(self._loop(key), name=f"reconcile {key[0]}/{key[1]}")
+        self._running[key] = asyncio.create_task(
+            self._loop(key), name=f"reconcile {key[0]}/{key[1]}"
+        )
 
     async def _loop(self, key: Key) -> None:
         try:
@@ -318,7 +324,9 @@ class Controller:
             return
         run = RunRef(key[0], key[1], (body.get("metadata") or {}).get("uid", ""))
         if any(j.starting for j in self._run_jobs(run)):
-            self._rechecks[key] = asyncio.get_running_loop().call_later(self.pod_check, self.kick, key)
+            self._rechecks[key] = asyncio.get_running_loop().call_later(
+                self.pod_check, self.kick, key
+            )
 
     def _schedule_retry(self, key: Key, after: float | None = None) -> None:
         handle, count = self._retries.get(key, (None, 0))
@@ -335,12 +343,18 @@ class Controller:
 
     def _tracking_uri(self, key: Key) -> str | None:
         cached = self._parsed.get(key)
-        given = cached[1].tracking.uri if cached is not None and isinstance(cached[1], api.SPINRunSpec) else None
+        given = (
+            cached[1].tracking.uri
+            if cached is not None and isinstance(cached[1], api.SPINRunSpec)
+            else None
+        )
         return given or self.settings.mlflow_uri  # resolve_spec's default
 
     def _mlflow_back(self, uri: str) -> None:
         """MLflow answers again: retry now every run waiting for it (spool replays, run ends)."""
-        for key in [k for k, pending in self._tracking_pending.items() if pending and k in self.runs]:
+        for key in [
+            k for k, pending in self._tracking_pending.items() if pending and k in self.runs
+        ]:
             log.info("%s/%s: MLflow at %s answers again; delivering what waits for it", *key, uri)
             self.kick(key)
 
@@ -357,7 +371,11 @@ class Controller:
     def _parse(self, key: Key, body: JSON) -> api.SPINRunSpec | InvalidSpec:
         """`validation.parse` of the run, reused while apiVersion, kind, name and spec are unchanged."""
         meta = body.get("metadata") or {}
-        digest = json.dumps([body.get("apiVersion"), body.get("kind"), meta.get("name"), body.get("spec")], sort_keys=True, default=str)
+        digest = json.dumps(
+            [body.get("apiVersion"), body.get("kind"), meta.get("name"), body.get("spec")],
+            sort_keys=True,
+            default=str,
+        )
         cached = self._parsed.get(key)
         if cached is not None and cached[0] == digest:
             return cached[1]
@@ -382,7 +400,9 @@ class Controller:
                 raise parsed
             resolved = resolve_spec(parsed, self.settings, applied)
             layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
-            if refused := cluster_problems(parsed, resolved.tracking.uri):  # a local MLflow store: pods cannot share it
+            if refused := cluster_problems(
+                parsed, resolved.tracking.uri
+            ):  # a local MLflow store: pods cannot share it
                 raise InvalidSpec(refused)
             check_policy(parsed, resolved, run.namespace, self.settings)  # the admin's allow-lists
             given: api.SPINRunSpec | InvalidSpec = resolved
@@ -399,7 +419,17 @@ class Controller:
         facts = Gathered()
         decision = None
         for _ in range(MAX_ROUNDS):
-            decision = reconcile(given, status, self._observed(body, run, applied, facts, self.refusals.of(key, body, None if isinstance(given, InvalidSpec) else given)))
+            decision = reconcile(
+                given,
+                status,
+                self._observed(
+                    body,
+                    run,
+                    applied,
+                    facts,
+                    self.refusals.of(key, body, None if isinstance(given, InvalidSpec) else given),
+                ),
+            )
             if decision.complete or not await self._gather(decision, run, facts):
                 break
         assert decision is not None
@@ -436,11 +466,20 @@ class Controller:
                     selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
                     events = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/events",
                                                      params={"fieldSelector": selector})  # fmt: skip
-                    found = observe.pod_blockage(body, pods.get("items") or [], events.get("items") or [])
+                    found = observe.pod_blockage(
+                        body, pods.get("items") or [], events.get("items") or []
+                    )
             except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
                 # best effort: a dropped connection must not fail the pass this look serves
                 level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
-                log.log(level, "%s/%s: cannot look at the pods of Job %s: %s", run.namespace, run.name, job.name, exc)
+                log.log(
+                    level,
+                    "%s/%s: cannot look at the pods of Job %s: %s",
+                    run.namespace,
+                    run.name,
+                    job.name,
+                    exc,
+                )
                 continue
             self._blocked[k] = (now, found)
 
@@ -454,20 +493,33 @@ class Controller:
             return None
 
     def _run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
-        return tuple(j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid)
+        return tuple(
+            j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid
+        )
 
     def _observed(
-        self, body: JSON, run: RunRef, applied: api.SPINRunSpec | None, g: Gathered, rejected: dict[str, tuple[str, str]]
+        self,
+        body: JSON,
+        run: RunRef,
+        applied: api.SPINRunSpec | None,
+        g: Gathered,
+        rejected: dict[str, tuple[str, str]],
     ) -> Observed:
         meta = body["metadata"]
         # a Job failed on bad input carries the runtime's own cause, not Kubernetes' exit-code line
         jobs = tuple(
-            dataclasses.replace(j, message=cause) if (cause := self._causes.get((run.uid, j.name))) else j
+            dataclasses.replace(j, message=cause)
+            if (cause := self._causes.get((run.uid, j.name)))
+            else j
             for j in self._run_jobs(run)
         )
         jobs = tuple(  # what keeps its pods from starting (looked at in _look_at_pods)
-            dataclasses.replace(j, blocked_reason=b.reason, blocked_message=b.message, pending_since=b.since)
-            if j.starting and (b := self._blocked.get((run.uid, j.name), (0.0, None))[1]) is not None else j
+            dataclasses.replace(
+                j, blocked_reason=b.reason, blocked_message=b.message, pending_since=b.since
+            )
+            if j.starting
+            and (b := self._blocked.get((run.uid, j.name), (0.0, None))[1]) is not None
+            else j
             for j in jobs
         )
         return Observed(
@@ -493,7 +545,9 @@ class Controller:
         endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
         pool = self._storage.get(endpoint)
         if pool is None:
-            pool = self._storage[endpoint] = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="spin-storage")
+            pool = self._storage[endpoint] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="spin-storage"
+            )
         return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
 
     async def _gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
@@ -520,12 +574,22 @@ class Controller:
                 if observe.facts_final(spec, facts):
                     self._facts[(run.uid, t)] = facts
                 g.storage[t] = facts
-            for job in self._run_jobs(run):  # once per Job: the cause a bad-input exit left in storage
-                if job.state == "Failed" and job.reason == "PodFailurePolicy" and (run.uid, job.name) not in self._causes:
-                    cause = await self._in_storage(observe.read_bad_input, spec, run, job.iteration, job.stage)
+            for job in self._run_jobs(
+                run
+            ):  # once per Job: the cause a bad-input exit left in storage
+                if (
+                    job.state == "Failed"
+                    and job.reason == "PodFailurePolicy"
+                    and (run.uid, job.name) not in self._causes
+                ):
+                    cause = await self._in_storage(
+                        observe.read_bad_input, spec, run, job.iteration, job.stage
+                    )
                     self._causes[(run.uid, job.name)] = cause
         except (OSError, ApiError) as exc:
-            log.warning("%s/%s: cannot read what the decision needs: %s", run.namespace, run.name, exc)
+            log.warning(
+                "%s/%s: cannot read what the decision needs: %s", run.namespace, run.name, exc
+            )
             self.metrics.errors.labels(kind="facts").inc()
             return False
         return True
@@ -544,19 +608,30 @@ class Controller:
             except ApiError as exc:
                 if exc.status != 403:
                     raise
-                log.info("%s/%s: no RBAC grant to check Secret %s; not checked", run.namespace, run.name, name)
+                log.info(
+                    "%s/%s: no RBAC grant to check Secret %s; not checked",
+                    run.namespace,
+                    run.name,
+                    name,
+                )
         return frozenset(missing)
 
     # ------------------------------------------------------------------ applying a decision
 
-    async def _execute(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision) -> bool:
+    async def _execute(
+        self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision
+    ) -> bool:
         """Apply `d`; False when MLflow has not confirmed every run end and replay it asked for."""
         new, spec = d.status, d.spec
         if spec is not None and old.spec_hash is None and new.spec_hash is not None:
-            await self._dry_run(key, spec, run)  # before R/spinrun.yaml: a refused spec leaves nothing
+            await self._dry_run(
+                key, spec, run
+            )  # before R/spinrun.yaml: a refused spec leaves nothing
         fresh = await self._metadata(key, body, run, d)
         if fresh is None:
-            return True  # gone (finalizer released) or a conflict: the next event brings the new state
+            return (
+                True  # gone (finalizer released) or a conflict: the next event brings the new state
+            )
         body = fresh
         if spec is not None:
             await self._ensure_tracking(spec, run, d)
@@ -564,11 +639,17 @@ class Controller:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the
                 # reconciler can tell when nothing writes any more (run deletion, retries).
-                await self._write(self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground"))
+                await self._write(
+                    self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
+                )
             elif isinstance(a, DeleteService):
                 await self._write(self.kube.delete(service_path(run.namespace, a.name)))
             elif isinstance(a, SuspendJob):
-                await self._write(self.kube.patch(job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}))
+                await self._write(
+                    self.kube.patch(
+                        job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}
+                    )
+                )
         if spec is not None:
             for a in d.of_type(CreateStep):
                 await self._create(key, spec, run, new, a)
@@ -586,7 +667,9 @@ class Controller:
         await self._patch_status(key, body, run, written, new)
         return settled
 
-    async def _patch_status(self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, new: api.SPINRunStatus) -> JSON:
+    async def _patch_status(
+        self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, new: api.SPINRunStatus
+    ) -> JSON:
         """One `/status` merge patch from `old` to `new` (none when equal); the updated body."""
         old_wire, new_wire = old.to_wire(), new.to_wire()
         if new_wire == old_wire:
@@ -600,7 +683,7 @@ class Controller:
             )
         except ApiError as exc:
             if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
-                raise Stale from exc      # its way through the watch and triggers a new pass
+                raise Stale from exc  # its way through the watch and triggers a new pass
             raise
         if key in self.runs:
             self.runs[key] = updated
@@ -627,15 +710,25 @@ class Controller:
                 if isinstance(a, RecordSpec):
                     if a.store:
                         await self._in_storage(observe.write_stored_spec, a.spec, run)
-                    annotations[APPLIED_SPEC_ANNOTATION] = json.dumps(a.spec.to_wire(), sort_keys=True, separators=(",", ":"))
+                    annotations[APPLIED_SPEC_ANNOTATION] = json.dumps(
+                        a.spec.to_wire(), sort_keys=True, separators=(",", ":")
+                    )
                 elif isinstance(a, DeleteArtifacts) and d.spec is not None:
                     count = await self._in_storage(observe.delete_artifacts, d.spec, a.prefix)
-                    log.info("%s/%s: deleted %d artifact file(s) under %s", run.namespace, run.name, count, a.prefix)
+                    log.info(
+                        "%s/%s: deleted %d artifact file(s) under %s",
+                        run.namespace,
+                        run.name,
+                        count,
+                        a.prefix,
+                    )
             except OSError as exc:
                 raise Retry(f"storage: {exc}") from exc
             if isinstance(a, SetFinalizer):
                 current = list(meta.get("finalizers") or [])
-                finalizers = [*current, FINALIZER] if a.present else [f for f in current if f != FINALIZER]
+                finalizers = (
+                    [*current, FINALIZER] if a.present else [f for f in current if f != FINALIZER]
+                )
         if not annotations and finalizers is None:
             return body
         patch: JSON = {"resourceVersion": meta.get("resourceVersion")}
@@ -644,24 +737,42 @@ class Controller:
         if finalizers is not None:
             patch["finalizers"] = finalizers
         try:
-            updated = await self.kube.patch(spinrun_path(run.namespace, run.name), {"metadata": patch})
+            updated = await self.kube.patch(
+                spinrun_path(run.namespace, run.name), {"metadata": patch}
+            )
         except ApiError as exc:
             if exc.status in (404, 409):
                 raise Stale from exc
             raise
         if key in self.runs:
             self.runs[key] = updated
-        released = finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
+        released = (
+            finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
+        )
         return None if released or not updated.get("metadata") else updated
 
-    def _refused(self, key: Key, spec: api.SPINRunSpec, name: str, message: str, reason: str = "CreateRejected") -> None:
+    def _refused(
+        self,
+        key: Key,
+        spec: api.SPINRunSpec,
+        name: str,
+        message: str,
+        reason: str = "CreateRejected",
+    ) -> None:
         if not self.refusals.record(key, self.runs.get(key), spec, name, (reason, message)):
             raise Retry(f"{name} refused again: {message}")  # decided on already: never loop on it
         self.metrics.errors.labels(kind="rejected").inc()
         raise Again(message)
 
     def _objects(
-        self, key: Key, spec: api.SPINRunSpec, run: RunRef, t: int, kind: StepKind, attempt: int, mlflow_run_id: str | None
+        self,
+        key: Key,
+        spec: api.SPINRunSpec,
+        run: RunRef,
+        t: int,
+        kind: StepKind,
+        attempt: int,
+        mlflow_run_id: str | None,
     ) -> tuple[str, list[JSON]]:
         """The Job name and rendered objects of a step attempt. A spec that cannot be laid out
         or rendered (a URI the layout refuses) fails the step as InvalidSpec instead of raising
@@ -670,7 +781,13 @@ class Controller:
             plan = plan_step(spec, self.settings, run, t, kind, attempt, mlflow_run_id)
             return plan.job_name, render(plan, spec, run)
         except ValueError as exc:
-            self._refused(key, spec, job_name(run.name, t, kind, attempt), f"{kind} of iteration {t}: {exc}", "InvalidSpec")
+            self._refused(
+                key,
+                spec,
+                job_name(run.name, t, kind, attempt),
+                f"{kind} of iteration {t}: {exc}",
+                "InvalidSpec",
+            )
             raise  # unreachable: _refused raises
 
     async def _dry_run(self, key: Key, spec: api.SPINRunSpec, run: RunRef) -> None:
@@ -681,19 +798,31 @@ class Controller:
         for kind in [k for lead in steps_of(spec) for k in beside(spec, lead)]:  # control arm too
             name, objects = self._objects(key, spec, run, 0, kind, 0, None)
             for obj in objects:
-                path = job_path(run.namespace) if obj["kind"] == "Job" else service_path(run.namespace)
+                path = (
+                    job_path(run.namespace) if obj["kind"] == "Job" else service_path(run.namespace)
+                )
                 try:
                     await self.kube.create(path, obj, dry_run=True)
                 except ApiError as exc:
                     if not exc.permanent:
-                        log.info("%s/%s: dry run of %s %s: %s (left to the real create)", *key, obj["kind"], name, exc)
+                        log.info(
+                            "%s/%s: dry run of %s %s: %s (left to the real create)",
+                            *key,
+                            obj["kind"],
+                            name,
+                            exc,
+                        )
                         continue
                     what = f"{kind} of iteration 0: the API server refuses {obj['kind']} {obj['metadata']['name']} (dry run at start)"
                     self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
 
-    async def _create(self, key: Key, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep) -> None:
+    async def _create(
+        self, key: Key, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep
+    ) -> None:
         it = next((i for i in status.iterations if i.iteration == a.iteration), None)
-        name, objects = self._objects(key, spec, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None)
+        name, objects = self._objects(
+            key, spec, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None
+        )
         for obj in objects:
             is_job = obj["kind"] == "Job"
             path = job_path(run.namespace) if is_job else service_path(run.namespace)
@@ -705,7 +834,9 @@ class Controller:
                     what = f"{a.stage} of iteration {a.iteration}: the API server refuses {obj['kind']} {obj['metadata']['name']}"
                     self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
                 if exc.status != 409:  # 429, 5xx, a quota in use, ...: back off
-                    raise Retry(f"cannot create {obj['kind']} {name}: {exc}", exc.retry_after) from exc
+                    raise Retry(
+                        f"cannot create {obj['kind']} {name}: {exc}", exc.retry_after
+                    ) from exc
                 if not is_job:
                     continue  # the Service of an earlier try of this pass: same spec, keep it
                 created = await self.kube.get(job_path(run.namespace, name)) or {}
@@ -730,10 +861,14 @@ class Controller:
             if parent and it is not None and it.mlflow_run_id is None:
                 it.mlflow_run_id = await self.tracking.ensure_iteration(spec, parent, t, run)
 
-    def _background_tracking(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision) -> None:
+    def _background_tracking(
+        self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision
+    ) -> None:
         """Model registration and dataset inputs: in the background, never holding up the pass."""
         actions = d.of_type(RegisterModel)
-        trains = [a.iteration for a in d.of_type(CreateStep) if a.stage == "train" and a.attempt == 0]
+        trains = [
+            a.iteration for a in d.of_type(CreateStep) if a.stage == "train" and a.attempt == 0
+        ]
         if not (actions or trains) or not spec.tracking.uri:
             return
         parent = status.mlflow.run_id if status.mlflow else None
@@ -745,16 +880,25 @@ class Controller:
                 if rid:
                     await self._log_inputs(spec, run, rid, t, status.dataset)
             for a in actions:
-                rid = by_iter.get(a.iteration) or (parent and await self.tracking.ensure_iteration(spec, parent, a.iteration, run))
+                rid = by_iter.get(a.iteration) or (
+                    parent and await self.tracking.ensure_iteration(spec, parent, a.iteration, run)
+                )
                 if rid:
-                    await self.tracking.register(spec, run, rid, a.iteration, a.model_uri, dict(a.metrics))
+                    await self.tracking.register(
+                        spec, run, rid, a.iteration, a.model_uri, dict(a.metrics)
+                    )
 
         task = asyncio.create_task(send())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _log_inputs(
-        self, spec: api.SPINRunSpec, run: RunRef, run_id: str, t: int, rows: api.DatasetStatus | None = None
+        self,
+        spec: api.SPINRunSpec,
+        run: RunRef,
+        run_id: str,
+        t: int,
+        rows: api.DatasetStatus | None = None,
     ) -> None:
         """What iteration t trains on, as dataset inputs of its MLflow run: the generated data
         (digest: the union of the shard manifests) and the SFT dataset (digest of its URI and
@@ -762,7 +906,9 @@ class Controller:
         d = spec.dataset
         selection = f"{d.uri}|seed={d.seed}|max={d.max_samples}|eval={d.eval_samples}"
         datasets = [("sft", d.uri, hashlib.sha256(selection.encode()).hexdigest(), "sft")]
-        for uri in layout_of(spec, run).training_data_for_iteration(t, spec.training.mix_previous_iterations):
+        for uri in layout_of(spec, run).training_data_for_iteration(
+            t, spec.training.mix_previous_iterations
+        ):
             try:
                 digest = await self._in_storage(observe.generated_digest, spec, uri)
             except OSError as exc:  # IncompleteArtifactError included: nothing to record

@@ -29,9 +29,13 @@ def login(**_: Any) -> Any:
     import kopf
 
     settings = kopf.OperatorSettings()
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+        settings=settings
+    )
     if info is None:
-        raise kopf.LoginError("no service account token and no kubeconfig: cannot reach the API server")
+        raise kopf.LoginError(
+            "no service account token and no kubeconfig: cannot reach the API server"
+        )
     return info
 
 
@@ -60,14 +64,18 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         # Server-side filtering: the `labels=` of a handler only filters on the client, after the
         # API server sent every Job of the cluster; this selector makes the list and the watch
         # carry `labelSelector`, so only the operator's own Jobs travel. Lists come in pages.
-        settings.watching.label_selectors["batch", "v1", "jobs"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        settings.watching.label_selectors["batch", "v1", "jobs"] = (
+            f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        )
         settings.watching.chunk_size = controller.settings.list_chunk_size
         await controller.prime()
         controller.start_resync()
         if controller.settings.leader_election:
             s = controller.settings
             identity = s.lease_identity or default_identity()
-            elector = LeaseElector(controller.kube, s.lease_namespace, s.lease_name, identity, s.lease_seconds)
+            elector = LeaseElector(
+                controller.kube, s.lease_namespace, s.lease_name, identity, s.lease_seconds
+            )
             electors.append(elector)
             tasks.append(asyncio.create_task(elector.run(controller.lead), name="leader election"))
 
@@ -105,7 +113,9 @@ def operator_kwargs(settings: Settings) -> dict[str, Any]:
         "standalone": True,  # no kopf peering objects: replicas coordinate through a Lease (leader.py)
         "clusterwide": settings.clusterwide,
         "namespaces": list(settings.namespaces),
-        "liveness_endpoint": f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        "liveness_endpoint": f"http://0.0.0.0:{settings.health_port}/healthz"
+        if settings.health_port
+        else None,
     }
 
 
@@ -145,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
     _operator_storage_env(settings)
     controller = make_controller(settings)
     controller.metrics.serve(settings.metrics_port)
-    log.info("spin-operator: %s", "all namespaces" if settings.clusterwide else ", ".join(settings.namespaces))
+    log.info(
+        "spin-operator: %s",
+        "all namespaces" if settings.clusterwide else ", ".join(settings.namespaces),
+    )
     kopf.run(registry=build_registry(controller), **operator_kwargs(settings))
     return 0

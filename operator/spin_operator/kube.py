@@ -148,7 +148,16 @@ class Kube:
         old = self._info
         self._info = info
         self._login_at = time.monotonic()
-        tls = ("server", "ca_path", "ca_data", "certificate_path", "certificate_data", "private_key_path", "private_key_data", "insecure")
+        tls = (
+            "server",
+            "ca_path",
+            "ca_data",
+            "certificate_path",
+            "certificate_data",
+            "private_key_path",
+            "private_key_data",
+            "insecure",
+        )
         if old is not None and all(getattr(old, a, None) == getattr(info, a, None) for a in tls):
             return  # only the token changed: it goes in each request's header, keep the pool
         if self._session is not None:  # in-flight calls finish on it; closed in close()
@@ -166,7 +175,9 @@ class Kube:
         expiry = getattr(info, "expiration", None)
         soon = False
         if isinstance(expiry, datetime.datetime):
-            aware = expiry if expiry.tzinfo else expiry.replace(tzinfo=datetime.UTC)  # kubeconfig times are UTC
+            aware = (
+                expiry if expiry.tzinfo else expiry.replace(tzinfo=datetime.UTC)
+            )  # kubeconfig times are UTC
             soon = aware - datetime.datetime.now(datetime.UTC) < REFRESH_EARLY
         if soon or time.monotonic() - self._login_at >= self._refresh_every:
             try:
@@ -197,7 +208,12 @@ class Kube:
         return self._session
 
     async def request(
-        self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> JSON:
         """One call; raises ApiError for non-2xx answers (after one re-login on 401 and up to
@@ -231,11 +247,22 @@ class Kube:
                     return data if isinstance(data, dict) else {}
                 data = data if isinstance(data, dict) else {}
                 wait = retry_after(resp.headers.get("Retry-After"))
-                error = ApiError(resp.status, str(data.get("reason") or resp.reason), str(data.get("message") or text[:300]), wait)
-            if error.status not in RETRYABLE or attempt >= ATTEMPTS or (wait is not None and wait > MAX_WAIT):
+                error = ApiError(
+                    resp.status,
+                    str(data.get("reason") or resp.reason),
+                    str(data.get("message") or text[:300]),
+                    wait,
+                )
+            if (
+                error.status not in RETRYABLE
+                or attempt >= ATTEMPTS
+                or (wait is not None and wait > MAX_WAIT)
+            ):
                 raise error
             delay = wait if wait is not None else self._backoff * 2 ** (attempt - 1)
-            log.info("%s %s: %s; try %d/%d in %.1fs", method, path, error, attempt + 1, ATTEMPTS, delay)
+            log.info(
+                "%s %s: %s; try %d/%d in %.1fs", method, path, error, attempt + 1, ATTEMPTS, delay
+            )
             await asyncio.sleep(delay)
 
     def _warn(self, method: str, path: str, values: list[str]) -> None:
@@ -247,7 +274,9 @@ class Kube:
                 except Exception as exc:  # a warning must never fail the call it came with
                     log.debug("warning handler failed: %s", exc)
 
-    async def list(self, path: str, params: dict[str, str] | None = None, page: int = PAGE_SIZE) -> list[JSON]:
+    async def list(
+        self, path: str, params: dict[str, str] | None = None, page: int = PAGE_SIZE
+    ) -> list[JSON]:
         """Every item of a collection, read in pages of `page` (`limit`/`continue`)."""
         items: list[JSON] = []
         token: str | None = None
@@ -271,7 +300,9 @@ class Kube:
 
     async def create(self, path: str, body: JSON, *, dry_run: bool = False) -> JSON:
         """POST; with `dry_run` the API server validates and admits it without storing it."""
-        return await self.request("POST", path, body=body, params={"dryRun": "All"} if dry_run else None)
+        return await self.request(
+            "POST", path, body=body, params={"dryRun": "All"} if dry_run else None
+        )
 
     async def patch(self, path: str, body: JSON) -> JSON:
         return await self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
@@ -279,7 +310,15 @@ class Kube:
     async def delete(self, path: str, propagation: str = "Background") -> bool:
         """True when deleted now, False when it was already gone."""
         try:
-            await self.request("DELETE", path, body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
+            await self.request(
+                "DELETE",
+                path,
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": propagation,
+                },
+            )
             return True
         except ApiError as exc:
             if exc.status == 404:

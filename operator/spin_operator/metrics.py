@@ -19,24 +19,37 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.runs = Gauge("spin_operator_runs", "SPINRuns by phase", ["phase"], registry=self.registry)
+        self.runs = Gauge(
+            "spin_operator_runs", "SPINRuns by phase", ["phase"], registry=self.registry
+        )
         self.transitions = Counter(
-            "spin_operator_phase_transitions_total", "SPINRun phase transitions", ["from_phase", "to_phase"],
+            "spin_operator_phase_transitions_total",
+            "SPINRun phase transitions",
+            ["from_phase", "to_phase"],
             registry=self.registry,
         )
         self.reconcile_seconds = Histogram(
-            "spin_operator_reconcile_duration_seconds", "Time to reconcile one SPINRun (facts, actions, status)",
-            registry=self.registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            "spin_operator_reconcile_duration_seconds",
+            "Time to reconcile one SPINRun (facts, actions, status)",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.errors = Counter(
-            "spin_operator_reconcile_errors_total", "Reconcile passes that could not finish", ["kind"],
+            "spin_operator_reconcile_errors_total",
+            "Reconcile passes that could not finish",
+            ["kind"],
             registry=self.registry,
         )
         self.jobs_created = Counter(
-            "spin_operator_jobs_created_total", "Jobs created, by stage", ["stage"], registry=self.registry
+            "spin_operator_jobs_created_total",
+            "Jobs created, by stage",
+            ["stage"],
+            registry=self.registry,
         )
         self.resync_dropped = Counter(
-            "spin_operator_resync_dropped_total", "Cached objects a resync found gone (missed watch events)", ["kind"],
+            "spin_operator_resync_dropped_total",
+            "Cached objects a resync found gone (missed watch events)",
+            ["kind"],
             registry=self.registry,
         )
         for phase in PHASES:

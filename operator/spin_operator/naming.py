@@ -24,12 +24,15 @@ _SHORT: dict[StepKind, str] = {
     "control-train": "ctrain", "control-evaluate": "ceval",
 }  # fmt: skip
 _FROM_SHORT = {v: k for k, v in _SHORT.items()}
-_NAME_RE = re.compile(r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$")
+_NAME_RE = re.compile(
+    r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$"
+)
 
 
 def step_field(kind: StepKind) -> str:
     """The IterationStatus field of a step (control-train -> control_train)."""
     return kind.replace("-", "_")
+
 
 GROUP = "selfplay.dev"
 RUN_LABEL = f"{GROUP}/run"

@@ -56,7 +56,9 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
     if stage not in ALL_STEP_KINDS:
         return None
     spec, status = job.get("spec") or {}, job.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    conditions = {
+        c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"
+    }
     reason = message = ""
     if "Complete" in conditions:
         state = "Succeeded"
@@ -115,48 +117,92 @@ def _is_job_pod(pod: Mapping[str, Any], job: str) -> bool:
     return job in (labels.get("batch.kubernetes.io/job-name"), labels.get("job-name"))
 
 
-def pod_blockage(job: Mapping[str, Any], pods: list[Mapping[str, Any]], events: list[Mapping[str, Any]]) -> Blockage:
+def pod_blockage(
+    job: Mapping[str, Any], pods: list[Mapping[str, Any]], events: list[Mapping[str, Any]]
+) -> Blockage:
     """What keeps the pods of `job` from starting (pure): a pod's container waiting for a reason
     that does not heal by itself, a pod the scheduler cannot place, or (no pod could be created)
     the Job controller's latest FailedCreate event — PodSecurity or a ResourceQuota refusing the
     pod. `pods` and `events` may hold other objects (the list is filtered here)."""
     meta, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
     name = str(meta.get("name"))
-    mine = sorted((p for p in pods if _is_job_pod(p, name)), key=lambda p: str(p["metadata"].get("name")))
+    mine = sorted(
+        (p for p in pods if _is_job_pod(p, name)), key=lambda p: str(p["metadata"].get("name"))
+    )
     waiting = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") == "Pending"
                and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
-    since = min((str(p["metadata"].get("creationTimestamp")) for p in waiting if p["metadata"].get("creationTimestamp")), default=None)
+    since = min(
+        (
+            str(p["metadata"].get("creationTimestamp"))
+            for p in waiting
+            if p["metadata"].get("creationTimestamp")
+        ),
+        default=None,
+    )
     for pod in waiting:
         pname, pstatus = pod["metadata"].get("name"), pod.get("status") or {}
-        for cs in [*(pstatus.get("initContainerStatuses") or []), *(pstatus.get("containerStatuses") or [])]:
+        for cs in [
+            *(pstatus.get("initContainerStatuses") or []),
+            *(pstatus.get("containerStatuses") or []),
+        ]:
             wait = (cs.get("state") or {}).get("waiting") or {}
             if wait.get("reason") in BLOCKING_WAITS:
-                return Blockage(str(wait["reason"]), f"pod {pname}: {wait.get('message') or wait['reason']}", since)
+                return Blockage(
+                    str(wait["reason"]),
+                    f"pod {pname}: {wait.get('message') or wait['reason']}",
+                    since,
+                )
         for c in pstatus.get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
-                return Blockage(str(c.get("reason") or "Unschedulable"), f"pod {pname}: {c.get('message') or 'not scheduled'}", since)
-    wanted = min(int(spec.get("parallelism") or 1), int(spec.get("completions") or 1) - int(status.get("succeeded") or 0))
-    live = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") in ("Pending", "Running")]
+                return Blockage(
+                    str(c.get("reason") or "Unschedulable"),
+                    f"pod {pname}: {c.get('message') or 'not scheduled'}",
+                    since,
+                )
+    wanted = min(
+        int(spec.get("parallelism") or 1),
+        int(spec.get("completions") or 1) - int(status.get("succeeded") or 0),
+    )
+    live = [
+        p for p in mine if (p.get("status") or {}).get("phase", "Pending") in ("Pending", "Running")
+    ]
     if len(live) < wanted:
         refused = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"
                    and (e.get("involvedObject") or {}).get("name") == name
                    and (e.get("involvedObject") or {}).get("kind") == "Job"]  # fmt: skip
-        newest_pod = max((str(p["metadata"].get("creationTimestamp") or "") for p in mine), default="")
-        refused = [e for e in refused if _event_time(e) >= newest_pod]  # not from before a pod got in
+        newest_pod = max(
+            (str(p["metadata"].get("creationTimestamp") or "") for p in mine), default=""
+        )
+        refused = [
+            e for e in refused if _event_time(e) >= newest_pod
+        ]  # not from before a pod got in
         if refused:
             latest = max(refused, key=_event_time)
             # Each refused pod has its own name, so each try is a new Event: the wait began at the
             # first of them, or when the Job started if it never had a pod.
-            first = min(str(e.get("firstTimestamp") or e.get("eventTime") or _event_time(e)) for e in refused)
-            since = first if mine else (status.get("startTime") or meta.get("creationTimestamp") or first)
-            return Blockage("FailedCreate", str(latest.get("message") or "the Job cannot create its pods"), since)
+            first = min(
+                str(e.get("firstTimestamp") or e.get("eventTime") or _event_time(e))
+                for e in refused
+            )
+            since = (
+                first
+                if mine
+                else (status.get("startTime") or meta.get("creationTimestamp") or first)
+            )
+            return Blockage(
+                "FailedCreate",
+                str(latest.get("message") or "the Job cannot create its pods"),
+                since,
+            )
         if not mine:  # no pod yet: waiting since the Job started
             return Blockage(since=status.get("startTime") or meta.get("creationTimestamp"))
     return Blockage(since=since)
 
 
 def _event_time(event: Mapping[str, Any]) -> str:
-    return str(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or "")
+    return str(
+        event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or ""
+    )
 
 
 @contextlib.contextmanager
@@ -185,7 +231,11 @@ def _metrics(results: Mapping[str, Any], ranking: str) -> dict[str, float]:
         if isinstance(section, Mapping):
             for key in sorted(keep & {k for k in section if isinstance(k, str)}):
                 value = section[key]
-                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                if (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                ):
                     out[f"{prefix}{key}"] = float(value)
     return out
 
@@ -225,7 +275,9 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
         control_metrics: dict[str, float] = {}
         if spec.control_arm.enabled:
             control_model = manifest.is_complete(it.control_model)
-            control_evaluated, control_metrics = _evaluated(spec, it.control_eval, it.control_eval_results)
+            control_evaluated, control_metrics = _evaluated(
+                spec, it.control_eval, it.control_eval_results
+            )
     skipped = meta.get("dataset_skipped")
     return StorageFacts(
         generated=generated, model=model, evaluated=evaluated, metrics=metrics,
@@ -291,4 +343,3 @@ def read_bad_input(spec: api.SPINRunSpec, run: RunRef, iteration: int, stage: st
         except (FileNotFoundError, UnicodeDecodeError):
             return ""
     return redact_text("; ".join(line.strip() for line in text.splitlines() if line.strip()))[:1000]
-

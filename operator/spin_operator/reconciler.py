@@ -29,7 +29,11 @@ from spin_operator.validation import InvalidSpec
 
 JobState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 ACTIVE_STATES = ("Pending", "Running", "Suspended")
-STAGE_OF: dict[StepKind, api.Stage] = {"generate": "Generating", "train": "Training", "evaluate": "Evaluating"}
+STAGE_OF: dict[StepKind, api.Stage] = {
+    "generate": "Generating",
+    "train": "Training",
+    "evaluate": "Evaluating",
+}
 KIND_OF: dict[str, StepKind] = {v: k for k, v in STAGE_OF.items()}
 
 
@@ -217,7 +221,9 @@ class Decision:
     @property
     def complete(self) -> bool:
         """False while a needed fact is missing (the decision is then safe but partial)."""
-        return not (self.needs_storage or self.needs_secrets or self.needs_jobs or self.needs_stored_spec)
+        return not (
+            self.needs_storage or self.needs_secrets or self.needs_jobs or self.needs_stored_spec
+        )
 
     def of_type(self, kind: type) -> list:  # type: ignore[type-arg]
         return [a for a in self.actions if isinstance(a, kind)]

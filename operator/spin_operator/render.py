@@ -43,7 +43,9 @@ from spin_operator.steps import MASTER_PORT, NODE_RANK_ENV, RunRef, StepPlan
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 UNHEALABLE_EXIT_CODES = [2, 126, 127]
-RUNTIME_UID = 65532  # the `spin` user of images/runtime/Dockerfile (numeric: runAsNonRoot can check it)
+RUNTIME_UID = (
+    65532  # the `spin` user of images/runtime/Dockerfile (numeric: runAsNonRoot can check it)
+)
 # Scheduling hint for the model cache and logs, unless the step's resources name ephemeral-storage.
 EPHEMERAL_STORAGE_REQUEST = "10Gi"
 CACHE_VOLUME = "spin-cache"
@@ -66,7 +68,9 @@ def run_owner(run: RunRef) -> dict[str, Any]:
     return owner_reference(api.API_VERSION, api.KIND, run.name, run.uid)
 
 
-def _metadata(plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str | None) -> dict[str, Any]:
+def _metadata(
+    plan: StepPlan, run: RunRef, owner: Mapping[str, Any], queue: str | None
+) -> dict[str, Any]:
     labels = step_labels(run.name, plan.iteration, plan.stage, plan.attempt)
     if queue:
         labels[KUEUE_QUEUE_LABEL] = queue
@@ -118,8 +122,13 @@ def _resources(plan: StepPlan, gpu_resource: str) -> dict[str, Any]:
     return out
 
 
-def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpec) -> dict[str, Any]:
-    cache_mount: dict[str, Any] = {"name": CACHE_VOLUME, "mountPath": plan.env.get("SPIN_CACHE_DIR", POD_CACHE_DIR)}
+def _pod_spec(
+    plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpec
+) -> dict[str, Any]:
+    cache_mount: dict[str, Any] = {
+        "name": CACHE_VOLUME,
+        "mountPath": plan.env.get("SPIN_CACHE_DIR", POD_CACHE_DIR),
+    }
     cache: dict[str, Any] = {"emptyDir": {"sizeLimit": custom.cache_size_limit}}
     if custom.model_cache:  # one download per cluster instead of one per pod
         cache = {"persistentVolumeClaim": {"claimName": custom.model_cache.claim_name}}
@@ -129,7 +138,9 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
     volumes: list[dict[str, Any]] = [{"name": CACHE_VOLUME, **cache}]
     if plan.shm_size:
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
-        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}})
+        volumes.append(
+            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}}
+        )
     container: dict[str, Any] = {
         "name": plan.stage,
         "image": plan.image,
@@ -153,7 +164,10 @@ def _pod_spec(plan: StepPlan, scheduling: api.SchedulingSpec, custom: api.PodSpe
         # PodSecurity "restricted" (enforced on many clusters) rejects pods without runAsNonRoot;
         # a numeric user lets the kubelet verify it for any image (a named USER cannot be checked).
         "securityContext": {
-            "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID,
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -184,9 +198,16 @@ def _failure_settings(plan: StepPlan, backoff_limit: int) -> dict[str, Any]:
     # same model): fail the whole Job at once rather than per index.
     unhealable = {
         "action": "FailJob",
-        "onExitCodes": {"containerName": plan.stage, "operator": "In", "values": UNHEALABLE_EXIT_CODES},
+        "onExitCodes": {
+            "containerName": plan.stage,
+            "operator": "In",
+            "values": UNHEALABLE_EXIT_CODES,
+        },
     }
-    disruption_ignored = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    disruption_ignored = {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
     settings: dict[str, Any] = {"podReplacementPolicy": "Failed"}
     if plan.stage == "generate":
         settings["backoffLimitPerIndex"] = backoff_limit
@@ -226,7 +247,12 @@ def render_job(
 
 def _pod_metadata(plan: StepPlan, spec: api.SPINRunSpec, run: RunRef) -> dict[str, Any]:
     """The user's labels and annotations; the operator's own labels win (it selects by them)."""
-    meta: dict[str, Any] = {"labels": {**spec.pod.labels, **step_labels(run.name, plan.iteration, plan.stage, plan.attempt)}}
+    meta: dict[str, Any] = {
+        "labels": {
+            **spec.pod.labels,
+            **step_labels(run.name, plan.iteration, plan.stage, plan.attempt),
+        }
+    }
     if spec.pod.annotations:
         meta["annotations"] = dict(spec.pod.annotations)
     return meta
@@ -255,7 +281,9 @@ def render_service(plan: StepPlan, run: RunRef, owner: Mapping[str, Any]) -> dic
     }
 
 
-def render(plan: StepPlan, spec: api.SPINRunSpec, run: RunRef, owner: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def render(
+    plan: StepPlan, spec: api.SPINRunSpec, run: RunRef, owner: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Every object of one step attempt, Service first (it must exist before pods resolve it)."""
     owner = owner or run_owner(run)
     service = render_service(plan, run, owner)

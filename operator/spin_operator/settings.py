@@ -94,12 +94,15 @@ class Settings:
         level = (text("SPIN_LOG_LEVEL") or "INFO").upper()
         if not isinstance(logging.getLevelName(level), int):
             raise SettingsError(f"SPIN_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
-        namespaces = tuple(n.strip() for n in (text("SPIN_NAMESPACES") or "").split(",") if n.strip())
+        namespaces = tuple(
+            n.strip() for n in (text("SPIN_NAMESPACES") or "").split(",") if n.strip()
+        )
         templates_file = text("SPIN_POD_TEMPLATES")
         try:
             templates = load_templates(templates_file) if templates_file else {}
         except TemplateError as exc:
             raise SettingsError(f"SPIN_POD_TEMPLATES: {exc}") from None
+
         def count(name: str, default: int, low: int) -> int:
             raw = text(name)
             if raw is None:
@@ -122,7 +125,9 @@ class Settings:
             security = Policy.parse(text("SPIN_SECURITY"))
         except PolicyError as exc:
             raise SettingsError(str(exc)) from None
-        secret_check = tuple(n.strip() for n in (text("SPIN_SECRET_CHECK_NAMESPACES") or "").split(",") if n.strip())
+        secret_check = tuple(
+            n.strip() for n in (text("SPIN_SECRET_CHECK_NAMESPACES") or "").split(",") if n.strip()
+        )
         return cls(
             security=security,
             secret_check_namespaces=secret_check,
@@ -166,27 +171,42 @@ def resolve_spec(
         uri=settings.storage_uri, endpoint=settings.s3_endpoint, region=settings.s3_region,
         credentials_secret=s3_secret,
     )  # fmt: skip
-    tracking_defaults = started.tracking if started else api.TrackingSpec(
-        uri=settings.mlflow_uri, credentials_secret=mlflow_secret
+    tracking_defaults = (
+        started.tracking
+        if started
+        else api.TrackingSpec(uri=settings.mlflow_uri, credentials_secret=mlflow_secret)
     )
     storage = spec.storage.model_copy()
     storage.uri = storage.uri or storage_defaults.uri
     if storage.uri is None:
         raise InvalidSpec(
-            [Problem("spec.storage.uri", "not set, and the operator has no default (SPIN_STORAGE_URI)")]
+            [
+                Problem(
+                    "spec.storage.uri",
+                    "not set, and the operator has no default (SPIN_STORAGE_URI)",
+                )
+            ]
         )
     if storage.uri.startswith("s3://"):
         storage.endpoint = storage.endpoint or storage_defaults.endpoint
         storage.region = storage.region or storage_defaults.region
-        storage.credentials_secret = storage.credentials_secret or storage_defaults.credentials_secret
+        storage.credentials_secret = (
+            storage.credentials_secret or storage_defaults.credentials_secret
+        )
     tracking = spec.tracking.model_copy()
     tracking.uri = tracking.uri or tracking_defaults.uri
     if tracking.uri:
-        tracking.credentials_secret = tracking.credentials_secret or tracking_defaults.credentials_secret
-    return apply_template(spec.model_copy(update={"storage": storage, "tracking": tracking}), settings.pod_templates)
+        tracking.credentials_secret = (
+            tracking.credentials_secret or tracking_defaults.credentials_secret
+        )
+    return apply_template(
+        spec.model_copy(update={"storage": storage, "tracking": tracking}), settings.pod_templates
+    )
 
 
-def check_policy(written: api.SPINRunSpec, resolved: api.SPINRunSpec, namespace: str, settings: Settings) -> None:
+def check_policy(
+    written: api.SPINRunSpec, resolved: api.SPINRunSpec, namespace: str, settings: Settings
+) -> None:
     """Raises `validation.InvalidSpec` naming each field of `resolved` that points the operator's
     identity somewhere the admin did not allow (spin_operator.policy, docs/security.md)."""
     from spin_operator.validation import InvalidSpec, Problem

@@ -170,7 +170,9 @@ def control_comparison(
     return spin, control, (spin - control) if mode == "max" else (control - spin)
 
 
-def control_verdict(iteration: api.IterationStatus, metric: str, mode: str) -> tuple[bool, str, str]:
+def control_verdict(
+    iteration: api.IterationStatus, metric: str, mode: str
+) -> tuple[bool, str, str]:
     """Fill `iteration.control`'s comparison and say (SPIN ahead?, reason, message) for the
     ControlArm condition: SPINAhead, ControlAhead (also when level) or NotCompared."""
     t, control = iteration.iteration, iteration.control or api.ControlArmStatus()
@@ -178,15 +180,23 @@ def control_verdict(iteration: api.IterationStatus, metric: str, mode: str) -> t
     control.metric = metric
     compared = control_comparison(iteration, metric, mode)
     if compared is None:
-        return False, "NotCompared", f"iteration {t}: {metric} missing from SPIN's or the control's evaluation results"
+        return (
+            False,
+            "NotCompared",
+            f"iteration {t}: {metric} missing from SPIN's or the control's evaluation results",
+        )
     spin, other, advantage = compared
     control.spin_score, control.control_score, control.spin_advantage = spin, other, advantage
     versus = f"θ{t + 1} {metric}={spin:g} vs SFT control {other:g}"
     if advantage > 0:
         return True, "SPINAhead", f"iteration {t}: SPIN ahead by {advantage:g} ({versus})"
     lead = f"ahead by {-advantage:g}" if advantage < 0 else "level"
-    return False, "ControlAhead", (
-        f"iteration {t}: the SFT control is {lead} ({versus}): SPIN has not paid off over plain "
-        "SFT for the same steps; the model may be under-trained (continue SFT first) — the best "
-        "alias stays on SPIN's models"
+    return (
+        False,
+        "ControlAhead",
+        (
+            f"iteration {t}: the SFT control is {lead} ({versus}): SPIN has not paid off over plain "
+            "SFT for the same steps; the model may be under-trained (continue SFT first) — the best "
+            "alias stays on SPIN's models"
+        ),
     )

@@ -134,7 +134,11 @@ class StepPlan:
         this machine (a free port per Job, so concurrent Jobs never collide)."""
         if not self.rendezvous:
             return {}
-        return {NODE_RANK_ENV: str(node_rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(master_port)}
+        return {
+            NODE_RANK_ENV: str(node_rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(master_port),
+        }
 
 
 # The control arm's step that runs beside a SPIN step (spec.controlArm): same stage, same inputs.
@@ -202,11 +206,19 @@ def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str
     ]  # fmt: skip
 
 
-def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False) -> list[str]:
+def _train_argv(
+    spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False
+) -> list[str]:
     tr = spec.training
     it = layout.iteration(t)
-    if control:  # same data, batch, epochs and schedule: the same optimizer steps on the same prompts
-        model, output, work = layout.control_model_for_iteration(t, spec.model.uri), it.control_model, it.control_train_work
+    if (
+        control
+    ):  # same data, batch, epochs and schedule: the same optimizer steps on the same prompts
+        model, output, work = (
+            layout.control_model_for_iteration(t, spec.model.uri),
+            it.control_model,
+            it.control_train_work,
+        )
         lr = spec.control_arm.learning_rate or tr.learning_rate_for(t)
     else:
         model, output, work = layout.model_for_iteration(t, spec.model.uri), it.model, it.train_work
@@ -249,7 +261,9 @@ def _train_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool 
     return ["torchrun", "-m", "spin_runtime", "train", *cfg.to_argv()]  # topology: PET_* env
 
 
-def _evaluate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False) -> list[str]:
+def _evaluate_argv(
+    spec: api.SPINRunSpec, layout: RunLayout, t: int, control: bool = False
+) -> list[str]:
     ev = spec.evaluation
     if ev.command is not None:
         return list(ev.command)
@@ -274,7 +288,11 @@ def _secret_env(spec: api.SPINRunSpec) -> dict[str, SecretKey]:
         env["AWS_SECRET_ACCESS_KEY"] = SecretKey(s3.name, s3.secret_access_key_key)
     ml = spec.tracking.credentials_secret
     if ml is not None and spec.tracking.uri:
-        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        for var in (
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_TRACKING_TOKEN",
+        ):
             env[var] = SecretKey(ml.name, var, optional=True)
     return env
 
@@ -308,7 +326,13 @@ def plan_step(
     shm = None
     if stage == "generate":
         g = spec.generation
-        argv, pods, procs, gpus, image = _generate_argv(spec, layout, iteration), g.replicas, 1, g.gpus_per_replica, g.image
+        argv, pods, procs, gpus, image = (
+            _generate_argv(spec, layout, iteration),
+            g.replicas,
+            1,
+            g.gpus_per_replica,
+            g.image,
+        )
         env["SPIN_NUM_SHARDS"] = str(g.replicas)
         resources, output = g.resources, it.generated
         shm = spec.training.shm_size if g.gpus_per_replica > 1 else None  # vLLM tensor parallel
@@ -324,15 +348,29 @@ def plan_step(
             "PET_MASTER_PORT": str(MASTER_PORT),
         }
         pods, procs, gpus, image = tr.nodes, tr.procs_per_node, tr.gpus_per_node, tr.image
-        resources, output, shm = tr.resources, it.control_model if control else it.model, tr.shm_size
+        resources, output, shm = (
+            tr.resources,
+            it.control_model if control else it.model,
+            tr.shm_size,
+        )
     else:
         ev = spec.evaluation
         control = stage == "control-evaluate"
-        argv, pods, procs, gpus, image = _evaluate_argv(spec, layout, iteration, control), 1, 1, ev.gpus, ev.image
+        argv, pods, procs, gpus, image = (
+            _evaluate_argv(spec, layout, iteration, control),
+            1,
+            1,
+            ev.gpus,
+            ev.image,
+        )
         model, output = (it.control_model, it.control_eval) if control else (it.model, it.eval)
         resources = ev.resources
         if ev.command is not None:
-            env |= {"SPIN_MODEL_URI": model, "SPIN_EVAL_OUTPUT": output, "SPIN_ITERATION": str(iteration)}
+            env |= {
+                "SPIN_MODEL_URI": model,
+                "SPIN_EVAL_OUTPUT": output,
+                "SPIN_ITERATION": str(iteration),
+            }
     if stage in CONTROL_KINDS and spec.tracking.uri:
         env["SPIN_METRIC_PREFIX"] = CONTROL_METRIC_PREFIX  # both arms on one iteration run
     return StepPlan(

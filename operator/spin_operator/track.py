@@ -29,7 +29,9 @@ class Tracking:
     def __init__(self, timeout: float = 20.0, cooldown: float = 60.0) -> None:
         self.timeout = timeout
         self.cooldown = cooldown
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="spin-mlflow")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="spin-mlflow"
+        )
         self._trackers: dict[str, Any] = {}
         self._down_until: dict[str, float] = {}
         # called with the URI when MLflow answers again after a failure (the controller then
@@ -53,7 +55,9 @@ class Tracking:
                 loop.run_in_executor(self._pool, lambda: fn(self._tracker(uri))), self.timeout
             )
         except Exception as exc:  # ImportError, timeouts, anything MLflow throws
-            log.warning("MLflow %s failed (%s); tracking skipped for %.0fs", what, exc, self.cooldown)
+            log.warning(
+                "MLflow %s failed (%s); tracking skipped for %.0fs", what, exc, self.cooldown
+            )
             result = None
         if result is None or result is False:
             self._down_until[uri] = time.monotonic() + self.cooldown
@@ -75,12 +79,18 @@ class Tracking:
             exp_id = t.ensure_experiment(experiment)
             if exp_id is None:
                 return None
-            run_id = t.ensure_parent_run(experiment, run.namespace, run.name, run.uid, spec.to_wire())
+            run_id = t.ensure_parent_run(
+                experiment, run.namespace, run.name, run.uid, spec.to_wire()
+            )
             if run_id is None:
                 return None
             # MLflow 3's UI opens in GenAI mode unless the link (or the browser's last choice) says
             # model training; the experiment kind tag alone does not switch it (measured, 3.17).
-            url = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning" if uri.startswith("http") else None
+            url = (
+                f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
+                if uri.startswith("http")
+                else None
+            )
             return api.MlflowStatus(run_id=run_id, experiment_id=exp_id, url=url)
 
         return await self._call(uri, "ensure parent run", call)
@@ -101,19 +111,35 @@ class Tracking:
         }  # fmt: skip
         if run is not None:  # where θt comes from, what it trains on, where θt+1 goes
             layout = layout_of(spec, run)
-            params["model_uri"] = spec.model.uri if iteration == 0 else layout.iteration(iteration - 1).model
-            params["data_uris"] = layout.training_data_for_iteration(iteration, tr.mix_previous_iterations)
+            params["model_uri"] = (
+                spec.model.uri if iteration == 0 else layout.iteration(iteration - 1).model
+            )
+            params["data_uris"] = layout.training_data_for_iteration(
+                iteration, tr.mix_previous_iterations
+            )
             params["checkpoint_uri"] = layout.iteration(iteration).model
-        return await self._call(uri, f"ensure iteration run {iteration}", lambda t: t.ensure_iteration_run(parent_run_id, iteration, params))
+        return await self._call(
+            uri,
+            f"ensure iteration run {iteration}",
+            lambda t: t.ensure_iteration_run(parent_run_id, iteration, params),
+        )
 
     async def register(
-        self, spec: api.SPINRunSpec, run: RunRef, run_id: str, iteration: int, model_uri: str, metrics: dict[str, float]
+        self,
+        spec: api.SPINRunSpec,
+        run: RunRef,
+        run_id: str,
+        iteration: int,
+        model_uri: str,
+        metrics: dict[str, float],
     ) -> str | None:
         uri = spec.tracking.uri
         if not uri:
             return None
         ev = spec.evaluation
-        name = registered_model(spec, run.namespace, run.name)  # confined to the namespace (policy.py)
+        name = registered_model(
+            spec, run.namespace, run.name
+        )  # confined to the namespace (policy.py)
         return await self._call(
             uri, f"register iteration {iteration}",
             lambda t: t.register_iteration_model(
@@ -130,7 +156,10 @@ class Tracking:
         return bool(await self._call(uri, "finish run", lambda t: t.finish_run(run_id, status)))
 
     async def log_inputs(
-        self, spec: api.SPINRunSpec, run_id: str, datasets: list[tuple[str, str, str, str]],
+        self,
+        spec: api.SPINRunSpec,
+        run_id: str,
+        datasets: list[tuple[str, str, str, str]],
         rows: api.DatasetStatus | None = None,
     ) -> bool:
         """Record (name, uri, digest, context) datasets as inputs of an MLflow run (idempotent).
@@ -140,7 +169,11 @@ class Tracking:
         if not uri or not datasets:
             return False
         d = spec.dataset
-        profile: dict[str, Any] = {"maxSamples": d.max_samples, "evalSamples": d.eval_samples, "seed": d.seed}
+        profile: dict[str, Any] = {
+            "maxSamples": d.max_samples,
+            "evalSamples": d.eval_samples,
+            "seed": d.seed,
+        }
         if rows is not None:
             profile |= dataset_profile(rows)
 
@@ -165,14 +198,19 @@ class Tracking:
             from spin_runtime.tracking import replay_spool
 
             with storage_env(spec):
-                return {key: replay_spool(spool, uri, run_ids=run_ids).remaining for key, spool in spools.items()}
+                return {
+                    key: replay_spool(spool, uri, run_ids=run_ids).remaining
+                    for key, spool in spools.items()
+                }
 
         remaining = await self._call(uri, "replay spooled calls", call)
         if remaining and any(remaining.values()):  # MLflow did not take the backlog: cool down
             self._down_until[uri] = time.monotonic() + self.cooldown
         return remaining
 
-    async def settle(self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, actions: list[Action]) -> bool:
+    async def settle(
+        self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, actions: list[Action]
+    ) -> bool:
         """Carry out the decision's ReplaySpool/FinishTracking actions and record in `status.mlflow`
         what MLflow confirmed: ended run ids (`finished`) and the undelivered backlog
         (`spooledCalls`). True when nothing is left to ask MLflow for."""
@@ -185,7 +223,9 @@ class Tracking:
         layout = layout_of(spec, run)
         # spools are written by the run's pods: replay only touches the MLflow runs of this status
         own = frozenset(r for r in (ml.run_id, *(i.mlflow_run_id for i in status.iterations)) if r)
-        remaining = await self.replay(spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)}, own)
+        remaining = await self.replay(
+            spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)}, own
+        )
         if remaining is None:  # not replayed (cool-down, storage): a known backlog stays as it was
             ml.spooled_calls = ml.spooled_calls or None
             return False
@@ -214,4 +254,3 @@ def dataset_profile(rows: api.DatasetStatus) -> dict[str, Any]:
     """status.dataset as MLflow dataset profile entries (flat: the UI shows them as a table)."""
     out: dict[str, Any] = {"rows": rows.rows, "usable": rows.usable, "skipped": rows.skipped}
     return out | {f"skipped/{reason}": n for reason, n in rows.skipped_by_reason.items()}
-

@@ -65,7 +65,9 @@ def _seconds_between(start: str, end: str) -> float | None:
 class Pass:
     """Mutates a private copy of the status while collecting actions."""
 
-    def __init__(self, spec: api.SPINRunSpec | InvalidSpec, status: api.SPINRunStatus, observed: Observed):
+    def __init__(
+        self, spec: api.SPINRunSpec | InvalidSpec, status: api.SPINRunStatus, observed: Observed
+    ):
         self.given = spec
         self.old = status
         self.st = status.model_copy(deep=True)
@@ -74,9 +76,13 @@ class Pass:
         self.now = observed.now
         self.started = status.spec_hash is not None
         self.failure: tuple[str, str] | None = None  # (reason, message) when failing this pass
-        self.success: str | None = None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
+        self.success: str | None = (
+            None  # the reason when succeeding this pass (Succeeded, EarlyStopped)
+        )
         self.steps_done: set[int] = set()  # iterations with a step that succeeded in this pass
-        self.blocked: list[tuple[str, str]] = []  # (cause, message) of steps whose pods cannot start
+        self.blocked: list[
+            tuple[str, str]
+        ] = []  # (cause, message) of steps whose pods cannot start
         self.drove = False  # _drive ran: the PodsBlocked condition reflects this pass
 
     # ------------------------------------------------------------------ entry point
@@ -115,7 +121,12 @@ class Pass:
     def _fail(self, reason: str, message: str) -> None:
         """Phase Failed; one event per distinct failure (re-evaluated pre-start failures repeat)."""
         previous = cond.get_condition(self.old.conditions, cond.FAILED)
-        repeated = self.old.phase == "Failed" and previous is not None and previous.reason == reason and self.old.message == message
+        repeated = (
+            self.old.phase == "Failed"
+            and previous is not None
+            and previous.reason == reason
+            and self.old.message == message
+        )
         self.failure = (reason, message)
         self.st.phase = "Failed"
         self.st.message = message
@@ -140,10 +151,26 @@ class Pass:
         current = cond.get_condition(self.st.conditions, cond.SPEC_CHANGE_REFUSED)
         if message is None:
             if current is not None and current.status == "True":
-                cond.set_condition(self.st.conditions, cond.SPEC_CHANGE_REFUSED, False, "SpecAccepted", "", self.now, self.o.generation)
+                cond.set_condition(
+                    self.st.conditions,
+                    cond.SPEC_CHANGE_REFUSED,
+                    False,
+                    "SpecAccepted",
+                    "",
+                    self.now,
+                    self.o.generation,
+                )
             return
         was = current is not None and current.status == "True" and current.message == message
-        cond.set_condition(self.st.conditions, cond.SPEC_CHANGE_REFUSED, True, "ImmutableFieldChanged", message, self.now, self.o.generation)
+        cond.set_condition(
+            self.st.conditions,
+            cond.SPEC_CHANGE_REFUSED,
+            True,
+            "ImmutableFieldChanged",
+            message,
+            self.now,
+            self.o.generation,
+        )
         if not was:
             self._event("Warning", "SpecChangeRefused", message)
 
@@ -163,10 +190,15 @@ class Pass:
                 self._fail("InvalidSpec", f"{given} (and the spec the run started with is unknown)")
                 return None
             spec = applied
-            refusals.append(f"the new spec is invalid ({given}); the run goes on with its last accepted spec")
+            refusals.append(
+                f"the new spec is invalid ({given}); the run goes on with its last accepted spec"
+            )
         elif applied is None:
             if spec_digest(given) != self.st.spec_hash:
-                self._fail("AppliedSpecLost", f"immutable fields changed and annotation of the started spec is missing or altered (specHash {self.st.spec_hash})")
+                self._fail(
+                    "AppliedSpecLost",
+                    f"immutable fields changed and annotation of the started spec is missing or altered (specHash {self.st.spec_hash})",
+                )
                 return None
             spec = given
         else:
@@ -175,13 +207,19 @@ class Pass:
             if changed:
                 try:
                     spec = merge_mutable(applied, given)
-                    refusals.append(f"{', '.join(changed)}: cannot change after the run started; the run goes on with the values it started with")
+                    refusals.append(
+                        f"{', '.join(changed)}: cannot change after the run started; the run goes on with the values it started with"
+                    )
                 except ValidationError as exc:
                     spec = applied
-                    refusals.append(f"{', '.join(changed)}: cannot change after the run started, and the other changes do not fit the started spec ({exc.error_count()} error(s)); the run goes on with its last accepted spec")
+                    refusals.append(
+                        f"{', '.join(changed)}: cannot change after the run started, and the other changes do not fit the started spec ({exc.error_count()} error(s)); the run goes on with its last accepted spec"
+                    )
         started_count = len(self.st.iterations)
         if spec.iterations < started_count:
-            refusals.append(f"spec.iterations: {spec.iterations} is below the {started_count} iteration(s) already started; using {started_count}")
+            refusals.append(
+                f"spec.iterations: {spec.iterations} is below the {started_count} iteration(s) already started; using {started_count}"
+            )
             spec = spec.model_copy(update={"iterations": started_count})
         self._refuse("; ".join(refusals) or None)
         if self.o.applied_spec is None or spec.to_wire() != self.o.applied_spec.to_wire():
@@ -230,7 +268,11 @@ class Pass:
         if spec.tracking.uri:
             self._act(EnsureParentRun())
         resumed = " (resuming from storage)" if o.stored_spec_digest is not None else ""
-        self._event("Normal", "Started", f"{spec.iterations} iteration(s), artifacts under {self._prefix(spec)}{resumed}")
+        self._event(
+            "Normal",
+            "Started",
+            f"{spec.iterations} iteration(s), artifacts under {self._prefix(spec)}{resumed}",
+        )
         return True
 
     def _secrets_ok(self, spec: api.SPINRunSpec) -> bool:
@@ -242,7 +284,9 @@ class Pass:
             return False
         missing = sorted(s for s in refs if s in self.o.missing_secrets)
         if missing:
-            self._fail("SecretNotFound", "; ".join(f'{refs[s]}: Secret "{s}" not found' for s in missing))
+            self._fail(
+                "SecretNotFound", "; ".join(f'{refs[s]}: Secret "{s}" not found' for s in missing)
+            )
             return False
         return True
 
@@ -297,10 +341,21 @@ class Pass:
             # operator alone): the applied-spec annotation and the spec are the author's to edit,
             # and a tampered one must not redirect a recursive delete (docs/security.md, threat 4).
             given = self.given if not isinstance(self.given, InvalidSpec) else None
-            spec = next((s for s in (self.o.applied_spec, given) if s is not None and spec_digest(s) == self.st.spec_hash), None)
+            spec = next(
+                (
+                    s
+                    for s in (self.o.applied_spec, given)
+                    if s is not None and spec_digest(s) == self.st.spec_hash
+                ),
+                None,
+            )
             self.d.spec = spec
             if spec is None:
-                self._event("Warning", "ArtifactsKept", f"no spec matching specHash {self.st.spec_hash} (the applied-spec annotation was altered or lost): artifacts are kept, delete them by hand")
+                self._event(
+                    "Warning",
+                    "ArtifactsKept",
+                    f"no spec matching specHash {self.st.spec_hash} (the applied-spec annotation was altered or lost): artifacts are kept, delete them by hand",
+                )
             elif spec.storage.uri:
                 self._act(DeleteArtifacts(self._prefix(spec)))
         self._act(SetFinalizer(False))
@@ -323,7 +378,9 @@ class Pass:
             it.evaluate.phase = "Skipped"
         if spec.control_arm.enabled:
             it.control_train, it.control_evaluate = api.StepStatus(), api.StepStatus()
-            it.control = api.ControlArmStatus(model_uri=layout.control_model_for_iteration(t, spec.model.uri))
+            it.control = api.ControlArmStatus(
+                model_uri=layout.control_model_for_iteration(t, spec.model.uri)
+            )
         self.st.iterations.append(it)
         return it
 
@@ -332,7 +389,11 @@ class Pass:
         self.drove = True
         if spec.suspend and st.phase != "Suspended":
             st.phase = "Suspended"
-            self._event("Normal", "Suspended", "spec.suspend is true: running Jobs suspended, nothing new starts")
+            self._event(
+                "Normal",
+                "Suspended",
+                "spec.suspend is true: running Jobs suspended, nothing new starts",
+            )
         elif not spec.suspend and st.phase in ("Suspended", "Pending"):
             if st.phase == "Suspended":
                 self._event("Normal", "Resumed", "spec.suspend is false: Jobs resume")
@@ -379,12 +440,18 @@ class Pass:
         it.stage = "Done"
         it.completion_time = self.now
         summary = ", ".join(f"{k}={v:g}" for k, v in sorted(it.metrics.items()))
-        self._event("Normal", "IterationCompleted", f"iteration {t} done{': ' + summary if summary else ''}")
+        self._event(
+            "Normal", "IterationCompleted", f"iteration {t} done{': ' + summary if summary else ''}"
+        )
         if spec.evaluation.enabled:
             metric = cond.ranking_metric(self.st.iterations, spec)
             best = cond.best_iteration(self.st.iterations, metric, spec.evaluation.mode)
             if best != self.st.best_iteration and best is not None:
-                self._event("Normal", "BestIteration", f"θ{best + 1} (iteration {best}) is the best model so far by {metric}")
+                self._event(
+                    "Normal",
+                    "BestIteration",
+                    f"θ{best + 1} (iteration {best}) is the best model so far by {metric}",
+                )
             self.st.best_iteration = best
             self.st.best_model = None if best is None else f"θ{best + 1}"
             blind = cond.uninformative(self.st.iterations, metric)
@@ -402,7 +469,15 @@ class Pass:
     def _compare_control(self, spec: api.SPINRunSpec, it: api.IterationStatus, metric: str) -> None:
         """Status, the ControlArm condition and (control ahead) a Warning: did SPIN pay off?"""
         ahead, reason, message = cond.control_verdict(it, metric, spec.evaluation.mode)
-        cond.set_condition(self.st.conditions, cond.CONTROL_ARM, ahead, reason, message, self.now, self.o.generation)
+        cond.set_condition(
+            self.st.conditions,
+            cond.CONTROL_ARM,
+            ahead,
+            reason,
+            message,
+            self.now,
+            self.o.generation,
+        )
         if reason == "ControlAhead":
             self._event("Warning", "ControlAhead", message)
 
@@ -463,15 +538,25 @@ class Pass:
             if name not in self.o.gone_jobs:
                 self.d.needs_jobs.add(name)
                 return "waiting"
-            return self._failed_attempt(spec, t, kind, "JobDeleted", f"Job {name} was deleted before it finished")
+            return self._failed_attempt(
+                spec, t, kind, "JobDeleted", f"Job {name} was deleted before it finished"
+            )
         if current.state == "Succeeded":
             what = {
                 "generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results",
                 "control-train": "the control checkpoint", "control-evaluate": "the control's evaluation results",
             }[kind]  # fmt: skip
-            return self._failed_attempt(spec, t, kind, "ArtifactIncomplete", f"Job {current.name} succeeded but {what} has no complete manifest")
+            return self._failed_attempt(
+                spec,
+                t,
+                kind,
+                "ArtifactIncomplete",
+                f"Job {current.name} succeeded but {what} has no complete manifest",
+            )
         if current.state == "Failed":
-            return self._failed_attempt(spec, t, kind, current.reason or "JobFailed", current.message)
+            return self._failed_attempt(
+                spec, t, kind, current.reason or "JobFailed", current.message
+            )
         return self._active(spec, ss, current)
 
     def _sweep_recorded(self) -> None:
@@ -479,7 +564,11 @@ class Pass:
         deleted (its pods with it), attempts that failed before included."""
         deleting = {a.name for a in self.d.of_type(DeleteJob)}
         for job in self.o.jobs:
-            if not job.deleting and job.name not in deleting and self._recorded(job.iteration, job.stage):
+            if (
+                not job.deleting
+                and job.name not in deleting
+                and self._recorded(job.iteration, job.stage)
+            ):
                 self._act(DeleteJob(job.name))
 
     def _recorded(self, t: int, kind: StepKind) -> bool:
@@ -507,7 +596,9 @@ class Pass:
                 ss.phase, ss.message = "Pending", None
         else:
             ss.phase = "Running" if job.state == "Running" else "Pending"
-            transient = ss.message in ("suspended", "waiting for Kueue admission") or (ss.message or "").startswith(BLOCKED_PREFIX)
+            transient = ss.message in ("suspended", "waiting for Kueue admission") or (
+                ss.message or ""
+            ).startswith(BLOCKED_PREFIX)
             ss.message = None if transient else ss.message
             return self._starting(spec, ss, job)
         return "waiting"
@@ -518,12 +609,18 @@ class Pass:
         what = f"{job.stage} of iteration {job.iteration}: Job {job.name}"
         if job.blocked_reason:
             ss.message = f"{BLOCKED_PREFIX}{job.blocked_reason}: {job.blocked_message}"
-            self.blocked.append((job.blocked_reason, f"{what}: {job.blocked_reason}: {job.blocked_message}"))
+            self.blocked.append(
+                (job.blocked_reason, f"{what}: {job.blocked_reason}: {job.blocked_message}")
+            )
         timeout = spec.failure_policy.pending_timeout_seconds
         waited = _seconds_between(job.pending_since, self.now) if job.pending_since else None
         if not timeout or waited is None or waited <= timeout:
             return "waiting"
-        cause = f"{job.blocked_reason}: {job.blocked_message}" if job.blocked_reason else "pods still Pending"
+        cause = (
+            f"{job.blocked_reason}: {job.blocked_message}"
+            if job.blocked_reason
+            else "pods still Pending"
+        )
         ss.phase, ss.completion_time = "Failed", self.now
         ss.message = f"PendingTimeout: {cause}"
         self._fail(
@@ -540,12 +637,21 @@ class Pass:
             "control-train": facts.control_model, "control-evaluate": facts.control_evaluated,
         }[kind]  # fmt: skip
 
-    def _step_succeeded(self, spec: api.SPINRunSpec, t: int, kind: StepKind, facts: StorageFacts, job: ObservedJob | None) -> None:
+    def _step_succeeded(
+        self,
+        spec: api.SPINRunSpec,
+        t: int,
+        kind: StepKind,
+        facts: StorageFacts,
+        job: ObservedJob | None,
+    ) -> None:
         it = self._entry(spec, t)
         ss = self._step_status(it, kind)
         ss.phase = "Succeeded"
         self.steps_done.add(t)
-        ss.completion_time = (job.completion_time if job and job.state == "Succeeded" else None) or self.now
+        ss.completion_time = (
+            job.completion_time if job and job.state == "Succeeded" else None
+        ) or self.now
         found = job is None or job.state != "Succeeded"
         ss.message = "found complete in storage" if found else None
         layout = layout_of(spec, self.o.run).iteration(t)
@@ -557,13 +663,20 @@ class Pass:
             )  # fmt: skip
         if kind == "train":
             it.output_model_uri = layout.model
-            self._act(*(DeleteService(job_name(self.o.name, t, "train", k)) for k in range(ss.attempts)))
+            self._act(
+                *(DeleteService(job_name(self.o.name, t, "train", k)) for k in range(ss.attempts))
+            )
             if not spec.evaluation.enabled and spec.tracking.uri:
                 self._act(RegisterModel(t, layout.model, {}))
         if kind == "control-train":
             it.control = it.control or api.ControlArmStatus()
             it.control.output_model_uri = layout.control_model
-            self._act(*(DeleteService(job_name(self.o.name, t, "control-train", k)) for k in range(ss.attempts)))
+            self._act(
+                *(
+                    DeleteService(job_name(self.o.name, t, "control-train", k))
+                    for k in range(ss.attempts)
+                )
+            )
         if kind == "control-evaluate":  # never registered: the best alias stays on SPIN's models
             it.control = it.control or api.ControlArmStatus()
             it.control.metrics = {k: float(v) for k, v in facts.control_metrics.items()}
@@ -572,9 +685,13 @@ class Pass:
             if spec.tracking.uri:
                 self._act(RegisterModel(t, layout.model, dict(it.metrics)))
         if found:  # a Job's own success is on the Job (and the next JobCreated): no event here
-            self._event("Normal", "StepSucceeded", f"{kind} of iteration {t}: found complete in storage")
+            self._event(
+                "Normal", "StepSucceeded", f"{kind} of iteration {t}: found complete in storage"
+            )
 
-    def _create(self, spec: api.SPINRunSpec, t: int, kind: StepKind, attempt: int, why: str = "") -> Outcome:
+    def _create(
+        self, spec: api.SPINRunSpec, t: int, kind: StepKind, attempt: int, why: str = ""
+    ) -> Outcome:
         it = self._entry(spec, t)
         ss = self._step_status(it, kind)
         name = job_name(self.o.name, t, kind, attempt)
@@ -590,7 +707,11 @@ class Pass:
             ss.phase, ss.message, ss.completion_time = "Failed", refused, self.now
             self._fail(reason, refused)
             return "failed"
-        if spec.tracking.uri and it.mlflow_run_id is None and EnsureIterationRun(t) not in self.d.actions:
+        if (
+            spec.tracking.uri
+            and it.mlflow_run_id is None
+            and EnsureIterationRun(t) not in self.d.actions
+        ):
             self._act(EnsureIterationRun(t))  # once, when a control step starts beside SPIN's
         self._act(CreateStep(t, kind, attempt, name))
         ss.attempts = attempt + 1
@@ -599,13 +720,19 @@ class Pass:
         ss.start_time = ss.start_time or self.now
         if attempt:
             retries = spec.failure_policy.max_retries
-            self._event("Warning", "Retrying", f"{kind} of iteration {t}: {why}; retry {attempt}/{retries} as Job {name}")
+            self._event(
+                "Warning",
+                "Retrying",
+                f"{kind} of iteration {t}: {why}; retry {attempt}/{retries} as Job {name}",
+            )
         else:
             ss.message = None
             self._event("Normal", "JobCreated", f"{kind} of iteration {t}: Job {name}")
         return "waiting"
 
-    def _failed_attempt(self, spec: api.SPINRunSpec, t: int, kind: StepKind, reason: str, message: str) -> Outcome:
+    def _failed_attempt(
+        self, spec: api.SPINRunSpec, t: int, kind: StepKind, reason: str, message: str
+    ) -> Outcome:
         ss = self._step_status(self._entry(spec, t), kind)
         why = f"{reason}: {message}" if message else reason
         ss.message = why
@@ -613,8 +740,13 @@ class Pass:
             ss.phase = "Failed"
             ss.message = message or reason
             ss.completion_time = self.now
-            logs = f"; details: kubectl logs job/{ss.job_name}" if reason == "PodFailurePolicy" else ""
-            self._fail(reason, f"{message or reason} ({kind} of iteration {t}: bad input, not retried{logs})")
+            logs = (
+                f"; details: kubectl logs job/{ss.job_name}" if reason == "PodFailurePolicy" else ""
+            )
+            self._fail(
+                reason,
+                f"{message or reason} ({kind} of iteration {t}: bad input, not retried{logs})",
+            )
             return "failed"
         if ss.attempts - 1 < spec.failure_policy.max_retries:
             return self._create(spec, t, kind, ss.attempts, why)
@@ -638,29 +770,72 @@ class Pass:
         # Complete, as Jobs and TrainJobs have it: `kubectl wait --for=condition=Complete`.
         # Its reason says how the run ended (Succeeded, EarlyStopped), kept on later reconciles.
         complete = cond.get_condition(self.old.conditions, cond.COMPLETE)
-        done_reason = self.success or (complete.reason if complete and complete.status == "True" else "Succeeded")
+        done_reason = self.success or (
+            complete.reason if complete and complete.status == "True" else "Succeeded"
+        )
         succeeded = phase == "Succeeded"
-        cond.set_condition(cs, cond.COMPLETE, succeeded, done_reason if succeeded else "NotComplete", (st.message or "") if succeeded else "", now, gen)
+        cond.set_condition(
+            cs,
+            cond.COMPLETE,
+            succeeded,
+            done_reason if succeeded else "NotComplete",
+            (st.message or "") if succeeded else "",
+            now,
+            gen,
+        )
         running = phase == "Running"
-        cond.set_condition(cs, cond.PROGRESSING, running, stage if running else phase, (st.message or "") if running else "", now, gen)
-        cond.set_condition(cs, cond.SUSPENDED, phase == "Suspended", "SuspendedBySpec" if phase == "Suspended" else "NotSuspended", "", now, gen)
-        cond.set_condition(cs, cond.FAILED, phase == "Failed", reason if phase == "Failed" else "NotFailed", message if phase == "Failed" else "", now, gen)
+        cond.set_condition(
+            cs,
+            cond.PROGRESSING,
+            running,
+            stage if running else phase,
+            (st.message or "") if running else "",
+            now,
+            gen,
+        )
+        cond.set_condition(
+            cs,
+            cond.SUSPENDED,
+            phase == "Suspended",
+            "SuspendedBySpec" if phase == "Suspended" else "NotSuspended",
+            "",
+            now,
+            gen,
+        )
+        cond.set_condition(
+            cs,
+            cond.FAILED,
+            phase == "Failed",
+            reason if phase == "Failed" else "NotFailed",
+            message if phase == "Failed" else "",
+            now,
+            gen,
+        )
         self._pods_blocked_condition()
 
     def _pods_blocked_condition(self) -> None:
         """PodsBlocked: True with the first cause while pods cannot start (all causes in the
         message); one Warning event per cause not already reported; False once they start."""
-        cs, previous = self.st.conditions, cond.get_condition(self.old.conditions, cond.PODS_BLOCKED)
+        cs, previous = (
+            self.st.conditions,
+            cond.get_condition(self.old.conditions, cond.PODS_BLOCKED),
+        )
         was = previous.message if previous is not None and previous.status == "True" else ""
         if not self.drove or self.st.phase in TERMINAL:
             if was and self.st.phase in TERMINAL:
-                cond.set_condition(cs, cond.PODS_BLOCKED, False, self.st.phase, "", self.now, self.o.generation)
+                cond.set_condition(
+                    cs, cond.PODS_BLOCKED, False, self.st.phase, "", self.now, self.o.generation
+                )
             return
         if self.blocked:
             for cause, message in self.blocked:
                 if message not in was:
                     self._event("Warning", cause, message)
             text = "; ".join(m for _, m in self.blocked)
-            cond.set_condition(cs, cond.PODS_BLOCKED, True, self.blocked[0][0], text, self.now, self.o.generation)
+            cond.set_condition(
+                cs, cond.PODS_BLOCKED, True, self.blocked[0][0], text, self.now, self.o.generation
+            )
         elif previous is not None:
-            cond.set_condition(cs, cond.PODS_BLOCKED, False, "PodsStarted", "", self.now, self.o.generation)
+            cond.set_condition(
+                cs, cond.PODS_BLOCKED, False, "PodsStarted", "", self.now, self.o.generation
+            )

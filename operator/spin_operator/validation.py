@@ -80,7 +80,9 @@ def _pydantic_problems(exc: ValidationError, prefix: str, model: type[BaseModel]
             message = "required field is missing"
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, api.FieldErrors):
-            problems += [Problem(_dotted((prefix, *loc, *e.field.split("."))), str(e)) for e in cause.errors]
+            problems += [
+                Problem(_dotted((prefix, *loc, *e.field.split("."))), str(e)) for e in cause.errors
+            ]
             continue
         if isinstance(cause, api.FieldError):
             loc = (*loc, *cause.field.split("."))
@@ -94,7 +96,9 @@ def _schema_problems(obj: dict[str, Any]) -> list[Problem]:
         path = _dotted(err.absolute_path) or "(root)"
         message = err.message
         if err.validator == "pattern":
-            wanted = api.PATTERN_HELP.get(str(err.validator_value), f"a match of {err.validator_value}")
+            wanted = api.PATTERN_HELP.get(
+                str(err.validator_value), f"a match of {err.validator_value}"
+            )
             message = f"{err.instance!r} is not a valid value: expected {wanted}"
         problems.append(Problem(path, message))
     return problems
@@ -103,7 +107,9 @@ def _schema_problems(obj: dict[str, Any]) -> list[Problem]:
 def _metadata_problems(obj: dict[str, Any]) -> list[Problem]:
     problems = []
     if obj.get("apiVersion") != api.API_VERSION:
-        problems.append(Problem("apiVersion", f"must be {api.API_VERSION!r}, got {obj.get('apiVersion')!r}"))
+        problems.append(
+            Problem("apiVersion", f"must be {api.API_VERSION!r}, got {obj.get('apiVersion')!r}")
+        )
     if obj.get("kind") != api.KIND:
         problems.append(Problem("kind", f"must be {api.KIND!r}, got {obj.get('kind')!r}"))
     meta = obj.get("metadata")

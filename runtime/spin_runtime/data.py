@@ -98,7 +98,9 @@ def _text(content: Any) -> str | None:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
+        parts = [
+            p.get("text") for p in content if isinstance(p, Mapping) and p.get("type") == "text"
+        ]
         if parts and all(isinstance(p, str) for p in parts):
             return "".join(parts)  # type: ignore[arg-type]
     return None
@@ -136,7 +138,9 @@ def _parse_messages(messages: Any) -> tuple[str | None, str, str] | str:
         return "roles out of order: assistant before the first user message"
     if user_at + 1 >= len(roles) or roles[user_at + 1] != "assistant":
         return "no assistant answer after the first user message"
-    system_msg = next((m for m in messages[:user_at] if m.get("role") in ("system", "developer")), None)
+    system_msg = next(
+        (m for m in messages[:user_at] if m.get("role") in ("system", "developer")), None
+    )
     system = _content(system_msg, "system") if system_msg is not None else None
     if isinstance(system, tuple):
         return "system is not a string"
@@ -203,11 +207,17 @@ def data_files(uri: str) -> list[str]:
     parent, _, last = uri.rstrip("/").rpartition("/")
     if "*" in last or "?" in last:
         if not parent:
-            raise DatasetError(f"--dataset {uri}: a glob needs a folder before it, such as ./{last}")
-        matched = [n for n in storage.list_files(parent) if "/" not in n and fnmatch.fnmatchcase(n, last)]
+            raise DatasetError(
+                f"--dataset {uri}: a glob needs a folder before it, such as ./{last}"
+            )
+        matched = [
+            n for n in storage.list_files(parent) if "/" not in n and fnmatch.fnmatchcase(n, last)
+        ]
         files = [storage.join(parent, n) for n in matched if n.endswith(DATA_SUFFIXES)]
         if not files:
-            raise DatasetError(f"--dataset {uri}: no .jsonl/.json/.parquet files match {last!r} in {parent}")
+            raise DatasetError(
+                f"--dataset {uri}: no .jsonl/.json/.parquet files match {last!r} in {parent}"
+            )
         return files
     if uri.endswith(DATA_SUFFIXES):
         return [uri]
@@ -216,7 +226,9 @@ def data_files(uri: str) -> list[str]:
         return [storage.join(uri, n) for n in names if n.endswith(DATA_SUFFIXES) and "/" not in n]
     if not storage.is_s3(uri) and storage.local_path(uri).is_dir():
         return []
-    if not uri.endswith("/") and storage.exists(uri):  # a file without a data suffix: try it as JSONL
+    if not uri.endswith("/") and storage.exists(
+        uri
+    ):  # a file without a data suffix: try it as JSONL
         return [uri]
     if parent and not uri.endswith("/"):
         siblings = [n for n in storage.list_files(parent) if "/" not in n and n.startswith(last)]
@@ -261,11 +273,15 @@ def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded
         except OSError as exc:
             raise DatasetError(f"--dataset {uri}: cannot read {file}: {exc}") from exc
         except Exception as exc:  # botocore errors have no common base we can name lazily
-            raise DatasetError(f"--dataset {uri}: cannot read {file}: {type(exc).__name__}: {exc}") from exc
+            raise DatasetError(
+                f"--dataset {uri}: cannot read {file}: {type(exc).__name__}: {exc}"
+            ) from exc
     if not loaded.total_rows:
         raise DatasetError(f"dataset {uri} is empty: no rows")
     if not loaded.examples:
-        raise DatasetError(f"dataset {uri}: no usable rows: all {loaded.total_rows} skipped: {loaded.describe_skipped()}")
+        raise DatasetError(
+            f"dataset {uri}: no usable rows: all {loaded.total_rows} skipped: {loaded.describe_skipped()}"
+        )
     check_skipped(loaded, uri, max_skipped_fraction)
     if loaded.num_skipped:  # (when the run fails for them, the error says it: not twice)
         log.warning(
@@ -334,10 +350,16 @@ def select(examples: list[Example], seed: int, max_samples: int, eval_samples: i
 
 
 def load_split(
-    uri: str, seed: int, max_samples: int, eval_samples: int, max_skipped_fraction: float | None = None
+    uri: str,
+    seed: int,
+    max_samples: int,
+    eval_samples: int,
+    max_skipped_fraction: float | None = None,
 ) -> Split:
     """:func:`load_examples` then :func:`select` — what every command does."""
-    return select(load_examples(uri, max_skipped_fraction).examples, seed, max_samples, eval_samples)
+    return select(
+        load_examples(uri, max_skipped_fraction).examples, seed, max_samples, eval_samples
+    )
 
 
 def add_dataset_flags(parser: argparse.ArgumentParser, *, train: bool = True) -> None:

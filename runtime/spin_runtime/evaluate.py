@@ -152,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     storage.delete_prefix(manifest.dir_manifest_uri(args.output))  # incomplete until rewritten
-    split = data.load_split(args.dataset, args.seed, 0, args.eval_samples, getattr(args, "max_skipped_fraction", None))
+    split = data.load_split(
+        args.dataset, args.seed, 0, args.eval_samples, getattr(args, "max_skipped_fraction", None)
+    )
     # `score` is the data's own ranking metric (what `evaluation.metric: auto` ranks by): the same
     # held-out prompts every iteration, so every iteration picks the same one.
     chosen, why = data.score_metric(split.eval)

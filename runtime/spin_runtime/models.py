@@ -70,7 +70,9 @@ def _pinned(repo_id: str, revision: str, flag: str) -> str:
     try:
         return str(snapshot_download(repo_id=repo_id, revision=revision))
     except Exception as exc:  # unknown revision, gated repo without HF_TOKEN, offline
-        raise ModelError(f"{flag} {repo_id}@{revision}: cannot fetch this revision: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(
+            f"{flag} {repo_id}@{revision}: cannot fetch this revision: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def load_tokenizer(

@@ -265,9 +265,7 @@ class RunLogger:
         )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._add(
-            "tags", [[self.prefix + k, _str_value(v)] for k, v in redact(dict(tags)).items()]
-        )
+        self._add("tags", [[self.prefix + k, _str_value(v)] for k, v in redact(dict(tags)).items()])
 
     def log_dataset(
         self, name: str, uri: str, digest: str, context: str = "training",
@@ -395,7 +393,11 @@ def replay_spool(
         if run_ids is not None:
             foreign = sorted({str(op.get("run")) for op in ops if op.get("run") not in run_ids})
             if foreign:
-                log.warning("%s: dropped spooled calls for MLflow runs not of this run: %s", path, foreign[:5])
+                log.warning(
+                    "%s: dropped spooled calls for MLflow runs not of this run: %s",
+                    path,
+                    foreign[:5],
+                )
                 ops = [op for op in ops if op.get("run") in run_ids]
         done = send_ops(client, policy, ops) if not left else 0
         delivered += done

@@ -214,7 +214,9 @@ def _is_not_found(exc: BaseException) -> bool:
 # (endpoint, region) of the calls made in this thread/task, over the environment's: a process that
 # serves several stores (the operator) points each call at one without touching os.environ, so
 # calls to different endpoints need no lock and never wait for each other.
-_target: ContextVar[tuple[str | None, str | None] | None] = ContextVar("spin_storage_target", default=None)
+_target: ContextVar[tuple[str | None, str | None] | None] = ContextVar(
+    "spin_storage_target", default=None
+)
 
 
 @contextmanager

@@ -93,7 +93,11 @@ def parent_run_tags(namespace: str, name: str, spec: Mapping[str, Any]) -> dict[
         f"{model.get('uri')} (θ0) on {data.get('uri')}. Iteration t trains θt into θt+1; "
         "each nested run iter-00t holds one iteration, the registered model one version per θ."
     )
-    return {"mlflow.note.content": note, "mlflow.source.name": f"spin-operator SPINRun {namespace}/{name}", "mlflow.source.type": "JOB"}
+    return {
+        "mlflow.note.content": note,
+        "mlflow.source.name": f"spin-operator SPINRun {namespace}/{name}",
+        "mlflow.source.type": "JOB",
+    }
 
 
 def theta(k: int) -> str:
@@ -145,10 +149,14 @@ class Tracker:
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
                 if EXPERIMENT_KIND_TAG not in exp.tags:  # leave a kind someone chose alone
-                    self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+                    self.client.set_experiment_tag(
+                        exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+                    )
                 return str(exp.experiment_id)
             try:
-                return str(self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}))
+                return str(
+                    self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+                )
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -305,7 +313,9 @@ class Tracker:
             for key, value in (metrics or {}).items():
                 tag = f"{METRIC_TAG_PREFIX}{key}"
                 self.client.set_model_version_tag(model_name, version.version, tag, str(value))
-            self.client.set_registered_model_alias(model_name, model_alias(iteration + 1), version.version)
+            self.client.set_registered_model_alias(
+                model_name, model_alias(iteration + 1), version.version
+            )
             self._move_aliases(model_name, run_tags.get(TAG_UID), best_metric, higher_is_better)
             return str(version.version)
 
@@ -318,10 +328,11 @@ class Tracker:
         if iteration == 0:
             return text + " (the base model)"
         for v in self.client.search_model_versions(f"name = {_quote(name)}"):
-            if v.tags.get(TAG_ITER) == str(iteration - 1) and (uid is None or v.tags.get(TAG_UID) == uid):
+            if v.tags.get(TAG_ITER) == str(iteration - 1) and (
+                uid is None or v.tags.get(TAG_UID) == uid
+            ):
                 return text + f" (version {v.version})"
         return text
-
 
     def _ensure_registered_model(self, name: str) -> None:
         try:

@@ -24,7 +24,8 @@ RELEASE = "spin"
 NAMESPACE = "spin-system"
 
 needs_helm = pytest.mark.skipif(
-    not HELM.is_file(), reason=f"helm is not installed at {HELM.relative_to(ROOT)} (run `make tools`)"
+    not HELM.is_file(),
+    reason=f"helm is not installed at {HELM.relative_to(ROOT)} (run `make tools`)",
 )
 
 # Values scenarios rendered by several tests.
@@ -38,7 +39,9 @@ FULL: dict[str, Any] = {
         "pullPolicy": "Always",
     },
     "imagePullSecrets": [{"name": "regcred"}],
-    "runtime": {"image": {"repository": "registry.example.com/mirror/spin-runtime", "tag": "0.1.0-cu130"}},
+    "runtime": {
+        "image": {"repository": "registry.example.com/mirror/spin-runtime", "tag": "0.1.0-cu130"}
+    },
     "storage": {
         "uri": "s3://ml-artifacts/spin",
         "endpoint": "https://minio.storage.svc:9000",
@@ -46,7 +49,10 @@ FULL: dict[str, Any] = {
         "credentialsSecret": "spin-s3",
     },
     "tracking": {"uri": "https://mlflow.example.com", "credentialsSecret": "spin-mlflow"},
-    "security": {"serviceAccounts": ["spin-jobs"], "namespaces": {"team-a": {"storagePrefixes": ["s3://team-a-models/spin"]}}},
+    "security": {
+        "serviceAccounts": ["spin-jobs"],
+        "namespaces": {"team-a": {"storagePrefixes": ["s3://team-a-models/spin"]}},
+    },
     "logLevel": "DEBUG",
     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.example.com:3128"}],
     "health": {"port": 8081},
@@ -56,14 +62,23 @@ FULL: dict[str, Any] = {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}, "interval": "15s"},
     },
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/spin"}},
-    "resources": {"requests": {"cpu": "200m", "memory": "300Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+    "resources": {
+        "requests": {"cpu": "200m", "memory": "300Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    },
     "nodeSelector": {"node-role.kubernetes.io/control-plane-services": "true"},
-    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "platform", "effect": "NoSchedule"}],
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "platform", "effect": "NoSchedule"}
+    ],
     "affinity": {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}
+                    {
+                        "matchExpressions": [
+                            {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}
+                        ]
+                    }
                 ]
             }
         }
@@ -82,20 +97,31 @@ def helm(*args: str, values: dict[str, Any] | None = None) -> subprocess.Complet
         handle.flush()
         return subprocess.run(
             [str(HELM), *args, "-f", handle.name],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
 
 
 @functools.lru_cache(maxsize=32)
 def _template(values_json: str, namespace: str, include_crds: bool) -> tuple[int, str, str]:
     extra = ["--include-crds"] if include_crds else []
-    proc = helm("template", RELEASE, str(CHART), "--namespace", namespace, *extra,
-                values=json.loads(values_json))
+    proc = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        *extra,
+        values=json.loads(values_json),
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def render(values: dict[str, Any] | None = None, *, namespace: str = NAMESPACE,
-           include_crds: bool = False) -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any] | None = None, *, namespace: str = NAMESPACE, include_crds: bool = False
+) -> list[dict[str, Any]]:
     """The objects `helm template` renders; fails the test with helm's message if it fails."""
     code, out, err = _template(json.dumps(values or {}, sort_keys=True), namespace, include_crds)
     if code != 0:
@@ -111,10 +137,12 @@ def render_error(values: dict[str, Any]) -> str:
     return err
 
 
-def find(objects: list[dict[str, Any]], kind: str, name: str | None = None,
-         namespace: str | None = None) -> list[dict[str, Any]]:
+def find(
+    objects: list[dict[str, Any]], kind: str, name: str | None = None, namespace: str | None = None
+) -> list[dict[str, Any]]:
     return [
-        obj for obj in objects
+        obj
+        for obj in objects
         if obj["kind"] == kind
         and (name is None or obj["metadata"]["name"] == name)
         and (namespace is None or obj["metadata"].get("namespace") == namespace)

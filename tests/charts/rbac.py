@@ -45,7 +45,8 @@ class Grants:
     def from_objects(cls, objects: list[dict[str, Any]], sa_namespace: str, sa_name: str) -> Grants:
         roles = {
             (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o.get("rules", [])
-            for o in objects if o["kind"] in ("Role", "ClusterRole")
+            for o in objects
+            if o["kind"] in ("Role", "ClusterRole")
         }
         grants = cls()
         for binding in objects:
@@ -59,7 +60,9 @@ class Grants:
             ns = binding["metadata"].get("namespace")
             role_ns = ns if ref["kind"] == "Role" else None
             rules = roles.get((ref["kind"], role_ns, ref["name"]))
-            assert rules is not None, f"{binding['kind']} {binding['metadata']['name']} binds a missing {ref}"
+            assert rules is not None, (
+                f"{binding['kind']} {binding['metadata']['name']} binds a missing {ref}"
+            )
             if binding["kind"] == "ClusterRoleBinding":
                 grants.cluster.extend(rules)
             else:

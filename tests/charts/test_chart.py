@@ -79,13 +79,17 @@ def test_every_rendered_object_is_valid(scenario: str) -> None:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc.message}")
+                pytest.fail(
+                    f"{obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc.message}"
+                )
 
 
 @needs_helm
 def test_default_objects() -> None:
     objects = render()
-    names = sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in objects)
+    names = sorted(
+        (o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in objects
+    )
     cluster = f"{NAMESPACE}-{FULLNAME}"
     assert names == [
         ("ClusterRole", cluster, None),
@@ -102,8 +106,15 @@ def test_default_objects() -> None:
 def test_namespaced_mode_objects() -> None:
     objects = render(NAMESPACED)
     assert sorted(o["metadata"]["namespace"] for o in find(objects, "Role")) == ["team-a", "team-b"]
-    assert sorted(o["metadata"]["namespace"] for o in find(objects, "RoleBinding")) == ["team-a", "team-b"]
-    operator_roles = [o for o in find(objects, "ClusterRole") if not o["metadata"]["name"].endswith(("-edit", "-view"))]
+    assert sorted(o["metadata"]["namespace"] for o in find(objects, "RoleBinding")) == [
+        "team-a",
+        "team-b",
+    ]
+    operator_roles = [
+        o
+        for o in find(objects, "ClusterRole")
+        if not o["metadata"]["name"].endswith(("-edit", "-view"))
+    ]
     assert len(operator_roles) == 1 and len(find(objects, "ClusterRoleBinding")) == 1
 
 
@@ -123,7 +134,10 @@ def test_aggregated_user_roles(values: dict[str, Any]) -> None:
     assert set(roles) == {"edit", "view"}
     labels = {name: {k for k, v in role["metadata"]["labels"].items() if k.startswith(AGGREGATE) and v == "true"}
               for name, role in roles.items()}  # fmt: skip
-    assert labels == {"edit": {AGGREGATE + "edit", AGGREGATE + "admin"}, "view": {AGGREGATE + "view"}}
+    assert labels == {
+        "edit": {AGGREGATE + "edit", AGGREGATE + "admin"},
+        "view": {AGGREGATE + "view"},
+    }
 
     def allows(role: str, verb: str, resource: str) -> bool:
         return any(rule_allows(r, verb, "selfplay.dev", resource) for r in roles[role]["rules"])
@@ -132,18 +146,30 @@ def test_aggregated_user_roles(values: dict[str, Any]) -> None:
         assert allows("edit", verb, "spinruns")
         assert allows("view", verb, "spinruns") == (verb in ("get", "list", "watch"))
     for role in roles:
-        assert allows(role, "get", "spinruns/status") and not allows(role, "patch", "spinruns/status")
+        assert allows(role, "get", "spinruns/status") and not allows(
+            role, "patch", "spinruns/status"
+        )
         assert not allows(role, "update", "spinruns/finalizers")
-    bound = {b["roleRef"]["name"] for b in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding")}
+    bound = {
+        b["roleRef"]["name"]
+        for b in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding")
+    }
     assert not bound & {r["metadata"]["name"] for r in roles.values()}
     off = render({**values, "rbac": {"create": True, "aggregateToDefaultRoles": False}})
-    assert not [o for o in find(off, "ClusterRole") if o["metadata"]["name"].endswith(("-edit", "-view"))]
+    assert not [
+        o for o in find(off, "ClusterRole") if o["metadata"]["name"].endswith(("-edit", "-view"))
+    ]
 
 
 @needs_helm
 def test_optional_objects_toggle() -> None:
-    off = render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "custom"},
-                  "metrics": {"service": {"enabled": False}}})
+    off = render(
+        {
+            "rbac": {"create": False},
+            "serviceAccount": {"create": False, "name": "custom"},
+            "metrics": {"service": {"enabled": False}},
+        }
+    )
     assert sorted(o["kind"] for o in off) == ["Deployment"]
     assert one(off, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "custom"
     assert "serviceAccount.name is required" in render_error({"serviceAccount": {"create": False}})
@@ -154,8 +180,16 @@ def test_optional_objects_toggle() -> None:
 
 @needs_helm
 def test_two_releases_in_different_namespaces_do_not_collide() -> None:
-    a = {o["metadata"]["name"] for o in render(namespace="team-a") if "namespace" not in o["metadata"]}
-    b = {o["metadata"]["name"] for o in render(namespace="team-b") if "namespace" not in o["metadata"]}
+    a = {
+        o["metadata"]["name"]
+        for o in render(namespace="team-a")
+        if "namespace" not in o["metadata"]
+    }
+    b = {
+        o["metadata"]["name"]
+        for o in render(namespace="team-b")
+        if "namespace" not in o["metadata"]
+    }
     assert a and b and not a & b
 
 
@@ -201,7 +235,9 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
 @needs_helm
 def test_schema_accepts_platform_assigned_ids() -> None:
     """OpenShift's restricted-v2 assigns UIDs: null removes them, runAsNonRoot stays."""
-    objects = render({"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}})
+    objects = render(
+        {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
+    )
     pod_sc = one(objects, "Deployment")["spec"]["template"]["spec"]["securityContext"]
     assert pod_sc == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
@@ -228,8 +264,13 @@ def test_app_version_is_the_package_version() -> None:
 
 
 def _chart_readme(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "chart_readme.py"), *args],
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "chart_readme.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_readme_values_table_is_in_sync() -> None:
@@ -246,7 +287,7 @@ def test_readme_check_detects_drift_and_undocumented_values(tmp_path: Path) -> N
     drift = _chart_readme("--check", "--chart", str(chart))
     assert drift.returncode == 1 and "out of date" in drift.stderr
     assert _chart_readme("--chart", str(chart)).returncode == 0  # rewrites the table
-    assert "| `logLevel` | string | `\"DEBUG\"` |" in (chart / "README.md").read_text()
+    assert '| `logLevel` | string | `"DEBUG"` |' in (chart / "README.md").read_text()
     (chart / "values.yaml").write_text(values + "newSetting: 1\n")
     undocumented = _chart_readme("--check", "--chart", str(chart))
     assert undocumented.returncode == 1 and "newSetting" in undocumented.stderr
@@ -264,7 +305,9 @@ def test_every_value_has_a_schema_entry() -> None:
             node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
         if not isinstance(value, dict) or "properties" not in node:
             return
-        assert set(value) <= set(node["properties"]), f"{path}: {set(value) - set(node['properties'])}"
+        assert set(value) <= set(node["properties"]), (
+            f"{path}: {set(value) - set(node['properties'])}"
+        )
         for key, sub in value.items():
             target = node["properties"][key]
             walk(sub, target if isinstance(target, dict) else {}, f"{path}.{key}")
@@ -289,8 +332,16 @@ def _env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # Volume types allowed by the Pod Security Standards "restricted" profile.
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                      "persistentVolumeClaim", "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def assert_restricted(pod: dict[str, Any]) -> None:
@@ -331,17 +382,31 @@ def test_deployment_is_restricted(scenario: str) -> None:
     # The operator needs its API token; the ServiceAccount does not hand it to other pods.
     assert pod["automountServiceAccountToken"] is True
     if SCENARIOS[scenario].get("serviceAccount", {}).get("create", True):
-        assert one(render(SCENARIOS[scenario]), "ServiceAccount")["automountServiceAccountToken"] is False
+        assert (
+            one(render(SCENARIOS[scenario]), "ServiceAccount")["automountServiceAccountToken"]
+            is False
+        )
 
 
 def test_restricted_checker_catches_violations() -> None:
-    good = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "c", "securityContext": {
-                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}
+    good = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {
+                "name": "c",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+    }
     assert_restricted(good)
     for breakage in (
         lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
-        lambda p: p["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+        lambda p: p["containers"][0]["securityContext"].update(
+            capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+        ),
         lambda p: p["securityContext"].pop("seccompProfile"),
         lambda p: p["securityContext"].update(runAsNonRoot=False),
         lambda p: p.update(volumes=[{"name": "h", "hostPath": {"path": "/"}}]),
@@ -365,15 +430,28 @@ def test_deployment_runs_one_operator() -> None:
     assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = _env(deployment)
-    assert ports == {"health": int(env["SPIN_HEALTH_PORT"]["value"]),
-                     "metrics": int(env["SPIN_METRICS_PORT"]["value"])}
+    assert ports == {
+        "health": int(env["SPIN_HEALTH_PORT"]["value"]),
+        "metrics": int(env["SPIN_METRICS_PORT"]["value"]),
+    }
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
 
 
 def _security_json(given: dict[str, Any]) -> str:
     """SPIN_SECURITY as the chart renders it: the `security` value (defaults: empty lists), JSON."""
-    keys = ("storagePrefixes", "s3Endpoints", "trackingUris", "serviceAccounts", "experiments", "registeredModels")
-    return json.dumps({**{key: [] for key in keys}, "namespaces": {}, **given}, sort_keys=True, separators=(",", ":"))
+    keys = (
+        "storagePrefixes",
+        "s3Endpoints",
+        "trackingUris",
+        "serviceAccounts",
+        "experiments",
+        "registeredModels",
+    )
+    return json.dumps(
+        {**{key: [] for key in keys}, "namespaces": {}, **given},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
 @needs_helm
@@ -419,21 +497,42 @@ def test_full_env_maps_every_setting() -> None:
         "HTTPS_PROXY": "http://proxy.example.com:3128",
     }
     policy = pytest.importorskip("spin_operator.policy").Policy.parse(plain["SPIN_SECURITY"])
-    assert policy.of("team-a").storage_prefixes == ("s3://team-a-models/spin",) and policy.of("team-b").service_accounts == ("spin-jobs",)
+    assert policy.of("team-a").storage_prefixes == ("s3://team-a-models/spin",) and policy.of(
+        "team-b"
+    ).service_accounts == ("spin-jobs",)
     refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
     assert refs == {
         "AWS_ACCESS_KEY_ID": {"name": "spin-s3", "key": "AWS_ACCESS_KEY_ID"},
         "AWS_SECRET_ACCESS_KEY": {"name": "spin-s3", "key": "AWS_SECRET_ACCESS_KEY"},
-        "MLFLOW_TRACKING_USERNAME": {"name": "spin-mlflow", "key": "MLFLOW_TRACKING_USERNAME", "optional": True},
-        "MLFLOW_TRACKING_PASSWORD": {"name": "spin-mlflow", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True},
-        "MLFLOW_TRACKING_TOKEN": {"name": "spin-mlflow", "key": "MLFLOW_TRACKING_TOKEN", "optional": True},
+        "MLFLOW_TRACKING_USERNAME": {
+            "name": "spin-mlflow",
+            "key": "MLFLOW_TRACKING_USERNAME",
+            "optional": True,
+        },
+        "MLFLOW_TRACKING_PASSWORD": {
+            "name": "spin-mlflow",
+            "key": "MLFLOW_TRACKING_PASSWORD",
+            "optional": True,
+        },
+        "MLFLOW_TRACKING_TOKEN": {
+            "name": "spin-mlflow",
+            "key": "MLFLOW_TRACKING_TOKEN",
+            "optional": True,
+        },
     }
     settings = pytest.importorskip("spin_operator.settings")
     parsed = settings.Settings.from_env(plain)
     assert parsed.namespaces == ("team-a", "team-b") and not parsed.clusterwide
     assert (parsed.storage_uri, parsed.s3_endpoint, parsed.s3_region, parsed.s3_secret) == (
-        "s3://ml-artifacts/spin", "https://minio.storage.svc:9000", "eu-west-1", "spin-s3")
-    assert (parsed.mlflow_uri, parsed.mlflow_secret) == ("https://mlflow.example.com", "spin-mlflow")
+        "s3://ml-artifacts/spin",
+        "https://minio.storage.svc:9000",
+        "eu-west-1",
+        "spin-s3",
+    )
+    assert (parsed.mlflow_uri, parsed.mlflow_secret) == (
+        "https://mlflow.example.com",
+        "spin-mlflow",
+    )
     assert (parsed.log_level, parsed.health_port, parsed.metrics_port) == ("DEBUG", 8081, 9100)
 
 
@@ -442,7 +541,10 @@ def test_full_scheduling_and_images() -> None:
     objects = render(FULL)
     pod = one(objects, "Deployment")["spec"]["template"]
     spec = pod["spec"]
-    assert spec["containers"][0]["image"] == "registry.example.com/mirror/spin-operator@sha256:" + "a" * 64
+    assert (
+        spec["containers"][0]["image"]
+        == "registry.example.com/mirror/spin-operator@sha256:" + "a" * 64
+    )
     assert spec["containers"][0]["imagePullPolicy"] == "Always"
     assert spec["imagePullSecrets"] == FULL["imagePullSecrets"]
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
@@ -472,13 +574,19 @@ def test_standard_labels_and_selectors(scenario: str) -> None:
     deployment = one(objects, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     selector = deployment["spec"]["selector"]["matchLabels"]
-    assert selector == {"app.kubernetes.io/name": "spin-operator", "app.kubernetes.io/instance": RELEASE}
+    assert selector == {
+        "app.kubernetes.io/name": "spin-operator",
+        "app.kubernetes.io/instance": RELEASE,
+    }
     assert selector.items() <= pod_labels.items()
     service = one(objects, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     for monitor in find(objects, "ServiceMonitor"):
-        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert (
+            monitor["spec"]["selector"]["matchLabels"].items()
+            <= service["metadata"]["labels"].items()
+        )
         assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
 
@@ -494,8 +602,9 @@ def test_service_monitor_namespace_override() -> None:
 def test_helm_binary_is_the_pinned_one() -> None:
     if not HELM.is_file():
         pytest.skip("helm is not installed at .tools/bin/helm (run `make tools`)")
-    out = subprocess.run([str(HELM), "version", "--short"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        [str(HELM), "version", "--short"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     assert out.startswith("v4."), out
 
 
@@ -507,7 +616,10 @@ def test_pod_templates_reach_the_operator() -> None:
         "gpu": {
             "default": True,
             "allowOverride": ["pod.env"],
-            "pod": {"imagePullSecrets": [{"name": "registry"}], "modelCache": {"claimName": "hf-cache"}},
+            "pod": {
+                "imagePullSecrets": [{"name": "registry"}],
+                "modelCache": {"claimName": "hf-cache"},
+            },
             "scheduling": {"queueName": "gpu-queue"},
         }
     }
@@ -537,19 +649,32 @@ def test_leader_election_renders_a_lease_role_and_rolling_updates() -> None:
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     settings = pytest.importorskip("spin_operator.settings")
     parsed = settings.Settings.from_env(
-        {n: e["value"] for n, e in env.items() if "value" in e} | {"POD_NAMESPACE": NAMESPACE, "POD_NAME": "p-1"}
+        {n: e["value"] for n, e in env.items() if "value" in e}
+        | {"POD_NAMESPACE": NAMESPACE, "POD_NAME": "p-1"}
     )
     assert (parsed.leader_election, parsed.lease_seconds, parsed.lease_namespace, parsed.lease_identity) == (
         True, 20.0, NAMESPACE, "p-1")  # fmt: skip
     assert parsed.lease_name == deployment["metadata"]["name"]
-    role = next(o for o in find(objects, "Role") if o["metadata"]["name"].endswith("-leader-election"))
+    role = next(
+        o for o in find(objects, "Role") if o["metadata"]["name"].endswith("-leader-election")
+    )
     assert role["metadata"]["namespace"] == NAMESPACE
-    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]}]
-    binding = next(o for o in find(objects, "RoleBinding") if o["metadata"]["name"] == role["metadata"]["name"])
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "patch"],
+        }
+    ]
+    binding = next(
+        o for o in find(objects, "RoleBinding") if o["metadata"]["name"] == role["metadata"]["name"]
+    )
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
 @needs_helm
 def test_two_replicas_without_leader_election_are_refused() -> None:
     assert "needs leaderElection.enabled" in render_error({"replicas": 2})
-    assert not [o for o in find(render({}), "Role") if o["metadata"]["name"].endswith("-leader-election")]
+    assert not [
+        o for o in find(render({}), "Role") if o["metadata"]["name"].endswith("-leader-election")
+    ]

@@ -92,8 +92,13 @@ def test_runtime_image() -> None:
     assert '".[runtime,vllm]"' in install and "--constraint /tmp/constraints.txt" in install
     # CUDA 13: the full lock; CUDA 12: the lock without its CUDA 13 wheels (the indexes bring cu12 ones)
     assert "13) cp images/runtime/constraints.txt /tmp/constraints.txt" in install
-    assert "12) grep -vE '^(nvidia-|cuda-)' images/runtime/constraints.txt > /tmp/constraints.txt" in install
-    assert args["CUDA_MAJOR"] == "13" and args["TORCH_BACKEND"] == "" and args["EXTRA_INDEX_URL"] == ""
+    assert (
+        "12) grep -vE '^(nvidia-|cuda-)' images/runtime/constraints.txt > /tmp/constraints.txt"
+        in install
+    )
+    assert (
+        args["CUDA_MAJOR"] == "13" and args["TORCH_BACKEND"] == "" and args["EXTRA_INDEX_URL"] == ""
+    )
     final = _final_stage(RUNTIME)
     assert ("USER", "65532:65532") in final
     env = " ".join(arg for keyword, arg in final if keyword == "ENV")
@@ -102,7 +107,9 @@ def test_runtime_image() -> None:
         assert value and value.group(1).startswith("/var/cache/spin"), variable
     assert ("VOLUME", '["/var/cache/spin"]') in final
     settings = pytest.importorskip("spin_operator.settings")
-    assert settings.POD_CACHE_DIR == "/var/cache/spin"  # where the operator mounts the Job's emptyDir
+    assert (
+        settings.POD_CACHE_DIR == "/var/cache/spin"
+    )  # where the operator mounts the Job's emptyDir
 
 
 def test_runtime_lock_pins_a_compatible_ml_stack() -> None:
@@ -123,7 +130,10 @@ def test_no_secrets_in_images() -> None:
     for path in (OPERATOR, RUNTIME):
         for keyword, arg in instructions(path):
             if keyword in {"ENV", "ARG", "LABEL"}:
-                assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*=", arg, re.I), (path, arg)
+                assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*=", arg, re.I), (
+                    path,
+                    arg,
+                )
 
 
 def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
@@ -144,7 +154,8 @@ def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 
 def test_dockerignore_admits_exactly_what_the_images_copy() -> None:
     patterns = [
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert patterns[0] == "*", "an allowlist: nothing enters the context unless listed"
@@ -154,12 +165,23 @@ def test_dockerignore_admits_exactly_what_the_images_copy() -> None:
                 continue
             for source in arg.split()[:-1]:
                 assert not _dockerignore_excludes(source.rstrip("/"), patterns), source
-    for inside in ("operator/spin_operator/cli.py", "runtime/spin_runtime/storage.py",
-                   "pyproject.toml", "images/runtime/constraints.txt"):
+    for inside in (
+        "operator/spin_operator/cli.py",
+        "runtime/spin_runtime/storage.py",
+        "pyproject.toml",
+        "images/runtime/constraints.txt",
+    ):
         assert not _dockerignore_excludes(inside, patterns), inside
-    for outside in (".venv/bin/python", ".git/config", "tests/conftest.py", "demo-work/run.log",
-                    "operator/spin_operator/__pycache__/cli.cpython-311.pyc", ".tools/bin/helm",
-                    "charts/spin-operator/values.yaml", "operator/.env"):
+    for outside in (
+        ".venv/bin/python",
+        ".git/config",
+        "tests/conftest.py",
+        "demo-work/run.log",
+        "operator/spin_operator/__pycache__/cli.cpython-311.pyc",
+        ".tools/bin/helm",
+        "charts/spin-operator/values.yaml",
+        "operator/.env",
+    ):
         assert _dockerignore_excludes(outside, patterns), outside
 
 
@@ -172,14 +194,32 @@ def test_make_images_builds_both_images_for_cuda_13_or_12() -> None:
         pytest.skip("make is not installed")
 
     def plan(*args: str) -> list[str]:
-        out = subprocess.run(["make", "-s", "-n", "images", *args], cwd=ROOT, capture_output=True, text=True, check=True)
-        return [" ".join(line.split()) for line in out.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+        out = subprocess.run(
+            ["make", "-s", "-n", "images", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return [
+            " ".join(line.split())
+            for line in out.stdout.replace("\\\n", " ").splitlines()
+            if line.strip()
+        ]
 
     default = plan()
-    assert default[0] == "docker buildx build --platform linux/amd64 --load -f images/operator/Dockerfile -t ghcr.io/spin-operator/operator:0.1.0 ."
-    assert default[1] == "docker buildx build --platform linux/amd64 --load -f images/runtime/Dockerfile -t ghcr.io/spin-operator/runtime:0.1.0 ."
+    assert (
+        default[0]
+        == "docker buildx build --platform linux/amd64 --load -f images/operator/Dockerfile -t ghcr.io/spin-operator/operator:0.1.0 ."
+    )
+    assert (
+        default[1]
+        == "docker buildx build --platform linux/amd64 --load -f images/runtime/Dockerfile -t ghcr.io/spin-operator/runtime:0.1.0 ."
+    )
     cu12 = plan("CUDA=12", "PUSH=1", "IMAGE_REGISTRY=registry.example.com/spin", "IMAGE_TAG=1.2.3")
-    assert "--push" in cu12[1] and cu12[1].endswith("-t registry.example.com/spin/runtime:1.2.3-cu12 .")
+    assert "--push" in cu12[1] and cu12[1].endswith(
+        "-t registry.example.com/spin/runtime:1.2.3-cu12 ."
+    )
     for arg in ("CUDA_MAJOR=12", "CUDA_IMAGE=nvidia/cuda:12.", "TORCH_BACKEND=cu12"):
         assert f"--build-arg {arg}" in cu12[1], arg
     lock = (ROOT / "images" / "runtime" / "constraints.txt").read_text()

@@ -59,7 +59,11 @@ def test_helm_flags_name_real_values() -> None:
 
 
 def test_kueue_examples_are_complete() -> None:
-    kueue = {doc["kind"]: doc for doc in _yaml_docs() if doc.get("apiVersion", "").startswith("kueue.x-k8s.io/")}
+    kueue = {
+        doc["kind"]: doc
+        for doc in _yaml_docs()
+        if doc.get("apiVersion", "").startswith("kueue.x-k8s.io/")
+    }
     assert set(kueue) == {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
     flavor = kueue["ResourceFlavor"]["metadata"]["name"]
     groups = kueue["ClusterQueue"]["spec"]["resourceGroups"]
@@ -100,5 +104,7 @@ def test_rbac_table_is_what_the_chart_grants() -> None:
             documented.add((groups.get(resource, group), name, verb))
     granted = set()
     for values in ({}, {"watchNamespaces": ["team-a"]}):  # the union of both modes
-        granted |= Grants.from_objects(render(values), NAMESPACE, f"{RELEASE}-spin-operator").pairs()
+        granted |= Grants.from_objects(
+            render(values), NAMESPACE, f"{RELEASE}-spin-operator"
+        ).pairs()
     assert documented == granted

@@ -39,16 +39,16 @@ MODES = {"clusterwide": {}, "namespaced": NAMESPACED}
 # Granted per watched namespace (Role) or in every namespace (ClusterRole). Measured: what the
 # real operator does in the lifecycle below (kopf: list/watch and event posts; the operator's own
 # client, spin_operator/kube.py: everything else).
-NAMESPACED_RULES = {
-    ("selfplay.dev", "spinruns", verb) for verb in ("list", "watch", "patch")
-} | {
-    ("selfplay.dev", "spinruns/status", "patch"),
-    ("selfplay.dev", "spinruns/finalizers", "update"),
-} | {
-    ("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")
-} | {
-    ("", "services", verb) for verb in ("create", "delete")
-} | {("", "events", "create"), ("", "events", "list"), ("", "pods", "list")}
+NAMESPACED_RULES = (
+    {("selfplay.dev", "spinruns", verb) for verb in ("list", "watch", "patch")}
+    | {
+        ("selfplay.dev", "spinruns/status", "patch"),
+        ("selfplay.dev", "spinruns/finalizers", "update"),
+    }
+    | {("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")}
+    | {("", "services", verb) for verb in ("create", "delete")}
+    | {("", "events", "create"), ("", "events", "list"), ("", "pods", "list")}
+)
 # Secrets: `get` only, and only through namespaced Roles (docs/security.md, threat 5): in each
 # watched namespace (namespaced mode) or each of rbac.secretCheckNamespaces (cluster-wide mode).
 SECRET_RULES = {("", "secrets", "get")}
@@ -69,11 +69,14 @@ ALLOW_LIST: dict[tuple[str, str, str], tuple[str, str]] = {
     ),
 }
 
+
 def _grants(values: dict[str, Any]) -> Grants:
     return Grants.from_objects(render(values), NAMESPACE, SA)
 
 
-def _scoped_pairs(values: dict[str, Any]) -> tuple[set[tuple[str, str, str]], dict[str, set[tuple[str, str, str]]]]:
+def _scoped_pairs(
+    values: dict[str, Any],
+) -> tuple[set[tuple[str, str, str]], dict[str, set[tuple[str, str, str]]]]:
     grants = _grants(values)
     cluster = Grants(cluster=grants.cluster).pairs()
     per_ns = {ns: Grants(namespaced={ns: rules}).pairs() for ns, rules in grants.namespaced.items()}
@@ -128,13 +131,15 @@ def test_rules_are_minimal_by_construction(mode: str) -> None:
             if rule["resources"] == ["spinruns/finalizers"]:
                 forbidden.discard("update")  # ownerReference admission: see ALLOW_LIST
             assert not forbidden & set(rule["verbs"])
-            assert not any("peering" in r for r in rule["resources"]), "the operator runs standalone"
+            assert not any("peering" in r for r in rule["resources"]), (
+                "the operator runs standalone"
+            )
             if "secrets" in rule["resources"]:
                 assert rule["verbs"] == ["get"], "Secrets: get only (existence checks)"
                 assert role["kind"] == "Role", "Secrets: never a cluster-wide grant"
-    assert not any(o["kind"] == "Role" and o["metadata"]["namespace"] == NAMESPACE for o in objects), (
-        "nothing is granted in the operator's own namespace: it watches no peering objects there"
-    )
+    assert not any(
+        o["kind"] == "Role" and o["metadata"]["namespace"] == NAMESPACE for o in objects
+    ), "nothing is granted in the operator's own namespace: it watches no peering objects there"
 
 
 @needs_helm
@@ -145,7 +150,9 @@ def test_bindings_name_the_operator_service_account() -> None:
     bindings = [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
     assert len(bindings) == 1 + len(WATCHED)
     for binding in bindings:
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SA, "namespace": NAMESPACE}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": SA, "namespace": NAMESPACE}
+        ]
 
 
 @needs_helm
@@ -173,20 +180,24 @@ def test_allow_list_entries_are_granted_and_still_called() -> None:
     assert set(ALLOW_LIST) <= NAMESPACED_RULES | SECRET_RULES | CRD_RULES | NAMESPACE_RULES
     source = "\n".join(p.read_text() for p in (ROOT / "operator" / "spin_operator").glob("*.py"))
     for pair, (_why, witness) in ALLOW_LIST.items():
-        assert witness in source, f"{pair}: the operator no longer calls {witness!r}; drop the grant"
+        assert witness in source, (
+            f"{pair}: the operator no longer calls {witness!r}; drop the grant"
+        )
 
 
 # --------------------------------------------------------------------------- the real operator
 
 _MISSING = [
-    name for name in ("spin_operator.handlers", "tests.support.k8s_emulator")
+    name
+    for name in ("spin_operator.handlers", "tests.support.k8s_emulator")
     if importlib.util.find_spec(name) is None
 ]
 SPINCTL = Path(sys.executable).with_name("spinctl")
 if not SPINCTL.is_file():
     _MISSING.append(f"the spinctl console script next to {sys.executable} (make venv)")
 needs_operator = pytest.mark.skipif(
-    bool(_MISSING), reason=f"the operator lifecycle RBAC check needs {', '.join(_MISSING)}",
+    bool(_MISSING),
+    reason=f"the operator lifecycle RBAC check needs {', '.join(_MISSING)}",
 )
 TIMEOUT = 30.0
 
@@ -199,7 +210,9 @@ def _job_complete(api: Any, job: dict[str, Any], workdir: Path) -> None:
 
     labels = job["metadata"]["labels"]
     ns, run = job["metadata"]["namespace"], labels[naming.RUN_LABEL]
-    iteration = RunLayout.for_run(str(workdir / "artifacts"), ns, run).iteration(int(labels[naming.ITERATION_LABEL]))
+    iteration = RunLayout.for_run(str(workdir / "artifacts"), ns, run).iteration(
+        int(labels[naming.ITERATION_LABEL])
+    )
     stage = labels[naming.STAGE_LABEL]
     scratch = workdir / "scratch" / job["metadata"]["name"]
     scratch.mkdir(parents=True, exist_ok=True)
@@ -207,16 +220,25 @@ def _job_complete(api: Any, job: dict[str, Any], workdir: Path) -> None:
     if stage == "generate":
         for index in range(completions):
             shard = scratch / f"shard-{index}.jsonl"
-            shard.write_text(json.dumps({"id": index, "split": "train", "prompt": "p", "real": "r",
-                                         "generated": "g"}) + "\n")
-            manifest.write_file_artifact(shard, iteration.shard(index, completions), "generated",
-                                         {"records": 1})
+            shard.write_text(
+                json.dumps(
+                    {"id": index, "split": "train", "prompt": "p", "real": "r", "generated": "g"}
+                )
+                + "\n"
+            )
+            manifest.write_file_artifact(
+                shard, iteration.shard(index, completions), "generated", {"records": 1}
+            )
     elif stage == "train":
         (scratch / "config.json").write_text("{}")
         manifest.write_dir_artifact(scratch, iteration.model, "model")
     else:
-        (scratch / "results.json").write_text(json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None}))
-        manifest.write_dir_artifact(scratch, iteration.eval, "eval", {"metrics": {"exact_match": 0.5}})
+        (scratch / "results.json").write_text(
+            json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None})
+        )
+        manifest.write_dir_artifact(
+            scratch, iteration.eval, "eval", {"metrics": {"exact_match": 0.5}}
+        )
     _job_status(api, job, "Complete", succeeded=completions)
 
 
@@ -224,14 +246,27 @@ def _job_status(api: Any, job: dict[str, Any], condition: str, **counts: int) ->
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     first = "SuccessCriteriaMet" if condition == "Complete" else "FailureTarget"
     status = {
-        "startTime": now, "active": 0, **counts,
-        "conditions": [{"type": t, "status": "True", "reason": "Test", "message": "",
-                        "lastProbeTime": now, "lastTransitionTime": now} for t in (first, condition)],
+        "startTime": now,
+        "active": 0,
+        **counts,
+        "conditions": [
+            {
+                "type": t,
+                "status": "True",
+                "reason": "Test",
+                "message": "",
+                "lastProbeTime": now,
+                "lastTransitionTime": now,
+            }
+            for t in (first, condition)
+        ],
     }
     if condition == "Complete":
         status["completionTime"] = now
     meta = job["metadata"]
-    api.patch("jobs", meta["name"], {"status": status}, namespace=meta["namespace"], subresource="status")
+    api.patch(
+        "jobs", meta["name"], {"status": status}, namespace=meta["namespace"], subresource="status"
+    )
 
 
 def _spinrun(name: str, **spec: Any) -> dict[str, Any]:
@@ -245,8 +280,12 @@ def _spinrun(name: str, **spec: Any) -> dict[str, Any]:
         "failurePolicy": {"maxRetries": 3},
     }
     body.update(spec)
-    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun",
-            "metadata": {"name": name, "namespace": "team-a"}, "spec": body}
+    return {
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {"name": name, "namespace": "team-a"},
+        "spec": body,
+    }
 
 
 @contextlib.contextmanager
@@ -264,8 +303,13 @@ def _operator(api: Any, workdir: Path, namespaces: list[str]) -> Iterator[Callab
         "SPIN_METRICS_PORT": "0",
     }
     with log.open("w") as out:
-        proc = subprocess.Popen([str(SPINCTL), "operator"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(SPINCTL), "operator"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield lambda: log.read_text()[-6000:]
         finally:
@@ -281,12 +325,20 @@ def _wait(api: Any, what: str, probe: Callable[[], Any], logs: Callable[[], str]
     try:
         return api.wait_for(probe, timeout=TIMEOUT, interval=0.05)
     except TimeoutError:
-        runs = {r["metadata"]["name"]: {"finalizers": r["metadata"].get("finalizers"),
-                                        "deleting": bool(r["metadata"].get("deletionTimestamp")),
-                                        **{k: (r.get("status") or {}).get(k) for k in ("phase", "stage", "message")}}
-                for r in api.list("spinruns.selfplay.dev", namespace="team-a")}
-        jobs = {j["metadata"]["name"]: [c["type"] for c in (j.get("status") or {}).get("conditions") or []]
-                for j in api.list("jobs", namespace="team-a")}
+        runs = {
+            r["metadata"]["name"]: {
+                "finalizers": r["metadata"].get("finalizers"),
+                "deleting": bool(r["metadata"].get("deletionTimestamp")),
+                **{k: (r.get("status") or {}).get(k) for k in ("phase", "stage", "message")},
+            }
+            for r in api.list("spinruns.selfplay.dev", namespace="team-a")
+        }
+        jobs = {
+            j["metadata"]["name"]: [
+                c["type"] for c in (j.get("status") or {}).get("conditions") or []
+            ]
+            for j in api.list("jobs", namespace="team-a")
+        }
         raise LifecycleTimeout(
             f"timed out after {TIMEOUT:.0f}s waiting for {what}\nruns: {runs}\njobs: {jobs}\n"
             f"operator log tail:\n{logs()}"
@@ -297,13 +349,18 @@ def _jobs(api: Any, run: str, stage: str | None = None) -> list[dict[str, Any]]:
     from spin_operator import naming
 
     selector = f"{naming.RUN_LABEL}={run}" + (f",{naming.STAGE_LABEL}={stage}" if stage else "")
-    return [j for j in api.list("jobs", namespace="team-a", label_selector=selector)
-            if not j["metadata"].get("deletionTimestamp")]
+    return [
+        j
+        for j in api.list("jobs", namespace="team-a", label_selector=selector)
+        if not j["metadata"].get("deletionTimestamp")
+    ]
 
 
 def _finished(job: dict[str, Any]) -> bool:
-    return any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
-               for c in (job.get("status") or {}).get("conditions") or [])
+    return any(
+        c["type"] in ("Complete", "Failed") and c["status"] == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
 
 
 def _phase(api: Any, name: str) -> str | None:
@@ -320,23 +377,48 @@ def _lifecycle(api: Any, workdir: Path, logs: Callable[[], str]) -> None:
     api.create(_spinrun("lifecycle"))
     first = wait("the generation Job", lambda: _jobs(api, "lifecycle", "generate"))[0]
     _job_status(api, first, "Failed", failed=1)
-    retry = wait("a retried generation Job", lambda: [
-        j for j in _jobs(api, "lifecycle", "generate") if j["metadata"]["name"] != first["metadata"]["name"]
-    ])[0]
+    retry = wait(
+        "a retried generation Job",
+        lambda: [
+            j
+            for j in _jobs(api, "lifecycle", "generate")
+            if j["metadata"]["name"] != first["metadata"]["name"]
+        ],
+    )[0]
     # A Job deleted behind the operator's back: it confirms the Job is gone (GET) and replaces it.
     api.delete("jobs", retry["metadata"]["name"], namespace="team-a")
-    retry = wait("a replacement of the deleted Job", lambda: [
-        j for j in _jobs(api, "lifecycle", "generate")
-        if j["metadata"]["name"] not in (first["metadata"]["name"], retry["metadata"]["name"])
-    ])[0]
+    retry = wait(
+        "a replacement of the deleted Job",
+        lambda: [
+            j
+            for j in _jobs(api, "lifecycle", "generate")
+            if j["metadata"]["name"] not in (first["metadata"]["name"], retry["metadata"]["name"])
+        ],
+    )[0]
 
     api.patch("spinruns.selfplay.dev", "lifecycle", {"spec": {"suspend": True}}, namespace="team-a")
-    wait("the Job suspended", lambda: (api.get("jobs", retry["metadata"]["name"], "team-a") or {})
-         .get("spec", {}).get("suspend") is True)
+    wait(
+        "the Job suspended",
+        lambda: (
+            (api.get("jobs", retry["metadata"]["name"], "team-a") or {})
+            .get("spec", {})
+            .get("suspend")
+            is True
+        ),
+    )
     wait("phase Suspended", lambda: _phase(api, "lifecycle") == "Suspended")
-    api.patch("spinruns.selfplay.dev", "lifecycle", {"spec": {"suspend": False}}, namespace="team-a")
-    wait("the Job resumed", lambda: (api.get("jobs", retry["metadata"]["name"], "team-a") or {})
-         .get("spec", {}).get("suspend") is False)
+    api.patch(
+        "spinruns.selfplay.dev", "lifecycle", {"spec": {"suspend": False}}, namespace="team-a"
+    )
+    wait(
+        "the Job resumed",
+        lambda: (
+            (api.get("jobs", retry["metadata"]["name"], "team-a") or {})
+            .get("spec", {})
+            .get("suspend")
+            is False
+        ),
+    )
 
     def complete_active() -> bool:
         for job in _jobs(api, "lifecycle"):
@@ -352,8 +434,10 @@ def _lifecycle(api: Any, workdir: Path, logs: Callable[[], str]) -> None:
         _job_complete(api, job, workdir)
     wait("the doomed run's training Job", lambda: _jobs(api, "doomed", "train"))
     api.delete("spinruns.selfplay.dev", "doomed", namespace="team-a")
-    wait("the doomed run gone (finalizer released)",
-         lambda: api.get("spinruns.selfplay.dev", "doomed", namespace="team-a") is None)
+    wait(
+        "the doomed run gone (finalizer released)",
+        lambda: api.get("spinruns.selfplay.dev", "doomed", namespace="team-a") is None,
+    )
 
 
 class LifecycleTimeout(Exception):
@@ -378,9 +462,14 @@ def operator_calls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Record
         with running_api(workdir) as api:
             for ns in ("team-a", "team-b", NAMESPACE):
                 api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-            api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds",
-                        "namespace": "team-a"}, "stringData": {"AWS_ACCESS_KEY_ID": "x",
-                                                               "AWS_SECRET_ACCESS_KEY": "y"}})
+            api.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "s3-creds", "namespace": "team-a"},
+                    "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+                }
+            )
             failure = None
             with _operator(api, workdir, namespaces) as logs:
                 try:
@@ -401,20 +490,26 @@ def test_operator_completes_the_lifecycle(mode: str, operator_calls: dict[str, R
 
 def _discovery_only(path: str) -> bool:
     """Non-resource URLs every authenticated user may read (system:discovery, system:public-info-viewer)."""
-    return path in ("/api", "/apis", "/version", "/healthz", "/livez", "/readyz") or (
-        path.startswith(("/api/", "/apis/")) and path.count("/") <= 3
-    ) or path.startswith("/openapi/")
+    return (
+        path in ("/api", "/apis", "/version", "/healthz", "/livez", "/readyz")
+        or (path.startswith(("/api/", "/apis/")) and path.count("/") <= 3)
+        or path.startswith("/openapi/")
+    )
 
 
 @needs_helm
 @needs_operator
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_rbac_allows_every_call_of_the_real_operator(mode: str, operator_calls: dict[str, Recorded]) -> None:
+def test_rbac_allows_every_call_of_the_real_operator(
+    mode: str, operator_calls: dict[str, Recorded]
+) -> None:
     grants = _grants(MODES[mode])
     denied = set()
     for request in operator_calls[mode].calls:
         if request.resource is None:
-            assert _discovery_only(request.path), f"non-resource request outside discovery: {request.path}"
+            assert _discovery_only(request.path), (
+                f"non-resource request outside discovery: {request.path}"
+            )
             continue
         call = Call(request.verb, request.group or "", request.rbac_resource, request.namespace)
         if not grants.allows(call):
@@ -427,10 +522,16 @@ def test_rbac_allows_every_call_of_the_real_operator(mode: str, operator_calls: 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_rbac_grants_nothing_unused(mode: str, operator_calls: dict[str, Recorded]) -> None:
     recorded = operator_calls[mode]
-    used = {(r.group or "", r.rbac_resource, r.verb) for r in recorded.calls if r.resource is not None}
+    used = {
+        (r.group or "", r.rbac_resource, r.verb) for r in recorded.calls if r.resource is not None
+    }
     unused = _grants(MODES[mode]).pairs() - used
     unjustified = unused - set(ALLOW_LIST)
-    stopped = f" (the lifecycle stopped early: {recorded.failure.splitlines()[0]})" if recorded.failure else ""
+    stopped = (
+        f" (the lifecycle stopped early: {recorded.failure.splitlines()[0]})"
+        if recorded.failure
+        else ""
+    )
     assert not unjustified, (
         f"{mode}: granted but never used and not justified in ALLOW_LIST: {sorted(unjustified)}{stopped}"
     )

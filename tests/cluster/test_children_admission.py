@@ -61,7 +61,10 @@ def test_operator_children_pass_admission_and_need_both_fixes(
     code, out = dry_run(c, pod, tmp_path / "pod.json")
     assert code == 0, f"PodSecurity restricted refuses the operator's pod:\n{out}"
     spec = pod["spec"]
-    assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsUser"] == 65532
+    assert (
+        spec["automountServiceAccountToken"] is False
+        and spec["securityContext"]["runAsUser"] == 65532
+    )
     spec["securityContext"].pop("runAsNonRoot")
     spec["containers"][0]["securityContext"].pop("runAsNonRoot")
     code, out = dry_run(c, pod, tmp_path / "pod.json")

@@ -129,8 +129,15 @@ def test_rbac_denial_surfaces_as_a_condition(
     run = c.run(RUN)
     assert run["status"]["phase"] == "Failed", run["status"]
     failed = next(x for x in run["status"]["conditions"] if x["type"] == "Failed")
-    assert failed["reason"] == "CreateRejected" and 'cannot create resource "jobs"' in failed["message"], failed
+    assert (
+        failed["reason"] == "CreateRejected"
+        and 'cannot create resource "jobs"' in failed["message"]
+    ), failed
     assert c.jobs() == [] and c.job_creations() == []
     events = json.loads(c.kubectl("get", "events", "-n", c.namespace, "-o", "json").stdout)["items"]
-    warnings = [e for e in events if e.get("reason") == "CreateRejected" and e.get("type") == "Warning"]
-    assert warnings and "forbidden" in warnings[0]["message"].lower(), [e.get("reason") for e in events]
+    warnings = [
+        e for e in events if e.get("reason") == "CreateRejected" and e.get("type") == "Warning"
+    ]
+    assert warnings and "forbidden" in warnings[0]["message"].lower(), [
+        e.get("reason") for e in events
+    ]

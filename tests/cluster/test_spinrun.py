@@ -43,7 +43,9 @@ def assert_each_step_once(c: RealCluster, iterations: int) -> None:
     assert all(p["status"]["phase"] == "Succeeded" for p in c.pods())
 
 
-def test_helm_install_then_kubectl_apply_runs_two_real_iterations(cluster: RealCluster, tmp_path: Path) -> None:
+def test_helm_install_then_kubectl_apply_runs_two_real_iterations(
+    cluster: RealCluster, tmp_path: Path
+) -> None:
     c = cluster
     operator = c.operator_pod()
     assert operator is not None and operator["status"]["phase"] == "Running"

@@ -347,9 +347,7 @@ def cluster(api: K8sApi, workdir: Path, s3_endpoint: str, mlflow_uri: str,
     with Executor(api.url, workdir / "pods", **options) as executor:
         kubectl = Kubectl(api.kubeconfig_path)
         operator = OperatorProcess(executor, api, values, workdir)
-        c = Cluster(
-            api, executor, operator, kubectl, namespace, workdir, s3_endpoint, mlflow_uri
-        )
+        c = Cluster(api, executor, operator, kubectl, namespace, workdir, s3_endpoint, mlflow_uri)
         c.create_namespace(RELEASE_NAMESPACE)  # the operator's own S3 credentials (chart env)
         c.create_namespace(c.namespace)
         started = time.monotonic()

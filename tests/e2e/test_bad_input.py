@@ -38,7 +38,9 @@ def test_bad_dataset_fails_the_first_job_once_and_is_not_retried(
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PodFailurePolicy"
     # the cause first: what the runtime left in the step's output folder, not the exit-code line
-    assert failed["message"].startswith(f"dataset {BAD_DATASET}: not UTF-8 ×20 (line 241, line 242,")
+    assert failed["message"].startswith(
+        f"dataset {BAD_DATASET}: not UTF-8 ×20 (line 241, line 242,"
+    )
     assert "above dataset.maxSkippedFraction 0.01" in failed["message"]
     assert failed["message"].endswith(
         f"(generate of iteration 0: bad input, not retried; details: kubectl logs job/{gen})"

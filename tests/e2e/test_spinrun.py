@@ -50,7 +50,9 @@ def test_kubectl_apply_runs_two_real_iterations(e2e: Cluster, tmp_path: Path) ->
         assert "exact_match" in it["metrics"]
     assert status["bestIteration"] in (0, 1)
     # --- `kubectl wait` on the Job-style condition returns at once for a finished run
-    waited = e2e.kubectl("wait", "--for=condition=Complete", f"spinrun/{RUN}", "-n", e2e.namespace, "--timeout=30s")
+    waited = e2e.kubectl(
+        "wait", "--for=condition=Complete", f"spinrun/{RUN}", "-n", e2e.namespace, "--timeout=30s"
+    )
     assert "condition met" in waited.stdout, waited.stdout + waited.stderr
 
     # --- kubectl get shows the printer columns

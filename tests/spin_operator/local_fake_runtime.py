@@ -83,7 +83,10 @@ def main(argv: list[str]) -> int:
             manifest.write_file_artifact(Path(tmp, name), storage.join(out, name), "generated")
         elif stage in ("train", "control-train"):
             for step in (1, 2):
-                print(json.dumps({"event": "train", "step": step, "loss": 0.6, "margin": 0.1}), flush=True)
+                print(
+                    json.dumps({"event": "train", "step": step, "loss": 0.6, "margin": 0.1}),
+                    flush=True,
+                )
             Path(tmp, "config.json").write_text("{}")
             metrics = {"eval_margin": 0.5 + iteration, "eval_accuracy": 0.75}
             manifest.write_dir_artifact(tmp, out, "model", {"metrics": metrics})

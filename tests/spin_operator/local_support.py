@@ -26,7 +26,11 @@ def fake_python(directory: Path) -> str:
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -36,11 +40,15 @@ def write_model_folder(model: Path) -> Path:
     import struct
 
     model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (model / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
     header = b'{"__metadata__":{"format":"pt"}}'
     (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     (model / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
-    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     return model
 
 
@@ -49,7 +57,9 @@ def write_spec(directory: Path, name: str = "local-test", **spec: Any) -> Path:
     `spec` overrides nested fields, e.g. `training={"beta": 2.0}`."""
     model = write_model_folder(directory / "model")
     data = directory / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(2)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(2))
+    )
     base = {
         "model": {"uri": str(model)},
         "dataset": {"uri": str(data), "evalSamples": 1},

@@ -45,11 +45,19 @@ def spinrun(name: str, **spec: Any) -> JSON:
         "training": {"nodes": 2, "gpusPerNode": 0},
     }
     body.update(spec)
-    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name, "namespace": NS}, "spec": body}
+    return {
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": body,
+    }
 
 
 def finished(job: JSON) -> bool:
-    return any(c["type"] in ("Complete", "Failed") and c["status"] == "True" for c in (job.get("status") or {}).get("conditions") or [])
+    return any(
+        c["type"] in ("Complete", "Failed") and c["status"] == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
 
 
 class Cluster:
@@ -60,7 +68,12 @@ class Cluster:
         self.driver = JobDriver(api.url)
 
     def settings(self, **changes: Any) -> Settings:
-        values: dict[str, Any] = {"namespaces": (NS,), "storage_uri": str(self.storage), "health_port": 0, "metrics_port": 0}
+        values: dict[str, Any] = {
+            "namespaces": (NS,),
+            "storage_uri": str(self.storage),
+            "health_port": 0,
+            "metrics_port": 0,
+        }
         values.update(changes)
         return Settings(**values)
 
@@ -86,12 +99,17 @@ class Cluster:
     async def jobs(self, run: str, stage: str | None = None) -> list[JSON]:
         selector = f"{naming.RUN_LABEL}={run}" + (f",{naming.STAGE_LABEL}={stage}" if stage else "")
         items = await self.api.alist("jobs", namespace=NS, label_selector=selector)
-        return sorted((j for j in items if not j["metadata"].get("deletionTimestamp")), key=lambda j: j["metadata"]["creationTimestamp"])
+        return sorted(
+            (j for j in items if not j["metadata"].get("deletionTimestamp")),
+            key=lambda j: j["metadata"]["creationTimestamp"],
+        )
 
     async def active(self, run: str) -> list[JSON]:
         return [j for j in await self.jobs(run) if not finished(j)]
 
-    async def wait(self, what: str, probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0) -> T:
+    async def wait(
+        self, what: str, probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0
+    ) -> T:
         deadline = time.monotonic() + timeout
         while True:
             value = await probe()
@@ -109,7 +127,9 @@ class Cluster:
         try:
             return await self.wait(f"{name} {phase}", probe, timeout)
         except AssertionError:
-            raise AssertionError(f"{name} never became {phase}: {json.dumps(await self.status(name))[:2000]}") from None
+            raise AssertionError(
+                f"{name} never became {phase}: {json.dumps(await self.status(name))[:2000]}"
+            ) from None
 
     async def wait_job(self, run: str, name: str) -> JSON:
         async def probe() -> JSON | None:
@@ -119,7 +139,11 @@ class Cluster:
 
     async def events(self, name: str) -> list[tuple[str, str]]:
         items = await self.api.alist("events", namespace=NS)
-        return [(e.get("reason", ""), e.get("message", "")) for e in items if (e.get("involvedObject") or {}).get("name") == name]
+        return [
+            (e.get("reason", ""), e.get("message", ""))
+            for e in items
+            if (e.get("involvedObject") or {}).get("name") == name
+        ]
 
     # ------------------------------------------------------------------ acting as Jobs
 
@@ -127,14 +151,27 @@ class Cluster:
         """What a Job's pods leave behind on success: files first, manifests last."""
         labels = job["metadata"]["labels"]
         run = labels[naming.RUN_LABEL]
-        it = RunLayout.for_run(str(self.storage), job["metadata"]["namespace"], run).iteration(int(labels[naming.ITERATION_LABEL]))
+        it = RunLayout.for_run(str(self.storage), job["metadata"]["namespace"], run).iteration(
+            int(labels[naming.ITERATION_LABEL])
+        )
         scratch = self.root / "scratch" / job["metadata"]["name"]
         scratch.mkdir(parents=True, exist_ok=True)
         stage, n = labels[naming.STAGE_LABEL], int(job["spec"].get("completions") or 1)
         if stage == "generate":
             for index in range(n):
                 shard = scratch / f"shard-{index}.jsonl"
-                shard.write_text(json.dumps({"id": index, "split": "train", "prompt": "p", "real": "r", "generated": "g"}) + "\n")
+                shard.write_text(
+                    json.dumps(
+                        {
+                            "id": index,
+                            "split": "train",
+                            "prompt": "p",
+                            "real": "r",
+                            "generated": "g",
+                        }
+                    )
+                    + "\n"
+                )
                 manifest.write_file_artifact(shard, it.shard(index, n), "generated", {"records": 1})
         elif stage == "train":
             (scratch / "config.json").write_text("{}")
@@ -144,7 +181,9 @@ class Cluster:
             (scratch / "results.json").write_text(json.dumps(results))
             manifest.write_dir_artifact(scratch, it.eval, "eval")
 
-    async def complete(self, job: JSON, metrics: dict[str, float] | None = None, write: bool = True) -> None:
+    async def complete(
+        self, job: JSON, metrics: dict[str, float] | None = None, write: bool = True
+    ) -> None:
         meta = job["metadata"]
         if write:
             await asyncio.to_thread(self.write_artifacts, job, metrics)
@@ -158,7 +197,9 @@ class Cluster:
         meta = job["metadata"]
         await asyncio.to_thread(self.driver.start, meta["name"], meta["namespace"])
 
-    async def run_to_end(self, name: str, metrics: list[float] | None = None, timeout: float = 30.0) -> JSON:
+    async def run_to_end(
+        self, name: str, metrics: list[float] | None = None, timeout: float = 30.0
+    ) -> JSON:
         """Complete every Job of `name` as it appears until the run is finished."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -175,7 +216,11 @@ class Cluster:
 
     def creates(self, resource: str = "jobs") -> list[int]:
         """Response codes of the operator's create requests for `resource`."""
-        return [e.code for e in self.api.requests.entries(user_agent="spin-operator") if e.verb == "create" and e.resource == resource]
+        return [
+            e.code
+            for e in self.api.requests.entries(user_agent="spin-operator")
+            if e.verb == "create" and e.resource == resource
+        ]
 
 
 class OperatorProcess:
@@ -187,7 +232,12 @@ class OperatorProcess:
 
     def __init__(self, settings: Settings, **controller_kwargs: Any) -> None:
         self.settings = settings
-        self.controller_kwargs = {"metrics": Metrics(), "tracking": Tracking(timeout=5, cooldown=30), "retry_base": 0.2, "retry_max": 2.0}
+        self.controller_kwargs = {
+            "metrics": Metrics(),
+            "tracking": Tracking(timeout=5, cooldown=30),
+            "retry_base": 0.2,
+            "retry_max": 2.0,
+        }
         self.controller_kwargs.update(controller_kwargs)
         self.controller: Controller | None = None
         self._thread: threading.Thread | None = None
@@ -203,7 +253,10 @@ class OperatorProcess:
             ready = asyncio.Event()
             asyncio.get_running_loop().call_soon(self._ready.set)
             await kopf.operator(
-                registry=build_registry(self.controller), stop_flag=self._stop, ready_flag=ready, **operator_kwargs(self.settings)
+                registry=build_registry(self.controller),
+                stop_flag=self._stop,
+                ready_flag=ready,
+                **operator_kwargs(self.settings),
             )
 
         self._loop = loop = asyncio.new_event_loop()

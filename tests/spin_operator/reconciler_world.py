@@ -129,7 +129,9 @@ class World:
             finalizer=self.finalizer,
             jobs=tuple(self.jobs.values()),
             gone_jobs=frozenset(n for n in jobs if n not in self.jobs),
-            missing_secrets=frozenset({"s3-creds", "mlflow-creds", "creds"} - self.secrets) if secrets else None,
+            missing_secrets=frozenset({"s3-creds", "mlflow-creds", "creds"} - self.secrets)
+            if secrets
+            else None,
             storage={t: self.storage.get(t, StorageFacts()) for t in storage},
             stored_spec_checked=stored,
             stored_spec_digest=self.stored_digest if stored else None,
@@ -150,10 +152,15 @@ class World:
         secrets = stored = False
         jobs: set[str] = set()
         for _ in range(50):
-            decision = reconcile(self.spec(), self.status, self.observed(storage, secrets, jobs, stored))
-            if decision.complete or (self.unknown_storage and not (
-                decision.needs_secrets or decision.needs_jobs or decision.needs_stored_spec
-            )):
+            decision = reconcile(
+                self.spec(), self.status, self.observed(storage, secrets, jobs, stored)
+            )
+            if decision.complete or (
+                self.unknown_storage
+                and not (
+                    decision.needs_secrets or decision.needs_jobs or decision.needs_stored_spec
+                )
+            ):
                 break
             storage |= decision.needs_storage if not self.unknown_storage else set()
             secrets |= decision.needs_secrets
@@ -174,15 +181,28 @@ class World:
         assert not names & set(self.jobs), f"create of an existing Job: {names & set(self.jobs)}"
         for c in creates:
             parsed = parse_job_name(c.name)
-            assert parsed is not None and (parsed.run, parsed.iteration, parsed.stage, parsed.attempt) == (NAME, c.iteration, c.stage, c.attempt)
-            done = [it for it in old.iterations if it.iteration == c.iteration and it.stage == "Done"]
+            assert parsed is not None and (
+                parsed.run,
+                parsed.iteration,
+                parsed.stage,
+                parsed.attempt,
+            ) == (NAME, c.iteration, c.stage, c.attempt)
+            done = [
+                it for it in old.iterations if it.iteration == c.iteration and it.stage == "Done"
+            ]
             assert not done, f"finished iteration {c.iteration} redone by {c.name}"
-            assert c.iteration >= old.iteration, f"{c.name} is for an earlier iteration than {old.iteration}"
+            assert c.iteration >= old.iteration, (
+                f"{c.name} is for an earlier iteration than {old.iteration}"
+            )
             step = next((it for it in old.iterations if it.iteration == c.iteration), None)
             if step is not None:
                 ss = getattr(step, step_field(c.stage))
                 assert ss is None or ss.phase != "Succeeded", f"{c.name}: step already succeeded"
-        if self.deleting or new.phase in ("Succeeded", "Failed") or (d.spec is not None and d.spec.suspend):
+        if (
+            self.deleting
+            or new.phase in ("Succeeded", "Failed")
+            or (d.spec is not None and d.spec.suspend)
+        ):
             assert not creates, f"created {names} while deleting/terminal/suspended"
         # never two active Jobs for one step
         deleted = {a.name for a in d.of_type(DeleteJob)}
@@ -218,7 +238,14 @@ class World:
                 parsed = parse_job_name(a.name)
                 assert parsed is not None
                 queued = bool(d.spec and d.spec.scheduling.queue_name)
-                self.jobs[a.name] = ObservedJob(a.name, a.iteration, a.stage, a.attempt, "Suspended" if queued else "Pending", queued=queued)
+                self.jobs[a.name] = ObservedJob(
+                    a.name,
+                    a.iteration,
+                    a.stage,
+                    a.attempt,
+                    "Suspended" if queued else "Pending",
+                    queued=queued,
+                )
                 self.created.append(a.name)
             elif isinstance(a, SuspendJob):
                 job = self.jobs[a.name]
@@ -252,7 +279,9 @@ class World:
     def set_state(self, name: str, state: str, reason: str = "", message: str = "") -> None:
         self.jobs[name] = replace(self.jobs[name], state=state, reason=reason, message=message)  # type: ignore[arg-type]
 
-    def succeed(self, name: str, metrics: dict[str, float] | None = None, write: bool = True) -> None:
+    def succeed(
+        self, name: str, metrics: dict[str, float] | None = None, write: bool = True
+    ) -> None:
         """The Job succeeds; with `write`, its artifact's manifest lands (as the runtime does).
         A control evaluation without `metrics` scores 0.05 below SPIN's default."""
         job = self.jobs[name]
@@ -265,7 +294,9 @@ class World:
             }[job.stage]  # fmt: skip
             extra: dict[str, Any] = {flag: True}
             if job.stage == "evaluate":
-                extra["metrics"] = metrics if metrics is not None else {"exact_match": 0.1 * (job.iteration + 1)}
+                extra["metrics"] = (
+                    metrics if metrics is not None else {"exact_match": 0.1 * (job.iteration + 1)}
+                )
             if job.stage == "control-evaluate":
                 default = {"exact_match": 0.1 * (job.iteration + 1) - 0.05}
                 extra["control_metrics"] = metrics if metrics is not None else default

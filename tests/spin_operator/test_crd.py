@@ -18,11 +18,15 @@ CRD_FILE = REPO / "crds" / "selfplay.dev_spinruns.yaml"
 
 
 def test_committed_crd_matches_models() -> None:
-    assert CRD_FILE.read_text() == crd.crd_yaml(), "crds/ drifted from the models: run `make generate`"
+    assert CRD_FILE.read_text() == crd.crd_yaml(), (
+        "crds/ drifted from the models: run `make generate`"
+    )
 
 
 def test_committed_reference_matches_models() -> None:
-    assert (REPO / "docs" / "api.md").read_text() == markdown(), "docs/api.md drifted: run `make generate`"
+    assert (REPO / "docs" / "api.md").read_text() == markdown(), (
+        "docs/api.md drifted: run `make generate`"
+    )
 
 
 def test_crd_passes_kubernetes_validate_strict() -> None:
@@ -43,7 +47,11 @@ def test_schema_is_structural() -> None:
     schema = root_schema()
     for path, node in _walk(schema):
         assert "$ref" not in node and "anyOf" not in node and "allOf" not in node, path
-        if path.endswith("/properties") or path.endswith("x-kubernetes-validations") or "/x-kubernetes-validations/" in path:
+        if (
+            path.endswith("/properties")
+            or path.endswith("x-kubernetes-validations")
+            or "/x-kubernetes-validations/" in path
+        ):
             continue
         if path.split("/")[-1] in ("default", "enum") or "/default" in path or "/enum" in path:
             continue

@@ -40,7 +40,12 @@ async def operator(cluster: Cluster) -> AsyncIterator[OperatorProcess]:
 async def test_three_iterations_to_succeeded(cluster: Cluster, operator: OperatorProcess) -> None:
     await cluster.api.acreate(spinrun("paper", iterations=3))
     status = await cluster.run_to_end("paper", metrics=[0.2, 0.5, 0.4])
-    assert (status["phase"], status["progress"], status["stage"], status["bestIteration"]) == ("Succeeded", "3/3", "Done", 1)
+    assert (status["phase"], status["progress"], status["stage"], status["bestIteration"]) == (
+        "Succeeded",
+        "3/3",
+        "Done",
+        1,
+    )
     assert [it["metrics"]["exact_match"] for it in status["iterations"]] == [0.2, 0.5, 0.4]
     ready = await cluster.condition("paper", "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
@@ -49,8 +54,17 @@ async def test_three_iterations_to_succeeded(cluster: Cluster, operator: Operato
     await cluster.wait("finished Jobs deleted", lambda: _no_jobs(cluster, "paper"))
     assert cluster.creates() == [201] * 9
     assert await cluster.api.alist("services", namespace=NS) == []  # rendezvous Services cleaned up
-    reasons = collections.Counter(r for r, _ in await cluster.wait("events", lambda: _events_with(cluster, "paper", "Succeeded")))
-    assert reasons["JobCreated"] == 9 and reasons["IterationCompleted"] == 3 and reasons["Started"] == 1
+    reasons = collections.Counter(
+        r
+        for r, _ in await cluster.wait(
+            "events", lambda: _events_with(cluster, "paper", "Succeeded")
+        )
+    )
+    assert (
+        reasons["JobCreated"] == 9
+        and reasons["IterationCompleted"] == 3
+        and reasons["Started"] == 1
+    )
     # one status patch per transition, no polling: a bounded number of writes per Job
     writes = cluster.api.requests.by_verb_resource(user_agent="spin-operator")
     assert writes["patch spinruns/status"] <= 2 * 9 + 2, writes
@@ -63,7 +77,9 @@ async def _events_with(cluster: Cluster, name: str, reason: str) -> list[tuple[s
     return events if any(r == reason for r, _ in events) else []
 
 
-async def test_training_job_gets_a_headless_service(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_training_job_gets_a_headless_service(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("multi"))
     gen = await cluster.wait_job("multi", "multi-i0-gen")
     assert gen["spec"]["completions"] == 2 and gen["spec"]["completionMode"] == "Indexed"
@@ -76,7 +92,9 @@ async def test_training_job_gets_a_headless_service(cluster: Cluster, operator: 
     assert (owner["kind"], owner["name"], owner["controller"]) == ("SPINRun", "multi", True)
 
 
-async def test_failed_job_is_retried_then_succeeds(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_failed_job_is_retried_then_succeeds(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("flaky"))
     first = await cluster.wait_job("flaky", "flaky-i0-gen")
     await cluster.fail(first)
@@ -89,7 +107,9 @@ async def test_failed_job_is_retried_then_succeeds(cluster: Cluster, operator: O
     assert any(r == "Retrying" for r, _ in await cluster.events("flaky"))
 
 
-async def test_retries_exhausted_fail_the_run_with_the_reason(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_retries_exhausted_fail_the_run_with_the_reason(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("doomed", failurePolicy={"maxRetries": 1}))
     await cluster.fail(await cluster.wait_job("doomed", "doomed-i0-gen"), "DeadlineExceeded")
     await cluster.fail(await cluster.wait_job("doomed", "doomed-i0-gen-r1"), "DeadlineExceeded")
@@ -126,7 +146,9 @@ async def test_suspend_and_resume(cluster: Cluster, operator: OperatorProcess) -
     assert cluster.creates() == [201] * 3
 
 
-async def test_deletion_keeps_artifacts_by_default(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_deletion_keeps_artifacts_by_default(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("keep"))
     await cluster.complete(await cluster.wait_job("keep", "keep-i0-gen"))
     await cluster.wait_job("keep", "keep-i0-train")
@@ -137,7 +159,9 @@ async def test_deletion_keeps_artifacts_by_default(cluster: Cluster, operator: O
     assert (cluster.storage / NS / "keep" / "iter-000" / "generated").is_dir()
 
 
-async def test_deletion_with_retention_delete_removes_artifacts(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_deletion_with_retention_delete_removes_artifacts(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("wipe", retention={"onDelete": "Delete"}))
     await cluster.complete(await cluster.wait_job("wipe", "wipe-i0-gen"))
     await cluster.wait_job("wipe", "wipe-i0-train")
@@ -160,7 +184,9 @@ async def _no_jobs(cluster: Cluster, name: str) -> bool:
 
 @pytest.mark.parametrize("stage", ["gen", "train", "eval"])
 @pytest.mark.parametrize("while_down", ["running", "completed"])
-async def test_operator_killed_and_restarted_at_each_stage(cluster: Cluster, stage: str, while_down: str) -> None:
+async def test_operator_killed_and_restarted_at_each_stage(
+    cluster: Cluster, stage: str, while_down: str
+) -> None:
     """Kill the operator while a Job of `stage` runs (and maybe finishes meanwhile), restart it:
     no Job is created twice and no finished step is redone."""
     op = await OperatorProcess(cluster.settings()).start()
@@ -179,7 +205,10 @@ async def test_operator_killed_and_restarted_at_each_stage(cluster: Cluster, sta
     finally:
         await op.stop()
     assert status["phase"] == "Succeeded" and status["progress"] == "2/2"
-    assert [it["generate"]["jobName"] for it in status["iterations"]] == ["phoenix-i0-gen", "phoenix-i1-gen"]
+    assert [it["generate"]["jobName"] for it in status["iterations"]] == [
+        "phoenix-i0-gen",
+        "phoenix-i1-gen",
+    ]
     assert cluster.creates() == [201] * 6
 
 
@@ -210,34 +239,61 @@ async def test_missing_storage_default_fails_naming_the_field(cluster: Cluster) 
         await cluster.api.acreate(spinrun("nowhere"))
         await cluster.wait_phase("nowhere", "Failed")
         failed = await cluster.condition("nowhere", "Failed")
-        assert failed["reason"] == "InvalidSpec" and failed["message"].startswith("spec.storage.uri:")
+        assert failed["reason"] == "InvalidSpec" and failed["message"].startswith(
+            "spec.storage.uri:"
+        )
         assert await cluster.jobs("nowhere") == []
         # fixing the spec re-evaluates a run that never started
-        await cluster.api.apatch(SPINRUNS, "nowhere", {"spec": {"storage": {"uri": str(cluster.storage)}}}, NS)
+        await cluster.api.apatch(
+            SPINRUNS, "nowhere", {"spec": {"storage": {"uri": str(cluster.storage)}}}, NS
+        )
         await cluster.wait_job("nowhere", "nowhere-i0-gen")
         await cluster.wait_phase("nowhere", "Running")
     finally:
         await op.stop()
 
 
-async def test_missing_secret_fails_naming_the_field(cluster: Cluster, operator: OperatorProcess) -> None:
-    await cluster.api.acreate(spinrun("locked", storage={"credentialsSecret": {"name": "s3-creds"}}))
+async def test_missing_secret_fails_naming_the_field(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    await cluster.api.acreate(
+        spinrun("locked", storage={"credentialsSecret": {"name": "s3-creds"}})
+    )
     await cluster.wait_phase("locked", "Failed")
     failed = await cluster.condition("locked", "Failed")
-    assert (failed["reason"], failed["message"]) == ("SecretNotFound", 'spec.storage.credentialsSecret.name: Secret "s3-creds" not found')
+    assert (failed["reason"], failed["message"]) == (
+        "SecretNotFound",
+        'spec.storage.credentialsSecret.name: Secret "s3-creds" not found',
+    )
     assert await cluster.jobs("locked") == []
-    await cluster.api.acreate({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})
-    await cluster.api.apatch(SPINRUNS, "locked", {"metadata": {"annotations": {"selfplay.dev/recheck": "1"}}}, NS)
+    await cluster.api.acreate(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": NS},
+            "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+        }
+    )
+    await cluster.api.apatch(
+        SPINRUNS, "locked", {"metadata": {"annotations": {"selfplay.dev/recheck": "1"}}}, NS
+    )
     job = await cluster.wait_job("locked", "locked-i0-gen")
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
 
 
-async def test_refused_spec_change_goes_on_with_the_started_spec(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_refused_spec_change_goes_on_with_the_started_spec(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("steady", iterations=2))
     await cluster.complete(await cluster.wait_job("steady", "steady-i0-gen"))
     await cluster.wait_job("steady", "steady-i0-train")
-    await cluster.api.apatch(SPINRUNS, "steady", {"spec": {"model": {"uri": "s3://models/other"}, "iterations": 3}}, NS)
+    await cluster.api.apatch(
+        SPINRUNS, "steady", {"spec": {"model": {"uri": "s3://models/other"}, "iterations": 3}}, NS
+    )
 
     async def refused() -> bool:
         conds = (await cluster.status("steady")).get("conditions") or []
@@ -247,17 +303,25 @@ async def test_refused_spec_change_goes_on_with_the_started_spec(cluster: Cluste
     cond = await cluster.condition("steady", "SpecChangeRefused")
     assert "spec.model.uri" in cond["message"] and cond["observedGeneration"] == 2
     train = await cluster.api.aget("jobs", "steady-i0-train", NS)  # (finished Jobs are deleted)
-    assert train is not None and "s3://models/tiny" in train["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert (
+        train is not None
+        and "s3://models/tiny" in train["spec"]["template"]["spec"]["containers"][0]["command"]
+    )
     status = await cluster.run_to_end("steady")
     assert status["progress"] == "3/3"  # iterations is mutable: raised to 3
 
 
-async def test_metrics_count_jobs_and_transitions(cluster: Cluster, operator: OperatorProcess) -> None:
+async def test_metrics_count_jobs_and_transitions(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
     await cluster.api.acreate(spinrun("counted"))
     await cluster.run_to_end("counted")
     assert operator.controller is not None
     m = operator.controller.metrics
     assert m.value("spin_operator_jobs_created_total", stage="train") == 1
-    assert m.value("spin_operator_phase_transitions_total", from_phase="Running", to_phase="Succeeded") == 1
+    assert (
+        m.value("spin_operator_phase_transitions_total", from_phase="Running", to_phase="Succeeded")
+        == 1
+    )
     assert m.value("spin_operator_runs", phase="Succeeded") == 1
     assert m.value("spin_operator_reconcile_duration_seconds_count") > 0

@@ -27,10 +27,15 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
 
 
 def env_of(job: dict) -> dict[str, str]:  # type: ignore[type-arg]
-    return {e["name"]: e.get("value", "") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return {
+        e["name"]: e.get("value", "")
+        for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
 
 
-async def test_s3_storage_and_mlflow_tracking(cluster: Cluster, s3_bucket: str, moto_server: str, mlflow_server: MlflowServer) -> None:
+async def test_s3_storage_and_mlflow_tracking(
+    cluster: Cluster, s3_bucket: str, moto_server: str, mlflow_server: MlflowServer
+) -> None:
     from mlflow.tracking import MlflowClient
 
     cluster.storage = s3_bucket + "/runs"  # type: ignore[assignment]
@@ -39,10 +44,19 @@ async def test_s3_storage_and_mlflow_tracking(cluster: Cluster, s3_bucket: str, 
     settings = cluster.settings(storage_uri=None, mlflow_uri=mlflow_server.uri, security=allowed)
     op = await OperatorProcess(settings).start()
     try:
-        await cluster.api.acreate(spinrun("tracked", iterations=2, storage={"uri": s3_bucket + "/runs", "endpoint": moto_server}))
+        await cluster.api.acreate(
+            spinrun(
+                "tracked",
+                iterations=2,
+                storage={"uri": s3_bucket + "/runs", "endpoint": moto_server},
+            )
+        )
         gen = await cluster.wait_job("tracked", "tracked-i0-gen")
         env = env_of(gen)
-        assert env["AWS_ENDPOINT_URL_S3"] == moto_server and env["MLFLOW_TRACKING_URI"] == mlflow_server.uri
+        assert (
+            env["AWS_ENDPOINT_URL_S3"] == moto_server
+            and env["MLFLOW_TRACKING_URI"] == mlflow_server.uri
+        )
         assert env["MLFLOW_RUN_ID"], "the iteration's MLflow run id reaches the Job"
         status = await cluster.run_to_end("tracked", metrics=[0.6, 0.4], timeout=60)
     finally:
@@ -54,8 +68,16 @@ async def test_s3_storage_and_mlflow_tracking(cluster: Cluster, s3_bucket: str, 
     client = MlflowClient(mlflow_server.uri)
 
     async def registered() -> bool:
-        versions = client.search_model_versions(f"name = '{NS}.tracked'")  # confined to the namespace
-        return len(versions) == 2 and client.get_model_version_by_alias(f"{NS}.tracked", "best").tags.get("spin.iteration") == "0"
+        versions = client.search_model_versions(
+            f"name = '{NS}.tracked'"
+        )  # confined to the namespace
+        return (
+            len(versions) == 2
+            and client.get_model_version_by_alias(f"{NS}.tracked", "best").tags.get(
+                "spin.iteration"
+            )
+            == "0"
+        )
 
     await cluster.wait("model versions and the best alias", registered, timeout=30)
     assert client.get_run(iteration_runs[0]).data.tags["mlflow.parentRunId"] == parent
@@ -101,7 +123,9 @@ async def test_operator_killed_right_after_succeeded_still_ends_the_mlflow_runs(
 
     client = MlflowClient(mlflow_server.uri)
     hanging = HangingFinish()
-    op = await OperatorProcess(cluster.settings(mlflow_uri=mlflow_server.uri), tracking=hanging).start()
+    op = await OperatorProcess(
+        cluster.settings(mlflow_uri=mlflow_server.uri), tracking=hanging
+    ).start()
     try:
         await cluster.api.acreate(spinrun("killed", iterations=1))
         status = await cluster.run_to_end("killed", timeout=60)
@@ -113,11 +137,15 @@ async def test_operator_killed_right_after_succeeded_still_ends_the_mlflow_runs(
     assert client.get_run(parent).info.status == "RUNNING"  # what the bug left forever
     assert not (await cluster.status("killed"))["mlflow"].get("finished")
 
-    op = await OperatorProcess(cluster.settings(mlflow_uri=mlflow_server.uri), tracking=Tracking(timeout=60, cooldown=1)).start()
+    op = await OperatorProcess(
+        cluster.settings(mlflow_uri=mlflow_server.uri), tracking=Tracking(timeout=60, cooldown=1)
+    ).start()
     try:
 
         async def confirmed() -> bool:
-            return sorted((await cluster.status("killed"))["mlflow"].get("finished") or []) == sorted([parent, iteration_run])
+            return sorted(
+                (await cluster.status("killed"))["mlflow"].get("finished") or []
+            ) == sorted([parent, iteration_run])
 
         await cluster.wait("status.mlflow.finished to hold both runs", confirmed, timeout=90)
     finally:
@@ -144,7 +172,9 @@ async def test_spooled_calls_are_replayed_when_mlflow_answers_again_not_at_the_r
     from spin_runtime.runlog import RunLogger, TrackingPolicy
 
     tracking = Tracking(timeout=60, cooldown=1)  # deadlines for a loaded machine
-    op = await OperatorProcess(cluster.settings(mlflow_uri=mlflow_server.uri), tracking=tracking).start()
+    op = await OperatorProcess(
+        cluster.settings(mlflow_uri=mlflow_server.uri), tracking=tracking
+    ).start()
     try:
         await cluster.api.acreate(spinrun("spooled", iterations=1))
         gen = await cluster.wait_job("spooled", "spooled-i0-gen")
@@ -152,7 +182,9 @@ async def test_spooled_calls_are_replayed_when_mlflow_answers_again_not_at_the_r
         spool = RunLayout.for_run(str(cluster.storage), NS, "spooled").iteration(0).tracking_spool
         # what the generation Job's logger does when MLflow is unreachable at its end
         dead = f"http://127.0.0.1:{free_port()}"
-        logger = RunLogger(run_id, dead, spool_dir=spool, policy=TrackingPolicy(attempts=1, base_delay=0.01))
+        logger = RunLogger(
+            run_id, dead, spool_dir=spool, policy=TrackingPolicy(attempts=1, base_delay=0.01)
+        )
         logger.log_metrics({"generate/prompts": 64.0, "generate/tokens": 900.0}, step=0)
         assert logger.flush() is not None, "nothing spooled"
         mlflow_server.stop(crash=True)
@@ -160,9 +192,13 @@ async def test_spooled_calls_are_replayed_when_mlflow_answers_again_not_at_the_r
             await cluster.complete(gen)
 
             async def counted() -> bool:
-                return ((await cluster.status("spooled")).get("mlflow") or {}).get("spooledCalls", 0) > 0
+                return ((await cluster.status("spooled")).get("mlflow") or {}).get(
+                    "spooledCalls", 0
+                ) > 0
 
-            await cluster.wait("status.mlflow.spooledCalls to count the backlog", counted, timeout=60)
+            await cluster.wait(
+                "status.mlflow.spooledCalls to count the backlog", counted, timeout=60
+            )
         finally:
             await asyncio.to_thread(mlflow_server.start)
         train = await cluster.wait_job("spooled", "spooled-i0-train")
@@ -170,11 +206,18 @@ async def test_spooled_calls_are_replayed_when_mlflow_answers_again_not_at_the_r
 
         async def delivered() -> bool:
             status = await cluster.status("spooled")
-            return status["mlflow"].get("spooledCalls") == 0 and "generate/prompts" in client.get_run(run_id).data.metrics
+            return (
+                status["mlflow"].get("spooledCalls") == 0
+                and "generate/prompts" in client.get_run(run_id).data.metrics
+            )
 
         await cluster.wait("the spooled metrics to reach MLflow", delivered, timeout=90)
-        assert train["metadata"]["name"] in {j["metadata"]["name"] for j in await cluster.active("spooled")}
-        assert (await cluster.phase("spooled")) == "Running"  # delivered mid-iteration, training runs
+        assert train["metadata"]["name"] in {
+            j["metadata"]["name"] for j in await cluster.active("spooled")
+        }
+        assert (
+            await cluster.phase("spooled")
+        ) == "Running"  # delivered mid-iteration, training runs
         assert client.get_run(run_id).data.metrics["generate/tokens"] == 900.0
         status = await cluster.run_to_end("spooled", timeout=60)
     finally:

@@ -15,7 +15,9 @@ from spin_operator.steps import RunRef, StepPlan, plan_step
 from tests.spin_operator.local_support import pid_alive
 
 
-def plan(argv: list[str], pods: int = 1, stage: str = "generate", name: str = "r-i0-gen") -> StepPlan:
+def plan(
+    argv: list[str], pods: int = 1, stage: str = "generate", name: str = "r-i0-gen"
+) -> StepPlan:
     return StepPlan(
         stage=stage, iteration=0, attempt=0, job_name=name, pods=pods, processes_per_pod=1,  # type: ignore[arg-type]
         argv=tuple(argv), env={"SPIN_TEST": "yes"}, secret_env={}, gpus_per_pod=0, image="x",
@@ -43,7 +45,11 @@ def test_training_argv_runs_torchrun_of_this_python_on_localhost() -> None:
     assert argv[:5] == ["/venv/bin/python", "-m", "torch.distributed.run", "-m", "spin_runtime"]
     assert "--node-rank" not in argv and "--master-addr" not in argv  # topology: PET_* env
     env = {**train.env, **train.local_env(1, 4321)}
-    assert (env["PET_NODE_RANK"], env["PET_MASTER_ADDR"], env["PET_MASTER_PORT"]) == ("1", "127.0.0.1", "4321")
+    assert (env["PET_NODE_RANK"], env["PET_MASTER_ADDR"], env["PET_MASTER_PORT"]) == (
+        "1",
+        "127.0.0.1",
+        "4321",
+    )
     assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("2", "2")
     evaluate = plan_step(spec, Settings(), RunRef("ns", "run"), 0, "evaluate")
     assert local_command(evaluate, "/py")[:4] == ["/py", "-m", "spin_runtime", "evaluate"]
@@ -55,7 +61,9 @@ CODE = "import os, time; open(os.environ['OUT'] + os.environ['JOB_COMPLETION_IND
 
 @pytest.mark.parametrize("parallel", [1, 3])
 def test_shards_get_their_index_and_run_at_most_parallel(tmp_path: Path, parallel: int) -> None:
-    backend = LocalBackend(tmp_path / "logs", env={"OUT": str(tmp_path / "out-")}, max_parallel=parallel)
+    backend = LocalBackend(
+        tmp_path / "logs", env={"OUT": str(tmp_path / "out-")}, max_parallel=parallel
+    )
     backend.start(plan(["python", "-c", CODE], pods=3))
     assert wait(backend, "r-i0-gen") == "Succeeded"
     spans = []
@@ -65,7 +73,9 @@ def test_shards_get_their_index_and_run_at_most_parallel(tmp_path: Path, paralle
         spans.append((float(start), float(end)))
     overlaps = sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
     assert (overlaps == 0) if parallel == 1 else (overlaps > 0)
-    assert [p.log_path.name for p in backend.jobs["r-i0-gen"].pods] == [f"r-i0-gen-{i}.log" for i in range(3)]
+    assert [p.log_path.name for p in backend.jobs["r-i0-gen"].pods] == [
+        f"r-i0-gen-{i}.log" for i in range(3)
+    ]
 
 
 def test_a_failing_pod_fails_the_job_and_stops_its_siblings(tmp_path: Path) -> None:
@@ -76,7 +86,9 @@ def test_a_failing_pod_fails_the_job_and_stops_its_siblings(tmp_path: Path) -> N
     assert wait(backend, job.name) == "Failed"
     assert time.monotonic() - started < 30
     observed = backend.observed()[0]
-    assert observed.reason == "BadInput" and observed.message == "no such dataset"  # the cause alone
+    assert (
+        observed.reason == "BadInput" and observed.message == "no such dataset"
+    )  # the cause alone
     assert "no such dataset" in observed.message
     assert not pid_alive(job.pods[1].proc.pid)  # type: ignore[union-attr]
     assert [j.name for j in backend.finished()] == [job.name]

@@ -19,7 +19,9 @@ SPEC = api.SPINRunSpec.model_validate({
 
 def job(tmp_path: Path, stage: str = "train", pods: int = 1) -> LocalJob:
     plan = StepPlan(stage, 1, 0, f"r-i1-{stage}", pods, 1, (), {}, {}, 0, "img")  # type: ignore[arg-type]
-    return LocalJob(plan, [Pod(i, [], tmp_path / f"{stage}-{i}.log") for i in range(pods)], {}, pods)
+    return LocalJob(
+        plan, [Pod(i, [], tmp_path / f"{stage}-{i}.log") for i in range(pods)], {}, pods
+    )
 
 
 def test_bar() -> None:
@@ -47,7 +49,12 @@ def test_training_progress_from_metric_lines(tmp_path: Path) -> None:
     lines = [
         "2026 INFO spin_runtime.train.loop: iteration 1: ...",
         json.dumps({"event": "data", "step": 0, "train_pairs": 300}),  # ceil(300/64) * 2 = 10
-        *(json.dumps({"event": "train", "step": s, "loss": 0.6, "margin": 0.25 * s, "accuracy": 0.5}) for s in range(1, 6)),
+        *(
+            json.dumps(
+                {"event": "train", "step": s, "loss": 0.6, "margin": 0.25 * s, "accuracy": 0.5}
+            )
+            for s in range(1, 6)
+        ),
         "not json {",
     ]
     training.pods[0].log_path.write_text("\n".join(lines) + "\n")
@@ -76,12 +83,18 @@ def test_generation_progress_by_batch(tmp_path: Path) -> None:
     display = Display(SPEC, out=out, tty=True)
     gen = job(tmp_path, "generate", pods=2)
     display.step_started(gen)
-    gen.pods[0].log_path.write_text(json.dumps({"event": "generate", "shard": 0, "done": 0, "total": 100}) + "\n")
+    gen.pods[0].log_path.write_text(
+        json.dumps({"event": "generate", "shard": 0, "done": 0, "total": 100}) + "\n"
+    )
     display.tick()
-    assert "shards 0/2" in out.getvalue() and "prompts" not in out.getvalue()  # shard 1 not heard from yet
+    assert (
+        "shards 0/2" in out.getvalue() and "prompts" not in out.getvalue()
+    )  # shard 1 not heard from yet
     with gen.pods[0].log_path.open("a") as f:
         f.write(json.dumps({"event": "generate", "shard": 0, "done": 64, "total": 100}) + "\n")
-    gen.pods[1].log_path.write_text(json.dumps({"event": "generate", "shard": 1, "done": 36, "total": 100}) + "\n")
+    gen.pods[1].log_path.write_text(
+        json.dumps({"event": "generate", "shard": 1, "done": 36, "total": 100}) + "\n"
+    )
     display.tick()
     assert "prompts 100/200, shards 0/2" in out.getvalue()
 
@@ -91,8 +104,12 @@ def test_iteration_results_and_summary(tmp_path: Path) -> None:
     display = Display(SPEC, out=out, tty=False)
     results = {"metrics": {"exact_match": 0.5, "real_logp_per_token": -0.9, "num_examples": 200},
                "baseline": {"exact_match": 0.4, "real_logp_per_token": -1.1}}  # fmt: skip
-    display.iteration_results(0, results, {"eval_margin": 3.2, "eval_accuracy": 0.9, "eval_loss": 0.2})
-    display.summary([("θ0 (SFT)", {"exact_match": 0.4}), ("θ1", {"exact_match": 0.5, "eval_margin": 3.2})])
+    display.iteration_results(
+        0, results, {"eval_margin": 3.2, "eval_accuracy": 0.9, "eval_loss": 0.2}
+    )
+    display.summary(
+        [("θ0 (SFT)", {"exact_match": 0.4}), ("θ1", {"exact_match": 0.5, "eval_margin": 3.2})]
+    )
     text = out.getvalue()
     assert "held-out results of θ1 (200 prompts)" in text
     assert "exact match                  0.500  (θ0: 0.400)" in text

@@ -45,7 +45,12 @@ def spinrun(name: str, model: str, data: str, storage_uri: str, **extra: Any) ->
     }  # fmt: skip
     for key, value in extra.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def start(spec_path: Path, cwd: Path, *flags: str) -> subprocess.Popen[str]:
@@ -63,7 +68,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str]
     return proc.returncode, out
 
 
-def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path) -> None:
+def test_one_iteration_on_a_local_folder(
+    tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path
+) -> None:
     """The default suite's variant: local storage, the sqlite MLflow default, one iteration, on a
     dataset with two unusable lines (under the default 1 %): said, kept in status and MLflow."""
     data = tmp_path / "data.jsonl"
@@ -92,18 +99,29 @@ def test_one_iteration_on_a_local_folder(tmp_path: Path, tiny_model_dir: Path, t
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["iter-000", "quick"]
     skipped = f"2 of {lines} rows skipped"
-    assert f"dataset    {skipped}" in out and f"not UTF-8 ×1 (line {lines})" in out and "not JSON ×1 (line 1)" in out
+    assert (
+        f"dataset    {skipped}" in out
+        and f"not UTF-8 ×1 (line {lines})" in out
+        and "not JSON ×1 (line 1)" in out
+    )
     status = json.loads((prefix / ".local-status.json").read_text())["status"]
     assert status["dataset"] == {"rows": lines, "usable": lines - 2, "skipped": 2,
                                  "skippedByReason": {"not JSON": 1, "not UTF-8": 1}}  # fmt: skip
     parent = next(r for r in runs if r.info.run_name == "quick")
     (sft,) = [i.dataset for i in parent.inputs.dataset_inputs if i.dataset.name == "sft"]
     profile = json.loads(sft.profile)
-    assert (profile["rows"], profile["usable"], profile["skipped/not UTF-8"]) == (lines, lines - 2, 1)
+    assert (profile["rows"], profile["usable"], profile["skipped/not UTF-8"]) == (
+        lines,
+        lines - 2,
+        1,
+    )
     # local mode ends the runs before it exits, and its saved status records MLflow's confirmation
     assert {r.info.status for r in runs} == {"FINISHED"}
     saved = json.loads((prefix / ".local-status.json").read_text())["status"]["mlflow"]
-    assert sorted(saved["finished"]) == sorted(r.info.run_id for r in runs) and saved["spooledCalls"] == 0
+    assert (
+        sorted(saved["finished"]) == sorted(r.info.run_id for r in runs)
+        and saved["spooledCalls"] == 0
+    )
 
 
 def _wait_for(predicate: Any, proc: subprocess.Popen[str], timeout: float = 300) -> None:
@@ -112,7 +130,9 @@ def _wait_for(predicate: Any, proc: subprocess.Popen[str], timeout: float = 300)
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"spinctl exited early ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(
+                f"spinctl exited early ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}"
+            )
         time.sleep(0.05)
     raise TimeoutError("condition not reached")
 
@@ -186,16 +206,25 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     assert [r.info.run_name for r in nested] == ["iter-000", "iter-001"] and len(runs) == 3
     assert status["mlflow"]["runId"] == parent.info.run_id
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert parent.inputs is not None and [d.dataset.name for d in parent.inputs.dataset_inputs] == ["sft"]
-    inputs = [sorted(d.dataset.name for d in r.inputs.dataset_inputs) if r.inputs else [] for r in nested]
+    assert parent.inputs is not None and [d.dataset.name for d in parent.inputs.dataset_inputs] == [
+        "sft"
+    ]
+    inputs = [
+        sorted(d.dataset.name for d in r.inputs.dataset_inputs) if r.inputs else [] for r in nested
+    ]
     assert inputs == [["iter-000/generated"], ["iter-000/generated", "iter-001/generated"]]
     for r in nested:
-        assert {"loss", "eval_margin", "eval/exact_match", "eval/real_logp_per_token"} <= set(r.data.metrics)
+        assert {"loss", "eval_margin", "eval/exact_match", "eval/real_logp_per_token"} <= set(
+            r.data.metrics
+        )
     assert "eval/baseline_exact_match" in nested[0].data.metrics
     # Iteration params as docs/mlflow.md lists them: θt's URI, the data trained on, θt+1's checkpoint.
     p1 = nested[1].data.params
     assert p1["model_uri"] == storage.join(prefix, "iter-000", "model")
-    assert json.loads(p1["data_uris"]) == [storage.join(prefix, "iter-001", "generated"), storage.join(prefix, "iter-000", "generated")]
+    assert json.loads(p1["data_uris"]) == [
+        storage.join(prefix, "iter-001", "generated"),
+        storage.join(prefix, "iter-000", "generated"),
+    ]
     assert p1["checkpoint_uri"] == storage.join(prefix, "iter-001", "model")
     assert (p1["input_model"], p1["output_model"]) == ("θ1", "θ2")
     assert parent.data.params["iterations"] == "2" and "mlflow.note.content" in parent.data.tags
@@ -203,17 +232,27 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     assert any(a.path == "eval_samples.json" for a in client.list_artifacts(nested[0].info.run_id))
     history = client.get_metric_history(parent.info.run_id, "heldout/exact_match")
     assert sorted(m.step for m in history) == [0, 1, 2]
-    versions = sorted(client.search_model_versions(f"name = '{experiment}'"), key=lambda v: int(v.version))
-    assert [v.source for v in versions] == [storage.join(prefix, "iter-000", "model"), storage.join(prefix, "iter-001", "model")]
+    versions = sorted(
+        client.search_model_versions(f"name = '{experiment}'"), key=lambda v: int(v.version)
+    )
+    assert [v.source for v in versions] == [
+        storage.join(prefix, "iter-000", "model"),
+        storage.join(prefix, "iter-001", "model"),
+    ]
     aliases = client.get_registered_model(experiment).aliases
     assert aliases["theta-1"] == "1" and aliases["theta-2"] == "2" and aliases["latest-iter"] == "2"
-    assert [(v.tags["spin.model"], v.tags["spin.trained_from"]) for v in versions] == [("θ1", "θ0"), ("θ2", "θ1")]
+    assert [(v.tags["spin.model"], v.tags["spin.trained_from"]) for v in versions] == [
+        ("θ1", "θ0"),
+        ("θ2", "θ1"),
+    ]
     assert versions[1].description == "θ2: trained in iteration 1 from θ1 (version 1)"
     assert aliases["best"] in ("1", "2")
 
 
 @pytest.mark.slow
-def test_control_arm_with_the_real_runtime(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path) -> None:
+def test_control_arm_with_the_real_runtime(
+    tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path
+) -> None:
     """spec.controlArm through the real runtime: the SFT control trains (same steps as SPIN) and
     is evaluated beside SPIN; status, the CLI table and MLflow compare both arms."""
     doc = spinrun("ctl", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),

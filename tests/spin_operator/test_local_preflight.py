@@ -58,12 +58,22 @@ def test_invalid_fields_are_all_reported_by_path(tmp_path: Path) -> None:
         ({"model": {"uri": "/does/not/exist"}}, "spec.model.uri", "no such directory"),
         ({"model": {"uri": "./"}}, "spec.model.uri", "no config.json"),
         ({"model": {"tokenizer": "/no/tokenizer"}}, "spec.model.tokenizer", "no such directory"),
-        ({"model": {"chatTemplate": "/no/template.jinja"}}, "spec.model.chatTemplate", "no such file"),
+        (
+            {"model": {"chatTemplate": "/no/template.jinja"}},
+            "spec.model.chatTemplate",
+            "no such file",
+        ),
         ({"dataset": {"uri": "/no/data.jsonl"}}, "spec.dataset.uri", "no such file"),
-        ({"evaluation": {"command": ["no-such-evaluator-xyz"]}}, "spec.evaluation.command[0]", "not an executable"),
+        (
+            {"evaluation": {"command": ["no-such-evaluator-xyz"]}},
+            "spec.evaluation.command[0]",
+            "not an executable",
+        ),
     ],
 )
-def test_paths_that_do_not_exist(tmp_path: Path, override: dict, field: str, why: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paths_that_do_not_exist(
+    tmp_path: Path, override: dict, field: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     found = problems(write_spec(tmp_path, **override), tracking_uri="")
     assert any(p.startswith(f"{field}: ") and why in p for p in found), found
@@ -71,7 +81,9 @@ def test_paths_that_do_not_exist(tmp_path: Path, override: dict, field: str, why
 
 def test_storage_that_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("in the way")
-    found = problems(write_spec(tmp_path, storage={"uri": str(tmp_path / "file" / "sub")}), tracking_uri="")
+    found = problems(
+        write_spec(tmp_path, storage={"uri": str(tmp_path / "file" / "sub")}), tracking_uri=""
+    )
     assert any(p.startswith("spec.storage.uri: cannot create") for p in found), found
 
 
@@ -87,7 +99,9 @@ def test_unreachable_s3_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_unreachable_or_unwritable_tracking(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, tracking={"uri": f"http://127.0.0.1:{closed_port()}"})
     found = problems(spec)
-    assert any(p.startswith("spec.tracking.uri: cannot reach http://127.0.0.1:") for p in found), found
+    assert any(p.startswith("spec.tracking.uri: cannot reach http://127.0.0.1:") for p in found), (
+        found
+    )
     (tmp_path / "file").write_text("in the way")
     spec = write_spec(tmp_path, tracking={"uri": f"sqlite:///{tmp_path}/file/mlflow.db"})
     assert any(p.startswith("spec.tracking.uri: cannot create") for p in problems(spec))
@@ -140,7 +154,9 @@ def _spinctl_run(spec: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, captured.err + captured.out
 
 
-def test_one_bad_byte_fails_before_any_job_with_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_bad_byte_fails_before_any_job_with_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The issue's first finding: one byte that is not UTF-8 used to fail the whole run inside
     generation, without a line number, three times."""
     data = _dataset(tmp_path / "d.jsonl", 23, {23: b'{"prompt": "caf\xe9", "response": "A"}'})
@@ -148,7 +164,9 @@ def test_one_bad_byte_fails_before_any_job_with_the_line(tmp_path: Path, capsys:
     code, out = _spinctl_run(spec, capsys)
     assert code == 2
     (line,) = [x for x in out.splitlines() if "not UTF-8" in x]
-    assert line.startswith(f"error: dataset {data}: not UTF-8 ×1 (line 23) — 1 of 24 rows skipped (4.2%)")
+    assert line.startswith(
+        f"error: dataset {data}: not UTF-8 ×1 (line 23) — 1 of 24 rows skipped (4.2%)"
+    )
     assert "dataset.maxSkippedFraction 0.01" in line
     run = tmp_path / "artifacts" / "default" / "local-test"
     assert not run.exists()  # no Job started, nothing written for the run
@@ -158,21 +176,48 @@ def test_skipped_rows_under_the_limit_are_reported_and_the_run_goes_on(tmp_path:
     data = _dataset(tmp_path / "d.jsonl", 22, {3: b"not json", 9: b'{"messages": []}'})
     spec = write_spec(tmp_path, dataset={"uri": str(data), "maxSkippedFraction": 0.1})
     report = preflight(load(spec, tracking_uri=""))
-    assert report is not None and (report["rows"], report["usable"], report["skipped"]) == (24, 22, 2)
-    assert report["skippedByReason"] == {"not JSON": {"count": 1, "first": ["line 3"]}, "empty messages": {"count": 1, "first": ["line 9"]}}
+    assert report is not None and (report["rows"], report["usable"], report["skipped"]) == (
+        24,
+        22,
+        2,
+    )
+    assert report["skippedByReason"] == {
+        "not JSON": {"count": 1, "first": ["line 3"]},
+        "empty messages": {"count": 1, "first": ["line 9"]},
+    }
 
 
 @pytest.mark.parametrize(
     ("make", "field", "cause"),
     [
         (lambda d: _dataset(d / "empty.jsonl", 0), "dataset", "is empty: no rows"),
-        (lambda d: (d / "model" / "tokenizer.json").unlink(), "spec.model.uri", "no tokenizer files"),
-        (lambda d: (d / "model" / "chat_template.jinja").unlink(), "spec.model.uri", "the tokenizer has no chat template"),
-        (lambda d: (d / "model" / "config.json").write_text('{"model_type": "llama"}'), "spec.model.uri", "no `architectures`"),
-        (lambda d: (d / "model" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"), "spec.model.uri", "truncated or not safetensors"),
+        (
+            lambda d: (d / "model" / "tokenizer.json").unlink(),
+            "spec.model.uri",
+            "no tokenizer files",
+        ),
+        (
+            lambda d: (d / "model" / "chat_template.jinja").unlink(),
+            "spec.model.uri",
+            "the tokenizer has no chat template",
+        ),
+        (
+            lambda d: (d / "model" / "config.json").write_text('{"model_type": "llama"}'),
+            "spec.model.uri",
+            "no `architectures`",
+        ),
+        (
+            lambda d: (d / "model" / "model.safetensors").write_bytes(
+                b"\x10\x00\x00\x00\x00\x00\x00\x00{}"
+            ),
+            "spec.model.uri",
+            "truncated or not safetensors",
+        ),
     ],
 )
-def test_bad_data_and_models_are_named_before_any_job(tmp_path: Path, make, field: str, cause: str) -> None:
+def test_bad_data_and_models_are_named_before_any_job(
+    tmp_path: Path, make, field: str, cause: str
+) -> None:
     spec = write_spec(tmp_path)
     made = make(tmp_path)
     if isinstance(made, Path):
@@ -185,7 +230,9 @@ def test_dataset_shards_by_directory_glob_or_prefix(tmp_path: Path) -> None:
     shards = tmp_path / "data"
     shards.mkdir()
     for k in range(2):
-        (shards / f"train_sft-{k:05d}-of-00002.jsonl").write_text('{"prompt": "Q", "response": "A"}\n')
+        (shards / f"train_sft-{k:05d}-of-00002.jsonl").write_text(
+            '{"prompt": "Q", "response": "A"}\n'
+        )
     for uri, problem in (
         (f"{shards}/train_sft-*", None),
         (f"{shards}/train_sft-", None),
@@ -197,5 +244,9 @@ def test_dataset_shards_by_directory_glob_or_prefix(tmp_path: Path) -> None:
         if problem is None:
             preflight(loaded)
             continue
-        found = [p for p in problems(write_spec(tmp_path, dataset={"uri": uri}), tracking_uri="") if p.startswith("spec.dataset.uri")]
+        found = [
+            p
+            for p in problems(write_spec(tmp_path, dataset={"uri": uri}), tracking_uri="")
+            if p.startswith("spec.dataset.uri")
+        ]
         assert len(found) == 1 and problem in found[0], (uri, found)

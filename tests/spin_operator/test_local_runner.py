@@ -49,14 +49,23 @@ def state_of(tmp_path: Path, name: str = "local-test") -> dict:
     return json.loads(tmp_path.joinpath(*PREFIX, name, STATE_NAME).read_text())
 
 
-def test_runs_the_operators_steps_in_order_with_the_runtime_argv(tmp_path: Path, fake: tuple[str, Path]) -> None:
+def test_runs_the_operators_steps_in_order_with_the_runtime_argv(
+    tmp_path: Path, fake: tuple[str, Path]
+) -> None:
     python, record = fake
     spec = write_spec(tmp_path, generation={"replicas": 2})
     code, out = run_local(spec, python)
     assert code == 0, out
     order = steps(record)
     assert sorted(order[:2]) == [("generate", 0)] * 2  # two shards
-    assert order[2:] == [("train", 0), ("evaluate", 0), ("generate", 1), ("generate", 1), ("train", 1), ("evaluate", 1)]
+    assert order[2:] == [
+        ("train", 0),
+        ("evaluate", 0),
+        ("generate", 1),
+        ("generate", 1),
+        ("train", 1),
+        ("evaluate", 1),
+    ]
     gens = [c for c in calls(record) if c["stage"] == "generate" and c["iteration"] == 0]
     assert sorted(c["env"]["JOB_COMPLETION_INDEX"] for c in gens) == ["0", "1"]
     assert {c["env"]["SPIN_NUM_SHARDS"] for c in gens} == {"2"}
@@ -72,7 +81,9 @@ def test_runs_the_operators_steps_in_order_with_the_runtime_argv(tmp_path: Path,
     assert "θ2" in out and "0.500" in out and "Succeeded" in out  # the results table
 
 
-def test_rerun_of_a_finished_run_redoes_nothing_even_without_its_status(tmp_path: Path, fake: tuple[str, Path]) -> None:
+def test_rerun_of_a_finished_run_redoes_nothing_even_without_its_status(
+    tmp_path: Path, fake: tuple[str, Path]
+) -> None:
     python, record = fake
     spec = write_spec(tmp_path, iterations=1)
     assert run_local(spec, python)[0] == 0
@@ -86,7 +97,9 @@ def test_rerun_of_a_finished_run_redoes_nothing_even_without_its_status(tmp_path
     assert "found complete in storage" in out
 
 
-def test_failed_step_is_retried_then_fails_the_run(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_step_is_retried_then_fails_the_run(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     python, record = fake
     monkeypatch.setenv("FAKE_FAIL", "train:0")
     code, out = run_local(write_spec(tmp_path, iterations=1), python)
@@ -96,7 +109,9 @@ def test_failed_step_is_retried_then_fails_the_run(tmp_path: Path, fake: tuple[s
     assert state_of(tmp_path)["status"]["phase"] == "Failed"
 
 
-def test_bad_input_fails_at_once_and_says_the_cause_once(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_fails_at_once_and_says_the_cause_once(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Exit 2 will not heal (docs/runtime.md): no retry although maxRetries allows one; the
     cause leads the message, is printed once, and argv/timestamps stay in the pod log."""
     python, record = fake
@@ -106,13 +121,24 @@ def test_bad_input_fails_at_once_and_says_the_cause_once(tmp_path: Path, fake: t
     assert steps(record) == [("generate", 0)]  # one attempt, maxRetries 1 unused
     assert out.count("not UTF-8") == 1, out
     final = next(line for line in out.splitlines() if line.startswith("Failed: "))
-    assert final.startswith("Failed: dataset line 23: not UTF-8 (generate of iteration 0: bad input, not retried)")
+    assert final.startswith(
+        "Failed: dataset line 23: not UTF-8 (generate of iteration 0: bad input, not retried)"
+    )
     assert "argv" not in out and "2026-12-02" not in out and "retry" not in out
     status = state_of(tmp_path)["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "BadInput" and failed["message"].startswith("dataset line 23: not UTF-8")
-    assert status["iterations"][0]["generate"] == {**status["iterations"][0]["generate"], "attempts": 1, "phase": "Failed", "message": "dataset line 23: not UTF-8"}
-    log = (tmp_path.joinpath(*PREFIX, "local-test", ".local-logs", "local-test-i0-gen-0.log")).read_text()
+    assert failed["reason"] == "BadInput" and failed["message"].startswith(
+        "dataset line 23: not UTF-8"
+    )
+    assert status["iterations"][0]["generate"] == {
+        **status["iterations"][0]["generate"],
+        "attempts": 1,
+        "phase": "Failed",
+        "message": "dataset line 23: not UTF-8",
+    }
+    log = (
+        tmp_path.joinpath(*PREFIX, "local-test", ".local-logs", "local-test-i0-gen-0.log")
+    ).read_text()
     assert "argv:" in log and "=== " in log  # the details stay in the log
 
 
@@ -122,24 +148,47 @@ def test_skipped_rows_are_in_the_cli_and_the_status(tmp_path: Path, fake: tuple[
     python, _ = fake
     data = tmp_path / "d.jsonl"
     rows = [json.dumps({"prompt": f"Q{i}", "response": f"A{i}"}) for i in range(18)]
-    data.write_text("\n".join([*rows[:4], "not json", *rows[4:], '{"prompt": "Q", "response": ""}']) + "\n")
-    loaded = load(write_spec(tmp_path, iterations=1, dataset={"uri": str(data), "maxSkippedFraction": 0.2}), tracking_uri="")
+    data.write_text(
+        "\n".join([*rows[:4], "not json", *rows[4:], '{"prompt": "Q", "response": ""}']) + "\n"
+    )
+    loaded = load(
+        write_spec(tmp_path, iterations=1, dataset={"uri": str(data), "maxSkippedFraction": 0.2}),
+        tracking_uri="",
+    )
     out = io.StringIO()
-    code = LocalRun(loaded, python=python, poll_interval=0.02, out=out, dataset=preflight(loaded)).run()
+    code = LocalRun(
+        loaded, python=python, poll_interval=0.02, out=out, dataset=preflight(loaded)
+    ).run()
     assert code == 0, out.getvalue()
     said = [line for line in out.getvalue().splitlines() if line.startswith("  dataset")]
-    assert said == ["  dataset    2 of 20 rows skipped (10.0%; 18 usable): not JSON ×1 (line 5); empty response ×1 (line 20)"] * 2  # start and end
+    assert (
+        said
+        == [
+            "  dataset    2 of 20 rows skipped (10.0%; 18 usable): not JSON ×1 (line 5); empty response ×1 (line 20)"
+        ]
+        * 2
+    )  # start and end
     status = state_of(tmp_path)["status"]
-    assert status["dataset"] == {"rows": 20, "usable": 18, "skipped": 2, "skippedByReason": {"not JSON": 1, "empty response": 1}}
+    assert status["dataset"] == {
+        "rows": 20,
+        "usable": 18,
+        "skipped": 2,
+        "skippedByReason": {"not JSON": 1, "empty response": 1},
+    }
 
 
-def test_transient_failure_recovers_on_retry(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transient_failure_recovers_on_retry(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     python, record = fake
     monkeypatch.setenv("FAKE_FAIL", "generate:0:1")
     code, out = run_local(write_spec(tmp_path, iterations=1), python)
     assert code == 0, out
     assert steps(record)[:2] == [("generate", 0), ("generate", 0)]
-    assert state_of(tmp_path)["status"]["iterations"][0]["generate"]["jobName"] == "local-test-i0-gen-r1"
+    assert (
+        state_of(tmp_path)["status"]["iterations"][0]["generate"]["jobName"]
+        == "local-test-i0-gen-r1"
+    )
 
 
 RUNNER = """
@@ -168,7 +217,9 @@ def _wait_for_hang(record: Path, runner: subprocess.Popen[str], timeout: float =
     raise TimeoutError("the step never started")
 
 
-def test_ctrl_c_stops_process_groups_keeps_work_and_a_rerun_resumes(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_stops_process_groups_keeps_work_and_a_rerun_resumes(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     python, record = fake
     spec = write_spec(tmp_path, iterations=1)
     monkeypatch.setenv("FAKE_HANG", "train:0")
@@ -191,7 +242,9 @@ def test_ctrl_c_stops_process_groups_keeps_work_and_a_rerun_resumes(tmp_path: Pa
     assert "restarting interrupted step(s): local-test-i0-train" in out
 
 
-def test_groups_left_by_a_killed_runner_are_stopped_before_resuming(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_groups_left_by_a_killed_runner_are_stopped_before_resuming(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     python, record = fake
     spec = write_spec(tmp_path, iterations=1)
     monkeypatch.setenv("FAKE_HANG", "train:0")
@@ -208,10 +261,14 @@ def test_groups_left_by_a_killed_runner_are_stopped_before_resuming(tmp_path: Pa
     assert f"stopping process group {hung['pid']}" in out
 
 
-def test_changing_an_immutable_field_mid_run_is_refused_and_the_run_goes_on(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changing_an_immutable_field_mid_run_is_refused_and_the_run_goes_on(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     python, record = fake
     monkeypatch.setenv("FAKE_HANG", "train:0")
-    runner = _start_runner(write_spec(tmp_path, iterations=1, training={"beta": 1.5}), python, tmp_path)
+    runner = _start_runner(
+        write_spec(tmp_path, iterations=1, training={"beta": 1.5}), python, tmp_path
+    )
     _wait_for_hang(record, runner)
     runner.send_signal(signal.SIGINT)
     runner.communicate(timeout=60)
@@ -223,7 +280,9 @@ def test_changing_an_immutable_field_mid_run_is_refused_and_the_run_goes_on(tmp_
     assert [a[a.index("--beta") + 1] for a in trains] == ["1.5", "1.5"]
 
 
-def test_a_failed_run_stays_failed_on_rerun(tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_stays_failed_on_rerun(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     python, record = fake
     monkeypatch.setenv("FAKE_FAIL", "train:0")
     spec = write_spec(tmp_path, iterations=1, failurePolicy={"maxRetries": 0})
@@ -234,7 +293,9 @@ def test_a_failed_run_stays_failed_on_rerun(tmp_path: Path, fake: tuple[str, Pat
     assert steps(record) == [("generate", 0), ("train", 0)]
 
 
-def test_without_evaluation_the_trainers_held_out_metrics_are_shown(tmp_path: Path, fake: tuple[str, Path]) -> None:
+def test_without_evaluation_the_trainers_held_out_metrics_are_shown(
+    tmp_path: Path, fake: tuple[str, Path]
+) -> None:
     python, record = fake
     code, out = run_local(write_spec(tmp_path, iterations=1, evaluation={"enabled": False}), python)
     assert code == 0, out
@@ -253,13 +314,17 @@ def test_spinctl_run_exit_codes(tmp_path: Path) -> None:
     """Through the console script: bad input is 2 with the field named, before any work."""
     spinctl = Path(sys.executable).with_name("spinctl")
     bad = write_spec(tmp_path, training={"beta": -1})
-    proc = subprocess.run([str(spinctl), "run", str(bad)], capture_output=True, text=True, env=os.environ)
+    proc = subprocess.run(
+        [str(spinctl), "run", str(bad)], capture_output=True, text=True, env=os.environ
+    )
     assert proc.returncode == 2
     assert "spec.training.beta" in proc.stderr
     assert not tmp_path.joinpath("artifacts").exists()
 
 
-def test_spinctl_status_shows_a_local_run(tmp_path: Path, fake: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_spinctl_status_shows_a_local_run(
+    tmp_path: Path, fake: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     from spin_operator.cli import main
 
     python, _ = fake
@@ -279,7 +344,10 @@ def test_spinctl_status_shows_a_local_run(tmp_path: Path, fake: tuple[str, Path]
     assert rows[1][7] == "0.5"  # exact_match of θ2 (the fake evaluation writes 0.25 × (t + 1))
     assert main(["status", str(spec), "-o", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["status"]["phase"] == "Succeeded" and doc["status"]["bestModel"] == f"θ{doc['status']['bestIteration'] + 1}"
+    assert (
+        doc["status"]["phase"] == "Succeeded"
+        and doc["status"]["bestModel"] == f"θ{doc['status']['bestIteration'] + 1}"
+    )
 
 
 def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
@@ -297,7 +365,10 @@ def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
     real_settle = LocalTracking.settle
     monkeypatch.setattr(LocalTracking, "settle", lambda self, status, actions: False)
     out = io.StringIO()
-    assert LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run() == 0
+    assert (
+        LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run()
+        == 0
+    )
     assert "has not confirmed" in out.getvalue()
     status = state_of(tmp_path)["status"]
     parent, iteration_run = status["mlflow"]["runId"], status["iterations"][0]["mlflowRunId"]
@@ -307,14 +378,21 @@ def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
 
     monkeypatch.setattr(LocalTracking, "settle", real_settle)
     out = io.StringIO()
-    assert LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run() == 0
+    assert (
+        LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run()
+        == 0
+    )
     assert "has not confirmed" not in out.getvalue()
-    assert sorted(state_of(tmp_path)["status"]["mlflow"]["finished"]) == sorted([parent, iteration_run])
+    assert sorted(state_of(tmp_path)["status"]["mlflow"]["finished"]) == sorted(
+        [parent, iteration_run]
+    )
     assert client.get_run(parent).info.status == "FINISHED"
     assert client.get_run(iteration_run).info.status == "FINISHED"
 
 
-def test_control_arm_runs_beside_spin_and_the_table_compares_both(tmp_path: Path, fake: tuple[str, Path]) -> None:
+def test_control_arm_runs_beside_spin_and_the_table_compares_both(
+    tmp_path: Path, fake: tuple[str, Path]
+) -> None:
     python, record = fake
     spec = write_spec(tmp_path, controlArm={"enabled": True})
     code, out = run_local(spec, python)
@@ -324,7 +402,9 @@ def test_control_arm_runs_beside_spin_and_the_table_compares_both(tmp_path: Path
         assert order.index(("train", t)) < order.index(("evaluate", t))
         assert order.index(("control-train", t)) < order.index(("control-evaluate", t))
         assert order.index(("generate", t)) < order.index(("control-train", t))
-    ctrain1 = next(c for c in calls(record) if c["stage"] == "control-train" and c["iteration"] == 1)
+    ctrain1 = next(
+        c for c in calls(record) if c["stage"] == "control-train" and c["iteration"] == 1
+    )
     prefix = str(tmp_path.joinpath(*PREFIX, "local-test"))
     argv = ctrain1["argv"]
     assert argv[argv.index("--model") + 1] == f"{prefix}/iter-000/control/model"
@@ -332,7 +412,11 @@ def test_control_arm_runs_beside_spin_and_the_table_compares_both(tmp_path: Path
     status = state_of(tmp_path)["status"]
     assert status["phase"] == "Succeeded"
     first, second = (it["control"] for it in status["iterations"])
-    assert (first["spinScore"], first["controlScore"], first["spinAdvantage"]) == (0.25, 0.375, -0.125)
+    assert (first["spinScore"], first["controlScore"], first["spinAdvantage"]) == (
+        0.25,
+        0.375,
+        -0.125,
+    )
     assert second["spinAdvantage"] == 0.125
     control = next(c for c in status["conditions"] if c["type"] == "ControlArm")
     assert (control["status"], control["reason"]) == ("True", "SPINAhead")

@@ -48,13 +48,21 @@ def test_an_interrupted_retry_keeps_the_earlier_failed_attempt() -> None:
 
 def test_a_finished_attempt_is_not_interrupted() -> None:
     done = ObservedJob("r-i0-train", 0, "train", 0, "Succeeded")
-    state = LocalState(status=status_with(api.StepStatus(job_name="r-i0-train", attempts=1, phase="Running")), jobs=[done])
+    state = LocalState(
+        status=status_with(api.StepStatus(job_name="r-i0-train", attempts=1, phase="Running")),
+        jobs=[done],
+    )
     assert state.forget_interrupted("r") == []
 
 
 def test_stale_groups_are_only_live_spin_processes_of_this_host() -> None:
-    spin_like = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "spin_runtime"], start_new_session=True)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    spin_like = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "spin_runtime"],
+        start_new_session=True,
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
     try:
         state = LocalState(groups=[spin_like.pid, other.pid, 999_999_999, os.getpgrp()])
         assert stale_groups(state) == [spin_like.pid]

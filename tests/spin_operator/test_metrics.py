@@ -30,5 +30,8 @@ def test_served_on_the_metrics_port() -> None:
     port = free_port()
     m.serve(port, addr="127.0.0.1")
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'spin_operator_phase_transitions_total{from_phase="Running",to_phase="Succeeded"} 1.0' in text
+    assert (
+        'spin_operator_phase_transitions_total{from_phase="Running",to_phase="Succeeded"} 1.0'
+        in text
+    )
     assert "spin_operator_reconcile_duration_seconds_count 1.0" in text

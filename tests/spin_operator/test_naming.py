@@ -33,7 +33,9 @@ def test_names() -> None:
 def test_longest_names_fit_a_dns_label(stage: str) -> None:
     run = "a" * api.MAX_NAME_LENGTH
     name = job_name(run, api.MAX_ITERATIONS - 1, stage, api.MAX_RETRIES)  # type: ignore[arg-type]
-    max_index = 1023 if stage == "generate" else 511  # generation.replicas <= 1024, training.nodes <= 512
+    max_index = (
+        1023 if stage == "generate" else 511
+    )  # generation.replicas <= 1024, training.nodes <= 512
     for text in (name, service_name(name), pod_hostname(name, max_index)):
         assert len(text) <= DNS_LABEL_MAX, text
         assert DNS_LABEL.match(text)
@@ -44,7 +46,12 @@ def test_longest_names_fit_a_dns_label(stage: str) -> None:
 def test_parse_round_trips(stage: str, attempt: int) -> None:
     parsed = parse_job_name(job_name("my-run-2", 7, stage, attempt))  # type: ignore[arg-type]
     assert parsed is not None
-    assert (parsed.run, parsed.iteration, parsed.stage, parsed.attempt) == ("my-run-2", 7, stage, attempt)
+    assert (parsed.run, parsed.iteration, parsed.stage, parsed.attempt) == (
+        "my-run-2",
+        7,
+        stage,
+        attempt,
+    )
 
 
 def test_foreign_names_do_not_parse() -> None:

@@ -20,7 +20,13 @@ RUN = RunRef("team", "obs", "uid-9")
 
 
 def make(root: Path, **extra: Any) -> api.SPINRunSpec:
-    raw = {"model": {"uri": "m/x"}, "dataset": {"uri": "/d.jsonl"}, "storage": {"uri": str(root)}, "generation": {"replicas": 2}, **extra}
+    raw = {
+        "model": {"uri": "m/x"},
+        "dataset": {"uri": "/d.jsonl"},
+        "storage": {"uri": str(root)},
+        "generation": {"replicas": 2},
+        **extra,
+    }
     return resolve_spec(api.SPINRunSpec.model_validate(raw), Settings())
 
 
@@ -38,7 +44,13 @@ def with_status(obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
 def test_states_as_the_job_controller_writes_them() -> None:
     base = job()
     seen = observe.job_state(base)
-    assert seen is not None and (seen.name, seen.iteration, seen.stage, seen.attempt, seen.state) == ("obs-i2-gen-r1", 2, "generate", 1, "Pending")
+    assert seen is not None and (
+        seen.name,
+        seen.iteration,
+        seen.stage,
+        seen.attempt,
+        seen.state,
+    ) == ("obs-i2-gen-r1", 2, "generate", 1, "Pending")
     running = with_status(base, jd.job_running_status(base))
     assert observe.job_state(running).state == "Running"  # type: ignore[union-attr]
     done = observe.job_state(with_status(base, jd.job_succeeded_status(running)))
@@ -72,7 +84,9 @@ def test_suspended_and_kueue_jobs() -> None:
     assert seen is not None and seen.state == "Suspended" and seen.queued
     plain = job()
     plain["spec"]["suspend"] = True
-    assert observe.job_state(with_status(plain, jd.job_suspended_status(plain))).state == "Suspended"  # type: ignore[union-attr]
+    assert (
+        observe.job_state(with_status(plain, jd.job_suspended_status(plain))).state == "Suspended"
+    )  # type: ignore[union-attr]
 
 
 def test_foreign_jobs_are_ignored_and_owner_is_found() -> None:
@@ -104,10 +118,21 @@ def test_read_facts_counts_only_complete_manifests(tmp_path: Path) -> None:
     (Path(it.model) / "config.json").write_text("{}")  # files without a manifest: not done
     assert not observe.read_facts(spec, RUN, 0).model
     _publish(tmp_path, "model", it.model, "model")
-    _publish(tmp_path, "eval", it.eval, "eval", json.dumps({"metrics": {"exact_match": 0.25, "n": 8, "ok": True}, "baseline": {"exact_match": 0.1}}))
+    _publish(
+        tmp_path,
+        "eval",
+        it.eval,
+        "eval",
+        json.dumps(
+            {"metrics": {"exact_match": 0.25, "n": 8, "ok": True}, "baseline": {"exact_match": 0.1}}
+        ),
+    )
     facts = observe.read_facts(spec, RUN, 0)
     assert facts.model and facts.evaluated
-    assert facts.metrics == {"exact_match": 0.25, "baseline/exact_match": 0.1}  # "n" is not a status metric
+    assert facts.metrics == {
+        "exact_match": 0.25,
+        "baseline/exact_match": 0.1,
+    }  # "n" is not a status metric
 
 
 def test_custom_evaluation_results_count_without_a_manifest(tmp_path: Path) -> None:
@@ -123,17 +148,30 @@ def test_custom_evaluation_results_count_without_a_manifest(tmp_path: Path) -> N
 def test_tenant_results_reach_the_status_bounded(tmp_path: Path) -> None:
     """A custom command's results.json with 10,000 numeric keys, NaN and a huge baseline: the
     status gets the ranking metric and the fixed STATUS_METRICS set only (issue 14, item 10)."""
-    spec = make(tmp_path / "store", evaluation={"command": ["python", "eval.py"], "metric": "pass_at_1"})
+    spec = make(
+        tmp_path / "store", evaluation={"command": ["python", "eval.py"], "metric": "pass_at_1"}
+    )
     it = observe.layout_of(spec, RUN).iteration(0)
     Path(it.eval).mkdir(parents=True)
     flood = {f"m{i}": float(i) for i in range(10_000)}
     results = {
-        "metrics": {**flood, "pass_at_1": 0.5, "exact_match": 0.25, "real_logp_per_token": float("nan"), "score": True},
+        "metrics": {
+            **flood,
+            "pass_at_1": 0.5,
+            "exact_match": 0.25,
+            "real_logp_per_token": float("nan"),
+            "score": True,
+        },
         "baseline": {**flood, "pass_at_1": 0.4, "num_examples": 64},
     }
     Path(it.eval_results).write_text(json.dumps(results))
     metrics = observe.read_facts(spec, RUN, 0).metrics
-    assert metrics == {"pass_at_1": 0.5, "exact_match": 0.25, "baseline/pass_at_1": 0.4, "baseline/num_examples": 64.0}
+    assert metrics == {
+        "pass_at_1": 0.5,
+        "exact_match": 0.25,
+        "baseline/pass_at_1": 0.4,
+        "baseline/num_examples": 64.0,
+    }
     assert len(metrics) <= 2 * (len(observe.STATUS_METRICS) + 1)
 
 
@@ -165,13 +203,17 @@ def test_storage_env_is_scoped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    spec = make(tmp_path, storage={"uri": "s3://bkt/p", "endpoint": "http://minio:9000", "region": "eu-1"})
+    spec = make(
+        tmp_path, storage={"uri": "s3://bkt/p", "endpoint": "http://minio:9000", "region": "eu-1"}
+    )
     elsewhere: list[str | None] = []
     with observe.storage_env(spec):
         client = storage.s3_client()
         assert (client.meta.endpoint_url, client.meta.region_name) == ("http://minio:9000", "eu-1")
         assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_REGION"] == "us-east-1"
-        other = threading.Thread(target=lambda: elsewhere.append(storage.s3_client().meta.region_name))
+        other = threading.Thread(
+            target=lambda: elsewhere.append(storage.s3_client().meta.region_name)
+        )
         other.start()
         other.join()
     assert elsewhere == ["us-east-1"]  # another thread (another run's call) is not redirected

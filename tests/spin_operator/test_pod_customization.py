@@ -98,7 +98,9 @@ def test_without_customization_the_cache_is_an_empty_dir() -> None:
     assert spec.pod.template is None
     for job in _jobs(spec):
         kubernetes_validate.validate(job, "1.35", strict=True)
-        assert {"name": "spin-cache", "emptyDir": {"sizeLimit": "200Gi"}} in job["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "spin-cache", "emptyDir": {"sizeLimit": "200Gi"}} in job["spec"][
+            "template"
+        ]["spec"]["volumes"]
         assert "imagePullSecrets" not in job["spec"]["template"]["spec"]
 
 

@@ -123,5 +123,7 @@ def test_bad_setting_names_the_variable(raw: str) -> None:
 def test_secrets_are_checked_only_where_a_namespaced_grant_exists() -> None:
     clusterwide = Settings.from_env({"SPIN_SECRET_CHECK_NAMESPACES": "team-a, team-b"})
     assert clusterwide.may_read_secrets("team-a") and clusterwide.may_read_secrets("team-b")
-    assert not clusterwide.may_read_secrets("kube-system") and not Settings().may_read_secrets("team-a")
+    assert not clusterwide.may_read_secrets("kube-system") and not Settings().may_read_secrets(
+        "team-a"
+    )
     assert Settings.from_env({"SPIN_NAMESPACES": "team-c"}).may_read_secrets("team-c")  # its Role

@@ -80,7 +80,9 @@ def test_three_iterations_to_succeeded() -> None:
     assert s.iterations[2].output_model_uri == "s3://bucket/runs/ns/run/iter-002/model"
     assert s.start_time and s.completion_time and s.spec_hash
     reasons = [r for r, _ in w.events]
-    assert reasons.count("JobCreated") == 9 and reasons[0] == "Started" and reasons[-1] == "Succeeded"
+    assert (
+        reasons.count("JobCreated") == 9 and reasons[0] == "Started" and reasons[-1] == "Succeeded"
+    )
 
 
 def test_without_evaluation_two_jobs_per_iteration_and_no_best() -> None:
@@ -122,7 +124,9 @@ def test_tracking_actions() -> None:
     w.run_to_end()
     actions = [a for d in w.decisions for a in d.actions]
     registered = [a for a in actions if isinstance(a, RegisterModel)]
-    assert [(r.iteration, r.model_uri) for r in registered] == [(0, "s3://bucket/runs/ns/run/iter-000/model")]
+    assert [(r.iteration, r.model_uri) for r in registered] == [
+        (0, "s3://bucket/runs/ns/run/iter-000/model")
+    ]
     assert registered[0].metrics["exact_match"] == pytest.approx(0.1)
     assert FinishTracking(0, "FINISHED") in actions and FinishTracking(None, "FINISHED") in actions
 
@@ -131,7 +135,9 @@ def test_no_tracking_actions_without_a_tracking_uri() -> None:
     w = World(spin_object(iterations=1))
     w.run_to_end()
     actions = [a for d in w.decisions for a in d.actions]
-    assert not [a for a in actions if isinstance(a, EnsureParentRun | EnsureIterationRun | RegisterModel)]
+    assert not [
+        a for a in actions if isinstance(a, EnsureParentRun | EnsureIterationRun | RegisterModel)
+    ]
 
 
 def test_training_service_deleted_when_training_succeeds() -> None:
@@ -148,13 +154,15 @@ def test_training_service_deleted_when_training_succeeds() -> None:
 def test_failed_job_is_retried_with_a_new_job_then_succeeds() -> None:
     w = started()
     name = advance_to(w, 0, "train")
-    w.set_state(name, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    w.set_state(
+        name, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    )
     d = w.reconcile()
     assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-train-r1"]
     step = w.status.iterations[0].train
     assert (step.attempts, step.job_name) == (2, "run-i0-train-r1")
     assert "BackoffLimitExceeded" in (step.message or "")
-    assert ("Retrying" in [r for r, _ in w.events])
+    assert "Retrying" in [r for r, _ in w.events]
     w.run_to_end()
     assert w.status.phase == "Succeeded"
 
@@ -164,7 +172,12 @@ def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
     name = advance_to(w, 1, "generate")
     w.set_state(name, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
     w.reconcile()
-    w.set_state("run-i1-gen-r1", "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+    w.set_state(
+        "run-i1-gen-r1",
+        "Failed",
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline",
+    )
     d = w.reconcile()
     assert not d.of_type(CreateStep)
     assert w.status.phase == "Failed"
@@ -172,7 +185,10 @@ def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
     assert failed.status == "True" and failed.reason == "DeadlineExceeded"
     assert "generate of iteration 1 failed after 2 attempt(s)" in failed.message
     assert condition(w, "Ready").status == "False"
-    assert (condition(w, "Complete").status, condition(w, "Complete").reason) == ("False", "NotComplete")
+    assert (condition(w, "Complete").status, condition(w, "Complete").reason) == (
+        "False",
+        "NotComplete",
+    )
     assert w.status.iterations[1].generate.phase == "Failed"
     assert w.reconcile().actions == []  # terminal: nothing more
     assert w.status.phase == "Failed"
@@ -182,7 +198,10 @@ def test_retries_exhausted_fail_the_run_with_the_jobs_reason() -> None:
     ("reason", "message"),
     [
         # a cluster: render.py's FailJob rule matched exit code 2 (bad input) or 126/127
-        ("PodFailurePolicy", "Container generate for pod ns/run-i0-gen-0-x failed with exit code 2 matching FailJob rule at index 0"),
+        (
+            "PodFailurePolicy",
+            "Container generate for pod ns/run-i0-gen-0-x failed with exit code 2 matching FailJob rule at index 0",
+        ),
         ("BadInput", "dataset line 23: not UTF-8"),  # local mode: the runtime's own error line
         ("CannotExecute", "no-such-evaluator: No such file or directory"),
     ],
@@ -195,7 +214,9 @@ def test_bad_input_is_never_retried_and_the_cause_leads(reason: str, message: st
     assert not d.of_type(CreateStep) and "Retrying" not in [r for r, _ in w.events]
     assert w.status.phase == "Failed"
     failed = condition(w, "Failed")
-    assert failed.reason == reason and failed.message.startswith(f"{message} (generate of iteration 0: bad input, not retried")
+    assert failed.reason == reason and failed.message.startswith(
+        f"{message} (generate of iteration 0: bad input, not retried"
+    )
     assert ("kubectl logs job/run-i0-gen" in failed.message) == (reason == "PodFailurePolicy")
     assert w.status.message == failed.message
     assert [m for r, m in w.events if r == reason] == [failed.message]  # one event
@@ -209,7 +230,9 @@ def test_dataset_rows_from_the_generation_manifests_reach_the_status() -> None:
     w = started()
     name = advance_to(w, 0, "generate")
     w.succeed(name)
-    w.storage[0] = replace(w.storage[0], dataset_rows=24, dataset_skipped={"not JSON": 2, "empty messages": 1})
+    w.storage[0] = replace(
+        w.storage[0], dataset_rows=24, dataset_skipped={"not JSON": 2, "empty messages": 1}
+    )
     w.reconcile()
     ds = w.status.dataset
     assert ds is not None and (ds.rows, ds.usable, ds.skipped) == (24, 21, 3)
@@ -279,7 +302,12 @@ def test_missing_operator_storage_default_names_the_field() -> None:
 
 
 def test_missing_secret_fails_naming_the_field_then_starts_once_created() -> None:
-    w = World(spin_object(storage={"credentialsSecret": {"name": "s3-creds"}}, tracking={"uri": "http://m:5000", "credentialsSecret": {"name": "mlflow-creds"}}))
+    w = World(
+        spin_object(
+            storage={"credentialsSecret": {"name": "s3-creds"}},
+            tracking={"uri": "http://m:5000", "credentialsSecret": {"name": "mlflow-creds"}},
+        )
+    )
     w.secrets = {"mlflow-creds"}
     w.reconcile()
     failed = condition(w, "Failed")
@@ -368,10 +396,18 @@ def test_immutable_change_is_refused_and_the_run_goes_on_with_its_spec() -> None
     w.edit(model={"uri": "s3://models/other"}, training={"beta": 0.5})
     d = w.reconcile()
     refused = condition(w, "SpecChangeRefused")
-    assert refused.status == "True" and "spec.model.uri" in refused.message and "spec.training.beta" in refused.message
+    assert (
+        refused.status == "True"
+        and "spec.model.uri" in refused.message
+        and "spec.training.beta" in refused.message
+    )
     assert refused.observed_generation == 2
-    assert d.spec is not None and d.spec.model.uri == "s3://models/base" and d.spec.training.beta == 0.1
-    assert ("SpecChangeRefused" in [r for r, _ in w.events])
+    assert (
+        d.spec is not None
+        and d.spec.model.uri == "s3://models/base"
+        and d.spec.training.beta == 0.1
+    )
+    assert "SpecChangeRefused" in [r for r, _ in w.events]
     w.run_to_end()
     assert w.status.iterations[1].model_uri == "s3://bucket/runs/ns/run/iter-000/model"
 
@@ -447,7 +483,9 @@ def test_lost_annotation_with_changed_spec_fails_rather_than_guessing() -> None:
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("job_state", ("Pending", "Running", "Succeeded", "Failed"))
-def test_restart_with_status_lost_adopts_jobs_and_skips_done_steps(stage: str, job_state: str) -> None:
+def test_restart_with_status_lost_adopts_jobs_and_skips_done_steps(
+    stage: str, job_state: str
+) -> None:
     """The operator restarts and the status patch of the last transition never landed."""
     w = started()
     name = advance_to(w, 1, stage)
@@ -495,7 +533,9 @@ def test_deletion_with_delete_stops_jobs_then_deletes_artifacts_then_lets_go() -
     w.deleting = True
     d = w.reconcile()
     # the running Job, and the generation Job whose step the status recorded in the same pass
-    assert sorted(a.name for a in d.of_type(DeleteJob)) == ["run-i0-gen", name] and not d.of_type(DeleteArtifacts)
+    assert sorted(a.name for a in d.of_type(DeleteJob)) == ["run-i0-gen", name] and not d.of_type(
+        DeleteArtifacts
+    )
     d = w.reconcile()
     assert d.of_type(DeleteArtifacts) == [DeleteArtifacts("s3://bucket/runs/ns/run")]
     assert d.of_type(SetFinalizer) == [SetFinalizer(False)]
@@ -522,7 +562,10 @@ def test_jobs_of_a_recorded_step_are_deleted_and_never_rerun() -> None:
         assert not [c for c in d.of_type(CreateStep) if c.stage == "generate"]
         assert not d.needs_jobs
     w.run_to_end()
-    assert sorted(w.created) == sorted([gen, retry, "run-i0-train", "run-i0-eval"] + [f"run-i{t}-{k}" for t in (1, 2) for k in ("gen", "train", "eval")])
+    assert sorted(w.created) == sorted(
+        [gen, retry, "run-i0-train", "run-i0-eval"]
+        + [f"run-i{t}-{k}" for t in (1, 2) for k in ("gen", "train", "eval")]
+    )
     w.reconcile()  # the pass after the final status write (its watch event) sweeps the last one
     assert not w.jobs, "finished Jobs left behind"
 
@@ -531,7 +574,9 @@ def test_retention_retain_keeps_finished_jobs() -> None:
     w = World(spin_object(iterations=2, retention={"finishedJobs": "Retain"}))
     w.run_to_end()
     w.reconcile()
-    assert sorted(w.jobs) == sorted(w.created) and not any(d.of_type(DeleteJob) for d in w.decisions)
+    assert sorted(w.jobs) == sorted(w.created) and not any(
+        d.of_type(DeleteJob) for d in w.decisions
+    )
 
 
 def test_a_status_write_that_did_not_land_keeps_the_job() -> None:
@@ -584,7 +629,9 @@ def test_a_tampered_applied_spec_never_redirects_the_deletion(tamper: str) -> No
     w = started(retention={"onDelete": "Delete"})
     advance_to(w, 0, "train")
     assert w.applied is not None
-    other = w.applied.model_copy(update={"storage": w.applied.storage.model_copy(update={"uri": "s3://corp-models/prod"})})
+    other = w.applied.model_copy(
+        update={"storage": w.applied.storage.model_copy(update={"uri": "s3://corp-models/prod"})}
+    )
     w.applied = other
     if tamper == "annotation and spec":
         w.obj["spec"]["storage"] = {"uri": "s3://corp-models/prod"}
@@ -660,7 +707,18 @@ def _variant(w: World, variant: str) -> None:
             w.jobs[job.name] = replace(w.jobs[job.name], state="Running")
 
 
-@pytest.mark.parametrize("variant", ["none", "suspend", "delete", "immutable-change", "mutable-change", "status-lost", "storage-complete"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "none",
+        "suspend",
+        "delete",
+        "immutable-change",
+        "mutable-change",
+        "status-lost",
+        "storage-complete",
+    ],
+)
 @pytest.mark.parametrize("job_state", JOB_STATES)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("iteration", [0, 2])
@@ -698,7 +756,9 @@ def test_state_space(iteration: int, stage: str, job_state: str, variant: str) -
     w.run_to_end()
     if job_state in ("Failed", "Missing") and variant == "mutable-change":  # maxRetries now 0
         assert w.status.phase == "Failed"
-        assert condition(w, "Failed").reason == ("BackoffLimitExceeded" if job_state == "Failed" else "JobDeleted")
+        assert condition(w, "Failed").reason == (
+            "BackoffLimitExceeded" if job_state == "Failed" else "JobDeleted"
+        )
         return
     assert w.status.phase == "Succeeded"
     total = 4 if variant == "mutable-change" else 3
@@ -714,7 +774,13 @@ def test_random_walk_over_event_sequences() -> None:
     rng = random.Random(20260101)
     outcomes = {"Succeeded": 0, "Failed": 0}
     for _ in range(150):
-        w = World(spin_object(iterations=rng.randint(1, 4), failurePolicy={"maxRetries": rng.randint(0, 2)}, evaluation={"enabled": rng.random() < 0.7}))
+        w = World(
+            spin_object(
+                iterations=rng.randint(1, 4),
+                failurePolicy={"maxRetries": rng.randint(0, 2)},
+                evaluation={"enabled": rng.random() < 0.7},
+            )
+        )
         suspended = False
         for _step in range(400):
             w.reconcile()
@@ -735,16 +801,36 @@ def test_random_walk_over_event_sequences() -> None:
                     w.set_state(job.name, "Running")
             elif roll < 0.68:
                 suspended = not suspended
-                w.edit(suspend=suspended, iterations=w.obj["spec"]["iterations"], failurePolicy=w.obj["spec"]["failurePolicy"], evaluation=w.obj["spec"]["evaluation"])
+                w.edit(
+                    suspend=suspended,
+                    iterations=w.obj["spec"]["iterations"],
+                    failurePolicy=w.obj["spec"]["failurePolicy"],
+                    evaluation=w.obj["spec"]["evaluation"],
+                )
             elif roll < 0.72:
-                w.edit(model={"uri": f"s3://models/m{rng.randint(0, 3)}"}, suspend=suspended, iterations=w.obj["spec"]["iterations"], failurePolicy=w.obj["spec"]["failurePolicy"], evaluation=w.obj["spec"]["evaluation"])
+                w.edit(
+                    model={"uri": f"s3://models/m{rng.randint(0, 3)}"},
+                    suspend=suspended,
+                    iterations=w.obj["spec"]["iterations"],
+                    failurePolicy=w.obj["spec"]["failurePolicy"],
+                    evaluation=w.obj["spec"]["evaluation"],
+                )
             elif roll < 0.78:
-                w.status = w.decisions[rng.randrange(len(w.decisions))].status if rng.random() < 0.5 else w.status
+                w.status = (
+                    w.decisions[rng.randrange(len(w.decisions))].status
+                    if rng.random() < 0.5
+                    else w.status
+                )
             elif roll < 0.80 and active:
                 del w.jobs[rng.choice(active).name]
             if suspended and rng.random() < 0.3:
                 suspended = False
-                w.edit(suspend=False, iterations=w.obj["spec"]["iterations"], failurePolicy=w.obj["spec"]["failurePolicy"], evaluation=w.obj["spec"]["evaluation"])
+                w.edit(
+                    suspend=False,
+                    iterations=w.obj["spec"]["iterations"],
+                    failurePolicy=w.obj["spec"]["failurePolicy"],
+                    evaluation=w.obj["spec"]["evaluation"],
+                )
         else:
             raise AssertionError(f"walk did not finish: {w.status.phase} {w.status.message}")
         outcomes[w.status.phase] += 1
@@ -789,7 +875,13 @@ def _run_with_results(w: World, results: list[dict[str, float]], limit: int = 10
 # Chat data as the built-in evaluation reports it: exact match 0 for every model, the real
 # answers' log-likelihood rising, `score` = that log-likelihood (data.score_metric's choice).
 CHAT = [
-    {"exact_match": 0.0, "real_logp_per_token": lp, "score": lp, "baseline/exact_match": 0.0, "baseline/score": -2.5}
+    {
+        "exact_match": 0.0,
+        "real_logp_per_token": lp,
+        "score": lp,
+        "baseline/exact_match": 0.0,
+        "baseline/score": -2.5,
+    }
     for lp in (-2.2, -1.9, -1.7)
 ]
 
@@ -808,7 +900,9 @@ def test_default_metric_follows_the_data_not_exact_match() -> None:
 
 
 def test_an_uninformative_metric_is_a_warning_condition() -> None:
-    w = World(spin_object(iterations=3, evaluation={"metric": "exact_match"}, stopping={"patience": 1}))
+    w = World(
+        spin_object(iterations=3, evaluation={"metric": "exact_match"}, stopping={"patience": 1})
+    )
     _run_with_results(w, CHAT)
     # It stops after θ2 did not beat θ1 on a metric that is 0 everywhere: now said out loud.
     assert w.status.best_iteration == 0 and w.status.progress == "2/3"

@@ -81,7 +81,10 @@ def test_spooled_calls_are_replayed_until_mlflow_takes_them_and_counted_meanwhil
     w.mlflow.up = True
     d = w.reconcile()  # MLflow answers again while training runs: delivered now, not at the end
     assert d.of_type(ReplaySpool) and w.mlflow.delivered == 7 and w.settled
-    assert w.mlflow.replay_run_ids == {"parent", "iter-0"}  # only the runs of this status (threat 3)
+    assert w.mlflow.replay_run_ids == {
+        "parent",
+        "iter-0",
+    }  # only the runs of this status (threat 3)
     assert w.status.mlflow.spooled_calls == 0
     assert not w.reconcile().of_type(ReplaySpool)  # nothing pending: no more replays
     assert w.status.phase == "Running" and "iter-0" not in w.mlflow.ended

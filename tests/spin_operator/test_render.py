@@ -22,11 +22,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "training": {"gpusPerNode": 0, "processesPerNode": 2, "globalBatchSize": 64},
         "evaluation": {"gpus": 0},
     },
-    "multi-node": {"training": {"nodes": 4, "gpusPerNode": 8, "globalBatchSize": 64}, "generation": {"replicas": 8}},
+    "multi-node": {
+        "training": {"nodes": 4, "gpusPerNode": 8, "globalBatchSize": 64},
+        "generation": {"replicas": 8},
+    },
     "kueue": {"scheduling": {"queueName": "team-a", "priorityClassName": "batch-low"}},
     "tolerations": {
         "scheduling": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60}],
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60},
+            ],
             "nodeSelector": {"gpu": "h100"},
             "serviceAccountName": "spin-jobs",
             "gpuResourceName": "amd.com/gpu",
@@ -34,10 +40,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "custom-eval": {"evaluation": {"command": ["python", "eval.py"], "image": "eval:1", "gpus": 0}},
     "credentials": {
-        "storage": {"uri": "s3://bkt/runs", "endpoint": "http://minio:9000", "credentialsSecret": {"name": "s3"}},
+        "storage": {
+            "uri": "s3://bkt/runs",
+            "endpoint": "http://minio:9000",
+            "credentialsSecret": {"name": "s3"},
+        },
         "tracking": {"uri": "http://mlflow:5000", "credentialsSecret": {"name": "ml"}},
         "failurePolicy": {"backoffLimit": 2, "activeDeadlineSeconds": 86400},
-        "training": {"resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "128Gi"}}, "shmSize": "32Gi"},
+        "training": {
+            "resources": {
+                "requests": {"cpu": "8", "memory": "64Gi"},
+                "limits": {"memory": "128Gi"},
+            },
+            "shmSize": "32Gi",
+        },
     },
 }
 
@@ -82,10 +98,17 @@ def test_generation_is_an_indexed_job_with_gpu_limits() -> None:
 
 
 def test_training_job_and_headless_service() -> None:
-    service, job = objects(make({"training": {"nodes": 2, "gpusPerNode": 4, "globalBatchSize": 64}}), "train", attempt=1)
+    service, job = objects(
+        make({"training": {"nodes": 2, "gpusPerNode": 4, "globalBatchSize": 64}}),
+        "train",
+        attempt=1,
+    )
     name = "paper-i3-train-r1"
     assert service["metadata"]["name"] == name and job["metadata"]["name"] == name
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert (
+        service["spec"]["clusterIP"] == "None"
+        and service["spec"]["publishNotReadyAddresses"] is True
+    )
     pod = job["spec"]["template"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["subdomain"] == name
@@ -103,23 +126,37 @@ def test_training_job_and_headless_service() -> None:
 
 
 def test_failure_settings_of_a_long_gpu_job() -> None:
-    [job] = objects(make({"failurePolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 3600}}), "evaluate")
+    [job] = objects(
+        make({"failurePolicy": {"backoffLimit": 3, "activeDeadlineSeconds": 3600}}), "evaluate"
+    )
     spec = job["spec"]
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["podReplacementPolicy"]) == (3, 3600, "Failed")
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["podReplacementPolicy"]) == (
+        3,
+        3600,
+        "Failed",
+    )
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     assert "ttlSecondsAfterFinished" not in spec
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and 2 in rules[0]["onExitCodes"]["values"]
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
 
 
-DISRUPTION_IGNORED = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+DISRUPTION_IGNORED = {
+    "action": "Ignore",
+    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+}
 
 
 def test_generation_retries_a_failed_shard_alone() -> None:
     """backoffLimitPerIndex: a failed shard is retried by itself while the others go on (the
     per-Job backoffLimit, which would fail the Job for every shard, is left at its default)."""
-    [job] = objects(make({"failurePolicy": {"backoffLimit": 2}, "generation": {"replicas": 8}}), "generate")
+    [job] = objects(
+        make({"failurePolicy": {"backoffLimit": 2}, "generation": {"replicas": 8}}), "generate"
+    )
     spec = job["spec"]
     assert (spec["completionMode"], spec["backoffLimitPerIndex"]) == ("Indexed", 2)
     assert "backoffLimit" not in spec and "maxFailedIndexes" not in spec
@@ -134,19 +171,30 @@ def test_multi_node_training_restarts_as_a_group(backoff: int) -> None:
     """A replaced rank cannot rejoin torchrun's static rendezvous: any rank's failure or eviction
     fails the Job (backoffLimit 0, disruptions not ignored), whatever failurePolicy.backoffLimit
     says; the operator's next Job restarts every rank from the last epoch checkpoint."""
-    spec_ = make({"failurePolicy": {"backoffLimit": backoff}, "training": {"nodes": 4, "gpusPerNode": 8, "globalBatchSize": 64}})
+    spec_ = make(
+        {
+            "failurePolicy": {"backoffLimit": backoff},
+            "training": {"nodes": 4, "gpusPerNode": 8, "globalBatchSize": 64},
+        }
+    )
     for stage in ("train", "control-train"):
         job = objects(spec_, stage)[-1]
         spec = job["spec"]
         assert spec["backoffLimit"] == 0 and "backoffLimitPerIndex" not in spec
         assert spec["podFailurePolicy"]["rules"] == [
-            {"action": "FailJob", "onExitCodes": {"containerName": stage, "operator": "In", "values": [2, 126, 127]}}
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": stage, "operator": "In", "values": [2, 126, 127]},
+            }
         ]
 
 
 def test_single_node_training_keeps_pod_retries() -> None:
     """One node holds every rank: a new pod restarts the whole group, so backoffLimit applies."""
-    job = objects(make({"failurePolicy": {"backoffLimit": 2}, "training": {"nodes": 1, "gpusPerNode": 8}}), "train")[-1]
+    job = objects(
+        make({"failurePolicy": {"backoffLimit": 2}, "training": {"nodes": 1, "gpusPerNode": 8}}),
+        "train",
+    )[-1]
     assert job["spec"]["backoffLimit"] == 2
     assert job["spec"]["podFailurePolicy"]["rules"][1] == DISRUPTION_IGNORED
 
@@ -154,12 +202,21 @@ def test_single_node_training_keeps_pod_retries() -> None:
 def test_owner_reference_and_labels() -> None:
     [job] = objects(make({}), "evaluate", attempt=2)
     assert job["metadata"]["ownerReferences"] == [
-        {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "name": "paper", "uid": "3f1c-uid", "controller": True, "blockOwnerDeletion": True}
+        {
+            "apiVersion": "selfplay.dev/v1alpha1",
+            "kind": "SPINRun",
+            "name": "paper",
+            "uid": "3f1c-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
     ]
     labels = job["metadata"]["labels"]
     assert labels["selfplay.dev/attempt"] == "2" and labels["selfplay.dev/iteration"] == "3"
     assert labels["app.kubernetes.io/managed-by"] == "spin-operator"
-    assert run_owner(RUN) == owner_reference("selfplay.dev/v1alpha1", "SPINRun", "paper", "3f1c-uid")
+    assert run_owner(RUN) == owner_reference(
+        "selfplay.dev/v1alpha1", "SPINRun", "paper", "3f1c-uid"
+    )
 
 
 def test_kueue_jobs_are_created_suspended_with_the_queue_label() -> None:
@@ -175,20 +232,40 @@ def test_scheduling_fields() -> None:
     [job] = objects(make(VARIANTS["tolerations"]), "generate")
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["serviceAccountName"] == "spin-jobs"
-    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert pod["tolerations"][0] == {
+        "key": "nvidia.com/gpu",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    }
     assert container(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
 
 
 def test_credentials_only_as_secret_refs() -> None:
     _service, job = objects(make(VARIANTS["credentials"]), "train")
     env = {e["name"]: e for e in container(job)["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}
-    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "ml", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}}
-    assert env["AWS_ENDPOINT_URL_S3"] == {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio:9000"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "ml", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}
+    }
+    assert env["AWS_ENDPOINT_URL_S3"] == {
+        "name": "AWS_ENDPOINT_URL_S3",
+        "value": "http://minio:9000",
+    }
     assert env["MLFLOW_RUN_ID"]["value"] == "r1"
-    secret_vars = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    secret_vars = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+    )
     assert all("value" not in env[k] and "secretKeyRef" in env[k]["valueFrom"] for k in secret_vars)
-    assert container(job)["resources"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "10Gi"}, "limits": {"memory": "128Gi", "nvidia.com/gpu": "1"}}
+    assert container(job)["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"memory": "128Gi", "nvidia.com/gpu": "1"},
+    }
 
 
 def test_cpu_only_has_no_gpu_resources() -> None:
@@ -199,7 +276,9 @@ def test_cpu_only_has_no_gpu_resources() -> None:
 
 
 def test_pod_security_context() -> None:
-    job = render_job(plan_step(make({}), SETTINGS, RUN, 0, "generate"), make({}), RUN, run_owner(RUN))
+    job = render_job(
+        plan_step(make({}), SETTINGS, RUN, 0, "generate"), make({}), RUN, run_owner(RUN)
+    )
     assert job["spec"]["template"]["spec"]["securityContext"] == {
         "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -215,7 +294,10 @@ def test_every_pod_is_podsecurity_restricted_without_a_token(variant: str, stage
     job = objects(make(VARIANTS[variant]), stage)[-1]
     pod = job["spec"]["template"]["spec"]
     assert_restricted(pod)
-    assert isinstance(pod["securityContext"]["runAsUser"], int) and pod["securityContext"]["runAsUser"] > 0
+    assert (
+        isinstance(pod["securityContext"]["runAsUser"], int)
+        and pod["securityContext"]["runAsUser"] > 0
+    )
     assert pod["automountServiceAccountToken"] is False
 
 
@@ -224,8 +306,15 @@ def test_no_gpu_pods_see_no_gpus_and_gpu_pods_keep_theirs() -> None:
     for stage in ("generate", "train", "evaluate"):
         env = {e["name"]: e.get("value") for e in container(objects(cpu, stage)[-1])["env"]}
         assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
-        assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in container(objects(gpu, stage)[-1])["env"]}
-    mine = make({**VARIANTS["cpu-only"], "pod": {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}]}})
+        assert "NVIDIA_VISIBLE_DEVICES" not in {
+            e["name"] for e in container(objects(gpu, stage)[-1])["env"]
+        }
+    mine = make(
+        {
+            **VARIANTS["cpu-only"],
+            "pod": {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}]},
+        }
+    )
     names = [e["name"] for e in container(objects(mine, "generate")[-1])["env"]]
     assert names.count("NVIDIA_VISIBLE_DEVICES") == 1  # the user's own value, not two
 
@@ -235,13 +324,27 @@ def test_ephemeral_storage_request_and_cache_size_limit() -> None:
     assert container(job)["resources"]["requests"] == {"ephemeral-storage": "10Gi"}
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
     assert volumes["spin-cache"] == {"name": "spin-cache", "emptyDir": {"sizeLimit": "200Gi"}}
-    spec = make({"pod": {"cacheSizeLimit": "1Ti"}, "generation": {"resources": {"limits": {"ephemeral-storage": "50Gi"}}}})
+    spec = make(
+        {
+            "pod": {"cacheSizeLimit": "1Ti"},
+            "generation": {"resources": {"limits": {"ephemeral-storage": "50Gi"}}},
+        }
+    )
     job = objects(spec, "generate")[-1]
-    assert "ephemeral-storage" not in container(job)["resources"].get("requests", {})  # defaults to the limit
-    assert {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["spin-cache"]["emptyDir"] == {"sizeLimit": "1Ti"}
+    assert "ephemeral-storage" not in container(job)["resources"].get(
+        "requests", {}
+    )  # defaults to the limit
+    assert {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["spin-cache"][
+        "emptyDir"
+    ] == {"sizeLimit": "1Ti"}
     pvc = make({"pod": {"modelCache": {"claimName": "hf"}}})
-    volumes = {v["name"]: v for v in objects(pvc, "train")[-1]["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["spin-cache"] == {"name": "spin-cache", "persistentVolumeClaim": {"claimName": "hf"}}
+    volumes = {
+        v["name"]: v for v in objects(pvc, "train")[-1]["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["spin-cache"] == {
+        "name": "spin-cache",
+        "persistentVolumeClaim": {"claimName": "hf"},
+    }
 
 
 @pytest.mark.parametrize("bad", ["1.2.3", "-4", "10 Gi", "", "lots"])
@@ -251,8 +354,25 @@ def test_cache_size_limit_must_be_a_size(bad: str) -> None:
 
 
 def test_evaluation_resources_come_from_the_spec() -> None:
-    spec = make({"evaluation": {"gpus": 1, "resources": {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "48Gi"}}}})
+    spec = make(
+        {
+            "evaluation": {
+                "gpus": 1,
+                "resources": {
+                    "requests": {"cpu": "4", "memory": "32Gi"},
+                    "limits": {"memory": "48Gi"},
+                },
+            }
+        }
+    )
     res = container(objects(spec, "evaluate")[-1])["resources"]
-    assert res == {"requests": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "10Gi"}, "limits": {"memory": "48Gi", "nvidia.com/gpu": "1"}}
-    control = make({"controlArm": {"enabled": True}, "evaluation": {"resources": {"requests": {"cpu": "2"}}}})
-    assert container(objects(control, "control-evaluate")[-1])["resources"]["requests"]["cpu"] == "2"
+    assert res == {
+        "requests": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"memory": "48Gi", "nvidia.com/gpu": "1"},
+    }
+    control = make(
+        {"controlArm": {"enabled": True}, "evaluation": {"resources": {"requests": {"cpu": "2"}}}}
+    )
+    assert (
+        container(objects(control, "control-evaluate")[-1])["resources"]["requests"]["cpu"] == "2"
+    )

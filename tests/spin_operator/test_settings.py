@@ -23,12 +23,20 @@ def test_values() -> None:
         "SPIN_METRICS_PORT": "9100", "SPIN_HEALTH_PORT": "0",
     })  # fmt: skip
     assert s.namespaces == ("team-a", "team-b") and not s.clusterwide
-    assert (s.storage_uri, s.s3_secret, s.mlflow_uri, s.log_level) == ("s3://bkt/p", "s3", "http://mlflow:5000", "DEBUG")
+    assert (s.storage_uri, s.s3_secret, s.mlflow_uri, s.log_level) == (
+        "s3://bkt/p",
+        "s3",
+        "http://mlflow:5000",
+        "DEBUG",
+    )
     assert (s.metrics_port, s.health_port) == (9100, 0)
 
 
 def test_watch_settings() -> None:
-    assert (Settings.from_env({}).resync_seconds, Settings.from_env({}).list_chunk_size) == (300.0, 500)
+    assert (Settings.from_env({}).resync_seconds, Settings.from_env({}).list_chunk_size) == (
+        300.0,
+        500,
+    )
     s = Settings.from_env({"SPIN_RESYNC_SECONDS": "0", "SPIN_LIST_CHUNK_SIZE": "50"})
     assert (s.resync_seconds, s.list_chunk_size) == (0.0, 50)
 
@@ -44,16 +52,29 @@ def test_bad_values_name_the_variable(var: str, value: str) -> None:
 
 
 def _spec(**extra: object) -> api.SPINRunSpec:
-    return api.SPINRunSpec.model_validate({"model": {"uri": "m/x"}, "dataset": {"uri": "/d.jsonl"}, **extra})
+    return api.SPINRunSpec.model_validate(
+        {"model": {"uri": "m/x"}, "dataset": {"uri": "/d.jsonl"}, **extra}
+    )
 
 
 def test_resolve_fills_unset_fields_from_the_operator() -> None:
-    s = Settings(storage_uri="s3://bkt/runs", s3_endpoint="http://minio:9000", s3_secret="s3", mlflow_uri="http://m:5000", mlflow_secret="ml")
+    s = Settings(
+        storage_uri="s3://bkt/runs",
+        s3_endpoint="http://minio:9000",
+        s3_secret="s3",
+        mlflow_uri="http://m:5000",
+        mlflow_secret="ml",
+    )
     spec = resolve_spec(_spec(), s)
     assert spec.storage.uri == "s3://bkt/runs" and spec.storage.endpoint == "http://minio:9000"
-    assert spec.storage.credentials_secret is not None and spec.storage.credentials_secret.name == "s3"
+    assert (
+        spec.storage.credentials_secret is not None and spec.storage.credentials_secret.name == "s3"
+    )
     assert spec.tracking.uri == "http://m:5000"
-    assert spec.tracking.credentials_secret is not None and spec.tracking.credentials_secret.name == "ml"
+    assert (
+        spec.tracking.credentials_secret is not None
+        and spec.tracking.credentials_secret.name == "ml"
+    )
 
 
 def test_resolve_keeps_explicit_values_and_local_paths_get_no_s3_settings() -> None:

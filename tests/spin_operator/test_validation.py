@@ -54,16 +54,29 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     obj["spec"]["iterations"] = 0
     obj["spec"]["generation"] = {"replicas": 0, "backend": "tgi"}
     paths = {p.path for p in problems_of(obj)}
-    assert {"spec.iteratons", "spec.iterations", "spec.generation.replicas", "spec.generation.backend"} <= paths
+    assert {
+        "spec.iteratons",
+        "spec.iterations",
+        "spec.generation.replicas",
+        "spec.generation.backend",
+    } <= paths
 
 
 def test_cli_exit_status_and_messages(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(yaml.safe_dump(BASE))
     bad.write_text(yaml.safe_dump_all([BASE, CASES[3].build()]))
-    ok = subprocess.run([sys.executable, "-m", "spin_operator.cli", "validate", str(good)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "spin_operator.cli", "validate", str(good)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    fail = subprocess.run([sys.executable, "-m", "spin_operator.cli", "validate", str(good), str(bad)], capture_output=True, text=True)
+    fail = subprocess.run(
+        [sys.executable, "-m", "spin_operator.cli", "validate", str(good), str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert fail.returncode == 1
     assert f"{bad}: [1].spec.iterations:" in fail.stdout
     assert f"{good}: valid" in fail.stdout
@@ -80,7 +93,9 @@ def test_wrong_kind_and_version() -> None:
     assert {"apiVersion", "kind"} <= {p.path for p in problems_of(obj)}
 
 
-@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_examples_are_valid(example: Path) -> None:
     assert validate_file(example) == []
     for doc in yaml.safe_load_all(example.read_text()):

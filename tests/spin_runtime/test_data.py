@@ -29,8 +29,12 @@ GOOD_MESSAGES = {
 
 def test_messages_row_takes_system_first_user_turn_and_its_answer() -> None:
     assert data.parse_row(GOOD_MESSAGES) == ("Be brief.", "Q1", "A1")
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
-                          {"role": "assistant", "content": "A"}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
     assert data.parse_row(parts) == (None, "Q", "A")
 
 
@@ -44,7 +48,15 @@ def test_prompt_response_row() -> None:
     [
         ({"messages": [{"role": "user", "content": "Q"}]}, "no assistant answer"),
         ({"messages": [{"role": "assistant", "content": "A"}]}, "no user message"),
-        ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "A"}]}, "empty prompt"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "  "},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "empty prompt",
+        ),
         ({"prompt": "Q", "response": ""}, "empty response"),
         ({"text": "x"}, "neither"),
         ({"messages": "nope"}, "not a list"),
@@ -57,9 +69,15 @@ def test_invalid_rows_have_reasons(row, reason: str) -> None:
 
 
 def test_load_counts_skipped_rows_and_keeps_source_indices(tmp_path: Path, caplog) -> None:
-    uri = _write(tmp_path / "d.jsonl", [
-        GOOD_MESSAGES, {"prompt": "", "response": "A"}, "not json {", {"prompt": "Q3", "response": "A3"},
-    ])
+    uri = _write(
+        tmp_path / "d.jsonl",
+        [
+            GOOD_MESSAGES,
+            {"prompt": "", "response": "A"},
+            "not json {",
+            {"prompt": "Q3", "response": "A3"},
+        ],
+    )
     with caplog.at_level("WARNING"):
         loaded = data.load_examples(uri)
     assert [e.id for e in loaded.examples] == [0, 3]
@@ -142,8 +160,12 @@ def _ultrachat_like(root: Path) -> list[str]:
             rows = []
             for i in range(3):
                 q = f"{split}-{k}-Q{i}"
-                turns = [{"role": "user", "content": q}, {"role": "assistant", "content": f"A{i}"},
-                         {"role": "user", "content": "more?"}, {"role": "assistant", "content": "no"}]
+                turns = [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": f"A{i}"},
+                    {"role": "user", "content": "more?"},
+                    {"role": "assistant", "content": "no"},
+                ]
                 rows.append({"prompt": q, "prompt_id": f"{split}{k}{i}", "messages": turns})
                 if split == "train_sft":
                     prompts.append(q)
@@ -164,15 +186,26 @@ def ultrachat(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, list
     root = str(request.getfixturevalue("s3_bucket")) + "/hub/ultrachat_200k"
     for path in sorted((tmp_path / "uc").rglob("*")):
         if path.is_file():
-            storage.upload_file(path, storage.join(root, path.relative_to(tmp_path / "uc").as_posix()))
+            storage.upload_file(
+                path, storage.join(root, path.relative_to(tmp_path / "uc").as_posix())
+            )
     return root, prompts
 
 
-def test_a_glob_or_prefix_of_shards_reads_one_split_in_order(ultrachat: tuple[str, list[str]]) -> None:
+def test_a_glob_or_prefix_of_shards_reads_one_split_in_order(
+    ultrachat: tuple[str, list[str]],
+) -> None:
     root, train_prompts = ultrachat
-    for uri in (f"{root}/data/train_sft-*", f"{root}/data/train_sft-*.parquet", f"{root}/data/train_sft-"):
+    for uri in (
+        f"{root}/data/train_sft-*",
+        f"{root}/data/train_sft-*.parquet",
+        f"{root}/data/train_sft-",
+    ):
         files = data.data_files(uri)
-        assert [f.rsplit("/", 1)[-1][:15] for f in files] == ["train_sft-00000", "train_sft-00001"], uri
+        assert [f.rsplit("/", 1)[-1][:15] for f in files] == [
+            "train_sft-00000",
+            "train_sft-00001",
+        ], uri
         loaded = data.load_examples(uri)
         # Multi-turn rows: the first user turn and the answer right after it; later turns unused.
         assert [e.prompt for e in loaded.examples] == train_prompts
@@ -181,7 +214,9 @@ def test_a_glob_or_prefix_of_shards_reads_one_split_in_order(ultrachat: tuple[st
     # The directory itself mixes every split (documented: use the glob or prefix).
     assert len(data.load_examples(f"{root}/data/").examples) == 12
     assert len(data.load_examples(f"{root}/data").examples) == 12
-    with pytest.raises(data.DatasetError, match=r"no \.jsonl/\.json/\.parquet files match 'validation-\*'"):
+    with pytest.raises(
+        data.DatasetError, match=r"no \.jsonl/\.json/\.parquet files match 'validation-\*'"
+    ):
         data.data_files(f"{root}/data/validation-*")
     with pytest.raises(data.DatasetError, match="no such file, directory or prefix"):
         data.data_files(f"{root}/data/validation-")

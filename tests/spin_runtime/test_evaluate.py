@@ -88,7 +88,9 @@ def test_score_is_the_real_answer_loglik_on_free_text(tiny_model_dir: Path, tmp_
     real answers' log-likelihood per token."""
     rows = tiny.make_task_rows(24, seed=3)
     for k, row in enumerate(rows):
-        row["messages"][-1]["content"] = " ".join(tiny._WORDS[(k + j) % len(tiny._WORDS)] for j in range(40))
+        row["messages"][-1]["content"] = " ".join(
+            tiny._WORDS[(k + j) % len(tiny._WORDS)] for j in range(40)
+        )
     dataset = tiny.write_jsonl(rows, tmp_path / "chat.jsonl")
     out = tmp_path / "eval"
     assert cli.main([
@@ -182,12 +184,20 @@ def test_metrics_reach_mlflow(
     )
     # The sample generations table: θt+1's answers beside the references (and θ0's), once.
     (tmp_path / "dl").mkdir()
-    table = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl"))).read_text())
+    table = json.loads(
+        Path(
+            client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl"))
+        ).read_text()
+    )
     assert table["columns"] == ["id", "prompt", "reference", "answer", "exact", "baseline_answer"]
     assert len(table["data"]) == 4
     assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--baseline-model", str(tiny_model_dir),
                      "--dataset", str(tiny_dataset_path), "--output", str(out),
                      "--eval-samples", "4", "--max-new-tokens", "2"]) == 0  # fmt: skip
     (tmp_path / "dl2").mkdir()
-    again = json.loads(Path(client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl2"))).read_text())
+    again = json.loads(
+        Path(
+            client.download_artifacts(run_id, "eval_samples.json", str(tmp_path / "dl2"))
+        ).read_text()
+    )
     assert len(again["data"]) == 4  # a retry does not append

@@ -26,9 +26,14 @@ def test_prompt_plus_response_is_the_chat_formatted_conversation(tokenizer, syst
     """The tokens training sees (prompt + answer) are the template's own rendering of the
     conversation up to the answer's EOS: what generation produced is what training scores."""
     prompt, answer = "reverse: red cat dog", "dog cat red"
-    messages = [*formatting.build_messages(system, prompt), {"role": "assistant", "content": answer}]
+    messages = [
+        *formatting.build_messages(system, prompt),
+        {"role": "assistant", "content": answer},
+    ]
     full = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
-    ids = formatting.prompt_ids(tokenizer, system, prompt) + formatting.response_ids(tokenizer, answer)
+    ids = formatting.prompt_ids(tokenizer, system, prompt) + formatting.response_ids(
+        tokenizer, answer
+    )
     assert full[: len(ids)] == ids
     assert ids[-1] == tokenizer.eos_token_id
 
@@ -61,7 +66,9 @@ def test_fallback_template_when_model_has_none(tokenizer, caplog) -> None:
 
 def test_read_chat_template_from_file(tmp_path: Path, tokenizer) -> None:
     path = tmp_path / "t.jinja"
-    path.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    path.write_text(
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
     tokenizer.chat_template = formatting.read_chat_template(str(path))
     assert formatting.prompt_text(tokenizer, "a", "b") == "[a][b]>"
     (tmp_path / "empty.jinja").write_text("  \n")

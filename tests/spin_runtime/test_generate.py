@@ -33,12 +33,21 @@ def test_cli_end_to_end_in_a_subprocess(tiny_model_dir, tiny_dataset_path, tmp_p
     out = tmp_path / "generated"
     env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "SPIN_NUM_SHARDS": "1"}
     batch = 8
-    cmd = [sys.executable, "-m", "spin_runtime", *argv(tiny_model_dir, tiny_dataset_path, out, "--batch-size", str(batch))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spin_runtime",
+        *argv(tiny_model_dir, tiny_dataset_path, out, "--batch-size", str(batch)),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "generated tokens/s" in proc.stderr and "truncation rate" in proc.stderr
     # Progress by batch: one JSON line per batch of --batch-size prompts, counting up to the total.
-    progress = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"event": "generate"')]
+    progress = [
+        json.loads(line)
+        for line in proc.stderr.splitlines()
+        if line.startswith('{"event": "generate"')
+    ]
     done = [p["done"] for p in progress]
     assert done[0] == 0 and done[-1] == EVAL + TRAIN == progress[-1]["total"]
     assert done == sorted(done) and len(done) == 1 + -(-(EVAL + TRAIN) // batch)
@@ -148,7 +157,9 @@ def test_shards_together_are_the_unsharded_selection(
 
     totals = generation_totals(str(out))
     assert totals["generate/total_prompts"] == EVAL + TRAIN and totals["generate/shards"] == 3
-    assert totals["generate/total_generated_tokens"] == sum(r["num_generated_tokens"] for r in sharded)
+    assert totals["generate/total_generated_tokens"] == sum(
+        r["num_generated_tokens"] for r in sharded
+    )
     truncated = sum(r["finish_reason"] == "length" for r in sharded)
     assert totals["generate/truncation_rate"] == pytest.approx(truncated / len(sharded))
 

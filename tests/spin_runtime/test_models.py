@@ -54,11 +54,17 @@ def test_chat_template_override_and_pad_default(tiny_model_dir: Path, tmp_path: 
     tok = models.load_tokenizer(str(tiny_model_dir), chat_template_uri=str(template))
     assert formatting.prompt_text(tok, None, "x") == "x;"
     with pytest.raises(UsageError, match="--chat-template"):
-        models.load_tokenizer(str(tiny_model_dir), chat_template_uri=str(tmp_path / "missing.jinja"))
+        models.load_tokenizer(
+            str(tiny_model_dir), chat_template_uri=str(tmp_path / "missing.jinja")
+        )
 
     copy = tmp_path / "nopad"
     shutil.copytree(tiny_model_dir, copy)
-    cfg = (copy / "tokenizer_config.json").read_text().replace('"pad_token": "<|pad|>"', '"pad_token": null')
+    cfg = (
+        (copy / "tokenizer_config.json")
+        .read_text()
+        .replace('"pad_token": "<|pad|>"', '"pad_token": null')
+    )
     (copy / "tokenizer_config.json").write_text(cfg)
     tok = models.load_tokenizer(str(copy))
     assert tok.pad_token_id == tok.eos_token_id
@@ -77,7 +83,9 @@ def test_a_pinned_hub_revision_is_fetched_as_that_revision(monkeypatch: pytest.M
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SPIN_HUB_MODEL", "example-org/never-downloaded")
     monkeypatch.setenv("SPIN_HUB_REVISION", "0123abc")
-    with pytest.raises(models.ModelError, match=r"example-org/never-downloaded@0123abc: cannot fetch this revision"):
+    with pytest.raises(
+        models.ModelError, match=r"example-org/never-downloaded@0123abc: cannot fetch this revision"
+    ):
         models.resolve("example-org/never-downloaded")
     # Other hub ids (a tokenizer override, say) are left to transformers as before.
     assert models.resolve("example-org/other") == "example-org/other"

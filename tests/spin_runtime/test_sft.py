@@ -15,7 +15,9 @@ def examples() -> list[data.Example]:
     return [data.Example(i, *data.parse_row(r)) for i, r in enumerate(rows)]  # type: ignore[misc]
 
 
-def test_encode_masks_the_prompt_and_ends_with_eos(tiny_rows: list[dict], examples: list[data.Example]) -> None:
+def test_encode_masks_the_prompt_and_ends_with_eos(
+    tiny_rows: list[dict], examples: list[data.Example]
+) -> None:
     tok = tiny.train_tokenizer(tiny_rows)
     ids, labels = sft.encode(tok, examples[0], max_length=96)
     prompt = formatting.prompt_ids(tok, examples[0].system, examples[0].prompt)
@@ -26,7 +28,9 @@ def test_encode_masks_the_prompt_and_ends_with_eos(tiny_rows: list[dict], exampl
     assert len(short_ids) == len(short_labels) == 5
 
 
-def test_training_lowers_the_loss_deterministically(tiny_rows: list[dict], examples: list[data.Example]) -> None:
+def test_training_lowers_the_loss_deterministically(
+    tiny_rows: list[dict], examples: list[data.Example]
+) -> None:
     import torch
 
     torch.set_num_threads(1)

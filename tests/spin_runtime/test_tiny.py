@@ -71,7 +71,9 @@ torch.save({{k: v for k, v in model.state_dict().items()}}, {str(tmp_path / "sd.
 print(json.dumps([tok.padding_side, formatting.prompt_ids(tok, "S", "sort: 2 1")]))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env
+    )
     import json
 
     side, ids = json.loads(out.stdout.strip().splitlines()[-1])

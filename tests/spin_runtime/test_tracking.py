@@ -124,9 +124,14 @@ def test_two_iteration_run_lineage(
     top = client.get_run(parent)
     assert top.data.tags["mlflow.note.content"].startswith("SPINRun team-a/spin-demo: ")
     assert top.data.tags["mlflow.source.type"] == "JOB"
-    assert top.data.params["training.beta"] == "0.1" and top.data.params["model.uri"] == "hf-org/base-model"
+    assert (
+        top.data.params["training.beta"] == "0.1"
+        and top.data.params["model.uri"] == "hf-org/base-model"
+    )
     assert float(top.data.params["training.learningRate"]) == 5e-7
-    assert not any(FAKE_SECRET in v for v in top.data.params.values())  # storage/tracking are not params
+    assert not any(
+        FAKE_SECRET in v for v in top.data.params.values()
+    )  # storage/tracking are not params
     nested = client.search_runs(
         [exp.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent}'",
@@ -174,8 +179,13 @@ def test_two_iteration_run_lineage(
     by_version = {v.version: v for v in mvs}
     assert by_version[versions[1]].tags["spin.model"] == "θ2"
     assert by_version[versions[1]].tags["spin.trained_from"] == "θ1"
-    assert by_version[versions[1]].description == f"θ2: trained in iteration 1 from θ1 (version {versions[0]})"
-    assert by_version[versions[0]].description == "θ1: trained in iteration 0 from θ0 (the base model)"
+    assert (
+        by_version[versions[1]].description
+        == f"θ2: trained in iteration 1 from θ1 (version {versions[0]})"
+    )
+    assert (
+        by_version[versions[0]].description == "θ1: trained in iteration 0 from θ0 (the base model)"
+    )
 
     # Artifacts (the spec) are in the bucket behind the MLflow artifact proxy.
     keys = [
@@ -381,11 +391,16 @@ def test_replay_touches_only_the_given_runs(mlflow_server: MlflowServer, tmp_pat
     run; the operator's replay (run_ids: the runs in the SPINRun's status) drops that call."""
     tracker = Tracker(mlflow_server.uri, policy=FAST)
     own = tracker.ensure_parent_run(f"own-{uuid.uuid4().hex[:8]}", "team-a", "mine", "uid-a", {})
-    theirs = tracker.ensure_parent_run(f"their-{uuid.uuid4().hex[:8]}", "team-b", "prod", "uid-b", {})
+    theirs = tracker.ensure_parent_run(
+        f"their-{uuid.uuid4().hex[:8]}", "team-b", "prod", "uid-b", {}
+    )
     assert own and theirs
     spool = tmp_path / "spool"
     spool.mkdir()
-    ops = [{"op": "metrics", "run": rid, "items": [["eval/exact_match", 0.99, 1, 0]]} for rid in (own, theirs, own)]
+    ops = [
+        {"op": "metrics", "run": rid, "items": [["eval/exact_match", 0.99, 1, 0]]}
+        for rid in (own, theirs, own)
+    ]
     (spool / "x.jsonl").write_text("".join(json.dumps(op) + "\n" for op in ops))
     result = replay_spool(str(spool), mlflow_server.uri, policy=FAST, run_ids={own})
     assert (result.delivered, result.remaining) == (2, 0) and list(spool.iterdir()) == []

@@ -56,8 +56,16 @@ CASES = [
     Broken("replicas-float", {"spec.generation.replicas": 1.5}, "spec.generation.replicas"),
     Broken("suspend-string", {"spec.suspend": "yes"}, "spec.suspend"),
     Broken("model-not-object", {"spec.model": "s3://models/base"}, "spec.model"),
-    Broken("tolerations-not-list", {"spec.scheduling.tolerations": {"key": "gpu"}}, "spec.scheduling.tolerations"),
-    Broken("node-selector-int", {"spec.scheduling.nodeSelector": {"gpu": 1}}, "spec.scheduling.nodeSelector.gpu"),
+    Broken(
+        "tolerations-not-list",
+        {"spec.scheduling.tolerations": {"key": "gpu"}},
+        "spec.scheduling.tolerations",
+    ),
+    Broken(
+        "node-selector-int",
+        {"spec.scheduling.nodeSelector": {"gpu": 1}},
+        "spec.scheduling.nodeSelector.gpu",
+    ),
     # missing required
     Broken("no-model", {"spec.model": DELETE}, "spec.model"),
     Broken("no-dataset-uri", {"spec.dataset.uri": DELETE}, "spec.dataset.uri"),
@@ -80,19 +88,45 @@ CASES = [
     Broken("warmup-one", {"spec.training.warmupRatio": 1.0}, "spec.training.warmupRatio"),
     Broken("bad-optimizer", {"spec.training.optimizer": "sgd"}, "spec.training.optimizer"),
     Broken("bad-backend", {"spec.generation.backend": "tgi"}, "spec.generation.backend"),
-    Broken("too-many-retries", {"spec.failurePolicy.maxRetries": 50}, "spec.failurePolicy.maxRetries"),
-    Broken("prompt-longer-than-max", {"spec.training.maxPromptLength": 2048}, "spec.training.maxPromptLength"),
-    Broken("batch-not-divisible", {"spec.training.globalBatchSize": 9}, "spec.training.globalBatchSize"),
-    Broken("beta-list-too-long", {"spec.training.betaPerIteration": [0.1, 0.1, 5.0]}, "spec.training.betaPerIteration"),
+    Broken(
+        "too-many-retries", {"spec.failurePolicy.maxRetries": 50}, "spec.failurePolicy.maxRetries"
+    ),
+    Broken(
+        "prompt-longer-than-max",
+        {"spec.training.maxPromptLength": 2048},
+        "spec.training.maxPromptLength",
+    ),
+    Broken(
+        "batch-not-divisible", {"spec.training.globalBatchSize": 9}, "spec.training.globalBatchSize"
+    ),
+    Broken(
+        "beta-list-too-long",
+        {"spec.training.betaPerIteration": [0.1, 0.1, 5.0]},
+        "spec.training.betaPerIteration",
+    ),
     Broken("eval-without-prompts", {"spec.dataset.evalSamples": 0}, "spec.dataset.evalSamples"),
-    Broken("patience-without-eval", {"spec.evaluation.enabled": False, "spec.stopping.patience": 2}, "spec.stopping.patience"),
+    Broken(
+        "patience-without-eval",
+        {"spec.evaluation.enabled": False, "spec.stopping.patience": 2},
+        "spec.stopping.patience",
+    ),
     # malformed URIs and references
     Broken("model-uri-one-slash", {"spec.model.uri": "s3:/models/base"}, "spec.model.uri"),
     Broken("model-uri-http", {"spec.model.uri": "http://example.com/model"}, "spec.model.uri"),
     Broken("dataset-csv", {"spec.dataset.uri": "s3://data/sft.csv"}, "spec.dataset.uri"),
-    Broken("storage-bucket-uppercase", {"spec.storage.uri": "s3://My_Bucket/x"}, "spec.storage.uri"),
-    Broken("secret-bad-name", {"spec.storage.credentialsSecret": {"name": "S3 Creds"}}, "spec.storage.credentialsSecret.name"),
-    Broken("bad-quantity", {"spec.training.resources": {"limits": {"memory": "lots"}}}, "spec.training.resources.limits.memory"),
+    Broken(
+        "storage-bucket-uppercase", {"spec.storage.uri": "s3://My_Bucket/x"}, "spec.storage.uri"
+    ),
+    Broken(
+        "secret-bad-name",
+        {"spec.storage.credentialsSecret": {"name": "S3 Creds"}},
+        "spec.storage.credentialsSecret.name",
+    ),
+    Broken(
+        "bad-quantity",
+        {"spec.training.resources": {"limits": {"memory": "lots"}}},
+        "spec.training.resources.limits.memory",
+    ),
     # names that would push child object names past Kubernetes limits
     Broken("name-too-long", {"metadata.name": "a" * 41}, "metadata.name"),
     Broken("name-with-dot", {"metadata.name": "run.v2"}, "metadata.name"),

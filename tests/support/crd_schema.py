@@ -39,7 +39,11 @@ def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
 
 def _unknown_fields(schema: dict[str, Any], obj: Any, path: str) -> list[str]:
     if isinstance(obj, list) and "items" in schema:
-        return [e for i, v in enumerate(obj) for e in _unknown_fields(schema["items"], v, f"{path}[{i}]")]
+        return [
+            e
+            for i, v in enumerate(obj)
+            for e in _unknown_fields(schema["items"], v, f"{path}[{i}]")
+        ]
     if not isinstance(obj, dict) or "properties" not in schema or path == ".metadata":
         return []
     errors = []
@@ -58,7 +62,9 @@ def _cel_errors(schema: dict[str, Any], obj: Any, path: str) -> list[str]:
         env = celpy.Environment()
         program = env.program(env.compile(rule["rule"]))
         if not bool(program.evaluate({"self": celpy.json_to_cel(obj)})):
-            errors.append(f"{path or '<root>'}{rule.get('fieldPath', '')}: Invalid value: {rule['message']}")
+            errors.append(
+                f"{path or '<root>'}{rule.get('fieldPath', '')}: Invalid value: {rule['message']}"
+            )
     if isinstance(obj, dict):
         for name, prop in schema.get("properties", {}).items():
             if name in obj:

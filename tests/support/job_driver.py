@@ -53,6 +53,7 @@ def now_rfc3339() -> str:
 
 # ---------------------------------------------------------------------------- pure status logic
 
+
 def completions(job: JSON) -> int:
     spec = job.get("spec") or {}
     return int(spec.get("completions") or spec.get("parallelism") or 1)
@@ -76,7 +77,10 @@ def index_ranges(indexes: list[int]) -> str:
 
 
 def condition(job: JSON, kind: str) -> JSON | None:
-    return next((c for c in (job.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+    return next(
+        (c for c in (job.get("status") or {}).get("conditions") or [] if c.get("type") == kind),
+        None,
+    )
 
 
 def is_true(job: JSON, kind: str) -> bool:
@@ -95,11 +99,21 @@ def job_state(job: JSON) -> str:
     return "Running" if (job.get("status") or {}).get("startTime") else "Pending"
 
 
-def _set_condition(conditions: list[JSON], kind: str, status: str, reason: str, message: str, now: str) -> list[JSON]:
+def _set_condition(
+    conditions: list[JSON], kind: str, status: str, reason: str, message: str, now: str
+) -> list[JSON]:
     """Replace or append one condition; lastTransitionTime moves only when the status flips."""
     old = next((c for c in conditions if c.get("type") == kind), None)
-    new = {"type": kind, "status": status, "reason": reason, "message": message, "lastProbeTime": now,
-           "lastTransitionTime": old["lastTransitionTime"] if old and old.get("status") == status else now}
+    new = {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": now,
+        "lastTransitionTime": old["lastTransitionTime"]
+        if old and old.get("status") == status
+        else now,
+    }
     return [new if c is old else c for c in conditions] if old else [*conditions, new]
 
 
@@ -110,12 +124,20 @@ def job_running_status(job: JSON, now: str | None = None) -> JSON:
     spec = job.get("spec") or {}
     conditions = list(status.get("conditions") or [])
     if is_true(job, "Suspended"):
-        conditions = _set_condition(conditions, "Suspended", "False", "JobResumed", "Job resumed", now)
+        conditions = _set_condition(
+            conditions, "Suspended", "False", "JobResumed", "Job resumed", now
+        )
         status.pop("startTime", None)
     remaining = completions(job) - int(status.get("succeeded") or 0)
-    status.update({"startTime": status.get("startTime") or now, "ready": 0, "terminating": 0,
-                   "active": max(0, min(int(spec.get("parallelism") or 1), remaining)),
-                   "uncountedTerminatedPods": {}})
+    status.update(
+        {
+            "startTime": status.get("startTime") or now,
+            "ready": 0,
+            "terminating": 0,
+            "active": max(0, min(int(spec.get("parallelism") or 1), remaining)),
+            "uncountedTerminatedPods": {},
+        }
+    )
     if conditions:
         status["conditions"] = conditions
     return status
@@ -125,8 +147,21 @@ def job_suspended_status(job: JSON, now: str | None = None) -> JSON:
     """Suspended: pods gone, no startTime, `Suspended=True` (reason JobSuspended)."""
     now = now or now_rfc3339()
     status = {k: v for k, v in (job.get("status") or {}).items() if k != "startTime"}
-    status.update({"active": 0, "ready": 0, "terminating": 0, "conditions": _set_condition(
-        list(status.get("conditions") or []), "Suspended", "True", "JobSuspended", "Job suspended", now)})
+    status.update(
+        {
+            "active": 0,
+            "ready": 0,
+            "terminating": 0,
+            "conditions": _set_condition(
+                list(status.get("conditions") or []),
+                "Suspended",
+                "True",
+                "JobSuspended",
+                "Job suspended",
+                now,
+            ),
+        }
+    )
     return status
 
 
@@ -138,15 +173,30 @@ def job_succeeded_status(job: JSON, now: str | None = None) -> JSON:
     for kind in ("SuccessCriteriaMet", "Complete"):
         conditions = _set_condition(conditions, kind, "True", SUCCESS_REASON, SUCCESS_MESSAGE, now)
     n = completions(job)
-    status.update({"startTime": status.get("startTime") or now, "completionTime": now, "active": 0, "ready": 0,
-                   "terminating": 0, "succeeded": n, "uncountedTerminatedPods": {}, "conditions": conditions})
+    status.update(
+        {
+            "startTime": status.get("startTime") or now,
+            "completionTime": now,
+            "active": 0,
+            "ready": 0,
+            "terminating": 0,
+            "succeeded": n,
+            "uncountedTerminatedPods": {},
+            "conditions": conditions,
+        }
+    )
     if is_indexed(job):
         status["completedIndexes"] = index_ranges(list(range(n)))
     return status
 
 
-def job_failed_status(job: JSON, reason: str = "BackoffLimitExceeded", message: str | None = None,
-                      now: str | None = None, succeeded_indexes: list[int] | None = None) -> JSON:
+def job_failed_status(
+    job: JSON,
+    reason: str = "BackoffLimitExceeded",
+    message: str | None = None,
+    now: str | None = None,
+    succeeded_indexes: list[int] | None = None,
+) -> JSON:
     """The Job failed: FailureTarget then Failed with `reason`; no completionTime (as Kubernetes)."""
     now = now or now_rfc3339()
     message = message or FAILURE_MESSAGES.get(reason, reason)
@@ -156,8 +206,17 @@ def job_failed_status(job: JSON, reason: str = "BackoffLimitExceeded", message: 
         conditions = _set_condition(conditions, kind, "True", reason, message, now)
     spec = job.get("spec") or {}
     failed = int(spec.get("backoffLimit", 6)) + 1 if reason == "BackoffLimitExceeded" else 1
-    status.update({"startTime": status.get("startTime") or now, "active": 0, "ready": 0, "terminating": 0,
-                   "failed": failed, "uncountedTerminatedPods": {}, "conditions": conditions})
+    status.update(
+        {
+            "startTime": status.get("startTime") or now,
+            "active": 0,
+            "ready": 0,
+            "terminating": 0,
+            "failed": failed,
+            "uncountedTerminatedPods": {},
+            "conditions": conditions,
+        }
+    )
     if is_indexed(job) and succeeded_indexes:
         status["completedIndexes"] = index_ranges(succeeded_indexes)
         status["succeeded"] = len(set(succeeded_indexes))
@@ -165,6 +224,7 @@ def job_failed_status(job: JSON, reason: str = "BackoffLimitExceeded", message: 
 
 
 # ---------------------------------------------------------------------------- the driver
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -184,8 +244,14 @@ class DriverError(RuntimeError):
 class JobDriver:
     """Writes Job status over the API as the Job controller would (blocking HTTP; any thread)."""
 
-    def __init__(self, url: str, *, label_selector: str | None = MANAGED_BY_SPIN, namespace: str | None = None,
-                 user_agent: str = "job-driver") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        label_selector: str | None = MANAGED_BY_SPIN,
+        namespace: str | None = None,
+        user_agent: str = "job-driver",
+    ) -> None:
         self.url = url.rstrip("/")
         self.label_selector = label_selector
         self.namespace = namespace
@@ -193,12 +259,22 @@ class JobDriver:
 
     # -- HTTP
 
-    def _request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None,
-                 content_type: str = "application/json") -> JSON:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> JSON:
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": content_type, "User-Agent": self.user_agent})
+        req = urllib.request.Request(
+            url,
+            data=data,
+            method=method,
+            headers={"Content-Type": content_type, "User-Agent": self.user_agent},
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as rsp:
                 return json.loads(rsp.read())  # type: ignore[no-any-return]
@@ -216,18 +292,29 @@ class JobDriver:
     def job(self, name: str, namespace: str = "default") -> JSON:
         return self._request("GET", f"{self._jobs_path(namespace)}/{name}")
 
-    def _write_status(self, name: str, namespace: str, compute: Callable[[JSON], JSON | None]) -> JSON:
+    def _write_status(
+        self, name: str, namespace: str, compute: Callable[[JSON], JSON | None]
+    ) -> JSON:
         """Read, compute, write `/status` with the read resourceVersion; retry on 409 conflicts."""
         for _ in range(20):
             job = self.job(name, namespace)
             status = compute(job)
             if status is None:
                 return job
-            patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]},
-                     "status": {**{k: None for k in job.get("status") or {} if k not in status}, **status}}
+            patch = {
+                "metadata": {"resourceVersion": job["metadata"]["resourceVersion"]},
+                "status": {
+                    **{k: None for k in job.get("status") or {} if k not in status},
+                    **status,
+                },
+            }
             try:
-                return self._request("PATCH", f"{self._jobs_path(namespace)}/{name}/status", patch,
-                                     content_type="application/merge-patch+json")
+                return self._request(
+                    "PATCH",
+                    f"{self._jobs_path(namespace)}/{name}/status",
+                    patch,
+                    content_type="application/merge-patch+json",
+                )
             except DriverError as e:
                 if ": 409 " not in str(e):
                     raise
@@ -237,38 +324,54 @@ class JobDriver:
 
     def start(self, name: str, namespace: str = "default") -> JSON:
         """Pods running (refused for a suspended Job: it has no pods)."""
+
         def compute(job: JSON) -> JSON:
             self._refuse_if_suspended(job)
             return job_running_status(job)
+
         return self._write_status(name, namespace, compute)
 
     def succeed(self, name: str, namespace: str = "default") -> JSON:
         def compute(job: JSON) -> JSON:
             self._refuse_if_suspended(job)
             return job_succeeded_status(job)
+
         return self._write_status(name, namespace, compute)
 
-    def fail(self, name: str, namespace: str = "default", reason: str = "BackoffLimitExceeded",
-             message: str | None = None) -> JSON:
-        return self._write_status(name, namespace, lambda job: job_failed_status(job, reason, message))
+    def fail(
+        self,
+        name: str,
+        namespace: str = "default",
+        reason: str = "BackoffLimitExceeded",
+        message: str | None = None,
+    ) -> JSON:
+        return self._write_status(
+            name, namespace, lambda job: job_failed_status(job, reason, message)
+        )
 
     def sync_suspension(self, name: str, namespace: str = "default") -> JSON:
         """Reflect `spec.suspend` in status (Suspended condition / resumed and running)."""
+
         def compute(job: JSON) -> JSON | None:
             if job_state(job) in ("Succeeded", "Failed"):
                 return None
             suspended = bool((job.get("spec") or {}).get("suspend"))
             if suspended and not is_true(job, "Suspended"):
                 return job_suspended_status(job)
-            if not suspended and (is_true(job, "Suspended") or not (job.get("status") or {}).get("startTime")):
+            if not suspended and (
+                is_true(job, "Suspended") or not (job.get("status") or {}).get("startTime")
+            ):
                 return job_running_status(job)
             return None
+
         return self._write_status(name, namespace, compute)
 
     @staticmethod
     def _refuse_if_suspended(job: JSON) -> None:
         if (job.get("spec") or {}).get("suspend"):
-            raise DriverError(f"job {job['metadata']['name']} is suspended: a suspended Job runs no pods")
+            raise DriverError(
+                f"job {job['metadata']['name']} is suspended: a suspended Job runs no pods"
+            )
 
     @contextlib.contextmanager
     def auto(self, delay: float = 0.0, on_complete: Hook | None = None) -> Iterator[AutoDriver]:
@@ -289,15 +392,19 @@ class AutoDriver:
         self.delay = delay
         self.on_complete = on_complete
         self.completed: list[str] = []  # "namespace/name" in completion order
-        self.finished_at: dict[str, float] = {}  # "namespace/name" -> time.time() its final status was written
+        self.finished_at: dict[
+            str, float
+        ] = {}  # "namespace/name" -> time.time() its final status was written
         self.failed: list[str] = []
         self.errors: list[str] = []  # hook or API failures (tests should assert it stays empty)
         self._events: queue.Queue[JSON | None] = queue.Queue()
         self._due: dict[tuple[str, str], float] = {}
         self._stopping = threading.Event()
         self._conn: http.client.HTTPConnection | None = None
-        self._threads = [threading.Thread(target=self._watch, name="job-driver-watch", daemon=True),
-                         threading.Thread(target=self._work, name="job-driver-work", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._watch, name="job-driver-watch", daemon=True),
+            threading.Thread(target=self._work, name="job-driver-work", daemon=True),
+        ]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -321,16 +428,26 @@ class AutoDriver:
             if self.driver.label_selector:
                 params["labelSelector"] = self.driver.label_selector
             if since is None:
-                listing = self.driver._request("GET", self.driver._jobs_path(self.driver.namespace),
-                                               params={k: v for k, v in params.items() if k == "labelSelector"})
+                listing = self.driver._request(
+                    "GET",
+                    self.driver._jobs_path(self.driver.namespace),
+                    params={k: v for k, v in params.items() if k == "labelSelector"},
+                )
                 since = listing["metadata"]["resourceVersion"]
                 for job in listing["items"]:
                     self._events.put({"type": "ADDED", "object": job})
             params["resourceVersion"] = since
             try:
-                self._conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=None)
-                self._conn.request("GET", self.driver._jobs_path(self.driver.namespace) + "?" +
-                                   urllib.parse.urlencode(params), headers={"User-Agent": self.driver.user_agent})
+                self._conn = http.client.HTTPConnection(
+                    parsed.hostname or "127.0.0.1", parsed.port, timeout=None
+                )
+                self._conn.request(
+                    "GET",
+                    self.driver._jobs_path(self.driver.namespace)
+                    + "?"
+                    + urllib.parse.urlencode(params),
+                    headers={"User-Agent": self.driver.user_agent},
+                )
                 for line in self._conn.getresponse():
                     event = json.loads(line)
                     if event["type"] == "ERROR":
@@ -389,8 +506,11 @@ class AutoDriver:
             job = self.driver.job(name, namespace)
         except DriverError:
             return  # deleted meanwhile
-        if job["spec"].get("suspend") or job_state(job) in ("Succeeded", "Failed") or \
-                job["metadata"].get("deletionTimestamp"):
+        if (
+            job["spec"].get("suspend")
+            or job_state(job) in ("Succeeded", "Failed")
+            or job["metadata"].get("deletionTimestamp")
+        ):
             return
         outcome = self.on_complete(job) if self.on_complete else None
         if isinstance(outcome, Failure):

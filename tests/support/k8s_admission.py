@@ -47,7 +47,9 @@ def prune(schema: dict[str, Any], obj: Any, path: str = "") -> tuple[Any, list[s
         if prop is None:
             dropped.append(child)
         elif key == "metadata" and path == "":
-            out[key] = value  # ObjectMeta is validated by the server itself, never pruned by the CRD
+            out[key] = (
+                value  # ObjectMeta is validated by the server itself, never pruned by the CRD
+            )
         else:
             out[key], d = prune(prop, value, child)
             dropped += d
@@ -59,8 +61,11 @@ def schema_errors(schema: dict[str, Any]) -> ErrorsFn:
     validator = jsonschema.Draft4Validator(schema)
 
     def errors(obj: dict[str, Any]) -> list[str]:
-        return [f"{'.'.join(str(p) for p in e.absolute_path)}: Invalid value: {e.message}"
-                for e in validator.iter_errors(obj)]
+        return [
+            f"{'.'.join(str(p) for p in e.absolute_path)}: Invalid value: {e.message}"
+            for e in validator.iter_errors(obj)
+        ]
+
     return errors
 
 
@@ -85,8 +90,10 @@ def spinrun_errors(obj: dict[str, Any]) -> list[str]:
     key["metadata"] = {"name": meta.get("name", "")}
     errors = list(_cached_admission_errors(json.dumps(key, sort_keys=True)))
     if "status" in obj:
-        errors += [f"status{''.join('.' + str(p) for p in e.absolute_path)}: Invalid value: {e.message}"
-                   for e in _status_validator().iter_errors(obj["status"])]
+        errors += [
+            f"status{''.join('.' + str(p) for p in e.absolute_path)}: Invalid value: {e.message}"
+            for e in _status_validator().iter_errors(obj["status"])
+        ]
     return errors
 
 
@@ -112,13 +119,16 @@ class CrdAdmission:
 def crd_admission(crd: dict[str, Any], version: str) -> CrdAdmission:
     """The admission of `version` of a CustomResourceDefinition object."""
     entry = next(v for v in crd["spec"]["versions"] if v["name"] == version)
-    schema = (entry.get("schema") or {}).get("openAPIV3Schema") or {"type": "object",
-                                                                    "x-kubernetes-preserve-unknown-fields": True}
+    schema = (entry.get("schema") or {}).get("openAPIV3Schema") or {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
     errors = KNOWN_ERRORS.get(crd["metadata"]["name"]) or schema_errors(schema)
     return CrdAdmission(schema, errors, list(entry.get("additionalPrinterColumns") or []))
 
 
 # --------------------------------------------------------------------------- built-ins
+
 
 def default_job(job: dict[str, Any]) -> dict[str, Any]:
     """batch/v1 Job defaults and the controller's selector/labels, as the API server stores them."""
@@ -133,8 +143,12 @@ def default_job(job: dict[str, Any]) -> dict[str, Any]:
     spec.setdefault("completionMode", "NonIndexed")
     spec.setdefault("suspend", False)
     spec.setdefault("podReplacementPolicy", "TerminatingOrFailed")
-    labels = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": name,
-              "controller-uid": uid, "job-name": name}
+    labels = {
+        "batch.kubernetes.io/controller-uid": uid,
+        "batch.kubernetes.io/job-name": name,
+        "controller-uid": uid,
+        "job-name": name,
+    }
     if not spec.get("manualSelector"):
         spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
     template = spec.setdefault("template", {})
@@ -146,7 +160,10 @@ def default_job(job: dict[str, Any]) -> dict[str, Any]:
     pod.setdefault("dnsPolicy", "ClusterFirst")
     pod.setdefault("schedulerName", "default-scheduler")
     for c in pod.get("containers") or []:
-        c.setdefault("imagePullPolicy", "Always" if str(c.get("image", "")).endswith(":latest") else "IfNotPresent")
+        c.setdefault(
+            "imagePullPolicy",
+            "Always" if str(c.get("image", "")).endswith(":latest") else "IfNotPresent",
+        )
         c.setdefault("terminationMessagePath", "/dev/termination-log")
         c.setdefault("terminationMessagePolicy", "File")
     return job
@@ -160,16 +177,28 @@ def job_errors(job: dict[str, Any]) -> list[tuple[str, str]]:
     if not pod.get("containers"):
         errors.append(("spec.template.spec.containers", "Required value"))
     if pod.get("restartPolicy") not in ("Never", "OnFailure"):
-        errors.append(("spec.template.spec.restartPolicy",
-                       f'Unsupported value: "{pod.get("restartPolicy")}": supported values: "OnFailure", "Never"'))
+        errors.append(
+            (
+                "spec.template.spec.restartPolicy",
+                f'Unsupported value: "{pod.get("restartPolicy")}": supported values: "OnFailure", "Never"',
+            )
+        )
     if spec.get("completionMode") == "Indexed" and spec.get("completions") is None:
         errors.append(("spec.completions", "Required value: when completion mode is Indexed"))
     if spec.get("completionMode") not in ("NonIndexed", "Indexed"):
         errors.append(("spec.completionMode", f'Unsupported value: "{spec.get("completionMode")}"'))
-    for fld in ("parallelism", "completions", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+    for fld in (
+        "parallelism",
+        "completions",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "ttlSecondsAfterFinished",
+    ):
         value = spec.get(fld)
         if value is not None and (not isinstance(value, int) or value < 0):
-            errors.append((f"spec.{fld}", f"Invalid value: {value!r}: must be greater than or equal to 0"))
+            errors.append(
+                (f"spec.{fld}", f"Invalid value: {value!r}: must be greater than or equal to 0")
+            )
     for i, c in enumerate(pod.get("containers") or []):
         if not c.get("name"):
             errors.append((f"spec.template.spec.containers[{i}].name", "Required value"))
@@ -177,8 +206,12 @@ def job_errors(job: dict[str, Any]) -> list[tuple[str, str]]:
             errors.append((f"spec.template.spec.containers[{i}].image", "Required value"))
         for e in c.get("env") or []:
             if "value" in e and "valueFrom" in e:
-                errors.append((f"spec.template.spec.containers[{i}].env",
-                               "Invalid value: may not have both value and valueFrom"))
+                errors.append(
+                    (
+                        f"spec.template.spec.containers[{i}].env",
+                        "Invalid value: may not have both value and valueFrom",
+                    )
+                )
     return errors
 
 
@@ -186,22 +219,33 @@ def job_update_errors(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     """Job fields immutable after creation (the template only while the Job is not suspended)."""
     errors = []
     o, n = old.get("spec") or {}, new.get("spec") or {}
-    for fld in ("selector", "completionMode", "manualSelector", "podFailurePolicy", "backoffLimitPerIndex"):
+    for fld in (
+        "selector",
+        "completionMode",
+        "manualSelector",
+        "podFailurePolicy",
+        "backoffLimitPerIndex",
+    ):
         if o.get(fld) != n.get(fld):
             errors.append((f"spec.{fld}", "Invalid value: field is immutable"))
     if o.get("template") != n.get("template") and not (
-            o.get("suspend") and _only_scheduling_changed(o["template"], n.get("template") or {})):
+        o.get("suspend") and _only_scheduling_changed(o["template"], n.get("template") or {})
+    ):
         errors.append(("spec.template", "Invalid value: field is immutable"))
     if o.get("completions") != n.get("completions") and not (
-            n.get("completionMode") == "Indexed" and n.get("completions") == n.get("parallelism")):
+        n.get("completionMode") == "Indexed" and n.get("completions") == n.get("parallelism")
+    ):
         errors.append(("spec.completions", "Invalid value: field is immutable"))
     return errors
 
 
 def _only_scheduling_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     mutable = ("nodeSelector", "tolerations", "affinity", "schedulingGates")
-    strip = lambda t: {**t, "spec": {k: v for k, v in (t.get("spec") or {}).items() if k not in mutable},  # noqa: E731
-                       "metadata": {}}
+
+    def strip(t: dict[str, Any]) -> dict[str, Any]:
+        spec = {k: v for k, v in (t.get("spec") or {}).items() if k not in mutable}
+        return {**t, "spec": spec, "metadata": {}}
+
     return strip(old) == strip(new)
 
 
@@ -231,7 +275,12 @@ def service_errors(svc: dict[str, Any]) -> list[tuple[str, str]]:
         errors.append(("spec.ports", "Required value"))
     for i, port in enumerate(spec.get("ports") or []):
         if not isinstance(port.get("port"), int) or not 0 < port["port"] < 65536:
-            errors.append((f"spec.ports[{i}].port", f"Invalid value: {port.get('port')!r}: must be between 1 and 65535"))
+            errors.append(
+                (
+                    f"spec.ports[{i}].port",
+                    f"Invalid value: {port.get('port')!r}: must be between 1 and 65535",
+                )
+            )
         if len(spec.get("ports") or []) > 1 and not port.get("name"):
             errors.append((f"spec.ports[{i}].name", "Required value"))
     return errors

@@ -45,9 +45,20 @@ from tests.support.k8s_records import ApiRequest, RequestLog
 from tests.support.k8s_semantics import ApiError
 
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
-_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # generateName suffixes, as the API server draws them
-_IMMUTABLE_META = ("name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp",
-                   "deletionGracePeriodSeconds", "resourceVersion", "selfLink")
+_NAME_ALPHABET = (
+    "bcdfghjklmnpqrstvwxz2456789"  # generateName suffixes, as the API server draws them
+)
+_IMMUTABLE_META = (
+    "name",
+    "namespace",
+    "uid",
+    "creationTimestamp",
+    "generation",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "resourceVersion",
+    "selfLink",
+)
 
 ObjKey = tuple[str | None, str]  # namespace, name
 JSON = dict[str, Any]
@@ -130,13 +141,21 @@ class Result:
 
 
 def not_found(rdef: ResourceDef, name: str) -> ApiError:
-    return ApiError(404, "NotFound", f'{rdef.qualified} "{name}" not found',
-                    {"name": name, "group": rdef.group, "kind": rdef.plural})
+    return ApiError(
+        404,
+        "NotFound",
+        f'{rdef.qualified} "{name}" not found',
+        {"name": name, "group": rdef.group, "kind": rdef.plural},
+    )
 
 
 def conflict(rdef: ResourceDef, name: str, why: str) -> ApiError:
-    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {rdef.qualified} "{name}": {why}',
-                    {"name": name, "group": rdef.group, "kind": rdef.plural})
+    return ApiError(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {rdef.qualified} "{name}": {why}',
+        {"name": name, "group": rdef.group, "kind": rdef.plural},
+    )
 
 
 def invalid(rdef: ResourceDef, name: str, errors: list[tuple[str, str]]) -> ApiError:
@@ -145,8 +164,12 @@ def invalid(rdef: ResourceDef, name: str, errors: list[tuple[str, str]]) -> ApiE
     text = [f"{f}: {m}" if f else m for f, m in errors]
     joined = text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
     causes = [{"reason": "FieldValueInvalid", "message": m, "field": f} for f, m in errors]
-    return ApiError(422, "Invalid", f'{kind} "{name}" is invalid: {joined}',
-                    {"name": name, "group": rdef.group, "kind": rdef.kind, "causes": causes})
+    return ApiError(
+        422,
+        "Invalid",
+        f'{kind} "{name}" is invalid: {joined}',
+        {"name": name, "group": rdef.group, "kind": rdef.kind, "causes": causes},
+    )
 
 
 def split_error(text: str) -> tuple[str, str]:
@@ -164,18 +187,23 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     event_history: int = 20000  # watch events kept for resumption; older resourceVersions get 410
 
     _store: dict[tuple[str, str], dict[ObjKey, JSON]] = attrs.field(
-        factory=lambda: collections.defaultdict(dict), init=False)
+        factory=lambda: collections.defaultdict(dict), init=False
+    )
     _uids: dict[str, tuple[tuple[str, str], ObjKey]] = attrs.field(factory=dict, init=False)
     # owner uid -> dependents (by ownerReferences), and deletions the garbage collector has yet to process
     _owned: dict[str, set[tuple[tuple[str, str], ObjKey]]] = attrs.field(
-        factory=lambda: collections.defaultdict(set), init=False)
+        factory=lambda: collections.defaultdict(set), init=False
+    )
     _gc_queue: collections.deque[JSON] = attrs.field(factory=collections.deque, init=False)
     _rv: int = attrs.field(default=1000, init=False)
     _events: collections.deque[_Event] = attrs.field(init=False)
     _compacted_rv: int = attrs.field(default=0, init=False)
     _watchers: dict[tuple[str, str], set[asyncio.Queue[_Event | None]]] = attrs.field(
-        factory=lambda: collections.defaultdict(set), init=False)
-    _crds: dict[tuple[str, str, str], admission.CrdAdmission] = attrs.field(factory=dict, init=False)
+        factory=lambda: collections.defaultdict(set), init=False
+    )
+    _crds: dict[tuple[str, str, str], admission.CrdAdmission] = attrs.field(
+        factory=dict, init=False
+    )
     _defs: dict[tuple[str, str, str], ResourceDef | None] = attrs.field(factory=dict, init=False)
     _ips: Iterator[int] = attrs.field(factory=lambda: itertools.count(10), init=False)
     requests_log: RequestLog = attrs.field(factory=RequestLog, init=False)
@@ -195,22 +223,38 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         for version in spec["versions"]:
             if not version.get("served", True):
                 continue
-            self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = kmock.ResourceInfo(
-                kind=names["kind"], singular=names.get("singular") or names["kind"].lower(),
-                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
-                verbs={"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"},
-                shortnames=set(names.get("shortNames") or []), categories=set(names.get("categories") or []),
-                subresources=set(version.get("subresources") or {}),
+            self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = (
+                kmock.ResourceInfo(
+                    kind=names["kind"],
+                    singular=names.get("singular") or names["kind"].lower(),
+                    namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                    verbs={
+                        "create",
+                        "delete",
+                        "deletecollection",
+                        "get",
+                        "list",
+                        "patch",
+                        "update",
+                        "watch",
+                    },
+                    shortnames=set(names.get("shortNames") or []),
+                    categories=set(names.get("categories") or []),
+                    subresources=set(version.get("subresources") or {}),
+                )
             )
             self._crds[(spec["group"], version["name"], names["plural"])] = admission.crd_admission(
-                crd, version["name"])
+                crd, version["name"]
+            )
         self._defs.clear()
         if (None, crd["metadata"]["name"]) not in self._store[CRD_KEY]:
             obj = copy.deepcopy(crd)
             obj.setdefault("apiVersion", "apiextensions.k8s.io/v1")
             obj.setdefault("kind", "CustomResourceDefinition")
             self._stamp_new(obj["metadata"])
-            self._commit(CRD_KEY, (None, obj["metadata"]["name"]), self._crd_status(obj), None, "ADDED")
+            self._commit(
+                CRD_KEY, (None, obj["metadata"]["name"]), self._crd_status(obj), None, "ADDED"
+            )
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         """APIResourceList as a real server writes it: subresources carry no short names/categories.
@@ -223,25 +267,60 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         for res, info in sorted(self._infos(), key=lambda ri: ri[0].plural or ""):
             if res.group != group or res.version != version:
                 continue
-            base = {"name": res.plural, "singularName": info.singular or "", "namespaced": bool(info.namespaced),
-                    "kind": info.kind, "verbs": sorted(info.verbs)}
-            entries.append({**base, "shortNames": sorted(info.shortnames), "categories": sorted(info.categories)})
+            base = {
+                "name": res.plural,
+                "singularName": info.singular or "",
+                "namespaced": bool(info.namespaced),
+                "kind": info.kind,
+                "verbs": sorted(info.verbs),
+            }
+            entries.append(
+                {
+                    **base,
+                    "shortNames": sorted(info.shortnames),
+                    "categories": sorted(info.categories),
+                }
+            )
             for sub in sorted(info.subresources):
-                verbs = ["get", "patch", "update"] if sub in ("status", "scale") else ["create", "get"]
-                entries.append({**base, "name": f"{res.plural}/{sub}", "singularName": "", "verbs": verbs})
+                verbs = (
+                    ["get", "patch", "update"] if sub in ("status", "scale") else ["create", "get"]
+                )
+                entries.append(
+                    {**base, "name": f"{res.plural}/{sub}", "singularName": "", "verbs": verbs}
+                )
         if not entries and group:
             raise kmock.KubernetesResourceNotFoundError()
-        return {"apiVersion": "v1", "kind": "APIResourceList", "groupVersion": f"{group}/{version}".lstrip("/"),
-                "resources": entries}
+        return {
+            "apiVersion": "v1",
+            "kind": "APIResourceList",
+            "groupVersion": f"{group}/{version}".lstrip("/"),
+            "resources": entries,
+        }
 
     @staticmethod
     def _crd_status(crd: JSON) -> JSON:
-        conditions = [{"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": now_rfc3339()}
-                      for t, r, m in (("NamesAccepted", "NoConflicts", "no conflicts found"),
-                                      ("Established", "InitialNamesAccepted", "the initial names have been accepted"))]
+        conditions = [
+            {
+                "type": t,
+                "status": "True",
+                "reason": r,
+                "message": m,
+                "lastTransitionTime": now_rfc3339(),
+            }
+            for t, r, m in (
+                ("NamesAccepted", "NoConflicts", "no conflicts found"),
+                ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+            )
+        ]
         stored = [v["name"] for v in crd["spec"]["versions"] if v.get("storage")]
-        return {**crd, "status": {"acceptedNames": crd["spec"]["names"], "storedVersions": stored,
-                                  "conditions": conditions}}
+        return {
+            **crd,
+            "status": {
+                "acceptedNames": crd["spec"]["names"],
+                "storedVersions": stored,
+                "conditions": conditions,
+            },
+        }
 
     def _infos(self) -> list[tuple[kmock.resource, kmock.ResourceInfo]]:
         return [(cast(kmock.resource, r), self.resources[r]) for r in self.resources]
@@ -251,17 +330,33 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if key not in self._defs:
             ref = f"{group}/{version}/{plural}"
             info = self.resources[ref] if ref in self.resources else None  # noqa: SIM401 (auto-creates)
-            self._defs[key] = None if info is None else ResourceDef(
-                group, version, plural, info.kind or plural.capitalize(), bool(info.namespaced),
-                frozenset(info.subresources), key in self._crds)
+            self._defs[key] = (
+                None
+                if info is None
+                else ResourceDef(
+                    group,
+                    version,
+                    plural,
+                    info.kind or plural.capitalize(),
+                    bool(info.namespaced),
+                    frozenset(info.subresources),
+                    key in self._crds,
+                )
+            )
         return self._defs[key]
 
     def find_resource(self, name: str) -> ResourceDef:
         """Resolve 'jobs', 'job', 'Job', 'jobs.batch', 'batch/v1/jobs', 'spin' (core group first)."""
         candidates = []
         for res, info in self._infos():
-            names = {res.plural, f"{res.plural}.{res.group}", f"{res.group}/{res.version}/{res.plural}",
-                     f"{res.version}/{res.plural}", (info.kind or "").lower(), info.singular or ""}
+            names = {
+                res.plural,
+                f"{res.plural}.{res.group}",
+                f"{res.group}/{res.version}/{res.plural}",
+                f"{res.version}/{res.plural}",
+                (info.kind or "").lower(),
+                info.singular or "",
+            }
             if name.lower() in names | set(info.shortnames):
                 candidates.append(res)
         if not candidates:
@@ -289,8 +384,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     def stored_objects(self, rdef: ResourceDef, namespace: str | None = None) -> list[JSON]:
         """Stored objects of a resource, ordered by namespace and name (all namespaces if None)."""
         bucket = self._store[rdef.key]
-        return [bucket[k] for k in sorted(bucket, key=lambda k: (k[0] or "", k[1]))
-                if namespace is None or k[0] == namespace]
+        return [
+            bucket[k]
+            for k in sorted(bucket, key=lambda k: (k[0] or "", k[1]))
+            if namespace is None or k[0] == namespace
+        ]
 
     def stored(self, rdef: ResourceDef, namespace: str | None, name: str) -> JSON | None:
         return self._store[rdef.key].get((namespace if rdef.namespaced else None, name))
@@ -304,14 +402,23 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if generation is not None:
             meta["generation"] = generation
 
-    def _commit(self, rkey: tuple[str, str], okey: ObjKey, obj: JSON, old: JSON | None, etype: str) -> JSON:
+    def _commit(
+        self, rkey: tuple[str, str], okey: ObjKey, obj: JSON, old: JSON | None, etype: str
+    ) -> JSON:
         """Store (or remove, for DELETED) with a fresh resourceVersion and notify watchers."""
         self._rv += 1
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._rv)}}
         uid = obj["metadata"]["uid"]
         before = self._store[rkey].get(okey)
-        owners_before = {r.get("uid") for r in (before or {"metadata": {}})["metadata"].get("ownerReferences") or []}
-        owners_after = set() if etype == "DELETED" else {r.get("uid") for r in obj["metadata"].get("ownerReferences") or []}
+        owners_before = {
+            r.get("uid")
+            for r in (before or {"metadata": {}})["metadata"].get("ownerReferences") or []
+        }
+        owners_after = (
+            set()
+            if etype == "DELETED"
+            else {r.get("uid") for r in obj["metadata"].get("ownerReferences") or []}
+        )
         for owner in owners_before - owners_after:
             self._owned[owner].discard((rkey, okey))
             if not self._owned[owner]:
@@ -342,16 +449,46 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         route = self.route(raw.path)
         if route is None and not raw.path.startswith("/openapi"):
             response = await super().__call__(raw)
-            self.requests_log.append(ApiRequest("get" if raw.method == "GET" else raw.method.lower(), None, None,
-                                                None, None, None, None, response.status, agent, raw.path, started))
+            self.requests_log.append(
+                ApiRequest(
+                    "get" if raw.method == "GET" else raw.method.lower(),
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    response.status,
+                    agent,
+                    raw.path,
+                    started,
+                )
+            )
             return response
-        verb = self.verb(raw.method, route, raw.query.get("watch") in ("true", "1")) if route else "get"
+        verb = (
+            self.verb(raw.method, route, raw.query.get("watch") in ("true", "1"))
+            if route
+            else "get"
+        )
         if route is None:
-            record = ApiRequest(verb, None, None, None, None, None, None, 0, agent, raw.path, started)
+            record = ApiRequest(
+                verb, None, None, None, None, None, None, 0, agent, raw.path, started
+            )
         else:
-            record = ApiRequest(verb, route.group, route.version, route.plural, route.subresource,
-                                route.namespace, route.name, 0, agent, raw.path, started,
-                                dry_run=raw.query.get("dryRun") == "All")
+            record = ApiRequest(
+                verb,
+                route.group,
+                route.version,
+                route.plural,
+                route.subresource,
+                route.namespace,
+                route.name,
+                0,
+                agent,
+                raw.path,
+                started,
+                dry_run=raw.query.get("dryRun") == "All",
+            )
         try:
             for fault in list(self.faults):
                 if (error := fault(record)) is not None:
@@ -361,11 +498,19 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             elif route.rdef is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             elif verb == "watch":  # logged when the stream starts (it may last the whole test)
-                return await self.serve_watch(raw, route, lambda: self.requests_log.append(replace(record, code=200)))
+                return await self.serve_watch(
+                    raw, route, lambda: self.requests_log.append(replace(record, code=200))
+                )
             else:
                 body = await raw.read()
-                result = self.handle(verb, route, dict(raw.query), body, raw.headers.get("Content-Type", ""),
-                                     raw.headers.get("Accept", ""))
+                result = self.handle(
+                    verb,
+                    route,
+                    dict(raw.query),
+                    body,
+                    raw.headers.get("Content-Type", ""),
+                    raw.headers.get("Accept", ""),
+                )
                 response = self._json(result.code, result.body, result.warnings)
                 if verb == "create" and result.code == 201:  # log the name the server chose
                     record = replace(record, name=result.body["metadata"]["name"])
@@ -374,14 +519,20 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         except Exception as e:  # an emulator bug: answer 500 and keep it for the fixture to report
             self.internal_errors.append("".join(traceback.format_exception(e)))
             response = self._json(500, ApiError(500, "InternalError", repr(e)).status(), [])
-        self.requests_log.append(replace(record, code=response.status, duration=time.time() - started))
+        self.requests_log.append(
+            replace(record, code=response.status, duration=time.time() - started)
+        )
         return response
 
     @staticmethod
     def _json(code: int, body: Any, warnings: list[str]) -> aiohttp.web.Response:
         headers = {"Warning": ", ".join(f'299 - "{w}"' for w in warnings)} if warnings else None
-        return aiohttp.web.Response(body=json.dumps(body).encode(), status=code,
-                                    content_type="application/json", headers=headers)
+        return aiohttp.web.Response(
+            body=json.dumps(body).encode(),
+            status=code,
+            content_type="application/json",
+            headers=headers,
+        )
 
     def _serve_openapi(self, path: str) -> aiohttp.web.Response:
         # No schemas: kubectl then merge-patches custom resources. /openapi/v2 stays 404 (kubectl wants
@@ -401,25 +552,53 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         else:
             return None
         namespace = None
-        if rest[0] == "namespaces" and len(rest) >= 3 and not (len(rest) == 3 and rest[2] in ("status", "finalize")):
+        if (
+            rest[0] == "namespaces"
+            and len(rest) >= 3
+            and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
             namespace, rest = rest[1], rest[2:]
         name = rest[1] if len(rest) > 1 else None
         subresource = "/".join(rest[2:]) or None
-        return Route(self.resource_def(group, version, rest[0]), group, version, rest[0], namespace, name, subresource)
+        return Route(
+            self.resource_def(group, version, rest[0]),
+            group,
+            version,
+            rest[0],
+            namespace,
+            name,
+            subresource,
+        )
 
     @staticmethod
     def verb(method: str, route: Route | None, watch: bool) -> str:
         """The RBAC verb of a request."""
         named = route is not None and route.name is not None
-        return {"GET": "watch" if watch else ("get" if named else "list"), "POST": "create", "PUT": "update",
-                "PATCH": "patch", "DELETE": "delete" if named else "deletecollection"}.get(method, method.lower())
+        return {
+            "GET": "watch" if watch else ("get" if named else "list"),
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete" if named else "deletecollection",
+        }.get(method, method.lower())
 
-    def handle(self, verb: str, route: Route, params: dict[str, str], body: bytes,
-               content_type: str = "application/json", accept: str = "") -> Result:
+    def handle(
+        self,
+        verb: str,
+        route: Route,
+        params: dict[str, str],
+        body: bytes,
+        content_type: str = "application/json",
+        accept: str = "",
+    ) -> Result:
         """Serve one non-watch request (also used directly by the test helpers)."""
         rdef = route.rdef
         assert rdef is not None
-        if rdef.namespaced and route.namespace is None and verb not in ("list", "watch", "deletecollection"):
+        if (
+            rdef.namespaced
+            and route.namespace is None
+            and verb not in ("list", "watch", "deletecollection")
+        ):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         namespace = route.namespace if rdef.namespaced else None
         data = self._decode(body, content_type) if body else None
@@ -429,23 +608,36 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             return Result(200, self.list_objects(rdef, namespace, params, accept), [])
         if verb == "create":
             if route.name is not None:
-                raise ApiError(405, "MethodNotAllowed", f"POST is not supported on {rdef.plural}/{route.subresource}")
+                raise ApiError(
+                    405,
+                    "MethodNotAllowed",
+                    f"POST is not supported on {rdef.plural}/{route.subresource}",
+                )
             return self.create_object(rdef, namespace, data, params)
         if verb == "update":
-            return self.update_object(rdef, namespace, route.name or "", data, params, route.subresource)
+            return self.update_object(
+                rdef, namespace, route.name or "", data, params, route.subresource
+            )
         if verb == "patch":
-            return self.patch_object(rdef, namespace, route.name or "", data, content_type, params, route.subresource)
+            return self.patch_object(
+                rdef, namespace, route.name or "", data, content_type, params, route.subresource
+            )
         if verb == "delete":
             return self.delete_object(rdef, namespace, route.name or "", {**(data or {}), **params})
         if verb == "deletecollection":
             return self.delete_collection(rdef, namespace, {**(data or {}), **params})
-        raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {rdef.plural}")
+        raise ApiError(
+            405, "MethodNotAllowed", f"the server does not allow this method on {rdef.plural}"
+        )
 
     @staticmethod
     def _decode(body: bytes, content_type: str) -> Any:
         if "yaml" in content_type:
-            raise ApiError(415, "UnsupportedMediaType",
-                           "the emulator does not implement server-side apply (application/apply-patch+yaml)")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the emulator does not implement server-side apply (application/apply-patch+yaml)",
+            )
         try:
             return json.loads(body)
         except ValueError as e:
@@ -453,26 +645,42 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     # ------------------------------------------------------------------ reads
 
-    def _get(self, rdef: ResourceDef, namespace: str | None, name: str, subresource: str | None) -> JSON:
-        if subresource not in (None, "status") or (subresource and subresource not in rdef.subresources):
+    def _get(
+        self, rdef: ResourceDef, namespace: str | None, name: str, subresource: str | None
+    ) -> JSON:
+        if subresource not in (None, "status") or (
+            subresource and subresource not in rdef.subresources
+        ):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         obj = self.stored(rdef, namespace, name)
         if obj is None:
             raise not_found(rdef, name)
         return obj
 
-    def predicate(self, rdef: ResourceDef, namespace: str | None, params: dict[str, str],
-                  name: str | None = None) -> Callable[[JSON], bool]:
+    def predicate(
+        self,
+        rdef: ResourceDef,
+        namespace: str | None,
+        params: dict[str, str],
+        name: str | None = None,
+    ) -> Callable[[JSON], bool]:
         labels = sem.parse_label_selector(params.get("labelSelector"))
         fields = sem.parse_field_selector(params.get("fieldSelector"), rdef.plural)
 
         def match(obj: JSON) -> bool:
             meta = obj["metadata"]
-            return ((namespace is None or meta.get("namespace") == namespace)
-                    and (name is None or meta["name"] == name) and labels(obj) and fields(obj))
+            return (
+                (namespace is None or meta.get("namespace") == namespace)
+                and (name is None or meta["name"] == name)
+                and labels(obj)
+                and fields(obj)
+            )
+
         return match
 
-    def list_objects(self, rdef: ResourceDef, namespace: str | None, params: dict[str, str], accept: str = "") -> JSON:
+    def list_objects(
+        self, rdef: ResourceDef, namespace: str | None, params: dict[str, str], accept: str = ""
+    ) -> JSON:
         match = self.predicate(rdef, namespace, params)
         items = [o for o in self.stored_objects(rdef, namespace) if match(o)]
         meta: JSON = {"resourceVersion": str(self._rv)}
@@ -487,16 +695,39 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             meta["continue"] = str(start + limit)
         if "as=Table" in accept:
             return self.table(rdef, items, meta, params.get("includeObject", "Metadata"))
-        return {"kind": f"{rdef.kind}List", "apiVersion": rdef.api_version, "metadata": meta, "items": items}
+        return {
+            "kind": f"{rdef.kind}List",
+            "apiVersion": rdef.api_version,
+            "metadata": meta,
+            "items": items,
+        }
 
     def table(self, rdef: ResourceDef, items: list[JSON], meta: JSON, include: str) -> JSON:
         """A meta.k8s.io/v1 Table as kubectl asks for: Name, the CRD's printer columns (or Age)."""
         crd = self._crds.get((rdef.group, rdef.version, rdef.plural))
-        columns = crd.printer_columns if crd and crd.printer_columns else [
-            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
-        defs = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}] + [
-            {"name": c["name"], "type": c["type"], "format": c.get("format", ""),
-             "description": c.get("description", ""), "priority": c.get("priority", 0)} for c in columns]
+        columns = (
+            crd.printer_columns
+            if crd and crd.printer_columns
+            else [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+        )
+        defs = [
+            {
+                "name": "Name",
+                "type": "string",
+                "format": "name",
+                "description": "Name",
+                "priority": 0,
+            }
+        ] + [
+            {
+                "name": c["name"],
+                "type": c["type"],
+                "format": c.get("format", ""),
+                "description": c.get("description", ""),
+                "priority": c.get("priority", 0),
+            }
+            for c in columns
+        ]
         rows = []
         for obj in items:
             cells: list[Any] = [obj["metadata"]["name"]]
@@ -507,19 +738,30 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             if include == "Object":
                 row["object"] = obj
             elif include != "None":
-                row["object"] = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                                 "metadata": obj["metadata"]}
+                row["object"] = {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj["metadata"],
+                }
             rows.append(row)
-        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
-                "columnDefinitions": defs, "rows": rows}
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+            "columnDefinitions": defs,
+            "rows": rows,
+        }
 
-    async def serve_watch(self, raw: aiohttp.web.BaseRequest, route: Route,
-                          started: Callable[[], None] = lambda: None) -> aiohttp.web.StreamResponse:
+    async def serve_watch(
+        self, raw: aiohttp.web.BaseRequest, route: Route, started: Callable[[], None] = lambda: None
+    ) -> aiohttp.web.StreamResponse:
         """A watch stream: initial ADDED (no resourceVersion) or replay after one, then live events."""
         rdef = route.rdef
         assert rdef is not None
         params = dict(raw.query)
-        match = self.predicate(rdef, route.namespace if rdef.namespaced else None, params, route.name)
+        match = self.predicate(
+            rdef, route.namespace if rdef.namespaced else None, params, route.name
+        )
         rv_param = params.get("resourceVersion") or "0"
         initial = params.get("sendInitialEvents") == "true" or rv_param == "0"
         try:
@@ -533,17 +775,37 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if initial:
             lines = [{"type": "ADDED", "object": o} for o in self.stored_objects(rdef) if match(o)]
             if params.get("sendInitialEvents") == "true":
-                lines.append({"type": "BOOKMARK", "object": {
-                    "kind": rdef.kind, "apiVersion": rdef.api_version, "metadata": {
-                        "resourceVersion": str(self._rv), "annotations": {"k8s.io/initial-events-end": "true"}}}})
+                lines.append(
+                    {
+                        "type": "BOOKMARK",
+                        "object": {
+                            "kind": rdef.kind,
+                            "apiVersion": rdef.api_version,
+                            "metadata": {
+                                "resourceVersion": str(self._rv),
+                                "annotations": {"k8s.io/initial-events-end": "true"},
+                            },
+                        },
+                    }
+                )
             last = self._rv
         elif since < self._compacted_rv:
-            lines = [{"type": "ERROR", "object": ApiError(
-                410, "Expired", f"too old resource version: {since} ({self._compacted_rv})").status()}]
+            lines = [
+                {
+                    "type": "ERROR",
+                    "object": ApiError(
+                        410, "Expired", f"too old resource version: {since} ({self._compacted_rv})"
+                    ).status(),
+                }
+            ]
             last = -1
         else:
-            lines = [line for e in self._events if e.rv > since and e.rkey == rdef.key
-                     if (line := self._translate(e, match)) is not None]
+            lines = [
+                line
+                for e in self._events
+                if e.rv > since and e.rkey == rdef.key
+                if (line := self._translate(e, match)) is not None
+            ]
             last = self._rv
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         started()
@@ -587,24 +849,37 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     # ------------------------------------------------------------------ writes
 
-    def create_object(self, rdef: ResourceDef, namespace: str | None, body: Any, params: dict[str, str]) -> Result:
+    def create_object(
+        self, rdef: ResourceDef, namespace: str | None, body: Any, params: dict[str, str]
+    ) -> Result:
         if not isinstance(body, dict):
             raise sem.bad_request("the body of the request must be an object")
-        if body.get("kind", rdef.kind) != rdef.kind or body.get("apiVersion", rdef.api_version) != rdef.api_version:
-            raise sem.bad_request(f"the API version in the data ({body.get('apiVersion')}) does not match the "
-                                  f"expected API version ({rdef.api_version})")
+        if (
+            body.get("kind", rdef.kind) != rdef.kind
+            or body.get("apiVersion", rdef.api_version) != rdef.api_version
+        ):
+            raise sem.bad_request(
+                f"the API version in the data ({body.get('apiVersion')}) does not match the "
+                f"expected API version ({rdef.api_version})"
+            )
         obj = {**copy.deepcopy(body), "apiVersion": rdef.api_version, "kind": rdef.kind}
         meta = obj.setdefault("metadata", {})
         if rdef.namespaced:
             if meta.get("namespace", namespace) != namespace:
-                raise sem.bad_request("the namespace of the provided object does not match the namespace "
-                                      "sent on the request")
+                raise sem.bad_request(
+                    "the namespace of the provided object does not match the namespace "
+                    "sent on the request"
+                )
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
         if not meta.get("name"):
             if not meta.get("generateName"):
-                raise invalid(rdef, "", [("metadata.name", "Required value: name or generateName is required")])
+                raise invalid(
+                    rdef,
+                    "",
+                    [("metadata.name", "Required value: name or generateName is required")],
+                )
             meta["name"] = meta["generateName"] + "".join(random.choices(_NAME_ALPHABET, k=5))
         self._stamp_new(meta, generation=1)
         if "status" in rdef.subresources:
@@ -612,8 +887,12 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         obj, warnings = self._admit(rdef, obj, None, params)
         okey = (meta.get("namespace"), meta["name"])
         if okey in self._store[rdef.key]:
-            raise ApiError(409, "AlreadyExists", f'{rdef.qualified} "{meta["name"]}" already exists',
-                           {"name": meta["name"], "group": rdef.group, "kind": rdef.plural})
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{rdef.qualified} "{meta["name"]}" already exists',
+                {"name": meta["name"], "group": rdef.group, "kind": rdef.plural},
+            )
         if params.get("dryRun") == "All":
             return Result(201, obj, warnings)
         stored = self._commit(rdef.key, okey, obj, None, "ADDED")
@@ -621,7 +900,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             self.register_crd(stored)
         return Result(201, stored, warnings)
 
-    def _admit(self, rdef: ResourceDef, obj: JSON, old: JSON | None, params: dict[str, str]) -> tuple[JSON, list[str]]:
+    def _admit(
+        self, rdef: ResourceDef, obj: JSON, old: JSON | None, params: dict[str, str]
+    ) -> tuple[JSON, list[str]]:
         """Defaulting and validation; returns the object to store and warnings."""
         name = obj["metadata"]["name"]
         errors = sem.metadata_errors(rdef.plural, obj["metadata"])
@@ -630,38 +911,61 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if crd is not None:
             admitted, unknown, texts = crd.admit(obj)
             if unknown and params.get("fieldValidation") == "Strict":
-                raise sem.bad_request(f"{rdef.kind} in version \"{rdef.version}\" cannot be handled as a "
-                                      f"{rdef.kind}: strict decoding error: "
-                                      + ", ".join(f'unknown field "{u}"' for u in unknown))
+                raise sem.bad_request(
+                    f'{rdef.kind} in version "{rdef.version}" cannot be handled as a '
+                    f"{rdef.kind}: strict decoding error: "
+                    + ", ".join(f'unknown field "{u}"' for u in unknown)
+                )
             if params.get("fieldValidation") != "Ignore":
                 warnings += [f'unknown field "{u}"' for u in unknown]
             obj = admitted
             errors += [split_error(t) for t in texts]
         elif rdef.key == ("batch", "jobs"):
             obj = admission.default_job(obj) if old is None else obj
-            errors += admission.job_errors(obj) + (admission.job_update_errors(old, obj) if old else [])
+            errors += admission.job_errors(obj) + (
+                admission.job_update_errors(old, obj) if old else []
+            )
         elif rdef.key == ("", "services"):
             if old is None:
                 ip = next(self._ips)
                 obj = admission.default_service(obj, f"10.96.{ip // 250}.{ip % 250 + 1}")
-            errors += admission.service_errors(obj) + (admission.service_update_errors(old, obj) if old else [])
+            errors += admission.service_errors(obj) + (
+                admission.service_update_errors(old, obj) if old else []
+            )
         if errors:
             raise invalid(rdef, name, errors)
         return obj, warnings
 
-    def update_object(self, rdef: ResourceDef, namespace: str | None, name: str, body: Any, params: dict[str, str],
-               subresource: str | None) -> Result:
+    def update_object(
+        self,
+        rdef: ResourceDef,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        params: dict[str, str],
+        subresource: str | None,
+    ) -> Result:
         """PUT: replace the object (or its status) with the body."""
         if not isinstance(body, dict):
             raise sem.bad_request("the body of the request must be an object")
         body_name = (body.get("metadata") or {}).get("name")
         if body_name != name:
-            raise sem.bad_request(f"the name of the object ({body_name}) does not match the name on the URL ({name})")
+            raise sem.bad_request(
+                f"the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )
         old = self._get(rdef, namespace, name, subresource)
         return self._write(rdef, old, body, params, subresource)
 
-    def patch_object(self, rdef: ResourceDef, namespace: str | None, name: str, patch: Any, content_type: str,
-              params: dict[str, str], subresource: str | None) -> Result:
+    def patch_object(
+        self,
+        rdef: ResourceDef,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        content_type: str,
+        params: dict[str, str],
+        subresource: str | None,
+    ) -> Result:
         old = self._get(rdef, namespace, name, subresource)
         kind = content_type.split(";")[0].strip()
         if kind == "application/merge-patch+json":
@@ -671,22 +975,35 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         elif kind == "application/strategic-merge-patch+json" and not rdef.custom:
             candidate = sem.strategic_merge_patch(old, patch)
         else:
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media types include: "
-                           f"application/json-patch+json, application/merge-patch+json"
-                           f"{'' if rdef.custom else ', application/strategic-merge-patch+json'}")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/json-patch+json, application/merge-patch+json"
+                f"{'' if rdef.custom else ', application/strategic-merge-patch+json'}",
+            )
         if not isinstance(candidate, dict):
             raise sem.bad_request("the patch does not produce an object")
         return self._write(rdef, old, candidate, params, subresource)
 
-    def _write(self, rdef: ResourceDef, old: JSON, candidate: JSON, params: dict[str, str],
-               subresource: str | None) -> Result:
+    def _write(
+        self,
+        rdef: ResourceDef,
+        old: JSON,
+        candidate: JSON,
+        params: dict[str, str],
+        subresource: str | None,
+    ) -> Result:
         """The common update path: concurrency check, status isolation, admission, generation, GC."""
         name = old["metadata"]["name"]
         rv = (candidate.get("metadata") or {}).get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
-            raise conflict(rdef, name, "the object has been modified; please apply your changes to the "
-                                       "latest version and try again")
+            raise conflict(
+                rdef,
+                name,
+                "the object has been modified; please apply your changes to the "
+                "latest version and try again",
+            )
         if subresource == "status":
             new = {k: v for k, v in old.items() if k != "status"}
             if "status" in candidate:
@@ -706,9 +1023,19 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             new["metadata"] = meta
         new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
         old_finalizers = old["metadata"].get("finalizers") or []
-        if old["metadata"].get("deletionTimestamp") and set(new["metadata"].get("finalizers") or []) - set(old_finalizers):
-            raise invalid(rdef, name, [("metadata.finalizers",
-                                        "Forbidden: no new finalizers can be added if the object is being deleted")])
+        if old["metadata"].get("deletionTimestamp") and set(
+            new["metadata"].get("finalizers") or []
+        ) - set(old_finalizers):
+            raise invalid(
+                rdef,
+                name,
+                [
+                    (
+                        "metadata.finalizers",
+                        "Forbidden: no new finalizers can be added if the object is being deleted",
+                    )
+                ],
+            )
         new, warnings = self._admit(rdef, new, old, params)
         strip = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
         if strip(new) != strip(old) and "generation" in old["metadata"]:
@@ -725,26 +1052,38 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             stored = self._commit(rdef.key, okey, new, old, "MODIFIED")
         return Result(200, stored, warnings)
 
-    def delete_object(self, rdef: ResourceDef, namespace: str | None, name: str, options: JSON) -> Result:
+    def delete_object(
+        self, rdef: ResourceDef, namespace: str | None, name: str, options: JSON
+    ) -> Result:
         obj = self._get(rdef, namespace, name, None)
         meta = obj["metadata"]
         pre = options.get("preconditions") or {}
         if pre.get("uid") and pre["uid"] != meta["uid"]:
-            raise conflict(rdef, name, f"Precondition failed: UID in precondition: {pre['uid']}, "
-                                       f"UID in object meta: {meta['uid']}")
+            raise conflict(
+                rdef,
+                name,
+                f"Precondition failed: UID in precondition: {pre['uid']}, "
+                f"UID in object meta: {meta['uid']}",
+            )
         if pre.get("resourceVersion") and pre["resourceVersion"] != meta["resourceVersion"]:
-            raise conflict(rdef, name, f"Precondition failed: ResourceVersion in precondition: "
-                                       f"{pre['resourceVersion']}, ResourceVersion in object meta: "
-                                       f"{meta['resourceVersion']}")
+            raise conflict(
+                rdef,
+                name,
+                f"Precondition failed: ResourceVersion in precondition: "
+                f"{pre['resourceVersion']}, ResourceVersion in object meta: "
+                f"{meta['resourceVersion']}",
+            )
         warnings = []
         policy = options.get("propagationPolicy")
         if policy is None and str(options.get("orphanDependents")).lower() == "true":
             policy = "Orphan"
         if policy is None and rdef.key == ("batch", "jobs"):
             policy = "Orphan"  # batch/v1 keeps the old default; a real server warns about it
-            warnings.append("child pods are preserved by default when jobs are deleted; set "
-                            "propagationPolicy=Background to remove them or set propagationPolicy=Orphan "
-                            "to suppress this warning")
+            warnings.append(
+                "child pods are preserved by default when jobs are deleted; set "
+                "propagationPolicy=Background to remove them or set propagationPolicy=Orphan "
+                "to suppress this warning"
+            )
         if policy not in (None, "Orphan", "Background", "Foreground"):
             raise invalid(rdef, name, [("propagationPolicy", f"Unsupported value: {policy!r}")])
         if meta.get("deletionTimestamp") or options.get("dryRun") in ("All", ["All"]):
@@ -758,8 +1097,15 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             finalizers.append("foregroundDeletion")
         okey = (meta.get("namespace"), name)
         if finalizers:
-            marked = {**obj, "metadata": {**meta, "finalizers": finalizers, "deletionTimestamp": now_rfc3339(),
-                                          "deletionGracePeriodSeconds": 0}}
+            marked = {
+                **obj,
+                "metadata": {
+                    **meta,
+                    "finalizers": finalizers,
+                    "deletionTimestamp": now_rfc3339(),
+                    "deletionGracePeriodSeconds": 0,
+                },
+            }
             stored = self._commit(rdef.key, okey, marked, obj, "MODIFIED")
             if policy == "Foreground":
                 for dep_rkey, dep_okey in self._dependents(meta["uid"]):
@@ -773,11 +1119,26 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return Result(200, stored, warnings)
 
     def delete_collection(self, rdef: ResourceDef, namespace: str | None, options: JSON) -> Result:
-        match = self.predicate(rdef, namespace, {k: v for k, v in options.items() if isinstance(v, str)})
-        items = [self.delete_object(rdef, o["metadata"].get("namespace"), o["metadata"]["name"], options).body
-                 for o in self.stored_objects(rdef, namespace) if match(o)]
-        return Result(200, {"kind": f"{rdef.kind}List", "apiVersion": rdef.api_version,
-                            "metadata": {"resourceVersion": str(self._rv)}, "items": items}, [])
+        match = self.predicate(
+            rdef, namespace, {k: v for k, v in options.items() if isinstance(v, str)}
+        )
+        items = [
+            self.delete_object(
+                rdef, o["metadata"].get("namespace"), o["metadata"]["name"], options
+            ).body
+            for o in self.stored_objects(rdef, namespace)
+            if match(o)
+        ]
+        return Result(
+            200,
+            {
+                "kind": f"{rdef.kind}List",
+                "apiVersion": rdef.api_version,
+                "metadata": {"resourceVersion": str(self._rv)},
+                "items": items,
+            },
+            [],
+        )
 
     # ------------------------------------------------------------------ garbage collection
 
@@ -797,8 +1158,14 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
         if obj["metadata"].get("finalizers"):
-            marked = {**obj, "metadata": {**obj["metadata"], "deletionTimestamp": now_rfc3339(),
-                                          "deletionGracePeriodSeconds": 0}}
+            marked = {
+                **obj,
+                "metadata": {
+                    **obj["metadata"],
+                    "deletionTimestamp": now_rfc3339(),
+                    "deletionGracePeriodSeconds": 0,
+                },
+            }
             self._commit(rkey, okey, marked, obj, "MODIFIED")
         else:
             self._commit(rkey, okey, obj, obj, "DELETED")
@@ -813,8 +1180,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             gone = self._gc_queue.popleft()
             for rkey, okey in self._dependents(gone["metadata"]["uid"]):
                 obj = self._store[rkey].get(okey)
-                if obj is not None and not any(self._owner_alive(r, okey[0])
-                                               for r in obj["metadata"].get("ownerReferences") or []):
+                if obj is not None and not any(
+                    self._owner_alive(r, okey[0])
+                    for r in obj["metadata"].get("ownerReferences") or []
+                ):
                     self._delete_key(rkey, okey)
             for ref in gone["metadata"].get("ownerReferences") or []:
                 self._finish_foreground(ref.get("uid", ""))
@@ -828,8 +1197,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         finalizers = obj["metadata"].get("finalizers") or []
         if obj["metadata"].get("deletionTimestamp") and "foregroundDeletion" in finalizers:
             rest = [f for f in finalizers if f != "foregroundDeletion"]
-            self._commit(rkey, okey, {**obj, "metadata": {**obj["metadata"], "finalizers": rest}}, obj,
-                         "MODIFIED" if rest else "DELETED")
+            self._commit(
+                rkey,
+                okey,
+                {**obj, "metadata": {**obj["metadata"], "finalizers": rest}},
+                obj,
+                "MODIFIED" if rest else "DELETED",
+            )
 
     def collect_garbage(self) -> None:
         """A full sweep, as the garbage collector eventually does: delete objects whose owners are
@@ -845,7 +1219,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         for rkey, okey in self._dependents(uid):
             obj = self._store[rkey][okey]
             refs = [r for r in obj["metadata"]["ownerReferences"] if r.get("uid") != uid]
-            self._commit(rkey, okey, {**obj, "metadata": {**obj["metadata"], "ownerReferences": refs}}, obj, "MODIFIED")
+            self._commit(
+                rkey,
+                okey,
+                {**obj, "metadata": {**obj["metadata"], "ownerReferences": refs}},
+                obj,
+                "MODIFIED",
+            )
 
     def _empty_namespace(self, namespace: str) -> None:
         for rkey, bucket in list(self._store.items()):

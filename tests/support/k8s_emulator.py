@@ -32,14 +32,27 @@ from tests.support.k8s_apiserver import ApiServerEmulator, ResourceDef, Route
 from tests.support.k8s_records import ApiRequest, RequestLog
 from tests.support.k8s_semantics import ApiError
 
-__all__ = ["ApiError", "ApiRequest", "ApiServerEmulator", "EmulatorServer", "JobDriver", "K8sApi", "RequestLog",
-           "job_driver", "k8s_api", "running_api"]
+__all__ = [
+    "ApiError",
+    "ApiRequest",
+    "ApiServerEmulator",
+    "EmulatorServer",
+    "JobDriver",
+    "K8sApi",
+    "RequestLog",
+    "job_driver",
+    "k8s_api",
+    "running_api",
+]
 
 T = TypeVar("T")
 JSON = dict[str, Any]
 
-_PATCH_TYPES = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
-                "strategic": "application/strategic-merge-patch+json"}
+_PATCH_TYPES = {
+    "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+}
 
 
 class EmulatorServer:
@@ -80,6 +93,7 @@ class EmulatorServer:
 
         async def run() -> T:
             return fn()
+
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     def _run(self) -> None:
@@ -94,7 +108,10 @@ class EmulatorServer:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with self.emulator, kmock.Server(self.emulator, host=self.host, port=self.port or None) as server:
+        async with (
+            self.emulator,
+            kmock.Server(self.emulator, host=self.host, port=self.port or None) as server,
+        ):
             self.port = server.port
             self._ready.set()
             await self._stop.wait()
@@ -137,30 +154,62 @@ class K8sApi:
         """The stored object, or None when absent."""
         return self.server.call(lambda: self._get(resource, name, namespace))
 
-    def list(self, resource: str, namespace: str | None = None, label_selector: str | None = None,
-             field_selector: str | None = None) -> builtins.list[JSON]:
-        return self.server.call(lambda: self._list(resource, namespace, label_selector, field_selector))
+    def list(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> builtins.list[JSON]:
+        return self.server.call(
+            lambda: self._list(resource, namespace, label_selector, field_selector)
+        )
 
-    def patch(self, resource: str, name: str, patch: Any, namespace: str | None = "default",
-              subresource: str | None = None, patch_type: str = "merge") -> JSON:
+    def patch(
+        self,
+        resource: str,
+        name: str,
+        patch: Any,
+        namespace: str | None = "default",
+        subresource: str | None = None,
+        patch_type: str = "merge",
+    ) -> JSON:
         """Patch (patch_type: merge, json, strategic); `subresource="status"` for status."""
-        return self.server.call(lambda: self._write("patch", resource, name, patch, namespace, subresource,
-                                                    _PATCH_TYPES[patch_type]))
+        return self.server.call(
+            lambda: self._write(
+                "patch", resource, name, patch, namespace, subresource, _PATCH_TYPES[patch_type]
+            )
+        )
 
     def replace(self, obj: JSON, subresource: str | None = None) -> JSON:
         """PUT the whole object (carry metadata.resourceVersion for optimistic concurrency)."""
         rdef = self.emulator.resource_for(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
-        return self.server.call(lambda: self._write("update", rdef.plural + "." + rdef.group if rdef.group
-                                                    else rdef.plural, meta["name"], obj, meta.get("namespace"),
-                                                    subresource, "application/json"))
+        return self.server.call(
+            lambda: self._write(
+                "update",
+                rdef.plural + "." + rdef.group if rdef.group else rdef.plural,
+                meta["name"],
+                obj,
+                meta.get("namespace"),
+                subresource,
+                "application/json",
+            )
+        )
 
-    def delete(self, resource: str, name: str, namespace: str | None = "default",
-               propagation_policy: str | None = None) -> JSON | None:
+    def delete(
+        self,
+        resource: str,
+        name: str,
+        namespace: str | None = "default",
+        propagation_policy: str | None = None,
+    ) -> JSON | None:
         """Delete (None when absent); returns the object's last state."""
         return self.server.call(lambda: self._delete(resource, name, namespace, propagation_policy))
 
-    def wait_for(self, condition: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02) -> T:
+    def wait_for(
+        self, condition: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02
+    ) -> T:
         """Poll until `condition()` is truthy (from a synchronous test); returns its value."""
         deadline = time.monotonic() + timeout
         while not (value := condition()):
@@ -177,24 +226,54 @@ class K8sApi:
     async def acreate(self, obj: JSON, namespace: str | None = None) -> JSON:
         return await self._async(lambda: self._create(obj, namespace))
 
-    async def aget(self, resource: str, name: str, namespace: str | None = "default") -> JSON | None:
+    async def aget(
+        self, resource: str, name: str, namespace: str | None = "default"
+    ) -> JSON | None:
         return await self._async(lambda: self._get(resource, name, namespace))
 
-    async def alist(self, resource: str, namespace: str | None = None, label_selector: str | None = None,
-                    field_selector: str | None = None) -> builtins.list[JSON]:
-        return await self._async(lambda: self._list(resource, namespace, label_selector, field_selector))
+    async def alist(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> builtins.list[JSON]:
+        return await self._async(
+            lambda: self._list(resource, namespace, label_selector, field_selector)
+        )
 
-    async def apatch(self, resource: str, name: str, patch: Any, namespace: str | None = "default",
-                     subresource: str | None = None, patch_type: str = "merge") -> JSON:
-        return await self._async(lambda: self._write("patch", resource, name, patch, namespace, subresource,
-                                                     _PATCH_TYPES[patch_type]))
+    async def apatch(
+        self,
+        resource: str,
+        name: str,
+        patch: Any,
+        namespace: str | None = "default",
+        subresource: str | None = None,
+        patch_type: str = "merge",
+    ) -> JSON:
+        return await self._async(
+            lambda: self._write(
+                "patch", resource, name, patch, namespace, subresource, _PATCH_TYPES[patch_type]
+            )
+        )
 
-    async def adelete(self, resource: str, name: str, namespace: str | None = "default",
-                      propagation_policy: str | None = None) -> JSON | None:
-        return await self._async(lambda: self._delete(resource, name, namespace, propagation_policy))
+    async def adelete(
+        self,
+        resource: str,
+        name: str,
+        namespace: str | None = "default",
+        propagation_policy: str | None = None,
+    ) -> JSON | None:
+        return await self._async(
+            lambda: self._delete(resource, name, namespace, propagation_policy)
+        )
 
-    async def await_for(self, condition: Callable[[], Awaitable[T | None]], timeout: float = 10.0,
-                        interval: float = 0.02) -> T:
+    async def await_for(
+        self,
+        condition: Callable[[], Awaitable[T | None]],
+        timeout: float = 10.0,
+        interval: float = 0.02,
+    ) -> T:
         """Await until `await condition()` is truthy (from an async test); returns its value."""
         async with asyncio.timeout(timeout):
             while not (value := await condition()):
@@ -203,10 +282,22 @@ class K8sApi:
 
     # ------------------------------------------------------------------ on the server loop
 
-    def _route(self, rdef: ResourceDef, namespace: str | None, name: str | None = None,
-               subresource: str | None = None) -> Route:
-        return Route(rdef, rdef.group, rdef.version, rdef.plural, namespace if rdef.namespaced else None,
-                     name, subresource)
+    def _route(
+        self,
+        rdef: ResourceDef,
+        namespace: str | None,
+        name: str | None = None,
+        subresource: str | None = None,
+    ) -> Route:
+        return Route(
+            rdef,
+            rdef.group,
+            rdef.version,
+            rdef.plural,
+            namespace if rdef.namespaced else None,
+            name,
+            subresource,
+        )
 
     def _create(self, obj: JSON, namespace: str | None) -> JSON:
         rdef = self.emulator.resource_for(obj["apiVersion"], obj["kind"])
@@ -219,19 +310,32 @@ class K8sApi:
         rdef = self.resource(resource)
         return self.emulator.stored(rdef, namespace, name)
 
-    def _list(self, resource: str, namespace: str | None, labels: str | None,
-              fields: str | None) -> builtins.list[JSON]:
+    def _list(
+        self, resource: str, namespace: str | None, labels: str | None, fields: str | None
+    ) -> builtins.list[JSON]:
         rdef = self.resource(resource)
         params = {k: v for k, v in (("labelSelector", labels), ("fieldSelector", fields)) if v}
-        return self.emulator.list_objects(rdef, namespace if rdef.namespaced else None, params)["items"]  # type: ignore[no-any-return]
+        return self.emulator.list_objects(rdef, namespace if rdef.namespaced else None, params)[
+            "items"
+        ]  # type: ignore[no-any-return]
 
-    def _write(self, verb: str, resource: str, name: str, body: Any, namespace: str | None,
-               subresource: str | None, content_type: str) -> JSON:
+    def _write(
+        self,
+        verb: str,
+        resource: str,
+        name: str,
+        body: Any,
+        namespace: str | None,
+        subresource: str | None,
+        content_type: str,
+    ) -> JSON:
         rdef = self.resource(resource)
         route = self._route(rdef, namespace, name, subresource)
         return self.emulator.handle(verb, route, {}, json.dumps(body).encode(), content_type).body  # type: ignore[no-any-return]
 
-    def _delete(self, resource: str, name: str, namespace: str | None, policy: str | None) -> JSON | None:
+    def _delete(
+        self, resource: str, name: str, namespace: str | None, policy: str | None
+    ) -> JSON | None:
         rdef = self.resource(resource)
         if self.emulator.stored(rdef, namespace, name) is None:
             return None
@@ -242,11 +346,17 @@ class K8sApi:
 def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = "default") -> pathlib.Path:
     """A kubeconfig (JSON is YAML) for kubectl, the kubernetes client and kopf."""
     config = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
         "users": [{"name": "emulator", "user": {}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
-                                                      "namespace": namespace}}],
+        "contexts": [
+            {
+                "name": "emulator",
+                "context": {"cluster": "emulator", "user": "emulator", "namespace": namespace},
+            }
+        ],
     }
     path.write_text(json.dumps(config, indent=2))
     return path

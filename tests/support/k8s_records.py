@@ -52,16 +52,21 @@ class RequestLog:
         with self._lock:
             self._entries.clear()
 
-    def entries(self, *, user_agent: str | None = None, resources_only: bool = True, dry_runs: bool = False) -> list[ApiRequest]:
+    def entries(
+        self, *, user_agent: str | None = None, resources_only: bool = True, dry_runs: bool = False
+    ) -> list[ApiRequest]:
         """Resource requests (all requests with resources_only=False) whose User-Agent starts with
         `user_agent`; dry runs (which store nothing, e.g. the operator's check of iteration 0 when
         a run starts) only with dry_runs=True, so counts of creates are counts of objects."""
         with self._lock:
             entries = list(self._entries)
-        return [e for e in entries
-                if (not resources_only or e.resource is not None)
-                and (dry_runs or not e.dry_run)
-                and (user_agent is None or e.user_agent.startswith(user_agent))]
+        return [
+            e
+            for e in entries
+            if (not resources_only or e.resource is not None)
+            and (dry_runs or not e.dry_run)
+            and (user_agent is None or e.user_agent.startswith(user_agent))
+        ]
 
     def __iter__(self) -> Iterator[ApiRequest]:
         return iter(self.entries(resources_only=False))
@@ -72,12 +77,19 @@ class RequestLog:
 
     def count(self, *, user_agent: str | None = None, **match: Any) -> int:
         """Resource requests whose fields equal `match`, e.g. count(verb="create", resource="jobs")."""
-        return sum(all(getattr(e, k) == v for k, v in match.items()) for e in self.entries(user_agent=user_agent))
+        return sum(
+            all(getattr(e, k) == v for k, v in match.items())
+            for e in self.entries(user_agent=user_agent)
+        )
 
     def by_verb_resource(self, *, user_agent: str | None = None) -> collections.Counter[str]:
         """Counter of "verb resource[/subresource]", e.g. {"patch spinruns/status": 4}."""
-        return collections.Counter(f"{e.verb} {e.rbac_resource}" for e in self.entries(user_agent=user_agent))
+        return collections.Counter(
+            f"{e.verb} {e.rbac_resource}" for e in self.entries(user_agent=user_agent)
+        )
 
     def rbac_rules(self, *, user_agent: str | None = None) -> set[tuple[str, str, str]]:
         """{(apiGroup, resource[/subresource], verb)} used: compare with a Role's rules."""
-        return {(e.group or "", e.rbac_resource, e.verb) for e in self.entries(user_agent=user_agent)}
+        return {
+            (e.group or "", e.rbac_resource, e.verb) for e in self.entries(user_agent=user_agent)
+        }

@@ -16,7 +16,9 @@ from typing import Any
 class ApiError(Exception):
     """A request the API server refuses, rendered as a `Status` body with `code` and `reason`."""
 
-    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, code: int, reason: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
@@ -25,8 +27,16 @@ class ApiError(Exception):
 
     def status(self) -> dict[str, Any]:
         """The `Status` object a real API server answers with."""
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "details": self.details, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
 
 
 def bad_request(message: str) -> ApiError:
@@ -39,8 +49,10 @@ def invalid_patch(message: str) -> ApiError:
 
 # --------------------------------------------------------------------------- label selectors
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _SET_REQ = re.compile(r"^\s*(\S+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 _CMP_REQ = re.compile(r"^\s*([^\s!=<>]+)\s*(==|=|!=|<|>)\s*(\S*)\s*$")
@@ -66,7 +78,11 @@ def _split_top_level(selector: str) -> list[str]:
 
 def _requirement(text: str) -> Requirement:
     if m := _SET_REQ.match(text):
-        key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
+        key, op, values = (
+            m.group(1),
+            m.group(2),
+            {v.strip() for v in m.group(3).split(",") if v.strip()},
+        )
         _check_label_key(key)
         if op == "in":
             return lambda labels: labels.get(key) in values
@@ -81,10 +97,16 @@ def _requirement(text: str) -> Requirement:
         try:
             bound = int(value)
         except ValueError:
-            raise bad_request(f"unable to parse requirement: for 'Gt', 'Lt' operators, the value must be an integer: {text!r}") from None
+            raise bad_request(
+                f"unable to parse requirement: for 'Gt', 'Lt' operators, the value must be an integer: {text!r}"
+            ) from None
         if op == ">":
-            return lambda labels: _int_or_none(labels.get(key)) is not None and _int_or_none(labels.get(key)) > bound  # type: ignore[operator]
-        return lambda labels: _int_or_none(labels.get(key)) is not None and _int_or_none(labels.get(key)) < bound  # type: ignore[operator]
+            return lambda labels: (
+                _int_or_none(labels.get(key)) is not None and _int_or_none(labels.get(key)) > bound
+            )  # type: ignore[operator]
+        return lambda labels: (
+            _int_or_none(labels.get(key)) is not None and _int_or_none(labels.get(key)) < bound
+        )  # type: ignore[operator]
     if m := _EXISTS_REQ.match(text):
         negated, key = m.group(1) == "!", m.group(2)
         _check_label_key(key)
@@ -126,11 +148,28 @@ def selector_from_match_labels(selector: dict[str, Any]) -> str:
 
 # metadata.name/namespace work everywhere; a few resources index more fields (as the real server).
 FIELD_LABELS: dict[str, set[str]] = {
-    "events": {"involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
-               "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
-               "reason", "reportingComponent", "source", "type"},
-    "pods": {"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
-             "status.phase", "status.podIP", "status.nominatedNodeName"},
+    "events": {
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    },
+    "pods": {
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    },
     "jobs": {"status.successful"},
     "secrets": {"type"},
     "namespaces": {"status.phase"},
@@ -155,12 +194,13 @@ def parse_field_selector(selector: str | None, plural: str) -> Callable[[dict[st
             raise bad_request(f"invalid selector: {part!r}; can't understand {part!r}")
         field, op, value = m.groups()
         if field not in {"metadata.name", "metadata.namespace"} | FIELD_LABELS.get(plural, set()):
-            raise bad_request(f'field label not supported: {field}')
+            raise bad_request(f"field label not supported: {field}")
         reqs.append((field, op != "!=", value))
     return lambda obj: all((_field_value(obj, f) == v) == eq for f, eq, v in reqs)
 
 
 # --------------------------------------------------------------------------- patches
+
 
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386: dicts merge recursively, null deletes, everything else (lists too) replaces."""
@@ -177,17 +217,30 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 # Lists a strategic-merge patch merges by key in built-in types (patchMergeKey in the Go types).
 _MERGE_KEYS: dict[str, str] = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "volumes": "name",
-    "env": "name", "volumeMounts": "mountPath", "volumeDevices": "devicePath", "conditions": "type",
-    "ownerReferences": "uid", "imagePullSecrets": "name", "hostAliases": "ip",
-    "topologySpreadConstraints": "topologyKey", "resourceClaims": "name",
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "volumes": "name",
+    "env": "name",
+    "volumeMounts": "mountPath",
+    "volumeDevices": "devicePath",
+    "conditions": "type",
+    "ownerReferences": "uid",
+    "imagePullSecrets": "name",
+    "hostAliases": "ip",
+    "topologySpreadConstraints": "topologyKey",
+    "resourceClaims": "name",
 }
 _MERGED_PRIMITIVE_LISTS = {"finalizers"}
 
 
 def _merge_key(field: str, items: list[Any]) -> str | None:
     if field == "ports":  # container ports merge by containerPort, service ports by port
-        return "containerPort" if any(isinstance(i, dict) and "containerPort" in i for i in items) else "port"
+        return (
+            "containerPort"
+            if any(isinstance(i, dict) and "containerPort" in i for i in items)
+            else "port"
+        )
     return _MERGE_KEYS.get(field)
 
 
@@ -213,7 +266,9 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
         elif isinstance(value, list) and key in _MERGED_PRIMITIVE_LISTS:
             current = list(result.get(key) or [])
             result[key] = current + [v for v in value if v not in current]
-        elif isinstance(value, list) and (merge_key := _merge_key(key, value + list(result.get(key) or []))):
+        elif isinstance(value, list) and (
+            merge_key := _merge_key(key, value + list(result.get(key) or []))
+        ):
             result[key] = _merge_keyed_list(list(result.get(key) or []), value, merge_key)
         else:
             result[key] = strategic_merge_patch(result.get(key), value)
@@ -227,7 +282,9 @@ def _merge_keyed_list(current: list[Any], patch: list[Any], key: str) -> list[An
     for item in patch:
         if not isinstance(item, dict) or key not in item:
             raise bad_request(f"map: {item!r} does not contain declared merge key: {key}")
-        index = next((i for i, v in enumerate(out) if isinstance(v, dict) and v.get(key) == item[key]), None)
+        index = next(
+            (i for i, v in enumerate(out) if isinstance(v, dict) and v.get(key) == item[key]), None
+        )
         if item.get("$patch") == "delete":
             if index is not None:
                 out.pop(index)
@@ -266,8 +323,10 @@ def json_patch(target: Any, ops: Any) -> Any:
         kind, parts = op.get("op"), _pointer(op.get("path", ""))
         if kind == "test":
             if _walk(doc, parts) != op.get("value"):
-                raise invalid_patch(f"the server rejected our request due to an error in our request: "
-                                    f"testing value /{'/'.join(parts)} failed")
+                raise invalid_patch(
+                    f"the server rejected our request due to an error in our request: "
+                    f"testing value /{'/'.join(parts)} failed"
+                )
             continue
         if kind in ("move", "copy"):
             source = _pointer(op.get("from", ""))
@@ -317,7 +376,9 @@ def _remove(doc: Any, parts: list[str]) -> Any:
 
 # --------------------------------------------------------------------------- names and labels
 
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -331,13 +392,29 @@ class NameRule:
     description: str
 
 
-SUBDOMAIN = NameRule(_DNS1123_SUBDOMAIN, 253, "a lowercase RFC 1123 subdomain must consist of lower case "
-                     "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character")
-LABEL_1123 = NameRule(_DNS1123_LABEL, 63, "a lowercase RFC 1123 label must consist of lower case alphanumeric "
-                      "characters or '-', and must start and end with an alphanumeric character")
-LABEL_1035 = NameRule(_DNS1035_LABEL, 63, "a DNS-1035 label must consist of lower case alphanumeric characters "
-                      "or '-', start with an alphabetic character, and end with an alphanumeric character")
-NAME_RULES: dict[str, NameRule] = {"services": LABEL_1035, "namespaces": LABEL_1123, "jobs": LABEL_1123}
+SUBDOMAIN = NameRule(
+    _DNS1123_SUBDOMAIN,
+    253,
+    "a lowercase RFC 1123 subdomain must consist of lower case "
+    "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+)
+LABEL_1123 = NameRule(
+    _DNS1123_LABEL,
+    63,
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric "
+    "characters or '-', and must start and end with an alphanumeric character",
+)
+LABEL_1035 = NameRule(
+    _DNS1035_LABEL,
+    63,
+    "a DNS-1035 label must consist of lower case alphanumeric characters "
+    "or '-', start with an alphabetic character, and end with an alphanumeric character",
+)
+NAME_RULES: dict[str, NameRule] = {
+    "services": LABEL_1035,
+    "namespaces": LABEL_1123,
+    "jobs": LABEL_1123,
+}
 
 
 def metadata_errors(plural: str, metadata: dict[str, Any]) -> list[tuple[str, str]]:
@@ -346,21 +423,40 @@ def metadata_errors(plural: str, metadata: dict[str, Any]) -> list[tuple[str, st
     name = metadata.get("name") or ""
     rule = NAME_RULES.get(plural, SUBDOMAIN)
     if plural == "jobs" and len(name) > 63:
-        errors.append(("metadata.name", f"Invalid value: {name!r}: must be no more than 63 characters"))
+        errors.append(
+            ("metadata.name", f"Invalid value: {name!r}: must be no more than 63 characters")
+        )
     elif len(name) > rule.max_length:
-        errors.append(("metadata.name", f"Invalid value: {name!r}: must be no more than {rule.max_length} characters"))
+        errors.append(
+            (
+                "metadata.name",
+                f"Invalid value: {name!r}: must be no more than {rule.max_length} characters",
+            )
+        )
     if name and not rule.pattern.match(name):
         errors.append(("metadata.name", f"Invalid value: {name!r}: {rule.description}"))
     for key, value in (metadata.get("labels") or {}).items():
         if not _LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
-            errors.append(("metadata.labels", f"Invalid value: {key!r}: name part must consist of alphanumeric "
-                           "characters, '-', '_' or '.' (at most 63)"))
+            errors.append(
+                (
+                    "metadata.labels",
+                    f"Invalid value: {key!r}: name part must consist of alphanumeric "
+                    "characters, '-', '_' or '.' (at most 63)",
+                )
+            )
         if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
-            errors.append(("metadata.labels", f"Invalid value: {value!r}: a valid label must be an empty string "
-                           "or consist of alphanumeric characters, '-', '_' or '.' (at most 63)"))
+            errors.append(
+                (
+                    "metadata.labels",
+                    f"Invalid value: {value!r}: a valid label must be an empty string "
+                    "or consist of alphanumeric characters, '-', '_' or '.' (at most 63)",
+                )
+            )
     size = sum(len(k) + len(str(v)) for k, v in (metadata.get("annotations") or {}).items())
     if size > 256 * 1024:
-        errors.append(("metadata.annotations", f"Too long: must have at most 262144 bytes, got {size}"))
+        errors.append(
+            ("metadata.annotations", f"Too long: must have at most 262144 bytes, got {size}")
+        )
     return errors
 
 

@@ -22,13 +22,24 @@ from tests.support.k8s_semantics import ApiError
 LABELS = dict([MANAGED_BY_SPIN.split("=")])
 
 
-def job(name: str, *, indexed: int = 0, suspend: bool = False, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"suspend": suspend, "backoffLimit": 2, "template": {"spec": {
-        "containers": [{"name": "main", "image": "busybox"}], "restartPolicy": "Never"}}}
+def job(
+    name: str, *, indexed: int = 0, suspend: bool = False, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "suspend": suspend,
+        "backoffLimit": 2,
+        "template": {
+            "spec": {"containers": [{"name": "main", "image": "busybox"}], "restartPolicy": "Never"}
+        },
+    }
     if indexed:
         spec.update(completionMode="Indexed", completions=indexed, parallelism=indexed)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": labels or LABELS},
-            "spec": spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels or LABELS},
+        "spec": spec,
+    }
 
 
 def types(obj: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -40,24 +51,42 @@ def test_index_ranges() -> None:
     assert index_ranges([3, 0, 1, 2, 5, 7, 8]) == "0-3,5,7-8"
 
 
-def test_succeed_writes_the_controller_status_through_status(k8s_api: K8sApi, job_driver: JobDriver) -> None:
+def test_succeed_writes_the_controller_status_through_status(
+    k8s_api: K8sApi, job_driver: JobDriver
+) -> None:
     k8s_api.create(job("gen", indexed=4))
     running = job_driver.start("gen")
     assert (running["status"]["active"], job_state(running)) == (4, "Running")
     done = job_driver.succeed("gen")
     status = done["status"]
-    assert types(done) == [("SuccessCriteriaMet", "True", "CompletionsReached"), ("Complete", "True", "CompletionsReached")]
+    assert types(done) == [
+        ("SuccessCriteriaMet", "True", "CompletionsReached"),
+        ("Complete", "True", "CompletionsReached"),
+    ]
     assert (status["succeeded"], status["active"], status["completedIndexes"]) == (4, 0, "0-3")
     assert status["startTime"] == running["status"]["startTime"] and status["completionTime"]
     assert k8s_api.requests.by_verb_resource(user_agent="job-driver")["patch jobs/status"] == 2
-    assert k8s_api.requests.count(user_agent="job-driver", verb="patch", resource="jobs", subresource=None) == 0
+    assert (
+        k8s_api.requests.count(
+            user_agent="job-driver", verb="patch", resource="jobs", subresource=None
+        )
+        == 0
+    )
 
 
-def test_fail_sets_failure_conditions_without_completion_time(k8s_api: K8sApi, job_driver: JobDriver) -> None:
+def test_fail_sets_failure_conditions_without_completion_time(
+    k8s_api: K8sApi, job_driver: JobDriver
+) -> None:
     k8s_api.create(job("train", indexed=2))
     failed = job_driver.fail("train", reason="DeadlineExceeded")
-    assert types(failed) == [("FailureTarget", "True", "DeadlineExceeded"), ("Failed", "True", "DeadlineExceeded")]
-    assert failed["status"]["conditions"][1]["message"] == "Job was active longer than specified deadline"
+    assert types(failed) == [
+        ("FailureTarget", "True", "DeadlineExceeded"),
+        ("Failed", "True", "DeadlineExceeded"),
+    ]
+    assert (
+        failed["status"]["conditions"][1]["message"]
+        == "Job was active longer than specified deadline"
+    )
     assert "completionTime" not in failed["status"] and job_state(failed) == "Failed"
     k8s_api.create(job("gen"))
     assert job_driver.fail("gen")["status"]["failed"] == 3  # backoffLimit 2 -> 3 failed pods
@@ -85,12 +114,15 @@ def test_status_writes_retry_on_conflicts(k8s_api: K8sApi, job_driver: JobDriver
             conflicts[0] -= 1
             return ApiError(409, "Conflict", "the object has been modified")
         return None
+
     k8s_api.emulator.faults.append(conflict_twice)
     assert job_state(job_driver.succeed("gen")) == "Succeeded"
     assert k8s_api.requests.count(user_agent="job-driver", subresource="status", code=409) == 2
 
 
-def test_auto_completes_new_jobs_runs_the_hook_and_skips_suspended_ones(k8s_api: K8sApi, job_driver: JobDriver) -> None:
+def test_auto_completes_new_jobs_runs_the_hook_and_skips_suspended_ones(
+    k8s_api: K8sApi, job_driver: JobDriver
+) -> None:
     seen: list[str] = []
     lock = threading.Lock()
 
@@ -116,8 +148,16 @@ def test_auto_completes_new_jobs_runs_the_hook_and_skips_suspended_ones(k8s_api:
     assert sorted(seen) == ["a", "bad", "early", "held"]
     assert auto.failed == ["default/bad"]
     states = {j["metadata"]["name"]: job_state(j) for j in k8s_api.list("jobs")}
-    assert states == {"a": "Succeeded", "bad": "Failed", "early": "Succeeded", "held": "Succeeded",
-                      "foreign": "Pending"}
+    assert states == {
+        "a": "Succeeded",
+        "bad": "Failed",
+        "early": "Succeeded",
+        "held": "Succeeded",
+        "foreign": "Pending",
+    }
     held_final = k8s_api.get("jobs", "held")
     assert held_final is not None and [c["type"] for c in held_final["status"]["conditions"]] == [
-        "Suspended", "SuccessCriteriaMet", "Complete"]
+        "Suspended",
+        "SuccessCriteriaMet",
+        "Complete",
+    ]

@@ -26,13 +26,21 @@ KUBECTL = pathlib.Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kube
 MERGE = "application/merge-patch+json"
 
 
-def http(api: K8sApi, method: str, path: str, body: Any = None, content_type: str = "application/json",
-         params: dict[str, str] | None = None, agent: str = "emulator-test") -> tuple[int, Any, dict[str, str]]:
+def http(
+    api: K8sApi,
+    method: str,
+    path: str,
+    body: Any = None,
+    content_type: str = "application/json",
+    params: dict[str, str] | None = None,
+    agent: str = "emulator-test",
+) -> tuple[int, Any, dict[str, str]]:
     """One request; returns (status, decoded JSON, headers) for errors too."""
     url = api.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": content_type, "User-Agent": agent})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": content_type, "User-Agent": agent}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as rsp:
             return rsp.status, json.loads(rsp.read() or b"null"), dict(rsp.headers)
@@ -47,15 +55,37 @@ def spinrun(name: str = "run", **spec: Any) -> dict[str, Any]:
     return obj
 
 
-def job(name: str = "job", labels: dict[str, str] | None = None, owner: dict[str, Any] | None = None,
-        **spec: Any) -> dict[str, Any]:
+def job(
+    name: str = "job",
+    labels: dict[str, str] | None = None,
+    owner: dict[str, Any] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "labels": labels or {}}
     if owner:
-        meta["ownerReferences"] = [{"apiVersion": owner["apiVersion"], "kind": owner["kind"], "controller": True,
-                                    "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}]
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
-        "template": {"spec": {"containers": [{"name": "main", "image": "busybox"}], "restartPolicy": "Never"}},
-        **spec}}
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": owner["apiVersion"],
+                "kind": owner["kind"],
+                "controller": True,
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+            }
+        ]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "main", "image": "busybox"}],
+                    "restartPolicy": "Never",
+                }
+            },
+            **spec,
+        },
+    }
 
 
 def watch_lines(api: K8sApi, path: str, params: dict[str, str], count: int) -> list[dict[str, Any]]:
@@ -71,6 +101,7 @@ def watch_lines(api: K8sApi, path: str, params: dict[str, str], count: int) -> l
 
 
 # ---------------------------------------------------------------------------- identity and create
+
 
 def test_create_answers_201_with_identity_and_crd_defaults(k8s_api: K8sApi) -> None:
     code, obj, _ = http(k8s_api, "POST", SPINRUNS, spinrun("a"))
@@ -95,10 +126,17 @@ def test_duplicate_is_409_already_exists_and_missing_is_404(k8s_api: K8sApi) -> 
 
 
 def test_generate_name_gives_distinct_names(k8s_api: K8sApi) -> None:
-    event = {"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": "kopf-event-"},
-             "involvedObject": {"kind": "SPINRun", "name": "a", "namespace": "default"}, "reason": "Logging"}
-    names = {http(k8s_api, "POST", "/api/v1/namespaces/default/events", event)[1]["metadata"]["name"]
-             for _ in range(5)}
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "kopf-event-"},
+        "involvedObject": {"kind": "SPINRun", "name": "a", "namespace": "default"},
+        "reason": "Logging",
+    }
+    names = {
+        http(k8s_api, "POST", "/api/v1/namespaces/default/events", event)[1]["metadata"]["name"]
+        for _ in range(5)
+    }
     assert len(names) == 5 and all(n.startswith("kopf-event-") and len(n) == 16 for n in names)
 
 
@@ -116,12 +154,18 @@ def test_resource_versions_increase_and_lists_carry_kind_and_version(k8s_api: K8
 
 # ---------------------------------------------------------------------------- updates
 
+
 def test_stale_resource_version_is_409_conflict(k8s_api: K8sApi) -> None:
     obj = k8s_api.create(spinrun("a"))
     stale = obj["metadata"]["resourceVersion"]
     k8s_api.patch("spinruns", "a", {"spec": {"iterations": 3}})
-    code, status, _ = http(k8s_api, "PATCH", f"{SPINRUNS}/a",
-                           {"metadata": {"resourceVersion": stale}, "spec": {"iterations": 4}}, MERGE)
+    code, status, _ = http(
+        k8s_api,
+        "PATCH",
+        f"{SPINRUNS}/a",
+        {"metadata": {"resourceVersion": stale}, "spec": {"iterations": 4}},
+        MERGE,
+    )
     assert (code, status["reason"]) == (409, "Conflict")
     assert "the object has been modified" in status["message"]
     current = k8s_api.get("spinruns", "a")
@@ -150,34 +194,57 @@ def test_status_subresource_isolation(k8s_api: K8sApi) -> None:
     body = {**spinrun("a"), "status": {"phase": "Succeeded"}}
     created = http(k8s_api, "POST", SPINRUNS, body)[1]
     assert "status" not in created  # create cannot set status
-    code, obj, _ = http(k8s_api, "PATCH", f"{SPINRUNS}/a/status",
-                        {"spec": {"iterations": 7}, "metadata": {"labels": {"l": "v"}},
-                         "status": {"phase": "Running"}}, MERGE)
+    code, obj, _ = http(
+        k8s_api,
+        "PATCH",
+        f"{SPINRUNS}/a/status",
+        {
+            "spec": {"iterations": 7},
+            "metadata": {"labels": {"l": "v"}},
+            "status": {"phase": "Running"},
+        },
+        MERGE,
+    )
     assert code == 200 and obj["status"]["phase"] == "Running"
     assert obj["spec"]["iterations"] == 2 and "labels" not in obj["metadata"]
-    code, obj, _ = http(k8s_api, "PATCH", f"{SPINRUNS}/a", {"spec": {"iterations": 3},
-                                                             "status": {"phase": "Failed"}}, MERGE)
+    code, obj, _ = http(
+        k8s_api,
+        "PATCH",
+        f"{SPINRUNS}/a",
+        {"spec": {"iterations": 3}, "status": {"phase": "Failed"}},
+        MERGE,
+    )
     assert obj["spec"]["iterations"] == 3 and obj["status"]["phase"] == "Running"
 
 
 def test_json_patch_test_failure_is_422_as_kopf_expects(k8s_api: K8sApi) -> None:
     obj = k8s_api.create(spinrun("a"))
-    ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
-           {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}]
+    ops: list[dict[str, Any]] = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["x"]},
+    ]
     assert http(k8s_api, "PATCH", f"{SPINRUNS}/a", ops, "application/json-patch+json")[0] == 422
     ops[0]["value"] = obj["metadata"]["resourceVersion"]
     code, patched, _ = http(k8s_api, "PATCH", f"{SPINRUNS}/a", ops, "application/json-patch+json")
     assert code == 200 and patched["metadata"]["finalizers"] == ["x"]
 
 
-def test_strategic_merge_patch_merges_keyed_lists_and_custom_resources_refuse_it(k8s_api: K8sApi) -> None:
+def test_strategic_merge_patch_merges_keyed_lists_and_custom_resources_refuse_it(
+    k8s_api: K8sApi,
+) -> None:
     k8s_api.create(job("j"))
     smp = "application/strategic-merge-patch+json"
-    for cond in ({"type": "Suspended", "status": "True"}, {"type": "Complete", "status": "True"},
-                 {"type": "Suspended", "status": "False"}):
+    for cond in (
+        {"type": "Suspended", "status": "True"},
+        {"type": "Complete", "status": "True"},
+        {"type": "Suspended", "status": "False"},
+    ):
         http(k8s_api, "PATCH", f"{JOBS}/j/status", {"status": {"conditions": [cond]}}, smp)
     conditions = k8s_api.get("jobs", "j")["status"]["conditions"]  # type: ignore[index]
-    assert conditions == [{"type": "Suspended", "status": "False"}, {"type": "Complete", "status": "True"}]
+    assert conditions == [
+        {"type": "Suspended", "status": "False"},
+        {"type": "Complete", "status": "True"},
+    ]
     http(k8s_api, "PATCH", f"{JOBS}/j", {"metadata": {"finalizers": ["a"]}}, smp)
     http(k8s_api, "PATCH", f"{JOBS}/j", {"metadata": {"finalizers": ["b"]}}, smp)
     assert k8s_api.get("jobs", "j")["metadata"]["finalizers"] == ["a", "b"]  # type: ignore[index]
@@ -193,7 +260,11 @@ def test_job_defaults_names_and_immutable_template(k8s_api: K8sApi) -> None:
     assert (spec["backoffLimit"], spec["suspend"]) == (6, False)
     assert stored["spec"]["template"]["metadata"]["labels"]["batch.kubernetes.io/job-name"] == "j"
     with pytest.raises(ApiError) as err:
-        k8s_api.patch("jobs", "j", {"spec": {"template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}}})
+        k8s_api.patch(
+            "jobs",
+            "j",
+            {"spec": {"template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}}},
+        )
     assert err.value.code == 422 and "spec.template" in err.value.message
     with pytest.raises(ApiError) as err:
         k8s_api.create(job("j" * 64))
@@ -205,9 +276,13 @@ def test_job_defaults_names_and_immutable_template(k8s_api: K8sApi) -> None:
 
 # ---------------------------------------------------------------------------- selectors and watches
 
+
 def test_label_and_field_selectors_on_list(k8s_api: K8sApi) -> None:
-    for name, labels in (("a", {"app": "spin", "stage": "generate"}), ("b", {"app": "spin", "stage": "train"}),
-                         ("c", {"app": "other"})):
+    for name, labels in (
+        ("a", {"app": "spin", "stage": "generate"}),
+        ("b", {"app": "spin", "stage": "train"}),
+        ("c", {"app": "other"}),
+    ):
         k8s_api.create(job(name, labels))
 
     def names(**params: str) -> list[str]:
@@ -235,17 +310,24 @@ def test_watch_replays_after_resource_version_with_selectors(k8s_api: K8sApi) ->
     k8s_api.create(job("after", {"app": "spin"}))
     k8s_api.patch("jobs", "after", {"metadata": {"labels": {"app": "moved"}}})
     events = watch_lines(k8s_api, JOBS, {"resourceVersion": since, "labelSelector": "app=spin"}, 2)
-    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "after"), ("DELETED", "after")]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("ADDED", "after"),
+        ("DELETED", "after"),
+    ]
     initial = watch_lines(k8s_api, JOBS, {"labelSelector": "app=spin"}, 1)
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in initial] == [("ADDED", "before")]
-    named = watch_lines(k8s_api, JOBS, {"resourceVersion": since, "fieldSelector": "metadata.name=ignored"}, 1)
+    named = watch_lines(
+        k8s_api, JOBS, {"resourceVersion": since, "fieldSelector": "metadata.name=ignored"}, 1
+    )
     assert named[0]["object"]["metadata"]["name"] == "ignored"
 
 
 def test_watch_streams_live_events(k8s_api: K8sApi) -> None:
     since = str(k8s_api.emulator.resource_version)
     result: list[dict[str, Any]] = []
-    reader = threading.Thread(target=lambda: result.extend(watch_lines(k8s_api, JOBS, {"resourceVersion": since}, 3)))
+    reader = threading.Thread(
+        target=lambda: result.extend(watch_lines(k8s_api, JOBS, {"resourceVersion": since}, 3))
+    )
     reader.start()
     k8s_api.create(job("live"))
     k8s_api.patch("jobs", "live", {"status": {"active": 1}}, subresource="status")
@@ -266,28 +348,67 @@ def test_watch_from_a_compacted_resource_version_is_410(tmp_path: pathlib.Path) 
 
 # ---------------------------------------------------------------------------- deletion
 
+
 def test_finalizers_hold_deletion_until_removed(k8s_api: K8sApi) -> None:
     k8s_api.create({**spinrun("a"), "metadata": {"name": "a", "finalizers": ["spin/cleanup"]}})
     code, obj, _ = http(k8s_api, "DELETE", f"{SPINRUNS}/a")
     assert code == 200 and obj["metadata"]["deletionTimestamp"]
     assert k8s_api.get("spinruns", "a") is not None
-    code, status, _ = http(k8s_api, "PATCH", f"{SPINRUNS}/a", {"metadata": {"finalizers": ["spin/cleanup", "new"]}}, MERGE)
+    code, status, _ = http(
+        k8s_api,
+        "PATCH",
+        f"{SPINRUNS}/a",
+        {"metadata": {"finalizers": ["spin/cleanup", "new"]}},
+        MERGE,
+    )
     assert code == 422 and "no new finalizers" in status["message"]
-    assert http(k8s_api, "PATCH", f"{SPINRUNS}/a", {"metadata": {"finalizers": None}}, MERGE)[0] == 200
+    assert (
+        http(k8s_api, "PATCH", f"{SPINRUNS}/a", {"metadata": {"finalizers": None}}, MERGE)[0] == 200
+    )
     assert k8s_api.get("spinruns", "a") is None
 
 
 def test_owner_deletion_collects_dependents(k8s_api: K8sApi) -> None:
     owner = k8s_api.create(spinrun("a"))
     k8s_api.create(job("a-gen", owner=owner))
-    k8s_api.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a-train", "ownerReferences": [
-        {"apiVersion": owner["apiVersion"], "kind": "SPINRun", "name": "a", "uid": owner["metadata"]["uid"]}]},
-        "spec": {"clusterIP": "None", "selector": {"x": "y"}}})
+    k8s_api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "a-train",
+                "ownerReferences": [
+                    {
+                        "apiVersion": owner["apiVersion"],
+                        "kind": "SPINRun",
+                        "name": "a",
+                        "uid": owner["metadata"]["uid"],
+                    }
+                ],
+            },
+            "spec": {"clusterIP": "None", "selector": {"x": "y"}},
+        }
+    )
     gen = k8s_api.get("jobs", "a-gen")
     assert gen is not None
-    k8s_api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a-gen-0", "ownerReferences": [
-        {"apiVersion": "batch/v1", "kind": "Job", "name": "a-gen", "uid": gen["metadata"]["uid"]}]},
-        "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    k8s_api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "a-gen-0",
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": "a-gen",
+                        "uid": gen["metadata"]["uid"],
+                    }
+                ],
+            },
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+        }
+    )
     k8s_api.create(job("unrelated"))
     k8s_api.delete("spinruns", "a")
     assert [j["metadata"]["name"] for j in k8s_api.list("jobs")] == ["unrelated"]
@@ -295,8 +416,16 @@ def test_owner_deletion_collects_dependents(k8s_api: K8sApi) -> None:
 
 
 def test_full_sweep_collects_dependents_of_owners_that_never_existed(k8s_api: K8sApi) -> None:
-    k8s_api.create(job("dangling", owner={"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun",
-                                          "metadata": {"name": "ghost", "uid": "no-such-uid"}}))
+    k8s_api.create(
+        job(
+            "dangling",
+            owner={
+                "apiVersion": "selfplay.dev/v1alpha1",
+                "kind": "SPINRun",
+                "metadata": {"name": "ghost", "uid": "no-such-uid"},
+            },
+        )
+    )
     assert k8s_api.get("jobs", "dangling") is not None  # like the real collector: not at once
     k8s_api.server.call(k8s_api.emulator.collect_garbage)
     assert k8s_api.get("jobs", "dangling") is None
@@ -304,8 +433,12 @@ def test_full_sweep_collects_dependents_of_owners_that_never_existed(k8s_api: K8
 
 def test_orphan_and_foreground_propagation(k8s_api: K8sApi) -> None:
     owner = k8s_api.create(spinrun("a"))
-    k8s_api.create({**job("a-gen", owner=owner), "metadata": {**job("a-gen", owner=owner)["metadata"],
-                                                              "finalizers": ["hold"]}})
+    k8s_api.create(
+        {
+            **job("a-gen", owner=owner),
+            "metadata": {**job("a-gen", owner=owner)["metadata"], "finalizers": ["hold"]},
+        }
+    )
     k8s_api.delete("spinruns", "a", propagation_policy="Foreground")
     assert k8s_api.get("spinruns", "a")["metadata"]["finalizers"] == ["foregroundDeletion"]  # type: ignore[index]
     assert k8s_api.get("jobs", "a-gen")["metadata"]["deletionTimestamp"]  # type: ignore[index]
@@ -319,9 +452,24 @@ def test_orphan_and_foreground_propagation(k8s_api: K8sApi) -> None:
 
 def test_job_delete_defaults_to_orphan_with_a_warning(k8s_api: K8sApi) -> None:
     owner = k8s_api.create(job("j"))
-    k8s_api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j-0", "ownerReferences": [
-        {"apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": owner["metadata"]["uid"]}]},
-        "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    k8s_api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "j-0",
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": "j",
+                        "uid": owner["metadata"]["uid"],
+                    }
+                ],
+            },
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+        }
+    )
     code, _, headers = http(k8s_api, "DELETE", f"{JOBS}/j")
     assert code == 200 and "child pods are preserved" in headers.get("Warning", "")
     assert k8s_api.get("pods", "j-0") is not None
@@ -329,53 +477,87 @@ def test_job_delete_defaults_to_orphan_with_a_warning(k8s_api: K8sApi) -> None:
 
 # ---------------------------------------------------------------------------- CRD admission
 
-@pytest.mark.parametrize("case", [c for c in broken_spinruns.CASES if c.schema_rejects and "unknown" not in c.id][:12],
-                         ids=lambda c: c.id)
-def test_invalid_spinruns_are_422_naming_the_field(k8s_api: K8sApi, case: broken_spinruns.Broken) -> None:
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in broken_spinruns.CASES if c.schema_rejects and "unknown" not in c.id][:12],
+    ids=lambda c: c.id,
+)
+def test_invalid_spinruns_are_422_naming_the_field(
+    k8s_api: K8sApi, case: broken_spinruns.Broken
+) -> None:
     code, status, _ = http(k8s_api, "POST", SPINRUNS, case.build())
     assert (code, status["reason"]) == (422, "Invalid"), status
     assert status["message"].startswith('SPINRun.selfplay.dev "ok-run" is invalid: ')
     fields = [c["field"] for c in status["details"]["causes"]]
-    assert any(f.startswith(case.field) or case.field.startswith(f) for f in fields if f), (fields, case.field)
+    assert any(f.startswith(case.field) or case.field.startswith(f) for f in fields if f), (
+        fields,
+        case.field,
+    )
     assert k8s_api.get("spinruns", "ok-run") is None
 
 
 def test_unknown_fields_are_refused_when_strict_and_pruned_otherwise(k8s_api: K8sApi) -> None:
     body = broken_spinruns.CASES[0].build()  # spec.iteratons
     code, status, _ = http(k8s_api, "POST", SPINRUNS, body, params={"fieldValidation": "Strict"})
-    assert (code, status["reason"]) == (400, "BadRequest") and 'unknown field "spec.iteratons"' in status["message"]
+    assert (code, status["reason"]) == (
+        400,
+        "BadRequest",
+    ) and 'unknown field "spec.iteratons"' in status["message"]
     code, obj, headers = http(k8s_api, "POST", SPINRUNS, body)
     assert code == 201 and "iteratons" not in obj["spec"] and "spec.iteratons" in headers["Warning"]
 
 
 def test_status_is_validated_against_the_schema(k8s_api: K8sApi) -> None:
     k8s_api.create(spinrun("a"))
-    code, status, _ = http(k8s_api, "PATCH", f"{SPINRUNS}/a/status", {"status": {"phase": 3}}, MERGE)
+    code, status, _ = http(
+        k8s_api, "PATCH", f"{SPINRUNS}/a/status", {"status": {"phase": 3}}, MERGE
+    )
     assert code == 422 and status["details"]["causes"][0]["field"] == "status.phase"
 
 
 def test_cached_admission_agrees_with_crd_schema() -> None:
     samples = [c.build() for c in broken_spinruns.CASES if "unknown" not in c.id] + [
-        {**broken_spinruns.BASE, "status": {"phase": "Running"}}, {**broken_spinruns.BASE, "status": {"phase": 1}}]
+        {**broken_spinruns.BASE, "status": {"phase": "Running"}},
+        {**broken_spinruns.BASE, "status": {"phase": 1}},
+    ]
     for obj in samples:
-        assert sorted(spinrun_errors(crd_schema.apply_defaults(crd_schema.root_schema(), obj))) == sorted(
-            crd_schema.admission_errors(obj)), obj
+        assert sorted(
+            spinrun_errors(crd_schema.apply_defaults(crd_schema.root_schema(), obj))
+        ) == sorted(crd_schema.admission_errors(obj)), obj
 
 
 # ---------------------------------------------------------------------------- request log, clients
 
+
 def test_request_log_records_verbs_resources_and_agents(k8s_api: K8sApi) -> None:
     http(k8s_api, "POST", SPINRUNS, spinrun("a"), agent="kopf/1.45")
-    http(k8s_api, "PATCH", f"{SPINRUNS}/a/status", {"status": {"phase": "Running"}}, MERGE, agent="kopf/1.45")
+    http(
+        k8s_api,
+        "PATCH",
+        f"{SPINRUNS}/a/status",
+        {"status": {"phase": "Running"}},
+        MERGE,
+        agent="kopf/1.45",
+    )
     http(k8s_api, "GET", JOBS, params={"labelSelector": "x"}, agent="kopf/1.45")
     http(k8s_api, "GET", "/apis", agent="kopf/1.45")
     http(k8s_api, "GET", f"{SPINRUNS}/a", agent="someone-else")
     log = k8s_api.requests
-    assert log.by_verb_resource(user_agent="kopf") == {"create spinruns": 1, "patch spinruns/status": 1, "list jobs": 1}
-    assert log.rbac_rules(user_agent="kopf") == {("selfplay.dev", "spinruns", "create"),
-                                                 ("selfplay.dev", "spinruns/status", "patch"), ("batch", "jobs", "list")}
+    assert log.by_verb_resource(user_agent="kopf") == {
+        "create spinruns": 1,
+        "patch spinruns/status": 1,
+        "list jobs": 1,
+    }
+    assert log.rbac_rules(user_agent="kopf") == {
+        ("selfplay.dev", "spinruns", "create"),
+        ("selfplay.dev", "spinruns/status", "patch"),
+        ("batch", "jobs", "list"),
+    }
     assert log.count(verb="get", resource="spinruns") == 1
-    assert log.count(verb="create", resource="spinruns", name="a") == 1  # creates log the created name
+    assert (
+        log.count(verb="create", resource="spinruns", name="a") == 1
+    )  # creates log the created name
     assert len(log.entries(resources_only=False, user_agent="kopf")) == 4
     k8s_api.reset_requests()
     assert len(log) == 0
@@ -383,26 +565,41 @@ def test_request_log_records_verbs_resources_and_agents(k8s_api: K8sApi) -> None
 
 def test_fault_injection_answers_the_given_error(k8s_api: K8sApi) -> None:
     k8s_api.emulator.faults.append(
-        lambda r: ApiError(500, "InternalError", "boom") if r.verb == "create" and r.resource == "jobs" else None)
+        lambda r: (
+            ApiError(500, "InternalError", "boom")
+            if r.verb == "create" and r.resource == "jobs"
+            else None
+        )
+    )
     assert http(k8s_api, "POST", JOBS, job("j"))[0] == 500
     assert k8s_api.requests.count(verb="create", resource="jobs", code=500) == 1
 
 
-@pytest.mark.skipif(not KUBECTL.exists() or shutil.which("true") is None, reason="kubectl not installed "
-                    "(scripts/install-tools.sh)")
+@pytest.mark.skipif(
+    not KUBECTL.exists() or shutil.which("true") is None,
+    reason="kubectl not installed (scripts/install-tools.sh)",
+)
 def test_kubectl_apply_get_delete(k8s_api: K8sApi) -> None:
     example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "01-minimal.yaml"
 
     def kubectl(*args: str) -> str:
-        proc = subprocess.run([str(KUBECTL), "--kubeconfig", str(k8s_api.kubeconfig_path), *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [str(KUBECTL), "--kubeconfig", str(k8s_api.kubeconfig_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
     assert "created" in kubectl("apply", "--validate=false", "-f", str(example))
     assert "unchanged" in kubectl("apply", "--validate=false", "-f", str(example))
-    k8s_api.patch("spinruns", "minimal", {"status": {"phase": "Running", "iteration": 1, "progress": "1/3", "stage": "Training"}},
-                  subresource="status")
+    k8s_api.patch(
+        "spinruns",
+        "minimal",
+        {"status": {"phase": "Running", "iteration": 1, "progress": "1/3", "stage": "Training"}},
+        subresource="status",
+    )
     header, row = kubectl("get", "spinruns").splitlines()
     assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "DONE", "BEST", "AGE"]
     assert row.split()[:5] == ["minimal", "Running", "1", "Training", "1/3"]
@@ -410,7 +607,9 @@ def test_kubectl_apply_get_delete(k8s_api: K8sApi) -> None:
     assert k8s_api.get("spinruns", "minimal") is None
 
 
-async def test_kopf_operator_runs_against_the_emulator(k8s_api: K8sApi, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_kopf_operator_runs_against_the_emulator(
+    k8s_api: K8sApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """kopf discovers the CRD, watches, patches status, posts events (generateName) and sees updates."""
     import asyncio
 
@@ -438,13 +637,16 @@ async def test_kopf_operator_runs_against_the_emulator(k8s_api: K8sApi, monkeypa
         kopf.info(body, reason="Reconciled", message="status written")
 
     stop = asyncio.Event()
-    task = asyncio.create_task(kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop))
+    task = asyncio.create_task(
+        kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop)
+    )
     try:
         await k8s_api.acreate(spinrun("a"))
 
         async def status(gen: int) -> bool:
             obj = await k8s_api.aget("spinruns", "a")
             return bool(obj and obj.get("status", {}).get("observedGeneration") == gen)
+
         await k8s_api.await_for(lambda: status(1), timeout=20)
         await k8s_api.apatch("spinruns", "a", {"spec": {"iterations": 3}})
         await k8s_api.await_for(lambda: status(2), timeout=20)
@@ -454,6 +656,12 @@ async def test_kopf_operator_runs_against_the_emulator(k8s_api: K8sApi, monkeypa
         await asyncio.wait_for(task, timeout=20)
     assert seen == [2, 3]
     assert any(e["reason"] == "Reconciled" and e["involvedObject"]["name"] == "a" for e in events)
-    failed = [(e.verb, e.path, e.code) for e in k8s_api.requests.entries(user_agent="kopf") if e.code >= 400]
+    failed = [
+        (e.verb, e.path, e.code)
+        for e in k8s_api.requests.entries(user_agent="kopf")
+        if e.code >= 400
+    ]
     assert not failed
-    assert ("selfplay.dev", "spinruns/status", "patch") in k8s_api.requests.rbac_rules(user_agent="kopf")
+    assert ("selfplay.dev", "spinruns/status", "patch") in k8s_api.requests.rbac_rules(
+        user_agent="kopf"
+    )

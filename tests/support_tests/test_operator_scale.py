@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("spin_operator.handlers") is None,
-                                reason="needs spin_operator.handlers (the real operator)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("spin_operator.handlers") is None,
+    reason="needs spin_operator.handlers (the real operator)",
+)
 
 
 def test_benchmark_reports_every_key_for_two_runs() -> None:
@@ -20,7 +22,9 @@ def test_benchmark_reports_every_key_for_two_runs() -> None:
     assert result["runs"] == result["runs_succeeded"] == 2
     assert result["transitions"] == 2 * 2  # gen -> train -> eval in each run
     assert result["min_requests_per_iteration"] == min_requests_per_iteration(1) == 11
-    assert result["requests_per_iteration"] >= result["min_requests_per_iteration"]  # the floor is a floor
+    assert (
+        result["requests_per_iteration"] >= result["min_requests_per_iteration"]
+    )  # the floor is a floor
     assert result["p50_s"] is not None and result["p99_s"] >= result["p50_s"]
     assert result["rss_mb"] > 10
     assert result["requests_by_kind"]["create jobs"] == 3.0

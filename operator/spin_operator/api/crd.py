@@ -21,9 +21,26 @@ from spin_operator.api import types as api
 
 # Kept keywords, in the order they are written (type and description first for readable diffs).
 _ORDER = [
-    "type", "description", "format", "default", "enum", "minimum", "exclusiveMinimum", "maximum",
-    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "nullable",
-    "required", "items", "additionalProperties", "properties", "x-kubernetes-preserve-unknown-fields",
+    "type",
+    "description",
+    "format",
+    "default",
+    "enum",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "nullable",
+    "required",
+    "items",
+    "additionalProperties",
+    "properties",
+    "x-kubernetes-preserve-unknown-fields",
 ]
 _KEEP = set(_ORDER)
 
@@ -95,12 +112,44 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Run phase"},
-    {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration", "description": "Current iteration t (0-based): θt -> θt+1"},
-    {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Stage of the current iteration"},
-    {"name": "Done", "type": "string", "jsonPath": ".status.progress", "description": "Iterations done / total"},
-    {"name": "Best", "type": "string", "jsonPath": ".status.bestModel", "description": "Best model so far (θt+1 of iteration t)"},
-    {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "priority": 1, "description": "Base model"},
-    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1, "description": "Status message"},
+    {
+        "name": "Iteration",
+        "type": "integer",
+        "jsonPath": ".status.iteration",
+        "description": "Current iteration t (0-based): θt -> θt+1",
+    },
+    {
+        "name": "Stage",
+        "type": "string",
+        "jsonPath": ".status.stage",
+        "description": "Stage of the current iteration",
+    },
+    {
+        "name": "Done",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Iterations done / total",
+    },
+    {
+        "name": "Best",
+        "type": "string",
+        "jsonPath": ".status.bestModel",
+        "description": "Best model so far (θt+1 of iteration t)",
+    },
+    {
+        "name": "Model",
+        "type": "string",
+        "jsonPath": ".spec.model.uri",
+        "priority": 1,
+        "description": "Base model",
+    },
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": ".status.message",
+        "priority": 1,
+        "description": "Status message",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -125,7 +174,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         non_null = [v for v in variants if v.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"cannot express union {variants} in a structural schema")
-        merged = {**non_null[0], **{k: v for k, v in node.items() if k != "default" or v is not None}}
+        merged = {
+            **non_null[0],
+            **{k: v for k, v in node.items() if k != "default" or v is not None},
+        }
         node = merged
         if node.get("default", 0) is None:
             node.pop("default")
@@ -233,7 +285,10 @@ def crd() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{api.PLURAL}.{api.GROUP}",
-            "labels": {"app.kubernetes.io/name": "spin-operator", "app.kubernetes.io/part-of": "spin-operator"},
+            "labels": {
+                "app.kubernetes.io/name": "spin-operator",
+                "app.kubernetes.io/part-of": "spin-operator",
+            },
         },
         "spec": {
             "group": api.GROUP,

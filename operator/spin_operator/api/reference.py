@@ -47,12 +47,21 @@ def _default(prop: dict[str, Any], required: bool) -> str:
     return f"`{value}`"
 
 
-def _section(model: type[BaseModel], schema: dict[str, Any], path: str, out: list[str], seen: set[str]) -> None:
+def _section(
+    model: type[BaseModel], schema: dict[str, Any], path: str, out: list[str], seen: set[str]
+) -> None:
     if path in seen:
         return
     seen.add(path)
     doc = (model.__doc__ or "").strip()
-    out += [f"### `{path}`", "", doc, "", "| Field | Type | Default | Description |", "|---|---|---|---|"]
+    out += [
+        f"### `{path}`",
+        "",
+        doc,
+        "",
+        "| Field | Type | Default | Description |",
+        "|---|---|---|---|",
+    ]
     required = set(schema.get("required", []))
     nested: list[tuple[type[BaseModel], dict[str, Any], str]] = []
     for name, field in model.model_fields.items():
@@ -63,7 +72,11 @@ def _section(model: type[BaseModel], schema: dict[str, Any], path: str, out: lis
         if sub is not None:
             target = prop["items"] if prop.get("type") == "array" else prop
             anchor = f"{path}.{wire}" + ("[]" if prop.get("type") == "array" else "")
-            kind = f"[{sub.__name__}](#{_anchor(anchor)})" if prop.get("type") != "array" else f"list of [{sub.__name__}](#{_anchor(anchor)})"
+            kind = (
+                f"[{sub.__name__}](#{_anchor(anchor)})"
+                if prop.get("type") != "array"
+                else f"list of [{sub.__name__}](#{_anchor(anchor)})"
+            )
             nested.append((sub, target, anchor))
         bounds = _bounds(prop)
         desc = (prop.get("description") or "").replace("\n", " ").replace("|", "\\|")
@@ -80,7 +93,12 @@ def _anchor(path: str) -> str:
 
 
 def _cel_list() -> list[str]:
-    lines = ["## Cross-field rules", "", "Checked by the API server (CEL rules in the CRD) and by `spinctl validate`:", ""]
+    lines = [
+        "## Cross-field rules",
+        "",
+        "Checked by the API server (CEL rules in the CRD) and by `spinctl validate`:",
+        "",
+    ]
     for path, rules in crd.CEL_RULES.items():
         for rule in rules:
             where = (path or "(root)") + rule.get("fieldPath", "")

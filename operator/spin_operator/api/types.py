@@ -81,10 +81,22 @@ class S3CredentialsSecretRef(SecretRef):
     """Secret holding S3 credentials; exposed to Jobs as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
 
     access_key_id_key: Annotated[
-        str, _desc("Key of the access key id in the Secret.", min_length=1, max_length=253, pattern=DATA_KEY)
+        str,
+        _desc(
+            "Key of the access key id in the Secret.",
+            min_length=1,
+            max_length=253,
+            pattern=DATA_KEY,
+        ),
     ] = "AWS_ACCESS_KEY_ID"
     secret_access_key_key: Annotated[
-        str, _desc("Key of the secret access key in the Secret.", min_length=1, max_length=253, pattern=DATA_KEY)
+        str,
+        _desc(
+            "Key of the secret access key in the Secret.",
+            min_length=1,
+            max_length=253,
+            pattern=DATA_KEY,
+        ),
     ] = "AWS_SECRET_ACCESS_KEY"
 
 
@@ -110,13 +122,27 @@ class Toleration(Model):
             if (why := label_key_error(self.key)) is not None:
                 errors.append(FieldError("key", why))
         elif self.operator != "Exists":
-            errors.append(FieldError("operator", "must be Exists when key is empty (an empty key with Exists matches every taint)"))
+            errors.append(
+                FieldError(
+                    "operator",
+                    "must be Exists when key is empty (an empty key with Exists matches every taint)",
+                )
+            )
         if self.operator == "Exists" and self.value:
             errors.append(FieldError("value", "must be empty when operator is Exists"))
-        elif self.operator == "Equal" and self.value and (why := label_value_error(self.value)) is not None:
+        elif (
+            self.operator == "Equal"
+            and self.value
+            and (why := label_value_error(self.value)) is not None
+        ):
             errors.append(FieldError("value", why))
         if self.toleration_seconds is not None and self.effect != "NoExecute":
-            errors.append(FieldError("tolerationSeconds", "needs effect NoExecute (only NoExecute evicts after a while)"))
+            errors.append(
+                FieldError(
+                    "tolerationSeconds",
+                    "needs effect NoExecute (only NoExecute evicts after a while)",
+                )
+            )
         raise_all(errors)
         return self
 
@@ -139,7 +165,11 @@ class Resources(Model):
         for name, request in sorted(self.requests.items()):
             limit = self.limits.get(name)
             if limit is not None and quantity_value(request) > quantity_value(limit):
-                errors.append(FieldError(f"requests.{name}", f"{request} is above the limit {limit} (limits.{name})"))
+                errors.append(
+                    FieldError(
+                        f"requests.{name}", f"{request} is above the limit {limit} (limits.{name})"
+                    )
+                )
         raise_all(errors)
         return self
 
@@ -216,7 +246,9 @@ class DatasetSpec(Model):
             ge=0,
         ),
     ] = 256
-    seed: Annotated[int, _desc("Seed of the shuffle: every iteration sees the same prompts.", ge=0)] = 0
+    seed: Annotated[
+        int, _desc("Seed of the shuffle: every iteration sees the same prompts.", ge=0)
+    ] = 0
     max_skipped_fraction: Annotated[
         float,
         _desc(
@@ -255,7 +287,9 @@ class GenerationSpec(Model):
     ] = 1.0
     top_p: Annotated[float, _desc("Nucleus sampling mass.", gt=0, le=1)] = 1.0
     top_k: Annotated[int, _desc("Top-k sampling; -1 disables.", ge=-1)] = -1
-    max_new_tokens: Annotated[int, _desc("Token limit of each generated answer.", ge=1, le=65536)] = 256
+    max_new_tokens: Annotated[
+        int, _desc("Token limit of each generated answer.", ge=1, le=65536)
+    ] = 256
     seed: Annotated[int, _desc("Sampling seed (offset by iteration).", ge=0)] = 0
     batch_size: Annotated[int, _desc("Prompts per batch (transformers backend).", ge=1)] = 64
     dtype: Annotated[
@@ -274,7 +308,9 @@ class PeftSpec(Model):
 
     method: Annotated[Literal["lora"], _desc("Adapter type.")] = "lora"
     rank: Annotated[int, _desc("LoRA rank r.", ge=1, le=4096)] = 16
-    alpha: Annotated[int, _desc("LoRA alpha; the update is scaled by alpha / rank.", ge=1, le=65536)] = 32
+    alpha: Annotated[
+        int, _desc("LoRA alpha; the update is scaled by alpha / rank.", ge=1, le=65536)
+    ] = 32
     dropout: Annotated[float, _desc("Dropout on the adapter's input.", ge=0, lt=1)] = 0.0
     target_modules: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]],
@@ -326,11 +362,15 @@ class TrainingSpec(Model):
         ),
     ] = None
     epochs: Annotated[int, _desc("Epochs over the iteration's pairs.", ge=1, le=100)] = 2
-    global_batch_size: Annotated[int, _desc("Pairs per optimizer step across all processes.", ge=1)] = 64
+    global_batch_size: Annotated[
+        int, _desc("Pairs per optimizer step across all processes.", ge=1)
+    ] = 64
     micro_batch_size: Annotated[int, _desc("Pairs per process per forward pass.", ge=1)] = 1
     max_length: Annotated[int, _desc("Max tokens of prompt + response.", ge=2, le=1048576)] = 1024
     max_prompt_length: Annotated[int, _desc("Max prompt tokens (must be < maxLength).", ge=1)] = 512
-    optimizer: Annotated[Literal["rmsprop", "adamw"], _desc("Optimizer (paper: RMSprop).")] = "rmsprop"
+    optimizer: Annotated[Literal["rmsprop", "adamw"], _desc("Optimizer (paper: RMSprop).")] = (
+        "rmsprop"
+    )
     weight_decay: Annotated[float, _desc("Weight decay.", ge=0, le=1)] = 0.0
     lr_scheduler: Annotated[
         Literal["linear", "cosine", "constant"], _desc("Schedule after warmup.")
@@ -342,7 +382,8 @@ class TrainingSpec(Model):
     ] = "auto"
     gradient_checkpointing: Annotated[bool, _desc("Trade compute for activation memory.")] = False
     peft: Annotated[
-        PeftSpec | None, _desc("Train a LoRA adapter instead of all weights (unset: full fine-tuning).")
+        PeftSpec | None,
+        _desc("Train a LoRA adapter instead of all weights (unset: full fine-tuning)."),
     ] = None
     prompt_sharing: Annotated[
         Literal["auto", "on", "off"],
@@ -369,7 +410,8 @@ class TrainingSpec(Model):
         ),
     ] = True
     strategy: Annotated[
-        Literal["auto", "ddp", "fsdp"], _desc("auto: DDP when the model fits on one GPU, else FSDP2.")
+        Literal["auto", "ddp", "fsdp"],
+        _desc("auto: DDP when the model fits on one GPU, else FSDP2."),
     ] = "auto"
     mix_previous_iterations: Annotated[
         int,
@@ -382,7 +424,8 @@ class TrainingSpec(Model):
     ] = 1
     seed: Annotated[int, _desc("Data order and initialisation seed.", ge=0)] = 0
     shm_size: Annotated[
-        str, _desc("Size of the /dev/shm memory volume for data loaders and NCCL.", pattern=QUANTITY)
+        str,
+        _desc("Size of the /dev/shm memory volume for data loaders and NCCL.", pattern=QUANTITY),
     ] = "16Gi"
     resources: Annotated[Resources, _desc("Extra requests/limits for training pods.")] = Field(
         default_factory=Resources
@@ -406,17 +449,21 @@ class TrainingSpec(Model):
     def _check_batches(self) -> TrainingSpec:
         errors: list[FieldError] = []
         if self.max_prompt_length >= self.max_length:
-            errors.append(FieldError(
-                "maxPromptLength",
-                f"must be less than maxLength ({self.max_length}), got {self.max_prompt_length}",
-            ))
+            errors.append(
+                FieldError(
+                    "maxPromptLength",
+                    f"must be less than maxLength ({self.max_length}), got {self.max_prompt_length}",
+                )
+            )
         per_step = self.micro_batch_size * self.world_size
         if self.global_batch_size % per_step:
-            errors.append(FieldError(
-                "globalBatchSize",
-                f"must be a multiple of microBatchSize × nodes × processes per node "
-                f"({per_step}), got {self.global_batch_size}",
-            ))
+            errors.append(
+                FieldError(
+                    "globalBatchSize",
+                    f"must be a multiple of microBatchSize × nodes × processes per node "
+                    f"({per_step}), got {self.global_batch_size}",
+                )
+            )
         raise_all(errors)
         return self
 
@@ -459,7 +506,9 @@ class EvaluationSpec(Model):
             pattern=r"^[A-Za-z0-9_./-]+$",
         ),
     ] = "auto"
-    mode: Annotated[Literal["max", "min"], _desc("Whether a higher or lower metric is better.")] = "max"
+    mode: Annotated[Literal["max", "min"], _desc("Whether a higher or lower metric is better.")] = (
+        "max"
+    )
 
 
 class ControlArmSpec(Model):
@@ -508,11 +557,16 @@ class StorageSpec(Model):
         ),
     ] = None
     endpoint: Annotated[
-        str | None, _desc("S3 endpoint URL for S3-compatible stores; the operator accepts only its default or endpoints its admin allows.", pattern=r"^https?://[^\s]+$")
+        str | None,
+        _desc(
+            "S3 endpoint URL for S3-compatible stores; the operator accepts only its default or endpoints its admin allows.",
+            pattern=r"^https?://[^\s]+$",
+        ),
     ] = None
     region: Annotated[str | None, _desc("S3 region.", pattern=r"^[a-z0-9-]+$")] = None
     credentials_secret: Annotated[
-        S3CredentialsSecretRef | None, _desc("Secret with S3 credentials; none uses the pod's identity.")
+        S3CredentialsSecretRef | None,
+        _desc("Secret with S3 credentials; none uses the pod's identity."),
     ] = None
 
     @field_validator("uri")
@@ -528,14 +582,26 @@ class TrackingSpec(Model):
 
     uri: Annotated[
         str | None,
-        _desc("MLflow tracking URI; defaults to the operator's setting. The operator accepts only its default or URIs its admin allows.", pattern=HTTP_OR_PATH),
+        _desc(
+            "MLflow tracking URI; defaults to the operator's setting. The operator accepts only its default or URIs its admin allows.",
+            pattern=HTTP_OR_PATH,
+        ),
     ] = None
     experiment: Annotated[
-        str | None, _desc("Experiment name; defaults to the SPINRun's namespace. The operator accepts the namespace or `<namespace>/...` (or a name its admin allows).", min_length=1, max_length=500)
+        str | None,
+        _desc(
+            "Experiment name; defaults to the SPINRun's namespace. The operator accepts the namespace or `<namespace>/...` (or a name its admin allows).",
+            min_length=1,
+            max_length=500,
+        ),
     ] = None
     registered_model: Annotated[
         str | None,
-        _desc("Registered model name for the iterations' checkpoints; defaults to `<namespace>.<SPINRun name>`. The operator accepts `<namespace>.<name>` (or a name its admin allows).", min_length=1, max_length=256),
+        _desc(
+            "Registered model name for the iterations' checkpoints; defaults to `<namespace>.<SPINRun name>`. The operator accepts `<namespace>.<name>` (or a name its admin allows).",
+            min_length=1,
+            max_length=256,
+        ),
     ] = None
     credentials_secret: Annotated[
         SecretRef | None,
@@ -547,11 +613,22 @@ class SchedulingSpec(Model):
     """Where and how child pods are scheduled."""
 
     queue_name: Annotated[
-        str | None, _desc("Kueue LocalQueue (sets kueue.x-k8s.io/queue-name on Jobs).", pattern=DNS_SUBDOMAIN, max_length=63)
+        str | None,
+        _desc(
+            "Kueue LocalQueue (sets kueue.x-k8s.io/queue-name on Jobs).",
+            pattern=DNS_SUBDOMAIN,
+            max_length=63,
+        ),
     ] = None
-    priority_class_name: Annotated[str | None, _desc("PriorityClass of child pods.", pattern=DNS_SUBDOMAIN, max_length=253)] = None
-    node_selector: Annotated[dict[str, str], _desc("Node selector of child pods.")] = Field(default_factory=dict)
-    tolerations: Annotated[list[Toleration], _desc("Tolerations of child pods.")] = Field(default_factory=list)
+    priority_class_name: Annotated[
+        str | None, _desc("PriorityClass of child pods.", pattern=DNS_SUBDOMAIN, max_length=253)
+    ] = None
+    node_selector: Annotated[dict[str, str], _desc("Node selector of child pods.")] = Field(
+        default_factory=dict
+    )
+    tolerations: Annotated[list[Toleration], _desc("Tolerations of child pods.")] = Field(
+        default_factory=list
+    )
 
     @model_validator(mode="after")
     def _labels(self) -> SchedulingSpec:
@@ -563,8 +640,14 @@ class SchedulingSpec(Model):
                 errors.append(FieldError(f"nodeSelector.{key}", why))
         raise_all(errors)
         return self
+
     service_account_name: Annotated[
-        str | None, _desc("ServiceAccount of child pods (e.g. for IRSA/workload identity); the operator accepts only names its admin allows (chart value security.serviceAccounts).", pattern=DNS_SUBDOMAIN, max_length=253)
+        str | None,
+        _desc(
+            "ServiceAccount of child pods (e.g. for IRSA/workload identity); the operator accepts only names its admin allows (chart value security.serviceAccounts).",
+            pattern=DNS_SUBDOMAIN,
+            max_length=253,
+        ),
     ] = None
     gpu_resource_name: Annotated[
         str, _desc("Extended resource name of a GPU.", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
@@ -578,15 +661,17 @@ class FailurePolicySpec(Model):
         int, _desc("New Jobs created for a failed step before the run fails.", ge=0, le=MAX_RETRIES)
     ] = 2
     backoff_limit: Annotated[
-        int, _desc(
+        int,
+        _desc(
             "Pod restarts within one Job before it fails: per shard for generation (backoffLimitPerIndex); "
             "not used by multi-node training, whose ranks restart together as the next Job.",
-            ge=0, le=100,
-        )
+            ge=0,
+            le=100,
+        ),
     ] = 0
-    active_deadline_seconds: Annotated[
-        int | None, _desc("Wall-clock limit of each Job.", ge=1)
-    ] = None
+    active_deadline_seconds: Annotated[int | None, _desc("Wall-clock limit of each Job.", ge=1)] = (
+        None
+    )
     pending_timeout_seconds: Annotated[
         int,
         _desc(
@@ -602,7 +687,8 @@ class RetentionSpec(Model):
     """What happens to artifacts when the SPINRun is deleted."""
 
     on_delete: Annotated[
-        Literal["Retain", "Delete"], _desc("Retain keeps checkpoints and data in storage; Delete removes the run prefix.")
+        Literal["Retain", "Delete"],
+        _desc("Retain keeps checkpoints and data in storage; Delete removes the run prefix."),
     ] = "Retain"
     finished_jobs: Annotated[
         Literal["Delete", "Retain"],
@@ -620,22 +706,41 @@ class SPINRunSpec(Model):
     model: Annotated[ModelSpec, _desc("Base model θ0.")]
     dataset: Annotated[DatasetSpec, _desc("SFT dataset.")]
     iterations: Annotated[int, _desc("SPIN iterations to run.", ge=1, le=MAX_ITERATIONS)] = 3
-    generation: Annotated[GenerationSpec, _desc("Generation step.")] = Field(default_factory=GenerationSpec)
+    generation: Annotated[GenerationSpec, _desc("Generation step.")] = Field(
+        default_factory=GenerationSpec
+    )
     training: Annotated[TrainingSpec, _desc("Training step.")] = Field(default_factory=TrainingSpec)
-    evaluation: Annotated[EvaluationSpec, _desc("Evaluation step.")] = Field(default_factory=EvaluationSpec)
-    stopping: Annotated[StoppingSpec, _desc("Early stopping rule.")] = Field(default_factory=StoppingSpec)
+    evaluation: Annotated[EvaluationSpec, _desc("Evaluation step.")] = Field(
+        default_factory=EvaluationSpec
+    )
+    stopping: Annotated[StoppingSpec, _desc("Early stopping rule.")] = Field(
+        default_factory=StoppingSpec
+    )
     control_arm: Annotated[
         ControlArmSpec, _desc("Equal-compute SFT control arm (off by default).")
     ] = Field(default_factory=ControlArmSpec)
     storage: Annotated[StorageSpec, _desc("Artifact storage.")] = Field(default_factory=StorageSpec)
-    tracking: Annotated[TrackingSpec, _desc("MLflow tracking.")] = Field(default_factory=TrackingSpec)
-    scheduling: Annotated[SchedulingSpec, _desc("Pod scheduling.")] = Field(default_factory=SchedulingSpec)
+    tracking: Annotated[TrackingSpec, _desc("MLflow tracking.")] = Field(
+        default_factory=TrackingSpec
+    )
+    scheduling: Annotated[SchedulingSpec, _desc("Pod scheduling.")] = Field(
+        default_factory=SchedulingSpec
+    )
     pod: Annotated[
-        PodSpec, _desc("Pod customization of every Job: env, pull secrets, volumes, model cache, affinity, labels.")
+        PodSpec,
+        _desc(
+            "Pod customization of every Job: env, pull secrets, volumes, model cache, affinity, labels."
+        ),
     ] = Field(default_factory=PodSpec)
-    failure_policy: Annotated[FailurePolicySpec, _desc("Retries.")] = Field(default_factory=FailurePolicySpec)
-    suspend: Annotated[bool, _desc("Suspend running Jobs and start nothing new; false resumes.")] = False
-    retention: Annotated[RetentionSpec, _desc("Artifact retention.")] = Field(default_factory=RetentionSpec)
+    failure_policy: Annotated[FailurePolicySpec, _desc("Retries.")] = Field(
+        default_factory=FailurePolicySpec
+    )
+    suspend: Annotated[
+        bool, _desc("Suspend running Jobs and start nothing new; false resumes.")
+    ] = False
+    retention: Annotated[RetentionSpec, _desc("Artifact retention.")] = Field(
+        default_factory=RetentionSpec
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> SPINRunSpec:
@@ -643,30 +748,45 @@ class SPINRunSpec(Model):
         for name in ("beta_per_iteration", "learning_rate_per_iteration"):
             values = getattr(self.training, name)
             if values and len(values) > self.iterations:
-                errors.append(FieldError(
-                    f"training.{to_camel(name)}",
-                    f"has {len(values)} values for {self.iterations} iterations",
-                ))
+                errors.append(
+                    FieldError(
+                        f"training.{to_camel(name)}",
+                        f"has {len(values)} values for {self.iterations} iterations",
+                    )
+                )
         if self.stopping.patience is not None and not self.evaluation.enabled:
-            errors.append(FieldError(
-                "stopping.patience", "needs evaluation.enabled: the rule ranks evaluation results"
-            ))
-        if self.evaluation.enabled and self.evaluation.command is None and self.dataset.eval_samples == 0:
-            errors.append(FieldError(
-                "dataset.evalSamples",
-                "is 0 but the built-in evaluation needs held-out prompts "
-                "(set it > 0 or evaluation.enabled: false)",
-            ))
+            errors.append(
+                FieldError(
+                    "stopping.patience",
+                    "needs evaluation.enabled: the rule ranks evaluation results",
+                )
+            )
+        if (
+            self.evaluation.enabled
+            and self.evaluation.command is None
+            and self.dataset.eval_samples == 0
+        ):
+            errors.append(
+                FieldError(
+                    "dataset.evalSamples",
+                    "is 0 but the built-in evaluation needs held-out prompts "
+                    "(set it > 0 or evaluation.enabled: false)",
+                )
+            )
         if self.control_arm.enabled and not self.evaluation.enabled:
-            errors.append(FieldError(
-                "controlArm.enabled",
-                "needs evaluation.enabled: both arms are compared by the evaluation",
-            ))
+            errors.append(
+                FieldError(
+                    "controlArm.enabled",
+                    "needs evaluation.enabled: both arms are compared by the evaluation",
+                )
+            )
         if self.evaluation.metric == "auto" and self.evaluation.mode != "max":
-            errors.append(FieldError(
-                "evaluation.mode",
-                "must be max with metric auto (both metrics it picks are higher-is-better)",
-            ))
+            errors.append(
+                FieldError(
+                    "evaluation.mode",
+                    "must be max with metric auto (both metrics it picks are higher-is-better)",
+                )
+            )
         raise_all(errors)
         return self
 
@@ -680,12 +800,18 @@ Stage = Literal["Generating", "Training", "Evaluating", "Done"]
 class Condition(Model):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: Annotated[str, _desc("Ready, Complete, Progressing, Suspended, Failed, SpecChangeRefused, ...")]
+    type: Annotated[
+        str, _desc("Ready, Complete, Progressing, Suspended, Failed, SpecChangeRefused, ...")
+    ]
     status: Annotated[Literal["True", "False", "Unknown"], _desc("True, False or Unknown.")]
     reason: Annotated[str, _desc("CamelCase machine-readable reason.")] = ""
     message: Annotated[str, _desc("Human-readable details.")] = ""
-    last_transition_time: Annotated[str | None, _desc("RFC 3339 time of the last status change.")] = None
-    observed_generation: Annotated[int | None, _desc("Spec generation the condition reflects.")] = None
+    last_transition_time: Annotated[
+        str | None, _desc("RFC 3339 time of the last status change.")
+    ] = None
+    observed_generation: Annotated[int | None, _desc("Spec generation the condition reflects.")] = (
+        None
+    )
 
 
 class StepStatus(Model):
@@ -706,13 +832,19 @@ class ControlArmStatus(Model):
 
     model_uri: Annotated[str | None, _desc("The control model this iteration starts from.")] = None
     output_model_uri: Annotated[str | None, _desc("The control checkpoint it produced.")] = None
-    metrics: Annotated[dict[str, float], _desc("The control's evaluation results.")] = Field(default_factory=dict)
-    metric: Annotated[str | None, _desc("The metric both arms are compared by (evaluation.metric).")] = None
+    metrics: Annotated[dict[str, float], _desc("The control's evaluation results.")] = Field(
+        default_factory=dict
+    )
+    metric: Annotated[
+        str | None, _desc("The metric both arms are compared by (evaluation.metric).")
+    ] = None
     spin_score: Annotated[float | None, _desc("SPIN's model (θt+1) on that metric.")] = None
     control_score: Annotated[float | None, _desc("The control model on that metric.")] = None
     spin_advantage: Annotated[
         float | None,
-        _desc("How much SPIN beat the control: spinScore - controlScore (negated for mode min); negative when the control is ahead."),
+        _desc(
+            "How much SPIN beat the control: spinScore - controlScore (negated for mode min); negative when the control is ahead."
+        ),
     ] = None
 
 
@@ -731,7 +863,8 @@ class IterationStatus(Model):
         StepStatus | None, _desc("SFT control evaluation step (controlArm.enabled).")
     ] = None
     control: Annotated[
-        ControlArmStatus | None, _desc("The SFT control arm and SPIN's score against it (controlArm.enabled).")
+        ControlArmStatus | None,
+        _desc("The SFT control arm and SPIN's score against it (controlArm.enabled)."),
     ] = None
     start_time: Annotated[str | None, _desc("When the iteration started.")] = None
     completion_time: Annotated[str | None, _desc("When the iteration finished.")] = None
@@ -790,21 +923,36 @@ class SPINRunStatus(Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     phase: Annotated[Phase, _desc("Pending, Running, Suspended, Succeeded or Failed.")] = "Pending"
-    iteration: Annotated[int, _desc("Current iteration t (0-based): it trains θt into θt+1.", ge=0)] = 0
+    iteration: Annotated[
+        int, _desc("Current iteration t (0-based): it trains θt into θt+1.", ge=0)
+    ] = 0
     stage: Annotated[Stage | None, _desc("Current stage.")] = None
-    progress: Annotated[str | None, _desc("Iterations completed out of the total, e.g. 1/3.")] = None
+    progress: Annotated[str | None, _desc("Iterations completed out of the total, e.g. 1/3.")] = (
+        None
+    )
     best_iteration: Annotated[
         int | None, _desc("Iteration whose output model scored best so far (t: its model is θt+1).")
     ] = None
     best_model: Annotated[
-        str | None, _desc("The best model so far by name, θt+1 for bestIteration t (θ0 is the base).")
+        str | None,
+        _desc("The best model so far by name, θt+1 for bestIteration t (θ0 is the base)."),
     ] = None
-    observed_generation: Annotated[int | None, _desc("Last spec generation the operator acted on.")] = None
-    conditions: Annotated[list[Condition], _desc("Standard conditions.")] = Field(default_factory=list)
-    iterations: Annotated[list[IterationStatus], _desc("One entry per started iteration.")] = Field(default_factory=list)
+    observed_generation: Annotated[
+        int | None, _desc("Last spec generation the operator acted on.")
+    ] = None
+    conditions: Annotated[list[Condition], _desc("Standard conditions.")] = Field(
+        default_factory=list
+    )
+    iterations: Annotated[list[IterationStatus], _desc("One entry per started iteration.")] = Field(
+        default_factory=list
+    )
     mlflow: Annotated[MlflowStatus | None, _desc("MLflow tracking.")] = None
-    dataset: Annotated[DatasetStatus | None, _desc("Dataset rows usable and skipped (after the first generation).")] = None
+    dataset: Annotated[
+        DatasetStatus | None, _desc("Dataset rows usable and skipped (after the first generation).")
+    ] = None
     start_time: Annotated[str | None, _desc("When the run started.")] = None
     completion_time: Annotated[str | None, _desc("When the run finished.")] = None
     message: Annotated[str | None, _desc("Human-readable summary of the current state.")] = None
-    spec_hash: Annotated[str | None, _desc("Digest of the spec fields that cannot change after start.")] = None
+    spec_hash: Annotated[
+        str | None, _desc("Digest of the spec fields that cannot change after start.")
+    ] = None

@@ -176,7 +176,11 @@ class Actor:
         r.display.iteration_results(t, results, spin)
         metrics = {k: float(v) for k, v in (results.get("metrics") or {}).items() if _number(v)}
         baseline = {k: float(v) for k, v in (results.get("baseline") or {}).items() if _number(v)}
-        keep = ("score", "exact_match", "real_logp_per_token")  # score: what evaluation.metric auto ranks by
+        keep = (
+            "score",
+            "exact_match",
+            "real_logp_per_token",
+        )  # score: what evaluation.metric auto ranks by
         if t == 0 and baseline:
             r.results.append(("θ0 (SFT)", {k: baseline[k] for k in keep if k in baseline}))
         row = {k: metrics[k] for k in keep if k in metrics}
@@ -188,12 +192,20 @@ class Actor:
         parent = d.status.mlflow.run_id if d.status.mlflow else None
         if parent and r.tracking.enabled:
             if t == 0 and baseline:
-                r.tracking.log_metrics(parent, {f"heldout/{k}": baseline[k] for k in keep if k in baseline}, 0)
+                r.tracking.log_metrics(
+                    parent, {f"heldout/{k}": baseline[k] for k in keep if k in baseline}, 0
+                )
                 if control is not None:  # both arms start from θ0: one chart, one origin
-                    r.tracking.log_metrics(parent, {f"heldout/control/{k}": baseline[k] for k in keep if k in baseline}, 0)
+                    r.tracking.log_metrics(
+                        parent,
+                        {f"heldout/control/{k}": baseline[k] for k in keep if k in baseline},
+                        0,
+                    )
             r.tracking.log_metrics(parent, {f"heldout/{k}": v for k, v in row.items()}, t + 1)
             if control is not None:
-                r.tracking.log_metrics(parent, {f"heldout/control/{k}": v for k, v in control.items()}, t + 1)
+                r.tracking.log_metrics(
+                    parent, {f"heldout/control/{k}": v for k, v in control.items()}, t + 1
+                )
 
     def _control_row(self, d: Decision, t: int, keep: tuple[str, ...]) -> dict[str, float] | None:
         """The SFT control's held-out results of iteration t (controlArm), and the verdict."""
@@ -202,7 +214,13 @@ class Actor:
             return None
         c = it.control
         if c.spin_advantage is not None:
-            who = "SPIN ahead" if c.spin_advantage > 0 else "SFT control ahead" if c.spin_advantage < 0 else "level"
+            who = (
+                "SPIN ahead"
+                if c.spin_advantage > 0
+                else "SFT control ahead"
+                if c.spin_advantage < 0
+                else "level"
+            )
             self.r.display.say(
                 f"  SPIN vs equal-compute SFT control ({c.metric}): θ{t + 1} {c.spin_score:.3f}, "
                 f"control {c.control_score:.3f} -> {who} ({c.spin_advantage:+.3f})"
@@ -226,8 +244,12 @@ class Actor:
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
-                    profile = dataset_profile(new.dataset) if new.dataset else None  # rows, skipped per reason
-                    r.tracking.log_dataset(new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft", profile)
+                    profile = (
+                        dataset_profile(new.dataset) if new.dataset else None
+                    )  # rows, skipped per reason
+                    r.tracking.log_dataset(
+                        new.mlflow.run_id, "sft", r.spec.dataset.uri, digest, "sft", profile
+                    )
                 except (OSError, UsageError) as exc:  # UsageError: DatasetError (no such data)
                     log.warning("dataset digest not computed: %s", exc)
         parent = new.mlflow.run_id if new.mlflow else None
@@ -259,7 +281,9 @@ class Actor:
         parent = status.mlflow.run_id if status.mlflow else None
         by_iter = {i.iteration: i.mlflow_run_id for i in status.iterations}
         for a in d.of_type(RegisterModel):
-            rid = by_iter.get(a.iteration) or (parent and r.tracking.ensure_iteration(parent, a.iteration))
+            rid = by_iter.get(a.iteration) or (
+                parent and r.tracking.ensure_iteration(parent, a.iteration)
+            )
             if rid:
                 r.tracking.register(rid, a.iteration, a.model_uri, dict(a.metrics))
 

@@ -111,7 +111,9 @@ def _tail(path: Path, lines: int = 3) -> str:
     except OSError:
         return ""
     # the "=== <time> <argv>" header the runner writes stays in the file, not in the message
-    kept = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("=== ")]
+    kept = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("=== ")
+    ]
     return " | ".join(kept[-lines:])
 
 
@@ -123,11 +125,17 @@ def _cause(path: Path) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    errors = [line.strip()[len("error: ") :] for line in text.splitlines() if line.strip().startswith("error: ")]
+    errors = [
+        line.strip()[len("error: ") :]
+        for line in text.splitlines()
+        if line.strip().startswith("error: ")
+    ]
     return errors[-1] if errors else _tail(path)
 
 
-def stop_group(pgid: int, grace: float = TERMINATE_GRACE_S, leader: subprocess.Popen[bytes] | None = None) -> None:
+def stop_group(
+    pgid: int, grace: float = TERMINATE_GRACE_S, leader: subprocess.Popen[bytes] | None = None
+) -> None:
     """SIGTERM a process group, then SIGKILL whatever is left after `grace` seconds. `leader`,
     our own child, is reaped meanwhile (a zombie would keep the group "alive")."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -202,7 +210,11 @@ class LocalBackend:
                 self._spawn(job, pod)
 
     def _spawn(self, job: LocalJob, pod: Pod) -> None:
-        env = {**job.env, "JOB_COMPLETION_INDEX": str(pod.index), **job.plan.local_env(pod.index, job.master_port)}
+        env = {
+            **job.env,
+            "JOB_COMPLETION_INDEX": str(pod.index),
+            **job.plan.local_env(pod.index, job.master_port),
+        }
         with pod.log_path.open("ab") as log:
             log.write(f"=== {now_iso()} {' '.join(pod.argv)}\n".encode())
             log.flush()
@@ -230,10 +242,14 @@ class LocalBackend:
                     changed = True
                     if pod.returncode == BAD_INPUT_EXIT and not job.reason:  # cause first, once
                         job.reason = "BadInput"
-                        job.message = _cause(pod.log_path) or f"pod {pod.index} exited with {pod.returncode}"
+                        job.message = (
+                            _cause(pod.log_path) or f"pod {pod.index} exited with {pod.returncode}"
+                        )
                     elif pod.returncode != 0 and not job.reason:
                         job.reason = "ProcessFailed"
-                        job.message = f"pod {pod.index} exited with {pod.returncode}: {_tail(pod.log_path)}"
+                        job.message = (
+                            f"pod {pod.index} exited with {pod.returncode}: {_tail(pod.log_path)}"
+                        )
             if job.state == "Failed":
                 self._stop_pods(job, grace=TERMINATE_GRACE_S)
                 self._finish(job)
@@ -253,7 +269,9 @@ class LocalBackend:
                 stop_group(pod.proc.pid, grace, pod.proc)
                 pod.returncode = pod.proc.wait()
 
-    def terminate(self, name: str, grace: float = TERMINATE_GRACE_S, reason: str = "Stopped") -> None:
+    def terminate(
+        self, name: str, grace: float = TERMINATE_GRACE_S, reason: str = "Stopped"
+    ) -> None:
         """Stop a Job's process groups (SIGTERM, then SIGKILL after `grace`)."""
         job = self.jobs.get(name)
         if job is None or job.completion_time is not None:

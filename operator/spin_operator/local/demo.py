@@ -32,10 +32,14 @@ SETTINGS = "demo.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="demo-work", help="where everything goes (default ./demo-work)")
+    parser.add_argument(
+        "--workdir", default="demo-work", help="where everything goes (default ./demo-work)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="task, model and run seed")
     parser.add_argument("--iterations", type=int, default=2, help="SPIN iterations (default 2)")
-    parser.add_argument("--no-run", action="store_true", help="only build the task, the model and spinrun.yaml")
+    parser.add_argument(
+        "--no-run", action="store_true", help="only build the task, the model and spinrun.yaml"
+    )
     parser.add_argument(
         "--control-arm", action="store_true",
         help="also train and evaluate an equal-compute SFT control beside SPIN each iteration "
@@ -43,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def spinrun(workdir: Path, cfg: dict[str, Any], iterations: int, control_arm: bool = False) -> dict[str, Any]:
+def spinrun(
+    workdir: Path, cfg: dict[str, Any], iterations: int, control_arm: bool = False
+) -> dict[str, Any]:
     """The demo's SPINRun for the task `demo-build` made with settings `cfg`: the measured recipe
     for a tiny model on CPU (paper values would not move it: see docs/quickstart.md)."""
     seed = int(cfg["seed"])
@@ -88,7 +94,9 @@ def build(workdir: Path, seed: int, extra: tuple[str, ...] = ()) -> dict[str, An
     argv += ["--workdir", str(workdir), "--seed", str(seed), *extra]
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"building the demo task and model failed (exit {done.returncode}): {' '.join(argv)}")
+        raise RuntimeError(
+            f"building the demo task and model failed (exit {done.returncode}): {' '.join(argv)}"
+        )
     settings: dict[str, Any] = json.loads((workdir / SETTINGS).read_text())
     return settings
 
@@ -127,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     print("\nOpen the runs, metrics, datasets and model versions in MLflow (http://127.0.0.1:5000,")
     print("Model training > spin-demo: the chart view plots heldout/* over the iterations; expand")
     print("spin-demo, tick iter-000 and iter-001 and press Compare to set them side by side):")
-    print(f"  {mlflow_command()} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000")
+    print(
+        f"  {mlflow_command()} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000"
+    )
     return code
 
 

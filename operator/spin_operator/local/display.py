@@ -103,7 +103,9 @@ class StepProgress:
             self.last = record
         elif event == "eval":
             self.last = {**self.last, **record}
-        elif event == "generate" and all(isinstance(record.get(k), int) for k in ("shard", "done", "total")):
+        elif event == "generate" and all(
+            isinstance(record.get(k), int) for k in ("shard", "done", "total")
+        ):
             self.prompts[record["shard"]] = (record["done"], record["total"])
 
     def line(self) -> str:
@@ -112,7 +114,9 @@ class StepProgress:
         head = f"  {STAGE_WORD[plan.stage]:<10}"
         if plan.stage in TRAINING and self.total_steps:
             stats = "".join(
-                f" {k} {_fmt(self.last[k])}" for k in ("loss", "margin", "accuracy") if k in self.last
+                f" {k} {_fmt(self.last[k])}"
+                for k in ("loss", "margin", "accuracy")
+                if k in self.last
             )
             return f"{head} {bar(self.step, self.total_steps)} step {self.step}/{self.total_steps}{stats} ({elapsed:.0f}s)"
         if plan.stage == "generate":
@@ -120,7 +124,9 @@ class StepProgress:
             shards = f"shards {done}/{len(self.job.pods)}"
             if len(self.prompts) == len(self.job.pods):  # every shard has reported its total
                 made, total = (sum(v[i] for v in self.prompts.values()) for i in (0, 1))
-                return f"{head} {bar(made, total)} prompts {made}/{total}, {shards} ({elapsed:.0f}s)"
+                return (
+                    f"{head} {bar(made, total)} prompts {made}/{total}, {shards} ({elapsed:.0f}s)"
+                )
             return f"{head} {bar(done, len(self.job.pods))} {shards} ({elapsed:.0f}s)"
         return f"{head} ({elapsed:.0f}s)"
 
@@ -145,7 +151,9 @@ class Display:
             self._drawn = False
 
     def header(self, run: str, prefix: str, tracking: str | None, resumed: bool) -> None:
-        self.say(f"SPINRun {run}: {self.spec.iterations} iteration(s){' (resuming)' if resumed else ''}")
+        self.say(
+            f"SPINRun {run}: {self.spec.iterations} iteration(s){' (resuming)' if resumed else ''}"
+        )
         self.say(f"  artifacts  {prefix}")
         if tracking:
             self.say(f"  tracking   {tracking}")
@@ -153,7 +161,11 @@ class Display:
     def dataset(self, report: Mapping[str, Any]) -> None:
         """Rows read, usable and skipped (with why and where): said at the start, and again at
         the end when rows were skipped, so a dropped share of the data is never silent."""
-        rows, usable, skipped = report.get("rows", 0), report.get("usable", 0), report.get("skipped", 0)
+        rows, usable, skipped = (
+            report.get("rows", 0),
+            report.get("usable", 0),
+            report.get("skipped", 0),
+        )
         head = "  dataset   "
         if not skipped:
             self.say(f"{head} {rows} rows, all usable")
@@ -168,11 +180,19 @@ class Display:
     def step_started(self, job: LocalJob) -> None:
         plan = job.plan
         retry = f" (retry {plan.attempt})" if plan.attempt else ""
-        procs = f", {plan.pods} x {plan.processes_per_pod} process(es)" if plan.stage in TRAINING else ""
+        procs = (
+            f", {plan.pods} x {plan.processes_per_pod} process(es)"
+            if plan.stage in TRAINING
+            else ""
+        )
         shards = f", {plan.pods} shard(s)" if plan.stage == "generate" else ""
         t = plan.iteration
-        self.say(f"iteration {t} of {self.spec.iterations} (θ{t} -> θ{t + 1}): {plan.stage}{retry}{shards}{procs}")
-        self.progress[job.name] = StepProgress(job, [Tail(p.log_path, _size(p.log_path)) for p in job.pods])
+        self.say(
+            f"iteration {t} of {self.spec.iterations} (θ{t} -> θ{t + 1}): {plan.stage}{retry}{shards}{procs}"
+        )
+        self.progress[job.name] = StepProgress(
+            job, [Tail(p.log_path, _size(p.log_path)) for p in job.pods]
+        )
 
     def step_done(self, name: str, ok: bool, detail: str = "") -> None:
         """A step's end. A failure's cause is said once, by whoever says what happens next (the
@@ -183,7 +203,10 @@ class Display:
             if ok:
                 self.say(line.replace(STAGE_WORD[progress.job.plan.stage], "done", 1))
             else:
-                self.say(line.replace(STAGE_WORD[progress.job.plan.stage], "failed", 1) + (f": {detail}" if detail else ""))
+                self.say(
+                    line.replace(STAGE_WORD[progress.job.plan.stage], "failed", 1)
+                    + (f": {detail}" if detail else "")
+                )
         elif detail:
             self.say(f"  {detail}")
 
@@ -206,14 +229,19 @@ class Display:
 
     # ------------------------------------------------------------------ results
 
-    def iteration_results(self, t: int, results: Mapping[str, Any], spin: Mapping[str, Any]) -> None:
+    def iteration_results(
+        self, t: int, results: Mapping[str, Any], spin: Mapping[str, Any]
+    ) -> None:
         """Held-out evaluation of θt+1 (and θ0 at t = 0) plus the trainer's held-out SPIN
         metrics: what the iteration did, not only that it ran."""
         metrics = results.get("metrics") or {}
         baseline = results.get("baseline") or {}
         prompts = metrics.get("num_examples", spin.get("eval_pairs", "?"))
         self.say(f"  held-out results of θ{t + 1} ({prompts} prompts):")
-        for key, label in (("exact_match", "exact match"), ("real_logp_per_token", "real answers log-lik/token")):
+        for key, label in (
+            ("exact_match", "exact match"),
+            ("real_logp_per_token", "real answers log-lik/token"),
+        ):
             if key in metrics:
                 before = f"  (θ0: {_fmt(baseline[key])})" if key in baseline else ""
                 self.say(f"    {label:<28} {_fmt(metrics[key])}{before}")
@@ -229,9 +257,14 @@ class Display:
         if not rows:
             return
         self.say("")
-        self.say(f"  {'model':<10} {'exact match':>12} {'real log-lik/tok':>17} {'SPIN margin':>12}")
+        self.say(
+            f"  {'model':<10} {'exact match':>12} {'real log-lik/tok':>17} {'SPIN margin':>12}"
+        )
         for name, m in rows:
-            cells = [_fmt(m[k]) if k in m else "-" for k in ("exact_match", "real_logp_per_token", "eval_margin")]
+            cells = [
+                _fmt(m[k]) if k in m else "-"
+                for k in ("exact_match", "real_logp_per_token", "eval_margin")
+            ]
             self.say(f"  {name:<10} {cells[0]:>12} {cells[1]:>17} {cells[2]:>12}")
 
 

@@ -44,7 +44,9 @@ class Loaded:
     spec: api.SPINRunSpec  # storage and tracking resolved
 
 
-def local_defaults(storage_uri: str | None, tracking_uri: str | None, spec_storage: str | None = None) -> Settings:
+def local_defaults(
+    storage_uri: str | None, tracking_uri: str | None, spec_storage: str | None = None
+) -> Settings:
     """Where a spec without storage/tracking writes locally: `./spin-runs`, and an sqlite MLflow
     store in the run's storage folder (absolute, so every child process agrees whatever its
     directory). `tracking_uri=""` means no tracking unless the spec names one."""
@@ -55,7 +57,9 @@ def local_defaults(storage_uri: str | None, tracking_uri: str | None, spec_stora
     return Settings(storage_uri=storage, mlflow_uri=tracking_uri or None)
 
 
-def load(path: str | Path, storage_uri: str | None = None, tracking_uri: str | None = None) -> Loaded:
+def load(
+    path: str | Path, storage_uri: str | None = None, tracking_uri: str | None = None
+) -> Loaded:
     """The SPINRun of a YAML file, validated like `spinctl validate`, defaults resolved."""
     path = Path(path)
     try:
@@ -153,7 +157,9 @@ def check_storage(spec: api.SPINRunSpec) -> str | None:
         from spin_runtime import storage
 
         bucket, _ = storage.split_s3(uri)
-        previous = storage.configure(attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10)
+        previous = storage.configure(
+            attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10
+        )
         try:
             with storage_env(spec):
                 storage.s3_client().head_bucket(Bucket=bucket)
@@ -208,7 +214,12 @@ def check_runnable(spec: api.SPINRunSpec) -> list[str]:
             "(use transformers on a CPU-only machine)"
         )
     command = spec.evaluation.command
-    if spec.evaluation.enabled and command and command[0] != "python" and shutil.which(command[0]) is None:
+    if (
+        spec.evaluation.enabled
+        and command
+        and command[0] != "python"
+        and shutil.which(command[0]) is None
+    ):
         problems.append(f"spec.evaluation.command[0]: {command[0]!r} is not an executable on PATH")
     return problems
 
@@ -227,7 +238,11 @@ def check_inputs(spec: api.SPINRunSpec, skip: set[str]) -> tuple[dict[str, Any] 
         if "spec.dataset.uri" not in skip:
             report, problems = check_dataset(d.uri, d.max_skipped_fraction, d.eval_samples)
         if not skip & {"spec.model.uri", "spec.model.tokenizer", "spec.model.chatTemplate"}:
-            names = {"model": "spec.model.uri:", "tokenizer": "spec.model.tokenizer:", "chat_template": "spec.model.chatTemplate:"}
+            names = {
+                "model": "spec.model.uri:",
+                "tokenizer": "spec.model.tokenizer:",
+                "chat_template": "spec.model.chatTemplate:",
+            }
             problems += check_model_uris(m.uri, m.tokenizer, m.chat_template, names)
     return report, problems
 

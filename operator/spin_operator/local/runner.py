@@ -36,17 +36,23 @@ MAX_IDLE_PASSES = 20  # reconcile passes in a row that start nothing while nothi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="YAML file with one SPINRun")
-    parser.add_argument("--storage-uri", help="artifacts when the spec has no storage.uri (default ./spin-runs)")
+    parser.add_argument(
+        "--storage-uri", help="artifacts when the spec has no storage.uri (default ./spin-runs)"
+    )
     parser.add_argument(
         "--tracking-uri",
         help="MLflow when the spec has no tracking.uri (default: sqlite:///<storage>/mlflow.db)",
     )
-    parser.add_argument("--no-tracking", action="store_true", help="no MLflow unless the spec names a tracking.uri")
+    parser.add_argument(
+        "--no-tracking", action="store_true", help="no MLflow unless the spec names a tracking.uri"
+    )
     parser.add_argument(
         "--parallel", type=int, default=None, metavar="N",
         help="generation shards run at once (default: the CPU count; 1 runs them one by one)",
     )  # fmt: skip
-    parser.add_argument("--cache-dir", default=None, help="model download cache (default ~/.cache/spin)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="model download cache (default ~/.cache/spin)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,11 +150,15 @@ class LocalRun:
 
         self.state = self._load_state()
         for group in stale_groups(self.state):
-            self.display.say(f"stopping process group {group} left by an earlier, killed spinctl run")
+            self.display.say(
+                f"stopping process group {group} left by an earlier, killed spinctl run"
+            )
             stop_group(group)
         interrupted = self.state.forget_interrupted(self.run_ref.name)
         self.status = self.state.status
-        self.run_ref = dataclasses.replace(self.run_ref, uid=self.state.uid)  # MLflow finds it by uid
+        self.run_ref = dataclasses.replace(
+            self.run_ref, uid=self.state.uid
+        )  # MLflow finds it by uid
         self.tracking.run = self.run_ref
         self.backend = LocalBackend(
             self.log_dir, max_parallel=self.parallel, remembered=self.state.jobs, python=self.python
@@ -168,7 +178,9 @@ class LocalRun:
             stopped = self.backend.terminate_all()
             self._save()
             what = f" (stopped {', '.join(stopped)})" if stopped else ""
-            self.display.say(f"interrupted{what}; completed work is kept: run the same command to resume")
+            self.display.say(
+                f"interrupted{what}; completed work is kept: run the same command to resume"
+            )
             return EXIT_INTERRUPTED
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -201,7 +213,9 @@ class LocalRun:
             if not self.backend.active():  # nothing runs and nothing started: cannot progress
                 idle += 1
                 if idle > MAX_IDLE_PASSES:
-                    self.display.say(f"no step can start: {self.status.message or self.status.phase}")
+                    self.display.say(
+                        f"no step can start: {self.status.message or self.status.phase}"
+                    )
                     return EXIT_FAILED
                 time.sleep(self.poll_interval)
                 continue

@@ -88,7 +88,9 @@ class LocalState:
                 interrupted.append(name)
                 step.attempts -= 1
                 step.phase = "Pending"
-                step.job_name = job_name(run, it.iteration, kind, step.attempts - 1) if step.attempts else None
+                step.job_name = (
+                    job_name(run, it.iteration, kind, step.attempts - 1) if step.attempts else None
+                )
         return interrupted
 
 

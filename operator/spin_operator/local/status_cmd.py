@@ -76,7 +76,9 @@ def describe(status: api.SPINRunStatus, total: int) -> list[str]:
         lines += [
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
         ]
-    compared = [it for it in status.iterations if it.control and it.control.spin_advantage is not None]
+    compared = [
+        it for it in status.iterations if it.control and it.control.spin_advantage is not None
+    ]
     if compared:  # spec.controlArm: did SPIN beat the equal-compute SFT control?
         lines += ["", f"SPIN vs equal-compute SFT control ({compared[0].control.metric}):"]  # type: ignore[union-attr]
         for it in compared:

@@ -57,7 +57,9 @@ class LocalTracking:
 
         quiet_mlflow()
         name = self.spec.tracking.experiment or self.run.namespace
-        folder = os.path.join(os.path.dirname(os.path.abspath(self.uri.removeprefix("sqlite:///"))), "mlartifacts")
+        folder = os.path.join(
+            os.path.dirname(os.path.abspath(self.uri.removeprefix("sqlite:///"))), "mlartifacts"
+        )
         try:
             client = self.tracker().client
             if client.get_experiment_by_name(name) is None:
@@ -71,8 +73,12 @@ class LocalTracking:
     def ensure_iteration(self, parent: str, t: int) -> str | None:
         return self._sync(self.tracking.ensure_iteration(self.spec, parent, t, self.run))
 
-    def register(self, run_id: str, t: int, model_uri: str, metrics: dict[str, float]) -> str | None:
-        return self._sync(self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics))
+    def register(
+        self, run_id: str, t: int, model_uri: str, metrics: dict[str, float]
+    ) -> str | None:
+        return self._sync(
+            self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics)
+        )
 
     def finish(self, run_id: str, status: str) -> bool:
         return self._sync(self.tracking.finish(self.spec, run_id, status))
@@ -83,13 +89,21 @@ class LocalTracking:
         return self._sync(self.tracking.settle(self.spec, self.run, status, actions))
 
     def log_dataset(
-        self, run_id: str, name: str, uri: str, digest: str, context: str, profile: Mapping[str, Any] | None = None
+        self,
+        run_id: str,
+        name: str,
+        uri: str,
+        digest: str,
+        context: str,
+        profile: Mapping[str, Any] | None = None,
     ) -> None:
         key = (run_id, name)
         if key in self._logged:
             return
         try:
-            if self.tracker().log_dataset(run_id, name, uri, digest, context=context, profile=profile):
+            if self.tracker().log_dataset(
+                run_id, name, uri, digest, context=context, profile=profile
+            ):
                 self._logged.add(key)
         except Exception as exc:
             log.warning("MLflow dataset %s not logged: %s", name, exc)

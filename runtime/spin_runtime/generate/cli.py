@@ -30,7 +30,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=-1, help="<= 0 disables top-k")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64, help="transformers backend batch")
-    p.add_argument("--sampling-seed", type=int, default=None, help="sampling seed (default: --seed)")
+    p.add_argument(
+        "--sampling-seed", type=int, default=None, help="sampling seed (default: --seed)"
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument(

@@ -81,7 +81,11 @@ def _inputs(opts: GenerateOptions) -> dict[str, Any]:
         "shard_index": opts.shard_index,
         "num_shards": opts.num_shards,
         "dataset": opts.dataset,
-        "selection": {"seed": opts.seed, "max_samples": opts.max_samples, "eval_samples": opts.eval_samples},
+        "selection": {
+            "seed": opts.seed,
+            "max_samples": opts.max_samples,
+            "eval_samples": opts.eval_samples,
+        },
         "model": opts.model,
         "tokenizer": opts.tokenizer or opts.model,
         "chat_template": opts.chat_template,
@@ -100,7 +104,11 @@ def complete_shard(opts: GenerateOptions, uri: str) -> manifest.Manifest | None:
         return None
     changed = sorted(k for k, v in _inputs(opts).items() if found.meta.get(k) != v)
     if changed:
-        log.info("shard %s exists but was made with other %s: generating it again", uri, ", ".join(changed))
+        log.info(
+            "shard %s exists but was made with other %s: generating it again",
+            uri,
+            ", ".join(changed),
+        )
         return None
     return found
 
@@ -142,7 +150,9 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
     done = complete_shard(opts, uri)
     if done is not None:  # a retry of the step: this shard finished in an earlier attempt
         log.info("shard %s is already complete with these inputs: not generated again", uri)
-        return ShardResult(uri=uri, records=[], stats=dict(done.meta.get("stats") or {}), reused=True)
+        return ShardResult(
+            uri=uri, records=[], stats=dict(done.meta.get("stats") or {}), reused=True
+        )
     storage.delete_prefix(manifest.file_manifest_uri(uri))  # incomplete until rewritten
 
     loaded = data.load_examples(opts.dataset, opts.max_skipped_fraction)
@@ -271,7 +281,13 @@ def _progress_reporter(shard: int, began: float) -> Callable[[int, int], None]:
             return
         last[0] = done
         elapsed = time.perf_counter() - began
-        record = {"event": "generate", "shard": shard, "done": done, "total": total, "seconds": round(elapsed, 1)}
+        record = {
+            "event": "generate",
+            "shard": shard,
+            "done": done,
+            "total": total,
+            "seconds": round(elapsed, 1),
+        }
         print(json.dumps(record), file=sys.stderr, flush=True)
 
     return report

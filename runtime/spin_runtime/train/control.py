@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from spin_runtime.train.loop import Runner, TrainConfig
 
 
-
 def answer_tokens(pairs: Sequence[Pair], slots: Sequence[int]) -> int:
     """Real-answer tokens of a step's slots (every rank computes the same number)."""
     return sum(len(pairs[i].real) for i in slots if i >= 0)
