@@ -182,7 +182,8 @@ class Controller:
     def on_run(self, event_type: str | None, obj: JSON) -> None:
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
-        self.run_touched[key] = time.monotonic()
+        if self.settings.resync_seconds > 0:  # tombstones only the resync reads (and prunes)
+            self.run_touched[key] = time.monotonic()
         if event_type == "DELETED":
             self.runs.pop(key, None)
             self._parsed.pop(key, None)
@@ -214,7 +215,8 @@ class Controller:
         key = (meta.get("namespace", ""), run)
         jobs = self.jobs.setdefault(key, {})
         before = jobs.get(job.name)
-        self.touched[(*key, job.name)] = time.monotonic()
+        if self.settings.resync_seconds > 0:  # tombstones only the resync reads (and prunes)
+            self.touched[(*key, job.name)] = time.monotonic()
         if job.starting and event_type != "DELETED":
             self._starting[(key[0], job.name)] = obj
         else:
