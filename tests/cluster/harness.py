@@ -227,7 +227,11 @@ def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
             operator_values: dict[str, str] | None = None) -> Iterator[RealCluster]:  # fmt: skip
     """``helm install`` the chart (its Deployment runs through the agent) and a fresh namespace;
     ``helm uninstall`` afterwards."""
+    namespace = e2e.new_namespace()
     values = {
+        # The admin lets the operator check Secrets in the test namespace (a namespaced Role,
+        # docs/security.md): a missing credentials Secret fails the run up front.
+        "rbac.secretCheckNamespaces": "{" + namespace + "}",
         "storage.endpoint": s3_endpoint,
         "storage.region": "us-east-1",
         "storage.credentialsSecret": e2e.S3_SECRET,
@@ -240,7 +244,7 @@ def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
         **(operator_values or {}),
     }
     s.agent.launch_hook = launch_hook
-    c = RealCluster(s.plane, s.agent, s.kubectl, e2e.new_namespace(), workdir, s3_endpoint,
+    c = RealCluster(s.plane, s.agent, s.kubectl, namespace, workdir, s3_endpoint,
                     mlflow_uri, values, dict(s.timings))  # fmt: skip
     if s.kubectl("get", "namespace", RELEASE_NAMESPACE, check=False).returncode != 0:
         c.create_namespace(RELEASE_NAMESPACE)

@@ -34,7 +34,12 @@ def running_pods(c: RealCluster, job: str) -> int:
 
 
 def start_gated(c: RealCluster, tmp_path: Path, iterations: int = 1) -> str:
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=iterations))
+    # finished Jobs and pods kept (retention.finishedJobs: Retain): the tests read them back
+    c.apply(
+        e2e.spinrun_file(
+            tmp_path, RUN, spec__iterations=iterations, spec__retention={"finishedJobs": "Retain"}
+        )
+    )
     gen = job_name(RUN, 0, "generate")
     wait_for(lambda: running_pods(c, gen) >= 2, TIMEOUT, f"both pods of {gen} running", 0.25)
     return gen

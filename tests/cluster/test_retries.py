@@ -54,7 +54,12 @@ def flaky_shard(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: s
 def test_a_failed_shard_does_not_stop_the_others(flaky_shard: RealCluster, tmp_path: Path) -> None:
     c = flaky_shard
     started = time.monotonic()
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1))
+    # finished Jobs kept (retention.finishedJobs: Retain): both generation Jobs are read back
+    c.apply(
+        e2e.spinrun_file(
+            tmp_path, RUN, spec__iterations=1, spec__retention={"finishedJobs": "Retain"}
+        )
+    )
     run = c.wait_run(RUN, 300)
     assert run["status"]["phase"] == "Succeeded", c.diagnostics(RUN)
     first, retry = job_name(RUN, 0, "generate"), job_name(RUN, 0, "generate", 1)
