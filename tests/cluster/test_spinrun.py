@@ -8,8 +8,12 @@ training -> S3 (moto) -> MLflow (real server). Both tests are in the default sui
 from __future__ import annotations
 
 import collections
+import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +120,8 @@ def test_helm_install_then_kubectl_apply_runs_two_real_iterations(
         assert f"{it}/model/_MANIFEST.json" in stamps
         assert f"{it}/eval/_MANIFEST.json" in stamps
     check_mlflow(c, RUN, run)
+    if target := os.environ.get("SPIN_E2E_SCREENSHOT_DIR"):
+        screenshot_mlflow(c, run, tmp_path, Path(target))
 
 
 def test_operator_sigkilled_during_training_adopts_the_running_job(
@@ -152,3 +158,24 @@ def test_operator_sigkilled_during_training_adopts_the_running_job(
     after = kit.artifact_stamps(prefix)
     changed = {k: (v, after.get(k)) for k, v in generated.items() if after.get(k) != v}
     assert generated and not changed, f"artifacts rewritten after the restart: {changed}"
+
+
+def screenshot_mlflow(c: RealCluster, run: dict[str, Any], tmp_path: Path, target: Path) -> None:
+    """Refreshes docs/img/e2e-mlflow-run.png (``SPIN_E2E_SCREENSHOT_DIR=docs/img``): headless
+    Chromium's screenshot of the last iteration's MLflow run page, taken in the test's tmp dir
+    and copied to ``target``, so tests never write into the repository unasked."""
+    from mlflow.tracking import MlflowClient
+
+    chromium = shutil.which("chromium")
+    assert chromium, "SPIN_E2E_SCREENSHOT_DIR is set but there is no chromium on PATH"
+    run_id = run["status"]["iterations"][-1]["mlflowRunId"]
+    experiment = MlflowClient(tracking_uri=c.mlflow_uri).get_run(run_id).info.experiment_id
+    url = f"{c.mlflow_uri}/#/experiments/{experiment}/runs/{run_id}"
+    out = tmp_path / "e2e-mlflow-run.png"
+    subprocess.run(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--window-size=1400,1300", "--virtual-time-budget=15000", f"--screenshot={out}", url],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.exists() and out.stat().st_size > 10_000, "chromium produced no screenshot"
+    shutil.copy(out, target / out.name)
