@@ -173,8 +173,8 @@ class Controller:
         """Fill the Job cache with one LIST before watching starts, so a restarted operator
         never mistakes a Job it has not heard of yet for a deleted one."""
         for path in resync.job_paths(self):
-            pages = resync.list_pages(
-                self.kube, path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size
+            pages = self.kube.pages(
+                path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size
             )
             async for item in pages:
                 self.on_job("ADDED", item)

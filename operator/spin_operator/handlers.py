@@ -46,6 +46,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     from spin_operator.api import types as api
     from spin_operator.leader import LeaseElector, default_identity
     from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL
+    from spin_operator.resync import JOB_SELECTOR
 
     registry = kopf.OperatorRegistry()
     electors: list[LeaseElector] = []
@@ -64,9 +65,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         # Server-side filtering: the `labels=` of a handler only filters on the client, after the
         # API server sent every Job of the cluster; this selector makes the list and the watch
         # carry `labelSelector`, so only the operator's own Jobs travel. Lists come in pages.
-        settings.watching.label_selectors["batch", "v1", "jobs"] = (
-            f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-        )
+        settings.watching.label_selectors["batch", "v1", "jobs"] = JOB_SELECTOR
         settings.watching.chunk_size = controller.settings.list_chunk_size
         await controller.prime()
         controller.start_resync()

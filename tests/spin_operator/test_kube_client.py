@@ -164,7 +164,7 @@ async def test_lists_are_read_in_pages(server: Server) -> None:
     ]
     kube = Kube(lambda: info(server.url))
     try:
-        items = await kube.list("/apis/batch/v1/jobs", params={"labelSelector": "a=b"}, page=2)
+        items = [i async for i in kube.pages("/apis/batch/v1/jobs", selector="a=b", chunk=2)]
     finally:
         await kube.close()
     assert [i["n"] for i in items] == [0, 1, 2]
