@@ -94,6 +94,7 @@ class LocalRun:
         out: Any = None,
         python: str = sys.executable,
         dataset: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         from spin_operator.local.display import Display
         from spin_operator.local.tracking import LocalTracking
@@ -115,6 +116,7 @@ class LocalRun:
         self.log_dir = log_dir_for(self.layout.prefix, self.run_ref.name, self.run_ref.namespace)
         self.results: list[tuple[str, dict[str, float]]] = []
         self.dataset = dataset  # the preflight's dataset profile (rows, usable, skipped by reason)
+        self.environ = os.environ if env is None else env  # what the steps' environment starts from
 
     # ------------------------------------------------------------------ state
 
@@ -161,10 +163,10 @@ class LocalRun:
             self.run_ref, uid=self.state.uid
         )  # MLflow finds it by uid
         self.tracking.run = self.run_ref
-        pod = local_pod_env(self.spec.pod, os.environ)
+        pod = local_pod_env(self.spec.pod, self.environ)
         self.backend = LocalBackend(
             self.log_dir,
-            env={**os.environ, **pod.env},
+            env={**self.environ, **pod.env},
             max_parallel=self.parallel,
             remembered=self.state.jobs,
             python=self.python,
