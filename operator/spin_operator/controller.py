@@ -331,11 +331,25 @@ class Controller:
         assert decision is not None
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "%s/%s: phase %s -> %s, actions %s, still needed %s", *key, status.phase, decision.status.phase,
-                [type(a).__name__ + (f"({getattr(a, 'name', '')})" if hasattr(a, "name") else "") for a in decision.actions],
-                {k: v for k, v in (("storage", decision.needs_storage), ("secrets", decision.needs_secrets),
-                                   ("jobs", decision.needs_jobs), ("storedSpec", decision.needs_stored_spec)) if v},
-            )  # fmt: skip
+                "%s/%s: phase %s -> %s, actions %s, still needed %s",
+                *key,
+                status.phase,
+                decision.status.phase,
+                [
+                    type(a).__name__ + (f"({getattr(a, 'name', '')})" if hasattr(a, "name") else "")
+                    for a in decision.actions
+                ],
+                {
+                    k: v
+                    for k, v in (
+                        ("storage", decision.needs_storage),
+                        ("secrets", decision.needs_secrets),
+                        ("jobs", decision.needs_jobs),
+                        ("storedSpec", decision.needs_stored_spec),
+                    )
+                    if v
+                },
+            )
         settled = await self.applier.execute(key, body, run, status, decision)
         self._tracking_pending[key] = not settled
         return decision.complete and settled

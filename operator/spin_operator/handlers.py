@@ -128,9 +128,12 @@ def _operator_storage_env(settings: Settings) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--namespace", action="append", default=None, metavar="NS",
+        "--namespace",
+        action="append",
+        default=None,
+        metavar="NS",
         help="watch only this namespace (repeatable; default: SPIN_NAMESPACES, else all)",
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -130,9 +130,13 @@ class Kube:
     """HTTP calls against the API server with credentials from `login()` (refreshed on 401)."""
 
     def __init__(
-        self, login: Callable[[], Any], *, refresh_every: float = REFRESH_EVERY, backoff: float = 0.5,
+        self,
+        login: Callable[[], Any],
+        *,
+        refresh_every: float = REFRESH_EVERY,
+        backoff: float = 0.5,
         on_warning: Callable[[str, str, str], None] | None = None,
-    ):  # fmt: skip
+    ):
         self._login = login
         self._info: Any = None
         self._login_at = 0.0

@@ -42,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-run", action="store_true", help="only build the task, the model and spinrun.yaml"
     )
     parser.add_argument(
-        "--control-arm", action="store_true",
+        "--control-arm",
+        action="store_true",
         help="also train and evaluate an equal-compute SFT control beside SPIN each iteration "
         "(spec.controlArm): says whether SPIN beat plain SFT continued for the same steps",
-    )  # fmt: skip
+    )
 
 
 def spinrun(
@@ -69,19 +70,33 @@ def spinrun(
             },
             "iterations": iterations,
             "generation": {
-                "backend": "transformers", "gpusPerReplica": 0, "temperature": 1.0,
-                "maxNewTokens": 32, "seed": seed, "batchSize": 128, "replicas": 2,
+                "backend": "transformers",
+                "gpusPerReplica": 0,
+                "temperature": 1.0,
+                "maxNewTokens": 32,
+                "seed": seed,
+                "batchSize": 128,
+                "replicas": 2,
             },
             "training": {
-                "gpusPerNode": 0, "processesPerNode": 2, "beta": 2.0, "learningRate": 1.0e-4,
-                "optimizer": "adamw", "epochs": 2, "globalBatchSize": 64, "microBatchSize": 32,
-                "maxLength": 96, "maxPromptLength": 48, "precision": "fp32", "seed": seed,
+                "gpusPerNode": 0,
+                "processesPerNode": 2,
+                "beta": 2.0,
+                "learningRate": 1.0e-4,
+                "optimizer": "adamw",
+                "epochs": 2,
+                "globalBatchSize": 64,
+                "microBatchSize": 32,
+                "maxLength": 96,
+                "maxPromptLength": 48,
+                "precision": "fp32",
+                "seed": seed,
             },
             "evaluation": {"gpus": 0, "maxNewTokens": 32},
             "storage": {"uri": str(root / "artifacts")},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "spin-demo"},
         },
-    }  # fmt: skip
+    }
     if control_arm:
         doc["spec"]["controlArm"] = {"enabled": True}
     return doc

@@ -47,9 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-tracking", action="store_true", help="no MLflow unless the spec names a tracking.uri"
     )
     parser.add_argument(
-        "--parallel", type=int, default=None, metavar="N",
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
         help="generation shards run at once (default: the CPU count; 1 runs them one by one)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--cache-dir", default=None, help="model download cache (default ~/.cache/spin)"
     )
@@ -104,9 +107,12 @@ class LocalRun:
         self.spec, self.run_ref = loaded.spec, loaded.run
         self.layout = layout_of(self.spec, self.run_ref)
         self.settings = Settings(
-            storage_uri=self.spec.storage.uri, mlflow_uri=self.spec.tracking.uri,
-            cache_dir=cache_dir or os.environ.get("SPIN_CACHE_DIR") or os.path.expanduser("~/.cache/spin"),
-        )  # fmt: skip
+            storage_uri=self.spec.storage.uri,
+            mlflow_uri=self.spec.tracking.uri,
+            cache_dir=cache_dir
+            or os.environ.get("SPIN_CACHE_DIR")
+            or os.path.expanduser("~/.cache/spin"),
+        )
         self.parallel = parallel
         self.python = python
         self.poll_interval = poll_interval
@@ -268,9 +274,11 @@ def dataset_status(report: Mapping[str, Any]) -> api.DatasetStatus:
     """status.dataset from a dataset profile (`spin_runtime.data.Loaded.report`)."""
     by_reason = report.get("skippedByReason") or {}
     return api.DatasetStatus(
-        rows=int(report.get("rows", 0)), usable=int(report.get("usable", 0)), skipped=int(report.get("skipped", 0)),
+        rows=int(report.get("rows", 0)),
+        usable=int(report.get("usable", 0)),
+        skipped=int(report.get("skipped", 0)),
         skipped_by_reason={str(k): int(v["count"]) for k, v in by_reason.items()},
-    )  # fmt: skip
+    )
 
 
 def results_of(text: str) -> dict[str, Any]:

@@ -162,8 +162,14 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
     mine = selected[start:end]
     log.info(
         "shard %d/%d: prompts %d..%d of %d (%d held-out, %d train selected)",
-        opts.shard_index, opts.num_shards, start, end, len(selected), len(split.eval), len(split.train),
-    )  # fmt: skip
+        opts.shard_index,
+        opts.num_shards,
+        start,
+        end,
+        len(selected),
+        len(split.eval),
+        len(split.train),
+    )
 
     from spin_runtime import models
 
