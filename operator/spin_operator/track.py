@@ -161,6 +161,21 @@ class Tracking:
             ),
         )
 
+    async def log_heldout(
+        self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int, metrics: dict[str, float]
+    ) -> bool:
+        """θt+1's (and at iteration 0 θ0's) held-out results as the parent run's `heldout/*`."""
+        uri = spec.tracking.uri
+        if not uri or not metrics:
+            return False
+        return bool(
+            await self._call(
+                uri,
+                f"log held-out results of iteration {iteration}",
+                lambda t: t.log_heldout(parent_run_id, iteration, metrics),
+            )
+        )
+
     async def finish(self, spec: api.SPINRunSpec, run_id: str, status: str) -> bool:
         uri = spec.tracking.uri
         if not uri:

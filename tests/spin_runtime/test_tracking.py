@@ -479,3 +479,19 @@ def test_best_alias_loads_with_mlflow_transformers(
     ids = tokenizer(prompt, return_tensors="pt")
     want = tokenizer.decode(model.generate(**ids, max_new_tokens=6, do_sample=False)[0])
     assert pipe(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"] == want
+
+
+def test_heldout_series_is_logged_once_per_model(mlflow_server: MlflowServer) -> None:
+    """θ0 (iteration 0's baseline) at step 0, θt+1 at step t+1; a repeat adds no point."""
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    parent = tracker.ensure_parent_run(f"e-{uuid.uuid4().hex[:8]}", "team-a", "heldout", "u2", {})
+    assert parent is not None
+    first = {"score": 0.5, "exact_match": 0.5, "num_examples": 8.0, "baseline/score": 0.25}
+    for _ in range(2):  # an operator restart replays the decision
+        assert tracker.log_heldout(parent, 0, first)
+        assert tracker.log_heldout(parent, 1, {"score": 0.75, "baseline/score": 0.9})
+    client = MlflowClient(mlflow_server.uri)
+    score = sorted((m.step, m.value) for m in client.get_metric_history(parent, "heldout/score"))
+    assert score == [(0, 0.25), (1, 0.5), (2, 0.75)]  # a later iteration's baseline is not θ0
+    assert [m.step for m in client.get_metric_history(parent, "heldout/exact_match")] == [1]
+    assert "heldout/num_examples" not in client.get_run(parent).data.metrics
