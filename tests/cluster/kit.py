@@ -85,8 +85,11 @@ class Kubectl:
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args],
-            input=stdin, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
@@ -165,10 +168,13 @@ def check_mlflow(c: RunView, name: str, run: dict[str, Any]) -> None:
     # run ends follow the Succeeded status (MLflow never holds the phase up): wait for the status
     # to record MLflow's confirmation, with a deadline, instead of reading MLflow at once
     wait_for(
-        lambda: set((c.run(name).get("status", {}).get("mlflow") or {}).get("finished") or [])
-        >= iteration_ids | {parent_id},
-        60, "status.mlflow.finished to hold the parent and iteration runs",
-    )  # fmt: skip
+        lambda: (
+            set((c.run(name).get("status", {}).get("mlflow") or {}).get("finished") or [])
+            >= iteration_ids | {parent_id}
+        ),
+        60,
+        "status.mlflow.finished to hold the parent and iteration runs",
+    )
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert c.run(name)["status"]["mlflow"]["spooledCalls"] == 0
@@ -187,13 +193,19 @@ def check_mlflow(c: RunView, name: str, run: dict[str, Any]) -> None:
         assert child.data.metrics, f"iteration run {child.info.run_id} has no metrics"
     # registration runs in the background after the evaluation's status: polled, not asserted
     wait_for(
-        lambda: {v.run_id for v in client.search_model_versions(f"name = '{c.namespace}.{name}'")} >= iteration_ids,
-        60, "a model version for each iteration run",
-    )  # fmt: skip
+        lambda: (
+            {v.run_id for v in client.search_model_versions(f"name = '{c.namespace}.{name}'")}
+            >= iteration_ids
+        ),
+        60,
+        "a model version for each iteration run",
+    )
     for child in iteration_runs:
         assert child.info.status == "FINISHED"
     logged = {
-        child.info.run_id: [d.dataset.name for d in (child.inputs.dataset_inputs if child.inputs else [])]
+        child.info.run_id: [
+            d.dataset.name for d in (child.inputs.dataset_inputs if child.inputs else [])
+        ]
         for child in iteration_runs
-    }  # fmt: skip
+    }
     assert all(logged.values()), f"iteration runs without MLflow dataset inputs: {logged}"

@@ -81,30 +81,39 @@ def test_mlflow_down_during_an_iteration(
     mlflow_server.stop()
     try:
         train = job_name(RUN, 0, "train")
-        wait_for(lambda: condition(c.get("job", train), "Complete"), TIMEOUT,
-                 f"Job {train} to complete", 0.5)  # fmt: skip
+        wait_for(
+            lambda: condition(c.get("job", train), "Complete"),
+            TIMEOUT,
+            f"Job {train} to complete",
+            0.5,
+        )
     finally:
         mlflow_server.start()
     run = finish_each_step_once(c)
     print(f"\nCLUSTER MLflow down during an iteration: {time.monotonic() - started:.1f}s")
     assert run["status"]["iterations"][0]["evaluate"]["phase"] == "Succeeded"
     logs = {
-        p["metadata"]["name"]: kit.tail(c.agent.find(c.namespace, p["metadata"]["name"]).log_path,
-                                        10**7)
+        p["metadata"]["name"]: kit.tail(
+            c.agent.find(c.namespace, p["metadata"]["name"]).log_path, 10**7
+        )
         for p in c.pods()
-    }  # fmt: skip
+    }
     hit = [name for name, log in logs.items() if re.search(r"MLflow .*failed", log)]
     assert hit, "no pod noticed the outage: it did not overlap the run"
     # what the generation pods logged during the outage was spooled and is replayed
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     iteration_run = run["status"]["iterations"][0]["mlflowRunId"]
-    wait_for(lambda: "generate/prompts" in client.get_run(iteration_run).data.metrics, 120,
-             "the generation metrics logged during the outage to reach MLflow")  # fmt: skip
+    wait_for(
+        lambda: "generate/prompts" in client.get_run(iteration_run).data.metrics,
+        120,
+        "the generation metrics logged during the outage to reach MLflow",
+    )
 
 
 @pytest.fixture
-def s3_flapping(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                mlflow_server: MlflowServer) -> Iterator[tuple[RealCluster, S3FaultProxy]]:  # fmt: skip
+def s3_flapping(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[tuple[RealCluster, S3FaultProxy]]:
     """The operator and every pod reach S3 (moto) through a proxy that can answer 503s."""
     mlflow_server.start()
     proxy = S3FaultProxy(cluster_inputs).start()
@@ -140,6 +149,8 @@ def test_s3_errors_for_a_while_are_retried(
     manifest.verify_artifact(f"{it}/model")
     manifest.verify_artifact(f"{it}/eval")
     assert len(manifest.shard_manifests(f"{it}/generated")) == 2
-    records = sum(len(storage.read_text(f"{it}/generated/{name}").splitlines()) for name in
-                  ("shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"))  # fmt: skip
+    records = sum(
+        len(storage.read_text(f"{it}/generated/{name}").splitlines())
+        for name in ("shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl")
+    )
     assert records == 64  # 48 training + 16 held-out prompts, none lost

@@ -54,10 +54,14 @@ def job_pods(c: RealCluster, job: str) -> list[dict]:
 
 def wait_pods_running(c: RealCluster, job: str, count: int) -> None:
     wait_for(
-        lambda: sum((p.get("status") or {}).get("phase") == "Running" for p in job_pods(c, job))
-        >= count,
-        TIMEOUT, f"{count} running pods of {job}", 0.25,
-    )  # fmt: skip
+        lambda: (
+            sum((p.get("status") or {}).get("phase") == "Running" for p in job_pods(c, job))
+            >= count
+        ),
+        TIMEOUT,
+        f"{count} running pods of {job}",
+        0.25,
+    )
 
 
 def wait_job(c: RealCluster, job: str, kind: str) -> dict:
@@ -176,9 +180,10 @@ def test_training_pod_killed_is_retried_with_a_new_job(
     wait_pods_running(c, train, 2)
     generated = kit.artifact_stamps(prefix(c))
     rank0 = next(
-        p for p in job_pods(c, train)
+        p
+        for p in job_pods(c, train)
         if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "0"
-    )  # fmt: skip
+    )
     killed = c.agent.find(c.namespace, rank0["metadata"]["name"])
     c.agent.kill_container(killed)
     failed = wait_job(c, train, "Failed")

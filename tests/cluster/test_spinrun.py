@@ -104,10 +104,11 @@ def test_helm_install_then_kubectl_apply_runs_two_real_iterations(
     # rank 1 found rank 0 through <job>-0.<headless service>, resolved to 127.0.0.1
     train = job_name(RUN, 0, "train")
     rank1 = next(
-        p for p in c.pods()
+        p
+        for p in c.pods()
         if p["metadata"]["labels"]["job-name"] == train
         and p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
-    )  # fmt: skip
+    )
     env = c.agent.find(c.namespace, rank1["metadata"]["name"]).env
     # torchrun's own variables: the rank from the completion-index annotation (downward API)
     assert (env["PET_MASTER_ADDR"], env["PET_NODE_RANK"]) == ("127.0.0.1", "1"), env
@@ -173,9 +174,20 @@ def screenshot_mlflow(c: RealCluster, run: dict[str, Any], tmp_path: Path, targe
     url = f"{c.mlflow_uri}/#/experiments/{experiment}/runs/{run_id}"
     out = tmp_path / "e2e-mlflow-run.png"
     subprocess.run(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--window-size=1400,1300", "--virtual-time-budget=15000", f"--screenshot={out}", url],
-        capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            chromium,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1400,1300",
+            "--virtual-time-budget=15000",
+            f"--screenshot={out}",
+            url,
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert out.exists() and out.stat().st_size > 10_000, "chromium produced no screenshot"
     shutil.copy(out, target / out.name)

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spin_operator.api import types as api
-from spin_operator.naming import parse_job_name, step_field
-from spin_operator.reconciler import (
+from spin_operator.decision import (
     ACTIVE_STATES,
     CreateStep,
     Decision,
@@ -30,8 +29,9 @@ from spin_operator.reconciler import (
     SetFinalizer,
     StorageFacts,
     SuspendJob,
-    reconcile,
 )
+from spin_operator.naming import parse_job_name, step_field
+from spin_operator.reconciler import reconcile
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, spec_digest
 from spin_operator.track import Tracking
@@ -289,9 +289,12 @@ class World:
         if write:
             facts = self.storage.get(job.iteration, StorageFacts())
             flag = {
-                "generate": "generated", "train": "model", "evaluate": "evaluated",
-                "control-train": "control_model", "control-evaluate": "control_evaluated",
-            }[job.stage]  # fmt: skip
+                "generate": "generated",
+                "train": "model",
+                "evaluate": "evaluated",
+                "control-train": "control_model",
+                "control-evaluate": "control_evaluated",
+            }[job.stage]
             extra: dict[str, Any] = {flag: True}
             if job.stage == "evaluate":
                 extra["metrics"] = (

@@ -11,16 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from spin_operator.api import types as api
-from spin_operator.reconciler import (
-    CreateStep,
-    DeleteJob,
-    DeleteService,
-    RegisterModel,
-    StorageFacts,
-)
+from spin_operator.conditions import get_condition
+from spin_operator.decision import CreateStep, DeleteJob, DeleteService, RegisterModel, StorageFacts
 from spin_operator.render import render
 from spin_operator.settings import Settings, resolve_spec
-from spin_operator.status import get_condition
 from spin_operator.steps import RunRef, immutable_view, plan_step, spec_digest
 from spin_operator.validation import problems_of
 from tests.spin_operator.reconciler_world import NAME, World, spin_object
@@ -158,9 +152,16 @@ def test_control_argv_parses_with_the_runtime_cli_and_renders_valid_jobs(stage: 
 
 def test_control_arm_needs_evaluation_and_says_which_field() -> None:
     obj = {
-        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "r", "namespace": "n"},
-        "spec": {"model": {"uri": "m"}, "dataset": {"uri": "s3://data/sft.jsonl"}, **CONTROL, "evaluation": {"enabled": False}},
-    }  # fmt: skip
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "r", "namespace": "n"},
+        "spec": {
+            "model": {"uri": "m"},
+            "dataset": {"uri": "s3://data/sft.jsonl"},
+            **CONTROL,
+            "evaluation": {"enabled": False},
+        },
+    }
     problems = {p.path: p.message for p in problems_of(obj)}
     assert "needs evaluation.enabled" in problems["spec.controlArm.enabled"]
     with pytest.raises(ValidationError, match="learningRate"):
