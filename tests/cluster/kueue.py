@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,8 @@ class Kueue:
         kubectl("apply", "--server-side", "-f", str(self.binary.parent / "crd"))
         for crd in ("workloads", "clusterqueues", "localqueues", "resourceflavors"):
             # polled, not `kubectl wait`: a CRD just created has no conditions yet (harness.py)
-            wait_for(lambda crd=crd: _established(kubectl, f"{crd}.kueue.x-k8s.io"), 60,
-                     f"the {crd} CRD to be Established", 0.2)  # fmt: skip
+            name = f"{crd}.kueue.x-k8s.io"
+            wait_for(partial(_established, kubectl, name), 60, f"{name} to be Established", 0.2)
         if kubectl("get", "namespace", "kueue-system", check=False).returncode != 0:
             kubectl("create", "namespace", "kueue-system")  # Kueue's own namespace (its config)
         certs = self.workdir / "certs"

@@ -22,6 +22,7 @@ from spin_operator.naming import job_name, parse_job_name
 from tests.cluster import harness
 from tests.cluster import kueue as kq
 from tests.cluster.harness import RealCluster
+from tests.cluster.node_agent import LaunchHook
 from tests.e2e import harness as e2e
 from tests.e2e.harness import wait_for
 from tests.support.servers import MlflowServer
@@ -51,7 +52,7 @@ def kueue(real_cluster: harness.Session,
         k.stop()
 
 
-def gated_hook(gate: Path, all_iterations: bool):
+def gated_hook(gate: Path, all_iterations: bool) -> LaunchHook:
     """Job pods run the stand-in; those of iteration >= 1 (every one with ``all_iterations``)
     first wait for ``gate``."""
 
