@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from spin_operator.reconciler import CreateStep, DeleteJob, Event, SuspendJob
-from spin_operator.transitions import ADMISSION, RELEASED, SUSPENDED
+from spin_operator.decision import CreateStep, DeleteJob, Event, SuspendJob
+from spin_operator.step_rules import ADMISSION, RELEASED, SUSPENDED
 from tests.spin_operator.reconciler_world import World
 from tests.spin_operator.test_reconciler import advance_to, condition, started
 
