@@ -3,7 +3,9 @@
 # outside the work tree and keyed by the module's inputs the way build.sh keys the
 # control plane, so a warm machine rebuilds nothing. The module graph is pinned by
 # tests/cluster/kueue/go.mod (a `tool` directive on sigs.k8s.io/kueue/cmd/kueue) and
-# its go.sum; Kueue's CRDs come from the same module in GOMODCACHE.
+# its go.sum; Kueue's CRDs come from the same module in GOMODCACHE. To move to another
+# release: `go get -tool sigs.k8s.io/kueue/cmd/kueue@<version>` in tests/cluster/kueue (not
+# `go mod tidy`: the main package it builds exists only in the overlay below).
 #
 # One line of Kueue is changed, by an -overlay the key covers: the manager reads its metrics
 # certificate from a hard-coded /etc/kueue/metrics/certs (when internalCertManagement is off,
