@@ -85,9 +85,11 @@ class Kueue:
         shutil.copy(self.plane.pki.serving.cert, certs / "tls.crt")
         shutil.copy(self.plane.pki.serving.key, certs / "tls.key")
         kubeconfig = pki_.kubeconfig(
-            self.workdir / "kueue.kubeconfig", self.plane.url, self.plane.pki.ca.cert,
+            self.workdir / "kueue.kubeconfig",
+            self.plane.url,
+            self.plane.pki.ca.cert,
             self.plane.pki.kueue,
-        )  # fmt: skip
+        )
         self.health_port = free_port()
         config = {
             "apiVersion": "config.kueue.x-k8s.io/v1beta2",
@@ -103,10 +105,18 @@ class Kueue:
         }
         config_path = self.workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        self.component = Component("kueue", [
-            str(self.binary), f"--config={config_path}", f"--kubeconfig={kubeconfig}",
-            "--feature-gates=VisibilityOnDemand=false", "--zap-log-level=2",
-        ], self.workdir / "kueue.log", env={"KUEUE_METRICS_CERT_DIR": str(certs)})  # fmt: skip
+        self.component = Component(
+            "kueue",
+            [
+                str(self.binary),
+                f"--config={config_path}",
+                f"--kubeconfig={kubeconfig}",
+                "--feature-gates=VisibilityOnDemand=false",
+                "--zap-log-level=2",
+            ],
+            self.workdir / "kueue.log",
+            env={"KUEUE_METRICS_CERT_DIR": str(certs)},
+        )
         self.component.start()
         deadline = time.monotonic() + timeout
         while not self._ready():
@@ -136,12 +146,14 @@ class Kueue:
     def job_writes(self, namespace: str) -> list[dict[str, Any]]:
         """Kueue's writes (update, patch) to Jobs of ``namespace``, from the audit log."""
         return [
-            e for e in self.plane.audit("system:masters")
+            e
+            for e in self.plane.audit("system:masters")
             if (e.get("user") or {}).get("username") == USER
             and (ref := e.get("objectRef") or {}).get("resource") == "jobs"
-            and ref.get("namespace") == namespace and not ref.get("subresource")
+            and ref.get("namespace") == namespace
+            and not ref.get("subresource")
             and e.get("verb") in ("update", "patch")
-        ]  # fmt: skip
+        ]
 
 
 def _established(kubectl: Kubectl, crd: str) -> bool:
@@ -155,19 +167,35 @@ def queue_objects(namespace: str, queue: str, quota: dict[str, str]) -> str:
     cluster_queue = f"spin-{namespace}"
     objects = [
         {"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}},
-        {"apiVersion": API, "kind": "ClusterQueue", "metadata": {"name": cluster_queue}, "spec": {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-            "resourceGroups": [{
-                "coveredResources": list(quota),
-                "flavors": [{"name": FLAVOR, "resources": [
-                    {"name": name, "nominalQuota": value} for name, value in quota.items()
-                ]}],
-            }],
-        }},
-        {"apiVersion": API, "kind": "LocalQueue",
-         "metadata": {"name": queue, "namespace": namespace},
-         "spec": {"clusterQueue": cluster_queue}},
-    ]  # fmt: skip
+        {
+            "apiVersion": API,
+            "kind": "ClusterQueue",
+            "metadata": {"name": cluster_queue},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "resourceGroups": [
+                    {
+                        "coveredResources": list(quota),
+                        "flavors": [
+                            {
+                                "name": FLAVOR,
+                                "resources": [
+                                    {"name": name, "nominalQuota": value}
+                                    for name, value in quota.items()
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": API,
+            "kind": "LocalQueue",
+            "metadata": {"name": queue, "namespace": namespace},
+            "spec": {"clusterQueue": cluster_queue},
+        },
+    ]
     return yaml.safe_dump_all(objects)
 
 

@@ -37,16 +37,19 @@ QUOTA = {"cpu": "64", "memory": "256Gi", "ephemeral-storage": "1Ti", "nvidia.com
 
 
 @pytest.fixture(scope="module")
-def kueue(real_cluster: harness.Session,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[kq.Kueue]:  # fmt: skip
+def kueue(
+    real_cluster: harness.Session, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[kq.Kueue]:
     started = time.monotonic()
     binary = kq.build_kueue()
     built = time.monotonic() - started
     k = kq.Kueue(binary, real_cluster.plane, tmp_path_factory.mktemp("kueue"))
     try:
         k.start()
-        print(f"\nKueue {kq.version_of(binary)}: binary ready in {built:.1f}s, "
-              f"manager ready {time.monotonic() - started - built:.1f}s later")  # fmt: skip
+        print(
+            f"\nKueue {kq.version_of(binary)}: binary ready in {built:.1f}s, "
+            f"manager ready {time.monotonic() - started - built:.1f}s later"
+        )
         yield k
     finally:
         k.stop()
@@ -70,36 +73,54 @@ def gated_hook(gate: Path, all_iterations: bool) -> LaunchHook:
 
 
 @pytest.fixture
-def queued(request: pytest.FixtureRequest, real_cluster: harness.Session, kueue: kq.Kueue,
-           tmp_path: Path, cluster_inputs: str,
-           mlflow_server: MlflowServer) -> Iterator[tuple[RealCluster, Path]]:  # fmt: skip
+def queued(
+    request: pytest.FixtureRequest,
+    real_cluster: harness.Session,
+    kueue: kq.Kueue,
+    tmp_path: Path,
+    cluster_inputs: str,
+    mlflow_server: MlflowServer,
+) -> Iterator[tuple[RealCluster, Path]]:
     """The operator (helm), a fresh namespace with a LocalQueue ``spin`` of its own ClusterQueue,
     gated stand-in steps; the ClusterQueue goes afterwards."""
     mlflow_server.start()
     gate = tmp_path / "gate"
     hook = gated_hook(gate, all_iterations=getattr(request, "param", False))
-    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
-                         launch_hook=hook) as c:  # fmt: skip
+    with harness.release(
+        real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=hook
+    ) as c:
         c.kubectl("apply", "-f", "-", stdin=kq.queue_objects(c.namespace, QUEUE, QUOTA))
         kq.wait_queue(c.kubectl, c.namespace)
         try:
             yield c, gate
         finally:
-            c.kubectl("delete", "clusterqueue", f"spin-{c.namespace}", "--wait=false",
-                      check=False)  # fmt: skip
+            c.kubectl("delete", "clusterqueue", f"spin-{c.namespace}", "--wait=false", check=False)
             assert kueue.component is not None and kueue.component.running, kueue.tail()
 
 
 def apply_run(c: RealCluster, tmp_path: Path, name: str) -> None:
-    c.apply(e2e.spinrun_file(
-        tmp_path, name, spec__iterations=2, spec__scheduling={"queueName": QUEUE},
-        spec__retention={"finishedJobs": "Retain"},
-    ))  # fmt: skip
+    c.apply(
+        e2e.spinrun_file(
+            tmp_path,
+            name,
+            spec__iterations=2,
+            spec__scheduling={"queueName": QUEUE},
+            spec__retention={"finishedJobs": "Retain"},
+        )
+    )
 
 
 def suspend(c: RealCluster, name: str, on: bool) -> None:
-    c.kubectl("patch", "spinrun", name, "-n", c.namespace, "--type=merge",
-              "-p", '{"spec": {"suspend": %s}}' % ("true" if on else "false"))  # fmt: skip
+    c.kubectl(
+        "patch",
+        "spinrun",
+        name,
+        "-n",
+        c.namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": %s}}' % ("true" if on else "false"),
+    )
 
 
 def job(c: RealCluster, name: str) -> dict[str, Any] | None:
@@ -122,9 +143,10 @@ def operator_job_patches(c: RealCluster) -> list[str]:
     return [
         (e.get("objectRef") or {}).get("name", "")
         for e in c.plane.audit(harness.OPERATOR_GROUP)
-        if e.get("verb") == "patch" and (e.get("objectRef") or {}).get("resource") == "jobs"
+        if e.get("verb") == "patch"
+        and (e.get("objectRef") or {}).get("resource") == "jobs"
         and (e.get("objectRef") or {}).get("namespace") == c.namespace
-    ]  # fmt: skip
+    ]
 
 
 def test_suspend_and_resume_a_kueue_admitted_run(
@@ -161,8 +183,12 @@ def test_suspend_and_resume_a_kueue_admitted_run(
     assert step(c, run, 1, "generate")["message"].startswith("suspended"), status
     assert status["message"].endswith("(suspended)"), status
     assert len(kueue.job_writes(c.namespace)) == writes_at_suspend, "Kueue wrote to Jobs meanwhile"
-    assert not [p for p in c.pods() if p["metadata"]["labels"].get("job-name") == gen1
-                and p["status"].get("phase") in ("Pending", "Running")]  # fmt: skip
+    assert not [
+        p
+        for p in c.pods()
+        if p["metadata"]["labels"].get("job-name") == gen1
+        and p["status"].get("phase") in ("Pending", "Running")
+    ]
 
     suspend(c, run, False)
     wait_for(lambda: admitted_and_running(c, gen1), TIMEOUT, f"Kueue to admit {gen1} again", 0.25)
@@ -183,8 +209,10 @@ def test_suspend_and_resume_a_kueue_admitted_run(
     assert operator_job_patches(c) == []
     writes = [(e.get("objectRef") or {}).get("name") for e in kueue.job_writes(c.namespace)]
     assert len(writes) <= 2 * len(created), writes
-    print(f"\nCLUSTER Kueue-admitted run with suspend/resume: {elapsed:.1f}s "
-          f"({len(created)} Job creations, {len(writes)} Job writes by Kueue)")  # fmt: skip
+    print(
+        f"\nCLUSTER Kueue-admitted run with suspend/resume: {elapsed:.1f}s "
+        f"({len(created)} Job creations, {len(writes)} Job writes by Kueue)"
+    )
 
 
 @pytest.mark.parametrize("queued", [True], indirect=True, ids=["gate-all"])
@@ -205,13 +233,29 @@ def test_a_run_without_quota_waits_for_admission_until_a_suspension_frees_it(
     # the one resource the Job uses that the queue covers, lowered to what this Job holds
     usage = workload["status"]["admission"]["podSetAssignments"][0]["resourceUsage"]
     resource = next(r for r in QUOTA if r in usage)
-    c.kubectl("patch", "clusterqueue", f"spin-{c.namespace}", "--type=json", "-p", json.dumps([{
-        "op": "replace", "value": usage[resource],
-        "path": f"/spec/resourceGroups/0/flavors/0/resources/{list(QUOTA).index(resource)}/nominalQuota",
-    }]))  # fmt: skip
+    c.kubectl(
+        "patch",
+        "clusterqueue",
+        f"spin-{c.namespace}",
+        "--type=json",
+        "-p",
+        json.dumps(
+            [
+                {
+                    "op": "replace",
+                    "value": usage[resource],
+                    "path": f"/spec/resourceGroups/0/flavors/0/resources/{list(QUOTA).index(resource)}/nominalQuota",
+                }
+            ]
+        ),
+    )
     apply_run(c, tmp_path, "second")
-    wait_for(lambda: step(c, "second", 0, "generate").get("message") == "waiting for Kueue admission",
-             TIMEOUT, "the second run to wait for admission", 0.25)  # fmt: skip
+    wait_for(
+        lambda: step(c, "second", 0, "generate").get("message") == "waiting for Kueue admission",
+        TIMEOUT,
+        "the second run to wait for admission",
+        0.25,
+    )
     held_from = time.monotonic()
     while time.monotonic() - held_from < 5:  # no quota: it stays queued
         second = job(c, gen_b)
