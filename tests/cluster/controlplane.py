@@ -37,7 +37,8 @@ BUILD = HERE / "build.sh"
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Metadata-level events for every request of a ServiceAccount in the operator's release namespace
-# (spin-system), nothing else: small enough to read after every test.
+# (spin-system) and for Kueue's writes to Jobs (tests/cluster/test_kueue.py counts its suspend
+# flips), nothing else: small enough to read after every test.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -45,6 +46,10 @@ omitStages: ["RequestReceived"]
 rules:
   - level: Metadata
     userGroups: ["system:serviceaccounts:spin-system"]
+  - level: Metadata
+    users: ["kueue"]
+    verbs: ["create", "update", "patch", "delete"]
+    resources: [{group: "batch", resources: ["jobs"]}]
   - level: None
 """
 
@@ -83,6 +88,7 @@ class Component:
     name: str
     argv: list[str]
     log: Path
+    env: dict[str, str] | None = None  # added to this process's environment
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -95,6 +101,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
