@@ -42,16 +42,13 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spin_runtime import manifest  # noqa: E402
-from spin_runtime.layout import RunLayout  # noqa: E402
+from tests.support import step_artifacts  # noqa: E402
 from tests.support.job_driver import Failure, JobDriver  # noqa: E402
 from tests.support.k8s_emulator import K8sApi, running_api  # noqa: E402
 
 OPERATOR_AGENTS = ("kopf", "spin-operator")
 STEPS_PER_ITERATION = 3  # generate, train, evaluate (evaluation on)
-RUN_LABEL = "selfplay.dev/run"
-ITERATION_LABEL = "selfplay.dev/iteration"
-STAGE_LABEL = "selfplay.dev/stage"
+RUN_LABEL = step_artifacts.RUN_LABEL
 
 
 def min_requests_per_iteration(iterations_per_run: int) -> float:
@@ -84,36 +81,7 @@ class ArtifactWriter:
         self.scratch = storage.parent / "scratch"
 
     def __call__(self, job: dict[str, Any]) -> Failure | None:
-        labels = job["metadata"]["labels"]
-        ns, run = job["metadata"]["namespace"], labels[RUN_LABEL]
-        it = RunLayout.for_run(str(self.storage), ns, run).iteration(int(labels[ITERATION_LABEL]))
-        scratch = self.scratch / job["metadata"]["name"]
-        scratch.mkdir(parents=True, exist_ok=True)
-        stage, n = labels[STAGE_LABEL], job["spec"].get("completions") or 1
-        if stage == "generate":
-            for index in range(n):
-                shard = scratch / f"shard-{index}.jsonl"
-                shard.write_text(
-                    json.dumps(
-                        {
-                            "id": index,
-                            "split": "train",
-                            "prompt": "p",
-                            "real": "r",
-                            "generated": "g",
-                        }
-                    )
-                    + "\n"
-                )
-                manifest.write_file_artifact(shard, it.shard(index, n), "generated", {"records": 1})
-        elif stage == "train":
-            (scratch / "config.json").write_text("{}")
-            manifest.write_dir_artifact(scratch, it.model, "model")
-        else:
-            (scratch / "results.json").write_text(
-                json.dumps({"metrics": {"exact_match": 0.5}, "baseline": None})
-            )
-            manifest.write_dir_artifact(scratch, it.eval, "eval", {"metrics": {"exact_match": 0.5}})
+        step_artifacts.write_job(str(self.storage), self.scratch, job)
         return None
 
 
