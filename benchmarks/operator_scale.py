@@ -291,6 +291,30 @@ def run_benchmark(
             }
 
 
+def with_ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """`requests_over_min`: requests per iteration over the floor (the target is a ratio)."""
+    if result.get("requests_per_iteration") and result.get("min_requests_per_iteration"):
+        ratio = result["requests_per_iteration"] / result["min_requests_per_iteration"]
+        result["requests_over_min"] = round(ratio, 3)
+    return result
+
+
+def side_by_side(emulated: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
+    """Both modes in one line, and real over emulated for what compares (same runs, same machine
+    minutes apart: ratios, since absolute times move with the machine's load)."""
+    ratios = {}
+    for key in (
+        "p50_s",
+        "p99_s",
+        "requests_per_iteration",
+        "rss_mb",
+        "operator_cpu_ms_per_iteration",
+    ):
+        if emulated.get(key) and real.get(key) is not None:
+            ratios[key] = round(real[key] / emulated[key], 3)
+    return {"emulated": emulated, "real": real, "real_over_emulated": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=100)
@@ -299,13 +323,35 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=900.0, help="seconds for all runs to finish"
     )
     parser.add_argument(
+        "--cluster",
+        choices=("emulated", "real", "both"),
+        default="emulated",
+        help="the emulated API server (in this process), the real control plane of tests/cluster "
+        "(benchmarks/operator_scale_real.py), or both one after the other in one line",
+    )
+    parser.add_argument(
         "--profile",
         type=pathlib.Path,
         default=None,
-        help="run the operator under cProfile and write pstats here (slower: not for the targets)",
+        help="run the operator under cProfile and write pstats here (slower: not for the targets;"
+        " emulated mode only)",
     )
     args = parser.parse_args(argv)
-    print(json.dumps(run_benchmark(args.runs, args.iterations, args.timeout, args.profile)))
+    if args.profile is not None and args.cluster != "emulated":
+        parser.error("--profile needs --cluster emulated")
+    emulated = real = None
+    if args.cluster in ("emulated", "both"):
+        emulated = with_ratios(
+            run_benchmark(args.runs, args.iterations, args.timeout, args.profile)
+        )
+    if args.cluster in ("real", "both"):
+        from benchmarks.operator_scale_real import run_real
+
+        real = with_ratios(run_real(args.runs, args.iterations, args.timeout))
+    if emulated is not None and real is not None:
+        print(json.dumps(side_by_side(emulated, real)))
+    else:
+        print(json.dumps(emulated or real))
     return 0
 
 

@@ -150,6 +150,14 @@ class Controller:
         self.pod_check = pod_check
         self._starting: dict[tuple[str, str], JSON] = {}
         self._blocked: dict[tuple[str, str], tuple[float, observe.Blockage]] = {}
+        # When each such Job was first seen waiting ((run uid, Job) -> monotonic): the first look
+        # is `pod_check` seconds later, since a Job created a moment ago has no pods to blame yet
+        # and looking at once cost two requests per step for nothing (benchmarks, real cluster).
+        self._waiting_since: dict[tuple[str, str], float] = {}
+        # Jobs this operator asked to delete ((namespace, Job)): a Foreground delete leaves the
+        # Job in place until its pods are gone, and passes triggered before the watch brings its
+        # deletionTimestamp must not send the delete again (they did: two per Job).
+        self._deletes_sent: set[tuple[str, str]] = set()
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
@@ -195,9 +203,11 @@ class Controller:
             jobs = self.jobs.get(key, {})
             for name in [n for n, (owner, _) in jobs.items() if owner == uid]:
                 del jobs[name]
+                self._deletes_sent.discard((key[0], name))
             self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
             self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
             self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
+            self._waiting_since = {k: v for k, v in self._waiting_since.items() if k[0] != uid}
             recheck = self._rechecks.pop(key, None)
             if recheck is not None:
                 recheck.cancel()
@@ -221,6 +231,8 @@ class Controller:
             self._starting[(key[0], job.name)] = obj
         else:
             self._starting.pop((key[0], job.name), None)
+        if event_type == "DELETED" or job.deleting:
+            self._deletes_sent.discard((key[0], job.name))  # the watch tells from here on
         if event_type == "DELETED":
             jobs.pop(job.name, None)
         else:
@@ -456,9 +468,12 @@ class Controller:
             body = self._starting.get((run.namespace, job.name))
             if body is None:
                 self._blocked.pop(k, None)
+                self._waiting_since.pop(k, None)
                 continue
+            since = self._waiting_since.setdefault(k, now)
             seen = self._blocked.get(k)
-            if seen is not None and now - seen[0] < self.pod_check * 0.9:
+            last = since if seen is None else seen[0]
+            if now - last < self.pod_check * 0.9:
                 continue
             try:
                 pods = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/pods",
@@ -514,6 +529,12 @@ class Controller:
             if (cause := self._causes.get((run.uid, j.name)))
             else j
             for j in self._run_jobs(run)
+        )
+        jobs = tuple(  # deleted by this operator: deleting, whether or not the watch said so yet
+            dataclasses.replace(j, deleting=True)
+            if (run.namespace, j.name) in self._deletes_sent
+            else j
+            for j in jobs
         )
         jobs = tuple(  # what keeps its pods from starting (looked at in _look_at_pods)
             dataclasses.replace(
@@ -641,9 +662,12 @@ class Controller:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the
                 # reconciler can tell when nothing writes any more (run deletion, retries).
-                await self._write(
+                if (run.namespace, a.name) in self._deletes_sent:
+                    continue
+                if await self._write(
                     self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
-                )
+                ):  # None: already gone (404)
+                    self._deletes_sent.add((run.namespace, a.name))
             elif isinstance(a, DeleteService):
                 await self._write(self.kube.delete(service_path(run.namespace, a.name)))
             elif isinstance(a, SuspendJob):

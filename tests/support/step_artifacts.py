@@ -43,7 +43,9 @@ def write_step(
             shard = scratch / f"shard-{index}.jsonl"
             record = {"id": index, "split": "train", "prompt": "p", "real": "r", "generated": "g"}
             shard.write_text(json.dumps(record) + "\n")
-            manifest.write_file_artifact(shard, it.shard(index, shards), "generated", {"records": 1})
+            manifest.write_file_artifact(
+                shard, it.shard(index, shards), "generated", {"records": 1}
+            )
     elif stage == "train":
         (scratch / "config.json").write_text("{}")
         manifest.write_dir_artifact(scratch, it.model, "model")
