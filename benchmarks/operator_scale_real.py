@@ -32,9 +32,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from benchmarks.operator_scale import cpu_seconds, peak_rss_mb, percentile
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster.controlplane import JOB_CONTROLLER, build_binary
-from tests.e2e import harness as e2e
 from tests.support import step_artifacts
 from tests.support.servers import moto_environment, moto_process, s3_client_for
 
@@ -65,8 +64,8 @@ def spinrun(name: str, namespace: str, iterations: int) -> dict[str, Any]:
         "kind": "SPINRun",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "model": {"uri": e2e.MODEL_URI},
-            "dataset": {"uri": e2e.DATASET_URI, "maxSamples": 64, "evalSamples": 8},
+            "model": {"uri": kit.MODEL_URI},
+            "dataset": {"uri": kit.DATASET_URI, "maxSamples": 64, "evalSamples": 8},
             "iterations": iterations,
             "generation": {"backend": "transformers", "replicas": 2, "gpusPerReplica": 0},
             "training": {"gpusPerNode": 0},
@@ -89,7 +88,7 @@ class InstantPods:
         if env.get("PET_NODE_RANK", "0") == "0":  # only training's rank 0 saves the model
             index = int(env.get("JOB_COMPLETION_INDEX", "0"))
             step_artifacts.write_step(
-                e2e.STORAGE_URI,
+                kit.STORAGE_URI,
                 meta["namespace"],
                 labels[step_artifacts.RUN_LABEL],
                 int(labels[step_artifacts.ITERATION_LABEL]),
@@ -174,7 +173,7 @@ def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
             environment(moto_environment(endpoint, workdir)),
             harness.session(binary, workdir / "cluster") as s,
         ):
-            s3_client_for(endpoint).create_bucket(Bucket=e2e.BUCKET)
+            s3_client_for(endpoint).create_bucket(Bucket=kit.BUCKET)
             with harness.release(
                 s, workdir, endpoint, "", launch_hook=InstantPods(workdir / "scratch")
             ) as c:
@@ -200,7 +199,7 @@ def measure(c: harness.RealCluster, runs: int, iterations: int, timeout: float) 
         return collections.Counter((r.get("status") or {}).get("phase", "None") for r in items)
 
     deadline = time.monotonic() + timeout
-    while sum((counts := phases())[p] for p in e2e.TERMINAL) < runs:
+    while sum((counts := phases())[p] for p in kit.TERMINAL) < runs:
         if time.monotonic() > deadline:
             break
         time.sleep(1.0)

@@ -2,7 +2,7 @@
 generate/train/evaluate and the SFT control's train/evaluate, through the real Job controller and
 scheduler), and the status says per iteration whether SPIN beat the control and by how much.
 
-Stand-in pods (tests/e2e/standin.py) write each step's artifacts; the launch hook gives each
+Stand-in pods (tests/cluster/standin.py) write each step's artifacts; the launch hook gives each
 evaluation pod its score, so iteration 0 has SPIN ahead and iteration 1 the control ahead. The
 SFT objective itself is tested for real on the CPU (tests/spin_runtime/test_train_control.py,
 1 and 2 processes).
@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from spin_operator.naming import ALL_STEP_KINDS, ITERATION_LABEL, STAGE_LABEL, job_name
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster.conftest import quick_pods
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
 from tests.support.servers import MlflowServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -56,7 +55,7 @@ def test_both_arms_run_per_iteration_and_the_status_says_who_won(
     cluster_scored: RealCluster, tmp_path: Path
 ) -> None:
     c = cluster_scored
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__controlArm={"enabled": True},
+    c.apply(kit.spinrun_file(tmp_path, RUN, spec__controlArm={"enabled": True},
                              spec__evaluation__metric="exact_match"))  # fmt: skip
     run = c.wait_run(RUN, 600)
     status = run["status"]
@@ -89,7 +88,7 @@ def test_both_arms_run_per_iteration_and_the_status_says_who_won(
     # The control's models continue from each other: iteration 1 starts from iteration 0's.
     first, second = (it["control"] for it in status["iterations"])
     assert second["modelUri"] == first["outputModelUri"], (first, second)
-    stamps = e2e.artifact_stamps(f"{e2e.STORAGE_URI}/{c.namespace}/{RUN}")
+    stamps = kit.artifact_stamps(f"{kit.STORAGE_URI}/{c.namespace}/{RUN}")
     for t in (0, 1):
         assert f"iter-{t:03d}/control/model/_MANIFEST.json" in stamps, sorted(stamps)
         assert f"iter-{t:03d}/control/eval/_MANIFEST.json" in stamps, sorted(stamps)
