@@ -20,7 +20,6 @@ refuse a bad spec before anything is written to storage.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import dataclasses
 import hashlib
@@ -36,6 +35,14 @@ from pydantic import ValidationError
 
 from spin_operator import observe, resync
 from spin_operator.api import types as api
+from spin_operator.endpoints import (
+    STORAGE_UNAVAILABLE,
+    TRACKING_UNAVAILABLE,
+    StoragePools,
+    credentials_problem,
+    endpoint_of,
+    report,
+)
 from spin_operator.kube import ApiError, Kube, job_path, secret_path, service_path, spinrun_path
 from spin_operator.metrics import Metrics
 from spin_operator.naming import (
@@ -126,6 +133,7 @@ class Controller:
         retry_base: float = 2.0,
         retry_max: float = 60.0,
         pod_check: float = 20.0,
+        storage: StoragePools | None = None,
     ) -> None:
         self.settings = settings
         self.kube = kube
@@ -160,8 +168,9 @@ class Controller:
         self._background: set[asyncio.Task[Any]] = set()
         self._resync_task: asyncio.Task[None] | None = None
         self.leading = not settings.leader_election  # else only once leader.py holds the Lease
-        # one small pool per storage endpoint: a store that hangs holds up only the runs that use it
-        self._storage: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
+        # a pool, a budget per call and a breaker per storage endpoint (endpoints.py): a store
+        # that hangs or refuses holds up only the runs that use it
+        self.storage = storage or StoragePools()
         self._warned: dict[Key, set[str]] = {}  # API warnings already posted as events, per run
         kube.on_warning = self._api_warning
 
@@ -543,14 +552,8 @@ class Controller:
         )
 
     async def _in_storage(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
-        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
-        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
-        pool = self._storage.get(endpoint)
-        if pool is None:
-            pool = self._storage[endpoint] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="spin-storage"
-            )
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
+        """`fn(spec, *args)` in the run's storage endpoint's pool, within its budget."""
+        return await self.storage.call(endpoint_of(spec), fn, spec, *args)
 
     async def _gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
         """Fetch what `d` asks for; False when something could not be fetched (act partially)."""
@@ -637,6 +640,7 @@ class Controller:
         body = fresh
         if spec is not None:
             await self._ensure_tracking(spec, run, d)
+            self._report_outages(spec, new, body)
         for a in d.actions:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the
@@ -665,9 +669,20 @@ class Controller:
         # recorded in status.mlflow only once MLflow confirmed them. A kill before that patch, or
         # an MLflow that does not answer, leaves them out of the status: the reconciler asks again.
         written = new.model_copy(deep=True)
-        settled = await self.tracking.settle(spec, run, new, d.actions)
+        settled = await self.tracking.settle(spec, run, new, d.actions, self._in_storage)
         await self._patch_status(key, body, run, written, new)
         return settled
+
+    def _report_outages(self, spec: api.SPINRunSpec, new: api.SPINRunStatus, body: JSON) -> None:
+        """StorageUnavailable / TrackingUnavailable on the run while its endpoint is skipped."""
+        gen, now = body["metadata"].get("generation"), _now()
+        down = self.storage.problem(endpoint_of(spec))
+        report(new, STORAGE_UNAVAILABLE, ("EndpointUnavailable", down) if down else None, now, gen)
+        refused = self.tracking.refused(spec.tracking.uri)
+        why = refused and credentials_problem(
+            spec.tracking.uri, refused, self.settings.mlflow_secret
+        )
+        report(new, TRACKING_UNAVAILABLE, ("CredentialsRefused", why) if why else None, now, gen)
 
     async def _patch_status(
         self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, new: api.SPINRunStatus
@@ -943,9 +958,7 @@ class Controller:
             task.cancel()
         await self.kube.close()
         self.tracking.close()
-        for pool in self._storage.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._storage.clear()
+        self.storage.close()
 
 
 def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:
