@@ -103,9 +103,9 @@ class StoragePools:
         except Exception as exc:
             if _answered(exc):  # a real answer (404, 403): the endpoint is up
                 self._succeeded(endpoint)
-            else:
-                self._failed(endpoint, _short(exc))
-            raise
+                raise
+            self._failed(endpoint, _short(exc))
+            raise EndpointUnavailable(f"{describe(endpoint)}: {_short(exc)}") from exc
         self._succeeded(endpoint)
         return result
 
