@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from spin_operator import status as cond
+from spin_operator import conditions as cond
 from spin_operator.api import types as api
 from spin_runtime import storage
 
@@ -108,6 +108,10 @@ class StoragePools:
             raise EndpointUnavailable(f"{describe(endpoint)}: {_short(exc)}") from exc
         self._succeeded(endpoint)
         return result
+
+    async def run(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`call` on the run's own endpoint."""
+        return await self.call(endpoint_of(spec), fn, spec, *args)
 
     def _failed(self, endpoint: str | None, why: str) -> None:
         b = self._breakers.setdefault(endpoint, _Breaker())
@@ -197,3 +201,20 @@ def credentials_problem(uri: str | None, refused: str, secret: str | None) -> st
         f"MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN {source}. "
         "MLflow bookkeeping waits; the run goes on"
     )
+
+
+def report_outages(
+    status: api.SPINRunStatus,
+    spec: api.SPINRunSpec,
+    storage: StoragePools,
+    refused: str | None,
+    operator_secret: str | None,
+    gen: int | None,
+) -> None:
+    """StorageUnavailable while the run's storage endpoint is skipped; TrackingUnavailable while
+    its MLflow refuses the operator's credentials (`refused`: Tracking.refused)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    down = storage.problem(endpoint_of(spec))
+    report(status, STORAGE_UNAVAILABLE, ("EndpointUnavailable", down) if down else None, now, gen)
+    why = refused and credentials_problem(spec.tracking.uri, refused, operator_secret)
+    report(status, TRACKING_UNAVAILABLE, ("CredentialsRefused", why) if why else None, now, gen)

@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.conditions import resolve_metric
+from spin_operator.decision import Action, FinishTracking, ReplaySpool
 from spin_operator.policy import registered_model
-from spin_operator.reconciler import Action, FinishTracking, ReplaySpool
-from spin_operator.status import resolve_metric
 from spin_operator.steps import RunRef, layout_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# the controller's `_in_storage`: `fn(spec, *args)` in the run's storage pool, within its budget
+# `endpoints.StoragePools.run`: `fn(spec, *args)` in the run's storage pool, within its budget
 InStorage = Callable[..., Awaitable[Any]]
 
 
@@ -170,6 +170,21 @@ class Tracking:
                 higher_is_better=ev.mode == "max",
             ),
         )  # fmt: skip
+
+    async def log_heldout(
+        self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int, metrics: dict[str, float]
+    ) -> bool:
+        """θt+1's (and at iteration 0 θ0's) held-out results as the parent run's `heldout/*`."""
+        uri = spec.tracking.uri
+        if not uri or not metrics:
+            return False
+        return bool(
+            await self._call(
+                uri,
+                f"log held-out results of iteration {iteration}",
+                lambda t: t.log_heldout(parent_run_id, iteration, metrics),
+            )
+        )
 
     async def finish(self, spec: api.SPINRunSpec, run_id: str, status: str) -> bool:
         uri = spec.tracking.uri

@@ -427,16 +427,16 @@ async def test_a_step_that_cannot_be_rendered_fails_as_invalid_spec(
 ) -> None:
     """A ValueError from laying out or rendering a step (a URI the layout refuses) fails the run
     as InvalidSpec with the cause, instead of an exception and a retry on every pass."""
-    import spin_operator.controller as controller
+    import spin_operator.apply as apply
 
-    real = controller.plan_step
+    real = apply.plan_step
 
     def plan_step(spec: Any, settings: Any, run: Any, t: int, kind: str, *rest: Any) -> Any:
         if kind == "evaluate":
             raise ValueError("malformed S3 URI 's3://bkt//x': empty, '.' or '..' path segment")
         return real(spec, settings, run, t, kind, *rest)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(controller, "plan_step", plan_step)
+    monkeypatch.setattr(apply, "plan_step", plan_step)
     s = Setup(tmp_path)
     s.start()
     try:

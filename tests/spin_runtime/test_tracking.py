@@ -407,3 +407,64 @@ def test_replay_touches_only_the_given_runs(mlflow_server: MlflowServer, tmp_pat
     client = MlflowClient(mlflow_server.uri)
     assert client.get_run(own).data.metrics == {"eval/exact_match": 0.99}
     assert client.get_run(theirs).data.metrics == {}, "another run was written from a spool"
+
+
+def test_best_alias_loads_with_mlflow_transformers(
+    mlflow_server: MlflowServer,
+    s3_bucket: str,
+    tiny_model_dir: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/mlflow.md's promise: models:/<name>@best is a transformers model MLflow can load
+    (the version's source is the published S3 folder, weights and all, not a copy)."""
+    import shutil
+
+    import mlflow.transformers
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spin_runtime.train.mlmodel import write_transformers_flavor
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "theta1"))
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(folder),
+        AutoTokenizer.from_pretrained(folder),
+    )
+    write_transformers_flavor(folder, model, tokenizer, torch.float32)
+    it = RunLayout.for_run(s3_bucket, "team-a", "loadable").iteration(0)
+    mf.write_dir_artifact(folder, it.model, "model", {"iteration": 0})
+
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    parent = tracker.ensure_parent_run(f"e-{uuid.uuid4().hex[:8]}", "team-a", "loadable", "u1", {})
+    assert parent is not None
+    it_run = tracker.ensure_iteration_run(parent, 0, {})
+    assert it_run is not None
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    assert tracker.register_iteration_model(name, it_run, 0, it.model, {"score": 1.0}, "score")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    (tmp_path / "dl").mkdir()
+    pipe = mlflow.transformers.load_model(
+        f"models:/{name}@{BEST_ALIAS}", dst_path=str(tmp_path / "dl")
+    )
+    prompt = "reverse: abc"
+    ids = tokenizer(prompt, return_tensors="pt")
+    want = tokenizer.decode(model.generate(**ids, max_new_tokens=6, do_sample=False)[0])
+    assert pipe(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"] == want
+
+
+def test_heldout_series_is_logged_once_per_model(mlflow_server: MlflowServer) -> None:
+    """θ0 (iteration 0's baseline) at step 0, θt+1 at step t+1; a repeat adds no point."""
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    parent = tracker.ensure_parent_run(f"e-{uuid.uuid4().hex[:8]}", "team-a", "heldout", "u2", {})
+    assert parent is not None
+    first = {"score": 0.5, "exact_match": 0.5, "num_examples": 8.0, "baseline/score": 0.25}
+    for _ in range(2):  # an operator restart replays the decision
+        assert tracker.log_heldout(parent, 0, first)
+        assert tracker.log_heldout(parent, 1, {"score": 0.75, "baseline/score": 0.9})
+    client = MlflowClient(mlflow_server.uri)
+    score = sorted((m.step, m.value) for m in client.get_metric_history(parent, "heldout/score"))
+    assert score == [(0, 0.25), (1, 0.5), (2, 0.75)]  # a later iteration's baseline is not θ0
+    assert [m.step for m in client.get_metric_history(parent, "heldout/exact_match")] == [1]
+    assert "heldout/num_examples" not in client.get_run(parent).data.metrics

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from spin_operator import observe
-from spin_operator.reconciler import (
+from spin_operator.decision import (
     CreateStep,
     Decision,
     DeleteJob,
@@ -24,8 +24,8 @@ from spin_operator.reconciler import (
     RecordSpec,
     RegisterModel,
     StorageFacts,
-    reconcile,
 )
+from spin_operator.reconciler import reconcile
 from spin_operator.steps import plan_step
 
 if TYPE_CHECKING:
@@ -160,6 +160,7 @@ class Actor:
         parent MLflow run per iteration (step 0 = θ0), so one chart shows the whole run."""
         from spin_operator.local.runner import results_of
         from spin_runtime import manifest, storage
+        from spin_runtime.tracking import HELDOUT_METRICS
 
         r = self.r
         it = r.layout.iteration(t)
@@ -176,11 +177,7 @@ class Actor:
         r.display.iteration_results(t, results, spin)
         metrics = {k: float(v) for k, v in (results.get("metrics") or {}).items() if _number(v)}
         baseline = {k: float(v) for k, v in (results.get("baseline") or {}).items() if _number(v)}
-        keep = (
-            "score",
-            "exact_match",
-            "real_logp_per_token",
-        )  # score: what evaluation.metric auto ranks by
+        keep = HELDOUT_METRICS  # score: what evaluation.metric auto ranks by
         if t == 0 and baseline:
             r.results.append(("θ0 (SFT)", {k: baseline[k] for k in keep if k in baseline}))
         row = {k: metrics[k] for k in keep if k in metrics}
