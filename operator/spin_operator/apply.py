@@ -195,7 +195,7 @@ class Applier:
                         a.spec.to_wire(), sort_keys=True, separators=(",", ":")
                     )
                 elif isinstance(a, DeleteArtifacts) and d.spec is not None:
-                    count = await self.storage.run(observe.delete_artifacts, d.spec, a.prefix)
+                    count = await self.storage.bulk(observe.delete_artifacts, d.spec, a.prefix)
                     log.info(
                         "%s/%s: deleted %d artifact file(s) under %s",
                         run.namespace,

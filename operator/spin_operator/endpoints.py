@@ -56,7 +56,12 @@ class StoragePools:
     """One pool, budget and breaker per storage endpoint."""
 
     def __init__(
-        self, budget: float = 10.0, threshold: int = 3, cooldown: float = 30.0, workers: int = 2
+        self,
+        budget: float = 10.0,
+        threshold: int = 3,
+        cooldown: float = 30.0,
+        workers: int = 2,
+        bulk_budget: float = 300.0,
     ) -> None:
         self.budget, self.threshold, self.cooldown, self.workers = (
             budget,
@@ -64,6 +69,10 @@ class StoragePools:
             cooldown,
             workers,
         )
+        # a whole-prefix deletion is many requests: each still has `budget` (socket timeouts, one
+        # attempt), so a silent endpoint fails it as fast as any call, but the whole may take
+        # longer without counting against a healthy endpoint
+        self.bulk_budget = bulk_budget
         self._pools: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
         self._breakers: dict[str | None, _Breaker] = {}
         # botocore's own timeouts and retries inside the budget: one attempt, each socket wait
@@ -74,10 +83,17 @@ class StoragePools:
         )
 
     async def call(
-        self, endpoint: str | None, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any
+        self,
+        endpoint: str | None,
+        fn: Callable[..., T],
+        spec: api.SPINRunSpec,
+        *args: Any,
+        budget: float | None = None,
     ) -> T:
-        """`fn(spec, *args)` in `endpoint`'s pool within the budget; raises EndpointUnavailable
-        when the breaker is open or the budget ran out, and whatever `fn` raises."""
+        """`fn(spec, *args)` in `endpoint`'s pool within the budget (`budget`: a longer one for
+        the whole call, e.g. `bulk_budget`); raises EndpointUnavailable when the breaker is open
+        or the budget ran out, and whatever `fn` raises."""
+        deadline = budget or self.budget
         breaker = self._breakers.setdefault(endpoint, _Breaker())
         if time.monotonic() < breaker.open_until:
             raise EndpointUnavailable(self.problem(endpoint) or describe(endpoint))
@@ -93,12 +109,12 @@ class StoragePools:
 
         try:
             result = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(pool, bounded), self.budget
+                asyncio.get_running_loop().run_in_executor(pool, bounded), deadline
             )
         except TimeoutError:
-            self._failed(endpoint, f"no answer within {self.budget:g}s")
+            self._failed(endpoint, f"no answer within {deadline:g}s")
             raise EndpointUnavailable(
-                f"{describe(endpoint)}: no answer within {self.budget:g}s"
+                f"{describe(endpoint)}: no answer within {deadline:g}s"
             ) from None
         except Exception as exc:
             if _answered(exc):  # a real answer (404, 403): the endpoint is up
@@ -112,6 +128,10 @@ class StoragePools:
     async def run(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
         """`call` on the run's own endpoint."""
         return await self.call(endpoint_of(spec), fn, spec, *args)
+
+    async def bulk(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`run` with `bulk_budget` for the whole call (artifact deletion)."""
+        return await self.call(endpoint_of(spec), fn, spec, *args, budget=self.bulk_budget)
 
     def _failed(self, endpoint: str | None, why: str) -> None:
         b = self._breakers.setdefault(endpoint, _Breaker())

@@ -194,6 +194,26 @@ async def test_spool_replay_reads_storage_in_the_endpoints_pool_not_mlflows(
     assert p < 15, f"the other run's MLflow call waited {p:.1f}s"
 
 
+def _slow(spec: api.SPINRunSpec, seconds: float) -> str:
+    time.sleep(seconds)  # a call that takes its time on a healthy store (many requests)
+    return "done"
+
+
+async def test_a_deletion_gets_the_bulk_budget(tmp_path: Path) -> None:
+    """The whole of a prefix deletion may outlast one call's budget without failing a healthy
+    endpoint; an ordinary call that long counts as a failure."""
+    pools = StoragePools(budget=0.2, threshold=1, cooldown=60, bulk_budget=5)
+    spec = spec_on(None, str(tmp_path))
+    try:
+        assert await pools.bulk(_slow, spec, 0.4) == "done"
+        assert pools.problem(None) is None
+        with pytest.raises(EndpointUnavailable, match=r"no answer within 0\.2s"):
+            await pools.run(_slow, spec, 0.4)
+        assert "failed 1 calls in a row" in (pools.problem(None) or "")
+    finally:
+        pools.close()
+
+
 def test_the_condition_names_the_endpoint_and_clears() -> None:
     status = api.SPINRunStatus()
     report(
