@@ -113,9 +113,13 @@ class Applier:
         if spec is not None:
             await self.tracking.ensure_ids(spec, run, d)
             report_outages(  # the run's storage endpoint skipped, its MLflow refusing
-                new, spec, self.storage, self.tracking.tracking.refused(spec.tracking.uri),
-                self.settings.mlflow_secret, body["metadata"].get("generation"),
-            )  # fmt: skip
+                new,
+                spec,
+                self.storage,
+                self.tracking.tracking.refused(spec.tracking.uri),
+                self.settings.mlflow_secret,
+                body["metadata"].get("generation"),
+            )
         for a in d.actions:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the

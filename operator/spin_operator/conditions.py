@@ -49,10 +49,14 @@ def set_condition(
     if current is None:
         conditions.append(
             api.Condition(
-                type=type_, status=value, reason=reason, message=message,
-                last_transition_time=now, observed_generation=generation,
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
             )
-        )  # fmt: skip
+        )
         return True
     flipped = current.status != value
     current.status = value

@@ -22,7 +22,7 @@ ALL_STEP_KINDS: tuple[StepKind, ...] = (*STEP_KINDS, *CONTROL_KINDS)
 _SHORT: dict[StepKind, str] = {
     "generate": "gen", "train": "train", "evaluate": "eval",
     "control-train": "ctrain", "control-evaluate": "ceval",
-}  # fmt: skip
+}  # fmt: skip # a small table, packed
 _FROM_SHORT = {v: k for k, v in _SHORT.items()}
 _NAME_RE = re.compile(
     r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$"

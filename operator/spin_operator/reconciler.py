@@ -283,9 +283,14 @@ class Pass(SpecRules, StepRules):
                 self._event("Warning", cond.METRIC_UNINFORMATIVE, blind)
             if blind or previous is not None:
                 cond.set_condition(
-                    self.status.conditions, cond.METRIC_UNINFORMATIVE, bool(blind),
-                    "SameValueEverywhere" if blind else "MetricRanks", blind or "", self.now, self.observed.generation,
-                )  # fmt: skip
+                    self.status.conditions,
+                    cond.METRIC_UNINFORMATIVE,
+                    bool(blind),
+                    "SameValueEverywhere" if blind else "MetricRanks",
+                    blind or "",
+                    self.now,
+                    self.observed.generation,
+                )
             if spec.control_arm.enabled:
                 self._compare_control(spec, it, metric)
 

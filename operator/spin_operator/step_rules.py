@@ -79,9 +79,12 @@ class StepRules(PassState):
             )
         if current.state == "Succeeded":
             what = {
-                "generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results",
-                "control-train": "the control checkpoint", "control-evaluate": "the control's evaluation results",
-            }[kind]  # fmt: skip
+                "generate": "the generated data",
+                "train": "the model checkpoint",
+                "evaluate": "the evaluation results",
+                "control-train": "the control checkpoint",
+                "control-evaluate": "the control's evaluation results",
+            }[kind]
             return self._failed_attempt(
                 spec,
                 t,
@@ -169,9 +172,12 @@ class StepRules(PassState):
     @staticmethod
     def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
         return {
-            "generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated,
-            "control-train": facts.control_model, "control-evaluate": facts.control_evaluated,
-        }[kind]  # fmt: skip
+            "generate": facts.generated,
+            "train": facts.model,
+            "evaluate": facts.evaluated,
+            "control-train": facts.control_model,
+            "control-evaluate": facts.control_evaluated,
+        }[kind]
 
     def _step_succeeded(
         self,
@@ -194,9 +200,11 @@ class StepRules(PassState):
         if kind == "generate" and facts.dataset_rows:
             skipped = dict(facts.dataset_skipped)
             self.status.dataset = api.DatasetStatus(
-                rows=facts.dataset_rows, usable=facts.dataset_rows - sum(skipped.values()),
-                skipped=sum(skipped.values()), skipped_by_reason=skipped,
-            )  # fmt: skip
+                rows=facts.dataset_rows,
+                usable=facts.dataset_rows - sum(skipped.values()),
+                skipped=sum(skipped.values()),
+                skipped_by_reason=skipped,
+            )
         if kind == "train":
             it.output_model_uri = layout.model
             self._act(

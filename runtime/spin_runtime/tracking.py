@@ -348,10 +348,13 @@ class Tracker:
                 # One numbering (docs/mlflow.md): iteration t trains θt into θt+1.
                 tags[TAG_MODEL], tags[TAG_FROM] = theta(iteration + 1), theta(iteration)
                 version = self.client.create_model_version(
-                    model_name, redact_text(source_uri), run_id=run_id,
-                    tags=redact(tags), await_creation_for=0,
+                    model_name,
+                    redact_text(source_uri),
+                    run_id=run_id,
+                    tags=redact(tags),
+                    await_creation_for=0,
                     description=self._lineage(model_name, run_tags.get(TAG_UID), iteration),
-                )  # fmt: skip
+                )
             for key, value in (metrics or {}).items():
                 tag = f"{METRIC_TAG_PREFIX}{key}"
                 self.client.set_model_version_tag(model_name, version.version, tag, str(value))

@@ -144,8 +144,9 @@ def make_pki(directory: Path) -> Pki:
     )
 
 
-def kubeconfig(path: Path, server: str, ca: Path, user: Pair | None = None,
-               token: str | None = None) -> Path:  # fmt: skip
+def kubeconfig(
+    path: Path, server: str, ca: Path, user: Pair | None = None, token: str | None = None
+) -> Path:
     """A kubeconfig for ``server`` with a client certificate or a bearer token."""
     import yaml
 
@@ -157,11 +158,13 @@ def kubeconfig(path: Path, server: str, ca: Path, user: Pair | None = None,
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "spin-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "clusters": [
+            {"name": "spin-test", "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
         "users": [{"name": "user", "user": credentials}],
         "contexts": [{"name": "spin-test", "context": {"cluster": "spin-test", "user": "user"}}],
         "current-context": "spin-test",
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
     return path

@@ -293,9 +293,12 @@ class World:
         if write:
             facts = self.storage.get(job.iteration, StorageFacts())
             flag = {
-                "generate": "generated", "train": "model", "evaluate": "evaluated",
-                "control-train": "control_model", "control-evaluate": "control_evaluated",
-            }[job.stage]  # fmt: skip
+                "generate": "generated",
+                "train": "model",
+                "evaluate": "evaluated",
+                "control-train": "control_model",
+                "control-evaluate": "control_evaluated",
+            }[job.stage]
             extra: dict[str, Any] = {flag: True}
             if job.stage == "evaluate":
                 extra["metrics"] = (

@@ -111,7 +111,7 @@ async def test_a_hanging_endpoint_costs_one_budget_then_is_skipped(
         # the other endpoint is not held up: its own pool, budget and breaker
         started = time.monotonic()
         assert await pools.call(moto_server, observe.read_stored_digest, fine, RUN) is None
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 5.0  # its own client and pool: not the 1 s x 2 budgets
         assert pools.problem(moto_server) is None
         problem = pools.problem(hole.url)
         assert problem is not None and hole.url in problem

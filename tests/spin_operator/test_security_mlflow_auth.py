@@ -56,7 +56,9 @@ def _operator(
 
     return OperatorProcess(
         cluster.settings(mlflow_uri=auth.uri, mlflow_secret=OPERATOR_SECRET),
-        tracking=Tracking(timeout=30, cooldown=0.5),
+        # generous: each authenticated request takes ~1 s on a loaded 2-core machine and the
+        # parent run is a handful of them; a timeout here would leave the first Job untracked
+        tracking=Tracking(timeout=120, cooldown=0.5),
     )
 
 
@@ -72,7 +74,7 @@ async def _wait_job(cluster: Cluster, run: str) -> dict[str, object]:
     async def probe() -> dict[str, object] | None:
         return next(iter(await cluster.jobs(run)), None)
 
-    return await cluster.wait(f"{run}'s first Job", probe, timeout=90)
+    return await cluster.wait(f"{run}'s first Job", probe, timeout=240)
 
 
 def _leaks(text: str, secrets: list[str]) -> list[str]:

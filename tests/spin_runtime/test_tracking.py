@@ -84,10 +84,13 @@ def test_two_iteration_run_lineage(
         write_iteration_artifacts(run, t, tmp_path)
         it = run.iteration(t)
         params = {
-            "beta": 0.1, "learning_rate": 5e-7, "temperature": 1.0, "top_p": 1.0,
+            "beta": 0.1,
+            "learning_rate": 5e-7,
+            "temperature": 1.0,
+            "top_p": 1.0,
             "model_uri": run.model_for_iteration(t, "hf-org/base-model"),
             "data_uris": run.training_data_for_iteration(t, 1),
-        }  # fmt: skip
+        }
         it_run = tracker.ensure_iteration_run(parent, t, params)
         assert it_run is not None
         with RunLogger(it_run, mlflow_server.uri, policy=FAST) as logger:
@@ -305,11 +308,27 @@ def test_disabled_logger_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_redaction_rules() -> None:
-    for key in ("AWS_SECRET_ACCESS_KEY", "apiKey", "sessionToken", "password", "MLFLOW_TRACKING_TOKEN",
-                "credentials", "private_key", "Authorization", "secretAccessKey"):  # fmt: skip
+    for key in (
+        "AWS_SECRET_ACCESS_KEY",
+        "apiKey",
+        "sessionToken",
+        "password",
+        "MLFLOW_TRACKING_TOKEN",
+        "credentials",
+        "private_key",
+        "Authorization",
+        "secretAccessKey",
+    ):
         assert is_secret_key(key), key
-    for key in ("max_new_tokens", "tokenizer", "num_generated_tokens", "learning_rate", "model_uri",
-                "keyword_filter", "monkey"):  # fmt: skip
+    for key in (
+        "max_new_tokens",
+        "tokenizer",
+        "num_generated_tokens",
+        "learning_rate",
+        "model_uri",
+        "keyword_filter",
+        "monkey",
+    ):
         assert not is_secret_key(key), key
     assert redact({"a": {"token": "x", "n": [1, {"password": "y"}]}, "tokens": 3}) == {
         "a": {"token": REDACTED, "n": [1, {"password": REDACTED}]},
@@ -320,9 +339,17 @@ def test_redaction_rules() -> None:
         redact_text("see https://u:pw@h/x and Bearer abc.def")
         == f"see https://u:{REDACTED}@h/x and Bearer {REDACTED}"
     )
-    assert redact_argv(["--model", "m", "--hf-token", "s", "--api-key=s", "--max-new-tokens", "5"]) == [
-        "--model", "m", "--hf-token", REDACTED, f"--api-key={REDACTED}", "--max-new-tokens", "5",
-    ]  # fmt: skip
+    assert redact_argv(
+        ["--model", "m", "--hf-token", "s", "--api-key=s", "--max-new-tokens", "5"]
+    ) == [
+        "--model",
+        "m",
+        "--hf-token",
+        REDACTED,
+        f"--api-key={REDACTED}",
+        "--max-new-tokens",
+        "5",
+    ]
 
 
 def test_hanging_mlflow_costs_one_timeout_per_cooldown(

@@ -59,11 +59,18 @@ class Actor:
         decision = None
         for _ in range(MAX_ROUNDS):
             observed = Observed(
-                namespace=r.run_ref.namespace, name=r.run_ref.name, uid=r.run_ref.uid, now=_now(),
-                jobs=r.backend.observed(), gone_jobs=frozenset(gone), missing_secrets=frozenset(),
-                storage=dict(storage), stored_spec_checked=stored[0], stored_spec_digest=stored[1],
+                namespace=r.run_ref.namespace,
+                name=r.run_ref.name,
+                uid=r.run_ref.uid,
+                now=_now(),
+                jobs=r.backend.observed(),
+                gone_jobs=frozenset(gone),
+                missing_secrets=frozenset(),
+                storage=dict(storage),
+                stored_spec_checked=stored[0],
+                stored_spec_digest=stored[1],
                 applied_spec=r.state.applied_spec,
-            )  # fmt: skip
+            )
             decision = reconcile(r.spec, r.status, observed)
             if decision.complete or decision.spec is None:
                 break
@@ -104,9 +111,14 @@ class Actor:
             elif isinstance(a, CreateStep) and spec is not None:
                 it = next((i for i in d.status.iterations if i.iteration == a.iteration), None)
                 plan = plan_step(
-                    spec, r.settings, r.run_ref, a.iteration, a.stage, a.attempt,
+                    spec,
+                    r.settings,
+                    r.run_ref,
+                    a.iteration,
+                    a.stage,
+                    a.attempt,
                     it.mlflow_run_id if it else None,
-                )  # fmt: skip
+                )
                 if a.stage == "train":
                     self._log_datasets(d, a.iteration)
                 job = r.backend.start(plan)
