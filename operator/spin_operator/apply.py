@@ -84,8 +84,11 @@ class Applier:
         runs: dict[Key, JSON],
         on_job: Callable[[str | None, JSON], None],
         post_event: EventPoster | None = None,
+        deletes_sent: set[tuple[str, str]] | None = None,
     ) -> None:
         self.settings = settings
+        # (namespace, Job) deleted and not yet seen deleting by the watch (Facts.deletes_sent)
+        self.deletes_sent = set() if deletes_sent is None else deletes_sent
         self.kube = kube
         self.metrics = metrics
         self.storage = storage
@@ -124,9 +127,12 @@ class Applier:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the
                 # reconciler can tell when nothing writes any more (run deletion, retries).
-                await self._write(
+                if (run.namespace, a.name) in self.deletes_sent:
+                    continue
+                if await self._write(
                     self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
-                )
+                ):  # None or False: already gone (404)
+                    self.deletes_sent.add((run.namespace, a.name))
             elif isinstance(a, DeleteService):
                 await self._write(self.kube.delete(service_path(run.namespace, a.name)))
             elif isinstance(a, SuspendJob):

@@ -88,6 +88,7 @@ class Controller:
             self.runs,
             on_job,
             post_event,
+            deletes_sent=self.facts.deletes_sent,
         )
         self.pod_check = pod_check
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
@@ -141,6 +142,7 @@ class Controller:
             jobs = self.jobs.get(key, {})
             for name in [n for n, (owner, _) in jobs.items() if owner == uid]:
                 del jobs[name]
+                self.facts.deletes_sent.discard((key[0], name))
             self.facts.forget(uid)
             recheck = self._rechecks.pop(key, None)
             if recheck is not None:

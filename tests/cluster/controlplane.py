@@ -29,7 +29,7 @@ from typing import Any
 import requests
 
 from tests.cluster import pki as pki_
-from tests.support.kubelet import Api
+from tests.cluster.kubelet import Api
 from tests.support.servers import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +37,10 @@ BUILD = HERE / "build.sh"
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Metadata-level events for every request of a ServiceAccount in the operator's release namespace
-# (spin-system), nothing else: small enough to read after every test.
+# (spin-system), for Kueue's writes to Jobs (tests/cluster/test_kueue.py counts its suspend
+# flips) and for the Job controller's writes of Job status (when a Job completed, to the
+# microsecond: the scale benchmark's latency starts there); nothing else: small enough to read
+# after every test.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -45,8 +48,17 @@ omitStages: ["RequestReceived"]
 rules:
   - level: Metadata
     userGroups: ["system:serviceaccounts:spin-system"]
+  - level: Metadata
+    users: ["kueue"]
+    verbs: ["create", "update", "patch", "delete"]
+    resources: [{group: "batch", resources: ["jobs"]}]
+  - level: Metadata
+    users: ["system:serviceaccount:kube-system:job-controller"]
+    verbs: ["update", "patch"]
+    resources: [{group: "batch", resources: ["jobs/status"]}]
   - level: None
 """
+JOB_CONTROLLER = "system:serviceaccount:kube-system:job-controller"
 
 
 def build_binary(timeout: float = 5400) -> Path:
@@ -60,7 +72,7 @@ def build_binary(timeout: float = 5400) -> Path:
 
 
 class AuthApi(Api):
-    """tests/support/kubelet.py's JSON client, with TLS and a client certificate."""
+    """tests/cluster/kubelet.py's JSON client, with TLS and a client certificate."""
 
     def __init__(self, server: str, ca: Path, cert: pki_.Pair) -> None:
         super().__init__(server)
@@ -83,6 +95,7 @@ class Component:
     name: str
     argv: list[str]
     log: Path
+    env: dict[str, str] | None = None  # added to this process's environment
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -95,6 +108,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:

@@ -56,6 +56,7 @@ class Pki:
     admin: Pair
     controller_manager: Pair
     scheduler: Pair
+    kueue: Pair  # Kueue's manager (tests/cluster/kueue.py): its own user, so the audit log tells its writes
     sa_private: Path
     sa_public: Path
 
@@ -139,6 +140,7 @@ def make_pki(directory: Path) -> Pki:
             "controller-manager", _name("system:kube-controller-manager"), server=False
         ),
         scheduler=issue("scheduler", _name("system:kube-scheduler"), server=False),
+        kueue=issue("kueue", _name("kueue", "system:masters"), server=False),
         sa_private=sa_private,
         sa_public=sa_public,
     )

@@ -88,11 +88,10 @@ def _stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server; yields its endpoint URL and points the AWS env vars at it."""
+@contextlib.contextmanager
+def moto_process(log: Path) -> Iterator[str]:
+    """A moto S3 server on a free port of 127.0.0.1 (output in `log`); yields its endpoint URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
     endpoint = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -103,21 +102,40 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     try:
         _wait_http(f"{endpoint}/moto-api/", proc, 30, log)
-        with pytest.MonkeyPatch.context() as mp:
-            for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-                mp.delenv(var, raising=False)
-            missing = str(log.parent / "no-aws-config")
-            mp.setenv("AWS_CONFIG_FILE", missing)
-            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
-            mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-            mp.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            mp.setenv("AWS_REGION", "us-east-1")
-            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            yield endpoint
+        yield endpoint
     finally:
         _stop_group(proc)
+
+
+def moto_environment(endpoint: str, scratch: Path) -> dict[str, str | None]:
+    """The AWS variables that point this process's S3 clients at `endpoint` (None: unset)."""
+    missing = str(scratch / "no-aws-config")
+    return {
+        "AWS_PROFILE": None,
+        "AWS_SESSION_TOKEN": None,
+        "AWS_ENDPOINT_URL": None,
+        "AWS_CONFIG_FILE": missing,
+        "AWS_SHARED_CREDENTIALS_FILE": missing,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server; yields its endpoint URL and points the AWS env vars at it."""
+    scratch = tmp_path_factory.mktemp("moto")
+    with moto_process(scratch / "moto.log") as endpoint, pytest.MonkeyPatch.context() as mp:
+        for name, value in moto_environment(endpoint, scratch).items():
+            if value is None:
+                mp.delenv(name, raising=False)
+            else:
+                mp.setenv(name, value)
+        yield endpoint
 
 
 def s3_client_for(endpoint: str) -> Any:

@@ -1,9 +1,9 @@
 """A quick stand-in for ``python -m spin_runtime ...`` / ``torchrun ... -m spin_runtime train``.
 
 Why: the load test runs 20 SPINRuns at once on two shared cores; real generation and training of
-each would take many minutes. The executor's ``launch_hook`` (see ``quick_pods``) runs this file
-instead of the container's command, with the original argv after it. It writes what the real
-step leaves in storage (the same layout, manifests last, so the operator's checks are the real
+each would take many minutes. The node agent's launch hook (``quick_pods`` in
+tests/cluster/conftest.py) runs this file instead of the container's command, with the original
+argv after it. It writes what the real step leaves in storage (the same layout, manifests last, so the operator's checks are the real
 ones) and exits 0; everything else (Jobs, pods, env and Secrets, S3 on moto, the operator) is real.
 """
 
@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
         (scratch / "config.json").write_text("{}")
         manifest.write_dir_artifact(scratch, output, "model", {"standin": True})
     elif "evaluate" in argv:
-        results = {"metrics": {"exact_match": 0.5, "real_logp_per_token": -1.0}, "baseline": None}
+        # A test may set the score (STANDIN_EXACT_MATCH) per pod, e.g. to tell two arms apart.
+        score = float(os.environ.get("STANDIN_EXACT_MATCH", "0.5"))
+        results = {"metrics": {"exact_match": score, "real_logp_per_token": -1.0}, "baseline": None}
         (scratch / "results.json").write_text(json.dumps(results))
         manifest.write_dir_artifact(scratch, output, "eval", {"metrics": results["metrics"]})
     else:
