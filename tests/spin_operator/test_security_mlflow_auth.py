@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.kubelet import Api, Kubelet, PodContext
 from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
 from tests.support.k8s_emulator import running_api
-from tests.support.kubelet import Api, Kubelet, PodContext
 from tests.support.servers import MlflowAuthServer
 
 OPERATOR_SECRET = "spin-mlflow"  # the chart's tracking.credentialsSecret (its name only)
