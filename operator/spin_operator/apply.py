@@ -34,7 +34,7 @@ from spin_operator.decision import (
     SetFinalizer,
     SuspendJob,
 )
-from spin_operator.facts import StoragePools
+from spin_operator.endpoints import StoragePools, report_outages
 from spin_operator.kube import ApiError, Kube, job_path, service_path, spinrun_path
 from spin_operator.metrics import Metrics
 from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER, StepKind, job_name
@@ -115,6 +115,14 @@ class Applier:
         body = fresh
         if spec is not None:
             await self.tracking.ensure_ids(spec, run, d)
+            report_outages(  # the run's storage endpoint skipped, its MLflow refusing
+                new,
+                spec,
+                self.storage,
+                self.tracking.tracking.refused(spec.tracking.uri),
+                self.settings.mlflow_secret,
+                body["metadata"].get("generation"),
+            )
         for a in d.actions:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the
@@ -146,7 +154,7 @@ class Applier:
         # recorded in status.mlflow only once MLflow confirmed them. A kill before that patch, or
         # an MLflow that does not answer, leaves them out of the status: the reconciler asks again.
         written = new.model_copy(deep=True)
-        settled = await self.tracking.tracking.settle(spec, run, new, d.actions)
+        settled = await self.tracking.tracking.settle(spec, run, new, d.actions, self.storage.run)
         await self._patch_status(key, body, run, written, new)
         return settled
 
@@ -197,7 +205,7 @@ class Applier:
                         a.spec.to_wire(), sort_keys=True, separators=(",", ":")
                     )
                 elif isinstance(a, DeleteArtifacts) and d.spec is not None:
-                    count = await self.storage.run(observe.delete_artifacts, d.spec, a.prefix)
+                    count = await self.storage.bulk(observe.delete_artifacts, d.spec, a.prefix)
                     log.info(
                         "%s/%s: deleted %d artifact file(s) under %s",
                         run.namespace,

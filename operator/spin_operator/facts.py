@@ -4,13 +4,13 @@ The reconciler is pure (reconciler.py); the controller builds its `Observed` fro
 caches and fetches, only when a decision asks (`Decision.needs_*`), the facts the caches do not
 hold: storage manifests, the stored spec's digest, Secrets, a GET for a Job the cache does not
 have, the cause a bad-input exit left in storage, and what keeps a Job's pods from starting.
-Storage calls run in one small thread pool per storage endpoint (`StoragePools`).
+Storage calls run in one small thread pool per storage endpoint, each within a short budget and
+behind a breaker per endpoint (`endpoints.StoragePools`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from spin_operator import observe
 from spin_operator.api import types as api
 from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts, referenced_secrets
+from spin_operator.endpoints import StoragePools
 from spin_operator.kube import ApiError, Kube, job_path, secret_path
 from spin_operator.metrics import Metrics
 from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER
@@ -63,28 +64,6 @@ def applied_spec(meta: JSON) -> api.SPINRunSpec | None:
         return api.SPINRunSpec.model_validate(json.loads(raw))
     except (ValueError, ValidationError):
         return None
-
-
-class StoragePools:
-    """One small pool per storage endpoint: a store that hangs holds up only the runs that use it."""
-
-    def __init__(self) -> None:
-        self._pools: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
-
-    async def run(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
-        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
-        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
-        pool = self._pools.get(endpoint)
-        if pool is None:
-            pool = self._pools[endpoint] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="spin-storage"
-            )
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
-
-    def close(self) -> None:
-        for pool in self._pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._pools.clear()
 
 
 class Specs:
