@@ -54,7 +54,7 @@ class Controller:
         post_event: EventPoster | None = None,
         retry_base: float = 2.0,
         retry_max: float = 60.0,
-        pod_check: float = 20.0,
+        pod_check: float | None = None,
         storage: StoragePools | None = None,
     ) -> None:
         self._settings = settings
@@ -69,6 +69,7 @@ class Controller:
         self.touched: dict[tuple[str, str, str], float] = {}
         self.run_touched: dict[Key, float] = {}
         self.specs = Specs(settings)
+        pod_check = settings.pod_check_seconds if pod_check is None else pod_check
         # a pool, a budget per call and a breaker per storage endpoint (endpoints.py)
         storage = self._storage = storage or StoragePools()
 

@@ -51,6 +51,9 @@ class Settings:
     # and what vanished during a watch gap is dropped from the caches.
     list_chunk_size: int = 500
     resync_seconds: float = 300.0
+    # How long a Job may wait for its pods before the operator looks at them (and again every
+    # so often while they wait) to say why: a Job created a moment ago has no pods to blame.
+    pod_check_seconds: float = 20.0
     # Leader election (leader.py): only the holder of Lease `lease_namespace/lease_name` reconciles.
     leader_election: bool = False
     lease_name: str = "spin-operator"
@@ -139,6 +142,7 @@ class Settings:
             pod_templates=templates,
             list_chunk_size=integer("SPIN_LIST_CHUNK_SIZE", 500, 1),
             resync_seconds=float(integer("SPIN_RESYNC_SECONDS", 300, 0)),
+            pod_check_seconds=float(integer("SPIN_POD_CHECK_SECONDS", 20, 1)),
             leader_election=flag("SPIN_LEADER_ELECTION"),
             lease_name=text("SPIN_LEASE_NAME") or "spin-operator",
             lease_namespace=text("SPIN_LEASE_NAMESPACE") or text("POD_NAMESPACE") or "default",

@@ -303,6 +303,7 @@ def _operator(api: Any, workdir: Path, namespaces: list[str]) -> Iterator[Callab
         "SPIN_STORAGE_URI": str(workdir / "artifacts"),
         "SPIN_RUNTIME_IMAGE": "registry.example.com/spin-runtime:test",
         "SPIN_LOG_LEVEL": "DEBUG",
+        "SPIN_POD_CHECK_SECONDS": "1",  # look at a waiting Job's pods soon: the lifecycle waits for it
         "SPIN_HEALTH_PORT": "0",
         "SPIN_METRICS_PORT": "0",
     }
@@ -380,6 +381,14 @@ def _lifecycle(api: Any, workdir: Path, logs: Callable[[], str]) -> None:
     wait = lambda what, probe: _wait(api, what, probe, logs)  # noqa: E731
     api.create(_spinrun("lifecycle"))
     first = wait("the generation Job", lambda: _jobs(api, "lifecycle", "generate"))[0]
+    # A Job whose pods do not come: the operator lists its pods, then the Job's events (why?)
+    wait(
+        "the operator to look at the waiting Job's pods and events",
+        lambda: (
+            {("pods", "list"), ("events", "list")}
+            <= {(r.rbac_resource, r.verb) for r in list(api.requests)}
+        ),
+    )
     _job_status(api, first, "Failed", failed=1)
     retry = wait(
         "a retried generation Job",
