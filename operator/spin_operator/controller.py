@@ -40,6 +40,7 @@ from spin_operator.kube import ApiError, Kube, job_path, secret_path, service_pa
 from spin_operator.metrics import Metrics
 from spin_operator.naming import (
     APPLIED_SPEC_ANNOTATION,
+    CHECK,
     FINALIZER,
     RUN_LABEL,
     StepKind,
@@ -797,7 +798,9 @@ class Controller:
         admits them (schema, PodSecurity, quota limits, RBAC) without storing anything. A
         permanent refusal fails the run before it starts; anything else is left to the real
         create (a quota in use now, a Job already there from before a restart)."""
-        for kind in [k for lead in steps_of(spec) for k in beside(spec, lead)]:  # control arm too
+        # the check that leads iteration 0, then every step (the control arm's too)
+        kinds: list[StepKind] = [CHECK, *(k for lead in steps_of(spec) for k in beside(spec, lead))]
+        for kind in kinds:
             name, objects = self._objects(key, spec, run, 0, kind, 0, None)
             for obj in objects:
                 path = (

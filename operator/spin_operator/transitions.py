@@ -369,11 +369,17 @@ class Pass:
         layout = layout_of(spec, self.o.run)
         it = api.IterationStatus(
             iteration=t,
-            stage="Generating",
+            stage="Checking" if t == 0 else "Generating",
             start_time=self.now,
             model_uri=layout.model_for_iteration(t, spec.model.uri),
             data_uri=layout.iteration(t).generated,
         )
+        if t == 0:  # the dataset and θ0 are checked once, before any generation (docs/datasets.md)
+            it.check = api.StepStatus()
+            # local mode checks in-process before the run (spinctl run's preflight)
+            if self.o.inputs_checked:
+                it.check.phase, it.check.message = "Succeeded", "checked by spinctl before the run"
+                it.check.completion_time = self.now
         if not spec.evaluation.enabled:
             it.evaluate.phase = "Skipped"
         if spec.control_arm.enabled:
@@ -410,7 +416,8 @@ class Pass:
             outcome = self._stage(spec, t, kind)
             if outcome != "done":
                 break
-            later = steps[steps.index(kind) + 1 :]
+            # the check (iteration 0) leads every step
+            later = steps[steps.index(kind) + 1 :] if kind in steps else steps
             if later:
                 it.stage = STAGE_OF[later[0]]
                 continue
@@ -543,7 +550,7 @@ class Pass:
             )
         if current.state == "Succeeded":
             what = {
-                "generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results",
+                "check": "the check's report", "generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results",
                 "control-train": "the control checkpoint", "control-evaluate": "the control's evaluation results",
             }[kind]  # fmt: skip
             return self._failed_attempt(
@@ -633,7 +640,8 @@ class Pass:
     @staticmethod
     def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
         return {
-            "generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated,
+            # a generation found complete ran the same checks itself (a run resumed from storage)
+            "check": facts.checked or facts.generated, "generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated,
             "control-train": facts.control_model, "control-evaluate": facts.control_evaluated,
         }[kind]  # fmt: skip
 
@@ -655,6 +663,8 @@ class Pass:
         found = job is None or job.state != "Succeeded"
         ss.message = "found complete in storage" if found else None
         layout = layout_of(spec, self.o.run).iteration(t)
+        if kind == "check" and facts.check_profile:
+            self.st.dataset = cond.dataset_status(facts.check_profile)
         if kind == "generate" and facts.dataset_rows:
             skipped = dict(facts.dataset_skipped)
             self.st.dataset = api.DatasetStatus(

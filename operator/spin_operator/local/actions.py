@@ -63,6 +63,9 @@ class Actor:
                 jobs=r.backend.observed(), gone_jobs=frozenset(gone), missing_secrets=frozenset(),
                 storage=dict(storage), stored_spec_checked=stored[0], stored_spec_digest=stored[1],
                 applied_spec=r.state.applied_spec,
+                # local mode checks before the run (spinctl run's preflight, in-process; spinctl
+                # demo builds its own task and model): no check step as a process
+                inputs_checked=True,
             )  # fmt: skip
             decision = reconcile(r.spec, r.status, observed)
             if decision.complete or decision.spec is None:
