@@ -11,7 +11,8 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     gate, standin, *rest = argv
-    while not Path(gate).exists():
+    # the check before iteration 0's generation is not gated: the steps the tests time are
+    while rest[1:4] != ["-m", "spin_runtime", "check"] and not Path(gate).exists():
         time.sleep(0.2)
     os.execv(sys.executable, [sys.executable, standin, *rest])
 

@@ -1,7 +1,8 @@
-"""Bad input on a cluster: the real runtime in the first generation Job finds a dataset with too
-many unusable rows and exits 2; the Job fails through its podFailurePolicy and the operator fails
-the run at once — no retry Job, although failurePolicy.maxRetries is 2 — with one Warning event
-and the step's message in the status.
+"""Bad input on a cluster: the check Job before iteration 0's generation (the real runtime's
+`check`, one CPU pod) finds a dataset with too many unusable rows and exits 2; the Job fails
+through its podFailurePolicy and the operator fails the run at once — no retry Job, although
+failurePolicy.maxRetries is 2, and no generation Job at all — with one Warning event and the
+cause first in the condition, the status and the step's message.
 """
 
 from __future__ import annotations
@@ -33,24 +34,27 @@ def test_bad_dataset_fails_the_first_job_once_and_is_not_retried(
     run = e2e.wait_run(RUN, 300)
     status = run["status"]
     assert status["phase"] == "Failed", e2e.diagnostics(RUN)
-    gen = job_name(RUN, 0, "generate")
-    assert e2e.job_creations() == [gen]  # one Job: no -r1 although maxRetries is 2
+    check = job_name(RUN, 0, "check")
+    assert e2e.job_creations() == [check]  # one Job: no -r1 (maxRetries is 2), no generation
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PodFailurePolicy"
-    # the cause first: what the runtime left in the step's output folder, not the exit-code line
+    # the cause first: the problems of the check's report, not the exit-code line
     assert failed["message"].startswith(
         f"dataset {BAD_DATASET}: not UTF-8 ×20 (line 241, line 242,"
     )
     assert "above dataset.maxSkippedFraction 0.01" in failed["message"]
     assert failed["message"].endswith(
-        f"(generate of iteration 0: bad input, not retried; details: kubectl logs job/{gen})"
+        f"(check of iteration 0: bad input, not retried; details: kubectl logs job/{check})"
     )
     assert status["message"] == failed["message"]
-    step = status["iterations"][0]["generate"]
-    assert (step["phase"], step["attempts"]) == ("Failed", 1)
-    assert step["message"].startswith(f"dataset {BAD_DATASET}: not UTF-8")
-    job = next(j for j in e2e.jobs() if j["metadata"]["name"] == gen)
+    it = status["iterations"][0]
+    assert (it["check"]["phase"], it["check"]["attempts"]) == ("Failed", 1)
+    assert it["check"]["message"].startswith(f"dataset {BAD_DATASET}: not UTF-8")
+    assert it["generate"]["attempts"] == 0
+    job = next(j for j in e2e.jobs() if j["metadata"]["name"] == check)
     assert condition(job, "Failed")
-    logs = "".join(p.log() for p in e2e.executor.pods(gen, e2e.namespace))
+    pod = job["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(pod["containers"][0]["resources"])
+    logs = "".join(p.log() for p in e2e.executor.pods(check, e2e.namespace))
     assert f"error: dataset {BAD_DATASET}: not UTF-8 ×20" in logs  # the cause, in the pod log
     assert "above dataset.maxSkippedFraction 0.01" in logs

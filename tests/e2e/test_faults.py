@@ -41,7 +41,10 @@ def apply_run(c: Cluster, tmp_path: Path, iterations: int) -> None:
 
 
 def steps(iterations: int) -> list[str]:
-    return [job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS]
+    """The check before iteration 0's generation, then each step of each iteration."""
+    return [job_name(RUN, 0, "check")] + [
+        job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS
+    ]
 
 
 def wait_pods_running(c: Cluster, job: str, count: int) -> None:
@@ -65,7 +68,7 @@ def assert_each_step_once(c: Cluster, iterations: int) -> None:
     assert sorted(created) == sorted(expected), f"Job creations: {created}"
     assert {j["metadata"]["name"] for j in c.jobs()} == set(expected)
     pods = collections.Counter(p.job for p in c.executor.pods(namespace=c.namespace))
-    planned = {name: 1 if name.endswith("-eval") else 2 for name in expected}
+    planned = {name: 1 if name.endswith(("-eval", "-check")) else 2 for name in expected}
     assert dict(pods) == planned, f"pods per Job: {dict(pods)}"
 
 

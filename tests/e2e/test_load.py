@@ -49,8 +49,11 @@ def test_twenty_spinruns_at_once_all_complete(e2e_quick: Cluster, tmp_path: Path
 
     created = c.job_creations()
     per_run = collections.Counter(name.rsplit("-i", 1)[0] for name in created)
-    assert len(created) == len(set(created)) == RUNS * ITERATIONS * 3, collections.Counter(created)
-    assert set(per_run) == set(names) and set(per_run.values()) == {ITERATIONS * 3}
+    # per run: the check before iteration 0, then 3 steps per iteration
+    assert len(created) == len(set(created)) == RUNS * (ITERATIONS * 3 + 1), collections.Counter(
+        created
+    )
+    assert set(per_run) == set(names) and set(per_run.values()) == {ITERATIONS * 3 + 1}
     operator = [
         e for e in c.api.requests.entries() if e.user_agent.startswith(harness.OPERATOR_AGENTS)
     ]

@@ -69,14 +69,14 @@ def test_kubectl_apply_runs_two_real_iterations(e2e: Cluster, tmp_path: Path) ->
 
     # --- the cluster: one Job per step, each created exactly once; pods per Job as planned
     created = e2e.job_creations()
-    assert len(created) == 6 and len(set(created)) == 6, created
+    assert len(created) == 7 and len(set(created)) == 7, created
     stages = collections.Counter(re.sub(r"^e2e-i\d+-", "", name) for name in created)
-    assert set(stages.values()) == {2}, stages
+    assert stages.pop("check") == 1 and set(stages.values()) == {2}, stages  # the check: once
     pods = e2e.executor.pods(namespace=e2e.namespace)
     per_job = collections.Counter(p.job for p in pods)
     assert all(p.phase == "Succeeded" for p in pods), [(p.name, p.phase) for p in pods]
     for job, count in per_job.items():
-        assert count == (1 if "eval" in job else 2), per_job
+        assert count == (1 if "eval" in job or "check" in job else 2), per_job
     train = next(p for p in pods if "train" in p.job and p.index == 1)
     master = train.env["PET_MASTER_ADDR"]  # torchrun's own variable, not an argv flag
     assert master == "127.0.0.1", train.env  # <job>-0.<svc> resolved to the local master
