@@ -3,116 +3,44 @@
 Watch events (fed by handlers.py) keep two caches: the latest SPINRun bodies and the child Jobs
 by run. A run is reconciled in one task at a time (events arriving meanwhile coalesce into one
 more pass). Each pass builds `Observed` from the caches, asks the reconciler, fetches only the
-facts it asks for (storage manifests, Secrets, a GET for a Job the cache does not have), then
-applies the decision: metadata patch, MLflow ids, Job/Service writes, one `/status` patch when
-the status changed, events, then MLflow run ends and spool replays (`Tracking.settle`; a second
-patch records what MLflow confirmed). Nothing polls: a pass that could not finish (storage, API
-or MLflow down) schedules one retry with backoff.
-
-API errors on creates (docs/operations.md, "API errors"): 409 adopts or waits, 429/5xx back off
-(at least as long as `Retry-After` says); a permanent refusal (400, 422, 403 other than an
-exhausted quota) is recorded per step and the next pass fails the step with the API server's
-message (a condition and a Warning event). When a run starts, every Job and Service of
-iteration 0 is first sent with `dryRun=All`, so the API server's own validation and admission
-refuse a bad spec before anything is written to storage.
+facts it asks for (facts.py), then applies the decision (apply.py). Nothing polls: a pass that
+could not finish (storage, API or MLflow down) schedules one retry with backoff; a Job whose
+pods wait is looked at again every `pod_check` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
-import dataclasses
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
-import aiohttp
 from pydantic import ValidationError
 
 from spin_operator import observe, resync
 from spin_operator.api import types as api
-from spin_operator.kube import ApiError, Kube, job_path, secret_path, service_path, spinrun_path
+from spin_operator.apply import Again, Applier, EventPoster, Retry, Stale, phases
+from spin_operator.decision import Event, ObservedJob
+from spin_operator.facts import Facts, Gathered, Specs, StoragePools, applied_spec
+from spin_operator.kube import Kube
 from spin_operator.metrics import Metrics
-from spin_operator.naming import (
-    APPLIED_SPEC_ANNOTATION,
-    CHECK,
-    FINALIZER,
-    RUN_LABEL,
-    StepKind,
-    job_name,
-)
-from spin_operator.reconciler import (
-    CreateStep,
-    Decision,
-    DeleteArtifacts,
-    DeleteJob,
-    DeleteService,
-    EnsureIterationRun,
-    EnsureParentRun,
-    Event,
-    Observed,
-    ObservedJob,
-    RecordSpec,
-    RegisterModel,
-    SetFinalizer,
-    StorageFacts,
-    SuspendJob,
-    reconcile,
-    referenced_secrets,
-)
+from spin_operator.naming import RUN_LABEL
+from spin_operator.reconciler import reconcile
 from spin_operator.refusals import Refusals
-from spin_operator.render import render
-from spin_operator.settings import Settings, check_policy, resolve_spec
-from spin_operator.steps import RunRef, beside, layout_of, plan_step, steps_of
+from spin_operator.settings import Settings
+from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
-from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
+from spin_operator.tracking_actions import TrackingActions
+from spin_operator.validation import InvalidSpec
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
-EventPoster = Callable[[JSON, str, str, str], None]
 MAX_ROUNDS = api.MAX_ITERATIONS + 10
 # The run whose pass is making API calls (each pass runs in its own task, so its own context):
 # a `Warning` header the API server sends on those calls becomes an event on that SPINRun.
 _PASS: contextvars.ContextVar[Key | None] = contextvars.ContextVar("spin_pass", default=None)
-
-
-class Retry(Exception):
-    """The pass cannot finish now (storage/API unavailable, a name held by a stranger);
-    `after`: the least wait the API server asked for (Retry-After)."""
-
-    def __init__(self, message: str, after: float | None = None):
-        super().__init__(message)
-        self.after = after
-
-
-class Again(Exception):
-    """The API server refused a child for good: decide again now, with the refusal as a fact."""
-
-
-class Stale(Exception):
-    """A write met a newer version of the SPINRun (409) or none (404): the watch brings it."""
-
-
-@dataclass
-class Gathered:
-    """Facts fetched during one pass because the reconciler asked for them."""
-
-    storage: dict[int, StorageFacts] = field(default_factory=dict)
-    missing_secrets: frozenset[str] | None = None
-    gone: set[str] = field(default_factory=set)
-    stored_checked: bool = False
-    stored_digest: str | None = None
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Controller:
@@ -128,43 +56,58 @@ class Controller:
         retry_max: float = 60.0,
         pod_check: float = 20.0,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
         self.kube = kube
         self.tracking = tracking or Tracking()
         self.metrics = metrics or Metrics()
-        self.post_event = post_event or _kopf_event
         self.retry_base, self.retry_max = retry_base, retry_max
         self.runs: dict[Key, JSON] = {}
-        # Validating a spec (models + CRD schema) is most of a pass's CPU; status and metadata
-        # writes trigger passes with an unchanged spec, so the last result is kept per run.
-        self._parsed: dict[Key, tuple[str, api.SPINRunSpec | InvalidSpec]] = {}
         self.jobs: dict[Key, dict[str, tuple[str | None, ObservedJob]]] = {}
         # When each cache entry last changed (monotonic; kept after a delete): resync.py changes
         # only entries older than its lists.
         self.touched: dict[tuple[str, str, str], float] = {}
         self.run_touched: dict[Key, float] = {}
-        self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
-        self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
-        # Jobs whose pods are not all running: their latest body, and what their pods and events
-        # said ((run uid, Job) -> (monotonic time of the look, blockage)); looked at again every
-        # `pod_check` seconds while they wait, since a stuck pod changes nothing on the Job.
+        self.specs = Specs(settings)
+        storage = self._storage = StoragePools()
+
+        def on_job(event_type: str | None, obj: JSON) -> None:
+            self.on_job(event_type, obj)  # looked up late: a test may replace it (test_resync)
+
+        self.facts = Facts(settings, kube, self.metrics, storage, self.jobs, on_job, pod_check)
+        self.refusals = Refusals()  # children the API server refused for good (refusals.py)
+        self.tracked = TrackingActions(self.tracking, storage)
+        self.applier = Applier(
+            settings,
+            kube,
+            self.metrics,
+            storage,
+            self.tracked,
+            self.refusals,
+            self.runs,
+            on_job,
+            post_event,
+        )
         self.pod_check = pod_check
-        self._starting: dict[tuple[str, str], JSON] = {}
-        self._blocked: dict[tuple[str, str], tuple[float, observe.Blockage]] = {}
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
         self._running: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
         self._retries: dict[Key, tuple[asyncio.TimerHandle, int]] = {}
-        self.refusals = Refusals()  # children the API server refused for good (refusals.py)
         self._tracking_pending: dict[Key, bool] = {}  # MLflow has not confirmed what the run needs
         self.tracking.on_recovered = self._mlflow_back
-        self._background: set[asyncio.Task[Any]] = set()
         self._resync_task: asyncio.Task[None] | None = None
         self.leading = not settings.leader_election  # else only once leader.py holds the Lease
-        # one small pool per storage endpoint: a store that hangs holds up only the runs that use it
-        self._storage: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
         self._warned: dict[Key, set[str]] = {}  # API warnings already posted as events, per run
         kube.on_warning = self._api_warning
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """New settings reach every part of a pass (tests change defaults between passes)."""
+        self._settings = self.specs.settings = self.facts.settings = settings
+        self.applier.settings = settings
 
     def _api_warning(self, method: str, path: str, text: str) -> None:
         """An API server `Warning` header (deprecated field, ignored value, ...) on a call made
@@ -176,7 +119,7 @@ class Controller:
         seen = self._warned.setdefault(key, set())
         if text not in seen:
             seen.add(text)
-            self._post(body, Event("Warning", "ApiWarning", f"{method} {path}: {text}"))
+            self.applier.post(body, Event("Warning", "ApiWarning", f"{method} {path}: {text}"))
 
     # ------------------------------------------------------------------ watch events
 
@@ -187,7 +130,7 @@ class Controller:
             self.run_touched[key] = time.monotonic()
         if event_type == "DELETED":
             self.runs.pop(key, None)
-            self._parsed.pop(key, None)
+            self.specs.forget(key)
             self._tracking_pending.pop(key, None)
             self.refusals.forget(key)
             self._warned.pop(key, None)
@@ -196,13 +139,11 @@ class Controller:
             jobs = self.jobs.get(key, {})
             for name in [n for n, (owner, _) in jobs.items() if owner == uid]:
                 del jobs[name]
-            self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
-            self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
-            self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
+            self.facts.forget(uid)
             recheck = self._rechecks.pop(key, None)
             if recheck is not None:
                 recheck.cancel()
-            self.metrics.set_phases(self._phases())
+            self.metrics.set_phases(phases(self.runs))
             return
         self.runs[key] = obj
         self.kick(key)
@@ -218,10 +159,7 @@ class Controller:
         before = jobs.get(job.name)
         if self.settings.resync_seconds > 0:  # tombstones only the resync reads (and prunes)
             self.touched[(*key, job.name)] = time.monotonic()
-        if job.starting and event_type != "DELETED":
-            self._starting[(key[0], job.name)] = obj
-        else:
-            self._starting.pop((key[0], job.name), None)
+        self.facts.job_seen(key[0], job, obj, deleted=event_type == "DELETED")
         if event_type == "DELETED":
             jobs.pop(job.name, None)
         else:
@@ -326,7 +264,7 @@ class Controller:
         if body is None:
             return
         run = RunRef(key[0], key[1], (body.get("metadata") or {}).get("uid", ""))
-        if any(j.starting for j in self._run_jobs(run)):
+        if any(j.starting for j in self.facts.run_jobs(run)):
             self._rechecks[key] = asyncio.get_running_loop().call_later(
                 self.pod_check, self.kick, key
             )
@@ -339,19 +277,10 @@ class Controller:
         if after is not None:  # the API server's Retry-After: never sooner (bounded by retry_max)
             delay = max(delay, min(after, self.retry_max))
         if self._tracking_pending.get(key):  # next try when MLflow calls resume, not later
-            uri = self._tracking_uri(key)
+            uri = self.specs.tracking_uri(key)
             delay = min(delay, max(self.retry_base, self.tracking.down_for(uri) + 0.1))
         loop = asyncio.get_running_loop()
         self._retries[key] = (loop.call_later(delay, self.kick, key), count + 1)
-
-    def _tracking_uri(self, key: Key) -> str | None:
-        cached = self._parsed.get(key)
-        given = (
-            cached[1].tracking.uri
-            if cached is not None and isinstance(cached[1], api.SPINRunSpec)
-            else None
-        )
-        return given or self.settings.mlflow_uri  # resolve_spec's default
 
     def _mlflow_back(self, uri: str) -> None:
         """MLflow answers again: retry now every run waiting for it (spool replays, run ends)."""
@@ -366,28 +295,7 @@ class Controller:
         if handle is not None:
             handle.cancel()
 
-    def _phases(self) -> list[str]:
-        return [str((b.get("status") or {}).get("phase") or "Pending") for b in self.runs.values()]
-
     # ------------------------------------------------------------------ one pass
-
-    def _parse(self, key: Key, body: JSON) -> api.SPINRunSpec | InvalidSpec:
-        """`validation.parse` of the run, reused while apiVersion, kind, name and spec are unchanged."""
-        meta = body.get("metadata") or {}
-        digest = json.dumps(
-            [body.get("apiVersion"), body.get("kind"), meta.get("name"), body.get("spec")],
-            sort_keys=True,
-            default=str,
-        )
-        cached = self._parsed.get(key)
-        if cached is not None and cached[0] == digest:
-            return cached[1]
-        try:
-            result: api.SPINRunSpec | InvalidSpec = parse(body)
-        except InvalidSpec as exc:
-            result = exc
-        self._parsed[key] = (digest, result)
-        return result
 
     async def reconcile(self, key: Key) -> bool:
         """One pass; True when every needed fact was available and every action applied."""
@@ -396,44 +304,29 @@ class Controller:
             return True
         meta = body["metadata"]
         run = RunRef(meta["namespace"], meta["name"], meta.get("uid", ""))
-        applied = self._applied(meta)
-        try:
-            parsed = self._parse(key, body)
-            if isinstance(parsed, InvalidSpec):
-                raise parsed
-            resolved = resolve_spec(parsed, self.settings, applied)
-            layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
-            if refused := cluster_problems(
-                parsed, resolved.tracking.uri
-            ):  # a local MLflow store: pods cannot share it
-                raise InvalidSpec(refused)
-            check_policy(parsed, resolved, run.namespace, self.settings)  # the admin's allow-lists
-            given: api.SPINRunSpec | InvalidSpec = resolved
-        except InvalidSpec as exc:
-            given = exc
-        except ValueError as exc:  # a storage URI the layout cannot use, e.g. s3://b/a/../c
-            given = InvalidSpec([Problem("spec.storage.uri", str(exc))])
+        applied = applied_spec(meta)
+        given = self.specs.given(key, body, run, applied)
         try:
             status = api.SPINRunStatus.model_validate(body.get("status") or {})
         except ValidationError:
             log.warning("%s/%s: unreadable status; starting from storage and children", *key)
             status = api.SPINRunStatus()
-        await self._look_at_pods(run)
-        facts = Gathered()
+        await self.facts.look_at_pods(run)
+        gathered = Gathered()
         decision = None
         for _ in range(MAX_ROUNDS):
             decision = reconcile(
                 given,
                 status,
-                self._observed(
+                self.facts.observed(
                     body,
                     run,
                     applied,
-                    facts,
+                    gathered,
                     self.refusals.of(key, body, None if isinstance(given, InvalidSpec) else given),
                 ),
             )
-            if decision.complete or not await self._gather(decision, run, facts):
+            if decision.complete or not await self.facts.gather(decision, run, gathered):
                 break
         assert decision is not None
         if log.isEnabledFor(logging.DEBUG):
@@ -443,491 +336,9 @@ class Controller:
                 {k: v for k, v in (("storage", decision.needs_storage), ("secrets", decision.needs_secrets),
                                    ("jobs", decision.needs_jobs), ("storedSpec", decision.needs_stored_spec)) if v},
             )  # fmt: skip
-        settled = await self._execute(key, body, run, status, decision)
+        settled = await self.applier.execute(key, body, run, status, decision)
         self._tracking_pending[key] = not settled
         return decision.complete and settled
-
-    async def _look_at_pods(self, run: RunRef) -> None:
-        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods (and,
-        when they do not explain the wait, its events) -> `observe.pod_blockage`. Best effort: a
-        failed look leaves the last one (the step then just waits, as before)."""
-        now = time.monotonic()
-        for job in self._run_jobs(run):
-            k = (run.uid, job.name)
-            body = self._starting.get((run.namespace, job.name))
-            if body is None:
-                self._blocked.pop(k, None)
-                continue
-            seen = self._blocked.get(k)
-            if seen is not None and now - seen[0] < self.pod_check * 0.9:
-                continue
-            try:
-                pods = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/pods",
-                                               params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"})  # fmt: skip
-                found = observe.pod_blockage(body, pods.get("items") or [], [])
-                if not found.reason:
-                    selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
-                    events = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/events",
-                                                     params={"fieldSelector": selector})  # fmt: skip
-                    found = observe.pod_blockage(
-                        body, pods.get("items") or [], events.get("items") or []
-                    )
-            except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
-                # best effort: a dropped connection must not fail the pass this look serves
-                level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
-                log.log(
-                    level,
-                    "%s/%s: cannot look at the pods of Job %s: %s",
-                    run.namespace,
-                    run.name,
-                    job.name,
-                    exc,
-                )
-                continue
-            self._blocked[k] = (now, found)
-
-    def _applied(self, meta: JSON) -> api.SPINRunSpec | None:
-        raw = (meta.get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
-        if not raw:
-            return None
-        try:
-            return api.SPINRunSpec.model_validate(json.loads(raw))
-        except (ValueError, ValidationError):
-            return None
-
-    def _run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
-        return tuple(
-            j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid
-        )
-
-    def _observed(
-        self,
-        body: JSON,
-        run: RunRef,
-        applied: api.SPINRunSpec | None,
-        g: Gathered,
-        rejected: dict[str, tuple[str, str]],
-    ) -> Observed:
-        meta = body["metadata"]
-        # a Job failed on bad input carries the runtime's own cause, not Kubernetes' exit-code line
-        jobs = tuple(
-            dataclasses.replace(j, message=cause)
-            if (cause := self._causes.get((run.uid, j.name)))
-            else j
-            for j in self._run_jobs(run)
-        )
-        jobs = tuple(  # what keeps its pods from starting (looked at in _look_at_pods)
-            dataclasses.replace(
-                j, blocked_reason=b.reason, blocked_message=b.message, pending_since=b.since
-            )
-            if j.starting
-            and (b := self._blocked.get((run.uid, j.name), (0.0, None))[1]) is not None
-            else j
-            for j in jobs
-        )
-        return Observed(
-            namespace=run.namespace,
-            name=run.name,
-            uid=run.uid,
-            generation=int(meta.get("generation") or 1),
-            now=_now(),
-            deleting=bool(meta.get("deletionTimestamp")),
-            finalizer=FINALIZER in (meta.get("finalizers") or []),
-            jobs=jobs,
-            gone_jobs=frozenset(g.gone),
-            missing_secrets=g.missing_secrets,
-            storage=dict(g.storage),
-            stored_spec_checked=g.stored_checked,
-            stored_spec_digest=g.stored_digest,
-            applied_spec=applied,
-            rejected=dict(rejected),
-        )
-
-    async def _in_storage(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
-        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
-        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
-        pool = self._storage.get(endpoint)
-        if pool is None:
-            pool = self._storage[endpoint] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="spin-storage"
-            )
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
-
-    async def _gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
-        """Fetch what `d` asks for; False when something could not be fetched (act partially)."""
-        spec = d.spec
-        if spec is None:
-            return False
-        try:
-            if d.needs_stored_spec:
-                g.stored_digest = await self._in_storage(observe.read_stored_digest, spec, run)
-                g.stored_checked = True
-            if d.needs_secrets:
-                g.missing_secrets = await self._missing_secrets(spec, run)
-            for name in d.needs_jobs:
-                found = await self.kube.get(job_path(run.namespace, name))
-                if found is None:
-                    g.gone.add(name)
-                else:
-                    self.on_job("ADDED", found)
-            for t in sorted(d.needs_storage):
-                facts = self._facts.get((run.uid, t))
-                if facts is None:
-                    facts = await self._in_storage(observe.read_facts, spec, run, t)
-                if observe.facts_final(spec, facts):
-                    self._facts[(run.uid, t)] = facts
-                g.storage[t] = facts
-            for job in self._run_jobs(
-                run
-            ):  # once per Job: the cause a bad-input exit left in storage
-                if (
-                    job.state == "Failed"
-                    and job.reason == "PodFailurePolicy"
-                    and (run.uid, job.name) not in self._causes
-                ):
-                    cause = await self._in_storage(
-                        observe.read_bad_input, spec, run, job.iteration, job.stage
-                    )
-                    self._causes[(run.uid, job.name)] = cause
-        except (OSError, ApiError) as exc:
-            log.warning(
-                "%s/%s: cannot read what the decision needs: %s", run.namespace, run.name, exc
-            )
-            self.metrics.errors.labels(kind="facts").inc()
-            return False
-        return True
-
-    async def _missing_secrets(self, spec: api.SPINRunSpec, run: RunRef) -> frozenset[str]:
-        """Referenced Secrets that do not exist, where RBAC lets the operator look (a namespaced
-        grant only, docs/security.md); elsewhere none are reported and a missing Secret shows up
-        as the pods' CreateContainerConfigError instead."""
-        if not self.settings.may_read_secrets(run.namespace):
-            return frozenset()
-        missing = set()
-        for name in referenced_secrets(spec):
-            try:
-                if await self.kube.get(secret_path(run.namespace, name)) is None:
-                    missing.add(name)
-            except ApiError as exc:
-                if exc.status != 403:
-                    raise
-                log.info(
-                    "%s/%s: no RBAC grant to check Secret %s; not checked",
-                    run.namespace,
-                    run.name,
-                    name,
-                )
-        return frozenset(missing)
-
-    # ------------------------------------------------------------------ applying a decision
-
-    async def _execute(
-        self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision
-    ) -> bool:
-        """Apply `d`; False when MLflow has not confirmed every run end and replay it asked for."""
-        new, spec = d.status, d.spec
-        if spec is not None and old.spec_hash is None and new.spec_hash is not None:
-            await self._dry_run(
-                key, spec, run
-            )  # before R/spinrun.yaml: a refused spec leaves nothing
-        fresh = await self._metadata(key, body, run, d)
-        if fresh is None:
-            return (
-                True  # gone (finalizer released) or a conflict: the next event brings the new state
-            )
-        body = fresh
-        if spec is not None:
-            await self._ensure_tracking(spec, run, d)
-        for a in d.actions:
-            if isinstance(a, DeleteJob):
-                # Foreground: the Job stays (marked deleting) until its pods are gone, so the
-                # reconciler can tell when nothing writes any more (run deletion, retries).
-                await self._write(
-                    self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
-                )
-            elif isinstance(a, DeleteService):
-                await self._write(self.kube.delete(service_path(run.namespace, a.name)))
-            elif isinstance(a, SuspendJob):
-                await self._write(
-                    self.kube.patch(
-                        job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}
-                    )
-                )
-        if spec is not None:
-            for a in d.of_type(CreateStep):
-                await self._create(key, spec, run, new, a)
-        body = await self._patch_status(key, body, run, old, new)
-        for a in d.of_type(Event):
-            self._post(body, a)
-        if spec is None:
-            return True
-        self._background_tracking(spec, run, new, d)
-        # After the phase is written (so MLflow never holds it up): run ends and spool replays,
-        # recorded in status.mlflow only once MLflow confirmed them. A kill before that patch, or
-        # an MLflow that does not answer, leaves them out of the status: the reconciler asks again.
-        written = new.model_copy(deep=True)
-        settled = await self.tracking.settle(spec, run, new, d.actions)
-        await self._patch_status(key, body, run, written, new)
-        return settled
-
-    async def _patch_status(
-        self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, new: api.SPINRunStatus
-    ) -> JSON:
-        """One `/status` merge patch from `old` to `new` (none when equal); the updated body."""
-        old_wire, new_wire = old.to_wire(), new.to_wire()
-        if new_wire == old_wire:
-            return body
-        patch = {k: None for k in old_wire if k not in new_wire} | new_wire
-        rv = body["metadata"].get("resourceVersion")
-        try:
-            updated: JSON = await self.kube.patch(
-                spinrun_path(run.namespace, run.name, status=True),
-                {"metadata": {"resourceVersion": rv}, "status": patch},
-            )
-        except ApiError as exc:
-            if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
-                raise Stale from exc  # its way through the watch and triggers a new pass
-            raise
-        if key in self.runs:
-            self.runs[key] = updated
-        if old.phase != new.phase:
-            self.metrics.transitions.labels(from_phase=old.phase, to_phase=new.phase).inc()
-        self.metrics.set_phases(self._phases())
-        return updated or body
-
-    async def _write(self, call: Any) -> Any:
-        try:
-            return await call
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise Retry(f"API write failed: {exc}", exc.retry_after) from exc
-
-    async def _metadata(self, key: Key, body: JSON, run: RunRef, d: Decision) -> JSON | None:
-        """Storage records first (R/spinrun.yaml, artifact deletion), then one metadata patch."""
-        meta = body["metadata"]
-        annotations: dict[str, str] = {}
-        finalizers: list[str] | None = None
-        for a in d.actions:
-            try:
-                if isinstance(a, RecordSpec):
-                    if a.store:
-                        await self._in_storage(observe.write_stored_spec, a.spec, run)
-                    annotations[APPLIED_SPEC_ANNOTATION] = json.dumps(
-                        a.spec.to_wire(), sort_keys=True, separators=(",", ":")
-                    )
-                elif isinstance(a, DeleteArtifacts) and d.spec is not None:
-                    count = await self._in_storage(observe.delete_artifacts, d.spec, a.prefix)
-                    log.info(
-                        "%s/%s: deleted %d artifact file(s) under %s",
-                        run.namespace,
-                        run.name,
-                        count,
-                        a.prefix,
-                    )
-            except OSError as exc:
-                raise Retry(f"storage: {exc}") from exc
-            if isinstance(a, SetFinalizer):
-                current = list(meta.get("finalizers") or [])
-                finalizers = (
-                    [*current, FINALIZER] if a.present else [f for f in current if f != FINALIZER]
-                )
-        if not annotations and finalizers is None:
-            return body
-        patch: JSON = {"resourceVersion": meta.get("resourceVersion")}
-        if annotations:
-            patch["annotations"] = annotations
-        if finalizers is not None:
-            patch["finalizers"] = finalizers
-        try:
-            updated = await self.kube.patch(
-                spinrun_path(run.namespace, run.name), {"metadata": patch}
-            )
-        except ApiError as exc:
-            if exc.status in (404, 409):
-                raise Stale from exc
-            raise
-        if key in self.runs:
-            self.runs[key] = updated
-        released = (
-            finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
-        )
-        return None if released or not updated.get("metadata") else updated
-
-    def _refused(
-        self,
-        key: Key,
-        spec: api.SPINRunSpec,
-        name: str,
-        message: str,
-        reason: str = "CreateRejected",
-    ) -> None:
-        if not self.refusals.record(key, self.runs.get(key), spec, name, (reason, message)):
-            raise Retry(f"{name} refused again: {message}")  # decided on already: never loop on it
-        self.metrics.errors.labels(kind="rejected").inc()
-        raise Again(message)
-
-    def _objects(
-        self,
-        key: Key,
-        spec: api.SPINRunSpec,
-        run: RunRef,
-        t: int,
-        kind: StepKind,
-        attempt: int,
-        mlflow_run_id: str | None,
-    ) -> tuple[str, list[JSON]]:
-        """The Job name and rendered objects of a step attempt. A spec that cannot be laid out
-        or rendered (a URI the layout refuses) fails the step as InvalidSpec instead of raising
-        on every pass."""
-        try:
-            plan = plan_step(spec, self.settings, run, t, kind, attempt, mlflow_run_id)
-            return plan.job_name, render(plan, spec, run)
-        except ValueError as exc:
-            self._refused(
-                key,
-                spec,
-                job_name(run.name, t, kind, attempt),
-                f"{kind} of iteration {t}: {exc}",
-                "InvalidSpec",
-            )
-            raise  # unreachable: _refused raises
-
-    async def _dry_run(self, key: Key, spec: api.SPINRunSpec, run: RunRef) -> None:
-        """Send iteration 0's Jobs and Services with dryRun=All: the API server validates and
-        admits them (schema, PodSecurity, quota limits, RBAC) without storing anything. A
-        permanent refusal fails the run before it starts; anything else is left to the real
-        create (a quota in use now, a Job already there from before a restart)."""
-        # the check that leads iteration 0, then every step (the control arm's too)
-        kinds: list[StepKind] = [CHECK, *(k for lead in steps_of(spec) for k in beside(spec, lead))]
-        for kind in kinds:
-            name, objects = self._objects(key, spec, run, 0, kind, 0, None)
-            for obj in objects:
-                path = (
-                    job_path(run.namespace) if obj["kind"] == "Job" else service_path(run.namespace)
-                )
-                try:
-                    await self.kube.create(path, obj, dry_run=True)
-                except ApiError as exc:
-                    if not exc.permanent:
-                        log.info(
-                            "%s/%s: dry run of %s %s: %s (left to the real create)",
-                            *key,
-                            obj["kind"],
-                            name,
-                            exc,
-                        )
-                        continue
-                    what = f"{kind} of iteration 0: the API server refuses {obj['kind']} {obj['metadata']['name']} (dry run at start)"
-                    self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
-
-    async def _create(
-        self, key: Key, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, a: CreateStep
-    ) -> None:
-        it = next((i for i in status.iterations if i.iteration == a.iteration), None)
-        name, objects = self._objects(
-            key, spec, run, a.iteration, a.stage, a.attempt, it.mlflow_run_id if it else None
-        )
-        for obj in objects:
-            is_job = obj["kind"] == "Job"
-            path = job_path(run.namespace) if is_job else service_path(run.namespace)
-            created: JSON | None
-            try:
-                created = await self.kube.create(path, obj)
-            except ApiError as exc:
-                if exc.permanent:  # the same request would be refused again: fail the step
-                    what = f"{a.stage} of iteration {a.iteration}: the API server refuses {obj['kind']} {obj['metadata']['name']}"
-                    self._refused(key, spec, name, f"{what}: {exc.reason}: {exc.message}")
-                if exc.status != 409:  # 429, 5xx, a quota in use, ...: back off
-                    raise Retry(
-                        f"cannot create {obj['kind']} {name}: {exc}", exc.retry_after
-                    ) from exc
-                if not is_job:
-                    continue  # the Service of an earlier try of this pass: same spec, keep it
-                created = await self.kube.get(job_path(run.namespace, name)) or {}
-                if observe.owner_uid(created) != run.uid:
-                    raise Retry(f"Job {name} exists but belongs to another object") from exc
-                log.info("%s/%s: adopted existing Job %s", run.namespace, run.name, name)
-            if is_job and created:
-                self.on_job("ADDED", created)
-                self.metrics.jobs_created.labels(stage=a.stage).inc()
-
-    async def _ensure_tracking(self, spec: api.SPINRunSpec, run: RunRef, d: Decision) -> None:
-        """MLflow ids the Jobs of this decision need (MLFLOW_RUN_ID), written into the status."""
-        wanted = [a.iteration for a in d.of_type(EnsureIterationRun)]
-        new = d.status
-        if not (d.of_type(EnsureParentRun) or wanted) or not spec.tracking.uri:
-            return
-        if new.mlflow is None or new.mlflow.run_id is None:
-            new.mlflow = await self.tracking.ensure_parent(spec, run) or new.mlflow
-        parent = new.mlflow.run_id if new.mlflow else None
-        for t in wanted:
-            it = next((i for i in new.iterations if i.iteration == t), None)
-            if parent and it is not None and it.mlflow_run_id is None:
-                it.mlflow_run_id = await self.tracking.ensure_iteration(spec, parent, t, run)
-
-    def _background_tracking(
-        self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, d: Decision
-    ) -> None:
-        """Model registration and dataset inputs: in the background, never holding up the pass."""
-        actions = d.of_type(RegisterModel)
-        trains = [
-            a.iteration for a in d.of_type(CreateStep) if a.stage == "train" and a.attempt == 0
-        ]
-        if not (actions or trains) or not spec.tracking.uri:
-            return
-        parent = status.mlflow.run_id if status.mlflow else None
-        by_iter = {i.iteration: i.mlflow_run_id for i in status.iterations}
-
-        async def send() -> None:
-            for t in trains:
-                rid = by_iter.get(t)
-                if rid:
-                    await self._log_inputs(spec, run, rid, t, status.dataset)
-            for a in actions:
-                rid = by_iter.get(a.iteration) or (
-                    parent and await self.tracking.ensure_iteration(spec, parent, a.iteration, run)
-                )
-                if rid:
-                    await self.tracking.register(
-                        spec, run, rid, a.iteration, a.model_uri, dict(a.metrics)
-                    )
-
-        task = asyncio.create_task(send())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _log_inputs(
-        self,
-        spec: api.SPINRunSpec,
-        run: RunRef,
-        run_id: str,
-        t: int,
-        rows: api.DatasetStatus | None = None,
-    ) -> None:
-        """What iteration t trains on, as dataset inputs of its MLflow run: the generated data
-        (digest: the union of the shard manifests) and the SFT dataset (digest of its URI and
-        selection; the operator never downloads the dataset to hash its content)."""
-        d = spec.dataset
-        selection = f"{d.uri}|seed={d.seed}|max={d.max_samples}|eval={d.eval_samples}"
-        datasets = [("sft", d.uri, hashlib.sha256(selection.encode()).hexdigest(), "sft")]
-        for uri in layout_of(spec, run).training_data_for_iteration(
-            t, spec.training.mix_previous_iterations
-        ):
-            try:
-                digest = await self._in_storage(observe.generated_digest, spec, uri)
-            except OSError as exc:  # IncompleteArtifactError included: nothing to record
-                log.debug("no digest for %s: %s", uri, exc)
-                continue
-            name = uri.rstrip("/").split("/")[-2] + "/generated"
-            datasets.append((name, uri, digest, "training"))
-        await self.tracking.log_inputs(spec, run_id, datasets, rows)
-
-    def _post(self, body: JSON, event: Event) -> None:
-        try:
-            self.post_event(body, event.type, event.reason, event.message)
-        except Exception as exc:  # events are best effort
-            log.debug("event %s not posted: %s", event.reason, exc)
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop: MLflow bookkeeping in flight gets `grace` seconds to land, the rest is cancelled."""
@@ -940,18 +351,10 @@ class Controller:
             self._resync_task.cancel()
         for recheck in self._rechecks.values():
             recheck.cancel()
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=grace)
-        for task in [*self._running.values(), *self._background]:
+        if self.tracked.background:
+            await asyncio.wait(list(self.tracked.background), timeout=grace)
+        for task in [*self._running.values(), *self.tracked.background]:
             task.cancel()
         await self.kube.close()
         self.tracking.close()
-        for pool in self._storage.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._storage.clear()
-
-
-def _kopf_event(body: JSON, type_: str, reason: str, message: str) -> None:
-    import kopf
-
-    kopf.event(cast(Any, body), type=type_, reason=reason, message=message[:1000])
+        self._storage.close()

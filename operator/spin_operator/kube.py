@@ -35,7 +35,7 @@ USER_AGENT = "spin-operator"
 FIELD_MANAGER = "spin-operator"
 PAGE_SIZE = 500
 # 429 and these 5xx are the API server's "not now": retried here a few times, then the caller
-# backs off (controller.py). 501 (not implemented) would answer the same every time.
+# backs off (apply.py). 501 (not implemented) would answer the same every time.
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 ATTEMPTS = 4  # tries of one call on 429/5xx
 MAX_WAIT = 10.0  # cap of one Retry-After: a long one goes back to the caller's backoff

@@ -19,6 +19,7 @@ import yaml
 
 from spin_operator import yamlio
 from spin_operator.api import types as api
+from spin_operator.decision import ObservedJob, StorageFacts
 from spin_operator.naming import (
     ALL_STEP_KINDS,
     ATTEMPT_LABEL,
@@ -26,7 +27,6 @@ from spin_operator.naming import (
     KUEUE_QUEUE_LABEL,
     STAGE_LABEL,
 )
-from spin_operator.reconciler import ObservedJob, StorageFacts
 from spin_operator.steps import RunRef, layout_of, spec_digest
 from spin_runtime import manifest, storage
 from spin_runtime.layout import shard_name

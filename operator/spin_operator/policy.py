@@ -110,6 +110,23 @@ def _same_url(a: str | None, b: str | None) -> bool:
     return (a or "").rstrip("/").lower() == (b or "").rstrip("/").lower()
 
 
+def _unlisted_url(
+    path: str, url: str, what: str, allowed: list[str | None], none: str, hint: str
+) -> list[tuple[str, str]]:
+    """[(path, message)] when `url` is none of the `allowed` URLs the operator may send its
+    credentials to (`none`: how the message says that the list is empty); [] when it is one."""
+    listed = [u for u in allowed if u]
+    if any(_same_url(url, u) for u in listed):
+        return []
+    return [
+        (
+            path,
+            f"{url!r} is not {what} the operator may send its credentials to "
+            f"(allowed: {', '.join(listed) or none}); {hint}",
+        )
+    ]
+
+
 def registered_model(spec: api.SPINRunSpec, namespace: str, name: str) -> str:
     """The registered model of a run: the spec's, else `<namespace>.<run name>` (model names cannot
     hold `/`; namespaces hold no `.`, so the prefix cannot be another namespace's)."""
@@ -149,24 +166,21 @@ def problems(
             )
         )
     if storage.uri and storage.uri.startswith("s3://") and storage.endpoint is not None:
-        endpoints = [e for e in (default_endpoint, *allowed.s3_endpoints) if e]
-        if not any(_same_url(storage.endpoint, e) for e in endpoints):
-            found.append(
-                (
-                    "spec.storage.endpoint",
-                    f"{storage.endpoint!r} is not an S3 endpoint the operator may send its credentials to (allowed: {', '.join(endpoints) or 'the default only'}); {hint}",
-                )
-            )
+        endpoints = [default_endpoint, *allowed.s3_endpoints]
+        found += _unlisted_url(
+            "spec.storage.endpoint",
+            storage.endpoint,
+            "an S3 endpoint",
+            endpoints,
+            "the default only",
+            hint,
+        )
     tracking = resolved.tracking
     if tracking.uri:
-        uris = [u for u in (default_tracking, *allowed.tracking_uris) if u]
-        if not any(_same_url(tracking.uri, u) for u in uris):
-            found.append(
-                (
-                    "spec.tracking.uri",
-                    f"{tracking.uri!r} is not an MLflow server the operator may send its credentials to (allowed: {', '.join(uris) or 'none'}); {hint}",
-                )
-            )
+        uris = [default_tracking, *allowed.tracking_uris]
+        found += _unlisted_url(
+            "spec.tracking.uri", tracking.uri, "an MLflow server", uris, "none", hint
+        )
     exp = tracking.experiment
     if (
         exp is not None

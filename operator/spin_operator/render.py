@@ -24,8 +24,8 @@ Choices a long GPU Job needs, and why:
 * `podFailurePolicy`: exit codes that won't heal (2 = bad input per docs/runtime.md, 126/127 =
   cannot execute) fail the Job at once; disruptions (preemption, drain) do not count as failures.
 * `ttlSecondsAfterFinished` unset: a Job stays until the status records its step (the
-  reconciler then deletes it, transitions._sweep_recorded), so its outcome is never lost to a TTL
-  that fired before the operator saw it; Jobs go with the SPINRun through ownerReferences.
+  reconciler then deletes it, `_sweep_recorded` in step_rules.py), so its outcome is never lost
+  to a TTL that fired before the operator saw it; Jobs go with the SPINRun through ownerReferences.
 * With a Kueue queue the Job is created suspended, as Kueue expects, and Kueue starts it.
 * Pods pass PodSecurity `restricted`: a numeric non-root user (the runtime image's `spin`,
   RUNTIME_UID), seccomp RuntimeDefault, every capability dropped, no privilege escalation; no

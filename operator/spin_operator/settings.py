@@ -79,16 +79,21 @@ class Settings:
             value = env.get(name, "").strip()
             return value or None
 
-        def port(name: str, default: int) -> int:
+        def integer(
+            name: str, default: int, low: int, high: int | None = None, what: str = "a whole number"
+        ) -> int:
+            """A bounded whole number; `what` names it in the error ("a port number")."""
             raw = text(name)
             if raw is None:
                 return default
             try:
                 value = int(raw)
             except ValueError:
-                raise SettingsError(f"{name}={raw!r}: expected a port number") from None
-            if not 0 <= value <= 65535:  # 0 disables the endpoint (tests use it)
-                raise SettingsError(f"{name}={raw!r}: expected a port number 0..65535")
+                raise SettingsError(f"{name}={raw!r}: expected {what}") from None
+            if high is not None and not low <= value <= high:
+                raise SettingsError(f"{name}={raw!r}: expected {what} {low}..{high}")
+            if value < low:
+                raise SettingsError(f"{name}={raw!r}: expected a number >= {low}")
             return value
 
         level = (text("SPIN_LOG_LEVEL") or "INFO").upper()
@@ -102,18 +107,6 @@ class Settings:
             templates = load_templates(templates_file) if templates_file else {}
         except TemplateError as exc:
             raise SettingsError(f"SPIN_POD_TEMPLATES: {exc}") from None
-
-        def count(name: str, default: int, low: int) -> int:
-            raw = text(name)
-            if raw is None:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                raise SettingsError(f"{name}={raw!r}: expected a whole number") from None
-            if value < low:
-                raise SettingsError(f"{name}={raw!r}: expected a number >= {low}")
-            return value
 
         def flag(name: str) -> bool:
             raw = (text(name) or "false").lower()
@@ -140,15 +133,16 @@ class Settings:
             mlflow_uri=text("SPIN_MLFLOW_URI"),
             mlflow_secret=text("SPIN_MLFLOW_SECRET"),
             log_level=level,
-            metrics_port=port("SPIN_METRICS_PORT", 9090),
-            health_port=port("SPIN_HEALTH_PORT", 8080),
+            # a port of 0 disables the endpoint (tests use it)
+            metrics_port=integer("SPIN_METRICS_PORT", 9090, 0, 65535, "a port number"),
+            health_port=integer("SPIN_HEALTH_PORT", 8080, 0, 65535, "a port number"),
             pod_templates=templates,
-            list_chunk_size=count("SPIN_LIST_CHUNK_SIZE", 500, 1),
-            resync_seconds=float(count("SPIN_RESYNC_SECONDS", 300, 0)),
+            list_chunk_size=integer("SPIN_LIST_CHUNK_SIZE", 500, 1),
+            resync_seconds=float(integer("SPIN_RESYNC_SECONDS", 300, 0)),
             leader_election=flag("SPIN_LEADER_ELECTION"),
             lease_name=text("SPIN_LEASE_NAME") or "spin-operator",
             lease_namespace=text("SPIN_LEASE_NAMESPACE") or text("POD_NAMESPACE") or "default",
-            lease_seconds=float(count("SPIN_LEASE_SECONDS", 15, 3)),
+            lease_seconds=float(integer("SPIN_LEASE_SECONDS", 15, 3)),
             lease_identity=text("POD_NAME") or "",
         )
 

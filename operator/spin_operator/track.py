@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
+from spin_operator.conditions import resolve_metric
+from spin_operator.decision import Action, FinishTracking, ReplaySpool
 from spin_operator.policy import registered_model
-from spin_operator.reconciler import Action, FinishTracking, ReplaySpool
-from spin_operator.status import resolve_metric
 from spin_operator.steps import RunRef, layout_of
 
 log = logging.getLogger(__name__)

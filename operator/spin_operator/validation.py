@@ -6,6 +6,7 @@ marks an invalid SPINRun Failed with these messages instead of acting on it.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import re
@@ -133,10 +134,7 @@ def problems_of(obj: Any) -> list[Problem]:
     found = _metadata_problems(obj) + _schema_problems(obj)
     spec = obj.get("spec")
     if isinstance(spec, dict):
-        try:
-            api.SPINRunSpec.model_validate(spec)
-        except ValidationError as exc:
-            found += _pydantic_problems(exc, "spec", api.SPINRunSpec)
+        found += _spec_problems(spec)
     elif "spec" in obj:
         found.append(Problem("spec", "must be a mapping"))
     # The schema and the models often see the same fault; report each path's first message once
@@ -149,6 +147,79 @@ def problems_of(obj: Any) -> list[Problem]:
         seen.setdefault(p.path, []).append(p.message)
         unique.append(p)
     return sorted(unique)
+
+
+MAX_PASSES = 4
+
+
+def _spec_problems(spec: dict[str, Any]) -> list[Problem]:
+    """The models' problems with `spec`, cross-field ones included, in one report.
+
+    A model's cross-field rule (e.g. maxPromptLength < maxLength) runs only once all of its
+    fields parsed, so a typo elsewhere in the section would hide it until the next fix. Each
+    further pass drops the fields already reported (their defaults apply) and validates again.
+    A rule that reads a dropped field could only judge its default, not the user's value, so a
+    new problem is kept only when its path and message name no dropped field: our messages name
+    every field a rule reads (tests/spin_operator/test_validation.py holds them to it)."""
+    found: list[Problem] = []
+    dropped: set[tuple[Any, ...]] = set()
+    current = spec
+    for _ in range(MAX_PASSES):
+        try:
+            api.SPINRunSpec.model_validate(current)
+            break
+        except ValidationError as exc:
+            problems = _pydantic_problems(exc, "spec", api.SPINRunSpec)
+            locs = _error_locs(exc)
+        fresh = [p for p in problems if p not in found and not _reads_dropped(p, dropped)]
+        found += fresh
+        removable = {loc for loc in locs if loc and loc not in dropped}
+        if not fresh or not removable:
+            break
+        dropped |= removable
+        current = _without(spec, dropped)
+    return found
+
+
+def _error_locs(exc: ValidationError) -> list[tuple[Any, ...]]:
+    """Where each error is, down to the field a model rule named (not just its model)."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        named = cause.errors if isinstance(cause, api.FieldErrors) else [cause]
+        for e in named:
+            out.append((*loc, *e.field.split(".")) if isinstance(e, api.FieldError) else loc)
+    return out
+
+
+def _reads_dropped(problem: Problem, dropped: set[tuple[Any, ...]]) -> bool:
+    for loc in dropped:
+        names = [str(part) for part in loc if not isinstance(part, int)]
+        if not names:
+            continue
+        if problem.path.startswith(_dotted(("spec", *loc))):
+            return True
+        if re.search(rf"\b{re.escape(names[-1])}\b", problem.message):
+            return True
+    return False
+
+
+def _without(spec: dict[str, Any], locs: set[tuple[Any, ...]]) -> dict[str, Any]:
+    """A copy of `spec` without the values at `locs` (mapping keys only; a list keeps its items
+    so the paths of the others stay right)."""
+    out = copy.deepcopy(spec)
+    for loc in locs:
+        node: Any = out
+        for part in loc[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        if isinstance(node, dict) and isinstance(loc[-1], str):
+            node.pop(loc[-1], None)
+    return out
 
 
 def _same_fault(problem: Problem, earlier: list[str]) -> bool:

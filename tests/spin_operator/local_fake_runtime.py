@@ -10,6 +10,7 @@ test_local_e2e.py.
     FAKE_FAIL=stage:t[:n]  that step exits 1 (its first n invocations only, when n is given)
     FAKE_HANG=stage:t      that step writes its pid (and a child's) to FAKE_CALLS and sleeps
     FAKE_BAD_INPUT=stage:t that step logs its argv, then `error: <cause>` and exits 2 (bad input)
+    FAKE_RECORD_ENV=A,B    also record these env vars in each FAKE_CALLS line
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> int:
     shard = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     calls = os.environ.get("FAKE_CALLS", os.devnull)
     count = _calls(calls, stage=stage, iteration=iteration, shard=shard, pid=os.getpid(), argv=rest,
-                   env={k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "SPIN_NUM_SHARDS", "JOB_COMPLETION_INDEX")})  # fmt: skip
+                   env={k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "SPIN_NUM_SHARDS", "JOB_COMPLETION_INDEX", *os.environ.get("FAKE_RECORD_ENV", "").split(","))})  # fmt: skip
     print(f"fake {stage} of iteration {iteration}, shard {shard}", flush=True)
     if _matches("FAKE_HANG", stage, iteration, 0):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

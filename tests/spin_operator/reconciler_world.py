@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spin_operator.api import types as api
-from spin_operator.naming import parse_job_name, step_field
-from spin_operator.reconciler import (
+from spin_operator.decision import (
     ACTIVE_STATES,
     CreateStep,
     Decision,
@@ -30,8 +29,9 @@ from spin_operator.reconciler import (
     SetFinalizer,
     StorageFacts,
     SuspendJob,
-    reconcile,
 )
+from spin_operator.naming import parse_job_name, step_field
+from spin_operator.reconciler import reconcile
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, spec_digest
 from spin_operator.track import Tracking

@@ -11,8 +11,9 @@ import pytest
 
 from spin_operator.api import types as api
 from spin_operator.api.kube import label_key_error, label_value_error, quantity_value
+from spin_operator.decision import CreateStep, Event, Observed, RecordSpec
 from spin_operator.naming import job_name
-from spin_operator.reconciler import CreateStep, Event, Observed, RecordSpec, reconcile
+from spin_operator.reconciler import reconcile
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.validation import parse, problems_of
 from tests.spin_operator.reconciler_world import NAME, NAMESPACE, spin_object

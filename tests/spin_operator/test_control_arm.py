@@ -11,16 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from spin_operator.api import types as api
-from spin_operator.reconciler import (
-    CreateStep,
-    DeleteJob,
-    DeleteService,
-    RegisterModel,
-    StorageFacts,
-)
+from spin_operator.conditions import get_condition
+from spin_operator.decision import CreateStep, DeleteJob, DeleteService, RegisterModel, StorageFacts
 from spin_operator.render import render
 from spin_operator.settings import Settings, resolve_spec
-from spin_operator.status import get_condition
 from spin_operator.steps import RunRef, immutable_view, plan_step, spec_digest
 from spin_operator.validation import problems_of
 from tests.spin_operator.reconciler_world import NAME, World, spin_object

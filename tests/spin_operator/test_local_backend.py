@@ -118,7 +118,7 @@ def test_missing_executable_fails_like_a_job_that_cannot_start(tmp_path: Path) -
 
 
 def test_remembered_jobs_are_observed_until_restarted(tmp_path: Path) -> None:
-    from spin_operator.reconciler import ObservedJob
+    from spin_operator.decision import ObservedJob
 
     old = ObservedJob("r-i0-gen", 0, "generate", 0, "Succeeded")
     backend = LocalBackend(tmp_path, env={}, remembered=[old])

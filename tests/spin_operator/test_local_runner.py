@@ -424,3 +424,38 @@ def test_control_arm_runs_beside_spin_and_the_table_compares_both(
     assert "control -> SFT control ahead (-0.125)" not in out  # said with the scores:
     assert "θ1 0.250, control 0.375 -> SFT control ahead (-0.125)" in out
     assert "control θ1" in out and "control θ2" in out  # rows of the summary table
+
+
+def test_spec_pod_env_reaches_local_steps_and_cluster_only_fields_are_named(
+    tmp_path: Path, fake: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spec.pod on one machine: literal env is set, a Secret-backed var comes from the shell (or
+    is named when the shell lacks it), and what only a cluster pod can use is said once."""
+    python, record = fake
+    monkeypatch.setenv("FAKE_RECORD_ENV", "NCCL_DEBUG,HF_TOKEN,WANDB_API_KEY")
+    monkeypatch.setenv("HF_TOKEN", "from-the-shell")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    secret = lambda key: {"secretKeyRef": {"name": "tokens", "key": key}}  # noqa: E731
+    spec = write_spec(
+        tmp_path,
+        iterations=1,
+        pod={
+            "env": [
+                {"name": "NCCL_DEBUG", "value": "INFO"},
+                {"name": "HF_TOKEN", "valueFrom": secret("hf")},
+                {"name": "WANDB_API_KEY", "valueFrom": secret("wandb")},
+            ],
+            "labels": {"team": "nlp"},
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+        },
+    )
+    code, out = run_local(spec, python)
+    assert code == 0, out
+    envs = [c["env"] for c in calls(record) if c["stage"] in ("generate", "train")]
+    assert envs and all(e["NCCL_DEBUG"] == "INFO" for e in envs)
+    assert all(e["HF_TOKEN"] == "from-the-shell" for e in envs)
+    assert all(e["WANDB_API_KEY"] is None for e in envs)
+    assert "WANDB_API_KEY (from Secret tokens, key wandb on a cluster)" in out
+    assert "HF_TOKEN (from" not in out  # it was given
+    assert "spec.pod.volumes, spec.pod.labels: apply to cluster pods only" in out
+    assert out.count("apply to cluster pods only") == 1

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from spin_operator.api import types as api
+from spin_operator.decision import ObservedJob
 from spin_operator.local.state import LocalState, stale_groups
-from spin_operator.reconciler import ObservedJob
 
 
 def status_with(train: api.StepStatus) -> api.SPINRunStatus:

@@ -254,7 +254,7 @@ def test_the_check_jobs_report_gives_the_cause_or_the_profile(tmp_path: Path) ->
     facts = observe.read_facts(lenient, RUN, 0)
     assert facts.checked and not facts.generated
     assert observe.read_bad_input(lenient, RUN, 0, "check") == ""
-    from spin_operator.status import dataset_status
+    from spin_operator.conditions import dataset_status
 
     assert dataset_status(facts.check_profile) == api.DatasetStatus(
         rows=3, usable=2, skipped=1, skipped_by_reason={"not UTF-8": 1}

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from spin_operator.conditions import get_condition
+from spin_operator.decision import CreateStep, Decision, DeleteJob, Event
 from spin_operator.observe import Blockage, job_state, pod_blockage
-from spin_operator.reconciler import CreateStep, Decision, DeleteJob, Event, reconcile
-from spin_operator.status import get_condition
+from spin_operator.reconciler import reconcile
 from tests.spin_operator.reconciler_world import World, spin_object
 
 CAUSES = [

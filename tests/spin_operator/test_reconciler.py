@@ -13,7 +13,8 @@ from dataclasses import replace
 import pytest
 
 from spin_operator.api import types as api
-from spin_operator.reconciler import (
+from spin_operator.conditions import get_condition
+from spin_operator.decision import (
     CreateStep,
     DeleteArtifacts,
     DeleteJob,
@@ -28,9 +29,8 @@ from spin_operator.reconciler import (
     SetFinalizer,
     StorageFacts,
     SuspendJob,
-    reconcile,
 )
-from spin_operator.status import get_condition
+from spin_operator.reconciler import reconcile
 from spin_operator.validation import InvalidSpec, Problem
 from tests.spin_operator.reconciler_world import NAME, World, spin_object
 

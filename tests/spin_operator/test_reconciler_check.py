@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from spin_operator.api import types as api
-from spin_operator.reconciler import CreateStep, StorageFacts
-from spin_operator.status import get_condition
+from spin_operator.conditions import get_condition
+from spin_operator.decision import CreateStep, StorageFacts
 from tests.spin_operator.reconciler_world import NAME, World, spin_object
 
 CAUSE = (

@@ -9,7 +9,7 @@ leaves a run RUNNING in MLflow or spooled calls undelivered.
 
 from __future__ import annotations
 
-from spin_operator.reconciler import FinishTracking, ReplaySpool
+from spin_operator.decision import FinishTracking, ReplaySpool
 from tests.spin_operator.reconciler_world import World, spin_object
 
 TRACKED = {"uri": "http://mlflow:5000"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,63 @@ def test_auto_metric_needs_mode_max() -> None:
     assert [p.path for p in problems_of(obj)] == ["spec.evaluation.mode"]
     obj["spec"]["evaluation"] = {"mode": "min", "metric": "loss"}
     assert problems_of(obj) == []
+
+
+def _spec_with(**sections: dict) -> dict:
+    obj = copy.deepcopy(BASE)
+    for name, values in sections.items():
+        obj["spec"].setdefault(name, {}).update(values)
+    return obj
+
+
+def test_cross_field_problems_come_in_the_same_report_as_field_problems() -> None:
+    """A typo in a section no longer hides that section's or the spec's cross-field rules
+    until the next fix: one `spinctl validate` names all three."""
+    obj = _spec_with(
+        training={"beta": "x", "maxPromptLength": 4096, "maxLength": 1024},
+        stopping={"patience": 2},
+        evaluation={"enabled": False},
+    )
+    assert {p.path for p in problems_of(obj)} == {
+        "spec.training.beta",
+        "spec.training.maxPromptLength",
+        "spec.stopping.patience",
+    }
+
+
+@pytest.mark.parametrize(
+    ("broken", "would_be_spurious"),
+    [
+        # maxLength is unreadable: the rule cannot judge maxPromptLength against the default
+        (
+            {"training": {"maxLength": "big", "maxPromptLength": 4096}},
+            "spec.training.maxPromptLength",
+        ),
+        # gpusPerNode is unreadable: globalBatchSize cannot be checked against the default
+        (
+            {"training": {"gpusPerNode": "two", "globalBatchSize": 5}},
+            "spec.training.globalBatchSize",
+        ),
+        # evaluation.command is malformed: the built-in evaluation may not be what runs
+        (
+            {"evaluation": {"command": "not-a-list"}, "dataset": {"evalSamples": 0}},
+            "spec.dataset.evalSamples",
+        ),
+        (
+            {"iterations": "three", "training": {"betaPerIteration": [0.1] * 5}},
+            "spec.training.betaPerIteration",
+        ),
+    ],
+)
+def test_no_cross_field_problem_is_made_up_from_a_default(
+    broken: dict, would_be_spurious: str
+) -> None:
+    obj = copy.deepcopy(BASE)
+    for key, value in broken.items():
+        if isinstance(value, dict):
+            obj["spec"].setdefault(key, {}).update(value)
+        else:
+            obj["spec"][key] = value
+    paths = {p.path for p in problems_of(obj)}
+    assert paths, obj
+    assert would_be_spurious not in paths, problems_of(obj)

@@ -58,7 +58,22 @@ def vllm_run(tiny_varied_model_dir: Path, tiny_dataset_path: Path, tmp_path_fact
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["output"] = out
+    result["progress"] = [
+        json.loads(line)
+        for line in proc.stderr.splitlines()
+        if line.startswith('{"event": "generate"')
+    ]
     return result
+
+
+def test_vllm_reports_progress_while_requests_finish(vllm_run: dict) -> None:
+    """The vLLM shard says how far it is as requests finish (one engine call), not only at
+    its start and end: what `spinctl run` shows and a pod's log says."""
+    done = [e["done"] for e in vllm_run["progress"]]
+    total = EVAL + TRAIN
+    assert {e["total"] for e in vllm_run["progress"]} == {total}
+    assert done[0] == 0 and done[-1] == total and done == sorted(done)
+    assert len([d for d in done if 0 < d < total]) >= 2, done
 
 
 def test_vllm_greedy_equals_transformers_and_records_are_complete(

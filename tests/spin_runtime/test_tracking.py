@@ -407,3 +407,48 @@ def test_replay_touches_only_the_given_runs(mlflow_server: MlflowServer, tmp_pat
     client = MlflowClient(mlflow_server.uri)
     assert client.get_run(own).data.metrics == {"eval/exact_match": 0.99}
     assert client.get_run(theirs).data.metrics == {}, "another run was written from a spool"
+
+
+def test_best_alias_loads_with_mlflow_transformers(
+    mlflow_server: MlflowServer,
+    s3_bucket: str,
+    tiny_model_dir: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/mlflow.md's promise: models:/<name>@best is a transformers model MLflow can load
+    (the version's source is the published S3 folder, weights and all, not a copy)."""
+    import shutil
+
+    import mlflow.transformers
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spin_runtime.train.mlmodel import write_transformers_flavor
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "theta1"))
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(folder),
+        AutoTokenizer.from_pretrained(folder),
+    )
+    write_transformers_flavor(folder, model, tokenizer, torch.float32)
+    it = RunLayout.for_run(s3_bucket, "team-a", "loadable").iteration(0)
+    mf.write_dir_artifact(folder, it.model, "model", {"iteration": 0})
+
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    parent = tracker.ensure_parent_run(f"e-{uuid.uuid4().hex[:8]}", "team-a", "loadable", "u1", {})
+    assert parent is not None
+    it_run = tracker.ensure_iteration_run(parent, 0, {})
+    assert it_run is not None
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    assert tracker.register_iteration_model(name, it_run, 0, it.model, {"score": 1.0}, "score")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    (tmp_path / "dl").mkdir()
+    pipe = mlflow.transformers.load_model(
+        f"models:/{name}@{BEST_ALIAS}", dst_path=str(tmp_path / "dl")
+    )
+    prompt = "reverse: abc"
+    ids = tokenizer(prompt, return_tensors="pt")
+    want = tokenizer.decode(model.generate(**ids, max_new_tokens=6, do_sample=False)[0])
+    assert pipe(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"] == want

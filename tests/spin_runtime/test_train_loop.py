@@ -107,9 +107,10 @@ def test_output_is_a_complete_hf_checkpoint(trained, tiny_model_dir):
     out = trained / "model"
     found = manifest.require_complete(str(out), verify=True)
     assert found.kind == "model"
-    assert {"model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json"} <= set(
-        found.files
-    )
+    assert {
+        "model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json", "MLmodel",
+        "components/tokenizer/tokenizer.json",
+    } <= set(found.files)  # fmt: skip
     assert found.meta["iteration"] == 0 and found.meta["steps"] == 14
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -252,3 +253,20 @@ def test_bf16_gradient_checkpointing_and_rmsprop(tiny_model_dir, data, tmp_path)
     assert steps[0]["learning_rate"] == 0.0 and steps[2]["learning_rate"] == pytest.approx(2e-3)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["dtype"] == "float32"  # θt+1 keeps θt's dtype (fp32 master weights)
+
+
+def test_output_loads_as_an_mlflow_transformers_model(trained):
+    """The published folder is itself an MLflow model: mlflow.transformers.load_model reads
+    the weights in place and generates what transformers generates from the same folder."""
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = trained / "model"
+    pipe = mlflow.transformers.load_model(str(out))
+    assert type(pipe.model).__name__ == "LlamaForCausalLM"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    prompt = "reverse: abc"
+    ids = tokenizer(prompt, return_tensors="pt")
+    want = tokenizer.decode(model.generate(**ids, max_new_tokens=6, do_sample=False)[0])
+    got = pipe(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert got == want

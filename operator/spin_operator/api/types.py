@@ -469,8 +469,8 @@ class TrainingSpec(Model):
             errors.append(
                 FieldError(
                     "globalBatchSize",
-                    f"must be a multiple of microBatchSize × nodes × processes per node "
-                    f"({per_step}), got {self.global_batch_size}",
+                    "must be a multiple of microBatchSize × nodes × processesPerNode "
+                    f"(gpusPerNode unless set) = {per_step}, got {self.global_batch_size}",
                 )
             )
         raise_all(errors)
@@ -779,7 +779,7 @@ class SPINRunSpec(Model):
                 FieldError(
                     "dataset.evalSamples",
                     "is 0 but the built-in evaluation needs held-out prompts "
-                    "(set it > 0 or evaluation.enabled: false)",
+                    "(set it > 0, evaluation.enabled: false or an evaluation.command)",
                 )
             )
         if self.control_arm.enabled and not self.evaluation.enabled:

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from spin_operator import observe
-from spin_operator.reconciler import (
+from spin_operator.decision import (
     CreateStep,
     Decision,
     DeleteJob,
@@ -24,8 +24,8 @@ from spin_operator.reconciler import (
     RecordSpec,
     RegisterModel,
     StorageFacts,
-    reconcile,
 )
+from spin_operator.reconciler import reconcile
 from spin_operator.steps import plan_step
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spin_operator.reconciler import ObservedJob
+from spin_operator.decision import ObservedJob
 from spin_operator.steps import StepPlan
 
 BAD_INPUT_EXIT = 2

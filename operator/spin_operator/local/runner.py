@@ -25,8 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from spin_operator.conditions import dataset_status
 from spin_operator.local.preflight import BadInput, Loaded, load, preflight
-from spin_operator.status import dataset_status
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class LocalRun:
 
     def run(self) -> int:
         from spin_operator.local.backend import LocalBackend, stop_group
+        from spin_operator.local.podenv import local_pod_env
         from spin_operator.local.state import stale_groups
 
         self.state = self._load_state()
@@ -160,11 +161,18 @@ class LocalRun:
             self.run_ref, uid=self.state.uid
         )  # MLflow finds it by uid
         self.tracking.run = self.run_ref
+        pod = local_pod_env(self.spec.pod, os.environ)
         self.backend = LocalBackend(
-            self.log_dir, max_parallel=self.parallel, remembered=self.state.jobs, python=self.python
+            self.log_dir,
+            env={**os.environ, **pod.env},
+            max_parallel=self.parallel,
+            remembered=self.state.jobs,
+            python=self.python,
         )
         resumed = self.status.spec_hash is not None
         self.display.header(self.run_ref.name, self.layout.prefix, self.spec.tracking.uri, resumed)
+        for note in pod.notes:
+            self.display.say(f"  {note}")
         if interrupted:
             self.display.say(f"  restarting interrupted step(s): {', '.join(interrupted)}")
         if self.dataset:

@@ -24,8 +24,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from spin_operator.api import types as api
+from spin_operator.decision import ObservedJob
 from spin_operator.naming import ALL_STEP_KINDS, job_name, step_field
-from spin_operator.reconciler import ObservedJob
 
 log = logging.getLogger(__name__)
 

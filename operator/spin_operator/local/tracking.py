@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
-from spin_operator.reconciler import Action
+from spin_operator.decision import Action
 from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
 

@@ -204,9 +204,13 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
         began = time.perf_counter()
         report = _progress_reporter(opts.shard_index, began)
         report(0, len(prompts))
-        if hasattr(backend, "on_batch"):  # transformers: after every batch; vLLM: one call
+        if hasattr(backend, "on_batch"):  # transformers: after every batch; vLLM: as requests end
             backend.on_batch = report
-        completions = backend.generate(prompts, opts.sampling, budgets)
+        try:
+            completions = backend.generate(prompts, opts.sampling, budgets)
+        finally:
+            if hasattr(backend, "on_batch"):  # a caller's backend outlives this shard
+                backend.on_batch = None
         report(len(prompts), len(prompts))
         elapsed = time.perf_counter() - began
     finally:

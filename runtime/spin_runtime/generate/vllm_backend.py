@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from spin_runtime.generate.backends import Completion, FinishReason, SamplingConfig
@@ -59,6 +60,9 @@ class VLLMBackend:
             raise UsageError(f"--tensor-parallel-size must be >= 1, got {tensor_parallel_size}")
         self.tokenizer = tokenizer
         self.eos_id = int(tokenizer.eos_token_id)
+        # Called with (prompts done, prompts in this call) as requests finish, at most
+        # PROGRESS_STEPS times per call: progress like the transformers backend's batches.
+        self.on_batch: Callable[[int, int], None] | None = None
         self.llm = LLM(
             model=model_path,
             skip_tokenizer_init=True,
@@ -104,7 +108,10 @@ class VLLMBackend:
             return []
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
         sampling = [self._sampling(params, m, params.seed + i) for i, m in enumerate(max_tokens)]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        # One engine call keeps continuous batching whole (chunking the prompts would idle the
+        # GPU at every chunk's tail); its progress bar hook is where finished requests show.
+        progress = _progress_bar(self.on_batch) if self.on_batch is not None else False
+        outputs = self.llm.generate(requests, sampling, use_tqdm=progress)
         completions = []
         for output in outputs:
             answer = output.outputs[0]
@@ -122,3 +129,30 @@ class VLLMBackend:
     def close(self) -> None:
         del self.llm
         gc.collect()
+
+
+PROGRESS_STEPS = 50
+
+
+def _progress_bar(report: Callable[[int, int], None]) -> Callable[..., Any]:
+    """A tqdm class for ``LLM.generate(use_tqdm=...)`` that prints nothing and calls ``report``
+    whenever another 1/PROGRESS_STEPS of the requests finished (and at the end)."""
+    import io
+
+    from tqdm import tqdm
+
+    class _Progress(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["file"] = io.StringIO()  # vLLM's bar text goes nowhere; the report is ours
+            super().__init__(*args, **kwargs)
+            self._next = 0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            total = int(self.total or 0)
+            if total and (self.n >= self._next or self.n >= total):
+                report(int(self.n), total)
+                self._next = int(self.n) + max(1, total // PROGRESS_STEPS)
+            return shown
+
+    return _Progress

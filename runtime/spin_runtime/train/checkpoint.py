@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from spin_runtime import manifest, storage
-from spin_runtime.train import distributed, lora
+from spin_runtime.train import distributed, lora, mlmodel
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.lora import LoraSettings
 
@@ -146,6 +146,9 @@ def save_model(
             config.save_pretrained(folder)  # θt's own config over the training-time one
             _set_config_dtype(folder / "config.json", dtype)
             tokenizer.save_pretrained(folder)
+            # models:/<name>@best must load with mlflow.transformers.load_model: the folder is
+            # the MLflow model (docs/mlflow.md), not a copy of it.
+            mlmodel.write_transformers_flavor(folder, target, tokenizer, dtype)
             manifest.write_dir_artifact(folder, output, MODEL_KIND, meta)
         log.info("saved θt+1 to %s", output)
     distributed.barrier(ctx)

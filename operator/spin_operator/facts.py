@@ -1,0 +1,343 @@
+"""What one pass of the controller knows: the spec it decides on, and the facts a decision asks for.
+
+The reconciler is pure (reconciler.py); the controller builds its `Observed` from the watch
+caches and fetches, only when a decision asks (`Decision.needs_*`), the facts the caches do not
+hold: storage manifests, the stored spec's digest, Secrets, a GET for a Job the cache does not
+have, the cause a bad-input exit left in storage, and what keeps a Job's pods from starting.
+Storage calls run in one small thread pool per storage endpoint (`StoragePools`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import ValidationError
+
+from spin_operator import observe
+from spin_operator.api import types as api
+from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts, referenced_secrets
+from spin_operator.kube import ApiError, Kube, job_path, secret_path
+from spin_operator.metrics import Metrics
+from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER
+from spin_operator.settings import Settings, check_policy, resolve_spec
+from spin_operator.steps import RunRef, layout_of
+from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Key = tuple[str, str]  # namespace, run name
+JSON = dict[str, Any]
+JobCache = dict[Key, dict[str, tuple[str | None, ObservedJob]]]  # run -> Job -> (owner uid, Job)
+
+
+@dataclass
+class Gathered:
+    """Facts fetched during one pass because the reconciler asked for them."""
+
+    storage: dict[int, StorageFacts] = field(default_factory=dict)
+    missing_secrets: frozenset[str] | None = None
+    gone: set[str] = field(default_factory=set)
+    stored_checked: bool = False
+    stored_digest: str | None = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def applied_spec(meta: JSON) -> api.SPINRunSpec | None:
+    """The spec the run goes on with, from its applied-spec annotation (None: absent, unreadable)."""
+    raw = (meta.get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        return api.SPINRunSpec.model_validate(json.loads(raw))
+    except (ValueError, ValidationError):
+        return None
+
+
+class StoragePools:
+    """One small pool per storage endpoint: a store that hangs holds up only the runs that use it."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
+
+    async def run(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
+        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="spin-storage"
+            )
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.clear()
+
+
+class Specs:
+    """The spec each run's pass decides on. Validating a spec (models + CRD schema) is most of a
+    pass's CPU; status and metadata writes trigger passes with an unchanged spec, so the last
+    result is kept per run."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._parsed: dict[Key, tuple[str, api.SPINRunSpec | InvalidSpec]] = {}
+
+    def forget(self, key: Key) -> None:
+        self._parsed.pop(key, None)
+
+    def parse(self, key: Key, body: JSON) -> api.SPINRunSpec | InvalidSpec:
+        """`validation.parse` of the run, reused while apiVersion, kind, name and spec are unchanged."""
+        meta = body.get("metadata") or {}
+        digest = json.dumps(
+            [body.get("apiVersion"), body.get("kind"), meta.get("name"), body.get("spec")],
+            sort_keys=True,
+            default=str,
+        )
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        try:
+            result: api.SPINRunSpec | InvalidSpec = parse(body)
+        except InvalidSpec as exc:
+            result = exc
+        self._parsed[key] = (digest, result)
+        return result
+
+    def given(
+        self, key: Key, body: JSON, run: RunRef, applied: api.SPINRunSpec | None
+    ) -> api.SPINRunSpec | InvalidSpec:
+        """The spec as written, with the operator's defaults, or why the operator refuses it."""
+        try:
+            parsed = self.parse(key, body)
+            if isinstance(parsed, InvalidSpec):
+                raise parsed
+            resolved = resolve_spec(parsed, self.settings, applied)
+            layout_of(resolved, run)  # the run prefix must be usable (an operator default too)
+            # a local MLflow store: pods cannot share it
+            if refused := cluster_problems(parsed, resolved.tracking.uri):
+                raise InvalidSpec(refused)
+            check_policy(parsed, resolved, run.namespace, self.settings)  # the admin's allow-lists
+            return resolved
+        except InvalidSpec as exc:
+            return exc
+        except ValueError as exc:  # a storage URI the layout cannot use, e.g. s3://b/a/../c
+            return InvalidSpec([Problem("spec.storage.uri", str(exc))])
+
+    def tracking_uri(self, key: Key) -> str | None:
+        """The MLflow URI the run's last parsed spec names, else the operator's default."""
+        cached = self._parsed.get(key)
+        given = (
+            cached[1].tracking.uri
+            if cached is not None and isinstance(cached[1], api.SPINRunSpec)
+            else None
+        )
+        return given or self.settings.mlflow_uri  # resolve_spec's default
+
+
+class Facts:
+    """Builds `Observed` from the Job cache and fetches what a decision asks for."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        kube: Kube,
+        metrics: Metrics,
+        storage: StoragePools,
+        jobs: JobCache,
+        on_job: Callable[[str | None, JSON], None],
+        pod_check: float,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.metrics = metrics
+        self.storage = storage
+        self.jobs = jobs  # the controller's Job cache (read only here)
+        self.on_job = on_job  # a Job fetched by GET goes into that cache as a watch event would
+        self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
+        self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
+        # Jobs whose pods are not all running: their latest body, and what their pods and events
+        # said ((run uid, Job) -> (monotonic time of the look, blockage)); looked at again every
+        # `pod_check` seconds while they wait, since a stuck pod changes nothing on the Job.
+        self.pod_check = pod_check
+        self._starting: dict[tuple[str, str], JSON] = {}
+        self._blocked: dict[tuple[str, str], tuple[float, observe.Blockage]] = {}
+
+    def job_seen(self, namespace: str, job: ObservedJob, obj: JSON, deleted: bool) -> None:
+        """A watch event for a Job: keep its body while its pods are worth a look."""
+        if job.starting and not deleted:
+            self._starting[(namespace, job.name)] = obj
+        else:
+            self._starting.pop((namespace, job.name), None)
+
+    def forget(self, uid: str | None) -> None:
+        """The run is gone: drop what was learnt about its children."""
+        self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
+        self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
+        self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
+
+    def run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
+        return tuple(
+            j for uid, j in self.jobs.get((run.namespace, run.name), {}).values() if uid == run.uid
+        )
+
+    async def look_at_pods(self, run: RunRef) -> None:
+        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods (and,
+        when they do not explain the wait, its events) -> `observe.pod_blockage`. Best effort: a
+        failed look leaves the last one (the step then just waits, as before)."""
+        now = time.monotonic()
+        for job in self.run_jobs(run):
+            k = (run.uid, job.name)
+            body = self._starting.get((run.namespace, job.name))
+            if body is None:
+                self._blocked.pop(k, None)
+                continue
+            seen = self._blocked.get(k)
+            if seen is not None and now - seen[0] < self.pod_check * 0.9:
+                continue
+            try:
+                pods = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/pods",
+                                               params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"})  # fmt: skip
+                found = observe.pod_blockage(body, pods.get("items") or [], [])
+                if not found.reason:
+                    selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
+                    events = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/events",
+                                                     params={"fieldSelector": selector})  # fmt: skip
+                    found = observe.pod_blockage(
+                        body, pods.get("items") or [], events.get("items") or []
+                    )
+            except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
+                # best effort: a dropped connection must not fail the pass this look serves
+                level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
+                log.log(
+                    level,
+                    "%s/%s: cannot look at the pods of Job %s: %s",
+                    run.namespace,
+                    run.name,
+                    job.name,
+                    exc,
+                )
+                continue
+            self._blocked[k] = (now, found)
+
+    def observed(
+        self,
+        body: JSON,
+        run: RunRef,
+        applied: api.SPINRunSpec | None,
+        g: Gathered,
+        rejected: dict[str, tuple[str, str]],
+    ) -> Observed:
+        meta = body["metadata"]
+        # a Job failed on bad input carries the runtime's own cause, not Kubernetes' exit-code line
+        jobs = tuple(
+            dataclasses.replace(j, message=cause)
+            if (cause := self._causes.get((run.uid, j.name)))
+            else j
+            for j in self.run_jobs(run)
+        )
+        jobs = tuple(  # what keeps its pods from starting (looked at in look_at_pods)
+            dataclasses.replace(
+                j, blocked_reason=b.reason, blocked_message=b.message, pending_since=b.since
+            )
+            if j.starting
+            and (b := self._blocked.get((run.uid, j.name), (0.0, None))[1]) is not None
+            else j
+            for j in jobs
+        )
+        return Observed(
+            namespace=run.namespace,
+            name=run.name,
+            uid=run.uid,
+            generation=int(meta.get("generation") or 1),
+            now=_now(),
+            deleting=bool(meta.get("deletionTimestamp")),
+            finalizer=FINALIZER in (meta.get("finalizers") or []),
+            jobs=jobs,
+            gone_jobs=frozenset(g.gone),
+            missing_secrets=g.missing_secrets,
+            storage=dict(g.storage),
+            stored_spec_checked=g.stored_checked,
+            stored_spec_digest=g.stored_digest,
+            applied_spec=applied,
+            rejected=dict(rejected),
+        )
+
+    async def gather(self, d: Decision, run: RunRef, g: Gathered) -> bool:
+        """Fetch what `d` asks for; False when something could not be fetched (act partially)."""
+        spec = d.spec
+        if spec is None:
+            return False
+        try:
+            if d.needs_stored_spec:
+                g.stored_digest = await self.storage.run(observe.read_stored_digest, spec, run)
+                g.stored_checked = True
+            if d.needs_secrets:
+                g.missing_secrets = await self._missing_secrets(spec, run)
+            for name in d.needs_jobs:
+                found = await self.kube.get(job_path(run.namespace, name))
+                if found is None:
+                    g.gone.add(name)
+                else:
+                    self.on_job("ADDED", found)
+            for t in sorted(d.needs_storage):
+                facts = self._facts.get((run.uid, t))
+                if facts is None:
+                    facts = await self.storage.run(observe.read_facts, spec, run, t)
+                if observe.facts_final(spec, facts):
+                    self._facts[(run.uid, t)] = facts
+                g.storage[t] = facts
+            for job in self.run_jobs(
+                run
+            ):  # once per Job: the cause a bad-input exit left in storage
+                if (
+                    job.state == "Failed"
+                    and job.reason == "PodFailurePolicy"
+                    and (run.uid, job.name) not in self._causes
+                ):
+                    cause = await self.storage.run(
+                        observe.read_bad_input, spec, run, job.iteration, job.stage
+                    )
+                    self._causes[(run.uid, job.name)] = cause
+        except (OSError, ApiError) as exc:
+            log.warning(
+                "%s/%s: cannot read what the decision needs: %s", run.namespace, run.name, exc
+            )
+            self.metrics.errors.labels(kind="facts").inc()
+            return False
+        return True
+
+    async def _missing_secrets(self, spec: api.SPINRunSpec, run: RunRef) -> frozenset[str]:
+        """Referenced Secrets that do not exist, where RBAC lets the operator look (a namespaced
+        grant only, docs/security.md); elsewhere none are reported and a missing Secret shows up
+        as the pods' CreateContainerConfigError instead."""
+        if not self.settings.may_read_secrets(run.namespace):
+            return frozenset()
+        missing = set()
+        for name in referenced_secrets(spec):
+            try:
+                if await self.kube.get(secret_path(run.namespace, name)) is None:
+                    missing.add(name)
+            except ApiError as exc:
+                if exc.status != 403:
+                    raise
+                log.info(
+                    "%s/%s: no RBAC grant to check Secret %s; not checked",
+                    run.namespace,
+                    run.name,
+                    name,
+                )
+        return frozenset(missing)
