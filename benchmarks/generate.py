@@ -95,7 +95,7 @@ def _vllm(args: argparse.Namespace) -> dict[str, Any] | None:
     cmd = [str(VLLM_PYTHON), __file__, "--worker", "vllm", "--model", args.model,
            "--num-prompts", str(args.num_prompts), "--max-new-tokens", str(args.max_new_tokens),
            "--temperature", str(args.temperature), "--repeats", str(args.repeats),
-           "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+           "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip # argv: a flag beside its value
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     if proc.returncode != 0:
         raise SystemExit(f"vLLM benchmark failed:\n{proc.stderr[-4000:]}")
@@ -114,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=0,
+        "--threads",
+        type=int,
+        default=0,
         help="CPU threads for both backends (0 = torch's default, all cores); on a loaded "
         "machine 1 avoids OpenMP oversubscription stalls",
-    )  # fmt: skip
+    )
     parser.add_argument("--worker", choices=["vllm"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

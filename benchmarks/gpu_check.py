@@ -58,7 +58,7 @@ sys.path[:0] = [str(REPO / "runtime"), str(REPO)]
 
 CONTENDERS = (
     "spin", "spin_gc", "spin_ddp", "spin_fsdp", "lora", "floor", "trl_precompute", "generation",
-)  # fmt: skip
+)  # fmt: skip # a word list, packed
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (the MFU denominator)
 BETA, LR, MAX_GRAD_NORM = 0.1, 1e-6, 1.0
 
@@ -98,9 +98,13 @@ def _one_rank_group() -> Any:
     from spin_runtime.train import distributed
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-        LOCAL_RANK="0", TORCHELASTIC_RUN_ID="gpu-check",
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        TORCHELASTIC_RUN_ID="gpu-check",
+    )
     return distributed.init()
 
 
@@ -113,13 +117,18 @@ def _build(shape: Shape, device: Any) -> tuple[Any, Any]:
 
     tokenizer = tiny.train_tokenizer(tiny.make_task_rows(200, seed=0), 512)
     config = LlamaConfig(
-        vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=shape.vocab or len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
         model = LlamaForCausalLM(config)
@@ -207,12 +216,24 @@ def spin_contender(
     seq_len = shape.prompt + 2 * shape.answer
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work_dir:
         cfg = loop.TrainConfig(
-            model="gpu-check", data=["gpu-check"], output=work_dir, work_dir=work_dir,
-            beta=BETA, learning_rate=LR, epochs=1000, global_batch_size=shape.pairs,
-            micro_batch_size=shape.pairs, max_length=seq_len, max_prompt_length=shape.prompt,
-            optimizer="adamw", lr_scheduler="constant", warmup_ratio=0.0,
-            max_grad_norm=MAX_GRAD_NORM, precision="bf16", **options,
-        )  # fmt: skip
+            model="gpu-check",
+            data=["gpu-check"],
+            output=work_dir,
+            work_dir=work_dir,
+            beta=BETA,
+            learning_rate=LR,
+            epochs=1000,
+            global_batch_size=shape.pairs,
+            micro_batch_size=shape.pairs,
+            max_length=seq_len,
+            max_prompt_length=shape.prompt,
+            optimizer="adamw",
+            lr_scheduler="constant",
+            warmup_ratio=0.0,
+            max_grad_norm=MAX_GRAD_NORM,
+            precision="bf16",
+            **options,
+        )
         cfg.validate()
         clock.reset()
         model = copy.deepcopy(base)

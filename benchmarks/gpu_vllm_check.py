@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                "--model", model, "--dataset", dataset, "--output", str(out),
                "--eval-samples", "16", "--max-samples", "64", "--temperature", "0",
                "--max-new-tokens", str(args.max_new_tokens), "--dtype", "float32",
-               "--tensor-parallel-size", str(args.tp)]  # fmt: skip
+               "--tensor-parallel-size", str(args.tp)]  # fmt: skip # argv: a flag beside its value
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         checks["cli_exit"] = proc.returncode
         recs = records.read_generated(str(out)) if proc.returncode == 0 else []

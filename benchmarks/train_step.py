@@ -148,13 +148,24 @@ def part_spin(model_dir: str, warmup: int, lora: bool = False) -> None:
         [],
     )
     cfg = loop.TrainConfig(
-        model=model_dir, data=["bench"], output="unused", work_dir=tempfile.mkdtemp(),
-        beta=BETA, learning_rate=LR, epochs=1000, global_batch_size=PAIRS,
-        micro_batch_size=PAIRS, max_length=SEQ_LEN, max_prompt_length=SEQ_LEN - 1,
-        optimizer="adamw", lr_scheduler="constant", warmup_ratio=0.0,
-        max_grad_norm=MAX_GRAD_NORM, precision="fp32",
+        model=model_dir,
+        data=["bench"],
+        output="unused",
+        work_dir=tempfile.mkdtemp(),
+        beta=BETA,
+        learning_rate=LR,
+        epochs=1000,
+        global_batch_size=PAIRS,
+        micro_batch_size=PAIRS,
+        max_length=SEQ_LEN,
+        max_prompt_length=SEQ_LEN - 1,
+        optimizer="adamw",
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        precision="fp32",
         lora=LoraSettings(rank=LORA_RANK, alpha=LORA_ALPHA) if lora else None,
-    )  # fmt: skip
+    )
     ctx = distributed.init()
     hf_model = models.load_model(model_dir, "float32", "cpu", tokenizer=tokenizer)
     session = loop.build_session(ctx, cfg, hf_model, int(tokenizer.pad_token_id), pairs)
@@ -259,15 +270,31 @@ def part_trl(model_dir: str, steps: int, warmup: int, precompute: bool) -> None:
                 started[0] = time.perf_counter()
 
     args = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PAIRS,
-        gradient_accumulation_steps=1, max_steps=warmup + steps + 1, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch_fused", beta=BETA, loss_type=["sigmoid"],
-        max_length=SEQ_LEN, truncation_mode="keep_start",
-        precompute_ref_log_probs=precompute, use_cpu=True, bf16=False, fp16=False,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=PAIRS,
+        gradient_accumulation_steps=1,
+        max_steps=warmup + steps + 1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        optim="adamw_torch_fused",
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=SEQ_LEN,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=precompute,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -303,13 +330,17 @@ class Contender:
             sys.executable, __file__, "--part", name, "--model-dir", model_dir,
             "--steps", str(opts.steps), "--warmup", str(opts.warmup),
             "--threads", str(opts.threads),
-        ]  # fmt: skip
+        ]  # fmt: skip # argv: a flag beside its value
         self.name = name
         self.times: list[float] = []
         self.proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+            cmd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
 
     def receive(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -372,12 +403,21 @@ def main() -> None:
     med = {name: statistics.median(r["times"]) for name, r in results.items()}
     spin, floor = med["spin"], med["floor"]
     settings = {
-        "params": params, "pairs": PAIRS, "sequences": 2 * PAIRS, "seq_len": SEQ_LEN,
-        "beta": BETA, "lr": LR, "optimizer": "adamw", "max_grad_norm": MAX_GRAD_NORM,
-        "dtype": "float32", "threads": opts.threads, "steps": opts.steps,
-        "warmup": opts.warmup, "tokens_sha256": digests["spin"],
+        "params": params,
+        "pairs": PAIRS,
+        "sequences": 2 * PAIRS,
+        "seq_len": SEQ_LEN,
+        "beta": BETA,
+        "lr": LR,
+        "optimizer": "adamw",
+        "max_grad_norm": MAX_GRAD_NORM,
+        "dtype": "float32",
+        "threads": opts.threads,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "tokens_sha256": digests["spin"],
         "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": "all-linear"},
-    }  # fmt: skip
+    }
     line = {
         "spin_step_s": round(spin, 4),
         "floor_step_s": round(floor, 4),

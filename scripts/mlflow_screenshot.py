@@ -62,13 +62,21 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
     tracker.log_dataset(parent, "sft", "s3://datasets/ultrachat-50k.jsonl", "0" * 64, context="sft")
     for t in range(3):
         it_run = tracker.ensure_iteration_run(
-            parent, t,
-            {"beta": 0.1, "learning_rate": 5e-7 if t < 2 else 1e-7, "temperature": 1.0,
-             "top_p": 1.0, "max_new_tokens": 256, "input_model": f"θ{t}", "output_model": f"θ{t + 1}",
-             "model_uri": run.model_for_iteration(t, "s3://models/zephyr-sft"),
-             "data_uris": run.training_data_for_iteration(t, 1),
-             "checkpoint_uri": run.iteration(t).model},
-        )  # fmt: skip
+            parent,
+            t,
+            {
+                "beta": 0.1,
+                "learning_rate": 5e-7 if t < 2 else 1e-7,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "max_new_tokens": 256,
+                "input_model": f"θ{t}",
+                "output_model": f"θ{t + 1}",
+                "model_uri": run.model_for_iteration(t, "s3://models/zephyr-sft"),
+                "data_uris": run.training_data_for_iteration(t, 1),
+                "checkpoint_uri": run.iteration(t).model,
+            },
+        )
         assert it_run is not None
         with RunLogger(it_run, tracking_uri, policy=policy) as logger:
             for step in range(1, 41):  # synthetic curves: loss from ln 2 down, slower each time
@@ -86,11 +94,21 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
         tracker.log_metrics(
             it_run, {"eval/exact_match": 0.0, "eval/real_logp_per_token": logp, "eval/score": logp}
         )
-        MlflowClient(tracking_uri).log_table(it_run, {
-            "prompt": ["Name three prime numbers.", "Summarize the water cycle in one sentence."],
-            "reference": ["2, 3 and 5.", "Water evaporates, condenses into clouds and falls as precipitation."],
-            "answer": [f"(simulated answer of θ{t + 1})", f"(simulated answer of θ{t + 1})"],
-        }, "eval_samples.json")  # fmt: skip
+        MlflowClient(tracking_uri).log_table(
+            it_run,
+            {
+                "prompt": [
+                    "Name three prime numbers.",
+                    "Summarize the water cycle in one sentence.",
+                ],
+                "reference": [
+                    "2, 3 and 5.",
+                    "Water evaporates, condenses into clouds and falls as precipitation.",
+                ],
+                "answer": [f"(simulated answer of θ{t + 1})", f"(simulated answer of θ{t + 1})"],
+            },
+            "eval_samples.json",
+        )
         tracker.register_iteration_model(
             "zephyr-spin", it_run, t, run.iteration(t).model, {"score": logp}, "score"
         )
@@ -144,7 +162,7 @@ def screenshot(url: str, out: Path, chromium: str, budget_ms: int) -> None:
             "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,900",
             "--hide-scrollbars", f"--virtual-time-budget={budget_ms}",
             f"--screenshot={out}", url,
-        ]  # fmt: skip
+        ]  # fmt: skip # argv: a flag beside its value
         subprocess.run(argv, check=True, timeout=180, capture_output=True)
     if not out.is_file() or out.stat().st_size < 10_000:
         raise SystemExit(f"chromium did not write a plausible screenshot to {out}")
@@ -194,14 +212,18 @@ def start_and_simulate(stack: ExitStack) -> tuple[str, str]:
     port = free_port()
     moto = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     stack.callback(_stop_group, moto)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
-        AWS_ACCESS_KEY_ID="screenshot", AWS_SECRET_ACCESS_KEY="screenshot",
-        AWS_REGION="us-east-1", AWS_ENDPOINT_URL_S3=endpoint,
-    )  # fmt: skip
+        AWS_ACCESS_KEY_ID="screenshot",
+        AWS_SECRET_ACCESS_KEY="screenshot",
+        AWS_REGION="us-east-1",
+        AWS_ENDPOINT_URL_S3=endpoint,
+    )
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     for _ in range(100):
         try:

@@ -89,8 +89,11 @@ def test_install_tools_fast_path_passes_twice(tmp_path: Path) -> None:
     for _ in range(2):
         done = subprocess.run(
             ["bash", str(REPO / "scripts" / "install-tools.sh"), str(dest)],
-            capture_output=True, text=True, timeout=60, env=env,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert done.returncode == 0, done.stderr
         assert "Client Version: v1." in done.stdout and done.stdout.startswith("v")
 
@@ -105,8 +108,10 @@ def test_vllm_venv_fast_path_passes_twice() -> None:
     for _ in range(2):
         done = subprocess.run(
             ["bash", str(REPO / "scripts" / "setup-vllm-venv.sh"), str(venv)],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         assert "vllm venv ok" in done.stdout
         assert not (venv / ".spin-vllm-unavailable").exists()

@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("files", nargs="+", metavar="FILE", help="YAML files with SPINRuns")
         parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
         parser.add_argument(
-            "--cluster", action="store_true",
+            "--cluster",
+            action="store_true",
             help="also refuse what cannot work when the operator runs it (e.g. a local MLflow store)",
-        )  # fmt: skip
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,10 +49,14 @@ def set_condition(
     if current is None:
         conditions.append(
             api.Condition(
-                type=type_, status=value, reason=reason, message=message,
-                last_transition_time=now, observed_generation=generation,
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
             )
-        )  # fmt: skip
+        )
         return True
     flipped = current.status != value
     current.status = value
@@ -216,6 +220,8 @@ def dataset_status(report: Mapping[str, object]) -> api.DatasetStatus:
         for reason, v in (by_reason.items() if isinstance(by_reason, Mapping) else ())
     }
     return api.DatasetStatus(
-        rows=_count(report.get("rows")), usable=_count(report.get("usable")),
-        skipped=_count(report.get("skipped")), skipped_by_reason=counts,
-    )  # fmt: skip
+        rows=_count(report.get("rows")),
+        usable=_count(report.get("usable")),
+        skipped=_count(report.get("skipped")),
+        skipped_by_reason=counts,
+    )

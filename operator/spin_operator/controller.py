@@ -173,8 +173,8 @@ class Controller:
         """Fill the Job cache with one LIST before watching starts, so a restarted operator
         never mistakes a Job it has not heard of yet for a deleted one."""
         for path in resync.job_paths(self):
-            pages = resync.list_pages(
-                self.kube, path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size
+            pages = self.kube.pages(
+                path, selector=resync.JOB_SELECTOR, chunk=self.settings.list_chunk_size
             )
             async for item in pages:
                 self.on_job("ADDED", item)
@@ -331,11 +331,25 @@ class Controller:
         assert decision is not None
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "%s/%s: phase %s -> %s, actions %s, still needed %s", *key, status.phase, decision.status.phase,
-                [type(a).__name__ + (f"({getattr(a, 'name', '')})" if hasattr(a, "name") else "") for a in decision.actions],
-                {k: v for k, v in (("storage", decision.needs_storage), ("secrets", decision.needs_secrets),
-                                   ("jobs", decision.needs_jobs), ("storedSpec", decision.needs_stored_spec)) if v},
-            )  # fmt: skip
+                "%s/%s: phase %s -> %s, actions %s, still needed %s",
+                *key,
+                status.phase,
+                decision.status.phase,
+                [
+                    type(a).__name__ + (f"({getattr(a, 'name', '')})" if hasattr(a, "name") else "")
+                    for a in decision.actions
+                ],
+                {
+                    k: v
+                    for k, v in (
+                        ("storage", decision.needs_storage),
+                        ("secrets", decision.needs_secrets),
+                        ("jobs", decision.needs_jobs),
+                        ("storedSpec", decision.needs_stored_spec),
+                    )
+                    if v
+                },
+            )
         settled = await self.applier.execute(key, body, run, status, decision)
         self._tracking_pending[key] = not settled
         return decision.complete and settled

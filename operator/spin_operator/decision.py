@@ -197,10 +197,20 @@ class ReplaySpool:
 
 
 Action = (
-    CreateStep | SuspendJob | DeleteJob | DeleteService | Event | RecordSpec | SetFinalizer
-    | DeleteArtifacts | EnsureParentRun | EnsureIterationRun | RegisterModel | FinishTracking
+    CreateStep
+    | SuspendJob
+    | DeleteJob
+    | DeleteService
+    | Event
+    | RecordSpec
+    | SetFinalizer
+    | DeleteArtifacts
+    | EnsureParentRun
+    | EnsureIterationRun
+    | RegisterModel
+    | FinishTracking
     | ReplaySpool
-)  # fmt: skip
+)
 
 
 @dataclass

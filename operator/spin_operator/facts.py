@@ -209,13 +209,19 @@ class Facts:
             if seen is not None and now - seen[0] < self.pod_check * 0.9:
                 continue
             try:
-                pods = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/pods",
-                                               params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"})  # fmt: skip
+                pods = await self.kube.request(
+                    "GET",
+                    f"/api/v1/namespaces/{run.namespace}/pods",
+                    params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"},
+                )
                 found = observe.pod_blockage(body, pods.get("items") or [], [])
                 if not found.reason:
                     selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
-                    events = await self.kube.request("GET", f"/api/v1/namespaces/{run.namespace}/events",
-                                                     params={"fieldSelector": selector})  # fmt: skip
+                    events = await self.kube.request(
+                        "GET",
+                        f"/api/v1/namespaces/{run.namespace}/events",
+                        params={"fieldSelector": selector},
+                    )
                     found = observe.pod_blockage(
                         body, pods.get("items") or [], events.get("items") or []
                     )

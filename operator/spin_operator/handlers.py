@@ -46,6 +46,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     from spin_operator.api import types as api
     from spin_operator.leader import LeaseElector, default_identity
     from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL
+    from spin_operator.resync import JOB_SELECTOR
 
     registry = kopf.OperatorRegistry()
     electors: list[LeaseElector] = []
@@ -64,9 +65,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         # Server-side filtering: the `labels=` of a handler only filters on the client, after the
         # API server sent every Job of the cluster; this selector makes the list and the watch
         # carry `labelSelector`, so only the operator's own Jobs travel. Lists come in pages.
-        settings.watching.label_selectors["batch", "v1", "jobs"] = (
-            f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-        )
+        settings.watching.label_selectors["batch", "v1", "jobs"] = JOB_SELECTOR
         settings.watching.chunk_size = controller.settings.list_chunk_size
         await controller.prime()
         controller.start_resync()
@@ -129,9 +128,12 @@ def _operator_storage_env(settings: Settings) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--namespace", action="append", default=None, metavar="NS",
+        "--namespace",
+        action="append",
+        default=None,
+        metavar="NS",
         help="watch only this namespace (repeatable; default: SPIN_NAMESPACES, else all)",
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:

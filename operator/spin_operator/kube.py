@@ -23,7 +23,7 @@ import re
 import ssl
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -130,9 +130,13 @@ class Kube:
     """HTTP calls against the API server with credentials from `login()` (refreshed on 401)."""
 
     def __init__(
-        self, login: Callable[[], Any], *, refresh_every: float = REFRESH_EVERY, backoff: float = 0.5,
+        self,
+        login: Callable[[], Any],
+        *,
+        refresh_every: float = REFRESH_EVERY,
+        backoff: float = 0.5,
         on_warning: Callable[[str, str, str], None] | None = None,
-    ):  # fmt: skip
+    ):
         self._login = login
         self._info: Any = None
         self._login_at = 0.0
@@ -274,21 +278,22 @@ class Kube:
                 except Exception as exc:  # a warning must never fail the call it came with
                     log.debug("warning handler failed: %s", exc)
 
-    async def list(
-        self, path: str, params: dict[str, str] | None = None, page: int = PAGE_SIZE
-    ) -> list[JSON]:
-        """Every item of a collection, read in pages of `page` (`limit`/`continue`)."""
-        items: list[JSON] = []
-        token: str | None = None
+    async def pages(
+        self, path: str, *, selector: str | None = None, chunk: int = PAGE_SIZE
+    ) -> AsyncIterator[JSON]:
+        """Every item of a LIST, fetched `chunk` at a time with `continue` tokens (one consistent
+        snapshot: a continue token that expired raises ApiError 410 and nothing partial is used)."""
+        params = {"limit": str(chunk)}
+        if selector:
+            params["labelSelector"] = selector
         while True:
-            query = {**(params or {}), "limit": str(page)}
-            if token:
-                query["continue"] = token
-            listing = await self.request("GET", path, params=query)
-            items += listing.get("items") or []
-            token = (listing.get("metadata") or {}).get("continue")
+            page = await self.request("GET", path, params=params)
+            for item in page.get("items") or []:
+                yield item
+            token = (page.get("metadata") or {}).get("continue") or ""
             if not token:
-                return items
+                return
+            params["continue"] = token
 
     async def get(self, path: str) -> JSON | None:
         try:

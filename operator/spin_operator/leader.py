@@ -188,8 +188,10 @@ class LeaseElector:
         try:
             lease = await self.kube.get(lease_path(self.namespace, self.name))
             if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
-                patch = {"metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
-                         "spec": {"holderIdentity": None, "renewTime": None}}  # fmt: skip
+                patch = {
+                    "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]},
+                    "spec": {"holderIdentity": None, "renewTime": None},
+                }
                 await self.kube.patch(lease_path(self.namespace, self.name), patch)
         except (ApiError, OSError) as exc:
             log.warning("leader election: could not release the Lease: %s", exc)

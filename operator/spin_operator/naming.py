@@ -25,7 +25,7 @@ ALL_STEP_KINDS: tuple[StepKind, ...] = (CHECK, *STEP_KINDS, *CONTROL_KINDS)
 _SHORT: dict[StepKind, str] = {
     "check": "check", "generate": "gen", "train": "train", "evaluate": "eval",
     "control-train": "ctrain", "control-evaluate": "ceval",
-}  # fmt: skip
+}  # fmt: skip # a small table, packed
 _FROM_SHORT = {v: k for k, v in _SHORT.items()}
 _NAME_RE = re.compile(
     r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>check|gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$"

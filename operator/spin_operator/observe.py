@@ -100,7 +100,7 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
 BLOCKING_WAITS = frozenset({
     "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-})  # fmt: skip
+})  # fmt: skip # a word list, packed
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,12 @@ def pod_blockage(
     mine = sorted(
         (p for p in pods if _is_job_pod(p, name)), key=lambda p: str(p["metadata"].get("name"))
     )
-    waiting = [p for p in mine if (p.get("status") or {}).get("phase", "Pending") == "Pending"
-               and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    waiting = [
+        p
+        for p in mine
+        if (p.get("status") or {}).get("phase", "Pending") == "Pending"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
     since = min(
         (
             str(p["metadata"].get("creationTimestamp"))
@@ -167,9 +171,14 @@ def pod_blockage(
         p for p in mine if (p.get("status") or {}).get("phase", "Pending") in ("Pending", "Running")
     ]
     if len(live) < wanted:
-        refused = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"
-                   and (e.get("involvedObject") or {}).get("name") == name
-                   and (e.get("involvedObject") or {}).get("kind") == "Job"]  # fmt: skip
+        refused = [
+            e
+            for e in events
+            if e.get("reason") == "FailedCreate"
+            and e.get("type") == "Warning"
+            and (e.get("involvedObject") or {}).get("name") == name
+            and (e.get("involvedObject") or {}).get("kind") == "Job"
+        ]
         newest_pod = max(
             (str(p["metadata"].get("creationTimestamp") or "") for p in mine), default=""
         )
@@ -281,12 +290,20 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
     checked, profile = _check_report(spec, run) if iteration == 0 else (False, {})
     skipped = meta.get("dataset_skipped")
     return StorageFacts(
-        checked=checked, check_profile=profile,
-        generated=generated, model=model, evaluated=evaluated, metrics=metrics,
-        control_model=control_model, control_evaluated=control_evaluated, control_metrics=control_metrics,
+        checked=checked,
+        check_profile=profile,
+        generated=generated,
+        model=model,
+        evaluated=evaluated,
+        metrics=metrics,
+        control_model=control_model,
+        control_evaluated=control_evaluated,
+        control_metrics=control_metrics,
         dataset_rows=int(meta.get("dataset_rows") or 0),
-        dataset_skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {},
-    )  # fmt: skip
+        dataset_skipped={str(k): int(v) for k, v in skipped.items()}
+        if isinstance(skipped, dict)
+        else {},
+    )
 
 
 def _read_report(spec: api.SPINRunSpec, run: RunRef) -> dict[str, Any] | None:

@@ -110,9 +110,11 @@ def load(
         runtime_image=runtime_image or env.runtime_image,
         storage_uri=storage_uri or env.storage_uri,
         mlflow_uri=env.mlflow_uri,
-        s3_endpoint=env.s3_endpoint, s3_region=env.s3_region, s3_secret=env.s3_secret,
+        s3_endpoint=env.s3_endpoint,
+        s3_region=env.s3_region,
+        s3_secret=env.s3_secret,
         mlflow_secret=env.mlflow_secret,
-    )  # fmt: skip
+    )
     try:
         spec = resolve_spec(parse(docs[0]), settings)
     except InvalidSpec as exc:
@@ -224,18 +226,31 @@ def _plan(args: argparse.Namespace) -> int:
     table = [["ITER", "JOB", "PODS", "GPUS", "OPT STEPS", "TOKENS", "GPU-HOURS"]]
     for r in rows:
         p = r.plan
-        table.append([
-            str(p.iteration), p.job_name, str(p.pods), str(r.gpus),
-            "-" if r.optimizer_steps is None else str(r.optimizer_steps), f"{r.tokens:,}", f"{r.gpu_hours:.2f}",
-        ])  # fmt: skip
+        table.append(
+            [
+                str(p.iteration),
+                p.job_name,
+                str(p.pods),
+                str(r.gpus),
+                "-" if r.optimizer_steps is None else str(r.optimizer_steps),
+                f"{r.tokens:,}",
+                f"{r.gpu_hours:.2f}",
+            ]
+        )
     total = sum(r.gpu_hours for r in rows)
-    print(f"{run.namespace}/{run.name}: {spec.iterations} iteration(s) (θ0 → θ{spec.iterations}), "
-          f"{len(rows)} Jobs; {prompts:,} training prompts ({source}), {spec.dataset.eval_samples} held out")  # fmt: skip
+    print(
+        f"{run.namespace}/{run.name}: {spec.iterations} iteration(s) (θ0 → θ{spec.iterations}), "
+        f"{len(rows)} Jobs; {prompts:,} training prompts ({source}), {spec.dataset.eval_samples} held out"
+    )
     print(_table(table))
-    print("TOKENS: generate = prompts × generation.maxNewTokens; train = 2 × pairs × maxLength × epochs; "
-          "evaluate = greedy tokens (θ0 too at iteration 0). Upper bounds: answers may stop earlier.")  # fmt: skip
-    print(f"GPU-hours: {total:.2f} at assumed throughputs (tokens per GPU-second) generate {rates[0]:g}, "
-          f"train {rates[1]:g}, evaluate {rates[2]:g}; set yours with --*-tokens-per-gpu-second.")  # fmt: skip
+    print(
+        "TOKENS: generate = prompts × generation.maxNewTokens; train = 2 × pairs × maxLength × epochs; "
+        "evaluate = greedy tokens (θ0 too at iteration 0). Upper bounds: answers may stop earlier."
+    )
+    print(
+        f"GPU-hours: {total:.2f} at assumed throughputs (tokens per GPU-second) generate {rates[0]:g}, "
+        f"train {rates[1]:g}, evaluate {rates[2]:g}; set yours with --*-tokens-per-gpu-second."
+    )
     if args.gpu_hour_price is not None:
         print(f"cost: {total * args.gpu_hour_price:,.2f} at {args.gpu_hour_price:g} per GPU-hour")
     return 0

@@ -35,10 +35,10 @@ from spin_operator.decision import (
     ReplaySpool,
     SetFinalizer,
 )
-from spin_operator.naming import StepKind
+from spin_operator.naming import StepKind, step_field
 from spin_operator.pass_state import TERMINAL, Outcome
 from spin_operator.spec_rules import SpecRules
-from spin_operator.step_rules import StepRules
+from spin_operator.step_rules import ADMISSION, StepRules
 from spin_operator.steps import beside, spec_digest, steps_of
 from spin_operator.validation import InvalidSpec
 
@@ -245,7 +245,14 @@ class Pass(SpecRules, StepRules):
         done = sum(1 for it in st.iterations if it.stage == "Done")
         st.progress = f"{done}/{spec.iterations}"
         if st.phase in ("Running", "Suspended"):
-            suffix = " (suspended)" if st.phase == "Suspended" else ""
+            kinds = beside(spec, KIND_OF[current.stage]) if current.stage in KIND_OF else ()
+            queued = any(
+                getattr(getattr(current, step_field(k)), "message", None) == ADMISSION
+                for k in kinds
+            )
+            suffix = (
+                " (suspended)" if st.phase == "Suspended" else f" ({ADMISSION})" if queued else ""
+            )
             # Iterations count from 0 everywhere (ITERATION column, Job names, MLflow runs).
             t = st.iteration
             st.message = f"iteration {t} of {spec.iterations} (θ{t} → θ{t + 1}): {st.stage}{suffix}"
@@ -285,9 +292,14 @@ class Pass(SpecRules, StepRules):
                 self._event("Warning", cond.METRIC_UNINFORMATIVE, blind)
             if blind or previous is not None:
                 cond.set_condition(
-                    self.status.conditions, cond.METRIC_UNINFORMATIVE, bool(blind),
-                    "SameValueEverywhere" if blind else "MetricRanks", blind or "", self.now, self.observed.generation,
-                )  # fmt: skip
+                    self.status.conditions,
+                    cond.METRIC_UNINFORMATIVE,
+                    bool(blind),
+                    "SameValueEverywhere" if blind else "MetricRanks",
+                    blind or "",
+                    self.now,
+                    self.observed.generation,
+                )
             if spec.control_arm.enabled:
                 self._compare_control(spec, it, metric)
 

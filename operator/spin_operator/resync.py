@@ -1,4 +1,4 @@
-"""Paged lists, and the periodic resync that repairs the controller's caches after a watch gap.
+"""The periodic resync that repairs the controller's caches after a watch gap.
 
 Why a resync at all: when a watch breaks for longer than the API server keeps history (410
 Gone), kopf lists again and resumes watching, but it sends no DELETED event for what vanished
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from spin_operator.api import types as api
@@ -24,29 +23,10 @@ from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL, RUN_LABEL
 
 if TYPE_CHECKING:
     from spin_operator.controller import Controller
-    from spin_operator.kube import Kube
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 JOB_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-
-
-async def list_pages(
-    kube: Kube, path: str, *, selector: str | None, chunk: int
-) -> AsyncIterator[JSON]:
-    """Every item of a LIST, fetched `chunk` at a time with `continue` tokens (one consistent
-    snapshot: a continue token that expired raises ApiError 410 and nothing partial is used)."""
-    params = {"limit": str(chunk)}
-    if selector:
-        params["labelSelector"] = selector
-    while True:
-        page = await kube.request("GET", path, params=params)
-        for item in page.get("items") or []:
-            yield item
-        token = (page.get("metadata") or {}).get("continue") or ""
-        if not token:
-            return
-        params["continue"] = token
 
 
 def job_paths(c: Controller) -> list[str]:
@@ -68,14 +48,14 @@ async def resync(c: Controller) -> tuple[int, int]:
     chunk = c.settings.list_chunk_size
     jobs: dict[tuple[str, str, str], JSON] = {}
     for path in job_paths(c):
-        async for item in list_pages(c.kube, path, selector=JOB_SELECTOR, chunk=chunk):
+        async for item in c.kube.pages(path, selector=JOB_SELECTOR, chunk=chunk):
             meta = item.get("metadata") or {}
             run = (meta.get("labels") or {}).get(RUN_LABEL)
             if run:
                 jobs[(meta.get("namespace", ""), run, meta.get("name", ""))] = item
     runs: dict[tuple[str, str], JSON] = {}
     for path in run_paths(c):
-        async for item in list_pages(c.kube, path, selector=None, chunk=chunk):
+        async for item in c.kube.pages(path, chunk=chunk):
             meta = item.get("metadata") or {}
             runs[(meta.get("namespace", ""), meta.get("name", ""))] = item
 

@@ -161,10 +161,16 @@ def resolve_spec(
 
     s3_secret = api.S3CredentialsSecretRef(name=settings.s3_secret) if settings.s3_secret else None
     mlflow_secret = api.SecretRef(name=settings.mlflow_secret) if settings.mlflow_secret else None
-    storage_defaults = started.storage if started else api.StorageSpec(
-        uri=settings.storage_uri, endpoint=settings.s3_endpoint, region=settings.s3_region,
-        credentials_secret=s3_secret,
-    )  # fmt: skip
+    storage_defaults = (
+        started.storage
+        if started
+        else api.StorageSpec(
+            uri=settings.storage_uri,
+            endpoint=settings.s3_endpoint,
+            region=settings.s3_region,
+            credentials_secret=s3_secret,
+        )
+    )
     tracking_defaults = (
         started.tracking
         if started
@@ -206,8 +212,13 @@ def check_policy(
     from spin_operator.validation import InvalidSpec, Problem
 
     found = problems(
-        written, resolved, namespace, settings.security,
-        default_storage=settings.storage_uri, default_endpoint=settings.s3_endpoint, default_tracking=settings.mlflow_uri,
-    )  # fmt: skip
+        written,
+        resolved,
+        namespace,
+        settings.security,
+        default_storage=settings.storage_uri,
+        default_endpoint=settings.s3_endpoint,
+        default_tracking=settings.mlflow_uri,
+    )
     if found:
         raise InvalidSpec([Problem(path, message) for path, message in found])

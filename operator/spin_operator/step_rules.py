@@ -30,6 +30,11 @@ from spin_operator.steps import layout_of
 # "BadInput"/"CannotExecute" are local mode's (local/backend.py).
 UNHEALABLE_REASONS = ("BadInput", "CannotExecute", "PodFailurePolicy")
 BLOCKED_PREFIX = "pods cannot start: "  # step messages set while pods are blocked (cleared after)
+SUSPENDED = "suspended"  # the step's message while spec.suspend holds its (Job-suspended) Job
+# The step's message while spec.suspend holds a step whose queued Job was deleted (see _active):
+# it also marks that attempt as the one to create again on resume, not a failure.
+RELEASED = "suspended: Job deleted to leave Kueue's queue; a new one is queued on resume"
+ADMISSION = "waiting for Kueue admission"  # a queued Job Kueue has not admitted (yet, or again)
 
 
 def _seconds_between(start: str, end: str) -> float | None:
@@ -71,6 +76,14 @@ class StepRules(PassState):
         if current is None:
             if ss.attempts == 0:
                 return self._create(spec, t, kind, 0)
+            if ss.message == RELEASED or (spec.suspend and spec.scheduling.queue_name):
+                # Gone because suspend deleted it (_active; the right half of the `or` is for a
+                # pass whose status write with the mark was lost): the same attempt again on
+                # resume, never counted as a failure or a retry.
+                if spec.suspend:
+                    ss.phase, ss.message = "Pending", RELEASED
+                    return "waiting"
+                return self._create(spec, t, kind, ss.attempts - 1, resumed=True)
             name = job_name(self.observed.name, t, kind, ss.attempts - 1)
             if name not in self.observed.gone_jobs:
                 self.decision.needs_jobs.add(name)
@@ -80,9 +93,13 @@ class StepRules(PassState):
             )
         if current.state == "Succeeded":
             what = {
-                "check": "the check's report", "generate": "the generated data", "train": "the model checkpoint", "evaluate": "the evaluation results",
-                "control-train": "the control checkpoint", "control-evaluate": "the control's evaluation results",
-            }[kind]  # fmt: skip
+                "check": "the check's report",
+                "generate": "the generated data",
+                "train": "the model checkpoint",
+                "evaluate": "the evaluation results",
+                "control-train": "the control checkpoint",
+                "control-evaluate": "the control's evaluation results",
+            }[kind]
             return self._failed_attempt(
                 spec,
                 t,
@@ -119,21 +136,32 @@ class StepRules(PassState):
 
     def _active(self, spec: api.SPINRunSpec, ss: api.StepStatus, job: ObservedJob) -> Outcome:
         if job.deleting:
+            if spec.suspend and job.queued:
+                ss.phase, ss.message = "Pending", RELEASED
             return "waiting"
-        if spec.suspend:
+        if spec.suspend and job.queued:
+            # Kueue owns a queued Job's spec.suspend: it unsuspends a Job whose Workload is
+            # admitted, so patching suspend=true (as below) started a fight that never ended
+            # (issue 14.6). Kueue's supported ways are Workload.spec.active=false or deleting the
+            # Job; deleting is chosen because it needs no API beyond Jobs (no watch of Workloads,
+            # no RBAC on kueue.x-k8s.io, nothing to find by the job-uid label) and ends up where
+            # a suspended Job does: pods gone, quota released. What a pod had not stored is lost
+            # either way; generation's new Job skips the shards already complete in storage.
+            self._act(DeleteJob(job.name))
+            ss.phase, ss.message = "Pending", RELEASED
+        elif spec.suspend:
             if job.state != "Suspended":
                 self._act(SuspendJob(job.name, True))
-            ss.phase = "Pending"
-            ss.message = "suspended"
+            ss.phase, ss.message = "Pending", SUSPENDED
         elif job.state == "Suspended":
             if job.queued:
-                ss.phase, ss.message = "Pending", "waiting for Kueue admission"
+                ss.phase, ss.message = "Pending", ADMISSION
             else:
                 self._act(SuspendJob(job.name, False))
                 ss.phase, ss.message = "Pending", None
         else:
             ss.phase = "Running" if job.state == "Running" else "Pending"
-            transient = ss.message in ("suspended", "waiting for Kueue admission") or (
+            transient = ss.message in (SUSPENDED, RELEASED, ADMISSION) or (
                 ss.message or ""
             ).startswith(BLOCKED_PREFIX)
             ss.message = None if transient else ss.message
@@ -172,9 +200,12 @@ class StepRules(PassState):
         return {
             # a generation found complete ran the same checks itself (a run resumed from storage)
             "check": facts.checked or facts.generated,
-            "generate": facts.generated, "train": facts.model, "evaluate": facts.evaluated,
-            "control-train": facts.control_model, "control-evaluate": facts.control_evaluated,
-        }[kind]  # fmt: skip
+            "generate": facts.generated,
+            "train": facts.model,
+            "evaluate": facts.evaluated,
+            "control-train": facts.control_model,
+            "control-evaluate": facts.control_evaluated,
+        }[kind]
 
     def _step_succeeded(
         self,
@@ -199,9 +230,11 @@ class StepRules(PassState):
         if kind == "generate" and facts.dataset_rows:
             skipped = dict(facts.dataset_skipped)
             self.status.dataset = api.DatasetStatus(
-                rows=facts.dataset_rows, usable=facts.dataset_rows - sum(skipped.values()),
-                skipped=sum(skipped.values()), skipped_by_reason=skipped,
-            )  # fmt: skip
+                rows=facts.dataset_rows,
+                usable=facts.dataset_rows - sum(skipped.values()),
+                skipped=sum(skipped.values()),
+                skipped_by_reason=skipped,
+            )
         if kind == "train":
             it.output_model_uri = layout.model
             self._act(
@@ -234,13 +267,21 @@ class StepRules(PassState):
             )
 
     def _create(
-        self, spec: api.SPINRunSpec, t: int, kind: StepKind, attempt: int, why: str = ""
+        self,
+        spec: api.SPINRunSpec,
+        t: int,
+        kind: StepKind,
+        attempt: int,
+        why: str = "",
+        resumed: bool = False,
     ) -> Outcome:
+        """Create attempt `attempt` of a step: a retry after `why`, or (`resumed`) the attempt a
+        suspend deleted, created again under its own name."""
         it = self._entry(spec, t)
         ss = self._step_status(it, kind)
         name = job_name(self.observed.name, t, kind, attempt)
         if spec.suspend:
-            ss.phase, ss.message = "Pending", "suspended"
+            ss.phase, ss.message = "Pending", SUSPENDED
             return "waiting"
         if any(j.name == name for j in self.observed.jobs):  # adopted above; never create twice
             return "waiting"
@@ -264,7 +305,10 @@ class StepRules(PassState):
         ss.job_name = name
         ss.phase = "Pending"
         ss.start_time = ss.start_time or self.now
-        if attempt:
+        if resumed:
+            ss.message = None
+            self._event("Normal", "JobCreated", f"{kind} of iteration {t}: Job {name} (resumed)")
+        elif attempt:
             retries = spec.failure_policy.max_retries
             self._event(
                 "Warning",

@@ -185,7 +185,7 @@ def _selection_flags(spec: api.SPINRunSpec, training: bool = True) -> list[str]:
     return [
         *flags, "--eval-samples", str(d.eval_samples), "--seed", str(d.seed),
         "--max-skipped-fraction", repr(d.max_skipped_fraction),
-    ]  # fmt: skip
+    ]  # fmt: skip # argv: a flag beside its value
 
 
 def _check_argv(spec: api.SPINRunSpec, layout: RunLayout) -> list[str]:
@@ -197,7 +197,7 @@ def _check_argv(spec: api.SPINRunSpec, layout: RunLayout) -> list[str]:
         *_model_flags(spec),
         *_selection_flags(spec, training=False),
         "--output", layout.iteration(0).check_report,
-    ]  # fmt: skip
+    ]  # fmt: skip # argv: a flag beside its value
 
 
 def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str]:
@@ -218,7 +218,7 @@ def _generate_argv(spec: api.SPINRunSpec, layout: RunLayout, t: int) -> list[str
         "--sampling-seed", str(g.seed + t),
         "--tensor-parallel-size", str(max(1, g.gpus_per_replica)),
         "--dtype", g.dtype,
-    ]  # fmt: skip
+    ]  # fmt: skip # argv: a flag beside its value
 
 
 def _train_argv(
@@ -268,11 +268,15 @@ def _train_argv(
         truncated_answers=tr.truncated_answers,
         drop_identical_pairs=tr.drop_identical_pairs,
         objective="sft" if control else "spin",
-        lora=None if tr.peft is None else LoraSettings(
-            rank=tr.peft.rank, alpha=tr.peft.alpha, dropout=tr.peft.dropout,
+        lora=None
+        if tr.peft is None
+        else LoraSettings(
+            rank=tr.peft.rank,
+            alpha=tr.peft.alpha,
+            dropout=tr.peft.dropout,
             target_modules=list(tr.peft.target_modules),
         ),
-    )  # fmt: skip
+    )
     return ["torchrun", "-m", "spin_runtime", "train", *cfg.to_argv()]  # topology: PET_* env
 
 
@@ -292,7 +296,7 @@ def _evaluate_argv(
         *_selection_flags(spec, training=False),
         "--max-new-tokens", str(ev.max_new_tokens),
         "--output", output,
-    ]  # fmt: skip
+    ]  # fmt: skip # argv: a flag beside its value
 
 
 def _secret_env(spec: api.SPINRunSpec) -> dict[str, SecretKey]:

@@ -168,11 +168,13 @@ def apply_template(
                 continue
             if _set(mine.get(field)):
                 if f"{section}.{field}" not in template.allow_override:
-                    problems.append(Problem(
-                        f"spec.{section}.{field}",
-                        f"set by pod template {name!r}, which does not allow overriding it "
-                        f"(allowOverride: {sorted(template.allow_override) or 'nothing'})",
-                    ))  # fmt: skip
+                    problems.append(
+                        Problem(
+                            f"spec.{section}.{field}",
+                            f"set by pod template {name!r}, which does not allow overriding it "
+                            f"(allowOverride: {sorted(template.allow_override) or 'nothing'})",
+                        )
+                    )
                     continue
                 mine[field] = _merge(field, given[field], mine[field])
             else:

@@ -103,12 +103,19 @@ class Tracking:
             return None
         tr, g = spec.training, spec.generation
         params: dict[str, Any] = {
-            "beta": tr.beta_for(iteration), "learning_rate": tr.learning_rate_for(iteration), "epochs": tr.epochs,
-            "global_batch_size": tr.global_batch_size, "nodes": tr.nodes, "generation.replicas": g.replicas,
-            "generation.temperature": g.temperature, "generation.top_p": g.top_p, "generation.top_k": g.top_k,
+            "beta": tr.beta_for(iteration),
+            "learning_rate": tr.learning_rate_for(iteration),
+            "epochs": tr.epochs,
+            "global_batch_size": tr.global_batch_size,
+            "nodes": tr.nodes,
+            "generation.replicas": g.replicas,
+            "generation.temperature": g.temperature,
+            "generation.top_p": g.top_p,
+            "generation.top_k": g.top_k,
             "generation.max_new_tokens": g.max_new_tokens,
-            "input_model": f"θ{iteration}", "output_model": f"θ{iteration + 1}",
-        }  # fmt: skip
+            "input_model": f"θ{iteration}",
+            "output_model": f"θ{iteration + 1}",
+        }
         if run is not None:  # where θt comes from, what it trains on, where θt+1 goes
             layout = layout_of(spec, run)
             params["model_uri"] = (
@@ -141,13 +148,33 @@ class Tracking:
             spec, run.namespace, run.name
         )  # confined to the namespace (policy.py)
         return await self._call(
-            uri, f"register iteration {iteration}",
+            uri,
+            f"register iteration {iteration}",
             lambda t: t.register_iteration_model(
-                name, run_id, iteration, model_uri, metrics=metrics,
+                name,
+                run_id,
+                iteration,
+                model_uri,
+                metrics=metrics,
                 best_metric=resolve_metric(ev.metric, [metrics]) if ev.enabled else None,
                 higher_is_better=ev.mode == "max",
             ),
-        )  # fmt: skip
+        )
+
+    async def log_heldout(
+        self, spec: api.SPINRunSpec, parent_run_id: str, iteration: int, metrics: dict[str, float]
+    ) -> bool:
+        """θt+1's (and at iteration 0 θ0's) held-out results as the parent run's `heldout/*`."""
+        uri = spec.tracking.uri
+        if not uri or not metrics:
+            return False
+        return bool(
+            await self._call(
+                uri,
+                f"log held-out results of iteration {iteration}",
+                lambda t: t.log_heldout(parent_run_id, iteration, metrics),
+            )
+        )
 
     async def finish(self, spec: api.SPINRunSpec, run_id: str, status: str) -> bool:
         uri = spec.tracking.uri
@@ -178,8 +205,17 @@ class Tracking:
             profile |= dataset_profile(rows)
 
         def call(t: Any) -> bool:
-            return all(t.log_dataset(run_id, name, src, digest, context=ctx, profile=profile if ctx == "sft" else None)
-                       for name, src, digest, ctx in datasets)  # fmt: skip
+            return all(
+                t.log_dataset(
+                    run_id,
+                    name,
+                    src,
+                    digest,
+                    context=ctx,
+                    profile=profile if ctx == "sft" else None,
+                )
+                for name, src, digest, ctx in datasets
+            )
 
         return bool(await self._call(uri, "log dataset inputs", call))
 

@@ -75,6 +75,8 @@ class TrackingActions:
                     await self.tracking.register(
                         spec, run, rid, a.iteration, a.model_uri, dict(a.metrics)
                     )
+                if parent:  # one chart per metric over θ0…θN on the parent (docs/mlflow.md)
+                    await self.tracking.log_heldout(spec, parent, a.iteration, dict(a.metrics))
 
         task = asyncio.create_task(send())
         self.background.add(task)

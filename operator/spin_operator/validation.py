@@ -241,12 +241,17 @@ def cluster_problems(spec: api.SPINRunSpec, default_tracking: str | None = None)
     if not uri or uri.startswith(REMOTE_TRACKING):
         return []
     where = "" if spec.tracking.uri else " (the operator's default, SPIN_MLFLOW_URI)"
-    return [Problem("spec.tracking.uri", (
-        f"{uri!r}{where} is a local MLflow store: on a cluster the operator and the Job pods share "
-        "no file system, so each would write its own copy and the run's metrics would be lost; use "
-        "the MLflow server's http(s):// URL, or leave tracking.uri unset for the operator's default "
-        "(a local store works with `spinctl run`)"
-    ))]  # fmt: skip
+    return [
+        Problem(
+            "spec.tracking.uri",
+            (
+                f"{uri!r}{where} is a local MLflow store: on a cluster the operator and the Job pods share "
+                "no file system, so each would write its own copy and the run's metrics would be lost; use "
+                "the MLflow server's http(s):// URL, or leave tracking.uri unset for the operator's default "
+                "(a local store works with `spinctl run`)"
+            ),
+        )
+    ]
 
 
 def validate_cluster_file(path: str | Path) -> list[Problem]:

@@ -105,6 +105,10 @@ def _materialize_s3(uri: str, root: Path, verify: bool) -> Path:
             raise
         log.info(
             "cached %s (%d files, %.1f MB) in %s in %.1fs",
-            uri, len(art.files), art.total_bytes / 1e6, entry, time.monotonic() - t0,
-        )  # fmt: skip
+            uri,
+            len(art.files),
+            art.total_bytes / 1e6,
+            entry,
+            time.monotonic() - t0,
+        )
     return target

@@ -286,8 +286,11 @@ def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded
     if loaded.num_skipped:  # (when the run fails for them, the error says it: not twice)
         log.warning(
             "dataset %s: skipped %d of %d rows: %s",
-            uri, loaded.num_skipped, loaded.total_rows, loaded.describe_skipped(),
-        )  # fmt: skip
+            uri,
+            loaded.num_skipped,
+            loaded.total_rows,
+            loaded.describe_skipped(),
+        )
     log.info("dataset %s: %d examples from %d rows", uri, len(loaded.examples), loaded.total_rows)
     return loaded
 
@@ -370,9 +373,11 @@ def add_dataset_flags(parser: argparse.ArgumentParser, *, train: bool = True) ->
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out prompts")
     parser.add_argument("--seed", type=int, default=0, help="selection (and sampling) seed")
     parser.add_argument(
-        "--max-skipped-fraction", type=_fraction, default=None,
+        "--max-skipped-fraction",
+        type=_fraction,
+        default=None,
         help="fail (exit 2) when more of the dataset's rows are skipped (default: no limit)",
-    )  # fmt: skip
+    )
 
 
 def _fraction(text: str) -> float:

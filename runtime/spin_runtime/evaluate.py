@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             for answer in answers:
                 f.write(json.dumps(answer, ensure_ascii=False) + "\n")
         manifest.write_dir_artifact(tmp, args.output, EVAL_KIND, {"metrics": metrics})
-    _log_metrics(metrics, baseline)
+    _log_metrics(metrics)
     _log_samples(answers)
     return 0
 
@@ -218,13 +218,14 @@ def _log_samples(answers: list[dict[str, Any]]) -> None:
         log.warning("could not log sample answers to MLflow: %s", exc)
 
 
-def _log_metrics(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> None:
-    """Metrics to the iteration's MLflow run when ``MLFLOW_RUN_ID`` is set; never fails the job."""
+def _log_metrics(metrics: dict[str, Any]) -> None:
+    """θt+1's metrics to the iteration's MLflow run when ``MLFLOW_RUN_ID`` is set; never fails
+    the job. θ0's (``baseline`` in results.json) go to the parent run's ``heldout/*`` at step 0,
+    logged by whoever reads results.json (operator or spinctl): as one-point metrics of iteration
+    0's run they only added a single-bar panel per metric to the chart view."""
     if not os.environ.get("MLFLOW_RUN_ID"):
         return
     values = {f"eval/{k}": float(v) for k, v in metrics.items()}
-    if baseline:
-        values.update({f"eval/baseline_{k}": float(v) for k, v in baseline.items()})
     try:
         from spin_runtime import tracking
 

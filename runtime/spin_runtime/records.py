@@ -22,7 +22,7 @@ SHARD_MANIFEST_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.manifest\.json$")
 RECORD_FIELDS = (
     "id", "split", "system", "prompt", "real", "generated", "finish_reason",
     "num_generated_tokens", "iteration",
-)  # fmt: skip
+)  # fmt: skip # a word list, packed
 #: Meta fields every shard of one generation step must agree on.
 CONSISTENT_META = ("iteration", "num_shards", "model", "dataset", "selection", "sampling")
 

@@ -20,7 +20,7 @@ _SECRET_WORDS = {
     "secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "key", "keys",
     "credential", "credentials", "auth", "authorization", "cookie", "bearer", "signature",
     "apikey", "accesskey", "secretkey", "privatekey", "sessiontoken", "accesstoken",
-}  # fmt: skip
+}  # fmt: skip # a word list, packed
 _SECRET_SUBSTRINGS = ("secret", "password", "passwd", "credential", "apikey", "privatekey")
 _WORD_RE = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _URL_USERINFO_RE = re.compile(

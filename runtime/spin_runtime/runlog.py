@@ -268,9 +268,13 @@ class RunLogger:
         self._add("tags", [[self.prefix + k, _str_value(v)] for k, v in redact(dict(tags)).items()])
 
     def log_dataset(
-        self, name: str, uri: str, digest: str, context: str = "training",
+        self,
+        name: str,
+        uri: str,
+        digest: str,
+        context: str = "training",
         profile: Mapping[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         op = {"name": name, "uri": uri, "digest": digest, "context": context}
         self._add("dataset", None, {**op, "profile": redact(dict(profile or {}))})
 
@@ -310,8 +314,10 @@ class RunLogger:
             self._retry_at = time.monotonic() + wait
             log.warning(
                 "MLflow unreachable at %s; %d tracking calls buffered (next try in %.0fs)",
-                redact_text(str(self.tracking_uri)), len(self._ops), wait,
-            )  # fmt: skip
+                redact_text(str(self.tracking_uri)),
+                len(self._ops),
+                wait,
+            )
             return False
         self._retry_at, self._failures = 0.0, 0
         return True
@@ -330,8 +336,11 @@ class RunLogger:
             self.spooled.append(target)
             log.warning(
                 "MLflow unreachable: %d tracking calls saved to %s; they are sent by "
-                "replay_spool(%r) once MLflow is back", len(ops), target, target,
-            )  # fmt: skip
+                "replay_spool(%r) once MLflow is back",
+                len(ops),
+                target,
+                target,
+            )
             return target
         log.error("MLflow unreachable and no spool writable: %d tracking calls lost", len(ops))
         return None

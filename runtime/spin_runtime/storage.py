@@ -42,7 +42,7 @@ _THROTTLING = {
     "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
     "SlowDown", "RequestLimitExceeded", "RequestTimeout", "InternalError",
     "ServiceUnavailable", "TooManyRequestsException",
-}  # fmt: skip
+}  # fmt: skip # a word list, packed
 
 
 class StorageUnavailableError(OSError):
@@ -196,8 +196,14 @@ def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
             delay *= random.uniform(0.5, 1.0)
             log.warning(
                 "S3 %s %s failed (%s: %s); retry %d/%d in %.2fs",
-                what, uri, type(exc).__name__, exc, attempt, cfg.attempts - 1, delay,
-            )  # fmt: skip
+                what,
+                uri,
+                type(exc).__name__,
+                exc,
+                attempt,
+                cfg.attempts - 1,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -40,7 +40,7 @@ _WORDS = [
     "red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "star",
     "sky", "sea", "hat", "cup", "pen", "box", "map", "key", "car", "bus", "ship", "road", "hill",
     "lake", "rain", "snow", "wind", "fire", "ice", "gold",
-]  # fmt: skip
+]  # fmt: skip # a word list, packed
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:

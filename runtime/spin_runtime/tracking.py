@@ -65,6 +65,10 @@ SPEC_ARTIFACT = "spinrun.yaml"
 TAG_NS, TAG_NAME, TAG_UID = "spin.namespace", "spin.name", "spin.uid"
 TAG_ROLE, TAG_ITER, TAG_PARENT = "spin.role", "spin.iteration", "mlflow.parentRunId"
 METRIC_TAG_PREFIX = "spin.metric."
+# The parent run's per-model series (log_heldout); the evaluation's results.json names θ0's
+# numbers `baseline`, the operator's status `baseline/<k>`.
+HELDOUT_PREFIX, BASELINE_PREFIX = "heldout/", "baseline/"
+HELDOUT_METRICS = ("score", "exact_match", "real_logp_per_token")
 TAG_MODEL, TAG_FROM = "spin.model", "spin.trained_from"
 # MLflow 3's UI opens an experiment in GenAI mode unless told it holds model training.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -240,6 +244,33 @@ class Tracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         return self._log_batch("log metrics", run_id, metrics=batch)
 
+    def log_heldout(self, parent_run_id: str, iteration: int, metrics: Mapping[str, float]) -> bool:
+        """The parent run's ``heldout/*`` series: one point per model on the held-out prompts,
+        step = the model's index (θ0 at step 0 from iteration 0's ``baseline/<k>``, θt+1 at
+        step t+1), so one chart per metric shows the whole run and θ0 costs no panel of its own.
+        Once per step: a repeat (operator restart, replayed decision) finds the point and stops."""
+        points: dict[int, dict[str, float]] = {iteration + 1: {}, 0: {}}
+        for key, value in metrics.items():
+            name, base = key.removeprefix(BASELINE_PREFIX), key.startswith(BASELINE_PREFIX)
+            if name in HELDOUT_METRICS and (not base or iteration == 0):
+                points[0 if base else iteration + 1][f"{HELDOUT_PREFIX}{name}"] = float(value)
+
+        def send() -> bool:
+            now = int(time.time() * 1000)
+            for step, values in points.items():
+                if not values:
+                    continue
+                probe = next(iter(values))
+                if any(
+                    m.step == step for m in self.client.get_metric_history(parent_run_id, probe)
+                ):
+                    continue
+                batch = [Metric(k, v, now, step) for k, v in values.items()]
+                self.client.log_batch(parent_run_id, metrics=batch)
+            return True
+
+        return bool(self._safe(f"log held-out results of iteration {iteration}", send))
+
     def _log_batch(self, what: str, run_id: str, **batch: Any) -> bool:
         def send() -> bool:
             self.client.log_batch(run_id, **batch)
@@ -306,10 +337,13 @@ class Tracker:
                 # One numbering (docs/mlflow.md): iteration t trains θt into θt+1.
                 tags[TAG_MODEL], tags[TAG_FROM] = theta(iteration + 1), theta(iteration)
                 version = self.client.create_model_version(
-                    model_name, redact_text(source_uri), run_id=run_id,
-                    tags=redact(tags), await_creation_for=0,
+                    model_name,
+                    redact_text(source_uri),
+                    run_id=run_id,
+                    tags=redact(tags),
+                    await_creation_for=0,
                     description=self._lineage(model_name, run_tags.get(TAG_UID), iteration),
-                )  # fmt: skip
+                )
             for key, value in (metrics or {}).items():
                 tag = f"{METRIC_TAG_PREFIX}{key}"
                 self.client.set_model_version_tag(model_name, version.version, tag, str(value))

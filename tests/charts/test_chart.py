@@ -129,11 +129,20 @@ def test_aggregated_user_roles(values: dict[str, Any]) -> None:
     from tests.charts.rbac import rule_allows
 
     objects = render(values)
-    roles = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in find(objects, "ClusterRole")
-             if any(k.startswith(AGGREGATE) for k in o["metadata"].get("labels", {}))}  # fmt: skip
+    roles = {
+        o["metadata"]["name"].rsplit("-", 1)[-1]: o
+        for o in find(objects, "ClusterRole")
+        if any(k.startswith(AGGREGATE) for k in o["metadata"].get("labels", {}))
+    }
     assert set(roles) == {"edit", "view"}
-    labels = {name: {k for k, v in role["metadata"]["labels"].items() if k.startswith(AGGREGATE) and v == "true"}
-              for name, role in roles.items()}  # fmt: skip
+    labels = {
+        name: {
+            k
+            for k, v in role["metadata"]["labels"].items()
+            if k.startswith(AGGREGATE) and v == "true"
+        }
+        for name, role in roles.items()
+    }
     assert labels == {
         "edit": {AGGREGATE + "edit", AGGREGATE + "admin"},
         "view": {AGGREGATE + "view"},
@@ -652,8 +661,12 @@ def test_leader_election_renders_a_lease_role_and_rolling_updates() -> None:
         {n: e["value"] for n, e in env.items() if "value" in e}
         | {"POD_NAMESPACE": NAMESPACE, "POD_NAME": "p-1"}
     )
-    assert (parsed.leader_election, parsed.lease_seconds, parsed.lease_namespace, parsed.lease_identity) == (
-        True, 20.0, NAMESPACE, "p-1")  # fmt: skip
+    assert (
+        parsed.leader_election,
+        parsed.lease_seconds,
+        parsed.lease_namespace,
+        parsed.lease_identity,
+    ) == (True, 20.0, NAMESPACE, "p-1")
     assert parsed.lease_name == deployment["metadata"]["name"]
     role = next(
         o for o in find(objects, "Role") if o["metadata"]["name"].endswith("-leader-election")

@@ -103,8 +103,12 @@ def test_clusterwide_secret_checks_are_namespaced_grants() -> None:
     assert grants.allows(Call("get", "", "secrets", "team-a"))
     for ns in ("team-b", "kube-system", NAMESPACE):
         assert not grants.allows(Call("get", "", "secrets", ns)), ns
-    env = {e["name"]: e.get("value") for o in render(values) if o["kind"] == "Deployment"
-           for e in o["spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
+    env = {
+        e["name"]: e.get("value")
+        for o in render(values)
+        if o["kind"] == "Deployment"
+        for e in o["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["SPIN_SECRET_CHECK_NAMESPACES"] == "team-a"
 
 

@@ -27,8 +27,9 @@ def control_plane_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_cluster(control_plane_binary: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Session]:  # fmt: skip
+def real_cluster(
+    control_plane_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[harness.Session]:
     """One control plane and node agent for the whole session (starting one costs ~10 s)."""
     with harness.session(control_plane_binary, tmp_path_factory.mktemp("cluster")) as s:
         yield s
@@ -48,8 +49,9 @@ def cluster_inputs(
 
 
 @pytest.fixture
-def cluster(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-            mlflow_server: MlflowServer) -> Iterator[harness.RealCluster]:  # fmt: skip
+def cluster(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[harness.RealCluster]:
     """The operator installed by helm, a fresh restricted namespace with the S3 Secret, MLflow up."""
     mlflow_server.start()
     with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri) as c:
@@ -57,18 +59,21 @@ def cluster(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
 
 
 @pytest.fixture
-def cluster_quick(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                  mlflow_server: MlflowServer) -> Iterator[harness.RealCluster]:  # fmt: skip
+def cluster_quick(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[harness.RealCluster]:
     """Like ``cluster``, but Job pods run tests/e2e/standin.py (artifacts in seconds)."""
     mlflow_server.start()
-    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
-                         launch_hook=quick_pods) as c:  # fmt: skip
+    with harness.release(
+        real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=quick_pods
+    ) as c:
         yield c
 
 
 @pytest.fixture
-def cluster_gated(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                  mlflow_server: MlflowServer) -> Iterator[tuple[harness.RealCluster, Path]]:  # fmt: skip
+def cluster_gated(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[tuple[harness.RealCluster, Path]]:
     """Like ``cluster_quick``, but each stand-in step waits until the returned gate file exists:
     the test decides when steps finish, so a fault lands mid-step every time."""
     mlflow_server.start()
@@ -79,8 +84,9 @@ def cluster_gated(real_cluster: harness.Session, tmp_path: Path, cluster_inputs:
             return argv
         return [str(e2e.VENV_BIN / "python"), str(GATED), str(gate), str(e2e.STANDIN), *argv]
 
-    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
-                         launch_hook=hook) as c:  # fmt: skip
+    with harness.release(
+        real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=hook
+    ) as c:
         yield c, gate
 
 

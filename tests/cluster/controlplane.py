@@ -37,7 +37,8 @@ BUILD = HERE / "build.sh"
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Metadata-level events for every request of a ServiceAccount in the operator's release namespace
-# (spin-system), nothing else: small enough to read after every test.
+# (spin-system) and for Kueue's writes to Jobs (tests/cluster/test_kueue.py counts its suspend
+# flips), nothing else: small enough to read after every test.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -45,6 +46,10 @@ omitStages: ["RequestReceived"]
 rules:
   - level: Metadata
     userGroups: ["system:serviceaccounts:spin-system"]
+  - level: Metadata
+    users: ["kueue"]
+    verbs: ["create", "update", "patch", "delete"]
+    resources: [{group: "batch", resources: ["jobs"]}]
   - level: None
 """
 
@@ -83,6 +88,7 @@ class Component:
     name: str
     argv: list[str]
     log: Path
+    env: dict[str, str] | None = None  # added to this process's environment
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -90,9 +96,13 @@ class Component:
             out.write(f"\n===== start: {' '.join(self.argv)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+                env={**os.environ, **self.env} if self.env else None,
+            )
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
         proc = self.proc
@@ -183,53 +193,90 @@ class ControlPlane:
         # etcd listens on loopback only; --unsafe-no-fsync because the machine's disk is shared
         # by several test runs (a test cluster's data need not survive a power cut; it does
         # survive an etcd process restart, which is what the restart scenario needs).
-        self.components["etcd"] = Component("etcd", [
-            b, "etcd", "--name=default", f"--data-dir={self.workdir / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-cluster=default=http://127.0.0.1:{peer}",
-            "--unsafe-no-fsync", "--log-level=warn",
-        ], logs / "etcd.log")  # fmt: skip
-        self.components["kube-apiserver"] = Component("kube-apiserver", [
-            b, "kube-apiserver",
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.api_port}", f"--cert-dir={self.workdir / 'apiserver-certs'}",
-            f"--tls-cert-file={p.serving.cert}", f"--tls-private-key-file={p.serving.key}",
-            f"--client-ca-file={p.ca.cert}",
-            "--authorization-mode=Node,RBAC",
-            # PodSecurity, ServiceAccount, ... are in the default set; these two are not.
-            "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
-            f"--service-account-key-file={p.sa_public}",
-            f"--service-account-signing-key-file={p.sa_private}",
-            f"--service-account-issuer={ISSUER}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=false", "--profiling=false", "--anonymous-auth=false",
-            # 127.0.0.1 is not a valid Endpoints address: keep the kubernetes Service without one
-            # rather than logging a rejected update every 10 s.
-            "--endpoint-reconciler-type=none",
-            # The operator's requests (and only those) in an audit log: what tests count
-            # (Job creations exactly once) and the benchmark's requests per iteration.
-            f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
-            "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0",
-        ], logs / "kube-apiserver.log")  # fmt: skip
-        self.components["kube-controller-manager"] = Component("kube-controller-manager", [
-            b, "kube-controller-manager",
-            f"--kubeconfig={kcm_config}", f"--authentication-kubeconfig={kcm_config}",
-            f"--authorization-kubeconfig={kcm_config}",
-            "--secure-port=0", "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={p.sa_private}",
-            f"--root-ca-file={p.ca.cert}",
-            f"--cluster-signing-cert-file={p.ca.cert}", f"--cluster-signing-key-file={p.ca.key}",
-        ], logs / "kube-controller-manager.log")  # fmt: skip
-        self.components["kube-scheduler"] = Component("kube-scheduler", [
-            b, "kube-scheduler", f"--kubeconfig={sched_config}",
-            f"--authentication-kubeconfig={sched_config}",
-            f"--authorization-kubeconfig={sched_config}",
-            "--secure-port=0", "--leader-elect=false",
-        ], logs / "kube-scheduler.log")  # fmt: skip
+        self.components["etcd"] = Component(
+            "etcd",
+            [
+                b,
+                "etcd",
+                "--name=default",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+            logs / "etcd.log",
+        )
+        self.components["kube-apiserver"] = Component(
+            "kube-apiserver",
+            [
+                b,
+                "kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={p.serving.cert}",
+                f"--tls-private-key-file={p.serving.key}",
+                f"--client-ca-file={p.ca.cert}",
+                "--authorization-mode=Node,RBAC",
+                # PodSecurity, ServiceAccount, ... are in the default set; these two are not.
+                "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
+                f"--service-account-key-file={p.sa_public}",
+                f"--service-account-signing-key-file={p.sa_private}",
+                f"--service-account-issuer={ISSUER}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=false",
+                "--profiling=false",
+                "--anonymous-auth=false",
+                # 127.0.0.1 is not a valid Endpoints address: keep the kubernetes Service without one
+                # rather than logging a rejected update every 10 s.
+                "--endpoint-reconciler-type=none",
+                # The operator's requests (and only those) in an audit log: what tests count
+                # (Job creations exactly once) and the benchmark's requests per iteration.
+                f"--audit-policy-file={self._audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
+                "--audit-log-maxsize=0",
+            ],
+            logs / "kube-apiserver.log",
+        )
+        self.components["kube-controller-manager"] = Component(
+            "kube-controller-manager",
+            [
+                b,
+                "kube-controller-manager",
+                f"--kubeconfig={kcm_config}",
+                f"--authentication-kubeconfig={kcm_config}",
+                f"--authorization-kubeconfig={kcm_config}",
+                "--secure-port=0",
+                "--leader-elect=false",
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={p.sa_private}",
+                f"--root-ca-file={p.ca.cert}",
+                f"--cluster-signing-cert-file={p.ca.cert}",
+                f"--cluster-signing-key-file={p.ca.key}",
+            ],
+            logs / "kube-controller-manager.log",
+        )
+        self.components["kube-scheduler"] = Component(
+            "kube-scheduler",
+            [
+                b,
+                "kube-scheduler",
+                f"--kubeconfig={sched_config}",
+                f"--authentication-kubeconfig={sched_config}",
+                f"--authorization-kubeconfig={sched_config}",
+                "--secure-port=0",
+                "--leader-elect=false",
+            ],
+            logs / "kube-scheduler.log",
+        )
         self.start_component("etcd", timeout)
         self.start_component("kube-apiserver", timeout)
         self.start_component("kube-controller-manager", timeout)
@@ -244,7 +291,11 @@ class ControlPlane:
             self._wait(name, self._api_ready, timeout)
         elif name == "kube-controller-manager":
             # Ready once it has created the namespace's root CA ConfigMap pods' tokens need.
-            self._wait(name, lambda: self._exists("/api/v1/namespaces/default/configmaps/kube-root-ca.crt"), timeout)  # fmt: skip
+            self._wait(
+                name,
+                lambda: self._exists("/api/v1/namespaces/default/configmaps/kube-root-ca.crt"),
+                timeout,
+            )
         else:
             time.sleep(0.5)
             if not component.running:

@@ -42,8 +42,12 @@ OPERATOR_GROUP = f"system:serviceaccounts:{RELEASE_NAMESPACE}"
 
 
 def helm(kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(e2e.HELM), "--kubeconfig", str(kubeconfig), *args],
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [str(e2e.HELM), "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}\n{proc.stdout}")
     return proc
@@ -72,11 +76,13 @@ class RealCluster:
             literals = [f"--from-literal={k}={v}" for k, v in e2e.S3_CREDENTIALS.items()]
             self.kubectl("create", "secret", "generic", e2e.S3_SECRET, "-n", name, *literals)
 
-    def apply(self, path: Path = e2e.EXAMPLE, namespace: str | None = None,
-              check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def apply(
+        self, path: Path = e2e.EXAMPLE, namespace: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """``kubectl apply -f`` with client-side and server-side (strict) validation on."""
-        return self.kubectl("apply", "-n", namespace or self.namespace, "-f", str(path),
-                            check=check)  # fmt: skip
+        return self.kubectl(
+            "apply", "-n", namespace or self.namespace, "-f", str(path), check=check
+        )
 
     def get(self, resource: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         ns = namespace or self.namespace
@@ -111,16 +117,26 @@ class RealCluster:
             and (ref := event.get("objectRef") or {}).get("resource") == "jobs"
             and ref.get("namespace") == ns
             and (event.get("responseStatus") or {}).get("code") == 201
-            and "dryRun=All" not in (event.get("requestURI") or "")  # the start's check stores nothing
-        ]  # fmt: skip
+            and "dryRun=All"
+            not in (event.get("requestURI") or "")  # the start's check stores nothing
+        ]
 
-    def wait_run(self, name: str, timeout: float, phases: tuple[str, ...] = e2e.TERMINAL,
-                 namespace: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def wait_run(
+        self,
+        name: str,
+        timeout: float,
+        phases: tuple[str, ...] = e2e.TERMINAL,
+        namespace: str | None = None,
+    ) -> dict[str, Any]:
         try:
             return wait_for(
-                lambda: (r := self.run(name, namespace)).get("status", {}).get("phase") in phases and r,
-                timeout, f"{name} to reach {'/'.join(phases)}", interval=0.5,
-            )  # fmt: skip
+                lambda: (
+                    (r := self.run(name, namespace)).get("status", {}).get("phase") in phases and r
+                ),
+                timeout,
+                f"{name} to reach {'/'.join(phases)}",
+                interval=0.5,
+            )
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics(name, namespace)}") from None
 
@@ -222,9 +238,14 @@ def session(binary: Path, workdir: Path) -> Iterator[Session]:
 
 
 @contextlib.contextmanager
-def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
-            launch_hook: LaunchHook | None = None,
-            operator_values: dict[str, str] | None = None) -> Iterator[RealCluster]:  # fmt: skip
+def release(
+    s: Session,
+    workdir: Path,
+    s3_endpoint: str,
+    mlflow_uri: str,
+    launch_hook: LaunchHook | None = None,
+    operator_values: dict[str, str] | None = None,
+) -> Iterator[RealCluster]:
     """``helm install`` the chart (its Deployment runs through the agent) and a fresh namespace;
     ``helm uninstall`` afterwards."""
     namespace = e2e.new_namespace()
@@ -244,13 +265,22 @@ def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
         **(operator_values or {}),
     }
     s.agent.launch_hook = launch_hook
-    c = RealCluster(s.plane, s.agent, s.kubectl, namespace, workdir, s3_endpoint,
-                    mlflow_uri, values, dict(s.timings))  # fmt: skip
+    c = RealCluster(
+        s.plane,
+        s.agent,
+        s.kubectl,
+        namespace,
+        workdir,
+        s3_endpoint,
+        mlflow_uri,
+        values,
+        dict(s.timings),
+    )
     if s.kubectl("get", "namespace", RELEASE_NAMESPACE, check=False).returncode != 0:
         c.create_namespace(RELEASE_NAMESPACE)
     c.create_namespace(c.namespace)
     argv = ["install", RELEASE, str(e2e.CHART), "-n", RELEASE_NAMESPACE, "--skip-crds", "--wait",
-            "--timeout=5m"]  # fmt: skip
+            "--timeout=5m"]  # fmt: skip # argv: a flag beside its value
     for key, value in values.items():
         argv += ["--set-string" if key.endswith(("uri", "endpoint")) else "--set", f"{key}={value}"]
     started = time.monotonic()
@@ -260,8 +290,15 @@ def release(s: Session, workdir: Path, s3_endpoint: str, mlflow_uri: str,
         yield c
     finally:
         with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
-            helm(s.plane.admin_kubeconfig, "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait",
-                 "--timeout=2m")  # fmt: skip
+            helm(
+                s.plane.admin_kubeconfig,
+                "uninstall",
+                RELEASE,
+                "-n",
+                RELEASE_NAMESPACE,
+                "--wait",
+                "--timeout=2m",
+            )
         s.kubectl("delete", "namespace", c.namespace, "--wait=false", check=False)
 
 

@@ -102,8 +102,14 @@ LaunchHook = Callable[[dict[str, Any], list[str], dict[str, str]], list[str]]
 
 
 class NodeAgent:
-    def __init__(self, api: AuthApi, server: str, workdir: Path, nodes: list[NodeSpec],
-                 launch_hook: LaunchHook | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        api: AuthApi,
+        server: str,
+        workdir: Path,
+        nodes: list[NodeSpec],
+        launch_hook: LaunchHook | None = None,
+    ) -> None:
         self.api, self.server, self.workdir = api, server, workdir
         self.nodes = {n.name: n for n in nodes}
         self.kubelet = Kubelet(api, workdir)
@@ -145,36 +151,63 @@ class NodeAgent:
     # ------------------------------------------------------------------ Nodes and leases
 
     def _register(self, node: NodeSpec) -> None:
-        capacity = {"cpu": node.cpu, "memory": node.memory, "pods": "110",
-                    "ephemeral-storage": "100Gi"}  # fmt: skip
-        labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64"}  # fmt: skip
+        capacity = {
+            "cpu": node.cpu,
+            "memory": node.memory,
+            "pods": "110",
+            "ephemeral-storage": "100Gi",
+        }
+        labels = {
+            "kubernetes.io/hostname": node.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+        }
         if node.gpus:
             capacity["nvidia.com/gpu"] = str(node.gpus)
             labels["nvidia.com/gpu.present"] = "true"
         stamp = now()
         body = {
-            "apiVersion": "v1", "kind": "Node",
+            "apiVersion": "v1",
+            "kind": "Node",
             "metadata": {"name": node.name, "labels": labels},
             "spec": {},
             "status": {
-                "capacity": capacity, "allocatable": capacity,
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                "message": "local process node", "lastHeartbeatTime": stamp,
-                                "lastTransitionTime": stamp}],
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                              {"type": "Hostname", "address": node.name}],
-                "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "",
-                             "osImage": "local", "containerRuntimeVersion": "local://1",
-                             "kubeletVersion": "v1.37.2", "kubeProxyVersion": "",
-                             "operatingSystem": "linux", "architecture": "amd64"},
+                "capacity": capacity,
+                "allocatable": capacity,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "local process node",
+                        "lastHeartbeatTime": stamp,
+                        "lastTransitionTime": stamp,
+                    }
+                ],
+                "addresses": [
+                    {"type": "InternalIP", "address": "127.0.0.1"},
+                    {"type": "Hostname", "address": node.name},
+                ],
+                "nodeInfo": {
+                    "machineID": "",
+                    "systemUUID": "",
+                    "bootID": "",
+                    "kernelVersion": "",
+                    "osImage": "local",
+                    "containerRuntimeVersion": "local://1",
+                    "kubeletVersion": "v1.37.2",
+                    "kubeProxyVersion": "",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                },
             },
-        }  # fmt: skip
+        }
         with contextlib.suppress(ApiError):
             self.api.request("POST", "/api/v1/nodes", body)
         # A create ignores status on some paths: write it through the subresource too.
-        self.api.request("PATCH", f"/api/v1/nodes/{node.name}/status",
-                         {"status": body["status"]}, merge=True)  # fmt: skip
+        self.api.request(
+            "PATCH", f"/api/v1/nodes/{node.name}/status", {"status": body["status"]}, merge=True
+        )
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
@@ -193,8 +226,12 @@ class NodeAgent:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": name, "namespace": "kube-node-lease"}, "spec": spec}  # fmt: skip
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": name, "namespace": "kube-node-lease"},
+                "spec": spec,
+            }
             self.api.request("POST", path.rsplit("/", 1)[0], body)
 
     # ------------------------------------------------------------------ the pod watch
@@ -238,8 +275,9 @@ class NodeAgent:
                 if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     return  # finished before we (re)started: nothing to run
                 pod = self._admit(obj)
-                threading.Thread(target=self._run, args=(pod, obj), name=f"pod-{pod.name}",
-                                 daemon=True).start()  # fmt: skip
+                threading.Thread(
+                    target=self._run, args=(pod, obj), name=f"pod-{pod.name}", daemon=True
+                ).start()
         if meta.get("deletionTimestamp") and not pod.deleting:
             pod.deleting = True
             grace = float(meta.get("deletionGracePeriodSeconds") or 0)
@@ -249,10 +287,14 @@ class NodeAgent:
         meta, spec = obj["metadata"], obj["spec"]
         container = spec["containers"][0]
         pod = LocalPod(
-            meta["namespace"], meta["name"], meta["uid"],
-            self.workdir / meta["namespace"] / meta["name"], container["name"],
-            container.get("image", ""), spec.get("restartPolicy", "Always"),
-        )  # fmt: skip
+            meta["namespace"],
+            meta["name"],
+            meta["uid"],
+            self.workdir / meta["namespace"] / meta["name"],
+            container["name"],
+            container.get("image", ""),
+            spec.get("restartPolicy", "Always"),
+        )
         pod.directory.mkdir(parents=True, exist_ok=True)
         self.pods[pod.uid] = pod
         return pod
@@ -287,9 +329,15 @@ class NodeAgent:
             if pod.deleting or self._stop.is_set():
                 return
             with pod.log_path.open("ab") as out:
-                pod.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)  # fmt: skip
+                pod.proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             pod.phase, pod.started, pod.reason, pod.exit_code = "Running", now(), "", None
             self._publish(pod)
             code = pod.proc.wait()
@@ -318,8 +366,14 @@ class NodeAgent:
         if INDEX_ANNOTATION in annotations:
             env["JOB_COMPLETION_INDEX"] = annotations[INDEX_ANNOTATION]
         token_config = self._projected(pod, obj)
-        context = PodContext(pod.namespace, pod.name, spec.get("hostname") or pod.name,
-                             pod.directory, dict(meta.get("labels") or {}), annotations)  # fmt: skip
+        context = PodContext(
+            pod.namespace,
+            pod.name,
+            spec.get("hostname") or pod.name,
+            pod.directory,
+            dict(meta.get("labels") or {}),
+            annotations,
+        )
         argv, full_env, cwd = self.kubelet.resolve_container(
             context, spec, spec["containers"][0], env
         )
@@ -339,16 +393,24 @@ class NodeAgent:
             for source in volume["projected"].get("sources") or []:
                 if "serviceAccountToken" in source:
                     request = source["serviceAccountToken"]
-                    token = self._token(pod, spec.get("serviceAccountName") or "default",
-                                        request.get("expirationSeconds", 3607),
-                                        request.get("audience"))  # fmt: skip
+                    token = self._token(
+                        pod,
+                        spec.get("serviceAccountName") or "default",
+                        request.get("expirationSeconds", 3607),
+                        request.get("audience"),
+                    )
                     (local / request.get("path", "token")).write_text(token)
-                    token_config = kubeconfig(pod.directory / "in-cluster.kubeconfig",
-                                              self.server, self.api.ca, token=token)  # fmt: skip
+                    token_config = kubeconfig(
+                        pod.directory / "in-cluster.kubeconfig",
+                        self.server,
+                        self.api.ca,
+                        token=token,
+                    )
                 elif "configMap" in source:
                     ref = source["configMap"]
-                    data = self.kubelet._data(pod.namespace, "configMap", ref["name"],
-                                              bool(ref.get("optional")))  # fmt: skip
+                    data = self.kubelet._data(
+                        pod.namespace, "configMap", ref["name"], bool(ref.get("optional"))
+                    )
                     for item in ref.get("items") or [{"key": k, "path": k} for k in data]:
                         (local / item["path"]).write_text(data.get(item["key"], ""))
                 elif "downwardAPI" in source:
@@ -359,11 +421,18 @@ class NodeAgent:
 
     def _token(self, pod: LocalPod, account: str, seconds: int, audience: str | None) -> str:
         body: dict[str, Any] = {
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": seconds,
-                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod.name,
-                                        "uid": pod.uid}},
-        }  # fmt: skip
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": seconds,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod.name,
+                    "uid": pod.uid,
+                },
+            },
+        }
         if audience:
             body["spec"]["audiences"] = [audience]
         path = f"/api/v1/namespaces/{pod.namespace}/serviceaccounts/{account}/token"
@@ -397,10 +466,15 @@ class NodeAgent:
             self._publish(pod)
         with contextlib.suppress(ApiError):
             self.api.request(
-                "DELETE", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}",
-                {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
-                 "preconditions": {"uid": pod.uid}},
-            )  # fmt: skip
+                "DELETE",
+                f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}",
+                {
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": pod.uid},
+                },
+            )
 
     def kill_container(self, pod: LocalPod) -> None:
         """SIGKILL the container's process group (no grace); restart policy decides what next."""
@@ -431,14 +505,24 @@ class NodeAgent:
     def _publish(self, pod: LocalPod, waiting: str | None = None) -> None:
         state: dict[str, Any]
         if waiting or pod.phase == "Pending":
-            state = {"waiting": {"reason": waiting or pod.reason or "ContainerCreating",
-                                 "message": pod.message}}  # fmt: skip
+            state = {
+                "waiting": {
+                    "reason": waiting or pod.reason or "ContainerCreating",
+                    "message": pod.message,
+                }
+            }
         elif pod.phase == "Running":
             state = {"running": {"startedAt": pod.started}}
         else:
-            state = {"terminated": {"exitCode": pod.exit_code, "reason": pod.reason,
-                                    "message": pod.message, "startedAt": pod.started or now(),
-                                    "finishedAt": pod.finished or now()}}  # fmt: skip
+            state = {
+                "terminated": {
+                    "exitCode": pod.exit_code,
+                    "reason": pod.reason,
+                    "message": pod.message,
+                    "startedAt": pod.started or now(),
+                    "finishedAt": pod.finished or now(),
+                }
+            }
         ready = "True" if pod.phase == "Running" and not waiting else "False"
         stamp = now()
         conditions = [
@@ -448,22 +532,44 @@ class NodeAgent:
             {"type": "Ready", "status": ready, "lastTransitionTime": stamp},
         ]
         if pod.disruption:
-            conditions.append({"type": "DisruptionTarget", "status": "True",
-                               "reason": "TerminationByKubelet", "lastTransitionTime": stamp,
-                               "message": pod.message or "The node had condition: [MemoryPressure]."})  # fmt: skip
+            conditions.append(
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "TerminationByKubelet",
+                    "lastTransitionTime": stamp,
+                    "message": pod.message or "The node had condition: [MemoryPressure].",
+                }
+            )
         status: dict[str, Any] = {
-            "phase": pod.phase, "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "startTime": pod.started or stamp, "conditions": conditions,
-            "containerStatuses": [{"name": pod.container, "ready": ready == "True",
-                                   "restartCount": pod.restarts, "image": pod.image or "local",
-                                   "imageID": "", "started": pod.phase == "Running", "state": state}],
-        }  # fmt: skip
+            "phase": pod.phase,
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "startTime": pod.started or stamp,
+            "conditions": conditions,
+            "containerStatuses": [
+                {
+                    "name": pod.container,
+                    "ready": ready == "True",
+                    "restartCount": pod.restarts,
+                    "image": pod.image or "local",
+                    "imageID": "",
+                    "started": pod.phase == "Running",
+                    "state": state,
+                }
+            ],
+        }
         if pod.disruption:
             status["reason"], status["message"] = pod.reason, pod.message
         try:
-            self.api.request("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
-                             {"status": status}, merge=True)  # fmt: skip
+            self.api.request(
+                "PATCH",
+                f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
+                {"status": status},
+                merge=True,
+            )
         except ApiError as exc:
             if exc.status != 404:
                 self.errors.append(f"status of {pod.namespace}/{pod.name}: {exc}")

@@ -56,6 +56,7 @@ class Pki:
     admin: Pair
     controller_manager: Pair
     scheduler: Pair
+    kueue: Pair  # Kueue's manager (tests/cluster/kueue.py): its own user, so the audit log tells its writes
     sa_private: Path
     sa_public: Path
 
@@ -139,13 +140,15 @@ def make_pki(directory: Path) -> Pki:
             "controller-manager", _name("system:kube-controller-manager"), server=False
         ),
         scheduler=issue("scheduler", _name("system:kube-scheduler"), server=False),
+        kueue=issue("kueue", _name("kueue", "system:masters"), server=False),
         sa_private=sa_private,
         sa_public=sa_public,
     )
 
 
-def kubeconfig(path: Path, server: str, ca: Path, user: Pair | None = None,
-               token: str | None = None) -> Path:  # fmt: skip
+def kubeconfig(
+    path: Path, server: str, ca: Path, user: Pair | None = None, token: str | None = None
+) -> Path:
     """A kubeconfig for ``server`` with a client certificate or a bearer token."""
     import yaml
 
@@ -157,11 +160,13 @@ def kubeconfig(path: Path, server: str, ca: Path, user: Pair | None = None,
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "spin-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "clusters": [
+            {"name": "spin-test", "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
         "users": [{"name": "user", "user": credentials}],
         "contexts": [{"name": "spin-test", "context": {"cluster": "spin-test", "user": "user"}}],
         "current-context": "spin-test",
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
     return path

@@ -85,7 +85,7 @@ CASES: list[tuple[str, JSON, str, Mutate]] = [
      "spec.pod.env[0].valueFrom.secretKeyRef.key", secret_env("my key")),
     ("request above limit", {"training": {"resources": {"requests": {"cpu": "9"}, "limits": {"cpu": "8"}}}},
      "spec.training.resources.requests.cpu", cpu_over_limit),
-]  # fmt: skip
+]  # fmt: skip # a table: one case per line
 
 
 def training_job() -> JSON:

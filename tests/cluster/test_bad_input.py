@@ -32,9 +32,16 @@ def test_bad_dataset_fails_the_check_job_once_and_no_generation_job_exists(
     good = storage.read_bytes(e2e.DATASET_URI)
     storage.write_bytes(BAD_DATASET, good + b'{"prompt": "caf\xe9", "response": "x"}\n' * 20)
     # finished Jobs kept (retention.finishedJobs: Retain) to read the check Job back
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__dataset__uri=BAD_DATASET, spec__iterations=1,
-                             spec__failurePolicy={"maxRetries": 2},
-                             spec__retention={"finishedJobs": "Retain"}))  # fmt: skip
+    c.apply(
+        e2e.spinrun_file(
+            tmp_path,
+            RUN,
+            spec__dataset__uri=BAD_DATASET,
+            spec__iterations=1,
+            spec__failurePolicy={"maxRetries": 2},
+            spec__retention={"finishedJobs": "Retain"},
+        )
+    )
     run = c.wait_run(RUN, 300)
     status = run["status"]
     assert status["phase"] == "Failed", c.diagnostics(RUN)
@@ -65,8 +72,16 @@ def test_bad_dataset_fails_the_check_job_once_and_no_generation_job_exists(
     it = status["iterations"][0]
     assert (it["check"]["phase"], it["check"]["attempts"]) == ("Failed", 1)
     assert it["generate"]["attempts"] == 0
-    out = c.kubectl("get", "events", "-n", c.namespace, "--field-selector",
-                    f"involvedObject.name={RUN},involvedObject.kind=SPINRun", "-o", "json")  # fmt: skip
+    out = c.kubectl(
+        "get",
+        "events",
+        "-n",
+        c.namespace,
+        "--field-selector",
+        f"involvedObject.name={RUN},involvedObject.kind=SPINRun",
+        "-o",
+        "json",
+    )
     warnings = [
         e["message"]
         for e in json.loads(out.stdout).get("items") or []

@@ -37,16 +37,22 @@ def test_operator_children_pass_admission_and_need_both_fixes(
 ) -> None:
     c = cluster_quick
     # finished Jobs kept (retention.finishedJobs: Retain): the generation Job is read back below
-    c.apply(e2e.spinrun_file(tmp_path, "owner", spec__iterations=1,
-                             spec__retention={"finishedJobs": "Retain"}))  # fmt: skip
+    c.apply(
+        e2e.spinrun_file(
+            tmp_path, "owner", spec__iterations=1, spec__retention={"finishedJobs": "Retain"}
+        )
+    )
     assert c.wait_run("owner", 300)["status"]["phase"] == "Succeeded", c.diagnostics("owner")
     job = c.get("job", job_name("owner", 0, "generate"))
     assert job is not None
     owner = job["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "SPINRun" and owner["blockOwnerDeletion"] is True
-    copy_ = {"apiVersion": "batch/v1", "kind": "Job",
-             "metadata": {"name": "copy", "namespace": c.namespace, "ownerReferences": [owner]},
-             "spec": copy.deepcopy(job["spec"])}  # fmt: skip
+    copy_ = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "copy", "namespace": c.namespace, "ownerReferences": [owner]},
+        "spec": copy.deepcopy(job["spec"]),
+    }
     for key in ("selector", "manualSelector"):
         copy_["spec"].pop(key, None)
     labels = copy_["spec"]["template"]["metadata"].get("labels") or {}
@@ -56,8 +62,12 @@ def test_operator_children_pass_admission_and_need_both_fixes(
     code, out = dry_run(c, copy_, tmp_path / "job.json", *as_operator)
     assert code == 0, f"the operator's own Job is refused for it:\n{out}"
 
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "copy", "namespace": c.namespace},
-           "spec": copy.deepcopy(job["spec"]["template"]["spec"])}  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "copy", "namespace": c.namespace},
+        "spec": copy.deepcopy(job["spec"]["template"]["spec"]),
+    }
     code, out = dry_run(c, pod, tmp_path / "pod.json")
     assert code == 0, f"PodSecurity restricted refuses the operator's pod:\n{out}"
     spec = pod["spec"]
@@ -71,13 +81,22 @@ def test_operator_children_pass_admission_and_need_both_fixes(
     assert code != 0 and "runAsNonRoot" in out, out
 
     role = c.kubectl("get", "clusterrole", "-l", "app.kubernetes.io/instance=spin", "-o", "json")
-    cluster_role = next(r for r in json.loads(role.stdout)["items"]
-                        if any("spinruns/finalizers" in x["resources"] for x in r["rules"]))  # fmt: skip
+    cluster_role = next(
+        r
+        for r in json.loads(role.stdout)["items"]
+        if any("spinruns/finalizers" in x["resources"] for x in r["rules"])
+    )
     index = next(
         i for i, r in enumerate(cluster_role["rules"]) if "spinruns/finalizers" in r["resources"]
     )
     patch = [{"op": "remove", "path": f"/rules/{index}"}]
-    c.kubectl("patch", "clusterrole", cluster_role["metadata"]["name"], "--type=json", "-p",
-              json.dumps(patch))  # fmt: skip
+    c.kubectl(
+        "patch",
+        "clusterrole",
+        cluster_role["metadata"]["name"],
+        "--type=json",
+        "-p",
+        json.dumps(patch),
+    )
     code, out = dry_run(c, copy_, tmp_path / "job.json", *as_operator)
     assert code != 0 and "blockOwnerDeletion" in out, out

@@ -31,8 +31,9 @@ TIMEOUT = 240.0
 
 
 @pytest.fixture
-def cluster_lingering(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                      mlflow_server: MlflowServer) -> Iterator[RealCluster]:  # fmt: skip
+def cluster_lingering(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[RealCluster]:
     """Job pods run until deleted, and upload for a while after SIGTERM (lingering.py)."""
     mlflow_server.start()
 

@@ -32,8 +32,9 @@ WRITES = ("create", "patch", "update", "delete")
 
 
 @pytest.fixture
-def two_operators(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                  mlflow_server: MlflowServer) -> Iterator[tuple[RealCluster, Path, Path]]:  # fmt: skip
+def two_operators(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[tuple[RealCluster, Path, Path]]:
     """Gated stand-in steps; two operator pods with ports of their own (they share this host's
     network) whose container, once restarted, waits while ``hold`` exists."""
     mlflow_server.start()
@@ -49,10 +50,19 @@ def two_operators(real_cluster: harness.Session, tmp_path: Path, cluster_inputs:
         wait = f'while [ -e "{hold}" ]; do sleep 0.2; done; exec "$@"'
         return ["bash", "-c", wait, "operator", *argv]
 
-    values = {"replicas": "2", "leaderElection.enabled": "true",
-              "leaderElection.leaseSeconds": str(LEASE_SECONDS)}  # fmt: skip
-    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
-                         launch_hook=hook, operator_values=values) as c:  # fmt: skip
+    values = {
+        "replicas": "2",
+        "leaderElection.enabled": "true",
+        "leaderElection.leaseSeconds": str(LEASE_SECONDS),
+    }
+    with harness.release(
+        real_cluster,
+        tmp_path,
+        cluster_inputs,
+        mlflow_server.uri,
+        launch_hook=hook,
+        operator_values=values,
+    ) as c:
         yield c, gate, hold
 
 
@@ -109,5 +119,7 @@ def test_standby_takes_over_after_the_leader_is_killed(
     by_standby = {res for pod, _, res in writes[first_lease_write:] if pod == standby}
     assert "jobs" in by_leader and "jobs" in by_standby, (by_leader, by_standby)
     hold.unlink()
-    print(f"\nCLUSTER leader SIGKILL: standby took the Lease after {took:.1f}s "
-          f"(leaseSeconds {LEASE_SECONDS})")  # fmt: skip
+    print(
+        f"\nCLUSTER leader SIGKILL: standby took the Lease after {took:.1f}s "
+        f"(leaseSeconds {LEASE_SECONDS})"
+    )

@@ -23,8 +23,10 @@ ITERATIONS = 2
 def test_twenty_spinruns_at_once_all_complete(cluster_quick: RealCluster, tmp_path: Path) -> None:
     c = cluster_quick
     names = [f"load-{i:02d}" for i in range(RUNS)]
-    docs = [yaml.safe_load(e2e.spinrun_file(tmp_path, n, spec__iterations=ITERATIONS).read_text())
-            for n in names]  # fmt: skip
+    docs = [
+        yaml.safe_load(e2e.spinrun_file(tmp_path, n, spec__iterations=ITERATIONS).read_text())
+        for n in names
+    ]
     manifest = tmp_path / "twenty.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     audited_before = len(c.plane.audit(OPERATOR_GROUP))
@@ -54,5 +56,7 @@ def test_twenty_spinruns_at_once_all_complete(cluster_quick: RealCluster, tmp_pa
     events = c.plane.audit(OPERATOR_GROUP)[audited_before:]
     server_errors = [e for e in events if (e.get("responseStatus") or {}).get("code", 200) >= 500]
     assert not server_errors, server_errors[:3]
-    print(f"\nCLUSTER load: {RUNS} runs x {ITERATIONS} iterations in {elapsed:.1f}s; "
-          f"{len(events)} operator requests; {len(c.pods())} pods")  # fmt: skip
+    print(
+        f"\nCLUSTER load: {RUNS} runs x {ITERATIONS} iterations in {elapsed:.1f}s; "
+        f"{len(events)} operator requests; {len(c.pods())} pods"
+    )

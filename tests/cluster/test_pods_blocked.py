@@ -40,7 +40,7 @@ CASES: dict[str, tuple[dict[str, Any], str, str]] = {
         {"spec__pod__volumes": [{"name": "host", "hostPath": {"path": "/tmp"}}]},
         "FailedCreate", "PodSecurity",
     ),
-}  # fmt: skip
+}  # fmt: skip # a table: one case per line
 
 
 def condition(run: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -49,8 +49,16 @@ def condition(run: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 def run_events(c: RealCluster) -> list[dict[str, Any]]:
-    out = c.kubectl("get", "events", "-n", c.namespace, "--field-selector",
-                    f"involvedObject.name={RUN},involvedObject.kind=SPINRun", "-o", "json")  # fmt: skip
+    out = c.kubectl(
+        "get",
+        "events",
+        "-n",
+        c.namespace,
+        "--field-selector",
+        f"involvedObject.name={RUN},involvedObject.kind=SPINRun",
+        "-o",
+        "json",
+    )
     return list(json.loads(out.stdout).get("items") or [])
 
 
@@ -60,9 +68,15 @@ def test_blocked_pods_surface_then_the_pending_timeout_fails_the_step(
 ) -> None:
     c = cluster_quick
     changes, reason, cause = CASES[case]
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1,
-                             spec__failurePolicy={"maxRetries": 2, "pendingTimeoutSeconds": TIMEOUT_S},
-                             **changes))  # fmt: skip
+    c.apply(
+        e2e.spinrun_file(
+            tmp_path,
+            RUN,
+            spec__iterations=1,
+            spec__failurePolicy={"maxRetries": 2, "pendingTimeoutSeconds": TIMEOUT_S},
+            **changes,
+        )
+    )
     wait_for(lambda: c.jobs(), 120, "the check Job (the first Job, before any generation)", 0.5)
     created = time.monotonic()
 

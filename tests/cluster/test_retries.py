@@ -26,8 +26,9 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 @pytest.fixture
-def flaky_shard(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                mlflow_server: MlflowServer) -> Iterator[RealCluster]:  # fmt: skip
+def flaky_shard(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[RealCluster]:
     """Stand-in steps; shard 1 of the first generation Job exits 1 the first time it runs."""
     mlflow_server.start()
     failed_once = tmp_path / "failed-once"
@@ -46,8 +47,9 @@ def flaky_shard(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: s
             return ["bash", "-c", fail, "shard", *standin]
         return standin
 
-    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
-                         launch_hook=hook) as c:  # fmt: skip
+    with harness.release(
+        real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=hook
+    ) as c:
         yield c
 
 
@@ -70,8 +72,12 @@ def test_a_failed_shard_does_not_stop_the_others(flaky_shard: RealCluster, tmp_p
     assert (status.get("failedIndexes"), status.get("completedIndexes")) == ("1", "0"), status
     failed = next(x for x in status["conditions"] if x["type"] == "Failed")
     assert failed["reason"] == "FailedIndexes", failed
-    shard0 = [p for p in c.pods() if p["metadata"]["labels"].get("job-name") == first
-              and p["metadata"]["annotations"].get(INDEX) == "0"]  # fmt: skip
+    shard0 = [
+        p
+        for p in c.pods()
+        if p["metadata"]["labels"].get("job-name") == first
+        and p["metadata"]["annotations"].get(INDEX) == "0"
+    ]
     assert [p["status"]["phase"] for p in shard0] == ["Succeeded"]
     assert c.get("job", retry) is not None
     assert run["status"]["iterations"][0]["generate"]["attempts"] == 2

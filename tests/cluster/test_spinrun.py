@@ -82,10 +82,11 @@ def test_helm_install_then_kubectl_apply_runs_two_real_iterations(
     # rank 1 found rank 0 through <job>-0.<headless service>, resolved to 127.0.0.1
     train = job_name(RUN, 0, "train")
     rank1 = next(
-        p for p in c.pods()
+        p
+        for p in c.pods()
         if p["metadata"]["labels"]["job-name"] == train
         and p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
-    )  # fmt: skip
+    )
     env = c.agent.find(c.namespace, rank1["metadata"]["name"]).env
     # torchrun's own variables: the rank from the completion-index annotation (downward API)
     assert (env["PET_MASTER_ADDR"], env["PET_NODE_RANK"]) == ("127.0.0.1", "1"), env

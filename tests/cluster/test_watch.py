@@ -92,5 +92,7 @@ def test_job_lists_and_watches_are_filtered_by_the_server(
     assert not unfiltered, f"Job reads without the server-side selector: {unfiltered}"
     unpaged = [(v, q) for v, q in reads if v == "list" and not q.get("limit")]
     assert not unpaged, f"Job lists without a page size: {unpaged}"
-    print(f"\nCLUSTER watch: {len(reads)} Job list/watch requests, all with labelSelector; "
-          f"run {time.monotonic() - started:.1f}s")  # fmt: skip
+    print(
+        f"\nCLUSTER watch: {len(reads)} Job list/watch requests, all with labelSelector; "
+        f"run {time.monotonic() - started:.1f}s"
+    )

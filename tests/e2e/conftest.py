@@ -32,8 +32,9 @@ def e2e_inputs(moto_server: str, tiny_factory: Callable[..., Path], tiny_dataset
 
 
 @pytest.fixture
-def e2e(k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str,
-        mlflow_server: MlflowServer) -> Iterator[harness.Cluster]:  # fmt: skip
+def e2e(
+    k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[harness.Cluster]:
     """A cluster with the operator running, a fresh namespace with the S3 Secret, MLflow up."""
     mlflow_server.start()  # a previous outage test may have left it down
     with harness.cluster(k8s_api, tmp_path, e2e_inputs, mlflow_server.uri) as c:
@@ -41,8 +42,9 @@ def e2e(k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str,
 
 
 @pytest.fixture
-def e2e_quick(k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str,
-              mlflow_server: MlflowServer) -> Iterator[harness.Cluster]:  # fmt: skip
+def e2e_quick(
+    k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[harness.Cluster]:
     """Like ``e2e``, but pods run tests/e2e/standin.py (artifacts in seconds) instead of the real
     steps: for load and admission tests, where the operator is what is under test."""
     mlflow_server.start()

@@ -103,8 +103,11 @@ class Kubectl:
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args],
-            input=stdin, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
@@ -153,21 +156,34 @@ class OperatorProcess:
         container = pod_spec["containers"][0]
         self.starts += 1
         name = f"{deployment['metadata']['name']}-{secrets.token_hex(4)}"
-        context = PodContext(RELEASE_NAMESPACE, name, name, self.workdir / f"operator-{self.starts}",
-                             dict(deployment["spec"]["template"]["metadata"].get("labels") or {}))  # fmt: skip
+        context = PodContext(
+            RELEASE_NAMESPACE,
+            name,
+            name,
+            self.workdir / f"operator-{self.starts}",
+            dict(deployment["spec"]["template"]["metadata"].get("labels") or {}),
+        )
         argv, env, cwd = self.executor.kubelet.resolve_container(context, pod_spec, container)
         env["KUBECONFIG"] = str(self.api.kubeconfig_path)
         watches_before = self._watches()
         with self.log.open("ab") as out:
             out.write(f"\n===== start {self.starts}: {' '.join(argv)}\n".encode())
             out.flush()
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         proc = self.proc
         wait_for(
             lambda: proc.poll() is not None or self._watches() >= watches_before + 2,
-            timeout, "the operator to watch SPINRuns and Jobs",
-        )  # fmt: skip
+            timeout,
+            "the operator to watch SPINRuns and Jobs",
+        )
         if proc.poll() is not None:
             raise AssertionError(f"the operator exited ({proc.returncode}):\n{tail(self.log)}")
 
@@ -227,8 +243,18 @@ class Cluster:
         """``kubectl create secret generic`` rendered client-side, then applied: imperative
         ``create`` sends protobuf for core types, which the emulator cannot decode."""
         literals = [f"--from-literal={k}={v}" for k, v in S3_CREDENTIALS.items()]
-        rendered = self.kubectl("create", "secret", "generic", S3_SECRET, "-n", namespace, *literals,
-                                "--dry-run=client", "-o", "json").stdout  # fmt: skip
+        rendered = self.kubectl(
+            "create",
+            "secret",
+            "generic",
+            S3_SECRET,
+            "-n",
+            namespace,
+            *literals,
+            "--dry-run=client",
+            "-o",
+            "json",
+        ).stdout
         self.kubectl("apply", "--validate=false", "-f", "-", stdin=rendered)
 
     def apply(
@@ -242,15 +268,25 @@ class Cluster:
     def run(self, name: str, namespace: str | None = None) -> dict[str, Any]:
         return self.api.get("spinruns", name, namespace or self.namespace) or {}
 
-    def wait_run(self, name: str, timeout: float, phases: tuple[str, ...] = TERMINAL,
-                 namespace: str | None = None, what: str = "") -> dict[str, Any]:  # fmt: skip
+    def wait_run(
+        self,
+        name: str,
+        timeout: float,
+        phases: tuple[str, ...] = TERMINAL,
+        namespace: str | None = None,
+        what: str = "",
+    ) -> dict[str, Any]:
         """Poll the SPINRun until its phase is one of ``phases``; on timeout, fail with the whole
         picture (status, Jobs, pods and their logs, the operator's log)."""
         try:
             return wait_for(
-                lambda: (r := self.run(name, namespace)).get("status", {}).get("phase") in phases and r,
-                timeout, what or f"{name} to reach {'/'.join(phases)}", interval=0.25,
-            )  # fmt: skip
+                lambda: (
+                    (r := self.run(name, namespace)).get("status", {}).get("phase") in phases and r
+                ),
+                timeout,
+                what or f"{name} to reach {'/'.join(phases)}",
+                interval=0.25,
+            )
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics(name, namespace)}") from None
 
@@ -279,9 +315,12 @@ class Cluster:
         return [
             e.name or ""
             for e in self.api.requests.entries()
-            if e.verb == "create" and e.resource == "jobs" and e.code == 201 and e.namespace == ns
+            if e.verb == "create"
+            and e.resource == "jobs"
+            and e.code == 201
+            and e.namespace == ns
             and e.user_agent.startswith(OPERATOR_AGENTS)
-        ]  # fmt: skip
+        ]
 
     def diagnostics(self, name: str | None = None, namespace: str | None = None) -> str:
         ns = namespace or self.namespace
@@ -325,9 +364,14 @@ def new_namespace() -> str:
 
 
 @contextlib.contextmanager
-def cluster(api: K8sApi, workdir: Path, s3_endpoint: str, mlflow_uri: str,
-            executor_options: dict[str, Any] | None = None,
-            operator_values: dict[str, str] | None = None) -> Iterator[Cluster]:  # fmt: skip
+def cluster(
+    api: K8sApi,
+    workdir: Path,
+    s3_endpoint: str,
+    mlflow_uri: str,
+    executor_options: dict[str, Any] | None = None,
+    operator_values: dict[str, str] | None = None,
+) -> Iterator[Cluster]:
     """Executor + operator (from the chart) + kubectl on ``api``, with a fresh namespace."""
     values = {
         "storage.endpoint": s3_endpoint,

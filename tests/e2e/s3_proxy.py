@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 ERROR_BODY = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-              "proxy-authorization", "proxy-authenticate"}  # fmt: skip
+              "proxy-authorization", "proxy-authenticate"}  # fmt: skip # a word list, packed
 
 
 class S3FaultProxy:

@@ -31,8 +31,16 @@ def main(argv: list[str]) -> int:
     if "generate" in argv:
         index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
         shards = int(os.environ.get("SPIN_NUM_SHARDS", "1"))
-        record = {"id": index, "split": "train", "system": None, "prompt": "p", "real": "r",
-                  "generated": "g", "finish_reason": "stop", "num_generated_tokens": 1}  # fmt: skip
+        record = {
+            "id": index,
+            "split": "train",
+            "system": None,
+            "prompt": "p",
+            "real": "r",
+            "generated": "g",
+            "finish_reason": "stop",
+            "num_generated_tokens": 1,
+        }
         shard = scratch / "shard.jsonl"
         shard.write_text(json.dumps(record) + "\n")
         uri = storage.join(output, layout.shard_name(index, shards))

@@ -29,7 +29,7 @@ OPERATOR_CASES = [
      "spec.storage.credentialsSecret.name", "SecretNotFound"),
     ("missing-mlflow-secret", {"spec.tracking.credentialsSecret": {"name": "no-such-mlflow"}},
      "spec.tracking.credentialsSecret.name", "SecretNotFound"),
-]  # fmt: skip
+]  # fmt: skip # a table: one case per line
 
 
 def broken_object(case: Broken, namespace: str, number: int) -> dict[str, Any]:

@@ -296,14 +296,22 @@ def test_deleting_a_job_kills_its_process_group(executor: Executor, tmp_path: Pa
 def test_garbage_collection_through_owner_references_kills_pods(executor: Executor) -> None:
     """Deleting a Job's owner (a SPINRun, here a ConfigMap) lets the GC delete the Job: its
     pods must die with it."""
-    owner = executor.api.request("POST", f"/api/v1/namespaces/{NS}/configmaps",
-                                 {"apiVersion": "v1", "kind": "ConfigMap",
-                                  "metadata": {"name": "owner", "namespace": NS}})  # fmt: skip
+    owner = executor.api.request(
+        "POST",
+        f"/api/v1/namespaces/{NS}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner", "namespace": NS}},
+    )
     body = job("owned", "import time; time.sleep(120)")
     body["metadata"]["ownerReferences"] = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"],
-         "controller": True, "blockOwnerDeletion": True}
-    ]  # fmt: skip
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": "owner",
+            "uid": owner["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     create(executor.api, body)
     executor.wait_for_pod(lambda p: p.job == "owned" and p.phase == "Running")
     executor.api.request("DELETE", f"/api/v1/namespaces/{NS}/configmaps/owner")

@@ -36,8 +36,11 @@ def prefix(c: Cluster) -> str:
 
 def apply_run(c: Cluster, tmp_path: Path, iterations: int) -> None:
     # finished Jobs kept (retention.finishedJobs: Retain): the checks below count every Job
-    c.apply(harness.spinrun_file(tmp_path, RUN, spec__iterations=iterations,
-                                 spec__retention={"finishedJobs": "Retain"}))  # fmt: skip
+    c.apply(
+        harness.spinrun_file(
+            tmp_path, RUN, spec__iterations=iterations, spec__retention={"finishedJobs": "Retain"}
+        )
+    )
 
 
 def steps(iterations: int) -> list[str]:
@@ -51,13 +54,17 @@ def wait_pods_running(c: Cluster, job: str, count: int) -> None:
     """Until ``count`` pods of ``job`` run at once (e.g. both training ranks)."""
     wait_for(
         lambda: sum(p.phase == "Running" for p in c.executor.pods(job, c.namespace)) >= count,
-        TIMEOUT, f"{count} running pods of {job}",
-    )  # fmt: skip
+        TIMEOUT,
+        f"{count} running pods of {job}",
+    )
 
 
 def wait_job_complete(c: Cluster, job: str) -> None:
-    wait_for(lambda: condition(c.api.get("jobs", job, c.namespace), "Complete"), TIMEOUT,
-             f"Job {job} to complete")  # fmt: skip
+    wait_for(
+        lambda: condition(c.api.get("jobs", job, c.namespace), "Complete"),
+        TIMEOUT,
+        f"Job {job} to complete",
+    )
 
 
 def assert_each_step_once(c: Cluster, iterations: int) -> None:
@@ -155,9 +162,16 @@ def test_training_pod_killed_is_retried_with_a_new_job(e2e: Cluster, tmp_path: P
     wait_pods_running(e2e, train, 2)
     generated = harness.artifact_stamps(prefix(e2e))
     killed = e2e.executor.kill_pod(train, 0, namespace=e2e.namespace)
-    failed = condition(wait_for(lambda: (j := e2e.api.get("jobs", train, e2e.namespace)) and
-                                condition(j, "Failed") and j, TIMEOUT, "the training Job to fail"),
-                       "Failed")  # fmt: skip
+    failed = condition(
+        wait_for(
+            lambda: (
+                (j := e2e.api.get("jobs", train, e2e.namespace)) and condition(j, "Failed") and j
+            ),
+            TIMEOUT,
+            "the training Job to fail",
+        ),
+        "Failed",
+    )
     assert failed and failed["reason"] == "BackoffLimitExceeded"
     run = finish(e2e)
     retry = job_name(RUN, 0, "train", attempt=1)
@@ -170,8 +184,9 @@ def test_training_pod_killed_is_retried_with_a_new_job(e2e: Cluster, tmp_path: P
         == 137
     )
     assert all(p.phase == "Succeeded" for p in e2e.executor.pods(retry, e2e.namespace))
-    assert_unchanged(generated, {k: v for k, v in harness.artifact_stamps(prefix(e2e)).items()
-                                 if k in generated})  # fmt: skip
+    assert_unchanged(
+        generated, {k: v for k, v in harness.artifact_stamps(prefix(e2e)).items() if k in generated}
+    )
 
 
 @pytest.mark.slow
@@ -190,21 +205,28 @@ def test_mlflow_down_during_an_iteration(
     run = finish(e2e)
     assert_each_step_once(e2e, 1)
     assert run["status"]["iterations"][0]["evaluate"]["phase"] == "Succeeded"
-    hit = [p.name for p in e2e.executor.pods(namespace=e2e.namespace)
-           if re.search(r"MLflow .*failed", p.log())]  # fmt: skip
+    hit = [
+        p.name
+        for p in e2e.executor.pods(namespace=e2e.namespace)
+        if re.search(r"MLflow .*failed", p.log())
+    ]
     assert hit, "no pod noticed the outage: it did not overlap the run"
     # what the generation pods logged during the outage was spooled and is replayed, not lost
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     iteration_run = run["status"]["iterations"][0]["mlflowRunId"]
-    wait_for(lambda: "generate/prompts" in client.get_run(iteration_run).data.metrics, 120,
-             "the generation metrics logged during the outage to reach MLflow")  # fmt: skip
+    wait_for(
+        lambda: "generate/prompts" in client.get_run(iteration_run).data.metrics,
+        120,
+        "the generation metrics logged during the outage to reach MLflow",
+    )
 
 
 @pytest.mark.slow
-def test_s3_errors_for_a_while_are_retried(k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str,
-                                           mlflow_server: MlflowServer) -> None:  # fmt: skip
+def test_s3_errors_for_a_while_are_retried(
+    k8s_api: K8sApi, tmp_path: Path, e2e_inputs: str, mlflow_server: MlflowServer
+) -> None:
     """Operator and pods reach S3 through a proxy that fails two requests in three for 20 s at
     the start (downloads, the operator's reads) and again when training starts; everything is
     retried, the run succeeds, and every artifact verifies against its manifest."""
@@ -225,8 +247,10 @@ def test_s3_errors_for_a_while_are_retried(k8s_api: K8sApi, tmp_path: Path, e2e_
             manifest.verify_artifact(f"{it}/eval")
             shards = manifest.shard_manifests(f"{it}/generated")
             assert len(shards) == 2
-            records = sum(len(storage.read_text(f"{it}/generated/{name}").splitlines()) for name in
-                          ("shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"))  # fmt: skip
+            records = sum(
+                len(storage.read_text(f"{it}/generated/{name}").splitlines())
+                for name in ("shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl")
+            )
             assert records == 64  # 48 training + 16 held-out prompts, none lost
     finally:
         proxy.stop()

@@ -27,8 +27,12 @@ ITERATIONS = 2
 def test_twenty_spinruns_at_once_all_complete(e2e_quick: Cluster, tmp_path: Path) -> None:
     c = e2e_quick
     names = [f"load-{i:02d}" for i in range(RUNS)]
-    docs = [yaml.safe_load(harness.spinrun_file(tmp_path, name, spec__iterations=ITERATIONS).read_text())
-            for name in names]  # fmt: skip
+    docs = [
+        yaml.safe_load(
+            harness.spinrun_file(tmp_path, name, spec__iterations=ITERATIONS).read_text()
+        )
+        for name in names
+    ]
     manifest = tmp_path / "twenty.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     started = time.monotonic()
@@ -59,5 +63,7 @@ def test_twenty_spinruns_at_once_all_complete(e2e_quick: Cluster, tmp_path: Path
     ]
     server_errors = [e for e in operator if e.code >= 500]
     assert not server_errors, server_errors[:5]
-    print(f"\nE2E load: {RUNS} runs x {ITERATIONS} iterations in {elapsed:.1f}s; "
-          f"{len(operator)} operator requests; {len(c.executor.pods())} pods")  # fmt: skip
+    print(
+        f"\nE2E load: {RUNS} runs x {ITERATIONS} iterations in {elapsed:.1f}s; "
+        f"{len(operator)} operator requests; {len(c.executor.pods())} pods"
+    )

@@ -107,10 +107,13 @@ def check_mlflow(e2e: Cluster, run: dict[str, Any]) -> None:
     # run ends follow the Succeeded status (MLflow never holds the phase up): wait for the status
     # to record MLflow's confirmation, with a deadline, instead of reading MLflow at once
     wait_for(
-        lambda: set((e2e.run(RUN).get("status", {}).get("mlflow") or {}).get("finished") or [])
-        >= iteration_ids | {parent_id},
-        60, "status.mlflow.finished to hold the parent and iteration runs",
-    )  # fmt: skip
+        lambda: (
+            set((e2e.run(RUN).get("status", {}).get("mlflow") or {}).get("finished") or [])
+            >= iteration_ids | {parent_id}
+        ),
+        60,
+        "status.mlflow.finished to hold the parent and iteration runs",
+    )
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert e2e.run(RUN)["status"]["mlflow"]["spooledCalls"] == 0
@@ -126,9 +129,13 @@ def check_mlflow(e2e: Cluster, run: dict[str, Any]) -> None:
         assert child.data.metrics, f"iteration run {child.info.run_id} has no metrics"
     # registration runs in the background after the evaluation's status: polled, not asserted
     wait_for(
-        lambda: {v.run_id for v in client.search_model_versions(f"name = '{e2e.namespace}.{RUN}'")} >= iteration_ids,
-        60, "a model version for each iteration run",
-    )  # fmt: skip
+        lambda: (
+            {v.run_id for v in client.search_model_versions(f"name = '{e2e.namespace}.{RUN}'")}
+            >= iteration_ids
+        ),
+        60,
+        "a model version for each iteration run",
+    )
     for child in iteration_runs:
         assert child.info.status == "FINISHED"
     logged = {
@@ -152,10 +159,21 @@ def screenshot_mlflow(e2e: Cluster, run: dict[str, Any], tmp_path: Path) -> None
     url = f"{e2e.mlflow_uri}/#/experiments/{experiment}/runs/{run_id}"
     out = tmp_path / "e2e-mlflow-run.png"
     subprocess.run(
-        [str(chromium), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--window-size=1400,1300", "--virtual-time-budget=15000", f"--screenshot={out}", url],
-        capture_output=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            str(chromium),
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1400,1300",
+            "--virtual-time-budget=15000",
+            f"--screenshot={out}",
+            url,
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert out.exists() and out.stat().st_size > 10_000, "chromium produced no screenshot"
     if target := os.environ.get("SPIN_E2E_SCREENSHOT_DIR"):
         shutil.copy(out, Path(target) / out.name)

@@ -61,8 +61,23 @@ def main(argv: list[str]) -> int:
     stage = f"control-{stage}" if control else stage
     shard = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     calls = os.environ.get("FAKE_CALLS", os.devnull)
-    count = _calls(calls, stage=stage, iteration=iteration, shard=shard, pid=os.getpid(), argv=rest,
-                   env={k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "SPIN_NUM_SHARDS", "JOB_COMPLETION_INDEX", *os.environ.get("FAKE_RECORD_ENV", "").split(","))})  # fmt: skip
+    count = _calls(
+        calls,
+        stage=stage,
+        iteration=iteration,
+        shard=shard,
+        pid=os.getpid(),
+        argv=rest,
+        env={
+            k: os.environ.get(k)
+            for k in (
+                "MLFLOW_RUN_ID",
+                "SPIN_NUM_SHARDS",
+                "JOB_COMPLETION_INDEX",
+                *os.environ.get("FAKE_RECORD_ENV", "").split(","),
+            )
+        },
+    )
     print(f"fake {stage} of iteration {iteration}, shard {shard}", flush=True)
     if _matches("FAKE_HANG", stage, iteration, 0):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

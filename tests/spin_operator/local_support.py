@@ -70,8 +70,12 @@ def write_spec(directory: Path, name: str = "local-test", **spec: Any) -> Path:
         "storage": {"uri": str(directory / "artifacts")},
         "failurePolicy": {"maxRetries": 1},
     }
-    doc = {"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun", "metadata": {"name": name},
-           "spec": merge(base, spec)}  # fmt: skip
+    doc = {
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {"name": name},
+        "spec": merge(base, spec),
+    }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

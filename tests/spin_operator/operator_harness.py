@@ -168,7 +168,11 @@ class Cluster:
         scratch.mkdir(parents=True, exist_ok=True)
         stage, n = labels[naming.STAGE_LABEL], int(job["spec"].get("completions") or 1)
         if stage == "check":  # `spin_runtime check --output`: the report, ok
-            report = {"ok": True, "problems": [], "dataset": {"rows": 10, "usable": 10, "skipped": 0, "skippedByReason": {}}}  # fmt: skip
+            report = {
+                "ok": True,
+                "problems": [],
+                "dataset": {"rows": 10, "usable": 10, "skipped": 0, "skippedByReason": {}},
+            }
             storage.write_text(it.check_report, json.dumps(report))
         elif stage == "generate":
             for index in range(n):

@@ -291,9 +291,13 @@ class World:
         if write:
             facts = self.storage.get(job.iteration, StorageFacts())
             flag = {
-                "check": "checked", "generate": "generated", "train": "model", "evaluate": "evaluated",
-                "control-train": "control_model", "control-evaluate": "control_evaluated",
-            }[job.stage]  # fmt: skip
+                "check": "checked",
+                "generate": "generated",
+                "train": "model",
+                "evaluate": "evaluated",
+                "control-train": "control_model",
+                "control-evaluate": "control_evaluated",
+            }[job.stage]
             extra: dict[str, Any] = {flag: True}
             if job.stage == "evaluate":
                 extra["metrics"] = (

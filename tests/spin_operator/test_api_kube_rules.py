@@ -51,9 +51,17 @@ def test_tolerations_as_the_api_server_checks_them(
 
 @pytest.mark.parametrize(
     "toleration",
-    [{"operator": "Exists"}, {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
-     {"key": "nvidia.com/gpu", "value": "present", "effect": "NoExecute", "tolerationSeconds": 60}],
-)  # fmt: skip
+    [
+        {"operator": "Exists"},
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {
+            "key": "nvidia.com/gpu",
+            "value": "present",
+            "effect": "NoExecute",
+            "tolerationSeconds": 60,
+        },
+    ],
+)
 def test_valid_tolerations_pass(toleration: dict[str, Any]) -> None:
     assert paths(scheduling={"tolerations": [toleration]}) == {}
 
@@ -157,9 +165,14 @@ def test_reconciler_fails_a_refused_start_once() -> None:
         "train of iteration 0: the API server refuses Job x: Forbidden: no",
     )
     observed = Observed(
-        namespace=NAMESPACE, name=NAME, uid="u", now="2026-01-01T00:00:00Z", stored_spec_checked=True,
-        missing_secrets=frozenset(), rejected={job_name(NAME, 0, "train"): refusal},
-    )  # fmt: skip
+        namespace=NAMESPACE,
+        name=NAME,
+        uid="u",
+        now="2026-01-01T00:00:00Z",
+        stored_spec_checked=True,
+        missing_secrets=frozenset(),
+        rejected={job_name(NAME, 0, "train"): refusal},
+    )
     first = reconcile(spec, api.SPINRunStatus(), observed)
     assert first.status.phase == "Failed" and first.status.spec_hash is None
     assert not first.of_type(CreateStep) and not first.of_type(RecordSpec)

@@ -152,9 +152,16 @@ def test_control_argv_parses_with_the_runtime_cli_and_renders_valid_jobs(stage: 
 
 def test_control_arm_needs_evaluation_and_says_which_field() -> None:
     obj = {
-        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "r", "namespace": "n"},
-        "spec": {"model": {"uri": "m"}, "dataset": {"uri": "s3://data/sft.jsonl"}, **CONTROL, "evaluation": {"enabled": False}},
-    }  # fmt: skip
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "r", "namespace": "n"},
+        "spec": {
+            "model": {"uri": "m"},
+            "dataset": {"uri": "s3://data/sft.jsonl"},
+            **CONTROL,
+            "evaluation": {"enabled": False},
+        },
+    }
     problems = {p.path: p.message for p in problems_of(obj)}
     assert "needs evaluation.enabled" in problems["spec.controlArm.enabled"]
     with pytest.raises(ValidationError, match="learningRate"):

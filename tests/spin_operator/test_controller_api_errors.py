@@ -119,10 +119,17 @@ def spinrun(storage: Path, **spec: Any) -> JSON:
     }
     body.update(spec)
     return {
-        "apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun",
-        "metadata": {"name": NAME, "namespace": NS, "uid": "run-uid", "generation": 1, "resourceVersion": "1"},
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "uid": "run-uid",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
         "spec": body,
-    }  # fmt: skip
+    }
 
 
 def pass_the_check(storage: Path) -> None:
@@ -144,10 +151,16 @@ class Setup:
         # the admin allows this run's local storage (issue 15's allow-lists refuse it otherwise)
         allowed = Policy(Allowed(storage_prefixes=(str(tmp_path / "artifacts"),)))
         self.controller = Controller(
-            Settings(security=allowed), self.api,  # type: ignore[arg-type]
-            tracking=Tracking(), metrics=Metrics(), retry_base=0.2, retry_max=2.0,
-            post_event=lambda body, type_, reason, message: self.events.append((type_, reason, message)),
-        )  # fmt: skip
+            Settings(security=allowed),
+            self.api,  # type: ignore[arg-type]
+            tracking=Tracking(),
+            metrics=Metrics(),
+            retry_base=0.2,
+            retry_max=2.0,
+            post_event=lambda body, type_, reason, message: self.events.append(
+                (type_, reason, message)
+            ),
+        )
 
     def start(self) -> None:
         self.controller.on_run("ADDED", copy.deepcopy(self.api.run))
@@ -319,9 +332,12 @@ async def test_refusal_mid_run_fails_the_step(tmp_path: Path, storage: str) -> N
 
 @pytest.mark.parametrize(
     ("status", "message", "retry_after"),
-    [(429, "too many requests", 1.0), (503, "etcdserver: leader changed", None),
-     (403, 'exceeded quota: compute, requested: pods=1, used: pods=4, limited: pods=4', None)],
-)  # fmt: skip
+    [
+        (429, "too many requests", 1.0),
+        (503, "etcdserver: leader changed", None),
+        (403, "exceeded quota: compute, requested: pods=1, used: pods=4, limited: pods=4", None),
+    ],
+)
 async def test_retryable_errors_back_off_then_create(
     tmp_path: Path, status: int, message: str, retry_after: float | None
 ) -> None:

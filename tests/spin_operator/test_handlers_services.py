@@ -80,6 +80,12 @@ async def test_s3_storage_and_mlflow_tracking(
         )
 
     await cluster.wait("model versions and the best alias", registered, timeout=30)
+
+    async def heldout() -> bool:  # the parent's one series over the models, as spinctl logs it
+        history = client.get_metric_history(parent, "heldout/exact_match")
+        return sorted((m.step, m.value) for m in history) == [(1, 0.6), (2, 0.4)]
+
+    await cluster.wait("the parent run's heldout/* series", heldout, timeout=30)
     assert client.get_run(iteration_runs[0]).data.tags["mlflow.parentRunId"] == parent
     run_inputs = client.get_run(iteration_runs[1]).inputs
     inputs = {d.dataset.name for d in (run_inputs.dataset_inputs if run_inputs else [])}

@@ -21,9 +21,15 @@ from spin_operator.kube import (
 from tests.support.k8s_emulator import K8sApi
 
 JOB = {
-    "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j1", "namespace": "default", "labels": {"a": "b"}},
-    "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}},
-}  # fmt: skip
+    "apiVersion": "batch/v1",
+    "kind": "Job",
+    "metadata": {"name": "j1", "namespace": "default", "labels": {"a": "b"}},
+    "spec": {
+        "template": {
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}
+        }
+    },
+}
 
 
 async def test_calls_and_errors(k8s_api: K8sApi, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,10 +68,20 @@ def info(
     url: str, token: str = "t0", expiration: datetime.datetime | None = None
 ) -> SimpleNamespace:
     return SimpleNamespace(
-        server=url, insecure=None, ca_path=None, ca_data=None, certificate_path=None, certificate_data=None,
-        private_key_path=None, private_key_data=None, token=token, scheme="Bearer", username=None,
-        password=None, expiration=expiration,
-    )  # fmt: skip
+        server=url,
+        insecure=None,
+        ca_path=None,
+        ca_data=None,
+        certificate_path=None,
+        certificate_data=None,
+        private_key_path=None,
+        private_key_data=None,
+        token=token,
+        scheme="Bearer",
+        username=None,
+        password=None,
+        expiration=expiration,
+    )
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -122,10 +132,16 @@ async def test_long_retry_after_goes_back_to_the_caller(server: Server) -> None:
 
 @pytest.mark.parametrize(
     ("code", "message", "permanent"),
-    [(422, "invalid", True), (400, "bad", True), (403, "jobs.batch is forbidden: User cannot create", True),
-     (403, 'jobs.batch "x" is forbidden: exceeded quota: q, requested: pods=1', False), (409, "exists", False),
-     (404, "not found", False), (500, "boom", False)],
-)  # fmt: skip
+    [
+        (422, "invalid", True),
+        (400, "bad", True),
+        (403, "jobs.batch is forbidden: User cannot create", True),
+        (403, 'jobs.batch "x" is forbidden: exceeded quota: q, requested: pods=1', False),
+        (409, "exists", False),
+        (404, "not found", False),
+        (500, "boom", False),
+    ],
+)
 async def test_permanent_errors_are_not_retried(
     server: Server, code: int, message: str, permanent: bool
 ) -> None:
@@ -164,7 +180,7 @@ async def test_lists_are_read_in_pages(server: Server) -> None:
     ]
     kube = Kube(lambda: info(server.url))
     try:
-        items = await kube.list("/apis/batch/v1/jobs", params={"labelSelector": "a=b"}, page=2)
+        items = [i async for i in kube.pages("/apis/batch/v1/jobs", selector="a=b", chunk=2)]
     finally:
         await kube.close()
     assert [i["n"] for i in items] == [0, 1, 2]
@@ -197,10 +213,18 @@ async def test_rotated_token_is_read_again(server: Server, tmp_path: Path) -> No
 
 
 async def test_token_near_its_expiry_is_read_again(server: Server) -> None:
-    logins = iter([
-        info(server.url, "old", datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=2)),
-        info(server.url, "new", datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)),
-    ])  # fmt: skip
+    logins = iter(
+        [
+            info(
+                server.url,
+                "old",
+                datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=2),
+            ),
+            info(
+                server.url, "new", datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+            ),
+        ]
+    )
     kube = Kube(lambda: next(logins), refresh_every=3600)
     try:
         await kube.get("/x")

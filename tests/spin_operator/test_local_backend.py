@@ -19,9 +19,18 @@ def plan(
     argv: list[str], pods: int = 1, stage: str = "generate", name: str = "r-i0-gen"
 ) -> StepPlan:
     return StepPlan(
-        stage=stage, iteration=0, attempt=0, job_name=name, pods=pods, processes_per_pod=1,  # type: ignore[arg-type]
-        argv=tuple(argv), env={"SPIN_TEST": "yes"}, secret_env={}, gpus_per_pod=0, image="x",
-    )  # fmt: skip
+        stage=stage,
+        iteration=0,
+        attempt=0,
+        job_name=name,
+        pods=pods,
+        processes_per_pod=1,  # type: ignore[arg-type]
+        argv=tuple(argv),
+        env={"SPIN_TEST": "yes"},
+        secret_env={},
+        gpus_per_pod=0,
+        image="x",
+    )
 
 
 def wait(backend: LocalBackend, name: str, timeout: float = 60) -> str:
@@ -36,10 +45,14 @@ def wait(backend: LocalBackend, name: str, timeout: float = 60) -> str:
 
 
 def test_training_argv_runs_torchrun_of_this_python_on_localhost() -> None:
-    spec = api.SPINRunSpec.model_validate({
-        "model": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl"}, "storage": {"uri": "/tmp/a"},
-        "training": {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 2, "globalBatchSize": 4},
-    })  # fmt: skip
+    spec = api.SPINRunSpec.model_validate(
+        {
+            "model": {"uri": "/m"},
+            "dataset": {"uri": "/d.jsonl"},
+            "storage": {"uri": "/tmp/a"},
+            "training": {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 2, "globalBatchSize": 4},
+        }
+    )
     train = plan_step(spec, Settings(), RunRef("ns", "run"), 0, "train")
     argv = local_command(train, python="/venv/bin/python")
     assert argv[:5] == ["/venv/bin/python", "-m", "torch.distributed.run", "-m", "spin_runtime"]

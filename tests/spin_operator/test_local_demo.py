@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,10 @@ SMALL = (
 DEFAULTS = {"seed": 3, "max_samples": 2000, "eval_samples": 400}
 
 
-def small_build(workdir: Path, seed: int) -> dict[str, object]:
-    return real_build(workdir, seed, SMALL)
+def small_build(
+    workdir: Path, seed: int, env: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    return real_build(workdir, seed, SMALL, env)
 
 
 real_build = demo.build

@@ -11,10 +11,14 @@ from spin_operator.local.backend import LocalJob, Pod
 from spin_operator.local.display import Display, Tail, bar
 from spin_operator.steps import StepPlan
 
-SPEC = api.SPINRunSpec.model_validate({
-    "model": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl"}, "iterations": 2,
-    "training": {"globalBatchSize": 64, "microBatchSize": 16, "epochs": 2},
-})  # fmt: skip
+SPEC = api.SPINRunSpec.model_validate(
+    {
+        "model": {"uri": "/m"},
+        "dataset": {"uri": "/d.jsonl"},
+        "iterations": 2,
+        "training": {"globalBatchSize": 64, "microBatchSize": 16, "epochs": 2},
+    }
+)
 
 
 def job(tmp_path: Path, stage: str = "train", pods: int = 1) -> LocalJob:
@@ -102,8 +106,10 @@ def test_generation_progress_by_batch(tmp_path: Path) -> None:
 def test_iteration_results_and_summary(tmp_path: Path) -> None:
     out = io.StringIO()
     display = Display(SPEC, out=out, tty=False)
-    results = {"metrics": {"exact_match": 0.5, "real_logp_per_token": -0.9, "num_examples": 200},
-               "baseline": {"exact_match": 0.4, "real_logp_per_token": -1.1}}  # fmt: skip
+    results = {
+        "metrics": {"exact_match": 0.5, "real_logp_per_token": -0.9, "num_examples": 200},
+        "baseline": {"exact_match": 0.4, "real_logp_per_token": -1.1},
+    }
     display.iteration_results(
         0, results, {"eval_margin": 3.2, "eval_accuracy": 0.9, "eval_loss": 0.2}
     )

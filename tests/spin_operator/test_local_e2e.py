@@ -36,13 +36,20 @@ def spinrun(name: str, model: str, data: str, storage_uri: str, **extra: Any) ->
         "iterations": 2,
         "generation": {"backend": "transformers", "gpusPerReplica": 0, "maxNewTokens": 12},
         "training": {
-            "gpusPerNode": 0, "beta": 1.0, "learningRate": 1e-4, "optimizer": "adamw", "epochs": 4,
-            "globalBatchSize": 8, "microBatchSize": 8, "maxLength": 64, "maxPromptLength": 40,
+            "gpusPerNode": 0,
+            "beta": 1.0,
+            "learningRate": 1e-4,
+            "optimizer": "adamw",
+            "epochs": 4,
+            "globalBatchSize": 8,
+            "microBatchSize": 8,
+            "maxLength": 64,
+            "maxPromptLength": 40,
         },
         "evaluation": {"gpus": 0, "maxNewTokens": 12},
         "storage": {"uri": storage_uri},
         "failurePolicy": {"maxRetries": 0},
-    }  # fmt: skip
+    }
     for key, value in extra.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return {
@@ -58,9 +65,13 @@ def start(spec_path: Path, cwd: Path, *flags: str) -> subprocess.Popen[str]:
     # CPU is shared (measured: 10x slower generation with 2 threads on a busy 2-core machine)
     env = {**os.environ, "SPIN_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        with_default_sigint([SPINCTL, "run", str(spec_path), *flags]), cwd=cwd, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        with_default_sigint([SPINCTL, "run", str(spec_path), *flags]),
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str]:
@@ -77,8 +88,15 @@ def test_one_iteration_on_a_local_folder(
     good = tiny_dataset_path.read_bytes()
     data.write_bytes(b"not json\n" + good + b'{"prompt": "caf\xe9", "response": "x"}\n')
     lines = good.count(b"\n") + 2
-    doc = spinrun("quick", str(tiny_model_dir), str(data), str(tmp_path / "runs"),
-                  iterations=1, training={"epochs": 1}, dataset={"maxSamples": 32, "evalSamples": 8})  # fmt: skip
+    doc = spinrun(
+        "quick",
+        str(tiny_model_dir),
+        str(data),
+        str(tmp_path / "runs"),
+        iterations=1,
+        training={"epochs": 1},
+        dataset={"maxSamples": 32, "evalSamples": 8},
+    )
     spec_path = tmp_path / "quick.yaml"
     spec_path.write_text(yaml.safe_dump(doc))
     code, out = finish(start(spec_path, tmp_path))
@@ -105,8 +123,12 @@ def test_one_iteration_on_a_local_folder(
         and "not JSON ×1 (line 1)" in out
     )
     status = json.loads((prefix / ".local-status.json").read_text())["status"]
-    assert status["dataset"] == {"rows": lines, "usable": lines - 2, "skipped": 2,
-                                 "skippedByReason": {"not JSON": 1, "not UTF-8": 1}}  # fmt: skip
+    assert status["dataset"] == {
+        "rows": lines,
+        "usable": lines - 2,
+        "skipped": 2,
+        "skippedByReason": {"not JSON": 1, "not UTF-8": 1},
+    }
     parent = next(r for r in runs if r.info.run_name == "quick")
     (sft,) = [i.dataset for i in parent.inputs.dataset_inputs if i.dataset.name == "sft"]
     profile = json.loads(sft.profile)
@@ -145,17 +167,30 @@ def _created(uri: str) -> str:
 
 @pytest.mark.slow
 def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
-    tmp_path: Path, s3_bucket: str, moto_server: str, mlflow_server: MlflowServer,
-    tiny_model_dir: Path, tiny_dataset_path: Path,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    s3_bucket: str,
+    moto_server: str,
+    mlflow_server: MlflowServer,
+    tiny_model_dir: Path,
+    tiny_dataset_path: Path,
+) -> None:
     from mlflow.tracking import MlflowClient
 
     dataset = storage.join(s3_bucket, "data", "task.jsonl")
     storage.upload_file(tiny_dataset_path, dataset)
     name, experiment = "e2e-local", f"local-{uuid.uuid4().hex[:8]}"
-    doc = spinrun(name, str(tiny_model_dir), dataset, storage.join(s3_bucket, "runs"),
-                  storage={"endpoint": moto_server, "region": "us-east-1"},
-                  tracking={"uri": mlflow_server.uri, "experiment": experiment, "registeredModel": experiment})  # fmt: skip
+    doc = spinrun(
+        name,
+        str(tiny_model_dir),
+        dataset,
+        storage.join(s3_bucket, "runs"),
+        storage={"endpoint": moto_server, "region": "us-east-1"},
+        tracking={
+            "uri": mlflow_server.uri,
+            "experiment": experiment,
+            "registeredModel": experiment,
+        },
+    )
     spec_path = tmp_path / "spinrun.yaml"
     spec_path.write_text(yaml.safe_dump(doc))
     prefix = storage.join(s3_bucket, "runs", "default", name)
@@ -172,8 +207,11 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     assert not manifest.is_complete(storage.join(it0, "model"))
     generated_at = _created(storage.join(it0, "generated", "shard-00000-of-00001.jsonl"))
     logs = tmp_path / ".spin-local" / "default" / name / "logs"
-    assert not [p for p in json.loads(storage.read_text(storage.join(prefix, ".local-status.json")))["groups"]
-                if Path(f"/proc/{p}").exists()]  # fmt: skip
+    assert not [
+        p
+        for p in json.loads(storage.read_text(storage.join(prefix, ".local-status.json")))["groups"]
+        if Path(f"/proc/{p}").exists()
+    ]
 
     # 2. The same command resumes: generation of iteration 0 is not redone, training resumes.
     code, out = finish(start(spec_path, tmp_path))
@@ -201,8 +239,10 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
     assert exp is not None
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.info.run_name == name)
-    nested = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                    key=lambda r: r.info.run_name)  # fmt: skip
+    nested = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: r.info.run_name,
+    )
     assert [r.info.run_name for r in nested] == ["iter-000", "iter-001"] and len(runs) == 3
     assert status["mlflow"]["runId"] == parent.info.run_id
     assert {r.info.status for r in runs} == {"FINISHED"}
@@ -217,7 +257,8 @@ def test_two_iterations_on_s3_and_mlflow_with_an_interrupted_training(
         assert {"loss", "eval_margin", "eval/exact_match", "eval/real_logp_per_token"} <= set(
             r.data.metrics
         )
-    assert "eval/baseline_exact_match" in nested[0].data.metrics
+    # θ0 is the parent's heldout/* step 0 (below), not single-bar eval/baseline_* panels
+    assert not [k for r in nested for k in r.data.metrics if k.startswith("eval/baseline")]
     # Iteration params as docs/mlflow.md lists them: θt's URI, the data trained on, θt+1's checkpoint.
     p1 = nested[1].data.params
     assert p1["model_uri"] == storage.join(prefix, "iter-000", "model")
@@ -255,9 +296,16 @@ def test_control_arm_with_the_real_runtime(
 ) -> None:
     """spec.controlArm through the real runtime: the SFT control trains (same steps as SPIN) and
     is evaluated beside SPIN; status, the CLI table and MLflow compare both arms."""
-    doc = spinrun("ctl", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),
-                  iterations=1, training={"epochs": 1}, dataset={"maxSamples": 32, "evalSamples": 8},
-                  controlArm={"enabled": True})  # fmt: skip
+    doc = spinrun(
+        "ctl",
+        str(tiny_model_dir),
+        str(tiny_dataset_path),
+        str(tmp_path / "runs"),
+        iterations=1,
+        training={"epochs": 1},
+        dataset={"maxSamples": 32, "evalSamples": 8},
+        controlArm={"enabled": True},
+    )
     spec_path = tmp_path / "ctl.yaml"
     spec_path.write_text(yaml.safe_dump(doc))
     code, out = finish(start(spec_path, tmp_path))

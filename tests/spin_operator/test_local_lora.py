@@ -19,10 +19,17 @@ def test_one_lora_iteration_on_a_local_folder(
     tmp_path: Path, tiny_model_dir: Path, tiny_dataset_path: Path
 ) -> None:
     doc = spinrun(
-        "lora", str(tiny_model_dir), str(tiny_dataset_path), str(tmp_path / "runs"),
-        iterations=1, dataset={"maxSamples": 32, "evalSamples": 8},
-        training={"epochs": 1, "peft": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}},
-    )  # fmt: skip
+        "lora",
+        str(tiny_model_dir),
+        str(tiny_dataset_path),
+        str(tmp_path / "runs"),
+        iterations=1,
+        dataset={"maxSamples": 32, "evalSamples": 8},
+        training={
+            "epochs": 1,
+            "peft": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
+        },
+    )
     spec_path = tmp_path / "lora.yaml"
     spec_path.write_text(yaml.safe_dump(doc))
     code, out = finish(start(spec_path, tmp_path))

@@ -201,9 +201,12 @@ sys.exit(LocalRun(load(sys.argv[1], tracking_uri=""), python=sys.argv[2], poll_i
 
 def _start_runner(spec: Path, python: str, tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        with_default_sigint([sys.executable, "-c", RUNNER, str(spec), python]), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        with_default_sigint([sys.executable, "-c", RUNNER, str(spec), python]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
 
 
 def _wait_for_hang(record: Path, runner: subprocess.Popen[str], timeout: float = 60) -> dict:

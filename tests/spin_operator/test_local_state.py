@@ -19,8 +19,12 @@ def status_with(train: api.StepStatus) -> api.SPINRunStatus:
 
 def test_round_trip_and_unreadable_state() -> None:
     spec = api.SPINRunSpec.model_validate({"model": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl"}})
-    state = LocalState(status=status_with(api.StepStatus()), applied_spec=spec,
-                       jobs=[ObservedJob("r-i0-gen", 0, "generate", 0, "Succeeded")], groups=[12])  # fmt: skip
+    state = LocalState(
+        status=status_with(api.StepStatus()),
+        applied_spec=spec,
+        jobs=[ObservedJob("r-i0-gen", 0, "generate", 0, "Succeeded")],
+        groups=[12],
+    )
     again = LocalState.from_json(state.to_json())
     assert again.uid == state.uid and again.status == state.status
     assert again.applied_spec == spec and again.jobs == state.jobs and again.groups == [12]
@@ -29,8 +33,10 @@ def test_round_trip_and_unreadable_state() -> None:
 
 
 def test_an_interrupted_first_attempt_is_set_back_to_not_started() -> None:
-    state = LocalState(status=status_with(api.StepStatus(job_name="r-i0-train", attempts=1, phase="Running")),
-                       jobs=[ObservedJob("r-i0-gen", 0, "generate", 0, "Succeeded")])  # fmt: skip
+    state = LocalState(
+        status=status_with(api.StepStatus(job_name="r-i0-train", attempts=1, phase="Running")),
+        jobs=[ObservedJob("r-i0-gen", 0, "generate", 0, "Succeeded")],
+    )
     assert state.forget_interrupted("r") == ["r-i0-train"]
     train = state.status.iterations[0].train
     assert (train.attempts, train.phase, train.job_name) == (0, "Pending", None)
@@ -39,8 +45,10 @@ def test_an_interrupted_first_attempt_is_set_back_to_not_started() -> None:
 
 def test_an_interrupted_retry_keeps_the_earlier_failed_attempt() -> None:
     failed = ObservedJob("r-i0-train", 0, "train", 0, "Failed", reason="ProcessFailed")
-    state = LocalState(status=status_with(api.StepStatus(job_name="r-i0-train-r1", attempts=2, phase="Pending")),
-                       jobs=[failed])  # fmt: skip
+    state = LocalState(
+        status=status_with(api.StepStatus(job_name="r-i0-train-r1", attempts=2, phase="Pending")),
+        jobs=[failed],
+    )
     assert state.forget_interrupted("r") == ["r-i0-train-r1"]
     train = state.status.iterations[0].train
     assert (train.attempts, train.job_name) == (1, "r-i0-train")

@@ -30,8 +30,16 @@ def _spec_file(tmp_path: Path, rows: int = 120, **spec: Any) -> Path:
     }
     body |= spec
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "selfplay.dev/v1alpha1", "kind": "SPINRun",
-                                    "metadata": {"name": "plan-me", "namespace": "team"}, "spec": body}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "selfplay.dev/v1alpha1",
+                "kind": "SPINRun",
+                "metadata": {"name": "plan-me", "namespace": "team"},
+                "spec": body,
+            }
+        )
+    )
     return path
 
 
@@ -42,8 +50,11 @@ def test_render_prints_the_operators_own_manifests(
     assert main(["render", str(path), "--iteration", "2", "--storage-uri", "s3://bkt/runs"]) == 0
     objects = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
-        ("Job", "plan-me-i2-gen"), ("Service", "plan-me-i2-train"), ("Job", "plan-me-i2-train"), ("Job", "plan-me-i2-eval"),
-    ]  # fmt: skip
+        ("Job", "plan-me-i2-gen"),
+        ("Service", "plan-me-i2-train"),
+        ("Job", "plan-me-i2-train"),
+        ("Job", "plan-me-i2-eval"),
+    ]
     for obj in objects:
         kubernetes_validate.validate(obj, "1.35", strict=True)
     # The same objects the controller renders (same functions, same resolved spec).
@@ -71,13 +82,20 @@ def test_plan_counts_pods_gpus_steps_tokens_and_cost(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _spec_file(
-        tmp_path, rows=120,
+        tmp_path,
+        rows=120,
         generation={"replicas": 4, "gpusPerReplica": 1, "maxNewTokens": 100},
-        training={"gpusPerNode": 2, "globalBatchSize": 16, "epochs": 2, "maxLength": 300, "maxPromptLength": 100},
+        training={
+            "gpusPerNode": 2,
+            "globalBatchSize": 16,
+            "epochs": 2,
+            "maxLength": 300,
+            "maxPromptLength": 100,
+        },
         evaluation={"maxNewTokens": 50},
-    )  # fmt: skip
+    )
     argv = ["plan", str(path), "--gpu-hour-price", "3", "--gen-tokens-per-gpu-second", "1000",
-            "--train-tokens-per-gpu-second", "500", "--eval-tokens-per-gpu-second", "100"]  # fmt: skip
+            "--train-tokens-per-gpu-second", "500", "--eval-tokens-per-gpu-second", "100"]  # fmt: skip # argv: a flag beside its value
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = {
@@ -109,8 +127,12 @@ def test_plan_counts_pods_gpus_steps_tokens_and_cost(
 def test_plan_of_a_cpu_run_costs_no_gpu_hours(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _spec_file(tmp_path, generation={"gpusPerReplica": 0, "backend": "transformers"},
-                      training={"gpusPerNode": 0}, evaluation={"gpus": 0})  # fmt: skip
+    path = _spec_file(
+        tmp_path,
+        generation={"gpusPerReplica": 0, "backend": "transformers"},
+        training={"gpusPerNode": 0},
+        evaluation={"gpus": 0},
+    )
     assert main(["plan", str(path), "--gpu-hour-price", "2"]) == 0
     assert "cost: 0.00 at 2 per GPU-hour" in capsys.readouterr().out
 

@@ -26,14 +26,23 @@ POD: dict[str, Any] = {
         {"name": "NCCL_DEBUG", "value": "INFO"},
     ],
     "imagePullSecrets": [{"name": "registry"}],
-    "volumes": [{"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}],
+    "volumes": [
+        {"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}
+    ],
     "volumeMounts": [{"name": "datasets", "mountPath": "/data", "readOnly": True}],
     "modelCache": {"claimName": "hf-cache", "subPath": "spin"},
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}
+                ]
+            }
+        }
+    },
     "labels": {"team": "nlp", "cost-center.example.com/id": "42"},
     "annotations": {"example.com/owner": "alice"},
-}  # fmt: skip
+}
 
 
 def _spec(
@@ -190,8 +199,11 @@ def _settings(templates: Any = TEMPLATES) -> Settings:
 
 
 def test_the_default_template_applies_and_allowed_fields_merge() -> None:
-    spec = _spec({"env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "labels": {"team": "nlp"}}, _settings(),
-                 scheduling={"tolerations": [{"key": "spot", "operator": "Exists"}]})  # fmt: skip
+    spec = _spec(
+        {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "labels": {"team": "nlp"}},
+        _settings(),
+        scheduling={"tolerations": [{"key": "spot", "operator": "Exists"}]},
+    )
     assert spec.pod.template == "gpu-a100"
     assert [(e.name, e.value) for e in spec.pod.env] == [
         ("NCCL_IB_DISABLE", "1"),

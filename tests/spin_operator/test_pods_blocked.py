@@ -112,9 +112,16 @@ def test_no_condition_at_all_while_nothing_was_ever_blocked() -> None:
     assert get_condition(w.status.conditions, "PodsBlocked") is None
 
 
-@pytest.mark.parametrize(("timeout", "waited", "fails"), [
-    (3600, 3599, False), (3600, 3601, True), (60, 61, True), (60, 60, False), (0, 10**6, False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("timeout", "waited", "fails"),
+    [
+        (3600, 3599, False),
+        (3600, 3601, True),
+        (60, 61, True),
+        (60, 60, False),
+        (0, 10**6, False),
+    ],
+)
 def test_pending_timeout_fails_the_step_with_the_cause(
     timeout: int, waited: int, fails: bool
 ) -> None:
@@ -194,19 +201,31 @@ def test_blocked_control_arm_steps_are_both_reported() -> None:
 
 def job(name: str = "run-i0-gen", **status: Any) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z",
-                     "labels": {"selfplay.dev/iteration": "0", "selfplay.dev/attempt": "0", "selfplay.dev/stage": "generate"}},
+        "metadata": {
+            "name": name,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {
+                "selfplay.dev/iteration": "0",
+                "selfplay.dev/attempt": "0",
+                "selfplay.dev/stage": "generate",
+            },
+        },
         "spec": {"parallelism": 2, "completions": 2},
         "status": {"startTime": "2026-01-01T00:00:01Z", **status},
-    }  # fmt: skip
+    }
 
 
 def pod(
     name: str, phase: str = "Pending", job_name: str = "run-i0-gen", **status: Any
 ) -> dict[str, Any]:
-    return {"metadata": {"name": name, "creationTimestamp": f"2026-01-01T00:00:0{name[-1]}Z",
-                         "labels": {"batch.kubernetes.io/job-name": job_name}},
-            "status": {"phase": phase, **status}}  # fmt: skip
+    return {
+        "metadata": {
+            "name": name,
+            "creationTimestamp": f"2026-01-01T00:00:0{name[-1]}Z",
+            "labels": {"batch.kubernetes.io/job-name": job_name},
+        },
+        "status": {"phase": phase, **status},
+    }
 
 
 def waiting(reason: str, message: str) -> dict[str, Any]:
@@ -220,8 +239,14 @@ def waiting(reason: str, message: str) -> dict[str, Any]:
 def failed_create(
     message: str, name: str = "run-i0-gen", at: str = "2026-01-01T00:00:05Z"
 ) -> dict[str, Any]:
-    return {"type": "Warning", "reason": "FailedCreate", "message": message, "firstTimestamp": at, "lastTimestamp": at,
-            "involvedObject": {"kind": "Job", "name": name}}  # fmt: skip
+    return {
+        "type": "Warning",
+        "reason": "FailedCreate",
+        "message": message,
+        "firstTimestamp": at,
+        "lastTimestamp": at,
+        "involvedObject": {"kind": "Job", "name": name},
+    }
 
 
 @pytest.mark.parametrize(
@@ -273,8 +298,12 @@ def test_unschedulable_pod() -> None:
 
 
 def test_failed_create_when_pods_are_missing_latest_event_wins() -> None:
-    events = [failed_create("old quota", at="2026-01-01T00:00:03Z"), failed_create("violates PodSecurity", at="2026-01-01T00:00:09Z"),
-              failed_create("other job", name="other"), {**failed_create("normal"), "type": "Normal"}]  # fmt: skip
+    events = [
+        failed_create("old quota", at="2026-01-01T00:00:03Z"),
+        failed_create("violates PodSecurity", at="2026-01-01T00:00:09Z"),
+        failed_create("other job", name="other"),
+        {**failed_create("normal"), "type": "Normal"},
+    ]
     b = pod_blockage(job(), [], events)
     # never had a pod: it has waited since the Job started, however many refusals (Events) came
     assert b == Blockage("FailedCreate", "violates PodSecurity", "2026-01-01T00:00:01Z")
@@ -282,8 +311,11 @@ def test_failed_create_when_pods_are_missing_latest_event_wins() -> None:
 
 def test_failed_create_after_some_pods_got_in_waits_since_the_first_later_refusal() -> None:
     running = pod("p-1", "Running")  # created 00:00:01
-    events = [failed_create("before", at="2026-01-01T00:00:00Z"), failed_create("quota", at="2026-01-01T00:00:07Z"),
-              failed_create("quota again", at="2026-01-01T00:00:30Z")]  # fmt: skip
+    events = [
+        failed_create("before", at="2026-01-01T00:00:00Z"),
+        failed_create("quota", at="2026-01-01T00:00:07Z"),
+        failed_create("quota again", at="2026-01-01T00:00:30Z"),
+    ]
     b = pod_blockage(job(active=1), [running], events)
     assert b == Blockage("FailedCreate", "quota again", "2026-01-01T00:00:07Z")
 
@@ -306,11 +338,17 @@ def test_other_jobs_pods_and_finished_pods_do_not_count() -> None:
     assert b == Blockage()
 
 
-@pytest.mark.parametrize(("status", "starting"), [
-    ({}, True), ({"active": 2, "ready": 0}, True), ({"active": 2, "ready": 1}, True), ({"active": 2, "ready": 2}, False),
-    ({"active": 1, "ready": 1, "succeeded": 1}, False),
-    ({"conditions": [{"type": "Complete", "status": "True"}]}, False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("status", "starting"),
+    [
+        ({}, True),
+        ({"active": 2, "ready": 0}, True),
+        ({"active": 2, "ready": 1}, True),
+        ({"active": 2, "ready": 2}, False),
+        ({"active": 1, "ready": 1, "succeeded": 1}, False),
+        ({"conditions": [{"type": "Complete", "status": "True"}]}, False),
+    ],
+)
 def test_which_jobs_are_worth_a_look(status: dict[str, Any], starting: bool) -> None:
     observed = job_state(job(**status))
     assert observed is not None and observed.starting is starting

@@ -69,19 +69,34 @@ def test_refused_naming_the_field(extra: dict[str, Any], path: str) -> None:
 
 
 def test_allow_lists_global_and_per_namespace() -> None:
-    policy = Policy.parse(json.dumps({
-        "serviceAccounts": ["spin-jobs"],
-        "namespaces": {"team-a": {"storagePrefixes": ["s3://team-a-models"], "s3Endpoints": ["https://s3.team-a.example"],
-                                  "trackingUris": ["http://mlflow.team-a:5000"], "registeredModels": ["chat-prod"]}},
-    }))  # fmt: skip
+    policy = Policy.parse(
+        json.dumps(
+            {
+                "serviceAccounts": ["spin-jobs"],
+                "namespaces": {
+                    "team-a": {
+                        "storagePrefixes": ["s3://team-a-models"],
+                        "s3Endpoints": ["https://s3.team-a.example"],
+                        "trackingUris": ["http://mlflow.team-a:5000"],
+                        "registeredModels": ["chat-prod"],
+                    }
+                },
+            }
+        )
+    )
     settings = Settings(**{**SETTINGS.__dict__, "security": policy})
-    own = {"storage": {"uri": "s3://team-a-models/runs", "endpoint": "https://s3.team-a.example/"},
-           "tracking": {"uri": "http://mlflow.team-a:5000", "registeredModel": "chat-prod"},
-           "scheduling": {"serviceAccountName": "spin-jobs"}}  # fmt: skip
+    own = {
+        "storage": {"uri": "s3://team-a-models/runs", "endpoint": "https://s3.team-a.example/"},
+        "tracking": {"uri": "http://mlflow.team-a:5000", "registeredModel": "chat-prod"},
+        "scheduling": {"serviceAccountName": "spin-jobs"},
+    }
     assert refused(own, settings) == []
     assert refused(own, settings, namespace="team-b") == [
-        "spec.storage.endpoint", "spec.storage.uri", "spec.tracking.registeredModel", "spec.tracking.uri",
-    ]  # fmt: skip
+        "spec.storage.endpoint",
+        "spec.storage.uri",
+        "spec.tracking.registeredModel",
+        "spec.tracking.uri",
+    ]
 
 
 def test_a_pod_templates_service_account_is_the_admins() -> None:

@@ -280,9 +280,12 @@ def test_pod_security_context() -> None:
         plan_step(make({}), SETTINGS, RUN, 0, "generate"), make({}), RUN, run_owner(RUN)
     )
     assert job["spec"]["template"]["spec"]["securityContext"] == {
-        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
         "seccompProfile": {"type": "RuntimeDefault"},
-    }  # fmt: skip
+    }
     assert container(job)["securityContext"]["allowPrivilegeEscalation"] is False
 
 

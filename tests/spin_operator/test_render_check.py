@@ -52,8 +52,20 @@ def test_the_check_job_is_valid_restricted_and_has_no_gpu(variant: str) -> None:
 
 
 def test_the_check_runs_the_runtime_check_with_generations_dataset_and_model_flags() -> None:
-    spec = make({"model": {"uri": "s3://models/sft", "tokenizer": "s3://tok-bkt/x", "chatTemplate": "s3://tpl-bkt/c.jinja"},
-                 "dataset": {"uri": "s3://data/sft.jsonl", "evalSamples": 16, "maxSkippedFraction": 0.05}})  # fmt: skip
+    spec = make(
+        {
+            "model": {
+                "uri": "s3://models/sft",
+                "tokenizer": "s3://tok-bkt/x",
+                "chatTemplate": "s3://tpl-bkt/c.jinja",
+            },
+            "dataset": {
+                "uri": "s3://data/sft.jsonl",
+                "evalSamples": 16,
+                "maxSkippedFraction": 0.05,
+            },
+        }
+    )
     job = check_job(spec)
     assert job["metadata"]["name"] == "paper-i0-check"
     parsed = parse_job_name("paper-i0-check")
@@ -69,8 +81,15 @@ def test_the_check_runs_the_runtime_check_with_generations_dataset_and_model_fla
     def flags(args: Any, names: tuple[str, ...]) -> dict[str, str]:
         return {a: args[i + 1] for i, a in enumerate(args) if a in names}
 
-    shared = ("--model", "--tokenizer", "--chat-template", "--dataset", "--eval-samples",
-              "--seed", "--max-skipped-fraction")  # fmt: skip
+    shared = (
+        "--model",
+        "--tokenizer",
+        "--chat-template",
+        "--dataset",
+        "--eval-samples",
+        "--seed",
+        "--max-skipped-fraction",
+    )
     assert flags(argv, shared) == flags(list(gen), shared)
     assert flags(argv, ("--output",)) == {
         "--output": "s3://bkt/runs/team/paper/iter-000/check/report.json"
@@ -93,8 +112,14 @@ def test_check_resources_default_modest_and_come_from_the_spec() -> None:
         "limits": dict(CHECK_RESOURCES.limits),
     }
     assert CHECK_RESOURCES.requests == {"cpu": "500m", "memory": "1Gi"}
-    mine = make({"dataset": {"uri": "s3://data/sft.jsonl",
-                             "checkResources": {"requests": {"memory": "16Gi"}, "limits": {"memory": "32Gi"}}}})  # fmt: skip
+    mine = make(
+        {
+            "dataset": {
+                "uri": "s3://data/sft.jsonl",
+                "checkResources": {"requests": {"memory": "16Gi"}, "limits": {"memory": "32Gi"}},
+            }
+        }
+    )
     assert container(check_job(mine))["resources"] == {
         "requests": {"memory": "16Gi", "ephemeral-storage": "1Gi"},
         "limits": {"memory": "32Gi"},

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from spin_operator import resync
 from spin_operator.controller import Controller
+from spin_operator.kube import Kube
 from tests.spin_operator.operator_harness import NS, SPINRUNS, Cluster, OperatorProcess, spinrun
 from tests.support.k8s_emulator import running_api
 
@@ -98,9 +98,7 @@ class PagedKube:
 
 async def test_lists_are_paged_with_the_label_selector() -> None:
     kube = PagedKube([{"metadata": {"name": f"j{i}"}} for i in range(7)])
-    names = [
-        i["metadata"]["name"] async for i in resync.list_pages(kube, "/x", selector="a=b", chunk=3)
-    ]  # type: ignore[arg-type]
+    names = [i["metadata"]["name"] async for i in Kube.pages(kube, "/x", selector="a=b", chunk=3)]  # type: ignore[arg-type]
     assert names == [f"j{i}" for i in range(7)]
     assert [c.get("continue") for c in kube.calls] == [None, "3", "6"]
     assert all(c["limit"] == "3" and c["labelSelector"] == "a=b" for c in kube.calls)

@@ -126,9 +126,13 @@ async def test_author_endpoints_get_no_operator_credential(
     assert failed["reason"] == "InvalidSpec"
     fields = re.findall(r"(?:^|; )(spec\.[A-Za-z.]+):", failed["message"])
     assert fields == [
-        "spec.scheduling.serviceAccountName", "spec.storage.endpoint", "spec.storage.uri",
-        "spec.tracking.experiment", "spec.tracking.registeredModel", "spec.tracking.uri",
-    ], failed["message"]  # fmt: skip
+        "spec.scheduling.serviceAccountName",
+        "spec.storage.endpoint",
+        "spec.storage.uri",
+        "spec.tracking.experiment",
+        "spec.tracking.registeredModel",
+        "spec.tracking.uri",
+    ], failed["message"]
     assert await cluster.jobs("borrow") == []
     assert capture.requests == [], "the author's endpoint was contacted at all"
 
@@ -136,11 +140,22 @@ async def test_author_endpoints_get_no_operator_credential(
 async def test_allow_listed_endpoints_do_get_them(cluster: Cluster, capture: Capture) -> None:
     """Control: once the admin lists the capture server, the operator talks to it with its own
     credentials (so the test above would see them if the refusal were missing)."""
-    policy = Policy.parse(json.dumps({
-        "s3Endpoints": [capture.url], "trackingUris": [capture.url],
-        "namespaces": {NS: {"storagePrefixes": ["s3://corp-models"], "serviceAccounts": ["cluster-admin-bot"],
-                            "experiments": ["team-b"], "registeredModels": ["team-b.prod-chat"]}},
-    }))  # fmt: skip
+    policy = Policy.parse(
+        json.dumps(
+            {
+                "s3Endpoints": [capture.url],
+                "trackingUris": [capture.url],
+                "namespaces": {
+                    NS: {
+                        "storagePrefixes": ["s3://corp-models"],
+                        "serviceAccounts": ["cluster-admin-bot"],
+                        "experiments": ["team-b"],
+                        "registeredModels": ["team-b.prod-chat"],
+                    }
+                },
+            }
+        )
+    )
     op = await OperatorProcess(cluster.settings(security=policy)).start()
     try:
         spec = _author_spec(capture)

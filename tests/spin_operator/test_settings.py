@@ -16,12 +16,21 @@ def test_defaults() -> None:
 
 
 def test_values() -> None:
-    s = Settings.from_env({
-        "SPIN_NAMESPACES": " team-a, team-b ,", "SPIN_RUNTIME_IMAGE": "img:1", "SPIN_STORAGE_URI": "s3://bkt/p",
-        "SPIN_S3_ENDPOINT": "http://minio:9000", "SPIN_S3_REGION": "eu-1", "SPIN_S3_SECRET": "s3",
-        "SPIN_MLFLOW_URI": "http://mlflow:5000", "SPIN_MLFLOW_SECRET": "ml", "SPIN_LOG_LEVEL": "debug",
-        "SPIN_METRICS_PORT": "9100", "SPIN_HEALTH_PORT": "0",
-    })  # fmt: skip
+    s = Settings.from_env(
+        {
+            "SPIN_NAMESPACES": " team-a, team-b ,",
+            "SPIN_RUNTIME_IMAGE": "img:1",
+            "SPIN_STORAGE_URI": "s3://bkt/p",
+            "SPIN_S3_ENDPOINT": "http://minio:9000",
+            "SPIN_S3_REGION": "eu-1",
+            "SPIN_S3_SECRET": "s3",
+            "SPIN_MLFLOW_URI": "http://mlflow:5000",
+            "SPIN_MLFLOW_SECRET": "ml",
+            "SPIN_LOG_LEVEL": "debug",
+            "SPIN_METRICS_PORT": "9100",
+            "SPIN_HEALTH_PORT": "0",
+        }
+    )
     assert s.namespaces == ("team-a", "team-b") and not s.clusterwide
     assert (s.storage_uri, s.s3_secret, s.mlflow_uri, s.log_level) == (
         "s3://bkt/p",
@@ -43,9 +52,15 @@ def test_watch_settings() -> None:
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("SPIN_METRICS_PORT", "abc"), ("SPIN_HEALTH_PORT", "70000"), ("SPIN_LOG_LEVEL", "LOUD"),
-     ("SPIN_RESYNC_SECONDS", "-1"), ("SPIN_RESYNC_SECONDS", "5m"), ("SPIN_LIST_CHUNK_SIZE", "0")],
-)  # fmt: skip
+    [
+        ("SPIN_METRICS_PORT", "abc"),
+        ("SPIN_HEALTH_PORT", "70000"),
+        ("SPIN_LOG_LEVEL", "LOUD"),
+        ("SPIN_RESYNC_SECONDS", "-1"),
+        ("SPIN_RESYNC_SECONDS", "5m"),
+        ("SPIN_LIST_CHUNK_SIZE", "0"),
+    ],
+)
 def test_bad_values_name_the_variable(var: str, value: str) -> None:
     with pytest.raises(SettingsError, match=var):
         Settings.from_env({var: value})

@@ -96,9 +96,11 @@ def test_train_plan_is_torchrun_with_rendezvous() -> None:
     assert p.job_name == "paper-i1-train-r2"
     assert p.argv[:4] == ("torchrun", "-m", "spin_runtime", "train")
     assert {k: v for k, v in p.env.items() if k.startswith("PET_")} == {
-        "PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "PET_MASTER_PORT": "29500",
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "8",
+        "PET_MASTER_PORT": "29500",
         "PET_MASTER_ADDR": "paper-i1-train-r2-0.paper-i1-train-r2",
-    }  # fmt: skip
+    }
     data = [p.argv[i + 1] for i, a in enumerate(p.argv) if a == "--data"]
     assert data == [f"{R}/iter-001/generated", f"{R}/iter-000/generated"]
     assert flag(p.argv, "--beta") == "5.0" and flag(p.argv, "--work-dir") == f"{R}/iter-001/train"
@@ -175,12 +177,17 @@ def test_env_and_secret_references_never_values() -> None:
     )
     p = plan_step(spec, SETTINGS, RUN, 0, "train", mlflow_run_id="abc")
     assert p.env == {
-        "SPIN_CACHE_DIR": "/var/cache/spin", "AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_REGION": "eu-1",
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_RUN_ID": "abc",
+        "SPIN_CACHE_DIR": "/var/cache/spin",
+        "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+        "AWS_REGION": "eu-1",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_RUN_ID": "abc",
         "SPIN_TRACKING_SPOOL_DIR": f"{R}/iter-000/tracking-spool",
-        "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_MASTER_PORT": "29500",
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_MASTER_PORT": "29500",
         "PET_MASTER_ADDR": "paper-i0-train-0.paper-i0-train",
-    }  # fmt: skip
+    }
     assert p.secret_env["AWS_ACCESS_KEY_ID"] == SecretKey("s3", "id")
     assert p.secret_env["AWS_SECRET_ACCESS_KEY"] == SecretKey("s3", "AWS_SECRET_ACCESS_KEY")
     assert p.secret_env["MLFLOW_TRACKING_TOKEN"] == SecretKey(

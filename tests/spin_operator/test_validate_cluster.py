@@ -16,8 +16,10 @@ def validate(tmp_path: Path, *flags: str, **spec: object) -> subprocess.Complete
     path.write_text(yaml.safe_dump(spin_object(**spec)))
     return subprocess.run(
         [sys.executable, "-m", "spin_operator.cli", "validate", *flags, str(path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_local_tracking_store_fails_only_with_cluster(tmp_path: Path) -> None:

@@ -83,11 +83,18 @@ def _qwen3_next() -> Any:
     from transformers import Qwen3NextConfig
 
     return Qwen3NextConfig(
-        **SMALL, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2,
-        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1,
-        moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        **SMALL,
+        head_dim=8,
+        linear_num_value_heads=2,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
         layer_types=["linear_attention", "full_attention"],
-    )  # fmt: skip
+    )
 
 
 def _jamba() -> Any:
@@ -95,10 +102,19 @@ def _jamba() -> Any:
 
     # layer 0 Mamba (the slow PyTorch scan: no mamba_ssm here), layer 1 attention + MoE
     return JambaConfig(
-        **SMALL, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-        expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=8,
-        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False,
-    )  # fmt: skip
+        **SMALL,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=2,
+        num_experts_per_tok=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=4,
+        use_mamba_kernels=False,
+    )
 
 
 # name -> (config factory, prompt sharing expected, why it is refused: text in the reason)
@@ -129,7 +145,7 @@ MATRIX: dict[str, tuple[Callable[[], Any], bool, str]] = {
 }
 #: Layouts that would be wrong here: refusing them must be backed by a real, measured error.
 WRONG_WHEN_SHARED = {"mistral-window4", "qwen2-sliding", "gemma3-window4", "falcon-h1", "lfm2",
-                     "qwen3-next", "jamba"}  # fmt: skip
+                     "qwen3-next", "jamba"}  # fmt: skip # a word list, packed
 
 
 def make_model(name: str) -> Any:

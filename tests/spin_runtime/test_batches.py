@@ -40,8 +40,12 @@ def test_pairs_use_shared_formatting_and_keep_order(tokenizer):
     pairs = batches.build_pairs([current, previous], ["cur", "prev"], tokenizer, 64, 32)
     # one pair per (train prompt, data dir); eval pairs come from the current dir only
     assert [(p.source, p.id) for p in pairs.train] == [
-        (0, "0"), (0, "1"), (0, "3"), (1, "0"), (1, "1"),
-    ]  # fmt: skip
+        (0, "0"),
+        (0, "1"),
+        (0, "3"),
+        (1, "0"),
+        (1, "1"),
+    ]
     assert [(p.source, p.id) for p in pairs.eval] == [(0, "2")]
     assert [p.index for p in pairs.all] == list(range(6))
     assert pairs.per_source == [4, 2]

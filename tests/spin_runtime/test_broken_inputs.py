@@ -585,8 +585,12 @@ def test_check_cli_reports_and_exits_2_with_the_cause_first(model: Path, tmp_pat
         "--dataset",
         str(data_path),
     ]
-    ok = subprocess.run([*argv, "--max-skipped-fraction", "0.5", "--output", str(tmp_path / "report.json")],
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    ok = subprocess.run(
+        [*argv, "--max-skipped-fraction", "0.5", "--output", str(tmp_path / "report.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     doc = json.loads(ok.stdout)
     assert doc["ok"] and doc["dataset"]["skippedByReason"] == {

@@ -24,7 +24,7 @@ def argv(model: Path, dataset: Path, output: Path, *extra: str) -> list[str]:
         "generate", "--model", str(model), "--dataset", str(dataset), "--output", str(output),
         "--eval-samples", str(EVAL), "--max-samples", str(TRAIN), "--max-new-tokens", "6",
         "--seed", "3", *extra,
-    ]  # fmt: skip
+    ]  # fmt: skip # argv: a flag beside its value
 
 
 def test_cli_end_to_end_in_a_subprocess(tiny_model_dir, tiny_dataset_path, tmp_path) -> None:
@@ -137,8 +137,19 @@ def test_shards_together_are_the_unsharded_selection(
 ) -> None:
     out = tmp_path / "generated"
     for i in range(3):
-        code = cli.main(argv(tiny_model_dir, tiny_dataset_path, out, "--temperature", "0",
-                             "--shard-index", str(i), "--num-shards", "3"))  # fmt: skip
+        code = cli.main(
+            argv(
+                tiny_model_dir,
+                tiny_dataset_path,
+                out,
+                "--temperature",
+                "0",
+                "--shard-index",
+                str(i),
+                "--num-shards",
+                "3",
+            )
+        )
         assert code == 0
     sharded = records.read_generated(str(out))
     assert (
@@ -169,8 +180,9 @@ def test_shard_from_environment(tiny_model_dir, tiny_dataset_path, tmp_path, mon
     monkeypatch.setenv("SPIN_NUM_SHARDS", "4")
     assert cli.main(argv(tiny_model_dir, tiny_dataset_path, tmp_path)) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "shard-00001-of-00004.jsonl", "shard-00001-of-00004.manifest.json",
-    ]  # fmt: skip
+        "shard-00001-of-00004.jsonl",
+        "shard-00001-of-00004.manifest.json",
+    ]
     status = records.shard_status(str(tmp_path))
     assert (status.complete, status.missing) == ([1], [0, 2, 3])
 
@@ -223,8 +235,19 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(tiny_model_dir
     rows.append({"prompt": "   ", "response": "x"})  # empty prompt: skipped by the reader
     dataset = tiny.write_jsonl(rows, tmp_path / "d.jsonl")
     out = tmp_path / "generated"
-    code = cli.main(["generate", "--model", str(tiny_model_dir), "--dataset", str(dataset),
-                     "--output", str(out), "--max-new-tokens", "4"])  # fmt: skip
+    code = cli.main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(dataset),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     assert code == 0
     recs = records.read_generated(str(out))
     assert sorted(r["id"] for r in recs) == list(range(10))
@@ -319,8 +342,18 @@ def test_everything_on_s3(
     assert list((tmp_path / "cache").iterdir())  # the model came through the cache
 
     local = tmp_path / "local"
-    code = cli.main(["generate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_path),
-                     "--output", str(local), *flags])  # fmt: skip
+    code = cli.main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(tiny_dataset_path),
+            "--output",
+            str(local),
+            *flags,
+        ]
+    )
     assert code == 0
     assert [r["generated"] for r in records.read_generated(str(local))] == [
         r["generated"] for r in recs

@@ -21,7 +21,7 @@ def test_shard_metrics_reach_mlflow(
     out = tmp_path / "generated"
     args = ["generate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_path),
             "--output", str(out), "--eval-samples", "2", "--max-samples", "6",
-            "--max-new-tokens", "4", "--num-shards", "2"]  # fmt: skip
+            "--max-new-tokens", "4", "--num-shards", "2"]  # fmt: skip # argv: a flag beside its value
     assert cli.main([*args, "--shard-index", "1"]) == 0
 
     stats = manifest.read_manifest(str(out / "shard-00001-of-00002.jsonl")).meta["stats"]  # type: ignore[union-attr]

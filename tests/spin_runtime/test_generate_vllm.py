@@ -52,8 +52,16 @@ def vllm_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def vllm_run(tiny_varied_model_dir: Path, tiny_dataset_path: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("vllm") / "generated"
-    cmd = [str(VLLM_PYTHON), str(WORKER), str(tiny_varied_model_dir), str(tiny_dataset_path),
-           str(out), str(EVAL), str(TRAIN), str(MAX_NEW)]  # fmt: skip
+    cmd = [
+        str(VLLM_PYTHON),
+        str(WORKER),
+        str(tiny_varied_model_dir),
+        str(tiny_dataset_path),
+        str(out),
+        str(EVAL),
+        str(TRAIN),
+        str(MAX_NEW),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=vllm_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -29,8 +29,13 @@ def test_gpu_check_runs_tiny_on_the_cpu():
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(
         [sys.executable, "-c", WITHOUT_LIGHT_DEPS, str(REPO / "benchmarks" / "gpu_check.py")],
-        env=env, capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=REPO,
+    )
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     assert len(lines) == 1  # ONE JSON line; the trainer's metrics go to stderr
@@ -43,8 +48,12 @@ def test_gpu_check_runs_tiny_on_the_cpu():
         assert row["peak_mem_gb"] is None  # GPU memory only
     strategies = {name: result[name]["strategy"] for name in CONTENDERS[:5]}
     assert strategies == {
-        "spin": "none", "spin_gc": "none", "spin_ddp": "ddp", "spin_fsdp": "fsdp", "lora": "none"
-    }  # fmt: skip
+        "spin": "none",
+        "spin_gc": "none",
+        "spin_ddp": "ddp",
+        "spin_fsdp": "fsdp",
+        "lora": "none",
+    }
     # bf16 autocast on the CPU: θt's reference pass and the first step batch alike
     for name in ("spin", "spin_gc", "spin_ddp", "spin_fsdp", "lora"):
         assert abs(result[name]["first_loss_minus_ln2"]) < 1e-3, name

@@ -15,13 +15,26 @@ META = {"iteration": 0, "model": "m", "dataset": "d", "selection": {"seed": 0}, 
 
 def _record(i: int, split: str = "train") -> dict:
     return {
-        "id": i, "split": split, "system": None, "prompt": f"q{i}", "real": f"a{i}",
-        "generated": f"g{i}", "finish_reason": "stop", "num_generated_tokens": 1, "iteration": 0,
-    }  # fmt: skip
+        "id": i,
+        "split": split,
+        "system": None,
+        "prompt": f"q{i}",
+        "real": f"a{i}",
+        "generated": f"g{i}",
+        "finish_reason": "stop",
+        "num_generated_tokens": 1,
+        "iteration": 0,
+    }
 
 
-def write_shard(folder: str, index: int, n: int, recs: list[dict], meta: dict | None = None,
-                with_manifest: bool = True) -> str:  # fmt: skip
+def write_shard(
+    folder: str,
+    index: int,
+    n: int,
+    recs: list[dict],
+    meta: dict | None = None,
+    with_manifest: bool = True,
+) -> str:
     uri = f"{folder}/{shard_name(index, n)}"
     text = "".join(json.dumps(r) + "\n" for r in recs)
     local = Path(folder) / f".tmp-{index}"

@@ -32,9 +32,17 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize(
     "uri",
-    ["s3://", "s3://Bad_Bucket/x", "s3://bucket/a//b", "s3://bucket/a/../b", "gs://b/x",
-     "http://host/x", "file://relative/x", ""],
-)  # fmt: skip
+    [
+        "s3://",
+        "s3://Bad_Bucket/x",
+        "s3://bucket/a//b",
+        "s3://bucket/a/../b",
+        "gs://b/x",
+        "http://host/x",
+        "file://relative/x",
+        "",
+    ],
+)
 def test_malformed_uris_name_the_uri(uri: str) -> None:
     with pytest.raises(ValueError) as err:
         storage.read_bytes(uri)

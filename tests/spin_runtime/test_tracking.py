@@ -84,10 +84,13 @@ def test_two_iteration_run_lineage(
         write_iteration_artifacts(run, t, tmp_path)
         it = run.iteration(t)
         params = {
-            "beta": 0.1, "learning_rate": 5e-7, "temperature": 1.0, "top_p": 1.0,
+            "beta": 0.1,
+            "learning_rate": 5e-7,
+            "temperature": 1.0,
+            "top_p": 1.0,
             "model_uri": run.model_for_iteration(t, "hf-org/base-model"),
             "data_uris": run.training_data_for_iteration(t, 1),
-        }  # fmt: skip
+        }
         it_run = tracker.ensure_iteration_run(parent, t, params)
         assert it_run is not None
         with RunLogger(it_run, mlflow_server.uri, policy=FAST) as logger:
@@ -305,11 +308,27 @@ def test_disabled_logger_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_redaction_rules() -> None:
-    for key in ("AWS_SECRET_ACCESS_KEY", "apiKey", "sessionToken", "password", "MLFLOW_TRACKING_TOKEN",
-                "credentials", "private_key", "Authorization", "secretAccessKey"):  # fmt: skip
+    for key in (
+        "AWS_SECRET_ACCESS_KEY",
+        "apiKey",
+        "sessionToken",
+        "password",
+        "MLFLOW_TRACKING_TOKEN",
+        "credentials",
+        "private_key",
+        "Authorization",
+        "secretAccessKey",
+    ):
         assert is_secret_key(key), key
-    for key in ("max_new_tokens", "tokenizer", "num_generated_tokens", "learning_rate", "model_uri",
-                "keyword_filter", "monkey"):  # fmt: skip
+    for key in (
+        "max_new_tokens",
+        "tokenizer",
+        "num_generated_tokens",
+        "learning_rate",
+        "model_uri",
+        "keyword_filter",
+        "monkey",
+    ):
         assert not is_secret_key(key), key
     assert redact({"a": {"token": "x", "n": [1, {"password": "y"}]}, "tokens": 3}) == {
         "a": {"token": REDACTED, "n": [1, {"password": REDACTED}]},
@@ -320,9 +339,17 @@ def test_redaction_rules() -> None:
         redact_text("see https://u:pw@h/x and Bearer abc.def")
         == f"see https://u:{REDACTED}@h/x and Bearer {REDACTED}"
     )
-    assert redact_argv(["--model", "m", "--hf-token", "s", "--api-key=s", "--max-new-tokens", "5"]) == [
-        "--model", "m", "--hf-token", REDACTED, f"--api-key={REDACTED}", "--max-new-tokens", "5",
-    ]  # fmt: skip
+    assert redact_argv(
+        ["--model", "m", "--hf-token", "s", "--api-key=s", "--max-new-tokens", "5"]
+    ) == [
+        "--model",
+        "m",
+        "--hf-token",
+        REDACTED,
+        f"--api-key={REDACTED}",
+        "--max-new-tokens",
+        "5",
+    ]
 
 
 def test_hanging_mlflow_costs_one_timeout_per_cooldown(
@@ -452,3 +479,19 @@ def test_best_alias_loads_with_mlflow_transformers(
     ids = tokenizer(prompt, return_tensors="pt")
     want = tokenizer.decode(model.generate(**ids, max_new_tokens=6, do_sample=False)[0])
     assert pipe(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"] == want
+
+
+def test_heldout_series_is_logged_once_per_model(mlflow_server: MlflowServer) -> None:
+    """θ0 (iteration 0's baseline) at step 0, θt+1 at step t+1; a repeat adds no point."""
+    tracker = Tracker(mlflow_server.uri, policy=FAST)
+    parent = tracker.ensure_parent_run(f"e-{uuid.uuid4().hex[:8]}", "team-a", "heldout", "u2", {})
+    assert parent is not None
+    first = {"score": 0.5, "exact_match": 0.5, "num_examples": 8.0, "baseline/score": 0.25}
+    for _ in range(2):  # an operator restart replays the decision
+        assert tracker.log_heldout(parent, 0, first)
+        assert tracker.log_heldout(parent, 1, {"score": 0.75, "baseline/score": 0.9})
+    client = MlflowClient(mlflow_server.uri)
+    score = sorted((m.step, m.value) for m in client.get_metric_history(parent, "heldout/score"))
+    assert score == [(0, 0.25), (1, 0.5), (2, 0.75)]  # a later iteration's baseline is not θ0
+    assert [m.step for m in client.get_metric_history(parent, "heldout/exact_match")] == [1]
+    assert "heldout/num_examples" not in client.get_run(parent).data.metrics

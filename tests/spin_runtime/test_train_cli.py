@@ -81,9 +81,13 @@ def test_tokenizer_of_another_model(tiny_model_dir, tiny_rows, data, tmp_path, c
 
 def test_global_batch_not_divisible(tiny_model_dir, data, tmp_path, capsys):
     argv = train_argv(
-        tiny_model_dir, [data], tmp_path / "out", tmp_path / "work",
-        global_batch_size=6, micro_batch_size=4,
-    )  # fmt: skip
+        tiny_model_dir,
+        [data],
+        tmp_path / "out",
+        tmp_path / "work",
+        global_batch_size=6,
+        micro_batch_size=4,
+    )
     _fails(argv, capsys, 2, "--global-batch-size 6", "--micro-batch-size 4")
 
 

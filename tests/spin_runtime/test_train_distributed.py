@@ -123,9 +123,12 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(
 @pytest.mark.slow
 def test_a_sigkilled_run_resumes_from_its_last_epoch_checkpoint(tiny_model_dir, data, tmp_path):
     argv = train_argv(
-        tiny_model_dir, [data], tmp_path / "model", tmp_path / "train",
+        tiny_model_dir,
+        [data],
+        tmp_path / "model",
+        tmp_path / "train",
         **{**FLAGS, "epochs": 10, "global_batch_size": 2, "micro_batch_size": 1},
-    )  # fmt: skip
+    )
     cmd = [sys.executable, "-m", "spin_runtime", *argv]
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -58,11 +58,19 @@ def windowed_model(tiny_rows, tmp_path_factory) -> Path:
 
     tokenizer = tiny.train_tokenizer(tiny_rows)
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        sliding_window=4, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=4,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     return _save(tmp_path_factory.mktemp("mistral"), tokenizer, config)
 
 
@@ -125,11 +133,19 @@ def test_hub_id_model_saves_in_its_own_dtype_and_config(tiny_rows, data, tmp_pat
 
     tokenizer = tiny.train_tokenizer(tiny_rows)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        attention_dropout=0.1, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_dropout=0.1,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     source = _save(tmp_path / "src", tokenizer, config, dtype="bfloat16")
     cache = _hub_cache(tmp_path / "hub", "spin-tests/tiny-bf16", source)
     out = tmp_path / "model"
@@ -137,8 +153,13 @@ def test_hub_id_model_saves_in_its_own_dtype_and_config(tiny_rows, data, tmp_pat
     env = {**subprocess_env(), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "spin_runtime", *argv],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     saved = json.loads((out / "config.json").read_text())
     original = json.loads((source / "config.json").read_text())

@@ -108,9 +108,13 @@ def test_output_is_a_complete_hf_checkpoint(trained, tiny_model_dir):
     found = manifest.require_complete(str(out), verify=True)
     assert found.kind == "model"
     assert {
-        "model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json", "MLmodel",
+        "model.safetensors",
+        "config.json",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "MLmodel",
         "components/tokenizer/tokenizer.json",
-    } <= set(found.files)  # fmt: skip
+    } <= set(found.files)
     assert found.meta["iteration"] == 0 and found.meta["steps"] == 14
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -131,9 +135,14 @@ def test_output_is_a_complete_hf_checkpoint(trained, tiny_model_dir):
 
 def test_next_iteration_starts_at_ln2_again(trained, data, tmp_path):
     argv = train_argv(
-        trained / "model", data[:1], tmp_path / "model", tmp_path / "train",
-        epochs=1, iteration=1, **TRAIN_FLAGS,
-    )  # fmt: skip
+        trained / "model",
+        data[:1],
+        tmp_path / "model",
+        tmp_path / "train",
+        epochs=1,
+        iteration=1,
+        **TRAIN_FLAGS,
+    )
     assert run_train(argv) == 0
     first = metrics(tmp_path / "train")[0]
     assert abs(first["loss"] - LN2) < 1e-5
@@ -243,10 +252,18 @@ def test_schedules():
 
 def test_bf16_gradient_checkpointing_and_rmsprop(tiny_model_dir, data, tmp_path):
     argv = train_argv(
-        tiny_model_dir, data[:1], tmp_path / "model", tmp_path / "train", epochs=1,
-        precision="bf16", gradient_checkpointing=True, optimizer="rmsprop",
-        lr_scheduler="linear", warmup_ratio=0.5, **TRAIN_FLAGS,
-    )  # fmt: skip
+        tiny_model_dir,
+        data[:1],
+        tmp_path / "model",
+        tmp_path / "train",
+        epochs=1,
+        precision="bf16",
+        gradient_checkpointing=True,
+        optimizer="rmsprop",
+        lr_scheduler="linear",
+        warmup_ratio=0.5,
+        **TRAIN_FLAGS,
+    )
     assert run_train(argv) == 0
     steps = metrics(tmp_path / "train")
     assert abs(steps[0]["loss"] - LN2) < 1e-3  # bf16: reference and step batch differently

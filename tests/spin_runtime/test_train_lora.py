@@ -162,9 +162,13 @@ def test_two_processes_match_one_process(single, tiny_model_dir, data, tmp_path,
 @pytest.mark.slow  # another full run of ~20-40 s on a busy 2-core machine
 def test_gradient_checkpointing_gives_the_same_lora_run(single, tiny_model_dir, data, tmp_path):
     argv = train_argv(
-        tiny_model_dir, [data], tmp_path / "model", tmp_path / "train",
-        gradient_checkpointing=True, **LORA,
-    )  # fmt: skip
+        tiny_model_dir,
+        [data],
+        tmp_path / "model",
+        tmp_path / "train",
+        gradient_checkpointing=True,
+        **LORA,
+    )
     with one_thread():
         assert run_train(argv) == 0
     for x, y in zip(metrics(single / "train"), metrics(tmp_path / "train"), strict=True):

@@ -128,7 +128,7 @@ def torchrun(nproc: int, argv: Sequence[str], timeout: float = 240) -> subproces
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0",
         "-m", "spin_runtime", *argv,
-    ]  # fmt: skip
+    ]  # fmt: skip # argv: a flag beside its value
     return subprocess.run(
         cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -553,9 +553,14 @@ class Executor:
         try:
             with open(pod.log_path, "ab") as out:
                 pod.proc = subprocess.Popen(
-                    launch.argv, cwd=cwd, env=launch.env, stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
-                )  # fmt: skip
+                    launch.argv,
+                    cwd=cwd,
+                    env=launch.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         except OSError as exc:
             self._start_error(pod, f"failed to start container: {exc}")
             return
@@ -611,9 +616,13 @@ class Executor:
             annotations[INDEX_ANNOTATION] = labels[INDEX_ANNOTATION] = str(pod.index)
             env["JOB_COMPLETION_INDEX"] = str(pod.index)
         context = PodContext(
-            pod.namespace, pod.name, f"{pod.job}-{pod.index}" if pod.index is not None else pod.name,
-            pod.directory, labels, annotations,
-        )  # fmt: skip
+            pod.namespace,
+            pod.name,
+            f"{pod.job}-{pod.index}" if pod.index is not None else pod.name,
+            pod.directory,
+            labels,
+            annotations,
+        )
         spec = template.get("spec") or {}
         return self.kubelet.resolve_container(context, spec, _container(job), env)
 
@@ -680,5 +689,15 @@ def _rule_matches(rule: dict[str, Any], pod: PodRecord) -> bool:
 
 
 def _info(pod: PodRecord) -> PodInfo:
-    return PodInfo(pod.namespace, pod.job, pod.index, pod.name, pod.phase, pod.exit_code, pod.reason,
-                   tuple(pod.argv), pod.log_path, dict(pod.env))  # fmt: skip
+    return PodInfo(
+        pod.namespace,
+        pod.job,
+        pod.index,
+        pod.name,
+        pod.phase,
+        pod.exit_code,
+        pod.reason,
+        tuple(pod.argv),
+        pod.log_path,
+        dict(pod.env),
+    )

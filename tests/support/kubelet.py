@@ -470,10 +470,15 @@ class Kubelet:
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": labels,
-                         "annotations": annotations, "ownerReferences": [owner]},
+            "metadata": {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [owner],
+            },
             "spec": spec,
-        }  # fmt: skip
+        }
         try:
             self.api.request("POST", f"/api/v1/namespaces/{pod.namespace}/pods", body)
         except ApiError as exc:
@@ -490,8 +495,15 @@ class Kubelet:
         elif pod.phase == "Running":
             state = {"running": {"startedAt": pod.started}}
         else:
-            state = {"terminated": {"exitCode": pod.exit_code, "reason": pod.reason, "message": pod.message,
-                                    "startedAt": pod.started, "finishedAt": pod.finished}}  # fmt: skip
+            state = {
+                "terminated": {
+                    "exitCode": pod.exit_code,
+                    "reason": pod.reason,
+                    "message": pod.message,
+                    "startedAt": pod.started,
+                    "finishedAt": pod.finished,
+                }
+            }
         ready = "True" if pod.phase == "Running" else "False"
         conditions = [
             {"type": "PodScheduled", "status": "True"},
@@ -500,17 +512,38 @@ class Kubelet:
             {"type": "Ready", "status": ready},
         ]
         if pod.disruption:
-            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
-                               "message": "Pod was terminated in response to imminent node shutdown."})  # fmt: skip
+            conditions.append(
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "TerminationByKubelet",
+                    "message": "Pod was terminated in response to imminent node shutdown.",
+                }
+            )
         status = {
-            "phase": pod.phase, "podIP": "127.0.0.1", "hostIP": "127.0.0.1", "startTime": pod.created,
+            "phase": pod.phase,
+            "podIP": "127.0.0.1",
+            "hostIP": "127.0.0.1",
+            "startTime": pod.created,
             "conditions": conditions,
-            "containerStatuses": [{"name": container, "ready": ready == "True", "restartCount": 0,
-                                   "image": "", "imageID": "", "state": state}],
-        }  # fmt: skip
+            "containerStatuses": [
+                {
+                    "name": container,
+                    "ready": ready == "True",
+                    "restartCount": 0,
+                    "image": "",
+                    "imageID": "",
+                    "state": state,
+                }
+            ],
+        }
         try:
-            self.api.request("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
-                             {"status": status}, merge=True)  # fmt: skip
+            self.api.request(
+                "PATCH",
+                f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
+                {"status": status},
+                merge=True,
+            )
         except ApiError as exc:
             log.debug("pod %s status not written: %s", pod.name, exc)
 
@@ -519,12 +552,23 @@ class Kubelet:
             return
         pod.event_posted = True
         body = {
-            "apiVersion": "v1", "kind": "Event",
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"name": f"{pod.name}.{secrets.token_hex(8)}", "namespace": pod.namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod.name, "namespace": pod.namespace},
-            "reason": reason, "message": message, "type": "Warning", "count": 1,
-            "firstTimestamp": now_rfc3339(), "lastTimestamp": now_rfc3339(), "source": {"component": "kubelet"},
-        }  # fmt: skip
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": pod.name,
+                "namespace": pod.namespace,
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "count": 1,
+            "firstTimestamp": now_rfc3339(),
+            "lastTimestamp": now_rfc3339(),
+            "source": {"component": "kubelet"},
+        }
         with contextlib.suppress(Exception):
             self.api.request("POST", f"/api/v1/namespaces/{pod.namespace}/events", body)
 

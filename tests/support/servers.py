@@ -221,12 +221,16 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{self.db}",
             "--artifacts-destination", f"s3://{MLFLOW_ARTIFACT_BUCKET}/mlflow",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
+        ]  # fmt: skip # argv: a flag beside its value
         with open(self.log, "ab") as out:
             self._proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         try:
             _wait_http(f"{self.uri}/health", self._proc, timeout, self.log)
         except Exception:

@@ -26,9 +26,20 @@ def untracked_entries() -> set[str] | None:
         return None
     try:
         done = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--ignored", "--untracked-files=normal"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "status",
+                "--porcelain",
+                "--ignored",
+                "--untracked-files=normal",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     entries = {line[3:] for line in done.stdout.splitlines() if line[:2] in ("??", "!!")}

@@ -9,7 +9,7 @@ import pytest
 
 __all__ = [
     "tiny_dataset_path", "tiny_factory", "tiny_model_dir", "tiny_rows", "tiny_varied_model_dir",
-]  # fmt: skip
+]  # fmt: skip # a word list, packed
 
 TINY_ROWS = 240
 

@@ -29,9 +29,14 @@ def main(argv: list[str]) -> None:
     backend = VLLMBackend(models.resolve(model), tokenizer, seed=0, enforce_eager=True)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=int(max_new))
     opts = GenerateOptions(
-        model=model, dataset=dataset, output=output, backend="vllm", sampling=greedy,
-        eval_samples=int(eval_samples), max_samples=int(max_samples),
-    )  # fmt: skip
+        model=model,
+        dataset=dataset,
+        output=output,
+        backend="vllm",
+        sampling=greedy,
+        eval_samples=int(eval_samples),
+        max_samples=int(max_samples),
+    )
     result = generate_shard(opts, backend=backend)
 
     prompts = [formatting.prompt_ids(tokenizer, r["system"], r["prompt"]) for r in result.records]

@@ -70,11 +70,13 @@ class EnvVar(Model):
         if (self.value is None) == (self.value_from is None):
             errors.append(FieldError("value", "set exactly one of value or valueFrom"))
         elif self.value is not None and SECRET_NAME.search(self.name):
-            errors.append(FieldError(
-                "value",
-                f"{self.name} looks like a credential: give it as valueFrom.secretKeyRef "
-                "(a Secret), never as a value in the spec",
-            ))  # fmt: skip
+            errors.append(
+                FieldError(
+                    "value",
+                    f"{self.name} looks like a credential: give it as valueFrom.secretKeyRef "
+                    "(a Secret), never as a value in the spec",
+                )
+            )
         raise_all(errors)
         return self
 

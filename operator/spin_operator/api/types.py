@@ -179,7 +179,19 @@ from spin_operator.api.pod import PodSpec  # noqa: E402
 # --------------------------------------------------------------------------- spec sections
 
 
-class ModelSpec(Model):
+class UriModel(Model):
+    """A section with a `uri` (s3:// or a path): an s3:// URI has no empty, `.` or `..` key
+    segment (S3 keys are not paths: `s3://bkt/a/../b` would name another key)."""
+
+    @field_validator("uri", check_fields=False)
+    @classmethod
+    def _s3_segments(cls, uri: str | None) -> str | None:
+        if (why := s3_uri_error(uri)) is not None:
+            raise ValueError(why)
+        return uri
+
+
+class ModelSpec(UriModel):
     """The base model θ0 that iteration 0 starts from (typically an SFT checkpoint)."""
 
     uri: Annotated[
@@ -214,15 +226,8 @@ class ModelSpec(Model):
         ),
     ] = None
 
-    @field_validator("uri")
-    @classmethod
-    def _s3_segments(cls, uri: str | None) -> str | None:
-        if (why := s3_uri_error(uri)) is not None:
-            raise ValueError(why)
-        return uri
 
-
-class DatasetSpec(Model):
+class DatasetSpec(UriModel):
     """The SFT dataset: prompts and their human (real) responses."""
 
     uri: Annotated[
@@ -268,13 +273,6 @@ class DatasetSpec(Model):
             "memory for a large dataset."
         ),
     ] = Field(default_factory=Resources)
-
-    @field_validator("uri")
-    @classmethod
-    def _s3_segments(cls, uri: str | None) -> str | None:
-        if (why := s3_uri_error(uri)) is not None:
-            raise ValueError(why)
-        return uri
 
 
 class GenerationSpec(Model):
@@ -553,7 +551,7 @@ class StoppingSpec(Model):
     min_delta: Annotated[float, _desc("Smallest change that counts as an improvement.", ge=0)] = 0.0
 
 
-class StorageSpec(Model):
+class StorageSpec(UriModel):
     """Where checkpoints, generated data and manifests live."""
 
     uri: Annotated[
@@ -577,13 +575,6 @@ class StorageSpec(Model):
         S3CredentialsSecretRef | None,
         _desc("Secret with S3 credentials; none uses the pod's identity."),
     ] = None
-
-    @field_validator("uri")
-    @classmethod
-    def _s3_segments(cls, uri: str | None) -> str | None:
-        if (why := s3_uri_error(uri)) is not None:
-            raise ValueError(why)
-        return uri
 
 
 class TrackingSpec(Model):

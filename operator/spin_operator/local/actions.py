@@ -59,14 +59,21 @@ class Actor:
         decision = None
         for _ in range(MAX_ROUNDS):
             observed = Observed(
-                namespace=r.run_ref.namespace, name=r.run_ref.name, uid=r.run_ref.uid, now=_now(),
-                jobs=r.backend.observed(), gone_jobs=frozenset(gone), missing_secrets=frozenset(),
-                storage=dict(storage), stored_spec_checked=stored[0], stored_spec_digest=stored[1],
+                namespace=r.run_ref.namespace,
+                name=r.run_ref.name,
+                uid=r.run_ref.uid,
+                now=_now(),
+                jobs=r.backend.observed(),
+                gone_jobs=frozenset(gone),
+                missing_secrets=frozenset(),
+                storage=dict(storage),
+                stored_spec_checked=stored[0],
+                stored_spec_digest=stored[1],
                 applied_spec=r.state.applied_spec,
                 # local mode checks before the run (spinctl run's preflight, in-process; spinctl
                 # demo builds its own task and model): no check step as a process
                 inputs_checked=True,
-            )  # fmt: skip
+            )
             decision = reconcile(r.spec, r.status, observed)
             if decision.complete or decision.spec is None:
                 break
@@ -107,9 +114,14 @@ class Actor:
             elif isinstance(a, CreateStep) and spec is not None:
                 it = next((i for i in d.status.iterations if i.iteration == a.iteration), None)
                 plan = plan_step(
-                    spec, r.settings, r.run_ref, a.iteration, a.stage, a.attempt,
+                    spec,
+                    r.settings,
+                    r.run_ref,
+                    a.iteration,
+                    a.stage,
+                    a.attempt,
                     it.mlflow_run_id if it else None,
-                )  # fmt: skip
+                )
                 if a.stage == "train":
                     self._log_datasets(d, a.iteration)
                 job = r.backend.start(plan)
@@ -163,6 +175,7 @@ class Actor:
         parent MLflow run per iteration (step 0 = θ0), so one chart shows the whole run."""
         from spin_operator.local.runner import results_of
         from spin_runtime import manifest, storage
+        from spin_runtime.tracking import HELDOUT_METRICS
 
         r = self.r
         it = r.layout.iteration(t)
@@ -179,11 +192,7 @@ class Actor:
         r.display.iteration_results(t, results, spin)
         metrics = {k: float(v) for k, v in (results.get("metrics") or {}).items() if _number(v)}
         baseline = {k: float(v) for k, v in (results.get("baseline") or {}).items() if _number(v)}
-        keep = (
-            "score",
-            "exact_match",
-            "real_logp_per_token",
-        )  # score: what evaluation.metric auto ranks by
+        keep = HELDOUT_METRICS  # score: what evaluation.metric auto ranks by
         if t == 0 and baseline:
             r.results.append(("θ0 (SFT)", {k: baseline[k] for k in keep if k in baseline}))
         row = {k: metrics[k] for k in keep if k in metrics}

@@ -95,11 +95,16 @@ class LocalJob:
 
     def observed(self) -> ObservedJob:
         return ObservedJob(
-            name=self.name, iteration=self.plan.iteration, stage=self.plan.stage,
-            attempt=self.plan.attempt, state=self.state,  # type: ignore[arg-type]
-            reason=self.reason, message=self.message, start_time=self.start_time,
+            name=self.name,
+            iteration=self.plan.iteration,
+            stage=self.plan.stage,
+            attempt=self.plan.attempt,
+            state=self.state,  # type: ignore[arg-type]
+            reason=self.reason,
+            message=self.message,
+            start_time=self.start_time,
             completion_time=self.completion_time,
-        )  # fmt: skip
+        )
 
 
 def _tail(path: Path, lines: int = 3) -> str:
@@ -220,9 +225,13 @@ class LocalBackend:
             log.flush()
             try:
                 pod.proc = subprocess.Popen(
-                    pod.argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True,
-                )  # fmt: skip
+                    pod.argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             except OSError as exc:  # e.g. a custom evaluation command that does not exist
                 pod.returncode = 127
                 job.reason, job.message = "CannotExecute", f"{pod.argv[0]}: {exc}"

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-run", action="store_true", help="only build the task, the model and spinrun.yaml"
     )
     parser.add_argument(
-        "--control-arm", action="store_true",
+        "--control-arm",
+        action="store_true",
         help="also train and evaluate an equal-compute SFT control beside SPIN each iteration "
         "(spec.controlArm): says whether SPIN beat plain SFT continued for the same steps",
-    )  # fmt: skip
+    )
 
 
 def spinrun(
@@ -68,37 +70,66 @@ def spinrun(
             },
             "iterations": iterations,
             "generation": {
-                "backend": "transformers", "gpusPerReplica": 0, "temperature": 1.0,
-                "maxNewTokens": 32, "seed": seed, "batchSize": 128, "replicas": 2,
+                "backend": "transformers",
+                "gpusPerReplica": 0,
+                "temperature": 1.0,
+                "maxNewTokens": 32,
+                "seed": seed,
+                "batchSize": 128,
+                "replicas": 2,
             },
             "training": {
-                "gpusPerNode": 0, "processesPerNode": 2, "beta": 2.0, "learningRate": 1.0e-4,
-                "optimizer": "adamw", "epochs": 2, "globalBatchSize": 64, "microBatchSize": 32,
-                "maxLength": 96, "maxPromptLength": 48, "precision": "fp32", "seed": seed,
+                "gpusPerNode": 0,
+                "processesPerNode": 2,
+                "beta": 2.0,
+                "learningRate": 1.0e-4,
+                "optimizer": "adamw",
+                "epochs": 2,
+                "globalBatchSize": 64,
+                "microBatchSize": 32,
+                "maxLength": 96,
+                "maxPromptLength": 48,
+                "precision": "fp32",
+                "seed": seed,
             },
             "evaluation": {"gpus": 0, "maxNewTokens": 32},
             "storage": {"uri": str(root / "artifacts")},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "spin-demo"},
         },
-    }  # fmt: skip
+    }
     if control_arm:
         doc["spec"]["controlArm"] = {"enabled": True}
     return doc
 
 
-def build(workdir: Path, seed: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def build(
+    workdir: Path, seed: int, extra: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Build (or reuse) the task and weak SFT model under `workdir` with the runtime's
-    `demo-build` (`extra`: more of its flags, e.g. a smaller task for tests); returns the
-    settings it used."""
+    `demo-build` (`extra`: more of its flags, e.g. a smaller task for tests; `env`: its
+    environment, None for this process's); returns the settings it used."""
     argv = [sys.executable, "-m", "spin_runtime", "--log-level", "WARNING", "demo-build"]
     argv += ["--workdir", str(workdir), "--seed", str(seed), *extra]
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(
             f"building the demo task and model failed (exit {done.returncode}): {' '.join(argv)}"
         )
     settings: dict[str, Any] = json.loads((workdir / SETTINGS).read_text())
     return settings
+
+
+def demo_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the demo's processes (its build and every step): `environ` with the
+    demo's defaults where it does not set them."""
+    defaults = {
+        "HF_HUB_OFFLINE": "1",
+        # A tiny model is a stream of small kernels: one thread per process (two shards, two DDP
+        # ranks) uses both cores without the thread barriers that stall when the CPU is shared.
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {**defaults, **environ}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,14 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         print("error: --iterations must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # A tiny model is a stream of small kernels: one thread per process (two shards, two DDP
-    # ranks) uses both cores without the thread barriers that stall when the CPU is shared.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = demo_env(os.environ)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = build(workdir, args.seed)
+    cfg = build(workdir, args.seed, env=env)
     spec_path = workdir / "spinrun.yaml"
     doc = spinrun(workdir, cfg, args.iterations, control_arm=getattr(args, "control_arm", False))
     spec_path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -130,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    code = LocalRun(loaded).run()
+    code = LocalRun(loaded, env=env).run()
     db = (workdir / "mlflow.db").resolve()
     print("\nOpen the runs, metrics, datasets and model versions in MLflow (http://127.0.0.1:5000,")
     print("Model training > spin-demo: the chart view plots heldout/* over the iterations; expand")

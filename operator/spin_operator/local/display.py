@@ -30,7 +30,7 @@ BAR_WIDTH = 24
 STAGE_WORD = {
     "generate": "generating", "train": "training", "evaluate": "evaluating",
     "control-train": "training SFT control", "control-evaluate": "evaluating SFT control",
-}  # fmt: skip
+}  # fmt: skip # a small table, packed
 TRAINING = ("train", "control-train")
 
 

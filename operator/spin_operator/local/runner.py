@@ -47,9 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-tracking", action="store_true", help="no MLflow unless the spec names a tracking.uri"
     )
     parser.add_argument(
-        "--parallel", type=int, default=None, metavar="N",
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
         help="generation shards run at once (default: the CPU count; 1 runs them one by one)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--cache-dir", default=None, help="model download cache (default ~/.cache/spin)"
     )
@@ -94,6 +97,7 @@ class LocalRun:
         out: Any = None,
         python: str = sys.executable,
         dataset: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         from spin_operator.local.display import Display
         from spin_operator.local.tracking import LocalTracking
@@ -103,9 +107,12 @@ class LocalRun:
         self.spec, self.run_ref = loaded.spec, loaded.run
         self.layout = layout_of(self.spec, self.run_ref)
         self.settings = Settings(
-            storage_uri=self.spec.storage.uri, mlflow_uri=self.spec.tracking.uri,
-            cache_dir=cache_dir or os.environ.get("SPIN_CACHE_DIR") or os.path.expanduser("~/.cache/spin"),
-        )  # fmt: skip
+            storage_uri=self.spec.storage.uri,
+            mlflow_uri=self.spec.tracking.uri,
+            cache_dir=cache_dir
+            or os.environ.get("SPIN_CACHE_DIR")
+            or os.path.expanduser("~/.cache/spin"),
+        )
         self.parallel = parallel
         self.python = python
         self.poll_interval = poll_interval
@@ -115,6 +122,7 @@ class LocalRun:
         self.log_dir = log_dir_for(self.layout.prefix, self.run_ref.name, self.run_ref.namespace)
         self.results: list[tuple[str, dict[str, float]]] = []
         self.dataset = dataset  # the preflight's dataset profile (rows, usable, skipped by reason)
+        self.environ = os.environ if env is None else env  # what the steps' environment starts from
 
     # ------------------------------------------------------------------ state
 
@@ -161,10 +169,10 @@ class LocalRun:
             self.run_ref, uid=self.state.uid
         )  # MLflow finds it by uid
         self.tracking.run = self.run_ref
-        pod = local_pod_env(self.spec.pod, os.environ)
+        pod = local_pod_env(self.spec.pod, self.environ)
         self.backend = LocalBackend(
             self.log_dir,
-            env={**os.environ, **pod.env},
+            env={**self.environ, **pod.env},
             max_parallel=self.parallel,
             remembered=self.state.jobs,
             python=self.python,

@@ -127,12 +127,17 @@ def log_to_tracking(stats: dict[str, Any], shard_index: int) -> None:
             {
                 f"generate/{key}": float(stats[key])
                 for key in (
-                    "prompts_per_s", "tokens_per_s", "mean_response_tokens", "truncation_rate",
-                    "prompts", "generated_tokens", "skipped_too_long",
+                    "prompts_per_s",
+                    "tokens_per_s",
+                    "mean_response_tokens",
+                    "truncation_rate",
+                    "prompts",
+                    "generated_tokens",
+                    "skipped_too_long",
                 )
             },
             step=shard_index,
-        )  # fmt: skip
+        )
         logger.close()
     except Exception as exc:  # tracking must never fail a job
         log.warning("could not log generation metrics to MLflow: %s", exc)

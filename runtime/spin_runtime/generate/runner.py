@@ -75,7 +75,7 @@ class ShardResult:
 
 
 def _inputs(opts: GenerateOptions) -> dict[str, Any]:
-    """The manifest `meta` entries that determine a shard's content (as written below)."""
+    """The manifest `meta` entries that determine a shard's content (generate_shard writes them)."""
     return {
         "iteration": opts.iteration,
         "shard_index": opts.shard_index,
@@ -162,8 +162,14 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
     mine = selected[start:end]
     log.info(
         "shard %d/%d: prompts %d..%d of %d (%d held-out, %d train selected)",
-        opts.shard_index, opts.num_shards, start, end, len(selected), len(split.eval), len(split.train),
-    )  # fmt: skip
+        opts.shard_index,
+        opts.num_shards,
+        start,
+        end,
+        len(selected),
+        len(split.eval),
+        len(split.train),
+    )
 
     from spin_runtime import models
 
@@ -235,27 +241,14 @@ def generate_shard(opts: GenerateOptions, backend: Backend | None = None) -> Sha
     ]
     stats = _stats(completions, elapsed, len(too_long))
     meta = {
-        "iteration": opts.iteration,
-        "shard_index": opts.shard_index,
-        "num_shards": opts.num_shards,
+        **_inputs(opts),  # what complete_shard compares before reusing the shard
+        "backend": backend.name,  # the one loaded (a backend given by a test names its own)
         "records": len(records),
         "train_records": sum(r["split"] == "train" for r in records),
         "eval_records": sum(r["split"] == "eval" for r in records),
         "skipped_too_long": len(too_long),
-        "dataset": opts.dataset,
         "dataset_rows": loaded.total_rows,
         "dataset_skipped": dict(loaded.skipped),
-        "selection": {
-            "seed": opts.seed,
-            "max_samples": opts.max_samples,
-            "eval_samples": opts.eval_samples,
-        },
-        "model": opts.model,
-        "tokenizer": opts.tokenizer or opts.model,
-        "chat_template": opts.chat_template,
-        "backend": backend.name,
-        "dtype": opts.dtype,
-        "sampling": opts.sampling.to_dict(),
         "stats": stats,
         "host": os.uname().nodename,
     }

@@ -201,9 +201,12 @@ def build_pairs(
         log.info(
             "%d pairs with a generated answer identical to the real one, %d truncated "
             "generations; %d pairs dropped (--drop-identical-pairs %s, --truncated-answers %s)",
-            counts["identical"], counts["truncated"], counts["dropped"], drop_identical,
+            counts["identical"],
+            counts["truncated"],
+            counts["dropped"],
+            drop_identical,
             truncated_answers,
-        )  # fmt: skip
+        )
     if skipped:
         log.warning(
             "skipped %d pairs whose prompt is longer than --max-prompt-length %d",

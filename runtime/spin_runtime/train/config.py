@@ -140,14 +140,19 @@ class TrainConfig:
             if f.name != "lora":
                 _add_flag(parser, f, "--" + f.name.replace("_", "-"))
         parser.add_argument(
-            "--no-prompt-sharing", dest="prompt_sharing", action="store_const", const="off",
+            "--no-prompt-sharing",
+            dest="prompt_sharing",
+            action="store_const",
+            const="off",
             help="same as --prompt-sharing off (kept for older callers)",
-        )  # fmt: skip
+        )
         parser.add_argument(
-            "--peft", choices=PEFT_METHODS, default="none",
+            "--peft",
+            choices=PEFT_METHODS,
+            default="none",
             help="lora: train a LoRA adapter on θt (peft) and publish θt+1 merged, with the "
             "adapter in OUTPUT/adapter; none: full fine-tuning",
-        )  # fmt: skip
+        )
         for f in fields(LoraSettings):
             _add_flag(parser, f, "--lora-" + f.name.replace("_", "-"))
 
@@ -220,7 +225,7 @@ class TrainConfig:
             "global_batch_size", "max_length", "max_prompt_length", "optimizer", "weight_decay",
             "lr_scheduler", "warmup_ratio", "max_grad_norm", "truncated_answers",
             "drop_identical_pairs",
-        )  # fmt: skip
+        )  # fmt: skip # a word list, packed
         key = {k: getattr(self, k) for k in keys}
         if self.lora is not None:  # absent for full fine-tuning: older checkpoints still resume
             key["lora"] = self.lora.as_dict()
@@ -246,9 +251,13 @@ def _add_flag(parser: argparse.ArgumentParser, f: Field[Any], flag: str) -> None
     else:
         convert = {"int": int, "float": float}.get(kind.split(" ")[0], str)
         parser.add_argument(
-            flag, type=convert, default=default, required=required,
-            choices=f.metadata.get("choices"), help=help_,
-        )  # fmt: skip
+            flag,
+            type=convert,
+            default=default,
+            required=required,
+            choices=f.metadata.get("choices"),
+            help=help_,
+        )
 
 
 def _comma_list(text: str) -> list[str]:

@@ -166,9 +166,12 @@ def choose(
     log.info(
         "prompt sharing %s (%s; max |shared - separate| = %s nats); fused output head %s "
         "(max |fused - model| = %s nats)",
-        "on" if sharing else "off", reason, _fmt(diff), "on" if module.fused else "off",
+        "on" if sharing else "off",
+        reason,
+        _fmt(diff),
+        "on" if module.fused else "off",
         _fmt(head_diff),
-    )  # fmt: skip
+    )
     return layout
 
 

@@ -280,13 +280,21 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
             "iteration %d: %d train pairs (%s per --data), %d held out, %d skipped long prompts, "
             "%d cut answers; %d params (%d trained); strategy %s on %d process(es), %s, prompt sharing %s; "
             "%d steps of %d pairs",
-            cfg.iteration, len(pairs.train), pairs.per_source, len(pairs.eval),
-            pairs.skipped_long_prompts, pairs.truncated_answers, session.num_params,
+            cfg.iteration,
+            len(pairs.train),
+            pairs.per_source,
+            len(pairs.eval),
+            pairs.skipped_long_prompts,
+            pairs.truncated_answers,
+            session.num_params,
             session.trainable_params,
-            runner.strategy, ctx.world, "bf16" if session.bf16 else "fp32",
+            runner.strategy,
+            ctx.world,
+            "bf16" if session.bf16 else "fp32",
             "on" if runner.shared_prompt else "off",
-            steps_per_epoch * cfg.epochs, cfg.global_batch_size,
-        )  # fmt: skip
+            steps_per_epoch * cfg.epochs,
+            cfg.global_batch_size,
+        )
 
     start_epoch, step = 1, 0
     resumed_epoch = checkpoint.latest_epoch(cfg.work_dir) if ctx.main else None

@@ -99,7 +99,12 @@ def score(module: nn.Module, batch: Any) -> torch.Tensor:
     """Run ``module`` (a :class:`SequenceLogProbs`, possibly wrapped) on a collated batch."""
     s = batch.scored
     out: torch.Tensor = module(
-        batch.input_ids, batch.attention_mask, batch.position_ids,
-        s.positions, s.targets, s.segments, s.num_sequences,
-    )  # fmt: skip
+        batch.input_ids,
+        batch.attention_mask,
+        batch.position_ids,
+        s.positions,
+        s.targets,
+        s.segments,
+        s.num_sequences,
+    )
     return out
