@@ -50,8 +50,8 @@ test: venv vllm-venv tools cluster-bin ## run the default test suite (no slow te
 test-all: venv vllm-venv tools cluster-bin kueue-bin ## run every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-e2e: venv tools cluster-bin kueue-bin ## every end-to-end test: emulated cluster and real control plane
-	$(PY) -m pytest -m e2e tests/e2e tests/cluster $(PYTEST_ARGS)
+e2e: venv tools cluster-bin kueue-bin ## every end-to-end scenario on the real control plane, slow ones included
+	$(PY) -m pytest -m e2e tests/cluster $(PYTEST_ARGS)
 
 cluster-test: venv tools cluster-bin kueue-bin ## the tier on the real control plane (tests/cluster), slow ones included
 	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)

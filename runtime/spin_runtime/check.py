@@ -84,6 +84,10 @@ def check_model_uris(
             problems += [f"{names['tokenizer']} {tokenizer}: {p}" for p in found]
         if chat_template and not storage.exists(_expand(chat_template)):
             problems.append(f"{names['chat_template']} {chat_template}: no such file")
+    except storage.StorageUnavailableError:
+        # S3 failing after every retry says nothing about the input: not bad input (exit 2,
+        # never retried) but a failure the Job's or the operator's retry may outlast
+        raise
     except OSError as exc:
         problems.append(f"{names['model']} {model}: cannot read it: {exc}")
     return problems

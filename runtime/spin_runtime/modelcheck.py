@@ -50,20 +50,8 @@ class Folder:
         """The first ``n`` bytes of a file and its size."""
         from spin_runtime import storage
 
-        uri = storage.join(self.uri, name)
-        if not storage.is_s3(uri):
-            path = storage.local_path(uri)
-            with path.open("rb") as f:
-                return f.read(n), path.stat().st_size
-        bucket, key = storage.split_s3(uri)
-        client = storage.s3_client()
-        size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        if size == 0:
-            return b"", 0
-        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{min(n, size) - 1}")[
-            "Body"
-        ]
-        return bytes(body.read()), size
+        # storage's retries, as every other read here: a flapping S3 is not a broken model
+        return storage.read_head(storage.join(self.uri, name), n)
 
 
 def _json(folder: Folder, name: str) -> tuple[Any, str | None]:

@@ -324,6 +324,32 @@ def read_bytes(uri: str) -> bytes:
     return _retry("get", uri, get)
 
 
+def read_head(uri: str, n: int) -> tuple[bytes, int]:
+    """The first ``n`` bytes of a file and its size, without reading the rest (a ranged GET)."""
+    if not is_s3(uri):
+        path = local_path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {uri}")
+        with path.open("rb") as f:
+            return f.read(n), path.stat().st_size
+    bucket, key = split_s3(uri)
+
+    def get() -> tuple[bytes, int]:
+        try:
+            client = s3_client()
+            size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+            if size == 0 or n <= 0:
+                return b"", size
+            rng = f"bytes=0-{min(n, size) - 1}"
+            return bytes(client.get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()), size
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise FileNotFoundError(f"no such object: {uri}") from exc
+            raise
+
+    return _retry("get", uri, get)
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster.controlplane import build_binary
-from tests.e2e import harness as e2e
+from tests.cluster.gated import job_gate
 from tests.support.servers import MlflowServer, s3_client_for
 
 GATED = Path(__file__).with_name("gated.py")
@@ -42,9 +43,9 @@ def cluster_inputs(
 ) -> str:
     """The bucket of examples/04-e2e.yaml with the tiny model and task uploaded (once)."""
     client = s3_client_for(moto_server)
-    if e2e.BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-        client.create_bucket(Bucket=e2e.BUCKET)
-    e2e.upload_inputs(tiny_factory("unit", 0), tiny_dataset_path)
+    if kit.BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=kit.BUCKET)
+    kit.upload_inputs(tiny_factory("unit", 0), tiny_dataset_path)
     return moto_server
 
 
@@ -62,7 +63,7 @@ def cluster(
 def cluster_quick(
     real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
 ) -> Iterator[harness.RealCluster]:
-    """Like ``cluster``, but Job pods run tests/e2e/standin.py (artifacts in seconds)."""
+    """Like ``cluster``, but Job pods run tests/cluster/standin.py (artifacts in seconds)."""
     mlflow_server.start()
     with harness.release(
         real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=quick_pods
@@ -74,15 +75,18 @@ def cluster_quick(
 def cluster_gated(
     real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
 ) -> Iterator[tuple[harness.RealCluster, Path]]:
-    """Like ``cluster_quick``, but each stand-in step waits until the returned gate file exists:
-    the test decides when steps finish, so a fault lands mid-step every time."""
+    """Like ``cluster_quick``, but each stand-in step waits until the returned gate file exists
+    (or its Job's own gate, ``tests.cluster.gated.job_gate``): the test decides when steps
+    finish, so a fault lands mid-step every time."""
     mlflow_server.start()
     gate = tmp_path / "gate"
 
     def hook(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
-        if "job-name" not in (pod["metadata"].get("labels") or {}):
+        job = (pod["metadata"].get("labels") or {}).get("job-name")
+        if job is None:
             return argv
-        return [str(e2e.VENV_BIN / "python"), str(GATED), str(gate), str(e2e.STANDIN), *argv]
+        gates = os.pathsep.join([str(gate), str(job_gate(gate, job))])
+        return [str(kit.VENV_BIN / "python"), str(GATED), gates, str(kit.STANDIN), *argv]
 
     with harness.release(
         real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=hook
@@ -91,7 +95,7 @@ def cluster_gated(
 
 
 def quick_pods(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
-    """Job pods (not the operator) run tests/e2e/standin.py with the original argv after it."""
+    """Job pods (not the operator) run tests/cluster/standin.py with the original argv after it."""
     if "job-name" not in (pod["metadata"].get("labels") or {}):
         return argv
-    return [str(e2e.VENV_BIN / "python"), str(e2e.STANDIN), *argv]
+    return [str(kit.VENV_BIN / "python"), str(kit.STANDIN), *argv]

@@ -29,7 +29,7 @@ from typing import Any
 import requests
 
 from tests.cluster import pki as pki_
-from tests.support.kubelet import Api
+from tests.cluster.kubelet import Api
 from tests.support.servers import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def build_binary(timeout: float = 5400) -> Path:
 
 
 class AuthApi(Api):
-    """tests/support/kubelet.py's JSON client, with TLS and a client certificate."""
+    """tests/cluster/kubelet.py's JSON client, with TLS and a client certificate."""
 
     def __init__(self, server: str, ca: Path, cert: pki_.Pair) -> None:
         super().__init__(server)

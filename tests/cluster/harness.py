@@ -10,7 +10,7 @@
   chart with ``helm install --skip-crds --wait`` - so the operator is the chart's Deployment, its
   pod scheduled by the real scheduler, run by the agent, authenticated by its ServiceAccount's
   projected token and limited to exactly the chart's RBAC.
-- S3 (moto) and MLflow (a real server) from tests/support/servers.py, shared with tests/e2e.
+- S3 (moto) and MLflow (a real server) from tests/support/servers.py, shared with the fast tests.
 
 Every test namespace (and the release namespace) is labelled
 ``pod-security.kubernetes.io/enforce: restricted``.
@@ -22,20 +22,21 @@ import contextlib
 import json
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.cluster import kit
 from tests.cluster.controlplane import ControlPlane
+from tests.cluster.kit import Kubectl, wait_for
 from tests.cluster.node_agent import LaunchHook, NodeAgent, NodeSpec
-from tests.e2e import harness as e2e
-from tests.e2e.harness import Kubectl, wait_for
 
 RELEASE = "spin"
-RELEASE_NAMESPACE = e2e.RELEASE_NAMESPACE
-CRD = e2e.REPO / "crds" / "selfplay.dev_spinruns.yaml"
+RELEASE_NAMESPACE = kit.RELEASE_NAMESPACE
+CRD = kit.REPO / "crds" / "selfplay.dev_spinruns.yaml"
 RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 NODES = [NodeSpec("node-a"), NodeSpec("node-b"), NodeSpec("gpu-node", gpus=2)]
 OPERATOR_GROUP = f"system:serviceaccounts:{RELEASE_NAMESPACE}"
@@ -43,7 +44,7 @@ OPERATOR_GROUP = f"system:serviceaccounts:{RELEASE_NAMESPACE}"
 
 def helm(kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [str(e2e.HELM), "--kubeconfig", str(kubeconfig), *args],
+        [str(kit.HELM), "--kubeconfig", str(kubeconfig), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -73,11 +74,11 @@ class RealCluster:
         self.kubectl("create", "namespace", name)
         self.kubectl("label", "namespace", name, RESTRICTED, "--overwrite")
         if secret:
-            literals = [f"--from-literal={k}={v}" for k, v in e2e.S3_CREDENTIALS.items()]
-            self.kubectl("create", "secret", "generic", e2e.S3_SECRET, "-n", name, *literals)
+            literals = [f"--from-literal={k}={v}" for k, v in kit.S3_CREDENTIALS.items()]
+            self.kubectl("create", "secret", "generic", kit.S3_SECRET, "-n", name, *literals)
 
     def apply(
-        self, path: Path = e2e.EXAMPLE, namespace: str | None = None, check: bool = True
+        self, path: Path = kit.EXAMPLE, namespace: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """``kubectl apply -f`` with client-side and server-side (strict) validation on."""
         return self.kubectl(
@@ -125,7 +126,7 @@ class RealCluster:
         self,
         name: str,
         timeout: float,
-        phases: tuple[str, ...] = e2e.TERMINAL,
+        phases: tuple[str, ...] = kit.TERMINAL,
         namespace: str | None = None,
     ) -> dict[str, Any]:
         try:
@@ -167,15 +168,29 @@ class RealCluster:
             return None
         return self.agent.workdir / RELEASE_NAMESPACE / pod["metadata"]["name"] / "log.txt"
 
-    def kill_operator(self) -> int:
+    def kill_operator(self, hold: threading.Event | None = None) -> int:
         """SIGKILL the operator container (an OOM kill, say); the agent restarts it, as a
-        kubelet does for ``restartPolicy: Always``. Returns the restart count to wait for."""
+        kubelet does for ``restartPolicy: Always`` - with ``hold``, only once it is set (the
+        operator stays down meanwhile). Returns the restart count to wait for."""
         pod = self.operator_pod()
         assert pod is not None, "no operator pod"
         local = self.agent.find(RELEASE_NAMESPACE, pod["metadata"]["name"])
         before = local.restarts
-        self.agent.kill_container(local)
+        self.agent.kill_container(local, hold)
         return before + 1
+
+    def wait_operator_restarted(self, restarts: int, timeout: float = 120) -> None:
+        """Until the operator's container has restarted ``restarts`` times and runs again."""
+
+        def restarted() -> bool:
+            pod = self.operator_pod() or {}
+            status = pod.get("status") or {}
+            container = (status.get("containerStatuses") or [{}])[0]
+            return container.get("restartCount", 0) >= restarts and "running" in (
+                container.get("state") or {}
+            )
+
+        wait_for(restarted, timeout, "the operator container to be restarted", interval=0.25)
 
     def diagnostics(self, name: str | None = None, namespace: str | None = None) -> str:
         ns = namespace or self.namespace
@@ -192,11 +207,11 @@ class RealCluster:
             with contextlib.suppress(KeyError):
                 local = self.agent.find(ns, pod["metadata"]["name"])
                 if local.exit_code not in (0, None):
-                    lines.append("  log: " + e2e.tail(local.log_path, 1500).replace("\n", "\n  "))
+                    lines.append("  log: " + kit.tail(local.log_path, 1500).replace("\n", "\n  "))
         events = self.kubectl("get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False)
         lines.append("events:\n" + events.stdout[-3000:])
         log = self.operator_log()
-        lines.append("operator log:\n" + (e2e.tail(log, 6000) if log else "<no operator pod>"))
+        lines.append("operator log:\n" + (kit.tail(log, 6000) if log else "<no operator pod>"))
         return "\n".join(lines)
 
 
@@ -248,19 +263,19 @@ def release(
 ) -> Iterator[RealCluster]:
     """``helm install`` the chart (its Deployment runs through the agent) and a fresh namespace;
     ``helm uninstall`` afterwards."""
-    namespace = e2e.new_namespace()
+    namespace = kit.new_namespace()
     values = {
         # The admin lets the operator check Secrets in the test namespace (a namespaced Role,
         # docs/security.md): a missing credentials Secret fails the run up front.
         "rbac.secretCheckNamespaces": "{" + namespace + "}",
         "storage.endpoint": s3_endpoint,
         "storage.region": "us-east-1",
-        "storage.credentialsSecret": e2e.S3_SECRET,
-        "storage.uri": e2e.STORAGE_URI,
+        "storage.credentialsSecret": kit.S3_SECRET,
+        "storage.uri": kit.STORAGE_URI,
         "tracking.uri": mlflow_uri,
         # Every pod shares this host's network: free ports, not the chart's defaults.
-        "health.port": str(e2e.free_port()),
-        "metrics.port": str(e2e.free_port()),
+        "health.port": str(kit.free_port()),
+        "metrics.port": str(kit.free_port()),
         "logLevel": "INFO",
         **(operator_values or {}),
     }
@@ -279,7 +294,7 @@ def release(
     if s.kubectl("get", "namespace", RELEASE_NAMESPACE, check=False).returncode != 0:
         c.create_namespace(RELEASE_NAMESPACE)
     c.create_namespace(c.namespace)
-    argv = ["install", RELEASE, str(e2e.CHART), "-n", RELEASE_NAMESPACE, "--skip-crds", "--wait",
+    argv = ["install", RELEASE, str(kit.CHART), "-n", RELEASE_NAMESPACE, "--skip-crds", "--wait",
             "--timeout=5m"]  # fmt: skip # argv: a flag beside its value
     for key, value in values.items():
         argv += ["--set-string" if key.endswith(("uri", "endpoint")) else "--set", f"{key}={value}"]

@@ -33,7 +33,7 @@ import yaml
 
 from tests.cluster import pki as pki_
 from tests.cluster.controlplane import Component, ControlPlane
-from tests.e2e.harness import Kubectl, wait_for
+from tests.cluster.kit import Kubectl, wait_for
 from tests.support.servers import free_port
 
 BUILD = Path(__file__).with_name("build-kueue.sh")

@@ -7,7 +7,7 @@ What it does, as a kubelet does it (and what it does not):
   seconds, so the node lifecycle controller keeps them Ready. The real scheduler binds pods to
   them; this agent never chooses a node.
 - **runs bound pods**: one watch on all pods; a pod bound to one of its Nodes gets its first
-  container started as a process group through ``tests/support/kubelet.py``'s
+  container started as a process group through ``tests/cluster/kubelet.py``'s
   ``Kubelet.resolve_container`` (the same env/Secret/ConfigMap/downward-API resolution, mount
   rewriting and ``<hostname>.<subdomain>`` -> 127.0.0.1 rewriting the emulator tier uses).
   Indexed Job pods get ``JOB_COMPLETION_INDEX`` from their annotation, as the kubelet's env does.
@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster.controlplane import AuthApi
+from tests.cluster.kubelet import ApiError, ConfigError, Kubelet, PodContext
 from tests.cluster.pki import kubeconfig
-from tests.support.kubelet import ApiError, ConfigError, Kubelet, PodContext
 
 log = logging.getLogger("node-agent")
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -89,6 +89,9 @@ class LocalPod:
     restarts: int = 0
     disruption: bool = False
     deleting: bool = False
+    # Set by kill_container(hold=...): the restart waits for this event, as a container in
+    # CrashLoopBackOff waits out its back-off (a test decides how long the pod stays down).
+    restart_hold: threading.Event | None = None
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # as resolved for the process
 
@@ -351,6 +354,10 @@ class NodeAgent:
                 pod.restarts += 1
                 self._publish(pod, waiting="CrashLoopBackOff")
                 self._stop.wait(RESTART_BACKOFF_S)
+                hold, pod.restart_hold = pod.restart_hold, None
+                while hold is not None and not hold.wait(0.2):
+                    if pod.deleting or self._stop.is_set():
+                        break
                 continue
             if not pod.deleting:
                 pod.phase = "Succeeded" if code == 0 else "Failed"
@@ -476,8 +483,10 @@ class NodeAgent:
                 },
             )
 
-    def kill_container(self, pod: LocalPod) -> None:
-        """SIGKILL the container's process group (no grace); restart policy decides what next."""
+    def kill_container(self, pod: LocalPod, hold: threading.Event | None = None) -> None:
+        """SIGKILL the container's process group (no grace); restart policy decides what next.
+        With ``hold``, a restart waits until the event is set (the pod stays down meanwhile)."""
+        pod.restart_hold = hold
         proc = pod.proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):

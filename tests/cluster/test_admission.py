@@ -13,15 +13,32 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from tests.cluster import kit
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
-from tests.e2e.test_admission import OPERATOR_CASES, broken_object
-from tests.support.broken_spinruns import CASES
+from tests.support.broken_spinruns import CASES, Broken
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
+
+# Accepted by the API server, refused by the operator: (id, patch, field, reason).
+OPERATOR_CASES = [
+    ("missing-s3-secret", {"spec.storage.credentialsSecret": {"name": "no-such-s3"}},
+     "spec.storage.credentialsSecret.name", "SecretNotFound"),
+    ("missing-mlflow-secret", {"spec.tracking.credentialsSecret": {"name": "no-such-mlflow"}},
+     "spec.tracking.credentialsSecret.name", "SecretNotFound"),
+]  # fmt: skip # a table: one case per line
+
+
+def broken_object(case: Broken, namespace: str, number: int) -> dict[str, Any]:
+    obj = case.build()
+    obj["metadata"]["namespace"] = namespace
+    if "metadata.name" not in case.patch:
+        obj["metadata"]["name"] = f"bad-{number:02d}"
+    return obj
 
 
 def test_malformed_spinruns_are_refused_by_the_api_server(
@@ -29,7 +46,7 @@ def test_malformed_spinruns_are_refused_by_the_api_server(
 ) -> None:
     c = cluster_quick
     started = time.monotonic()
-    c.apply(e2e.spinrun_file(tmp_path, "valid-a"))
+    c.apply(kit.spinrun_file(tmp_path, "valid-a"))
     refused: dict[str, str] = {}
     for number, case in enumerate(CASES):
         obj = broken_object(case, c.namespace, number)
@@ -43,20 +60,18 @@ def test_malformed_spinruns_are_refused_by_the_api_server(
         refused[case.id] = output.strip().splitlines()[-1]
     assert len(refused) == len(CASES) >= 30
 
-    import yaml
-
     for name, patch, _field, _reason in OPERATOR_CASES:
-        obj = yaml.safe_load(e2e.spinrun_file(tmp_path, name).read_text())
+        obj = yaml.safe_load(kit.spinrun_file(tmp_path, name).read_text())
         for dotted, value in patch.items():
             _, section, leaf = dotted.split(".")
             obj["spec"].setdefault(section, {})[leaf] = value
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(obj))
         c.apply(path)
-    c.apply(e2e.spinrun_file(tmp_path, "valid-b"))
+    c.apply(kit.spinrun_file(tmp_path, "valid-b"))
     for name, _, field, reason in OPERATOR_CASES:
         run = c.wait_run(name, 180)
-        failed = e2e.condition(run, "Failed")
+        failed = kit.condition(run, "Failed")
         assert run["status"]["phase"] == "Failed" and failed, run["status"]
         assert failed["reason"] == reason and field in failed["message"], failed
     for name in ("valid-a", "valid-b"):

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from spin_operator.naming import job_name
+from tests.cluster import kit
 from tests.cluster.harness import RELEASE_NAMESPACE, RealCluster
-from tests.e2e import harness as e2e
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ def test_operator_children_pass_admission_and_need_both_fixes(
     c = cluster_quick
     # finished Jobs kept (retention.finishedJobs: Retain): the generation Job is read back below
     c.apply(
-        e2e.spinrun_file(
+        kit.spinrun_file(
             tmp_path, "owner", spec__iterations=1, spec__retention={"finishedJobs": "Retain"}
         )
     )

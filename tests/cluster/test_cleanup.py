@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from spin_operator.naming import job_name
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
-from tests.e2e.harness import wait_for
+from tests.cluster.kit import wait_for
 from tests.support.servers import MlflowServer, s3_client_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -40,7 +39,7 @@ def cluster_lingering(
     def hook(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
         if "job-name" not in (pod["metadata"].get("labels") or {}):
             return argv
-        return [str(e2e.VENV_BIN / "python"), str(LINGERING), *argv]
+        return [str(kit.VENV_BIN / "python"), str(LINGERING), *argv]
 
     with harness.release(
         real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=hook
@@ -49,7 +48,7 @@ def cluster_lingering(
 
 
 def objects_under(c: RealCluster, prefix: str) -> list[str]:
-    listing = s3_client_for(c.s3_endpoint).list_objects_v2(Bucket=e2e.BUCKET, Prefix=prefix)
+    listing = s3_client_for(c.s3_endpoint).list_objects_v2(Bucket=kit.BUCKET, Prefix=prefix)
     return [o["Key"] for o in listing.get("Contents") or []]
 
 
@@ -59,7 +58,7 @@ def test_artifacts_deleted_only_after_every_pod_is_gone(
     c = cluster_lingering
     run = "wiped"
     c.apply(
-        e2e.spinrun_file(tmp_path, run, spec__iterations=1, spec__retention={"onDelete": "Delete"})
+        kit.spinrun_file(tmp_path, run, spec__iterations=1, spec__retention={"onDelete": "Delete"})
     )
     gen = job_name(run, 0, "generate")
 
@@ -85,7 +84,7 @@ def test_artifacts_deleted_only_after_every_pod_is_gone(
 
 def test_finished_jobs_go_once_recorded(cluster_quick: RealCluster, tmp_path: Path) -> None:
     c = cluster_quick
-    c.apply(e2e.spinrun_file(tmp_path, "tidy", spec__iterations=1))
+    c.apply(kit.spinrun_file(tmp_path, "tidy", spec__iterations=1))
     run = c.wait_run("tidy", TIMEOUT)
     assert run["status"]["phase"] == "Succeeded", c.diagnostics("tidy")
     wait_for(lambda: not c.jobs(), 60, "the finished run's Jobs deleted", 0.5)
@@ -136,7 +135,7 @@ def test_edit_users_create_spinruns_and_view_users_read_them(
         assert can_i(c, "bob", verb) == (verb in ("get", "list", "watch")), verb
     assert can_i(c, "alice", "get", "--subresource=status")
     assert not can_i(c, "alice", "patch", "--subresource=status")
-    path = e2e.spinrun_file(tmp_path, "by-alice", spec__iterations=1)
+    path = kit.spinrun_file(tmp_path, "by-alice", spec__iterations=1)
     created = c.kubectl("--as", "alice", "create", "-n", c.namespace, "-f", str(path), check=False)
     assert created.returncode == 0, created.stderr
     assert (

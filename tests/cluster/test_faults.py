@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from spin_operator.naming import job_name
+from tests.cluster import kit
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
-from tests.e2e.harness import wait_for
+from tests.cluster.kit import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,7 +36,7 @@ def running_pods(c: RealCluster, job: str) -> int:
 def start_gated(c: RealCluster, tmp_path: Path, iterations: int = 1) -> str:
     # finished Jobs and pods kept (retention.finishedJobs: Retain): the tests read them back
     c.apply(
-        e2e.spinrun_file(
+        kit.spinrun_file(
             tmp_path, RUN, spec__iterations=iterations, spec__retention={"finishedJobs": "Retain"}
         )
     )
@@ -124,7 +124,7 @@ def test_rbac_denial_surfaces_as_a_condition(
     verbs = [v for v in rule_list[index]["verbs"] if v != "create"]
     patch = [{"op": "replace", "path": f"/rules/{index}/verbs", "value": verbs}]
     c.kubectl("patch", name, "--type=json", "-p", json.dumps(patch))
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1))
+    c.apply(kit.spinrun_file(tmp_path, RUN, spec__iterations=1))
 
     def denied() -> bool:
         conditions = (c.run(RUN).get("status") or {}).get("conditions") or []

@@ -4,7 +4,7 @@ Kueue's controller manager is built from its Go module (tests/cluster/kueue.py).
 ``spec.scheduling.queueName`` is admitted by Kueue and runs to completion; suspended mid-run its
 Job is deleted (Kueue owns a queued Job's ``spec.suspend``: patching it started an endless fight)
 and stays gone, the quota is released, and on resume the same attempt is queued again: every
-finished iteration kept, no Job twice. Steps are stand-ins (tests/e2e/standin.py); the pods of
+finished iteration kept, no Job twice. Steps are stand-ins (tests/cluster/standin.py); the pods of
 iteration 1 (or of every iteration, ``gate_all``) wait for a gate file the test creates.
 """
 
@@ -19,12 +19,11 @@ from typing import Any
 import pytest
 
 from spin_operator.naming import job_name, parse_job_name
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster import kueue as kq
 from tests.cluster.harness import RealCluster
+from tests.cluster.kit import wait_for
 from tests.cluster.node_agent import LaunchHook
-from tests.e2e import harness as e2e
-from tests.e2e.harness import wait_for
 from tests.support.servers import MlflowServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -64,10 +63,10 @@ def gated_hook(gate: Path, all_iterations: bool) -> LaunchHook:
         if job is None:
             return argv
         parsed = parse_job_name(job)
-        standin = [str(e2e.STANDIN), *argv]
+        standin = [str(kit.STANDIN), *argv]
         if all_iterations or (parsed is not None and parsed.iteration >= 1):
-            return [str(e2e.VENV_BIN / "python"), str(GATED), str(gate), *standin]
-        return [str(e2e.VENV_BIN / "python"), *standin]
+            return [str(kit.VENV_BIN / "python"), str(GATED), str(gate), *standin]
+        return [str(kit.VENV_BIN / "python"), *standin]
 
     return hook
 
@@ -100,7 +99,7 @@ def queued(
 
 def apply_run(c: RealCluster, tmp_path: Path, name: str) -> None:
     c.apply(
-        e2e.spinrun_file(
+        kit.spinrun_file(
             tmp_path,
             name,
             spec__iterations=2,
@@ -201,7 +200,9 @@ def test_suspend_and_resume_a_kueue_admitted_run(
     assert [it["stage"] for it in its] == ["Done", "Done"]
     assert all(it[k]["attempts"] == 1 for it in its for k in ("generate", "train", "evaluate"))
     created = c.job_creations()
-    expected = [job_name(run, t, k) for t in (0, 1) for k in ("generate", "train", "evaluate")]
+    expected = [job_name(run, 0, "check")] + [
+        job_name(run, t, k) for t in (0, 1) for k in ("generate", "train", "evaluate")
+    ]
     # iteration 0 kept (its Jobs never created again); the suspended step's Job once more
     assert sorted(created) == sorted([*expected, gen1]), created
     assert set(first) == {job_name(run, 0, k) for k in ("generate", "train", "evaluate")} | {gen1}

@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster.harness import OPERATOR_GROUP, RELEASE_NAMESPACE, RealCluster
+from tests.cluster.kit import wait_for
 from tests.cluster.test_faults import finish_once, start_gated
-from tests.e2e import harness as e2e
-from tests.e2e.harness import wait_for
 from tests.support.servers import MlflowServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -42,10 +41,10 @@ def two_operators(
 
     def hook(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
         if "job-name" in (pod["metadata"].get("labels") or {}):
-            return [str(e2e.VENV_BIN / "python"), str(GATED), str(gate), str(e2e.STANDIN), *argv]
+            return [str(kit.VENV_BIN / "python"), str(GATED), str(gate), str(kit.STANDIN), *argv]
         env["SPIN_HEALTH_PORT"], env["SPIN_METRICS_PORT"] = (
-            str(e2e.free_port()),
-            str(e2e.free_port()),
+            str(kit.free_port()),
+            str(kit.free_port()),
         )
         wait = f'while [ -e "{hold}" ]; do sleep 0.2; done; exec "$@"'
         return ["bash", "-c", wait, "operator", *argv]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster import kit
 from tests.cluster.harness import OPERATOR_GROUP, RealCluster
-from tests.e2e import harness as e2e
-from tests.e2e.harness import wait_for
+from tests.cluster.kit import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def test_twenty_spinruns_at_once_all_complete(cluster_quick: RealCluster, tmp_pa
     c = cluster_quick
     names = [f"load-{i:02d}" for i in range(RUNS)]
     docs = [
-        yaml.safe_load(e2e.spinrun_file(tmp_path, n, spec__iterations=ITERATIONS).read_text())
+        yaml.safe_load(kit.spinrun_file(tmp_path, n, spec__iterations=ITERATIONS).read_text())
         for n in names
     ]
     manifest = tmp_path / "twenty.yaml"
@@ -38,7 +38,7 @@ def test_twenty_spinruns_at_once_all_complete(cluster_quick: RealCluster, tmp_pa
     def phases() -> collections.Counter[str] | None:
         runs = (c.plane.api().get(path) or {}).get("items", [])
         counts = collections.Counter((r.get("status") or {}).get("phase", "None") for r in runs)
-        return counts if sum(counts[p] for p in e2e.TERMINAL) == RUNS else None
+        return counts if sum(counts[p] for p in kit.TERMINAL) == RUNS else None
 
     try:
         final = wait_for(phases, 900, f"{RUNS} runs to finish", interval=1.0)

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from tests.cluster import kit
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
-from tests.e2e.harness import wait_for
+from tests.cluster.kit import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -69,7 +69,7 @@ def test_blocked_pods_surface_then_the_pending_timeout_fails_the_step(
     c = cluster_quick
     changes, reason, cause = CASES[case]
     c.apply(
-        e2e.spinrun_file(
+        kit.spinrun_file(
             tmp_path,
             RUN,
             spec__iterations=1,

@@ -2,7 +2,7 @@
 
 Shard 1 of the first generation Job fails once (exit 1). With ``backoffLimitPerIndex`` the real
 Job controller lets shard 0 finish, fails only index 1 (``FailedIndexes``), and the operator's
-next Job finishes the step; the run succeeds. Steps are stand-ins (tests/e2e/standin.py).
+next Job finishes the step; the run succeeds. Steps are stand-ins (tests/cluster/standin.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from spin_operator.naming import job_name
-from tests.cluster import harness
+from tests.cluster import harness, kit
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
 from tests.support.servers import MlflowServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
@@ -38,7 +37,7 @@ def flaky_shard(
         meta = pod["metadata"]
         if "job-name" not in (meta.get("labels") or {}):
             return argv
-        standin = [str(e2e.VENV_BIN / "python"), str(e2e.STANDIN), *argv]
+        standin = [str(kit.VENV_BIN / "python"), str(kit.STANDIN), *argv]
         if (
             meta["labels"]["job-name"] == first
             and (meta.get("annotations") or {}).get(INDEX) == "1"
@@ -58,7 +57,7 @@ def test_a_failed_shard_does_not_stop_the_others(flaky_shard: RealCluster, tmp_p
     started = time.monotonic()
     # finished Jobs kept (retention.finishedJobs: Retain): both generation Jobs are read back
     c.apply(
-        e2e.spinrun_file(
+        kit.spinrun_file(
             tmp_path, RUN, spec__iterations=1, spec__retention={"finishedJobs": "Retain"}
         )
     )

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL
+from tests.cluster import kit
 from tests.cluster.harness import OPERATOR_GROUP, RealCluster
-from tests.e2e import harness as e2e
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -80,7 +80,7 @@ def test_job_lists_and_watches_are_filtered_by_the_server(
             "POST", f"/apis/batch/v1/namespaces/{other}/jobs", stranger_job(f"batch-{i}")
         )
     started = time.monotonic()
-    c.apply(e2e.spinrun_file(tmp_path, RUN, spec__iterations=1))
+    c.apply(kit.spinrun_file(tmp_path, RUN, spec__iterations=1))
     run = c.wait_run(RUN, 300)
     assert run["status"]["phase"] == "Succeeded", c.diagnostics(RUN)
 

@@ -158,3 +158,36 @@ def test_retries_are_bounded(s3_bucket: str) -> None:
     ):
         storage.write_text(uri, "payload")
     assert faults.injected == storage.config().attempts
+
+
+def test_read_head_reads_a_prefix_and_the_size(root: str) -> None:
+    uri = storage.join(root, "w.bin")
+    storage.write_bytes(uri, b"0123456789")
+    assert storage.read_head(uri, 4) == (b"0123", 10)
+    assert storage.read_head(uri, 64) == (b"0123456789", 10)
+    with pytest.raises(FileNotFoundError):
+        storage.read_head(storage.join(root, "absent.bin"), 4)
+
+
+def test_header_checks_ride_out_a_flapping_s3(s3_bucket: str) -> None:
+    """The model check's ranged reads go through the same retries as every other read: two
+    503s in a row (botocore's own retries off here) must not read as a broken checkpoint."""
+    from spin_runtime import modelcheck
+
+    storage.write_bytes(storage.join(s3_bucket, "m/w.bin"), b"0123456789")
+    folder = modelcheck.Folder.open(storage.join(s3_bucket, "m"))
+    with S3Faults(storage.s3_client(), failures=2, operations=("HeadObject",)) as faults:
+        assert folder.head("w.bin", 4) == (b"0123", 10)
+    assert faults.injected == 2
+
+
+def test_s3_unavailable_is_not_reported_as_bad_input(s3_bucket: str) -> None:
+    """S3 failing after every retry says nothing about the model: the check raises (the step
+    fails as retryable) instead of listing a problem (exit 2, bad input, never retried)."""
+    from spin_runtime import check
+
+    with (
+        S3Faults(storage.s3_client(), failures=100),
+        pytest.raises(storage.StorageUnavailableError),
+    ):
+        check.check_model_uris(storage.join(s3_bucket, "model"), None, None)

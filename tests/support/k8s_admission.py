@@ -13,7 +13,7 @@ import copy
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -107,7 +107,6 @@ class CrdAdmission:
 
     schema: dict[str, Any]
     errors: ErrorsFn
-    printer_columns: list[dict[str, Any]] = field(default_factory=list)
 
     def admit(self, obj: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         """(stored object, unknown field paths, validation errors)."""
@@ -124,7 +123,7 @@ def crd_admission(crd: dict[str, Any], version: str) -> CrdAdmission:
         "x-kubernetes-preserve-unknown-fields": True,
     }
     errors = KNOWN_ERRORS.get(crd["metadata"]["name"]) or schema_errors(schema)
-    return CrdAdmission(schema, errors, list(entry.get("additionalPrinterColumns") or []))
+    return CrdAdmission(schema, errors)
 
 
 # --------------------------------------------------------------------------- built-ins

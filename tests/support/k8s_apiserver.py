@@ -11,10 +11,10 @@ Stored objects are never mutated (each write stores a new dict), so watch events
 share them without copies. Everything runs on the server's event loop.
 
 Not emulated: authentication and RBAC (the request log is for checking the chart's rules),
-server-side apply (415) and managedFields, `/openapi/v2` (plain `kubectl apply` needs
-`--validate=false`), admission webhooks, namespace existence on create and a Terminating phase
-for namespaces (their contents are deleted at once), periodic watch bookmarks, Tables for watches,
-controllers (Jobs never run: see job_driver.py), list `resourceVersion` semantics (lists are
+server-side apply (415) and managedFields, what only kubectl asks for (`/openapi`, Tables: users'
+tools run against the real control plane, tests/cluster), admission webhooks, namespace existence
+on create and a Terminating phase for namespaces (their contents are deleted at once), periodic
+watch bookmarks, controllers (Jobs never run: see job_driver.py), list `resourceVersion` semantics (lists are
 always current), and immediate collection of objects created with an owner that never existed
 (`collect_garbage()` sweeps them, as the real collector eventually does).
 """
@@ -66,23 +66,6 @@ JSON = dict[str, Any]
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def human_age(timestamp: str | None) -> str:
-    """kubectl's short durations ("5s", "3m12s", "2d") for date columns in Tables."""
-    if not timestamp:
-        return "<unknown>"
-    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
-    secs = max(0, int((datetime.datetime.now(tz=datetime.UTC) - then).total_seconds()))
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 600:
-        return f"{secs // 60}m{secs % 60}s" if secs % 60 else f"{secs // 60}m"
-    if secs < 3 * 3600:
-        return f"{secs // 60}m"
-    if secs < 48 * 3600:
-        return f"{secs // 3600}h"
-    return f"{secs // 86400}d"
 
 
 @dataclass(frozen=True)
@@ -443,11 +426,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # ------------------------------------------------------------------ HTTP
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        """Serve resource URLs and /openapi here; discovery and the rest through kmock."""
+        """Serve resource URLs here; discovery and the rest through kmock."""
         started = time.time()
         agent = raw.headers.get("User-Agent", "")
         route = self.route(raw.path)
-        if route is None and not raw.path.startswith("/openapi"):
+        if route is None:
             response = await super().__call__(raw)
             self.requests_log.append(
                 ApiRequest(
@@ -465,37 +448,26 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 )
             )
             return response
-        verb = (
-            self.verb(raw.method, route, raw.query.get("watch") in ("true", "1"))
-            if route
-            else "get"
+        verb = self.verb(raw.method, route, raw.query.get("watch") in ("true", "1"))
+        record = ApiRequest(
+            verb,
+            route.group,
+            route.version,
+            route.plural,
+            route.subresource,
+            route.namespace,
+            route.name,
+            0,
+            agent,
+            raw.path,
+            started,
+            dry_run=raw.query.get("dryRun") == "All",
         )
-        if route is None:
-            record = ApiRequest(
-                verb, None, None, None, None, None, None, 0, agent, raw.path, started
-            )
-        else:
-            record = ApiRequest(
-                verb,
-                route.group,
-                route.version,
-                route.plural,
-                route.subresource,
-                route.namespace,
-                route.name,
-                0,
-                agent,
-                raw.path,
-                started,
-                dry_run=raw.query.get("dryRun") == "All",
-            )
         try:
             for fault in list(self.faults):
                 if (error := fault(record)) is not None:
                     raise error
-            if route is None:
-                response = self._serve_openapi(raw.path)
-            elif route.rdef is None:
+            if route.rdef is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             elif verb == "watch":  # logged when the stream starts (it may last the whole test)
                 return await self.serve_watch(
@@ -509,7 +481,6 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                     dict(raw.query),
                     body,
                     raw.headers.get("Content-Type", ""),
-                    raw.headers.get("Accept", ""),
                 )
                 response = self._json(result.code, result.body, result.warnings)
                 if verb == "create" and result.code == 201:  # log the name the server chose
@@ -533,14 +504,6 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             content_type="application/json",
             headers=headers,
         )
-
-    def _serve_openapi(self, path: str) -> aiohttp.web.Response:
-        # No schemas: kubectl then merge-patches custom resources. /openapi/v2 stays 404 (kubectl wants
-        # protobuf there), so plain `kubectl apply` needs --validate=false, as the field notes say.
-        if path.rstrip("/") == "/openapi/v3":
-            return self._json(200, {"paths": {}}, [])
-
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
     def route(self, path: str) -> Route | None:
         """Parse `/api/v1/...` or `/apis/g/v/...` resource URLs; None for discovery and others."""
@@ -589,7 +552,6 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         params: dict[str, str],
         body: bytes,
         content_type: str = "application/json",
-        accept: str = "",
     ) -> Result:
         """Serve one non-watch request (also used directly by the test helpers)."""
         rdef = route.rdef
@@ -605,7 +567,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if verb == "get":
             return Result(200, self._get(rdef, namespace, route.name or "", route.subresource), [])
         if verb == "list":
-            return Result(200, self.list_objects(rdef, namespace, params, accept), [])
+            return Result(200, self.list_objects(rdef, namespace, params), [])
         if verb == "create":
             if route.name is not None:
                 raise ApiError(
@@ -679,7 +641,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return match
 
     def list_objects(
-        self, rdef: ResourceDef, namespace: str | None, params: dict[str, str], accept: str = ""
+        self, rdef: ResourceDef, namespace: str | None, params: dict[str, str]
     ) -> JSON:
         match = self.predicate(rdef, namespace, params)
         items = [o for o in self.stored_objects(rdef, namespace) if match(o)]
@@ -693,63 +655,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if limit and len(items) > limit:
             items = items[:limit]
             meta["continue"] = str(start + limit)
-        if "as=Table" in accept:
-            return self.table(rdef, items, meta, params.get("includeObject", "Metadata"))
         return {
             "kind": f"{rdef.kind}List",
             "apiVersion": rdef.api_version,
             "metadata": meta,
             "items": items,
-        }
-
-    def table(self, rdef: ResourceDef, items: list[JSON], meta: JSON, include: str) -> JSON:
-        """A meta.k8s.io/v1 Table as kubectl asks for: Name, the CRD's printer columns (or Age)."""
-        crd = self._crds.get((rdef.group, rdef.version, rdef.plural))
-        columns = (
-            crd.printer_columns
-            if crd and crd.printer_columns
-            else [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
-        )
-        defs = [
-            {
-                "name": "Name",
-                "type": "string",
-                "format": "name",
-                "description": "Name",
-                "priority": 0,
-            }
-        ] + [
-            {
-                "name": c["name"],
-                "type": c["type"],
-                "format": c.get("format", ""),
-                "description": c.get("description", ""),
-                "priority": c.get("priority", 0),
-            }
-            for c in columns
-        ]
-        rows = []
-        for obj in items:
-            cells: list[Any] = [obj["metadata"]["name"]]
-            for c in columns:
-                value = sem.simple_jsonpath(obj, c["jsonPath"])
-                cells.append(human_age(value) if c["type"] == "date" else value)
-            row: JSON = {"cells": cells}
-            if include == "Object":
-                row["object"] = obj
-            elif include != "None":
-                row["object"] = {
-                    "kind": "PartialObjectMetadata",
-                    "apiVersion": "meta.k8s.io/v1",
-                    "metadata": obj["metadata"],
-                }
-            rows.append(row)
-        return {
-            "kind": "Table",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": meta,
-            "columnDefinitions": defs,
-            "rows": rows,
         }
 
     async def serve_watch(

@@ -1,8 +1,11 @@
 """The `k8s_api` fixture: an emulated Kubernetes API server with the SPINRun CRD, on 127.0.0.1.
 
 The server (`tests.support.k8s_apiserver.ApiServerEmulator`, kmock's emulator with real API
-semantics) runs on its own event loop in a thread, so synchronous tests, kubectl subprocesses and
+semantics) runs on its own event loop in a thread, so synchronous tests, the kubernetes client and
 an operator on the test's event loop all reach it the same way: over HTTP, via `kubeconfig_path`.
+It is the fast tier's API server (tests/spin_operator, tests/charts/test_rbac.py,
+benchmarks/operator_scale.py); every end-to-end scenario runs on the real control plane
+(tests/cluster).
 
 Test helpers (`create`, `get`, `list`, `patch`, `replace`, `delete` and their `a...` async twins)
 act directly on the server's store through the same code path as HTTP requests (admission,

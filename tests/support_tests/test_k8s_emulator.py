@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
-import shutil
-import subprocess
 import threading
 import urllib.error
 import urllib.parse
@@ -22,7 +20,6 @@ from tests.support.k8s_semantics import ApiError
 
 SPINRUNS = "/apis/selfplay.dev/v1alpha1/namespaces/default/spinruns"
 JOBS = "/apis/batch/v1/namespaces/default/jobs"
-KUBECTL = pathlib.Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubectl"
 MERGE = "application/merge-patch+json"
 
 
@@ -573,38 +570,6 @@ def test_fault_injection_answers_the_given_error(k8s_api: K8sApi) -> None:
     )
     assert http(k8s_api, "POST", JOBS, job("j"))[0] == 500
     assert k8s_api.requests.count(verb="create", resource="jobs", code=500) == 1
-
-
-@pytest.mark.skipif(
-    not KUBECTL.exists() or shutil.which("true") is None,
-    reason="kubectl not installed (scripts/install-tools.sh)",
-)
-def test_kubectl_apply_get_delete(k8s_api: K8sApi) -> None:
-    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "01-minimal.yaml"
-
-    def kubectl(*args: str) -> str:
-        proc = subprocess.run(
-            [str(KUBECTL), "--kubeconfig", str(k8s_api.kubeconfig_path), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    assert "created" in kubectl("apply", "--validate=false", "-f", str(example))
-    assert "unchanged" in kubectl("apply", "--validate=false", "-f", str(example))
-    k8s_api.patch(
-        "spinruns",
-        "minimal",
-        {"status": {"phase": "Running", "iteration": 1, "progress": "1/3", "stage": "Training"}},
-        subresource="status",
-    )
-    header, row = kubectl("get", "spinruns").splitlines()
-    assert header.split() == ["NAME", "PHASE", "ITERATION", "STAGE", "DONE", "BEST", "AGE"]
-    assert row.split()[:5] == ["minimal", "Running", "1", "Training", "1/3"]
-    assert "deleted" in kubectl("delete", "-f", str(example))
-    assert k8s_api.get("spinruns", "minimal") is None
 
 
 async def test_kopf_operator_runs_against_the_emulator(

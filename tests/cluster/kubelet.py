@@ -1,8 +1,8 @@
 """What the kubelet does to start one container, on this machine instead of a node.
 
-Why a module of its own: the executor (tests/support/executor.py) starts Job pods with it, and
-the end-to-end harness starts the operator's Deployment container (rendered from the Helm chart)
-with it too, so both get the same env resolution, mounts and name resolution.
+The node agent (tests/cluster/node_agent.py) starts every pod bound to its Nodes with it: the
+operator's Deployment (the chart's, installed by helm) and the Job pods alike, so all get the same
+env resolution, mounts and name resolution.
 
 What a container gets:
 
@@ -33,9 +33,7 @@ import contextlib
 import json
 import logging
 import re
-import secrets
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -45,7 +43,6 @@ from typing import Any
 
 import requests
 
-from tests.support.job_driver import now_rfc3339
 from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +55,7 @@ PORT_FLAGS = ("--master-port", "--master_port")
 PORT_ENV = ("MASTER_PORT", "PET_MASTER_PORT")
 log = logging.getLogger("kubelet")
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-USER_AGENT = "executor"  # how the emulator's request log tells our calls from the operator's
+USER_AGENT = "node-agent"  # how the audit log tells our calls from the operator's
 
 
 # --------------------------------------------------------------------------- API client
@@ -252,40 +249,6 @@ class PodContext:
         return ""
 
 
-@dataclass
-class PodRecord:
-    """One pod of one Job, backed by (at most) one local process group."""
-
-    namespace: str
-    job: str
-    job_uid: str
-    name: str
-    index: int | None
-    directory: Path
-    created: str = field(default_factory=now_rfc3339)
-    phase: str = "Pending"  # Pending | Running | Succeeded | Failed
-    proc: subprocess.Popen[bytes] | None = None
-    argv: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)  # as resolved for the process
-    exit_code: int | None = None
-    reason: str = ""
-    message: str = ""
-    started: str | None = None
-    finished: str | None = None
-    disruption: bool = False
-    controller_killed: bool = False  # terminated by the controller: never counted as a failure
-    action: str | None = None  # podFailurePolicy verdict once evaluated
-    event_posted: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.phase in ("Pending", "Running")
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "log.txt"
-
-
 class Kubelet:
     """Resolves containers against the API server ``api`` into (argv, env, cwd) on this host."""
 
@@ -439,138 +402,6 @@ class Kubelet:
                         (local / item).write_text(value)
             mounts[path] = local / mount["subPath"] if mount.get("subPath") else local
         return mounts
-
-    # ------------------------------------------------------------------ Pod objects and events
-
-    def create_pod_object(self, job: dict[str, Any], pod: PodRecord) -> None:
-        meta = job["metadata"]
-        template = job["spec"]["template"]
-        labels = dict((template.get("metadata") or {}).get("labels") or {})
-        labels.update({"batch.kubernetes.io/job-name": pod.job, "job-name": pod.job})
-        if meta.get("uid"):
-            labels.update(
-                {"batch.kubernetes.io/controller-uid": meta["uid"], "controller-uid": meta["uid"]}
-            )
-        annotations = dict((template.get("metadata") or {}).get("annotations") or {})
-        spec = dict(template.get("spec") or {})
-        spec["nodeName"] = "executor"
-        if pod.index is not None:
-            labels[INDEX_ANNOTATION] = str(pod.index)
-            annotations[INDEX_ANNOTATION] = str(pod.index)
-            spec["hostname"] = f"{pod.job}-{pod.index}"
-        owner = {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "name": pod.job,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-        if meta.get("uid"):
-            owner["uid"] = meta["uid"]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": pod.name,
-                "namespace": pod.namespace,
-                "labels": labels,
-                "annotations": annotations,
-                "ownerReferences": [owner],
-            },
-            "spec": spec,
-        }
-        try:
-            self.api.request("POST", f"/api/v1/namespaces/{pod.namespace}/pods", body)
-        except ApiError as exc:
-            log.warning("pod %s not created in the API: %s", pod.name, exc)
-
-    def publish(self, pod: PodRecord) -> None:
-        """Write the pod's status to its Pod object (as the kubelet does)."""
-        container = "main"
-        state: dict[str, Any]
-        if pod.phase == "Pending":
-            state = {
-                "waiting": {"reason": pod.reason or "ContainerCreating", "message": pod.message}
-            }
-        elif pod.phase == "Running":
-            state = {"running": {"startedAt": pod.started}}
-        else:
-            state = {
-                "terminated": {
-                    "exitCode": pod.exit_code,
-                    "reason": pod.reason,
-                    "message": pod.message,
-                    "startedAt": pod.started,
-                    "finishedAt": pod.finished,
-                }
-            }
-        ready = "True" if pod.phase == "Running" else "False"
-        conditions = [
-            {"type": "PodScheduled", "status": "True"},
-            {"type": "Initialized", "status": "True"},
-            {"type": "ContainersReady", "status": ready},
-            {"type": "Ready", "status": ready},
-        ]
-        if pod.disruption:
-            conditions.append(
-                {
-                    "type": "DisruptionTarget",
-                    "status": "True",
-                    "reason": "TerminationByKubelet",
-                    "message": "Pod was terminated in response to imminent node shutdown.",
-                }
-            )
-        status = {
-            "phase": pod.phase,
-            "podIP": "127.0.0.1",
-            "hostIP": "127.0.0.1",
-            "startTime": pod.created,
-            "conditions": conditions,
-            "containerStatuses": [
-                {
-                    "name": container,
-                    "ready": ready == "True",
-                    "restartCount": 0,
-                    "image": "",
-                    "imageID": "",
-                    "state": state,
-                }
-            ],
-        }
-        try:
-            self.api.request(
-                "PATCH",
-                f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status",
-                {"status": status},
-                merge=True,
-            )
-        except ApiError as exc:
-            log.debug("pod %s status not written: %s", pod.name, exc)
-
-    def post_event(self, pod: PodRecord, reason: str, message: str) -> None:
-        if pod.event_posted:
-            return
-        pod.event_posted = True
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{pod.name}.{secrets.token_hex(8)}", "namespace": pod.namespace},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": pod.name,
-                "namespace": pod.namespace,
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "count": 1,
-            "firstTimestamp": now_rfc3339(),
-            "lastTimestamp": now_rfc3339(),
-            "source": {"component": "kubelet"},
-        }
-        with contextlib.suppress(Exception):
-            self.api.request("POST", f"/api/v1/namespaces/{pod.namespace}/events", body)
 
 
 def _rewrite_mounts(value: str, mounts: dict[str, Path]) -> str:

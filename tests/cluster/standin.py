@@ -1,9 +1,9 @@
 """A quick stand-in for ``python -m spin_runtime ...`` / ``torchrun ... -m spin_runtime train``.
 
 Why: the load test runs 20 SPINRuns at once on two shared cores; real generation and training of
-each would take many minutes. The executor's ``launch_hook`` (see ``quick_pods``) runs this file
-instead of the container's command, with the original argv after it. It writes what the real
-step leaves in storage (the same layout, manifests last, so the operator's checks are the real
+each would take many minutes. The node agent's launch hook (``quick_pods`` in
+tests/cluster/conftest.py) runs this file instead of the container's command, with the original
+argv after it. It writes what the real step leaves in storage (the same layout, manifests last, so the operator's checks are the real
 ones) and exits 0; everything else (Jobs, pods, env and Secrets, S3 on moto, the operator) is real.
 """
 

@@ -5,15 +5,15 @@ here the failing clients live in other processes (the operator, every Job pod). 
 requests on the wire instead, with the same S3 error body (``ServiceUnavailable``, 503) that
 S3Faults serves, so every client's real retry path (botocore's, then spin_runtime.storage's) runs.
 
-``fail_window(seconds, every=3)``: for ``seconds``, two out of every ``every`` requests get a 503
-(a flapping S3, not a dead one: each client's retries eventually get through).
+``fail_next(requests, every=3)``: of the next ``requests`` requests, all but one of every ``every``
+get a 503 (a flapping S3, not a dead one: each client's retries eventually get through). Counted
+in requests, not seconds: how many errors land does not depend on how busy the machine is.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -29,7 +29,7 @@ class S3FaultProxy:
         target = urlsplit(upstream)
         self.upstream_host, self.upstream_port = target.hostname or "127.0.0.1", target.port or 80
         self._lock = threading.Lock()
-        self._until = 0.0
+        self._budget = 0
         self._every = 3
         self._counter = 0
         self.injected = 0
@@ -64,7 +64,11 @@ class S3FaultProxy:
                     for key, value in resp.getheaders():
                         if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
                             self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(data)))
+                    # A HEAD's Content-Length is the object's size (no body follows): passed on
+                    # as is. Counting the empty body made every object look 0 bytes long to
+                    # head_object, e.g. to the runtime's safetensors header check.
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)
@@ -95,19 +99,16 @@ class S3FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def fail_window(self, seconds: float, every: int = 3) -> None:
-        """From now, for ``seconds``: all but one of each ``every`` requests answer 503."""
+    def fail_next(self, requests: int, every: int = 3) -> None:
+        """Of the next ``requests`` requests, all but one of each ``every`` answer 503."""
         with self._lock:
-            self._until, self._every, self._counter = time.monotonic() + seconds, every, 0
-
-    @property
-    def failing(self) -> bool:
-        return time.monotonic() < self._until
+            self._budget, self._every, self._counter = requests, every, 0
 
     def _should_fail(self) -> bool:
         with self._lock:
-            if time.monotonic() >= self._until:
+            if self._budget <= 0:
                 return False
+            self._budget -= 1
             self._counter += 1
             if self._counter % self._every == 0:
                 return False
