@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from spin_operator.naming import job_name
+from tests.cluster import kit
 from tests.cluster.harness import RealCluster
-from tests.e2e import harness as e2e
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
 RUN = "bad"
-BAD_DATASET = f"s3://{e2e.BUCKET}/data/bad-rows-cluster.jsonl"
+BAD_DATASET = f"s3://{kit.BUCKET}/data/bad-rows-cluster.jsonl"
 
 
 def test_bad_dataset_fails_the_check_job_once_and_no_generation_job_exists(
@@ -29,11 +29,11 @@ def test_bad_dataset_fails_the_check_job_once_and_no_generation_job_exists(
     from spin_runtime import storage
 
     c = cluster_quick
-    good = storage.read_bytes(e2e.DATASET_URI)
+    good = storage.read_bytes(kit.DATASET_URI)
     storage.write_bytes(BAD_DATASET, good + b'{"prompt": "caf\xe9", "response": "x"}\n' * 20)
     # finished Jobs kept (retention.finishedJobs: Retain) to read the check Job back
     c.apply(
-        e2e.spinrun_file(
+        kit.spinrun_file(
             tmp_path,
             RUN,
             spec__dataset__uri=BAD_DATASET,
