@@ -98,5 +98,8 @@ bench-generate: venv vllm-venv ## transformers vs. vLLM generation throughput
 bench-operator: venv ## operator latency and API requests at scale
 	$(PY) benchmarks/operator_scale.py --runs 100
 
+bench-operator-real: venv tools cluster-bin ## the same on the real control plane, beside the emulated one
+	$(PY) benchmarks/operator_scale.py --cluster both --runs 100
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -34,7 +34,7 @@ from spin_operator.decision import (
     SetFinalizer,
     SuspendJob,
 )
-from spin_operator.facts import StoragePools
+from spin_operator.endpoints import StoragePools, report_outages
 from spin_operator.kube import ApiError, Kube, job_path, service_path, spinrun_path
 from spin_operator.metrics import Metrics
 from spin_operator.naming import APPLIED_SPEC_ANNOTATION, CHECK, FINALIZER, StepKind, job_name
@@ -84,8 +84,11 @@ class Applier:
         runs: dict[Key, JSON],
         on_job: Callable[[str | None, JSON], None],
         post_event: EventPoster | None = None,
+        deletes_sent: set[tuple[str, str]] | None = None,
     ) -> None:
         self.settings = settings
+        # (namespace, Job) deleted and not yet seen deleting by the watch (Facts.deletes_sent)
+        self.deletes_sent = set() if deletes_sent is None else deletes_sent
         self.kube = kube
         self.metrics = metrics
         self.storage = storage
@@ -112,13 +115,24 @@ class Applier:
         body = fresh
         if spec is not None:
             await self.tracking.ensure_ids(spec, run, d)
+            report_outages(  # the run's storage endpoint skipped, its MLflow refusing
+                new,
+                spec,
+                self.storage,
+                self.tracking.tracking.refused(spec.tracking.uri),
+                self.settings.mlflow_secret,
+                body["metadata"].get("generation"),
+            )
         for a in d.actions:
             if isinstance(a, DeleteJob):
                 # Foreground: the Job stays (marked deleting) until its pods are gone, so the
                 # reconciler can tell when nothing writes any more (run deletion, retries).
-                await self._write(
+                if (run.namespace, a.name) in self.deletes_sent:
+                    continue
+                if await self._write(
                     self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
-                )
+                ):  # None or False: already gone (404)
+                    self.deletes_sent.add((run.namespace, a.name))
             elif isinstance(a, DeleteService):
                 await self._write(self.kube.delete(service_path(run.namespace, a.name)))
             elif isinstance(a, SuspendJob):
@@ -140,7 +154,7 @@ class Applier:
         # recorded in status.mlflow only once MLflow confirmed them. A kill before that patch, or
         # an MLflow that does not answer, leaves them out of the status: the reconciler asks again.
         written = new.model_copy(deep=True)
-        settled = await self.tracking.tracking.settle(spec, run, new, d.actions)
+        settled = await self.tracking.tracking.settle(spec, run, new, d.actions, self.storage.run)
         await self._patch_status(key, body, run, written, new)
         return settled
 
@@ -191,7 +205,7 @@ class Applier:
                         a.spec.to_wire(), sort_keys=True, separators=(",", ":")
                     )
                 elif isinstance(a, DeleteArtifacts) and d.spec is not None:
-                    count = await self.storage.run(observe.delete_artifacts, d.spec, a.prefix)
+                    count = await self.storage.bulk(observe.delete_artifacts, d.spec, a.prefix)
                     log.info(
                         "%s/%s: deleted %d artifact file(s) under %s",
                         run.namespace,

@@ -55,6 +55,7 @@ class Controller:
         retry_base: float = 2.0,
         retry_max: float = 60.0,
         pod_check: float = 20.0,
+        storage: StoragePools | None = None,
     ) -> None:
         self._settings = settings
         self.kube = kube
@@ -68,7 +69,8 @@ class Controller:
         self.touched: dict[tuple[str, str, str], float] = {}
         self.run_touched: dict[Key, float] = {}
         self.specs = Specs(settings)
-        storage = self._storage = StoragePools()
+        # a pool, a budget per call and a breaker per storage endpoint (endpoints.py)
+        storage = self._storage = storage or StoragePools()
 
         def on_job(event_type: str | None, obj: JSON) -> None:
             self.on_job(event_type, obj)  # looked up late: a test may replace it (test_resync)
@@ -86,6 +88,7 @@ class Controller:
             self.runs,
             on_job,
             post_event,
+            deletes_sent=self.facts.deletes_sent,
         )
         self.pod_check = pod_check
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
@@ -139,6 +142,7 @@ class Controller:
             jobs = self.jobs.get(key, {})
             for name in [n for n, (owner, _) in jobs.items() if owner == uid]:
                 del jobs[name]
+                self.facts.deletes_sent.discard((key[0], name))
             self.facts.forget(uid)
             recheck = self._rechecks.pop(key, None)
             if recheck is not None:

@@ -4,13 +4,13 @@ The reconciler is pure (reconciler.py); the controller builds its `Observed` fro
 caches and fetches, only when a decision asks (`Decision.needs_*`), the facts the caches do not
 hold: storage manifests, the stored spec's digest, Secrets, a GET for a Job the cache does not
 have, the cause a bad-input exit left in storage, and what keeps a Job's pods from starting.
-Storage calls run in one small thread pool per storage endpoint (`StoragePools`).
+Storage calls run in one small thread pool per storage endpoint, each within a short budget and
+behind a breaker per endpoint (`endpoints.StoragePools`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from spin_operator import observe
 from spin_operator.api import types as api
 from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts, referenced_secrets
+from spin_operator.endpoints import StoragePools
 from spin_operator.kube import ApiError, Kube, job_path, secret_path
 from spin_operator.metrics import Metrics
 from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER
@@ -63,28 +64,6 @@ def applied_spec(meta: JSON) -> api.SPINRunSpec | None:
         return api.SPINRunSpec.model_validate(json.loads(raw))
     except (ValueError, ValidationError):
         return None
-
-
-class StoragePools:
-    """One small pool per storage endpoint: a store that hangs holds up only the runs that use it."""
-
-    def __init__(self) -> None:
-        self._pools: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
-
-    async def run(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
-        """`fn(spec, *args)` in the worker pool of the run's storage endpoint."""
-        endpoint = spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
-        pool = self._pools.get(endpoint)
-        if pool is None:
-            pool = self._pools[endpoint] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="spin-storage"
-            )
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, spec, *args)
-
-    def close(self) -> None:
-        for pool in self._pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._pools.clear()
 
 
 class Specs:
@@ -175,6 +154,15 @@ class Facts:
         self.pod_check = pod_check
         self._starting: dict[tuple[str, str], JSON] = {}
         self._blocked: dict[tuple[str, str], tuple[float, observe.Blockage]] = {}
+        # When each such Job was first seen waiting ((run uid, Job) -> monotonic): the first look
+        # is `pod_check` seconds later, since a Job created a moment ago has no pods to blame yet
+        # and looking at once cost two requests per step for nothing (benchmarks, real cluster).
+        self._waiting_since: dict[tuple[str, str], float] = {}
+        # Jobs the operator asked to delete ((namespace, Job); the Applier adds them): a
+        # Foreground delete leaves the Job in place until its pods are gone, and passes triggered
+        # before the watch brings its deletionTimestamp must not send the delete again (they
+        # did: two per Job). They count as deleting until the watch says so itself.
+        self.deletes_sent: set[tuple[str, str]] = set()
 
     def job_seen(self, namespace: str, job: ObservedJob, obj: JSON, deleted: bool) -> None:
         """A watch event for a Job: keep its body while its pods are worth a look."""
@@ -182,12 +170,15 @@ class Facts:
             self._starting[(namespace, job.name)] = obj
         else:
             self._starting.pop((namespace, job.name), None)
+        if deleted or job.deleting:
+            self.deletes_sent.discard((namespace, job.name))  # the watch tells from here on
 
     def forget(self, uid: str | None) -> None:
         """The run is gone: drop what was learnt about its children."""
         self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
         self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
         self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
+        self._waiting_since = {k: v for k, v in self._waiting_since.items() if k[0] != uid}
 
     def run_jobs(self, run: RunRef) -> tuple[ObservedJob, ...]:
         return tuple(
@@ -204,9 +195,12 @@ class Facts:
             body = self._starting.get((run.namespace, job.name))
             if body is None:
                 self._blocked.pop(k, None)
+                self._waiting_since.pop(k, None)
                 continue
+            since = self._waiting_since.setdefault(k, now)
             seen = self._blocked.get(k)
-            if seen is not None and now - seen[0] < self.pod_check * 0.9:
+            last = since if seen is None else seen[0]
+            if now - last < self.pod_check * 0.9:
                 continue
             try:
                 pods = await self.kube.request(
@@ -254,6 +248,12 @@ class Facts:
             if (cause := self._causes.get((run.uid, j.name)))
             else j
             for j in self.run_jobs(run)
+        )
+        jobs = tuple(  # deleted by this operator: deleting, whether or not the watch said so yet
+            dataclasses.replace(j, deleting=True)
+            if (run.namespace, j.name) in self.deletes_sent
+            else j
+            for j in jobs
         )
         jobs = tuple(  # what keeps its pods from starting (looked at in look_at_pods)
             dataclasses.replace(

@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from spin_operator.api import types as api
@@ -23,6 +23,8 @@ from spin_operator.steps import RunRef, layout_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# `endpoints.StoragePools.run`: `fn(spec, *args)` in the run's storage pool, within its budget
+InStorage = Callable[..., Awaitable[Any]]
 
 
 class Tracking:
@@ -34,6 +36,7 @@ class Tracking:
         )
         self._trackers: dict[str, Any] = {}
         self._down_until: dict[str, float] = {}
+        self._refused: dict[str, str] = {}  # URI -> why MLflow refused the operator's credentials
         # called with the URI when MLflow answers again after a failure (the controller then
         # retries at once what waits for MLflow, instead of at each run's backoff)
         self.on_recovered: Callable[[str], None] | None = None
@@ -50,20 +53,39 @@ class Tracking:
         if time.monotonic() < self._down_until.get(uri, 0.0):
             return None
         loop = asyncio.get_running_loop()
+
+        def call() -> tuple[T, str | None]:
+            from spin_runtime.runlog import credentials_refused
+
+            tracker = self._tracker(uri)
+            out = fn(tracker)
+            return out, credentials_refused(tracker.last_error)
+
+        refused = None
         try:
-            result = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, lambda: fn(self._tracker(uri))), self.timeout
+            result, refused = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, call), self.timeout
             )
         except Exception as exc:  # ImportError, timeouts, anything MLflow throws
             log.warning(
                 "MLflow %s failed (%s); tracking skipped for %.0fs", what, exc, self.cooldown
             )
             result = None
+        if refused is not None:
+            if self._refused.get(uri) != refused:
+                log.warning("MLflow at %s refused the operator's credentials (%s)", uri, refused)
+            self._refused[uri] = refused
+        elif result is not None and result is not False:
+            self._refused.pop(uri, None)
         if result is None or result is False:
             self._down_until[uri] = time.monotonic() + self.cooldown
         elif self._down_until.pop(uri, None) is not None and self.on_recovered is not None:
             self.on_recovered(uri)
         return result
+
+    def refused(self, uri: str | None) -> str | None:
+        """Why MLflow at `uri` refused the operator's credentials on the last try (None: it did not)."""
+        return self._refused.get(uri or "")
 
     def down_for(self, uri: str | None) -> float:
         """Seconds until calls to `uri` are tried again (0: now)."""
@@ -220,32 +242,68 @@ class Tracking:
         return bool(await self._call(uri, "log dataset inputs", call))
 
     async def replay(
-        self, spec: api.SPINRunSpec, spools: dict[int, str], run_ids: frozenset[str] | None = None
+        self,
+        spec: api.SPINRunSpec,
+        spools: dict[int, str],
+        run_ids: frozenset[str] | None = None,
+        in_storage: InStorage | None = None,
     ) -> dict[int, int] | None:
-        """Send what Jobs spooled during an MLflow outage (`tracking.replay_spool`); returns the
-        calls still undelivered per key of `spools`, None when the replay could not run (MLflow
-        or storage unreachable). Storage is read with the run's endpoint (observe.storage_env)."""
+        """Send what Jobs spooled during an MLflow outage; returns the calls still undelivered
+        per key of `spools`, None when the replay could not run (MLflow or storage unreachable).
+
+        Storage (reading the spool files, then deleting or trimming them) goes through
+        `in_storage`, the controller's per-endpoint pool and budget (endpoints.py); only the
+        MLflow calls run in the MLflow pool, so a hanging store never holds an MLflow worker."""
         uri = spec.tracking.uri
         if not uri or not spools:
             return {}
+        if time.monotonic() < self._down_until.get(uri, 0.0):
+            return None  # MLflow cools down: do not read storage for nothing
+        store = in_storage or _in_thread
+        try:
+            files = {
+                k: await store(_read_spool, spec, spool, run_ids) for k, spool in spools.items()
+            }
+        except OSError as exc:
+            log.warning("spooled MLflow calls not read: %s", exc)
+            return None
 
-        def call(_: Any) -> dict[int, int]:
-            from spin_operator.observe import storage_env
-            from spin_runtime.tracking import replay_spool
+        def send(t: Any) -> dict[int, list[int]]:
+            from spin_runtime.runlog import send_ops
 
-            with storage_env(spec):
-                return {
-                    key: replay_spool(spool, uri, run_ids=run_ids).remaining
-                    for key, spool in spools.items()
-                }
+            sent: dict[int, list[int]] = {}
+            for key, entries in files.items():
+                sent[key], stop = [], False
+                for _path, ops in entries:  # in order: after a file MLflow did not take, none
+                    done = 0 if stop else send_ops(t.client, t.policy, ops)
+                    stop = stop or done < len(ops)
+                    sent[key].append(done)
+            return sent
 
-        remaining = await self._call(uri, "replay spooled calls", call)
-        if remaining and any(remaining.values()):  # MLflow did not take the backlog: cool down
+        sent = await self._call(uri, "replay spooled calls", send)
+        if sent is None:
+            return None
+        remaining: dict[int, int] = {}
+        for key, entries in files.items():
+            remaining[key] = 0
+            for (path, ops), done in zip(entries, sent[key], strict=True):
+                remaining[key] += len(ops) - done
+                if done or not ops:
+                    try:
+                        await store(_settle_spool, spec, path, ops, done)
+                    except OSError as exc:  # delivered calls stay spooled: sent again later
+                        log.warning("spool %s not trimmed after replay: %s", path, exc)
+        if any(remaining.values()):  # MLflow did not take the backlog: cool down
             self._down_until[uri] = time.monotonic() + self.cooldown
         return remaining
 
     async def settle(
-        self, spec: api.SPINRunSpec, run: RunRef, status: api.SPINRunStatus, actions: list[Action]
+        self,
+        spec: api.SPINRunSpec,
+        run: RunRef,
+        status: api.SPINRunStatus,
+        actions: list[Action],
+        in_storage: InStorage | None = None,
     ) -> bool:
         """Carry out the decision's ReplaySpool/FinishTracking actions and record in `status.mlflow`
         what MLflow confirmed: ended run ids (`finished`) and the undelivered backlog
@@ -260,7 +318,7 @@ class Tracking:
         # spools are written by the run's pods: replay only touches the MLflow runs of this status
         own = frozenset(r for r in (ml.run_id, *(i.mlflow_run_id for i in status.iterations)) if r)
         remaining = await self.replay(
-            spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)}, own
+            spec, {t: layout.iteration(t).tracking_spool for t in sorted(wanted)}, own, in_storage
         )
         if remaining is None:  # not replayed (cool-down, storage): a known backlog stays as it was
             ml.spooled_calls = ml.spooled_calls or None
@@ -290,3 +348,26 @@ def dataset_profile(rows: api.DatasetStatus) -> dict[str, Any]:
     """status.dataset as MLflow dataset profile entries (flat: the UI shows them as a table)."""
     out: dict[str, Any] = {"rows": rows.rows, "usable": rows.usable, "skipped": rows.skipped}
     return out | {f"skipped/{reason}": n for reason, n in rows.skipped_by_reason.items()}
+
+
+def _read_spool(
+    spec: api.SPINRunSpec, spool: str, run_ids: frozenset[str] | None
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    from spin_operator.observe import storage_env
+    from spin_runtime.runlog import read_spool
+
+    with storage_env(spec):
+        return read_spool(spool, run_ids)
+
+
+def _settle_spool(spec: api.SPINRunSpec, path: str, ops: list[dict[str, Any]], done: int) -> None:
+    from spin_operator.observe import storage_env
+    from spin_runtime.runlog import settle_spool_file
+
+    with storage_env(spec):
+        settle_spool_file(path, ops, done)
+
+
+async def _in_thread(fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+    """Storage without a controller (local mode, tests): a plain worker thread."""
+    return await asyncio.to_thread(fn, spec, *args)

@@ -22,7 +22,7 @@ from spin_operator.decision import (
     EnsureParentRun,
     RegisterModel,
 )
-from spin_operator.facts import StoragePools
+from spin_operator.endpoints import StoragePools
 from spin_operator.steps import RunRef, layout_of
 from spin_operator.track import Tracking
 

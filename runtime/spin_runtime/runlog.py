@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -167,9 +168,15 @@ def _batches(ops: list[Op]) -> list[tuple[int, int]]:
     return ranges
 
 
-def send_ops(client: MlflowClient, policy: TrackingPolicy, ops: list[Op]) -> int:
+def send_ops(
+    client: MlflowClient,
+    policy: TrackingPolicy,
+    ops: list[Op],
+    stopped: list[BaseException] | None = None,
+) -> int:
     """Deliver ``ops`` in order; returns how many leading ops are done (delivered, or dropped
-    after a permanent error). Stops at the first batch that keeps failing transiently."""
+    after a permanent error). Stops at the first batch that keeps failing transiently or whose
+    credentials MLflow refused; what stopped it is appended to ``stopped``."""
     for start, end in _batches(ops):
         batch = ops[start:end]
 
@@ -179,8 +186,10 @@ def send_ops(client: MlflowClient, policy: TrackingPolicy, ops: list[Op]) -> int
         try:
             call_with_retry(policy, f"log {batch[0]['op']}", send)
         except Exception as exc:
-            if is_transient(exc):
-                return start
+            if is_transient(exc) or credentials_refused(exc):
+                if stopped is not None:
+                    stopped.append(exc)
+                return start  # kept: sent again once MLflow (or the credentials) work
             for op in batch if len(batch) > 1 else []:  # isolate the bad call, keep the others
                 try:
                     _send_one_batch(client, [op])
@@ -191,6 +200,20 @@ def send_ops(client: MlflowClient, policy: TrackingPolicy, ops: list[Op]) -> int
             if len(batch) == 1:
                 log.warning("MLflow rejected a %s call, dropped: %s", batch[0]["op"], exc)
     return len(ops)
+
+
+def credentials_refused(exc: BaseException | None) -> str | None:
+    """'HTTP 401: ...' / 'HTTP 403: ...' when MLflow refused the caller's credentials, else None.
+    Not a rejection of the call: it would succeed with working credentials, so it is never dropped."""
+    if exc is None:
+        return None
+    code = str(getattr(exc, "error_code", ""))
+    text = str(exc)
+    if code == "UNAUTHENTICATED" or re.search(r"error code 401\b", text):
+        return "HTTP 401: not authenticated"
+    if code == "PERMISSION_DENIED" or re.search(r"error code 403\b", text):
+        return "HTTP 403: permission denied"
+    return None
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -306,17 +329,23 @@ class RunLogger:
         assert self._client is not None
         self._last_send = time.monotonic()
         policy = self.policy if attempts is None else replace(self.policy, attempts=attempts)
-        done = send_ops(self._client, policy, self._ops)
+        stopped: list[BaseException] = []
+        done = send_ops(self._client, policy, self._ops, stopped)
         del self._ops[:done]
         if self._ops:
             self._failures += 1
             wait = min(self.policy.cooldown * 2 ** (self._failures - 1), 600.0)
             self._retry_at = time.monotonic() + wait
+            refused = credentials_refused(stopped[-1] if stopped else None)
+            why = (  # the step's own credentials: the run's spec.tracking.credentialsSecret
+                f"MLflow at {redact_text(str(self.tracking_uri))} refused this step's credentials "
+                f"({refused}; MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, from "
+                "the SPINRun's spec.tracking.credentialsSecret)"
+                if refused
+                else f"MLflow unreachable at {redact_text(str(self.tracking_uri))}"
+            )
             log.warning(
-                "MLflow unreachable at %s; %d tracking calls buffered (next try in %.0fs)",
-                redact_text(str(self.tracking_uri)),
-                len(self._ops),
-                wait,
+                "%s; %d tracking calls buffered (next try in %.0fs)", why, len(self._ops), wait
             )
             return False
         self._retry_at, self._failures = 0.0, 0
@@ -375,6 +404,38 @@ class ReplayResult:
     files_left: list[str]
 
 
+def read_spool(uri: str, run_ids: Collection[str] | None = None) -> list[tuple[str, list[Op]]]:
+    """The spooled calls of a spool file (or of every ``*.jsonl`` in a spool folder), per file;
+    with ``run_ids``, only the calls for those MLflow runs (see `replay_spool`). Storage only: a
+    caller serving many stores reads here with its storage budget and sends with `send_ops`."""
+    if uri.endswith(".jsonl"):
+        files = [uri] if storage.exists(uri) else []
+    else:
+        files = [storage.join(uri, n) for n in storage.list_files(uri) if n.endswith(".jsonl")]
+    out = []
+    for path in files:
+        ops = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        if run_ids is not None:
+            foreign = sorted({str(op.get("run")) for op in ops if op.get("run") not in run_ids})
+            if foreign:
+                log.warning(
+                    "%s: dropped spooled calls for MLflow runs not of this run: %s",
+                    path,
+                    foreign[:5],
+                )
+                ops = [op for op in ops if op.get("run") in run_ids]
+        out.append((path, ops))
+    return out
+
+
+def settle_spool_file(path: str, ops: list[Op], done: int) -> None:
+    """After the first `done` of a file's `ops` were delivered: delete it, or keep the rest."""
+    if done == len(ops):
+        storage.delete_prefix(path)
+    elif done:
+        storage.write_text(path, "".join(json.dumps(op) + "\n" for op in ops[done:]))
+
+
 def replay_spool(
     uri: str,
     tracking_uri: str | None = None,
@@ -391,32 +452,15 @@ def replay_spool(
     TrackingPolicy.configure_mlflow_http()
     policy = policy or TrackingPolicy.from_env()
     client = MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    if uri.endswith(".jsonl"):
-        files = [uri] if storage.exists(uri) else []
-    else:
-        files = [storage.join(uri, n) for n in storage.list_files(uri) if n.endswith(".jsonl")]
     delivered, left = 0, list[str]()
     remaining = 0
-    for path in files:
-        ops = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-        if run_ids is not None:
-            foreign = sorted({str(op.get("run")) for op in ops if op.get("run") not in run_ids})
-            if foreign:
-                log.warning(
-                    "%s: dropped spooled calls for MLflow runs not of this run: %s",
-                    path,
-                    foreign[:5],
-                )
-                ops = [op for op in ops if op.get("run") in run_ids]
+    for path, ops in read_spool(uri, run_ids):
         done = send_ops(client, policy, ops) if not left else 0
         delivered += done
-        if done == len(ops):
-            storage.delete_prefix(path)
-            continue
-        if done:
-            storage.write_text(path, "".join(json.dumps(op) + "\n" for op in ops[done:]))
-        remaining += len(ops) - done
-        left.append(path)
+        settle_spool_file(path, ops, done)
+        if done < len(ops):
+            remaining += len(ops) - done
+            left.append(path)
     if left:
         log.warning("MLflow still unreachable: %d spooled calls remain in %s", remaining, left)
     return ReplayResult(delivered, remaining, left)

@@ -90,7 +90,23 @@ def configure(**changes: Any) -> StorageConfig:
 
 
 def config() -> StorageConfig:
-    return _config
+    """The settings of calls made here: an enclosing `budget` block's, else the process'."""
+    return _budget.get() or _config
+
+
+# A caller serving many stores (the operator) bounds its calls per thread/task, without changing
+# the process-wide settings the runtime's own transfers use.
+_budget: ContextVar[StorageConfig | None] = ContextVar("spin_storage_budget", default=None)
+
+
+@contextmanager
+def budget(settings: StorageConfig) -> Iterator[None]:
+    """Calls in this block use `settings` (attempts, botocore retries and socket timeouts)."""
+    token = _budget.set(settings)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
 
 
 # ---------------------------------------------------------------- URIs
@@ -181,7 +197,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
-    cfg = _config
+    cfg = config()
     for attempt in range(1, max(1, cfg.attempts) + 1):
         try:
             return fn()
@@ -242,7 +258,7 @@ def s3_client() -> Any:
     chosen = _target.get() or (None, None)
     endpoint = chosen[0] or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
     region = chosen[1] or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
-    cfg = _config
+    cfg = config()
     key = (endpoint, region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SESSION_TOKEN"), cfg)
     with _clients_lock:
         client = _clients.get(key)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -138,11 +139,21 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.policy = policy or TrackingPolicy.from_env()
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # the last call's failure, per thread (the operator calls from a small pool): lets the
+        # caller tell refused credentials from an outage without parsing logs
+        self._last = threading.local()
+
+    @property
+    def last_error(self) -> Exception | None:
+        """What the last call of this thread failed with (None: it succeeded)."""
+        return getattr(self._last, "error", None)
 
     def _safe(self, what: str, fn: Callable[[], T]) -> T | None:
+        self._last.error = None
         try:
             return call_with_retry(self.policy, what, fn)
         except Exception as exc:
+            self._last.error = exc
             log.warning("MLflow %s failed, will retry later: %s", what, redact_text(str(exc)))
             return None
 

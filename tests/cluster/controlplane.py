@@ -37,8 +37,10 @@ BUILD = HERE / "build.sh"
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Metadata-level events for every request of a ServiceAccount in the operator's release namespace
-# (spin-system) and for Kueue's writes to Jobs (tests/cluster/test_kueue.py counts its suspend
-# flips), nothing else: small enough to read after every test.
+# (spin-system), for Kueue's writes to Jobs (tests/cluster/test_kueue.py counts its suspend
+# flips) and for the Job controller's writes of Job status (when a Job completed, to the
+# microsecond: the scale benchmark's latency starts there); nothing else: small enough to read
+# after every test.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -50,8 +52,13 @@ rules:
     users: ["kueue"]
     verbs: ["create", "update", "patch", "delete"]
     resources: [{group: "batch", resources: ["jobs"]}]
+  - level: Metadata
+    users: ["system:serviceaccount:kube-system:job-controller"]
+    verbs: ["update", "patch"]
+    resources: [{group: "batch", resources: ["jobs/status"]}]
   - level: None
 """
+JOB_CONTROLLER = "system:serviceaccount:kube-system:job-controller"
 
 
 def build_binary(timeout: float = 5400) -> Path:

@@ -2,7 +2,7 @@
 
 `Cluster` wraps the emulator (`tests.support.k8s_emulator`) and the Job controller stand-in
 (`tests.support.job_driver`); completing a Job first writes what the runtime would have written
-(artifacts, manifests last, via spin_runtime.manifest) under a local storage prefix.
+(artifacts, manifests last: `tests.support.step_artifacts`) under a local storage prefix.
 `OperatorProcess` starts `kopf.operator(...)` with the registry of spin_operator.handlers as a
 task on the test's loop; `kill()` cancels it abruptly (no cleanup), `stop()` stops it cleanly.
 """
@@ -25,8 +25,7 @@ from spin_operator.handlers import build_registry, make_controller, operator_kwa
 from spin_operator.metrics import Metrics
 from spin_operator.settings import Settings
 from spin_operator.track import Tracking
-from spin_runtime import manifest, storage
-from spin_runtime.layout import RunLayout
+from tests.support import step_artifacts
 from tests.support.job_driver import JobDriver
 from tests.support.k8s_emulator import K8sApi
 
@@ -159,44 +158,7 @@ class Cluster:
 
     def write_artifacts(self, job: JSON, metrics: dict[str, float] | None = None) -> None:
         """What a Job's pods leave behind on success: files first, manifests last."""
-        labels = job["metadata"]["labels"]
-        run = labels[naming.RUN_LABEL]
-        it = RunLayout.for_run(str(self.storage), job["metadata"]["namespace"], run).iteration(
-            int(labels[naming.ITERATION_LABEL])
-        )
-        scratch = self.root / "scratch" / job["metadata"]["name"]
-        scratch.mkdir(parents=True, exist_ok=True)
-        stage, n = labels[naming.STAGE_LABEL], int(job["spec"].get("completions") or 1)
-        if stage == "check":  # `spin_runtime check --output`: the report, ok
-            report = {
-                "ok": True,
-                "problems": [],
-                "dataset": {"rows": 10, "usable": 10, "skipped": 0, "skippedByReason": {}},
-            }
-            storage.write_text(it.check_report, json.dumps(report))
-        elif stage == "generate":
-            for index in range(n):
-                shard = scratch / f"shard-{index}.jsonl"
-                shard.write_text(
-                    json.dumps(
-                        {
-                            "id": index,
-                            "split": "train",
-                            "prompt": "p",
-                            "real": "r",
-                            "generated": "g",
-                        }
-                    )
-                    + "\n"
-                )
-                manifest.write_file_artifact(shard, it.shard(index, n), "generated", {"records": 1})
-        elif stage == "train":
-            (scratch / "config.json").write_text("{}")
-            manifest.write_dir_artifact(scratch, it.model, "model")
-        else:
-            results = {"metrics": metrics or {"exact_match": 0.5}, "baseline": None}
-            (scratch / "results.json").write_text(json.dumps(results))
-            manifest.write_dir_artifact(scratch, it.eval, "eval")
+        step_artifacts.write_job(str(self.storage), self.root / "scratch", job, metrics)
 
     async def complete(
         self, job: JSON, metrics: dict[str, float] | None = None, write: bool = True

@@ -54,7 +54,11 @@ class MlflowStandIn(Tracking):
         self.replay_run_ids: frozenset[str] | None = None  # what the last replay was confined to
 
     async def replay(
-        self, spec: api.SPINRunSpec, spools: dict[int, str], run_ids: frozenset[str] | None = None
+        self,
+        spec: api.SPINRunSpec,
+        spools: dict[int, str],
+        run_ids: frozenset[str] | None = None,
+        in_storage: object = None,
     ) -> dict[int, int] | None:
         self.replay_run_ids = run_ids
         if not self.up:

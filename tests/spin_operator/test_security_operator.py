@@ -179,30 +179,63 @@ async def _both(capture: Capture) -> bool:
 
 
 async def test_a_hanging_storage_endpoint_does_not_hold_up_another_run(cluster: Cluster) -> None:
-    """Threat 8, in part: storage calls go to a pool per endpoint with no process-wide lock, so an
-    (allow-listed) endpoint that accepts connections and never answers delays only its own runs."""
+    """Threat 8: storage calls go to a pool per endpoint, each call within a short budget, with a
+    breaker per endpoint (endpoints.py). An (allow-listed) endpoint that accepts connections and
+    never answers, and one that refuses them, delay only their own runs, which get a
+    StorageUnavailable condition naming their endpoint; a run on another store starts at once."""
     import socket
     import time
+
+    from spin_operator.endpoints import StoragePools
 
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # connections complete in the kernel's backlog; nothing ever answers
     url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there
     policy = Policy.parse(
-        json.dumps({"storagePrefixes": ["s3://slow-bucket"], "s3Endpoints": [url]})
+        json.dumps({"storagePrefixes": ["s3://slow-bucket"], "s3Endpoints": [url, refusing]})
     )
-    op = await OperatorProcess(cluster.settings(security=policy)).start()
+    op = await OperatorProcess(
+        cluster.settings(security=policy),
+        storage=StoragePools(budget=1.0, threshold=2, cooldown=30),
+    ).start()
     try:
         await cluster.api.acreate(
             spinrun("stuck", storage={"uri": "s3://slow-bucket/runs", "endpoint": url})
+        )
+        await cluster.api.acreate(
+            spinrun("refused", storage={"uri": "s3://slow-bucket/runs", "endpoint": refusing})
         )
         await asyncio.sleep(0.5)  # the stuck run's first storage read is under way
         started = time.monotonic()
         await cluster.api.acreate(spinrun("fine"))
         await cluster.wait_job("fine", "fine-i0-gen")
         waited = time.monotonic() - started
-        assert await cluster.jobs("stuck") == []
+
+        async def unavailable(run: str) -> dict[str, str] | None:
+            found = [
+                c
+                for c in (await cluster.status(run)).get("conditions") or []
+                if c["type"] == "StorageUnavailable" and c["status"] == "True"
+            ]
+            return found[0] if found else None
+
+        # two failed budgets (plus the retry backoff) at most, not botocore's minutes
+        stuck = await cluster.wait("stuck: StorageUnavailable", lambda: unavailable("stuck"), 20)
+        refused = await cluster.wait(
+            "refused: StorageUnavailable", lambda: unavailable("refused"), 20
+        )
+        assert await cluster.jobs("stuck") == [] and await cluster.jobs("refused") == []
+        fine = [c["type"] for c in (await cluster.status("fine")).get("conditions") or []]
     finally:
         hole.close()  # resets the pending connections: the stuck reads end now
         await op.stop()
     assert waited < 10, f"the second run waited {waited:.1f}s behind the hanging endpoint"
+    assert stuck["reason"] == "EndpointUnavailable"
+    assert f"storage endpoint {url} failed 2 calls in a row" in stuck["message"], stuck
+    assert "no answer within 1s" in stuck["message"], stuck
+    assert f"storage endpoint {refusing} failed" in refused["message"], refused
+    assert "StorageUnavailable" not in fine

@@ -1,5 +1,8 @@
 """``train --objective sft`` (the control arm): the SPIN step's pairs, order and step count, a
-token-mean cross-entropy loss on the real answers, no reference pass."""
+token-mean cross-entropy loss on the real answers, no reference pass; 2 processes on the CPU
+(torchrun, gloo; FSDP2 and DDP) give the 1-process loss curve and the same θ1, within 1e-5 as the
+SPIN step's 2-process tests (tests/spin_runtime/test_train_distributed.py): only the order of
+floating-point sums differs."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from tests.spin_runtime.test_train_support import (
     one_thread,
     run_train,
     task_records,
+    torchrun,
     train_argv,
     write_generated,
 )
@@ -124,3 +128,39 @@ def test_lora_control_trains_only_the_adapter_and_publishes_it_merged(
     after = load_file(tmp_path / "m" / "model.safetensors")
     assert set(after) == set(before)  # merged: a plain checkpoint of θ0's architecture
     assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)]
+)  # one strategy in the default run: each 2-process run costs ~20 s on two shared cores
+def test_two_processes_match_one_process(strategy, control, tiny_model_dir, data, tmp_path):
+    from safetensors.torch import load_file
+
+    argv = train_argv(
+        tiny_model_dir,
+        [data],
+        tmp_path / "model",
+        tmp_path / "train",
+        objective="sft",
+        strategy=strategy,
+        **FLAGS,
+    )
+    done = torchrun(2, argv)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"strategy {strategy} on 2 process(es)" in done.stderr
+    one, two = metrics(control / "train"), metrics(tmp_path / "train")
+    assert [m["step"] for m in two] == [m["step"] for m in one]
+    for a, b in zip(one, two, strict=True):
+        assert a["answer_tokens"] == b["answer_tokens"]  # each step saw the same pairs
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (a, b)
+    evals_one, evals_two = metrics(control / "train", "eval"), metrics(tmp_path / "train", "eval")
+    assert [e["eval_loss"] for e in evals_two] == pytest.approx(
+        [e["eval_loss"] for e in evals_one], abs=1e-5
+    )
+    w1 = load_file(control / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "model" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-5)
+    assert manifest.require_complete(str(tmp_path / "model")).meta["objective"] == "sft"

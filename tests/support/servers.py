@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 
 __all__ = [
+    "MlflowAuthServer",
     "MlflowServer",
     "S3Faults",
     "free_port",
+    "mlflow_auth_server",
     "mlflow_server",
     "moto_server",
     "s3_bucket",
@@ -86,11 +88,10 @@ def _stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server; yields its endpoint URL and points the AWS env vars at it."""
+@contextlib.contextmanager
+def moto_process(log: Path) -> Iterator[str]:
+    """A moto S3 server on a free port of 127.0.0.1 (output in `log`); yields its endpoint URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
     endpoint = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -101,21 +102,40 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     try:
         _wait_http(f"{endpoint}/moto-api/", proc, 30, log)
-        with pytest.MonkeyPatch.context() as mp:
-            for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-                mp.delenv(var, raising=False)
-            missing = str(log.parent / "no-aws-config")
-            mp.setenv("AWS_CONFIG_FILE", missing)
-            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
-            mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-            mp.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            mp.setenv("AWS_REGION", "us-east-1")
-            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            yield endpoint
+        yield endpoint
     finally:
         _stop_group(proc)
+
+
+def moto_environment(endpoint: str, scratch: Path) -> dict[str, str | None]:
+    """The AWS variables that point this process's S3 clients at `endpoint` (None: unset)."""
+    missing = str(scratch / "no-aws-config")
+    return {
+        "AWS_PROFILE": None,
+        "AWS_SESSION_TOKEN": None,
+        "AWS_ENDPOINT_URL": None,
+        "AWS_CONFIG_FILE": missing,
+        "AWS_SHARED_CREDENTIALS_FILE": missing,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server; yields its endpoint URL and points the AWS env vars at it."""
+    scratch = tmp_path_factory.mktemp("moto")
+    with moto_process(scratch / "moto.log") as endpoint, pytest.MonkeyPatch.context() as mp:
+        for name, value in moto_environment(endpoint, scratch).items():
+            if value is None:
+                mp.delenv(name, raising=False)
+            else:
+                mp.setenv(name, value)
+        yield endpoint
 
 
 def s3_client_for(endpoint: str) -> Any:
@@ -252,6 +272,119 @@ def mlflow_server(
     with contextlib.suppress(Exception):
         s3_client_for(moto_server).create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), moto_server)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class MlflowAuthServer:
+    """A real ``mlflow server --app-name basic-auth`` (sqlite backend and user store, local
+    artifacts): every request needs HTTP basic auth; users other than the admin read everything
+    (``default_permission = READ``) and write only what they created or were granted."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "mlflow-auth-server.log"
+        self.admin = ("admin", f"admin-{uuid.uuid4().hex}")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        ini = self.workdir / "basic_auth.ini"
+        ini.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{self.workdir / 'auth.db'}\n"
+            f"admin_username = {self.admin[0]}\n"
+            f"admin_password = {self.admin[1]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # a password check is a PBKDF2 hash (~1 s on a loaded 2-core machine): checked once
+            # per user and minute, as a busy production server would configure it
+            "auth_cache_ttl_seconds = 60\n"
+        )
+        env = dict(os.environ)
+        for var in (
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_TRACKING_TOKEN",
+        ):
+            env.pop(var, None)  # the server's own client settings are not the test's
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(ini),
+            MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex,  # CSRF of the auth app's forms
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            PYTHONUNBUFFERED="1",
+        )
+        argv = [
+            sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+            "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination", str(self.workdir / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip # argv: a flag beside its value
+        with open(self.log, "ab") as out:
+            self._proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        try:
+            _wait_http(f"{self.uri}/health", self._proc, timeout, self.log)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop_group(self._proc, grace=0.0)
+            self._proc = None
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """An admin call to the REST API (user and permission management, inspection)."""
+        import base64
+        import json
+
+        token = base64.b64encode(":".join(self.admin).encode()).decode()
+        req = urllib.request.Request(
+            f"{self.uri}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            text = resp.read()
+        return json.loads(text) if text.strip() else {}
+
+    def add_user(self, name: str) -> tuple[str, str]:
+        """A new user with a random password; returns (username, password)."""
+        password = f"pw-{uuid.uuid4().hex}"
+        self.request(
+            "POST", "/api/2.0/mlflow/users/create", {"username": name, "password": password}
+        )
+        return name, password
+
+    def grant(self, experiment_id: str, user: str, permission: str = "EDIT") -> None:
+        self.request(
+            "POST",
+            "/api/3.0/mlflow/users/permissions/grant",
+            {
+                "username": user,
+                "resource_type": "experiment",
+                "resource_id": experiment_id,
+                "permission": permission,
+            },
+        )
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowAuthServer]:
+    """One MLflow server with basic auth for the session; tests add their own users."""
+    server = MlflowAuthServer(tmp_path_factory.mktemp("mlflow-auth"))
     server.start()
     try:
         yield server

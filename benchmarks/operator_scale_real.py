@@ -1,0 +1,250 @@
+"""`operator_scale.py --cluster real`: the same measurement against a real Kubernetes control plane.
+
+What runs is tests/cluster's tier (tests/cluster/harness.py): etcd, kube-apiserver,
+kube-controller-manager (its Job controller) and kube-scheduler built from the Go module proxy
+(cached under ~/.cache/spin-operator/cluster), the node agent running bound pods as local
+processes, moto for S3, and the operator as the Helm chart's Deployment (its own pod, its
+ServiceAccount, exactly the chart's RBAC). Only the steps are stand-ins: a Job's pod writes what
+its step would leave in S3 (tests/support/step_artifacts.py, from the agent's launch hook, in the
+agent's process) and then runs `true`, so it finishes at once and the Job controller completes the
+Job. What is measured is the operator and the API round trips a cluster really has.
+
+Everything is read from the API server's audit log: the operator's requests (its ServiceAccount),
+the Job controller's status writes (a Job's completion: the last one before the run's next Job)
+and the operator's Job creations. Peak RSS and CPU time come from the operator's /proc entry.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from benchmarks.operator_scale import cpu_seconds, peak_rss_mb, percentile
+from tests.cluster import harness, kit
+from tests.cluster.controlplane import JOB_CONTROLLER, build_binary
+from tests.support import step_artifacts
+from tests.support.servers import moto_environment, moto_process, s3_client_for
+
+TRUE = shutil.which("true") or "/bin/true"
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=spin-operator"
+STEPS_PER_ITERATION = 3
+
+
+def min_requests_per_iteration(iterations_per_run: int) -> float:
+    """The least an operator could send per iteration here, from first principles.
+
+    Per step (generate, train, evaluate): 1 Job create, 1 `/status` patch (the previous step's
+    completion and this step's start fold into one) and 1 Event (users follow runs with
+    `kubectl describe`); training's headless Service: 1 create. Per run, shared by its iterations:
+    1 final status patch (Succeeded) and 1 `get` of the credentials Secret the spec references
+    (the chart's `storage.credentialsSecret`: a missing Secret must fail the run before any Job).
+    Nothing else is needed: Job state arrives over one label-selected watch, manifests are read
+    from S3, the Service can be left to ownerReference garbage collection. So for 2 iterations
+    3 x 3 + 1 + 2/2 = 11. (The emulated mode's floor has no Secret: it references none.)
+    """
+    return STEPS_PER_ITERATION * 3 + 1 + 2 / iterations_per_run
+
+
+def spinrun(name: str, namespace: str, iterations: int) -> dict[str, Any]:
+    """The emulated mode's SPINRun; storage (S3 prefix, Secret, endpoint) from the chart."""
+    return {
+        "apiVersion": "selfplay.dev/v1alpha1",
+        "kind": "SPINRun",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": kit.MODEL_URI},
+            "dataset": {"uri": kit.DATASET_URI, "maxSamples": 64, "evalSamples": 8},
+            "iterations": iterations,
+            "generation": {"backend": "transformers", "replicas": 2, "gpusPerReplica": 0},
+            "training": {"gpusPerNode": 0},
+            "evaluation": {"enabled": True, "gpus": 0},
+        },
+    }
+
+
+class InstantPods:
+    """The agent's launch hook: a Job's pod writes its step's artifacts to S3, then runs `true`."""
+
+    def __init__(self, scratch: pathlib.Path) -> None:
+        self.scratch = scratch
+
+    def __call__(self, pod: dict[str, Any], argv: list[str], env: dict[str, str]) -> list[str]:
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        if "job-name" not in labels:
+            return argv  # the operator's own pod runs for real
+        if env.get("PET_NODE_RANK", "0") == "0":  # only training's rank 0 saves the model
+            index = int(env.get("JOB_COMPLETION_INDEX", "0"))
+            step_artifacts.write_step(
+                kit.STORAGE_URI,
+                meta["namespace"],
+                labels[step_artifacts.RUN_LABEL],
+                int(labels[step_artifacts.ITERATION_LABEL]),
+                labels[step_artifacts.STAGE_LABEL],
+                self.scratch / meta["name"],
+                shards=int(env.get("SPIN_NUM_SHARDS", "1")),
+                indices=[index],
+            )
+        return [TRUE]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str | None]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def stamp(event: dict[str, Any]) -> float:
+    return datetime.datetime.fromisoformat(event["stageTimestamp"]).timestamp()
+
+
+def read_audit(path: pathlib.Path) -> list[dict[str, Any]]:
+    events = []
+    with path.open() as lines:
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def latencies(events: list[dict[str, Any]], namespace: str) -> list[float]:
+    """Per run: each Job's completion (the Job controller's last status write before the run's
+    next Job) to the operator's creation of that next Job (both as the API server stamped them)."""
+    creations: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
+    writes: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        ref = e.get("objectRef") or {}
+        if ref.get("resource") != "jobs" or ref.get("namespace") != namespace:
+            continue
+        if e["user"]["username"] == JOB_CONTROLLER:
+            writes[ref.get("name", "")].append(stamp(e))
+        elif (
+            e.get("verb") == "create"
+            and (e.get("responseStatus") or {}).get("code") == 201
+            and "dryRun" not in e.get("requestURI", "")
+        ):
+            name = ref.get("name", "")
+            creations[name.rsplit("-i", 1)[0]].append((stamp(e), name))
+    out = []
+    for jobs in creations.values():
+        jobs.sort()
+        for (_, name), (created, _) in itertools.pairwise(jobs):
+            before = [t for t in writes.get(name, []) if t <= created]
+            if before:
+                out.append(created - max(before))
+    return out
+
+
+def unfiltered_job_reads(events: list[dict[str, Any]]) -> int:
+    """The operator's Job lists and watches without its label selector (all must carry it)."""
+    count = 0
+    for e in events:
+        ref = e.get("objectRef") or {}
+        if ref.get("resource") == "jobs" and e.get("verb") in ("list", "watch"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(e["requestURI"]).query)
+            count += query.get("labelSelector") != [MANAGED_SELECTOR]
+    return count
+
+
+def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="spin-bench-real-") as tmp:
+        workdir = pathlib.Path(tmp)
+        binary = build_binary()
+        with (
+            moto_process(workdir / "moto.log") as endpoint,
+            environment(moto_environment(endpoint, workdir)),
+            harness.session(binary, workdir / "cluster") as s,
+        ):
+            s3_client_for(endpoint).create_bucket(Bucket=kit.BUCKET)
+            with harness.release(
+                s, workdir, endpoint, "", launch_hook=InstantPods(workdir / "scratch")
+            ) as c:
+                return measure(c, runs, iterations, timeout)
+    raise AssertionError("unreachable")
+
+
+def measure(c: harness.RealCluster, runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+    pod = c.operator_pod()
+    assert pod is not None, "no operator pod after helm install --wait"
+    pid = c.agent.find(harness.RELEASE_NAMESPACE, pod["metadata"]["name"]).proc.pid  # type: ignore[union-attr]
+    api = c.plane.api()
+    time.sleep(2.0)  # let the operator's startup (discovery, first lists) settle: not per-iteration
+    baseline = len(read_audit(c.plane.audit_log))
+    load_before = os.getloadavg()[0]
+    start = time.time()
+    path = f"/apis/selfplay.dev/v1alpha1/namespaces/{c.namespace}/spinruns"
+    for i in range(runs):
+        api.request("POST", path, spinrun(f"bench-{i:04d}", c.namespace, iterations))
+
+    def phases() -> collections.Counter[str]:
+        items = (api.get(path) or {}).get("items", [])
+        return collections.Counter((r.get("status") or {}).get("phase", "None") for r in items)
+
+    deadline = time.monotonic() + timeout
+    while sum((counts := phases())[p] for p in kit.TERMINAL) < runs:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    wall = time.time() - start
+    rss, cpu = peak_rss_mb(pid), cpu_seconds(pid)
+    events = read_audit(c.plane.audit_log)[baseline:]
+    ops = [e for e in events if harness.OPERATOR_GROUP in (e["user"].get("groups") or [])]
+    lat = latencies(events, c.namespace)
+    by_kind: collections.Counter[str] = collections.Counter()
+    for e in ops:
+        ref = e.get("objectRef") or {}
+        resource = ref.get("resource", "?") + (
+            f"/{ref['subresource']}" if "subresource" in ref else ""
+        )
+        dry = " (dry run)" if "dryRun" in e.get("requestURI", "") else ""
+        by_kind[f"{e['verb']} {resource}{dry}"] += 1
+    # Lease renewals (leader election, when on) are per second, not per iteration.
+    leases = sum(v for k, v in by_kind.items() if " leases" in k)
+    total = runs * iterations
+    return {
+        "cluster": "real",
+        "runs": runs,
+        "p50_s": round(statistics.median(lat), 4) if lat else None,
+        "p99_s": round(percentile(lat, 0.99), 4) if lat else None,
+        "requests_per_iteration": round((len(ops) - leases) / total, 2),
+        "min_requests_per_iteration": round(min_requests_per_iteration(iterations), 2),
+        "rss_mb": round(rss, 1),
+        "unfiltered_job_reads": unfiltered_job_reads(ops),
+        "iterations_per_run": iterations,
+        "runs_succeeded": counts["Succeeded"],
+        "transitions": len(lat),
+        "wall_s": round(wall, 2),
+        "requests_by_kind": {k: round(v / total, 2) for k, v in sorted(by_kind.items())},
+        "errors": dict(
+            sorted(
+                collections.Counter(
+                    f"{code} {e['verb']} {(e.get('objectRef') or {}).get('resource')}"
+                    for e in ops
+                    if (code := (e.get("responseStatus") or {}).get("code", 200)) >= 400
+                ).items()
+            )
+        ),
+        "operator_cpu_s": cpu,
+        "operator_cpu_ms_per_iteration": round(1000 * cpu / total, 1),
+        "pods": len(c.pods()),
+        "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpus": os.cpu_count(),
+    }

@@ -1,0 +1,240 @@
+"""Storage calls on a tenant's behalf, each endpoint on its own: a small worker pool, a short
+budget per call and a circuit breaker; and the conditions that tell a run its endpoint is down.
+
+Why: every storage call the operator makes (a probe of a run's prefix, reading manifests, a spool
+replay, deleting artifacts) goes to an endpoint the run names. One that hangs or refuses must cost
+its own runs one short wait, not every run minutes of botocore's retries (docs/security.md,
+threat 8). After `threshold` failures in a row the endpoint is skipped for `cooldown` seconds:
+calls fail at once with `EndpointUnavailable` (an OSError, so callers treat it as any storage
+error: the pass stays partial and is retried) and the runs using it get the condition
+`StorageUnavailable` naming the endpoint. Runs on other endpoints have other pools and breakers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from spin_operator import conditions as cond
+from spin_operator.api import types as api
+from spin_runtime import storage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+TRACKING_UNAVAILABLE = "TrackingUnavailable"
+
+
+class EndpointUnavailable(OSError):
+    """A storage call was not made (breaker open) or did not finish within its budget."""
+
+
+def endpoint_of(spec: api.SPINRunSpec) -> str | None:
+    """The storage endpoint a run's calls go to (None: local storage or the default S3 one)."""
+    return spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
+
+
+def describe(endpoint: str | None) -> str:
+    return f"storage endpoint {endpoint}" if endpoint else "the default storage"
+
+
+@dataclass
+class _Breaker:
+    failures: int = 0
+    open_until: float = 0.0
+    last: str = ""
+
+
+class StoragePools:
+    """One pool, budget and breaker per storage endpoint."""
+
+    def __init__(
+        self,
+        budget: float = 10.0,
+        threshold: int = 3,
+        cooldown: float = 30.0,
+        workers: int = 2,
+        bulk_budget: float = 300.0,
+    ) -> None:
+        self.budget, self.threshold, self.cooldown, self.workers = (
+            budget,
+            threshold,
+            cooldown,
+            workers,
+        )
+        # a whole-prefix deletion is many requests: each still has `budget` (socket timeouts, one
+        # attempt), so a silent endpoint fails it as fast as any call, but the whole may take
+        # longer without counting against a healthy endpoint
+        self.bulk_budget = bulk_budget
+        self._pools: dict[str | None, concurrent.futures.ThreadPoolExecutor] = {}
+        self._breakers: dict[str | None, _Breaker] = {}
+        # botocore's own timeouts and retries inside the budget: one attempt, each socket wait
+        # bounded by the budget, so a worker thread stuck on a silent endpoint is freed soon after
+        # the caller gave up on it (the next pass is the retry)
+        self.config = storage.StorageConfig(
+            attempts=1, botocore_attempts=1, connect_timeout=budget, read_timeout=budget
+        )
+
+    async def call(
+        self,
+        endpoint: str | None,
+        fn: Callable[..., T],
+        spec: api.SPINRunSpec,
+        *args: Any,
+        budget: float | None = None,
+    ) -> T:
+        """`fn(spec, *args)` in `endpoint`'s pool within the budget (`budget`: a longer one for
+        the whole call, e.g. `bulk_budget`); raises EndpointUnavailable when the breaker is open
+        or the budget ran out, and whatever `fn` raises."""
+        deadline = budget or self.budget
+        breaker = self._breakers.setdefault(endpoint, _Breaker())
+        if time.monotonic() < breaker.open_until:
+            raise EndpointUnavailable(self.problem(endpoint) or describe(endpoint))
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.workers, thread_name_prefix="spin-storage"
+            )
+
+        def bounded() -> T:
+            with storage.budget(self.config):
+                return fn(spec, *args)
+
+        try:
+            result = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(pool, bounded), deadline
+            )
+        except TimeoutError:
+            self._failed(endpoint, f"no answer within {deadline:g}s")
+            raise EndpointUnavailable(
+                f"{describe(endpoint)}: no answer within {deadline:g}s"
+            ) from None
+        except Exception as exc:
+            if _answered(exc):  # a real answer (404, 403): the endpoint is up
+                self._succeeded(endpoint)
+                raise
+            self._failed(endpoint, _short(exc))
+            raise EndpointUnavailable(f"{describe(endpoint)}: {_short(exc)}") from exc
+        self._succeeded(endpoint)
+        return result
+
+    async def run(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`call` on the run's own endpoint."""
+        return await self.call(endpoint_of(spec), fn, spec, *args)
+
+    async def bulk(self, fn: Callable[..., T], spec: api.SPINRunSpec, *args: Any) -> T:
+        """`run` with `bulk_budget` for the whole call (artifact deletion)."""
+        return await self.call(endpoint_of(spec), fn, spec, *args, budget=self.bulk_budget)
+
+    def _failed(self, endpoint: str | None, why: str) -> None:
+        b = self._breakers.setdefault(endpoint, _Breaker())
+        b.failures += 1
+        b.last = why
+        if b.failures >= self.threshold:
+            b.open_until = time.monotonic() + self.cooldown
+            log.warning(
+                "%s failed %d calls in a row (%s); skipped for %.0fs",
+                describe(endpoint),
+                b.failures,
+                why,
+                self.cooldown,
+            )
+
+    def _succeeded(self, endpoint: str | None) -> None:
+        b = self._breakers.get(endpoint)
+        if b is not None and b.failures:
+            log.info("%s answers again", describe(endpoint))
+            self._breakers[endpoint] = _Breaker()
+
+    def problem(self, endpoint: str | None) -> str | None:
+        """Why `endpoint` is skipped (for the run's condition); None while it is not."""
+        b = self._breakers.get(endpoint)
+        if b is None or b.failures < self.threshold:
+            return None
+        wait = max(0.0, b.open_until - time.monotonic())
+        return (
+            f"{describe(endpoint)} failed {b.failures} calls in a row (last: {b.last}); "
+            f"storage calls for runs using it are skipped, next try in {wait:.0f}s"
+        )
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.clear()
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether the endpoint answered (an HTTP error response), as opposed to a timeout, a refused
+    connection or repeated 5xx. Local storage errors count as answers: the file system is up."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, storage.StorageUnavailableError) or storage.is_transient(exc):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return not isinstance(exc, TimeoutError | ConnectionError)
+
+
+def _short(exc: BaseException) -> str:
+    return re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}")[:300]
+
+
+# ------------------------------------------------------------------ conditions
+
+
+def report(
+    status: api.SPINRunStatus,
+    type_: str,
+    problem: tuple[str, str] | None,
+    now: str,
+    gen: int | None,
+) -> None:
+    """Condition `type_` True (reason, message) while `problem` holds; False once it is gone."""
+    if problem is not None:
+        cond.set_condition(status.conditions, type_, True, problem[0], problem[1], now, gen)
+        return
+    previous = cond.get_condition(status.conditions, type_)
+    if previous is not None and previous.status == "True":
+        cond.set_condition(status.conditions, type_, False, "Available", "", now, gen)
+
+
+def credentials_problem(uri: str | None, refused: str, secret: str | None) -> str:
+    """The TrackingUnavailable message: MLflow refused the operator's own credentials. It names
+    where they come from (never their value): the run's author cannot fix this, the admin can."""
+    source = (
+        f"of Secret {secret!r} (chart value tracking.credentialsSecret, the operator's namespace)"
+        if secret
+        else "of the operator's environment"
+    )
+    return (
+        f"MLflow at {uri} refused the operator's credentials ({refused}); they are "
+        f"MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN {source}. "
+        "MLflow bookkeeping waits; the run goes on"
+    )
+
+
+def report_outages(
+    status: api.SPINRunStatus,
+    spec: api.SPINRunSpec,
+    storage: StoragePools,
+    refused: str | None,
+    operator_secret: str | None,
+    gen: int | None,
+) -> None:
+    """StorageUnavailable while the run's storage endpoint is skipped; TrackingUnavailable while
+    its MLflow refuses the operator's credentials (`refused`: Tracking.refused)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    down = storage.problem(endpoint_of(spec))
+    report(status, STORAGE_UNAVAILABLE, ("EndpointUnavailable", down) if down else None, now, gen)
+    why = refused and credentials_problem(spec.tracking.uri, refused, operator_secret)
+    report(status, TRACKING_UNAVAILABLE, ("CredentialsRefused", why) if why else None, now, gen)

@@ -1,0 +1,237 @@
+"""endpoints.StoragePools against real sockets on 127.0.0.1 (docs/security.md, threat 8): a
+storage endpoint that hangs costs one budget per call, one that refuses costs nothing, and after
+`threshold` failures in a row neither is contacted until the cool-down ends; another endpoint's
+calls meanwhile go through (moto)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spin_operator import observe
+from spin_operator.api import types as api
+from spin_operator.endpoints import (
+    STORAGE_UNAVAILABLE,
+    EndpointUnavailable,
+    StoragePools,
+    endpoint_of,
+    report,
+)
+from spin_operator.settings import Settings, resolve_spec
+from spin_operator.steps import RunRef
+from spin_operator.track import Tracking
+from tests.support.servers import MlflowServer
+
+RUN = RunRef("team-a", "r", "uid-1")
+
+
+class Hole:
+    """Accepts connections and never answers; counts them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def hole() -> Iterator[Hole]:
+    h = Hole()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def refusing() -> str:
+    """A port nothing listens on: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def spec_on(
+    endpoint: str | None, bucket: str = "s3://tenant-bucket/runs", tracking: str | None = None
+) -> api.SPINRunSpec:
+    raw = {
+        "model": {"uri": "m/x"},
+        "dataset": {"uri": "/d.jsonl"},
+        "storage": {"uri": bucket, "endpoint": endpoint},
+        "tracking": {"uri": tracking},
+        "generation": {"replicas": 2},
+    }
+    return resolve_spec(api.SPINRunSpec.model_validate(raw), Settings())
+
+
+async def _timed(pools: StoragePools, spec: api.SPINRunSpec) -> tuple[float, BaseException]:
+    started = time.monotonic()
+    with pytest.raises(EndpointUnavailable) as caught:
+        await pools.call(endpoint_of(spec), observe.read_stored_digest, spec, RUN)
+    return time.monotonic() - started, caught.value
+
+
+async def test_a_hanging_endpoint_costs_one_budget_then_is_skipped(
+    hole: Hole, s3_bucket: str, moto_server: str
+) -> None:
+    pools = StoragePools(budget=1.0, threshold=2, cooldown=60)
+    stuck, fine = spec_on(hole.url), spec_on(moto_server, f"{s3_bucket}/runs")
+    try:
+        waits = [await _timed(pools, stuck) for _ in range(2)]
+        assert all(0.9 <= w < 3 for w, _ in waits), waits  # the budget, not botocore's 60 s
+        assert "no answer within 1s" in str(waits[0][1])
+        contacted = len(hole.accepted)
+        assert contacted >= 1
+        skipped, exc = await _timed(pools, stuck)  # breaker open: no connection at all
+        assert skipped < 0.1 and len(hole.accepted) == contacted
+        assert f"storage endpoint {hole.url} failed 2 calls in a row" in str(exc)
+        # the other endpoint is not held up: its own pool, budget and breaker
+        started = time.monotonic()
+        assert await pools.call(moto_server, observe.read_stored_digest, fine, RUN) is None
+        assert time.monotonic() - started < 5.0  # its own client and pool: not the 1 s x 2 budgets
+        assert pools.problem(moto_server) is None
+        problem = pools.problem(hole.url)
+        assert problem is not None and hole.url in problem
+    finally:
+        pools.close()
+
+
+async def test_a_refusing_endpoint_fails_fast_and_is_tried_again_after_the_cool_down(
+    refusing: str,
+) -> None:
+    pools = StoragePools(budget=5.0, threshold=3, cooldown=0.3)
+    spec = spec_on(refusing)
+    try:
+        for _ in range(3):
+            waited, exc = await _timed(pools, spec)
+            assert waited < 2.0, waited  # refused: no retries inside the budget
+        assert "failed 3 calls in a row" in (pools.problem(refusing) or "")
+        waited, _ = await _timed(pools, spec)
+        assert waited < 0.05  # skipped
+        time.sleep(0.35)
+        # the cool-down is over: the next call goes out again (and fails again: still open)
+        waited, exc = await _timed(pools, spec)
+        assert "Could not connect" in str(exc) or "connect" in str(exc).lower(), exc
+    finally:
+        pools.close()
+
+
+async def test_an_answering_endpoint_closes_the_breaker(
+    s3_bucket: str, moto_server: str, tmp_path: Path
+) -> None:
+    """A 404/NoSuchBucket is an answer: the endpoint is up, whatever the call's outcome."""
+    pools = StoragePools(budget=5.0, threshold=1, cooldown=60)
+    spec = spec_on(moto_server, "s3://no-such-bucket-here/runs")
+    try:
+        try:
+            await pools.call(moto_server, observe.read_stored_digest, spec, RUN)
+        except EndpointUnavailable:
+            raise
+        except Exception:
+            pass  # NoSuchBucket: the store answered
+        assert pools.problem(moto_server) is None
+    finally:
+        pools.close()
+
+
+async def test_spool_replay_reads_storage_in_the_endpoints_pool_not_mlflows(
+    hole: Hole, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """Two replays whose spools sit on a hanging store end after one storage budget each and
+    hold no MLflow worker meanwhile (the MLflow pool has two): another run's MLflow call goes
+    through at once. Before, the replay read storage inside the MLflow pool."""
+    pools = StoragePools(budget=1.0, threshold=5, cooldown=60)
+    tracking = Tracking(timeout=30, cooldown=1)
+    stuck = spec_on(hole.url, tracking=mlflow_server.uri)
+    other = spec_on(None, str(tmp_path / "store"), tracking=mlflow_server.uri)
+
+    async def in_storage(fn: Any, spec: api.SPINRunSpec, *args: Any) -> Any:
+        return await pools.call(endpoint_of(spec), fn, spec, *args)
+
+    async def timed(call: Awaitable[Any]) -> tuple[float, Any]:
+        started = time.monotonic()
+        result = await call
+        return time.monotonic() - started, result
+
+    spool = "s3://tenant-bucket/runs/team-a/r/iter-000/tracking-spool"
+    try:
+        (r1, replayed1), (r2, replayed2), (p, parent) = await asyncio.gather(
+            timed(tracking.replay(stuck, {0: spool}, frozenset({"x"}), in_storage)),
+            timed(tracking.replay(stuck, {0: spool}, frozenset({"x"}), in_storage)),
+            timed(
+                tracking.ensure_parent(other, RunRef("team-a", f"o-{uuid.uuid4().hex[:6]}", "u"))
+            ),
+        )
+    finally:
+        pools.close()
+        tracking.close()
+    assert replayed1 is None and replayed2 is None  # not read: nothing sent, nothing lost
+    assert r1 < 3 and r2 < 3, (r1, r2)
+    assert parent is not None and parent.run_id, parent
+    assert p < 15, f"the other run's MLflow call waited {p:.1f}s"
+
+
+def _slow(spec: api.SPINRunSpec, seconds: float) -> str:
+    time.sleep(seconds)  # a call that takes its time on a healthy store (many requests)
+    return "done"
+
+
+async def test_a_deletion_gets_the_bulk_budget(tmp_path: Path) -> None:
+    """The whole of a prefix deletion may outlast one call's budget without failing a healthy
+    endpoint; an ordinary call that long counts as a failure."""
+    pools = StoragePools(budget=0.2, threshold=1, cooldown=60, bulk_budget=5)
+    spec = spec_on(None, str(tmp_path))
+    try:
+        assert await pools.bulk(_slow, spec, 0.4) == "done"
+        assert pools.problem(None) is None
+        with pytest.raises(EndpointUnavailable, match=r"no answer within 0\.2s"):
+            await pools.run(_slow, spec, 0.4)
+        assert "failed 1 calls in a row" in (pools.problem(None) or "")
+    finally:
+        pools.close()
+
+
+def test_the_condition_names_the_endpoint_and_clears() -> None:
+    status = api.SPINRunStatus()
+    report(
+        status,
+        STORAGE_UNAVAILABLE,
+        ("EndpointUnavailable", "storage endpoint http://x down"),
+        "t1",
+        1,
+    )
+    (c,) = status.conditions
+    assert (c.status, c.reason, c.message) == (
+        "True",
+        "EndpointUnavailable",
+        "storage endpoint http://x down",
+    )
+    report(status, STORAGE_UNAVAILABLE, None, "t2", 1)
+    assert (c.status, c.last_transition_time) == ("False", "t2")
+    report(api.SPINRunStatus(), STORAGE_UNAVAILABLE, None, "t3", 1)  # never down: no condition
+    fresh = api.SPINRunStatus()
+    report(fresh, STORAGE_UNAVAILABLE, None, "t3", 1)
+    assert fresh.conditions == []
