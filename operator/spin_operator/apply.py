@@ -37,7 +37,7 @@ from spin_operator.decision import (
 from spin_operator.endpoints import StoragePools, report_outages
 from spin_operator.kube import ApiError, Kube, job_path, service_path, spinrun_path
 from spin_operator.metrics import Metrics
-from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER, StepKind, job_name
+from spin_operator.naming import APPLIED_SPEC_ANNOTATION, CHECK, FINALIZER, StepKind, job_name
 from spin_operator.refusals import Refusals
 from spin_operator.render import render
 from spin_operator.settings import Settings
@@ -286,7 +286,9 @@ class Applier:
         admits them (schema, PodSecurity, quota limits, RBAC) without storing anything. A
         permanent refusal fails the run before it starts; anything else is left to the real
         create (a quota in use now, a Job already there from before a restart)."""
-        for kind in [k for lead in steps_of(spec) for k in beside(spec, lead)]:  # control arm too
+        # the check that leads iteration 0, then every step (the control arm's too)
+        kinds: list[StepKind] = [CHECK, *(k for lead in steps_of(spec) for k in beside(spec, lead))]
+        for kind in kinds:
             name, objects = self._objects(key, spec, run, 0, kind, 0, None)
             for obj in objects:
                 path = (

@@ -204,3 +204,24 @@ def control_verdict(
             "alias stays on SPIN's models"
         ),
     )
+
+
+def _count(value: object) -> int:
+    """A count from a report read back from storage (anything else counts as 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def dataset_status(report: Mapping[str, object]) -> api.DatasetStatus:
+    """status.dataset from a dataset profile (`spin_runtime.data.Loaded.report`: the preflight's,
+    or the check Job's report read back from storage)."""
+    by_reason = report.get("skippedByReason")
+    counts = {
+        str(reason): _count(v.get("count") if isinstance(v, Mapping) else None)
+        for reason, v in (by_reason.items() if isinstance(by_reason, Mapping) else ())
+    }
+    return api.DatasetStatus(
+        rows=_count(report.get("rows")),
+        usable=_count(report.get("usable")),
+        skipped=_count(report.get("skipped")),
+        skipped_by_reason=counts,
+    )

@@ -21,6 +21,7 @@ from spin_operator.steps import RunRef
 JobState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 ACTIVE_STATES = ("Pending", "Running", "Suspended")
 STAGE_OF: dict[StepKind, api.Stage] = {
+    "check": "Checking",
     "generate": "Generating",
     "train": "Training",
     "evaluate": "Evaluating",
@@ -68,6 +69,9 @@ class StorageFacts:
     control_metrics: Mapping[str, float] = field(default_factory=dict)
     dataset_rows: int = 0  # from the generation manifests: rows read, skipped per reason
     dataset_skipped: Mapping[str, int] = field(default_factory=dict)
+    checked: bool = False  # iteration 0: the check's report says ok (R/iter-000/check/report.json)
+    # its dataset profile ({rows, usable, skipped, skippedByReason: {reason: {count, first}}})
+    check_profile: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class Observed:
     # good (CreateRejected), in a real create or in the dry run of iteration 0 when the run
     # starts, or the step could not be rendered from the spec (InvalidSpec)
     rejected: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # the dataset and θ0 were checked before the run (local mode): no check step, no Job
+    inputs_checked: bool = False
 
     @property
     def run(self) -> RunRef:

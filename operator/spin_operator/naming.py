@@ -13,19 +13,22 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-StepKind = Literal["generate", "train", "evaluate", "control-train", "control-evaluate"]
+StepKind = Literal["check", "generate", "train", "evaluate", "control-train", "control-evaluate"]
 STEP_KINDS: tuple[StepKind, ...] = ("generate", "train", "evaluate")
+# Iteration 0 only, before its generation: the light CPU Job that checks the dataset and θ0
+# (`python -m spin_runtime check`), so bad input fails the run before any GPU Job exists.
+CHECK: StepKind = "check"
 # spec.controlArm's steps: each runs beside its SPIN counterpart (same stage of the iteration)
 CONTROL_KINDS: tuple[StepKind, ...] = ("control-train", "control-evaluate")
-ALL_STEP_KINDS: tuple[StepKind, ...] = (*STEP_KINDS, *CONTROL_KINDS)
+ALL_STEP_KINDS: tuple[StepKind, ...] = (CHECK, *STEP_KINDS, *CONTROL_KINDS)
 
 _SHORT: dict[StepKind, str] = {
-    "generate": "gen", "train": "train", "evaluate": "eval",
+    "check": "check", "generate": "gen", "train": "train", "evaluate": "eval",
     "control-train": "ctrain", "control-evaluate": "ceval",
 }  # fmt: skip # a small table, packed
 _FROM_SHORT = {v: k for k, v in _SHORT.items()}
 _NAME_RE = re.compile(
-    r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$"
+    r"^(?P<run>[a-z][-a-z0-9]*)-i(?P<t>\d+)-(?P<stage>check|gen|train|eval|ctrain|ceval)(-r(?P<k>\d+))?$"
 )
 
 
@@ -52,7 +55,7 @@ DNS_LABEL_MAX = 63
 
 
 def job_name(run: str, iteration: int, stage: StepKind, attempt: int = 0) -> str:
-    """`<run>-i<t>-<gen|train|eval>`, plus `-r<k>` for retry attempt k >= 1."""
+    """`<run>-i<t>-<check|gen|train|eval|ctrain|ceval>`, plus `-r<k>` for retry attempt k >= 1."""
     if iteration < 0 or attempt < 0:
         raise ValueError(f"iteration and attempt must be >= 0, got {iteration}, {attempt}")
     name = f"{run}-i{iteration}-{_SHORT[stage]}"

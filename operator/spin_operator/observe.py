@@ -287,8 +287,11 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
             control_evaluated, control_metrics = _evaluated(
                 spec, it.control_eval, it.control_eval_results
             )
+    checked, profile = _check_report(spec, run) if iteration == 0 else (False, {})
     skipped = meta.get("dataset_skipped")
     return StorageFacts(
+        checked=checked,
+        check_profile=profile,
         generated=generated,
         model=model,
         evaluated=evaluated,
@@ -301,6 +304,25 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
         if isinstance(skipped, dict)
         else {},
     )
+
+
+def _read_report(spec: api.SPINRunSpec, run: RunRef) -> dict[str, Any] | None:
+    """The check's report (`spin_runtime check --output`), None when absent or unreadable."""
+    with storage_env(spec):
+        try:
+            doc = json.loads(storage.read_text(layout_of(spec, run).iteration(0).check_report))
+        except (FileNotFoundError, UnicodeDecodeError, ValueError):
+            return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _check_report(spec: api.SPINRunSpec, run: RunRef) -> tuple[bool, dict[str, Any]]:
+    """(the check passed, its dataset profile): only a report that says ok counts as done."""
+    doc = _read_report(spec, run)
+    if doc is None or doc.get("ok") is not True:
+        return False, {}
+    profile = doc.get("dataset")
+    return True, profile if isinstance(profile, dict) else {}
 
 
 def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:
@@ -349,6 +371,12 @@ def read_bad_input(spec: api.SPINRunSpec, run: RunRef, iteration: int, stage: st
     from spin_runtime.cli import BAD_INPUT_FILE
     from spin_runtime.redaction import redact_text
 
+    if stage == "check":  # its report lists every problem, cause first
+        doc = _read_report(spec, run)
+        problems = doc.get("problems") if doc is not None else None
+        if not isinstance(problems, list) or not problems:
+            return ""
+        return redact_text("; ".join(str(p).strip() for p in problems if str(p).strip()))[:1000]
     it = layout_of(spec, run).iteration(iteration)
     output = {"generate": it.generated, "train": it.model, "evaluate": it.eval}.get(stage)
     if output is None:

@@ -107,11 +107,17 @@ class PassState:
         layout = layout_of(spec, self.observed.run)
         it = api.IterationStatus(
             iteration=t,
-            stage="Generating",
+            stage="Checking" if t == 0 else "Generating",
             start_time=self.now,
             model_uri=layout.model_for_iteration(t, spec.model.uri),
             data_uri=layout.iteration(t).generated,
         )
+        if t == 0:  # the dataset and θ0 are checked once, before any generation (docs/datasets.md)
+            it.check = api.StepStatus()
+            # local mode checks in-process before the run (spinctl run's preflight)
+            if self.observed.inputs_checked:
+                it.check.phase, it.check.message = "Succeeded", "checked by spinctl before the run"
+                it.check.completion_time = self.now
         if not spec.evaluation.enabled:
             it.evaluate.phase = "Skipped"
         if spec.control_arm.enabled:

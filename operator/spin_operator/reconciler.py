@@ -9,7 +9,8 @@ Secrets only when a decision depends on them.
 
 State machine (KubeRay-style, explicit; `Pass.run` is the switch over phases):
     phase:  Pending -> Running <-> Suspended -> Succeeded | Failed
-    stage:  Generating -> Training -> (Evaluating) -> Done, then the next iteration.
+    stage:  (Checking, iteration 0 only) -> Generating -> Training -> (Evaluating) -> Done,
+            then the next iteration.
     With spec.controlArm, the control's steps run beside SPIN's in the same stage
     (train + control-train, evaluate + control-evaluate); a stage ends when both are done.
 One step's rules (adopt, create, retry, suspend) are in step_rules.py, the spec-change rule
@@ -232,7 +233,8 @@ class Pass(SpecRules, StepRules):
             outcome = self._stage(spec, t, kind)
             if outcome != "done":
                 break
-            later = steps[steps.index(kind) + 1 :]
+            # the check (iteration 0) leads every step
+            later = steps[steps.index(kind) + 1 :] if kind in steps else steps
             if later:
                 it.stage = STAGE_OF[later[0]]
                 continue

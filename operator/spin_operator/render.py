@@ -17,6 +17,10 @@ Choices a long GPU Job needs, and why:
     rendezvous cannot take a replaced rank, so any rank's failure or eviction fails the Job (the
     Job controller then stops the other ranks) and the group restarts as the operator's next
     Job, from the last complete epoch checkpoint.
+* The check before iteration 0's generation (`<run>-i0-check`): one CPU pod (no GPU request,
+  NVIDIA_VISIBLE_DEVICES=void), `spec.dataset.checkResources`, `backoffLimit: 0`, the same
+  restricted pod, Secrets and ServiceAccount as every step; its exit 2 fails the run before
+  any GPU Job exists.
 * `podFailurePolicy`: exit codes that won't heal (2 = bad input per docs/runtime.md, 126/127 =
   cannot execute) fail the Job at once; disruptions (preemption, drain) do not count as failures.
 * `ttlSecondsAfterFinished` unset: a Job stays until the status records its step (the
@@ -48,6 +52,7 @@ RUNTIME_UID = (
 )
 # Scheduling hint for the model cache and logs, unless the step's resources name ephemeral-storage.
 EPHEMERAL_STORAGE_REQUEST = "10Gi"
+CHECK_EPHEMERAL_STORAGE_REQUEST = "1Gi"
 CACHE_VOLUME = "spin-cache"
 SHM_VOLUME = "dshm"
 
@@ -113,7 +118,10 @@ def _resources(plan: StepPlan, gpu_resource: str) -> dict[str, Any]:
         limits[gpu_resource] = str(plan.gpus_per_pod)
         requests.pop(gpu_resource, None)  # extended resources: request defaults to the limit
     if "ephemeral-storage" not in requests and "ephemeral-storage" not in limits:
-        requests["ephemeral-storage"] = EPHEMERAL_STORAGE_REQUEST
+        # the check downloads nothing but config, tokenizer and safetensors headers
+        requests["ephemeral-storage"] = (
+            CHECK_EPHEMERAL_STORAGE_REQUEST if plan.stage == "check" else EPHEMERAL_STORAGE_REQUEST
+        )
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -209,7 +217,11 @@ def _failure_settings(plan: StepPlan, backoff_limit: int) -> dict[str, Any]:
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
     }
     settings: dict[str, Any] = {"podReplacementPolicy": "Failed"}
-    if plan.stage == "generate":
+    if plan.stage == "check":
+        # one pod, minutes at most: a failure that may heal is the operator's retry (a new Job)
+        settings["backoffLimit"] = 0
+        rules = [unhealable, disruption_ignored]
+    elif plan.stage == "generate":
         settings["backoffLimitPerIndex"] = backoff_limit
         rules = [unhealable, disruption_ignored]
     elif plan.rendezvous and plan.pods > 1:

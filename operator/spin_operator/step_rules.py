@@ -8,6 +8,7 @@ attempt (`-r<k>`) up to failurePolicy.maxRetries, except for failures that canno
 from __future__ import annotations
 
 from spin_operator.api import types as api
+from spin_operator.conditions import dataset_status
 from spin_operator.decision import (
     ACTIVE_STATES,
     CreateStep,
@@ -92,6 +93,7 @@ class StepRules(PassState):
             )
         if current.state == "Succeeded":
             what = {
+                "check": "the check's report",
                 "generate": "the generated data",
                 "train": "the model checkpoint",
                 "evaluate": "the evaluation results",
@@ -196,6 +198,8 @@ class StepRules(PassState):
     @staticmethod
     def _complete_in_storage(kind: StepKind, facts: StorageFacts) -> bool:
         return {
+            # a generation found complete ran the same checks itself (a run resumed from storage)
+            "check": facts.checked or facts.generated,
             "generate": facts.generated,
             "train": facts.model,
             "evaluate": facts.evaluated,
@@ -221,6 +225,8 @@ class StepRules(PassState):
         found = job is None or job.state != "Succeeded"
         ss.message = "found complete in storage" if found else None
         layout = layout_of(spec, self.observed.run).iteration(t)
+        if kind == "check" and facts.check_profile:
+            self.status.dataset = dataset_status(facts.check_profile)
         if kind == "generate" and facts.dataset_rows:
             skipped = dict(facts.dataset_skipped)
             self.status.dataset = api.DatasetStatus(

@@ -68,6 +68,7 @@ MUTABLE_FIELDS: tuple[str, ...] = (
     "pod",
     "retention",
     "dataset.maxSkippedFraction",  # gates the run; changes no artifact
+    "dataset.checkResources",
     "generation.image",
     "generation.resources",
     "training.image",
@@ -141,6 +142,8 @@ class StepPlan:
         }
 
 
+# The check Job's resources when spec.dataset.checkResources is empty: modest, CPU only.
+CHECK_RESOURCES = api.Resources(requests={"cpu": "500m", "memory": "1Gi"}, limits={"memory": "4Gi"})
 # The control arm's step that runs beside a SPIN step (spec.controlArm): same stage, same inputs.
 CONTROL_OF: dict[StepKind, StepKind] = {"train": "control-train", "evaluate": "control-evaluate"}
 # The env var that makes the runtime's MLflow logger prefix every key (runlog.METRIC_PREFIX_ENV).
@@ -182,6 +185,18 @@ def _selection_flags(spec: api.SPINRunSpec, training: bool = True) -> list[str]:
     return [
         *flags, "--eval-samples", str(d.eval_samples), "--seed", str(d.seed),
         "--max-skipped-fraction", repr(d.max_skipped_fraction),
+    ]  # fmt: skip # argv: a flag beside its value
+
+
+def _check_argv(spec: api.SPINRunSpec, layout: RunLayout) -> list[str]:
+    """The check of the dataset and θ0 before iteration 0's generation (docs/runtime.md#check):
+    the same dataset flags and model overrides as `generate`, the report into the run's storage."""
+    return [
+        "python", "-m", "spin_runtime", "check",
+        "--model", spec.model.uri,
+        *_model_flags(spec),
+        *_selection_flags(spec, training=False),
+        "--output", layout.iteration(0).check_report,
     ]  # fmt: skip # argv: a flag beside its value
 
 
@@ -328,7 +343,27 @@ def plan_step(
             env["MLFLOW_RUN_ID"] = mlflow_run_id
     master_addr = None
     shm = None
-    if stage == "generate":
+    secret_env = _secret_env(spec)
+    if stage == "check":
+        if iteration != 0:
+            raise ValueError(f"the check runs before iteration 0 only, not iteration {iteration}")
+        # CPU only (no GPU is requested: render sets NVIDIA_VISIBLE_DEVICES=void) and nothing to
+        # track: the storage credentials reach it, MLflow's do not (the operator records the
+        # report's dataset profile itself).
+        env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "SPIN_TRACKING_"))}
+        secret_env = {k: v for k, v in secret_env.items() if not k.startswith("MLFLOW_")}
+        # generation.image when set: the image iteration 0 would pull anyway (it holds the runtime)
+        argv, pods, procs, gpus, image = (
+            _check_argv(spec, layout),
+            1,
+            1,
+            0,
+            spec.generation.image,
+        )
+        resources, output = spec.dataset.check_resources, it.check
+        if not (resources.requests or resources.limits):
+            resources = CHECK_RESOURCES
+    elif stage == "generate":
         g = spec.generation
         argv, pods, procs, gpus, image = (
             _generate_argv(spec, layout, iteration),
@@ -386,7 +421,7 @@ def plan_step(
         processes_per_pod=procs,
         argv=tuple(argv),
         env=env,
-        secret_env=_secret_env(spec),
+        secret_env=secret_env,
         gpus_per_pod=gpus,
         image=image or settings.runtime_image,
         requests=dict(resources.requests),

@@ -5,6 +5,7 @@ agree on every name, so nobody formats ``iter-000`` or ``shard-00000-of-00004.js
 
     R = {storage_uri}/{namespace}/{name}
     R/spinrun.yaml
+    R/iter-000/check/report.json   (the check before iteration 0's generation, on a cluster)
     R/iter-000/generated/shard-00000-of-00004.jsonl (+ shard-00000-of-00004.manifest.json)
     R/iter-000/train/epoch-001/    R/iter-000/model/    R/iter-000/eval/results.json
     R/iter-000/tracking-spool/     (only after an MLflow outage)
@@ -43,6 +44,16 @@ class IterationLayout:
 
     prefix: str
     index: int
+
+    @property
+    def check(self) -> str:
+        """Iteration 0 only: where the check before any generation leaves its report."""
+        return storage.join(self.prefix, "check")
+
+    @property
+    def check_report(self) -> str:
+        """`check --output`: the dataset profile and the problems; complete when `ok` is true."""
+        return storage.join(self.check, "report.json")
 
     @property
     def generated(self) -> str:

@@ -209,7 +209,7 @@ TIMEOUT = 30.0
 def _job_complete(api: Any, job: dict[str, Any], workdir: Path) -> None:
     """What the Job's pods would leave behind: its artifacts (manifests last), then the status."""
     from spin_operator import naming
-    from spin_runtime import manifest
+    from spin_runtime import manifest, storage
     from spin_runtime.layout import RunLayout
 
     labels = job["metadata"]["labels"]
@@ -221,7 +221,11 @@ def _job_complete(api: Any, job: dict[str, Any], workdir: Path) -> None:
     scratch = workdir / "scratch" / job["metadata"]["name"]
     scratch.mkdir(parents=True, exist_ok=True)
     completions = job["spec"].get("completions") or 1
-    if stage == "generate":
+    if stage == "check":  # `spin_runtime check --output`: the report, ok
+        report = {"ok": True, "problems": [], "dataset": {"rows": 1, "usable": 1, "skipped": 0}}
+        (scratch / "report.json").write_text(json.dumps(report))
+        storage.upload_file(scratch / "report.json", iteration.check_report)
+    elif stage == "generate":
         for index in range(completions):
             shard = scratch / f"shard-{index}.jsonl"
             shard.write_text(
@@ -380,6 +384,7 @@ def _lifecycle(api: Any, workdir: Path, logs: Callable[[], str]) -> None:
     deleted while training."""
     wait = lambda what, probe: _wait(api, what, probe, logs)  # noqa: E731
     api.create(_spinrun("lifecycle"))
+    _job_complete(api, wait("the check Job", lambda: _jobs(api, "lifecycle", "check"))[0], workdir)
     first = wait("the generation Job", lambda: _jobs(api, "lifecycle", "generate"))[0]
     # A Job whose pods do not come: the operator lists its pods, then the Job's events (why?)
     wait(
@@ -442,6 +447,9 @@ def _lifecycle(api: Any, workdir: Path, logs: Callable[[], str]) -> None:
     wait("run Succeeded", complete_active)
 
     api.create(_spinrun("doomed", retention={"onDelete": "Delete"}))  # the operator's finalizer
+    _job_complete(
+        api, wait("the doomed run's check Job", lambda: _jobs(api, "doomed", "check"))[0], workdir
+    )
     wait("the doomed run's generation Job", lambda: _jobs(api, "doomed", "generate"))
     for job in _jobs(api, "doomed", "generate"):
         _job_complete(api, job, workdir)

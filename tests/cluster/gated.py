@@ -21,7 +21,8 @@ def job_gate(gate: Path, job: str) -> Path:
 def main(argv: list[str]) -> int:
     gates, standin, *rest = argv
     paths = [Path(p) for p in gates.split(os.pathsep)]
-    while not any(p.exists() for p in paths):
+    # the check before iteration 0's generation is not gated: the steps the tests time are
+    while rest[1:4] != ["-m", "spin_runtime", "check"] and not any(p.exists() for p in paths):
         time.sleep(0.2)
     os.execv(sys.executable, [sys.executable, standin, *rest])
 

@@ -89,7 +89,7 @@ def test_finished_jobs_go_once_recorded(cluster_quick: RealCluster, tmp_path: Pa
     assert run["status"]["phase"] == "Succeeded", c.diagnostics("tidy")
     wait_for(lambda: not c.jobs(), 60, "the finished run's Jobs deleted", 0.5)
     wait_for(lambda: not c.pods(), 60, "their pods deleted", 0.5)
-    expected = {job_name("tidy", 0, s) for s in ("generate", "train", "evaluate")}
+    expected = {job_name("tidy", 0, s) for s in ("check", "generate", "train", "evaluate")}
     assert sorted(c.job_creations()) == sorted(expected)  # each once: nothing re-run after deletion
     assert c.run("tidy")["status"]["phase"] == "Succeeded"
 

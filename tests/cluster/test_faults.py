@@ -48,7 +48,7 @@ def start_gated(c: RealCluster, tmp_path: Path, iterations: int = 1) -> str:
 def finish_once(c: RealCluster, iterations: int = 1) -> None:
     run = c.wait_run(RUN, TIMEOUT)
     assert run["status"]["phase"] == "Succeeded", c.diagnostics(RUN)
-    expected = {
+    expected = {job_name(RUN, 0, "check")} | {
         job_name(RUN, t, s) for t in range(iterations) for s in ("generate", "train", "evaluate")
     }
     created = c.job_creations()

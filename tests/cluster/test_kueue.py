@@ -200,10 +200,14 @@ def test_suspend_and_resume_a_kueue_admitted_run(
     assert [it["stage"] for it in its] == ["Done", "Done"]
     assert all(it[k]["attempts"] == 1 for it in its for k in ("generate", "train", "evaluate"))
     created = c.job_creations()
-    expected = [job_name(run, t, k) for t in (0, 1) for k in ("generate", "train", "evaluate")]
+    expected = [job_name(run, 0, "check")] + [
+        job_name(run, t, k) for t in (0, 1) for k in ("generate", "train", "evaluate")
+    ]
     # iteration 0 kept (its Jobs never created again); the suspended step's Job once more
     assert sorted(created) == sorted([*expected, gen1]), created
-    assert set(first) == {job_name(run, 0, k) for k in ("generate", "train", "evaluate")} | {gen1}
+    assert set(first) == {
+        job_name(run, 0, k) for k in ("check", "generate", "train", "evaluate")
+    } | {gen1}
     # no fight: the operator never patched a queued Job, Kueue unsuspended each Job once
     assert operator_job_patches(c) == []
     writes = [(e.get("objectRef") or {}).get("name") for e in kueue.job_writes(c.namespace)]
@@ -249,15 +253,17 @@ def test_a_run_without_quota_waits_for_admission_until_a_suspension_frees_it(
         ),
     )
     apply_run(c, tmp_path, "second")
+    # its first Job, the check before generation, is the one that waits for quota
+    check_b = job_name("second", 0, "check")
     wait_for(
-        lambda: step(c, "second", 0, "generate").get("message") == "waiting for Kueue admission",
+        lambda: step(c, "second", 0, "check").get("message") == "waiting for Kueue admission",
         TIMEOUT,
         "the second run to wait for admission",
         0.25,
     )
     held_from = time.monotonic()
     while time.monotonic() - held_from < 5:  # no quota: it stays queued
-        second = job(c, gen_b)
+        second = job(c, check_b)
         assert second is not None and second["spec"]["suspend"] is True
         time.sleep(0.5)
     status = c.run("second")["status"]

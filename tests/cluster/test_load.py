@@ -48,8 +48,11 @@ def test_twenty_spinruns_at_once_all_complete(cluster_quick: RealCluster, tmp_pa
     assert final["Succeeded"] == RUNS, final
     created = c.job_creations()
     per_run = collections.Counter(name.rsplit("-i", 1)[0] for name in created)
-    assert len(created) == len(set(created)) == RUNS * ITERATIONS * 3, collections.Counter(created)
-    assert set(per_run) == set(names) and set(per_run.values()) == {ITERATIONS * 3}
+    # per run: the check before iteration 0, then 3 steps per iteration
+    assert len(created) == len(set(created)) == RUNS * (ITERATIONS * 3 + 1), collections.Counter(
+        created
+    )
+    assert set(per_run) == set(names) and set(per_run.values()) == {ITERATIONS * 3 + 1}
     events = c.plane.audit(OPERATOR_GROUP)[audited_before:]
     server_errors = [e for e in events if (e.get("responseStatus") or {}).get("code", 200) >= 500]
     assert not server_errors, server_errors[:3]

@@ -58,11 +58,11 @@ def wait_pods_running(c: RealCluster, job: str, count: int) -> None:
 def finish_each_step_once(c: RealCluster) -> dict:
     run = c.wait_run(RUN, TIMEOUT)
     assert run["status"]["phase"] == "Succeeded", c.diagnostics(RUN)
-    expected = [job_name(RUN, 0, stage) for stage in STEPS]
+    expected = [job_name(RUN, 0, stage) for stage in ("check", *STEPS)]
     created = c.job_creations()
     assert sorted(created) == sorted(expected), f"Job creations: {created}"
     pods = collections.Counter(p["metadata"]["labels"]["job-name"] for p in c.pods())
-    planned = {name: 1 if name.endswith("-eval") else 2 for name in expected}
+    planned = {name: 1 if name.endswith(("-eval", "-check")) else 2 for name in expected}
     assert dict(pods) == planned, f"pods per Job: {dict(pods)}"
     return run
 

@@ -77,7 +77,7 @@ def test_blocked_pods_surface_then_the_pending_timeout_fails_the_step(
             **changes,
         )
     )
-    wait_for(lambda: c.jobs(), 120, "the generation Job", 0.5)
+    wait_for(lambda: c.jobs(), 120, "the check Job (the first Job, before any generation)", 0.5)
     created = time.monotonic()
 
     def blocked() -> dict[str, Any] | None:
@@ -101,7 +101,9 @@ def test_blocked_pods_surface_then_the_pending_timeout_fails_the_step(
         c.diagnostics(RUN)
     )
     assert cause in failed["message"] and "pendingTimeoutSeconds" in failed["message"]
-    assert run["status"]["iterations"][0]["generate"]["attempts"] == 1  # failed, not retried
+    # the check's pod was the one blocked: failed, not retried, and no generation Job started
+    it = run["status"]["iterations"][0]
+    assert (it["check"]["attempts"], it["generate"]["attempts"]) == (1, 0)
     print(
         f"\nCLUSTER {case}: PodsBlocked {seen:.1f}s after the Job, Failed {time.monotonic() - created:.1f}s after"
     )

@@ -32,7 +32,10 @@ STEPS: tuple[StepKind, ...] = ("generate", "train", "evaluate")
 
 
 def steps(iterations: int) -> list[str]:
-    return [job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS]
+    """The check before iteration 0's generation, then each step of each iteration."""
+    return [job_name(RUN, 0, "check")] + [
+        job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS
+    ]
 
 
 def prefix(c: RealCluster) -> str:
@@ -82,7 +85,7 @@ def assert_each_step_once(c: RealCluster, iterations: int) -> None:
     assert sorted(created) == sorted(expected), f"Job creations: {created}"
     assert {j["metadata"]["name"] for j in c.jobs()} == set(expected)
     pods = collections.Counter(p["metadata"]["labels"]["job-name"] for p in c.pods())
-    planned = {name: 1 if name.endswith("-eval") else 2 for name in expected}
+    planned = {name: 1 if name.endswith(("-eval", "-check")) else 2 for name in expected}
     assert dict(pods) == planned, f"pods per Job: {dict(pods)}"
 
 
@@ -127,7 +130,8 @@ def test_operator_killed_during_generation_sees_the_job_finish(
     wait_job(c, gen, "Complete")
     before = kit.artifact_stamps(prefix(c))
     assert len([k for k in before if k.endswith(".manifest.json")]) == 2, before
-    assert c.job_creations() == [gen]  # nothing happened while the operator was down
+    # nothing happened while the operator was down (the check ran before generation)
+    assert c.job_creations() == [job_name(RUN, 0, "check"), gen]
     operator_up(c, down)
     run = finish(c)
     print(f"\nCLUSTER operator down while generation finished: {time.monotonic() - started:.1f}s")

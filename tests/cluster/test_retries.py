@@ -82,6 +82,12 @@ def test_a_failed_shard_does_not_stop_the_others(flaky_shard: RealCluster, tmp_p
     assert run["status"]["iterations"][0]["generate"]["attempts"] == 2
     created = c.job_creations()
     assert sorted(created) == sorted(
-        [first, retry, job_name(RUN, 0, "train"), job_name(RUN, 0, "evaluate")]
+        [
+            job_name(RUN, 0, "check"),
+            first,
+            retry,
+            job_name(RUN, 0, "train"),
+            job_name(RUN, 0, "evaluate"),
+        ]
     )
     print(f"\nCLUSTER failed shard retried: {time.monotonic() - started:.1f}s")

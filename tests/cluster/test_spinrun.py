@@ -31,7 +31,10 @@ KEEP_JOBS = {"finishedJobs": "Retain"}
 
 
 def steps(iterations: int) -> list[str]:
-    return [job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS]
+    """The check before iteration 0's generation, then each step of each iteration."""
+    return [job_name(RUN, 0, "check")] + [
+        job_name(RUN, t, stage) for t in range(iterations) for stage in STEPS
+    ]
 
 
 def assert_each_step_once(c: RealCluster, iterations: int) -> None:
@@ -41,7 +44,7 @@ def assert_each_step_once(c: RealCluster, iterations: int) -> None:
     assert sorted(created) == sorted(expected), f"Job creations: {created}"
     assert {j["metadata"]["name"] for j in c.jobs()} == set(expected)
     pods = collections.Counter(p["metadata"]["labels"]["job-name"] for p in c.pods())
-    planned = {name: 1 if name.endswith("-eval") else 2 for name in expected}
+    planned = {name: 1 if name.endswith(("-eval", "-check")) else 2 for name in expected}
     assert dict(pods) == planned, f"pods per Job: {dict(pods)}"
     assert all(p["status"]["phase"] == "Succeeded" for p in c.pods())
 

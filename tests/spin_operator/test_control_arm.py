@@ -185,7 +185,7 @@ def world(**spec) -> World:
 def test_control_runs_beside_spin_and_status_says_who_won() -> None:
     w = world(tracking={"uri": "http://mlflow:5000"})
     w.run_to_end()
-    assert w.created == [
+    assert w.created == [f"{NAME}-i0-check"] + [
         f"{NAME}-i{t}-{k}" for t in range(3) for k in ("gen", "train", "ctrain", "eval", "ceval")
     ]
     # each pair was created in one decision: the control starts at once, beside SPIN's step
@@ -301,6 +301,7 @@ def test_missing_metric_on_the_control_is_said_not_guessed() -> None:
 
 def test_the_stage_waits_for_the_slower_arm() -> None:
     w = world()
+    w.past_the_check()
     w.reconcile()
     w.succeed(f"{NAME}-i0-gen")
     w.reconcile()
@@ -320,6 +321,7 @@ def test_the_stage_waits_for_the_slower_arm() -> None:
 
 def test_a_failed_control_job_is_retried_alone() -> None:
     w = world()
+    w.past_the_check()
     w.reconcile()
     w.succeed(f"{NAME}-i0-gen")
     w.reconcile()
@@ -334,6 +336,7 @@ def test_a_failed_control_job_is_retried_alone() -> None:
 
 def test_bad_input_in_the_control_fails_the_run_and_stops_spins_job() -> None:
     w = world()
+    w.past_the_check()
     w.reconcile()
     w.succeed(f"{NAME}-i0-gen")
     w.reconcile()
@@ -354,7 +357,7 @@ def test_a_control_found_complete_in_storage_is_not_redone() -> None:
 def test_disabled_makes_no_control_steps_or_condition() -> None:
     w = World(spin_object(iterations=1))
     w.run_to_end()
-    assert w.created == [f"{NAME}-i0-gen", f"{NAME}-i0-train", f"{NAME}-i0-eval"]
+    assert w.created == [f"{NAME}-i0-{k}" for k in ("check", "gen", "train", "eval")]
     it = w.status.iterations[0]
     assert it.control is None and it.control_train is None and "controlTrain" not in it.to_wire()
     assert get_condition(w.status.conditions, "ControlArm") is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +28,7 @@ from spin_operator.naming import job_name
 from spin_operator.policy import Allowed, Policy
 from spin_operator.settings import Settings
 from spin_operator.track import Tracking
+from spin_runtime.layout import RunLayout
 
 JSON = dict[str, Any]
 NS, NAME = "team-a", "run"
@@ -130,8 +132,20 @@ def spinrun(storage: Path, **spec: Any) -> JSON:
     }
 
 
+def pass_the_check(storage: Path) -> None:
+    """What a passed check Job leaves in the run's storage (its report, ok): the check step is
+    then found complete and iteration 0's generation is the first Job created."""
+    report = RunLayout.for_run(str(storage), NS, NAME).iteration(0).check_report
+    Path(report).parent.mkdir(parents=True)
+    Path(report).write_text(json.dumps({"ok": True, "problems": [], "dataset": {"rows": 9}}))
+
+
 class Setup:
-    def __init__(self, tmp_path: Path, refuse: Refuse | None = None, **spec: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, refuse: Refuse | None = None, checked: bool = False, **spec: Any
+    ) -> None:
+        if checked:
+            pass_the_check(tmp_path / "artifacts")
         self.api = FakeApi(spinrun(tmp_path / "artifacts", **spec), refuse)
         self.events: list[tuple[str, str, str]] = []
         # the admin allows this run's local storage (issue 15's allow-lists refuse it otherwise)
@@ -208,7 +222,8 @@ async def test_permanent_refusal_fails_with_the_api_message(
         await asyncio.sleep(0.5)  # no retry loop afterwards
         failed = s.failed()
         assert failed is not None and failed["reason"] == "CreateRejected"
-        assert message in failed["message"] and "generate of iteration 0" in failed["message"]
+        # the check Job leads iteration 0's objects: the first one refused
+        assert message in failed["message"] and "check of iteration 0" in failed["message"]
         assert s.api.run["status"]["phase"] == "Failed"
         assert [e for e in s.events if e[0] == "Warning"] == [
             ("Warning", "CreateRejected", failed["message"])
@@ -253,10 +268,11 @@ async def test_dry_run_passes_then_jobs_are_created(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     s.start()
     try:
-        gen = job_name(NAME, 0, "generate")
-        await s.wait(lambda: any(n == gen and not dry for n, dry, _ in s.api.creates))
+        check, gen = job_name(NAME, 0, "check"), job_name(NAME, 0, "generate")
+        await s.wait(lambda: any(n == check and not dry for n, dry, _ in s.api.creates))
         dry = [n for n, d, _ in s.api.creates if d]
-        assert gen in dry and job_name(NAME, 0, "evaluate") in dry
+        assert dry[0] == check and gen in dry and job_name(NAME, 0, "evaluate") in dry
+        assert [n for n, d, _ in s.api.creates if not d] == [check]  # the check Job comes first
         first_real = next(i for i, (_, d, _) in enumerate(s.api.creates) if not d)
         assert first_real == len(dry)  # every dry run before the first real create
         await s.wait(lambda: (s.api.run.get("status") or {}).get("phase") == "Running")
@@ -277,6 +293,7 @@ async def test_refusal_mid_run_fails_the_step(tmp_path: Path, storage: str) -> N
         lambda path, body, dry: (
             ApiError(403, "Forbidden", FORBIDDEN) if body["metadata"]["name"] == retry else None
         ),
+        checked=True,
     )
     if storage != "in the spec":
         uri = s.api.run["spec"].pop("storage")["uri"]
@@ -339,7 +356,7 @@ async def test_retryable_errors_back_off_then_create(
             retry_after,
         )
 
-    s = Setup(tmp_path, refuse)
+    s = Setup(tmp_path, refuse, checked=True)
     s.start()
     gen = job_name(NAME, 0, "generate")
     try:
@@ -433,7 +450,7 @@ async def test_touching_the_run_retries_a_refused_start(tmp_path: Path) -> None:
         s.api.run["metadata"].setdefault("annotations", {})["selfplay.dev/recheck"] = "1"
         s.feed()
         await s.wait(lambda: (s.api.run.get("status") or {}).get("phase") == "Running")
-        assert any(n == job_name(NAME, 0, "generate") and not d for n, d, _ in s.api.creates)
+        assert any(n == job_name(NAME, 0, "check") and not d for n, d, _ in s.api.creates)
     finally:
         await s.close()
 

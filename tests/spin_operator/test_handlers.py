@@ -49,10 +49,10 @@ async def test_three_iterations_to_succeeded(cluster: Cluster, operator: Operato
     assert [it["metrics"]["exact_match"] for it in status["iterations"]] == [0.2, 0.5, 0.4]
     ready = await cluster.condition("paper", "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
-    assert cluster.creates() == [201] * 9  # never a second create for one name
+    assert cluster.creates() == [201] * 10  # the check, then 9 steps: never a second create
     # a step's Jobs are deleted once the status records it (none left behind, none re-run)
     await cluster.wait("finished Jobs deleted", lambda: _no_jobs(cluster, "paper"))
-    assert cluster.creates() == [201] * 9
+    assert cluster.creates() == [201] * 10
     assert await cluster.api.alist("services", namespace=NS) == []  # rendezvous Services cleaned up
     reasons = collections.Counter(
         r
@@ -61,14 +61,14 @@ async def test_three_iterations_to_succeeded(cluster: Cluster, operator: Operato
         )
     )
     assert (
-        reasons["JobCreated"] == 9
+        reasons["JobCreated"] == 10
         and reasons["IterationCompleted"] == 3
         and reasons["Started"] == 1
     )
     # one status patch per transition, no polling: a bounded number of writes per Job
     writes = cluster.api.requests.by_verb_resource(user_agent="spin-operator")
-    assert writes["patch spinruns/status"] <= 2 * 9 + 2, writes
-    assert writes["create jobs"] == 9 and writes["get secrets"] == 0
+    assert writes["patch spinruns/status"] <= 2 * 10 + 2, writes
+    assert writes["create jobs"] == 10 and writes["get secrets"] == 0
     assert (cluster.storage / NS / "paper" / "spinrun.yaml").exists()
 
 
@@ -143,7 +143,7 @@ async def test_suspend_and_resume(cluster: Cluster, operator: OperatorProcess) -
     await cluster.wait("Job resumed", resumed)
     await cluster.wait_phase("pause", "Running")
     assert (await cluster.run_to_end("pause"))["phase"] == "Succeeded"
-    assert cluster.creates() == [201] * 3
+    assert cluster.creates() == [201] * 4  # the check, then generate, train, evaluate
 
 
 async def test_deletion_keeps_artifacts_by_default(
@@ -182,7 +182,7 @@ async def _no_jobs(cluster: Cluster, name: str) -> bool:
     return not await cluster.jobs(name)
 
 
-@pytest.mark.parametrize("stage", ["gen", "train", "eval"])
+@pytest.mark.parametrize("stage", ["check", "gen", "train", "eval"])
 @pytest.mark.parametrize("while_down", ["running", "completed"])
 async def test_operator_killed_and_restarted_at_each_stage(
     cluster: Cluster, stage: str, while_down: str
@@ -191,7 +191,7 @@ async def test_operator_killed_and_restarted_at_each_stage(
     no Job is created twice and no finished step is redone."""
     op = await OperatorProcess(cluster.settings()).start()
     await cluster.api.acreate(spinrun("phoenix", iterations=2))
-    for name in ("phoenix-i0-gen", "phoenix-i0-train", "phoenix-i0-eval"):
+    for name in ("phoenix-i0-check", "phoenix-i0-gen", "phoenix-i0-train", "phoenix-i0-eval"):
         job = await cluster.wait_job("phoenix", name)
         if name.endswith(stage):
             break
@@ -209,7 +209,9 @@ async def test_operator_killed_and_restarted_at_each_stage(
         "phoenix-i0-gen",
         "phoenix-i1-gen",
     ]
-    assert cluster.creates() == [201] * 6
+    assert status["iterations"][0]["check"]["jobName"] == "phoenix-i0-check"
+    assert "check" not in status["iterations"][1]
+    assert cluster.creates() == [201] * 7  # the check once, then 3 steps per iteration
 
 
 async def test_restart_with_status_lost_resumes_from_storage(cluster: Cluster) -> None:
@@ -227,8 +229,9 @@ async def test_restart_with_status_lost_resumes_from_storage(cluster: Cluster) -
     finally:
         await op.stop()
     assert status["phase"] == "Succeeded"
-    assert cluster.creates() == [201] * 6
+    assert cluster.creates() == [201] * 7  # the check (found in storage after), 3 + 3 steps
     assert status["iterations"][0]["generate"]["phase"] == "Succeeded"
+    assert status["iterations"][0]["check"]["phase"] == "Succeeded"
 
 
 async def test_missing_storage_default_fails_naming_the_field(cluster: Cluster) -> None:

@@ -218,3 +218,45 @@ def test_storage_env_is_scoped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         other.join()
     assert elsewhere == ["us-east-1"]  # another thread (another run's call) is not redirected
     assert storage.s3_client().meta.region_name == "us-east-1"
+
+
+def _run_check(spec: api.SPINRunSpec) -> int:
+    """The check Job's own argv (plan_step), run by the real runtime on this machine."""
+    import subprocess
+    import sys
+
+    argv = list(plan_step(spec, Settings(), RUN, 0, "check").argv)
+    assert argv[0] == "python"
+    return subprocess.run([sys.executable, *argv[1:]], capture_output=True, timeout=120).returncode
+
+
+def test_the_check_jobs_report_gives_the_cause_or_the_profile(tmp_path: Path) -> None:
+    """Operator argv -> real `spin_runtime check` -> its report in the run's storage -> the facts
+    and the cause the operator reads back (the model is a hub id: not checked)."""
+    data = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "p", "response": "r"})
+    data.write_bytes(f"{good}\n".encode() + b'{"prompt": "\xff"}\n' + f"{good}\n".encode())
+    ds = {"uri": str(data), "evalSamples": 0}
+    off = {"enabled": False}
+    strict = make(tmp_path / "store", model={"uri": "org/model"}, dataset=ds, evaluation=off)
+    assert _run_check(strict) == 2
+    assert not observe.read_facts(strict, RUN, 0).checked
+    cause = observe.read_bad_input(strict, RUN, 0, "check")
+    assert cause.startswith(f"dataset {data}: not UTF-8 ×1 (line 2)"), cause
+    assert "above dataset.maxSkippedFraction 0.01" in cause
+    lenient = make(
+        tmp_path / "store",
+        model={"uri": "org/model"},
+        dataset={**ds, "maxSkippedFraction": 0.5},
+        evaluation=off,
+    )
+    assert _run_check(lenient) == 0
+    facts = observe.read_facts(lenient, RUN, 0)
+    assert facts.checked and not facts.generated
+    assert observe.read_bad_input(lenient, RUN, 0, "check") == ""
+    from spin_operator.conditions import dataset_status
+
+    assert dataset_status(facts.check_profile) == api.DatasetStatus(
+        rows=3, usable=2, skipped=1, skipped_by_reason={"not UTF-8": 1}
+    )
+    assert not observe.read_facts(lenient, RUN, 1).checked  # iteration 0 only

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from spin_operator.conditions import get_condition
-from spin_operator.decision import CreateStep, Decision, DeleteJob
+from spin_operator.decision import CreateStep, Decision, DeleteJob, Event
 from spin_operator.observe import Blockage, job_state, pod_blockage
 from spin_operator.reconciler import reconcile
 from tests.spin_operator.reconciler_world import World, spin_object
@@ -37,8 +37,11 @@ CAUSES = [
 
 def started_at_generation(**spec: Any) -> tuple[World, str]:
     w = World(spin_object(**spec))
+    w.past_the_check()
     w.reconcile()
+    w.reconcile()  # the check Job, recorded as passed, is swept
     (job,) = w.active()
+    assert job.stage == "generate" and len(w.jobs) == 1
     return w, job.name
 
 
@@ -71,11 +74,7 @@ def test_each_cause_becomes_a_condition_and_one_warning_event(reason: str, messa
     c = get_condition(w.status.conditions, "PodsBlocked")
     assert c is not None and (c.status, c.reason) == ("True", reason)
     assert name in c.message and message in c.message and "generate of iteration 0" in c.message
-    events = (
-        [e for e in d.of_type(type(d.actions[0])) if getattr(e, "type", "") == "Warning"]
-        if d.actions
-        else []
-    )
+    events = [e for e in d.of_type(Event) if e.type == "Warning"]
     assert [(e.reason, message in e.message) for e in events] == [(reason, True)]
     assert message in (w.status.iterations[0].generate.message or "")
     assert w.status.phase == "Running"  # blocked is not failed, until the timeout
@@ -182,6 +181,7 @@ def test_the_timeout_is_mutable_mid_run() -> None:
 
 def test_blocked_control_arm_steps_are_both_reported() -> None:
     w = World(spin_object(controlArm={"enabled": True}))
+    w.past_the_check()
     w.reconcile()
     gen = w.active()[0].name
     w.succeed(gen)

@@ -69,7 +69,9 @@ def test_three_iterations_to_succeeded() -> None:
     w.run_to_end()
     s = w.status
     assert (s.phase, s.stage, s.progress, s.iteration) == ("Succeeded", "Done", "3/3", 2)
-    assert w.created == [f"{NAME}-i{t}-{k}" for t in range(3) for k in ("gen", "train", "eval")]
+    assert w.created == [f"{NAME}-i0-check"] + [
+        f"{NAME}-i{t}-{k}" for t in range(3) for k in ("gen", "train", "eval")
+    ]
     assert [it.metrics["exact_match"] for it in s.iterations] == pytest.approx([0.1, 0.2, 0.3])
     assert s.best_iteration == 2
     assert condition(w, "Ready").status == "True"
@@ -81,14 +83,14 @@ def test_three_iterations_to_succeeded() -> None:
     assert s.start_time and s.completion_time and s.spec_hash
     reasons = [r for r, _ in w.events]
     assert (
-        reasons.count("JobCreated") == 9 and reasons[0] == "Started" and reasons[-1] == "Succeeded"
+        reasons.count("JobCreated") == 10 and reasons[0] == "Started" and reasons[-1] == "Succeeded"
     )
 
 
 def test_without_evaluation_two_jobs_per_iteration_and_no_best() -> None:
     w = World(spin_object(evaluation={"enabled": False}, iterations=2))
     w.run_to_end()
-    assert w.created == ["run-i0-gen", "run-i0-train", "run-i1-gen", "run-i1-train"]
+    assert w.created == ["run-i0-check", "run-i0-gen", "run-i0-train", "run-i1-gen", "run-i1-train"]
     assert w.status.best_iteration is None
     assert all(it.evaluate.phase == "Skipped" for it in w.status.iterations)
 
@@ -106,7 +108,7 @@ def test_first_decision_asks_for_facts_before_acting() -> None:
     assert d.needs_storage == {0} and not d.of_type(CreateStep)
     assert d.status.phase == "Running"  # started: facts of iteration 0 decide what runs first
     d = reconcile(w.spec(), w.status, w.observed({0}, True, set(), True))
-    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-gen"]
+    assert [c.name for c in d.of_type(CreateStep)] == ["run-i0-check"]
 
 
 def test_storage_unreachable_never_creates_but_keeps_status() -> None:
@@ -563,7 +565,7 @@ def test_jobs_of_a_recorded_step_are_deleted_and_never_rerun() -> None:
         assert not d.needs_jobs
     w.run_to_end()
     assert sorted(w.created) == sorted(
-        [gen, retry, "run-i0-train", "run-i0-eval"]
+        ["run-i0-check", gen, retry, "run-i0-train", "run-i0-eval"]
         + [f"run-i{t}-{k}" for t in (1, 2) for k in ("gen", "train", "eval")]
     )
     w.reconcile()  # the pass after the final status write (its watch event) sweeps the last one

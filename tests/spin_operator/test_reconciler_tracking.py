@@ -109,6 +109,7 @@ def test_an_iteration_run_never_ends_before_its_spool_is_delivered() -> None:
 
 def test_a_failed_run_ends_its_unfinished_iteration_run_and_the_parent_as_failed() -> None:
     w = world(iterations=2, failurePolicy={"maxRetries": 0})
+    w.past_the_check()
     w.reconcile()
     for _ in range(3):  # iteration 0 to its end
         for job in w.active():

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from spin_runtime import manifest
+from spin_runtime import manifest, storage
 from spin_runtime.layout import RunLayout
 
 RUN_LABEL = "selfplay.dev/run"
@@ -34,11 +34,15 @@ def write_step(
     indices: Iterable[int] | None = None,
     metrics: Mapping[str, float] | None = None,
 ) -> None:
-    """The artifacts of `stage` of `iteration`: generation shards `indices` (all by default) of
+    """The artifacts of `stage` of `iteration`: the check's report, generation shards `indices` (all by default) of
     `shards`, the trained model, or the evaluation's results with `metrics`."""
     it = RunLayout.for_run(storage_uri, namespace, run).iteration(iteration)
     scratch.mkdir(parents=True, exist_ok=True)
-    if stage == "generate":
+    if stage == "check":  # `spin_runtime check --output`: the report, ok (iteration 0 only)
+        report = {"ok": True, "problems": [], "dataset": {"rows": 10, "usable": 10, "skipped": 0}}
+        (scratch / "report.json").write_text(json.dumps(report))
+        storage.upload_file(scratch / "report.json", it.check_report)
+    elif stage == "generate":
         for index in range(shards) if indices is None else indices:
             shard = scratch / f"shard-{index}.jsonl"
             record = {"id": index, "split": "train", "prompt": "p", "real": "r", "generated": "g"}

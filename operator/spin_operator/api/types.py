@@ -264,6 +264,15 @@ class DatasetSpec(UriModel):
             le=1,
         ),
     ] = 0.01
+    check_resources: Annotated[
+        Resources,
+        _desc(
+            "Requests/limits of the check Job that parses the dataset and checks θ0 before "
+            "iteration 0's generation (one CPU pod, no GPU). Empty: requests cpu 500m and "
+            "memory 1Gi, limit memory 4Gi. The dataset's parsed rows are held in memory: raise "
+            "memory for a large dataset."
+        ),
+    ] = Field(default_factory=Resources)
 
 
 class GenerationSpec(Model):
@@ -785,7 +794,7 @@ class SPINRunSpec(Model):
 # --------------------------------------------------------------------------- status
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
-Stage = Literal["Generating", "Training", "Evaluating", "Done"]
+Stage = Literal["Checking", "Generating", "Training", "Evaluating", "Done"]
 
 
 class Condition(Model):
@@ -806,7 +815,7 @@ class Condition(Model):
 
 
 class StepStatus(Model):
-    """One step (generate, train or evaluate) of an iteration."""
+    """One step (check, generate, train or evaluate) of an iteration."""
 
     job_name: Annotated[str | None, _desc("Name of the current (latest) Job of this step.")] = None
     attempts: Annotated[int, _desc("Jobs created for this step so far.", ge=0)] = 0
@@ -844,6 +853,13 @@ class IterationStatus(Model):
 
     iteration: Annotated[int, _desc("Iteration index t (0-based).", ge=0)]
     stage: Annotated[Stage, _desc("Current stage of this iteration.")] = "Generating"
+    check: Annotated[
+        StepStatus | None,
+        _desc(
+            "Iteration 0 only: the check of the dataset and θ0 (a CPU Job) that runs before any "
+            "generation."
+        ),
+    ] = None
     generate: Annotated[StepStatus, _desc("Generation step.")] = Field(default_factory=StepStatus)
     train: Annotated[StepStatus, _desc("Training step.")] = Field(default_factory=StepStatus)
     evaluate: Annotated[StepStatus, _desc("Evaluation step.")] = Field(default_factory=StepStatus)
@@ -939,7 +955,8 @@ class SPINRunStatus(Model):
     )
     mlflow: Annotated[MlflowStatus | None, _desc("MLflow tracking.")] = None
     dataset: Annotated[
-        DatasetStatus | None, _desc("Dataset rows usable and skipped (after the first generation).")
+        DatasetStatus | None,
+        _desc("Dataset rows usable and skipped (from the check before iteration 0's generation)."),
     ] = None
     start_time: Annotated[str | None, _desc("When the run started.")] = None
     completion_time: Annotated[str | None, _desc("When the run finished.")] = None

@@ -70,6 +70,9 @@ class Actor:
                 stored_spec_checked=stored[0],
                 stored_spec_digest=stored[1],
                 applied_spec=r.state.applied_spec,
+                # local mode checks before the run (spinctl run's preflight, in-process; spinctl
+                # demo builds its own task and model): no check step as a process
+                inputs_checked=True,
             )
             decision = reconcile(r.spec, r.status, observed)
             if decision.complete or decision.spec is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spin_operator.api import types as api
+from spin_operator.conditions import dataset_status
 from spin_operator.local.preflight import BadInput, Loaded, load, preflight
 
 log = logging.getLogger(__name__)
@@ -268,17 +268,6 @@ class LocalRun:
         if logs:
             self.display.say(f"  process logs: {self.log_dir}")
         return EXIT_FAILED
-
-
-def dataset_status(report: Mapping[str, Any]) -> api.DatasetStatus:
-    """status.dataset from a dataset profile (`spin_runtime.data.Loaded.report`)."""
-    by_reason = report.get("skippedByReason") or {}
-    return api.DatasetStatus(
-        rows=int(report.get("rows", 0)),
-        usable=int(report.get("usable", 0)),
-        skipped=int(report.get("skipped", 0)),
-        skipped_by_reason={str(k): int(v["count"]) for k, v in by_reason.items()},
-    )
 
 
 def results_of(text: str) -> dict[str, Any]:
