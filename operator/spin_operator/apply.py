@@ -37,11 +37,11 @@ from spin_operator.decision import (
 from spin_operator.endpoints import StoragePools, report_outages
 from spin_operator.kube import ApiError, Kube, job_path, service_path, spinrun_path
 from spin_operator.metrics import Metrics
-from spin_operator.naming import APPLIED_SPEC_ANNOTATION, CHECK, FINALIZER, StepKind, job_name
+from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER, StepKind, job_name
 from spin_operator.refusals import Refusals
 from spin_operator.render import render
 from spin_operator.settings import Settings
-from spin_operator.steps import RunRef, beside, plan_step, steps_of
+from spin_operator.steps import RunRef, jobs_of_iteration, plan_step
 from spin_operator.tracking_actions import TrackingActions
 
 log = logging.getLogger(__name__)
@@ -286,9 +286,7 @@ class Applier:
         admits them (schema, PodSecurity, quota limits, RBAC) without storing anything. A
         permanent refusal fails the run before it starts; anything else is left to the real
         create (a quota in use now, a Job already there from before a restart)."""
-        # the check that leads iteration 0, then every step (the control arm's too)
-        kinds: list[StepKind] = [CHECK, *(k for lead in steps_of(spec) for k in beside(spec, lead))]
-        for kind in kinds:
+        for kind in jobs_of_iteration(spec, 0):  # the check, then every step (the control's too)
             name, objects = self._objects(key, spec, run, 0, kind, 0, None)
             for obj in objects:
                 path = (

@@ -21,7 +21,7 @@ import yaml
 
 from spin_operator.api import types as api
 from spin_operator.settings import Settings, resolve_spec
-from spin_operator.steps import RunRef, StepPlan, plan_step, steps_of
+from spin_operator.steps import RunRef, StepPlan, jobs_of_iteration, plan_step
 
 # Assumed throughputs (tokens per GPU-second), overridable by flags: vLLM sampling, training
 # (forward + backward over prompt + answer tokens), greedy evaluation with transformers.
@@ -177,14 +177,17 @@ def plan_rows(
     rows = []
     g, tr, ev = spec.generation, spec.training, spec.evaluation
     for t in range(spec.iterations):
-        for kind in steps_of(spec):
+        for kind in jobs_of_iteration(spec, t):
             plan = plan_step(spec, settings, run, t, kind)
             gpus = plan.pods * plan.gpus_per_pod
             steps: int | None = None
+            if kind == "check":  # reads the data and θ0's files on a CPU: no tokens, no GPU
+                rows.append(Row(plan, gpus, None, 0, 0.0))
+                continue
             if kind == "generate":
                 tokens = prompts * g.max_new_tokens
                 gpu_s = tokens / gen_rate
-            elif kind == "train":
+            elif kind in ("train", "control-train"):  # the control: same pairs, same steps
                 pairs = prompts * (1 + min(t, tr.mix_previous_iterations))
                 steps = math.ceil(pairs / tr.global_batch_size) * tr.epochs
                 # Two sequences (real, generated) of up to maxLength tokens per pair and epoch,
@@ -192,7 +195,8 @@ def plan_rows(
                 tokens = 2 * pairs * tr.max_length * tr.epochs
                 gpu_s = (tokens + 2 * pairs * tr.max_length / 3) / train_rate
             else:
-                models = 2 if t == 0 and ev.baseline and ev.command is None else 1
+                spin = kind == "evaluate"  # θ0's baseline is SPIN's evaluation's, once
+                models = 2 if spin and t == 0 and ev.baseline and ev.command is None else 1
                 tokens = spec.dataset.eval_samples * ev.max_new_tokens * models
                 gpu_s = tokens / eval_rate
             rows.append(Row(plan, gpus, steps, tokens, gpu_s / 3600 if gpus else 0.0))
@@ -273,7 +277,7 @@ def render_iteration(
         )
     return [
         obj
-        for kind in steps_of(spec)
+        for kind in jobs_of_iteration(spec, iteration)
         for obj in render(plan_step(spec, settings, run, iteration, kind, attempt), spec, run)
     ]
 

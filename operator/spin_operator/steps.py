@@ -19,6 +19,7 @@ from typing import Any
 
 from spin_operator.api import types as api
 from spin_operator.naming import (
+    CHECK,
     CONTROL_KINDS,
     STEP_KINDS,
     StepKind,
@@ -159,6 +160,13 @@ def beside(spec: api.SPINRunSpec, kind: StepKind) -> tuple[StepKind, ...]:
     """The steps of the stage SPIN step `kind` leads: itself, and its control with controlArm."""
     partner = CONTROL_OF.get(kind) if spec.control_arm.enabled else None
     return (kind,) if partner is None else (kind, partner)
+
+
+def jobs_of_iteration(spec: api.SPINRunSpec, iteration: int) -> tuple[StepKind, ...]:
+    """Every step with a Job in `iteration`, in order: the check that leads iteration 0 (on a
+    cluster), then each SPIN step with its control beside it (controlArm)."""
+    lead: tuple[StepKind, ...] = (CHECK,) if iteration == 0 else ()
+    return lead + tuple(k for kind in steps_of(spec) for k in beside(spec, kind))
 
 
 def layout_of(spec: api.SPINRunSpec, run: RunRef) -> RunLayout:

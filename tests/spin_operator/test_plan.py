@@ -103,7 +103,11 @@ def test_plan_counts_pods_gpus_steps_tokens_and_cost(
         for line in out.splitlines()
         if line.startswith(("0 ", "1 ", "2 "))
     }
-    assert list(rows) == [f"plan-me-i{t}-{k}" for t in range(3) for k in ("gen", "train", "eval")]
+    assert list(rows) == ["plan-me-i0-check"] + [
+        f"plan-me-i{t}-{k}" for t in range(3) for k in ("gen", "train", "eval")
+    ]
+    # the check before any GPU Job: one CPU pod, nothing generated, no GPU-hours
+    assert rows["plan-me-i0-check"][2:] == ["1", "0", "-", "0", "0.00"]
     prompts = 120 - 20  # held-out prompts never train
     assert "100 training prompts (dataset)" in out
     # generate: 4 pods × 1 GPU, 100 prompts × 100 tokens at 1000 tok/GPU-s
@@ -150,3 +154,36 @@ def test_version() -> None:
         [sys.executable, "-m", "spin_operator.cli", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.strip() == "spinctl 0.1.0"
+
+
+def test_plan_and_render_list_the_control_arm_beside_spin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """controlArm: every iteration also has the control's training (same optimizer steps) and
+    evaluation (one model: θ0's baseline is SPIN's evaluation's)."""
+    path = _spec_file(
+        tmp_path,
+        rows=120,
+        training={"gpusPerNode": 2, "globalBatchSize": 16},
+        controlArm={"enabled": True},
+    )
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split()[1]: line.split() for line in out.splitlines() if line[:2] in ("0 ", "1 ", "2 ")
+    }
+    run, spec, settings = load(str(path), "s3://bkt/runs", None)
+    for t in range(spec.iterations):
+        spin = plan_step(spec, settings, run, t, "train").job_name
+        control = plan_step(spec, settings, run, t, "control-train").job_name
+        evaluation = plan_step(spec, settings, run, t, "control-evaluate").job_name
+        assert rows[control][4] == rows[spin][4] != "-"  # equal compute
+        assert evaluation in rows
+    assert main(["render", str(path), "--iteration", "0", "--storage-uri", "s3://bkt/runs"]) == 0
+    names = [
+        o["metadata"]["name"]
+        for o in yaml.safe_load_all(capsys.readouterr().out)
+        if o["kind"] == "Job"
+    ]
+    assert names[0] == plan_step(spec, settings, run, 0, "check").job_name  # before any GPU Job
+    assert plan_step(spec, settings, run, 0, "control-train").job_name in names
