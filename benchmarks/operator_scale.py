@@ -59,11 +59,15 @@ STEPS_PER_ITERATION = 3  # generate, train, evaluate (evaluation on)
 RUN_LABEL = step_artifacts.RUN_LABEL
 
 
+CHECK_REQUESTS = 3  # the run's check Job: 1 create, 1 status patch, 1 event
+
+
 def min_requests_per_iteration(iterations_per_run: int) -> float:
     """The least an operator could do per iteration (derived in docs/benchmarks.md, "Operator"):
     per step 1 Job create + 1 status patch + 1 event, 1 training Service create; plus per run one
-    final status patch (Succeeded), shared by its iterations."""
-    return STEPS_PER_ITERATION * 3 + 1 + 1 / iterations_per_run
+    final status patch (Succeeded) and the check Job before iteration 0 (create + status patch +
+    event), shared by its iterations."""
+    return STEPS_PER_ITERATION * 3 + 1 + (1 + CHECK_REQUESTS) / iterations_per_run
 
 
 def spinrun(name: str, iterations: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-from benchmarks.operator_scale import cpu_seconds, peak_rss_mb, percentile
+from benchmarks.operator_scale import CHECK_REQUESTS, cpu_seconds, peak_rss_mb, percentile
 from tests.cluster import harness, kit
 from tests.cluster.controlplane import JOB_CONTROLLER, build_binary
 from tests.support import step_artifacts
@@ -49,12 +49,13 @@ def min_requests_per_iteration(iterations_per_run: int) -> float:
     completion and this step's start fold into one) and 1 Event (users follow runs with
     `kubectl describe`); training's headless Service: 1 create. Per run, shared by its iterations:
     1 final status patch (Succeeded) and 1 `get` of the credentials Secret the spec references
-    (the chart's `storage.credentialsSecret`: a missing Secret must fail the run before any Job).
-    Nothing else is needed: Job state arrives over one label-selected watch, manifests are read
-    from S3, the Service can be left to ownerReference garbage collection. So for 2 iterations
-    3 x 3 + 1 + 2/2 = 11. (The emulated mode's floor has no Secret: it references none.)
+    (the chart's `storage.credentialsSecret`: a missing Secret must fail the run before any Job),
+    and the check Job that leads iteration 0 like any step (3). Nothing else is needed: Job state
+    arrives over one label-selected watch, manifests are read from S3, the Service can be left to
+    ownerReference garbage collection. So for 2 iterations 3 x 3 + 1 + 5/2 = 12.5. (The emulated
+    mode's floor has no Secret: it references none.)
     """
-    return STEPS_PER_ITERATION * 3 + 1 + 2 / iterations_per_run
+    return STEPS_PER_ITERATION * 3 + 1 + (2 + CHECK_REQUESTS) / iterations_per_run
 
 
 def spinrun(name: str, namespace: str, iterations: int) -> dict[str, Any]:

@@ -28,12 +28,12 @@ def instant_cluster(real_cluster: harness.Session, tmp_path: Path,
 def test_real_mode_reports_every_key_for_two_runs(instant_cluster: RealCluster) -> None:
     result = measure(instant_cluster, runs=2, iterations=1, timeout=240)
     assert result["runs"] == result["runs_succeeded"] == 2, result
-    assert result["transitions"] == 2 * 2, result  # gen -> train -> eval in each run
-    assert result["min_requests_per_iteration"] == min_requests_per_iteration(1) == 12
+    assert result["transitions"] == 2 * 3, result  # check -> gen -> train -> eval in each run
+    assert result["min_requests_per_iteration"] == min_requests_per_iteration(1) == 15
     assert result["requests_per_iteration"] >= result["min_requests_per_iteration"], result
     kinds = result["requests_by_kind"]
-    assert kinds["create jobs"] == 3.0, kinds  # each Job created once
-    assert kinds["delete jobs"] == 3.0, kinds  # ... and deleted once (it was twice)
+    assert kinds["create jobs"] == 4.0, kinds  # each Job (the check and 3 steps) created once
+    assert kinds["delete jobs"] == 4.0, kinds  # ... and deleted once (it was twice)
     assert "list pods" not in kinds, kinds  # no look at pods of a Job that just started
     assert result["unfiltered_job_reads"] == 0, result  # the operator watches only its Jobs
     assert result["errors"] == {}, result

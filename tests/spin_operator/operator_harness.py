@@ -130,7 +130,7 @@ class Cluster:
                 f"{name} never became {phase}: {json.dumps(await self.status(name))[:2000]}"
             ) from None
 
-    async def wait_job(self, run: str, name: str) -> JSON:
+    async def wait_job(self, run: str, name: str, timeout: float | None = None) -> JSON:
         """Wait for Job `name`. Waiting for iteration 0's first generation passes the check Job
         before it on the way (its report says ok, as the runtime's does on good input); tests of
         the check itself wait for `<run>-i0-check` and decide its outcome."""
@@ -144,7 +144,9 @@ class Cluster:
                     await self.complete(check)
             return found
 
-        return await self.wait(f"Job {name}", probe)
+        if timeout is None:
+            return await self.wait(f"Job {name}", probe)
+        return await self.wait(f"Job {name}", probe, timeout=timeout)
 
     async def events(self, name: str) -> list[tuple[str, str]]:
         items = await self.api.alist("events", namespace=NS)

@@ -100,7 +100,8 @@ async def test_operator_and_jobs_log_with_their_own_credentials(
         await cluster.api.acreate(
             spinrun(name, tracking={"credentialsSecret": {"name": TEAM_SECRET}})
         )
-        job = await _wait_job(cluster, name)
+        # the generation Job (the check Job before it logs nothing to MLflow: no credentials)
+        job = await cluster.wait_job(name, f"{name}-i0-gen", timeout=240)
         status = await cluster.status(name)
         events = await cluster.events(name)
     finally:

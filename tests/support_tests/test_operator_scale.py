@@ -20,11 +20,11 @@ def test_benchmark_reports_every_key_for_two_runs() -> None:
 
     result = run_benchmark(runs=2, iterations=1, timeout=60)
     assert result["runs"] == result["runs_succeeded"] == 2
-    assert result["transitions"] == 2 * 2  # gen -> train -> eval in each run
-    assert result["min_requests_per_iteration"] == min_requests_per_iteration(1) == 11
+    assert result["transitions"] == 2 * 3  # check -> gen -> train -> eval in each run
+    assert result["min_requests_per_iteration"] == min_requests_per_iteration(1) == 14
     assert (
         result["requests_per_iteration"] >= result["min_requests_per_iteration"]
     )  # the floor is a floor
     assert result["p50_s"] is not None and result["p99_s"] >= result["p50_s"]
     assert result["rss_mb"] > 10
-    assert result["requests_by_kind"]["create jobs"] == 3.0
+    assert result["requests_by_kind"]["create jobs"] == 4.0  # the check Job and 3 steps
