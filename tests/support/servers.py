@@ -138,6 +138,28 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
 
 
+def _start_mlflow(
+    argv: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    log: Path,
+    uri: str,
+    timeout: float,
+) -> subprocess.Popen[bytes]:
+    """Start an `mlflow server` in its own process group, logging to `log`, and wait for its
+    /health; one that does not come up is stopped (its whole group) and the error raised."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+        )
+    try:
+        _wait_http(f"{uri}/health", proc, timeout, log)
+    except Exception:
+        _stop_group(proc)
+        raise
+    return proc
+
+
 def s3_client_for(endpoint: str) -> Any:
     """A plain boto3 S3 client for ``endpoint`` (test setup and inspection, no retries)."""
     import boto3
@@ -242,20 +264,7 @@ class MlflowServer:
             "--artifacts-destination", f"s3://{MLFLOW_ARTIFACT_BUCKET}/mlflow",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip # argv: a flag beside its value
-        with open(self.log, "ab") as out:
-            self._proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-        try:
-            _wait_http(f"{self.uri}/health", self._proc, timeout, self.log)
-        except Exception:
-            self.stop()
-            raise
+        self._proc = _start_mlflow(argv, env, self.workdir, self.log, self.uri, timeout)
 
     def stop(self, crash: bool = False) -> None:
         """Stop the server; ``crash=True`` SIGKILLs it (an outage, and faster than shutdown)."""
@@ -324,20 +333,7 @@ class MlflowAuthServer:
             "--artifacts-destination", str(self.workdir / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip # argv: a flag beside its value
-        with open(self.log, "ab") as out:
-            self._proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-        try:
-            _wait_http(f"{self.uri}/health", self._proc, timeout, self.log)
-        except Exception:
-            self.stop()
-            raise
+        self._proc = _start_mlflow(argv, env, self.workdir, self.log, self.uri, timeout)
 
     def stop(self) -> None:
         if self._proc is not None:
