@@ -22,7 +22,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 src="$here/kueue"
-cache="${SPIN_CLUSTER_CACHE:-$HOME/.cache/spin-operator/cluster}"
+# shellcheck source=go-env.sh
+source "$here/go-env.sh"
 kueue_version="$(awk '$1=="sigs.k8s.io/kueue"{print $2; exit}' "$src/go.mod")"
 # Kueue's Makefile stamps its version the same way; unset, the manager logs "v0.0.0".
 ldflags="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue_version"
@@ -38,13 +39,6 @@ if [[ -x "$bin" && -d "$out/crd" ]]; then
     exit 0
 fi
 mkdir -p "$out"
-own_gocache=0
-[[ -z "${GOCACHE:-}" ]] && own_gocache=1
-export GOCACHE="${GOCACHE:-$cache/go-build}"
-export GOMODCACHE="${GOMODCACHE:-$cache/go-mod}"
-# Two cores on the development and CI machines (see build.sh). The caller may override.
-export GOFLAGS="${GOFLAGS:--p=2}"
-export CGO_ENABLED=0
 start=$(date +%s)
 echo "building Kueue $kueue_version into $out (cold builds take a while)" >&2
 (cd "$src" && go mod download sigs.k8s.io/kueue)
@@ -64,9 +58,5 @@ rm -rf "$out/crd"
 mv "$out/crd.tmp" "$out/crd"
 mv "$bin.tmp" "$bin"
 echo "built in $(( $(date +%s) - start ))s" >&2
-# Never a GOCACHE the caller chose: that one may serve their other builds.
-if [[ "${SPIN_CLUSTER_TRIM_GOCACHE:-0}" == 1 && $own_gocache == 1 ]]; then
-    go clean -cache >&2
-    echo "trimmed the Go build cache $GOCACHE" >&2
-fi
+trim_gocache
 echo "$bin"

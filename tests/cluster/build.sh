@@ -12,7 +12,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 src="$here/controlplane"
-cache="${SPIN_CLUSTER_CACHE:-$HOME/.cache/spin-operator/cluster}"
+# shellcheck source=go-env.sh
+source "$here/go-env.sh"
 k8s_version="$(awk '$1=="k8s.io/kubernetes"{print $2; exit}' "$src/go.mod")"
 # The version the components report (and helm's kubeVersion checks, and feature-gate
 # emulation) comes from these link-time variables, as upstream's hack/lib/version.sh sets them;
@@ -35,22 +36,10 @@ if [[ -x "$bin" ]]; then
     exit 0
 fi
 mkdir -p "$out"
-own_gocache=0
-[[ -z "${GOCACHE:-}" ]] && own_gocache=1
-export GOCACHE="${GOCACHE:-$cache/go-build}"
-export GOMODCACHE="${GOMODCACHE:-$cache/go-mod}"
-# Two cores on the development and CI machines: more parallel compiles only
-# thrash memory. The caller may override.
-export GOFLAGS="${GOFLAGS:--p=2}"
-export CGO_ENABLED=0
 start=$(date +%s)
 echo "building control plane $k8s_version into $out (cold builds take a while)" >&2
 (cd "$src" && go build -mod=mod -trimpath -ldflags="$ldflags" -o "$bin.tmp" .)
 mv "$bin.tmp" "$bin"
 echo "built in $(( $(date +%s) - start ))s" >&2
-# Never a GOCACHE the caller chose: that one may serve their other builds.
-if [[ "${SPIN_CLUSTER_TRIM_GOCACHE:-0}" == 1 && $own_gocache == 1 ]]; then
-    go clean -cache >&2
-    echo "trimmed the Go build cache $GOCACHE" >&2
-fi
+trim_gocache
 echo "$bin"
