@@ -16,33 +16,53 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from spin_operator.api import types as api
+from spin_operator.kube import Kube, job_path
 from spin_operator.naming import MANAGED_BY, MANAGED_BY_LABEL, RUN_LABEL
-
-if TYPE_CHECKING:
-    from spin_operator.controller import Controller
+from spin_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
+Key = tuple[str, str]  # (namespace, run name)
 JOB_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 
-def job_paths(c: Controller) -> list[str]:
-    from spin_operator.kube import job_path
+class Caches(Protocol):
+    """What the resync reads and repairs of the controller (controller.Controller is one): its
+    settings and client, the two caches with their last-touched stamps, and the entry points of
+    watch events, which it replays for what the lists show that the caches miss."""
 
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def kube(self) -> Kube: ...
+    @property
+    def runs(self) -> dict[Key, JSON]: ...
+    @property
+    def jobs(self) -> dict[Key, dict[str, Any]]: ...
+    @property
+    def touched(self) -> dict[tuple[str, str, str], float]: ...
+    @property
+    def run_touched(self) -> dict[Key, float]: ...
+    def kick(self, key: Key) -> None: ...
+    def on_job(self, event_type: str | None, obj: JSON) -> None: ...
+    def on_run(self, event_type: str | None, obj: JSON) -> None: ...
+
+
+def job_paths(c: Caches) -> list[str]:
     return [job_path(ns) for ns in c.settings.namespaces] or ["/apis/batch/v1/jobs"]
 
 
-def run_paths(c: Controller) -> list[str]:
+def run_paths(c: Caches) -> list[str]:
     base = f"/apis/{api.GROUP}/{api.VERSION}"
     return [f"{base}/namespaces/{ns}/{api.PLURAL}" for ns in c.settings.namespaces] or [
         f"{base}/{api.PLURAL}"
     ]
 
 
-async def resync(c: Controller) -> tuple[int, int]:
+async def resync(c: Caches) -> tuple[int, int]:
     """Make the Job and run caches agree with fresh lists; (Jobs, runs) dropped as gone."""
     started = time.monotonic()
     chunk = c.settings.list_chunk_size

@@ -42,7 +42,6 @@ class Example:
 
 
 FIRST_LOCATIONS = 5  # where each skip reason was seen: enough to find the pattern in an editor
-DEFAULT_MAX_SKIPPED_FRACTION = 0.01
 
 
 @dataclass

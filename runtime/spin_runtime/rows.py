@@ -26,7 +26,6 @@ MAX_LINE_BYTES = 16 * 2**20
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PARQUET_MAGIC = b"PAR1"
-ROW_COLUMNS = ("messages", "prompt", "response")
 
 
 class FileProblem(ValueError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import subprocess
 import threading
 import time
@@ -140,20 +139,6 @@ class RealCluster:
             )
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics(name, namespace)}") from None
-
-    def wait_stage(self, name: str, iteration: int, stage: str, timeout: float) -> dict[str, Any]:
-        def at() -> dict[str, Any] | None:
-            status = self.run(name).get("status") or {}
-            return (
-                status
-                if (status.get("iteration"), status.get("stage")) == (iteration, stage)
-                else None
-            )
-
-        try:
-            return wait_for(at, timeout, f"{name} at iteration {iteration} {stage}", interval=0.25)
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}\n{self.diagnostics(name)}") from None
 
     # ------------------------------------------------------------------ the operator's pod
 
@@ -325,7 +310,3 @@ def _established(kubectl: Kubectl) -> bool:
     crd = kubectl.json("get", "crd", "spinruns.selfplay.dev")
     conditions = (crd.get("status") or {}).get("conditions") or []
     return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-
-
-def new_name() -> str:
-    return f"run-{secrets.token_hex(3)}"

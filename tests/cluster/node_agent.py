@@ -37,7 +37,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -584,10 +583,3 @@ class NodeAgent:
                 self.errors.append(f"status of {pod.namespace}/{pod.name}: {exc}")
         except Exception as exc:  # the API server is restarting: the next change writes it again
             log.debug("status of %s not written: %s", pod.name, exc)
-
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(p.proc is None or p.proc.poll() is not None for p in self.pods.values()):
-                return
-            time.sleep(0.2)

@@ -43,11 +43,13 @@ def scored_pods(pod: dict, argv: list[str], env: dict[str, str]) -> list[str]:
 
 
 @pytest.fixture
-def cluster_scored(real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str,
-                   mlflow_server: MlflowServer) -> Iterator[RealCluster]:  # fmt: skip
+def cluster_scored(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str, mlflow_server: MlflowServer
+) -> Iterator[RealCluster]:
     mlflow_server.start()
-    with harness.release(real_cluster, tmp_path, cluster_inputs, mlflow_server.uri,
-                         launch_hook=scored_pods) as c:  # fmt: skip
+    with harness.release(
+        real_cluster, tmp_path, cluster_inputs, mlflow_server.uri, launch_hook=scored_pods
+    ) as c:
         yield c
 
 
@@ -55,8 +57,14 @@ def test_both_arms_run_per_iteration_and_the_status_says_who_won(
     cluster_scored: RealCluster, tmp_path: Path
 ) -> None:
     c = cluster_scored
-    c.apply(kit.spinrun_file(tmp_path, RUN, spec__controlArm={"enabled": True},
-                             spec__evaluation__metric="exact_match"))  # fmt: skip
+    c.apply(
+        kit.spinrun_file(
+            tmp_path,
+            RUN,
+            spec__controlArm={"enabled": True},
+            spec__evaluation__metric="exact_match",
+        )
+    )
     run = c.wait_run(RUN, 600)
     status = run["status"]
     assert status["phase"] == "Succeeded", c.diagnostics(RUN)

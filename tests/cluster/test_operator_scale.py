@@ -17,11 +17,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture
-def instant_cluster(real_cluster: harness.Session, tmp_path: Path,
-                    cluster_inputs: str) -> Iterator[RealCluster]:  # fmt: skip
+def instant_cluster(
+    real_cluster: harness.Session, tmp_path: Path, cluster_inputs: str
+) -> Iterator[RealCluster]:
     """The benchmark's setting: no MLflow, Job pods that write their artifacts and exit at once."""
-    with harness.release(real_cluster, tmp_path, cluster_inputs, "",
-                         launch_hook=InstantPods(tmp_path / "scratch")) as c:  # fmt: skip
+    with harness.release(
+        real_cluster, tmp_path, cluster_inputs, "", launch_hook=InstantPods(tmp_path / "scratch")
+    ) as c:
         yield c
 
 

@@ -9,7 +9,6 @@ Jobs through states and assert on what the reconciler did. It answers the reconc
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -331,6 +330,3 @@ class World:
                 m = None if metrics is None else {"exact_match": metrics[job.iteration]}
                 self.succeed(job.name, m)
         raise AssertionError(f"run did not finish: {self.status.phase} {self.status.message}")
-
-    def snapshot(self) -> World:
-        return copy.deepcopy(self)

@@ -132,18 +132,6 @@ def parse_label_selector(selector: str | None) -> Callable[[dict[str, Any]], boo
     return lambda obj: all(req((obj.get("metadata") or {}).get("labels") or {}) for req in reqs)
 
 
-def selector_from_match_labels(selector: dict[str, Any]) -> str:
-    """A LabelSelector object (matchLabels/matchExpressions) as a query string."""
-    parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
-    for expr in selector.get("matchExpressions") or []:
-        op = expr["operator"]
-        if op in ("In", "NotIn"):
-            parts.append(f"{expr['key']} {op.lower()} ({','.join(expr.get('values') or [])})")
-        else:
-            parts.append(expr["key"] if op == "Exists" else f"!{expr['key']}")
-    return ",".join(parts)
-
-
 # --------------------------------------------------------------------------- field selectors
 
 # metadata.name/namespace work everywhere; a few resources index more fields (as the real server).
@@ -458,13 +446,3 @@ def metadata_errors(plural: str, metadata: dict[str, Any]) -> list[tuple[str, st
             ("metadata.annotations", f"Too long: must have at most 262144 bytes, got {size}")
         )
     return errors
-
-
-def simple_jsonpath(obj: Any, path: str) -> Any:
-    """Evaluate the `.a.b.c` JSONPaths of printer columns (all this CRD uses)."""
-    node = obj
-    for part in path.strip().lstrip(".").split("."):
-        if not part:
-            continue
-        node = node.get(part) if isinstance(node, dict) else None
-    return node

@@ -1,14 +1,14 @@
-"""Base pieces of the API models (shared by types.py and pod.py): camelCase wire names, unknown
-fields refused, and cross-field errors that name their field."""
+"""Base pieces of the API models (shared by every section module): camelCase wire names, unknown
+fields refused, cross-field errors that name their field, and the check of s3:// URIs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+from spin_operator.api.kube import s3_uri_error
 
 
 class FieldError(ValueError):
@@ -50,5 +50,18 @@ class Model(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _desc(text: str, **kw: Any) -> Any:
+class UriModel(Model):
+    """A section with a `uri` (s3:// or a path): an s3:// URI has no empty, `.` or `..` key
+    segment (S3 keys are not paths: `s3://bkt/a/../b` would name another key)."""
+
+    @field_validator("uri", check_fields=False)
+    @classmethod
+    def _s3_segments(cls, uri: str | None) -> str | None:
+        if (why := s3_uri_error(uri)) is not None:
+            raise ValueError(why)
+        return uri
+
+
+def desc(text: str, **kw: Any) -> Any:
+    """A field's description (it becomes the CRD's and docs/api.md's text) and its constraints."""
     return Field(description=text, **kw)

@@ -44,8 +44,9 @@ _ORDER = [
 ]
 _KEEP = set(_ORDER)
 
-# CEL rules attached to schema nodes; each mirrors a pydantic validator in api/types.py so the
-# API server refuses at apply time what `spinctl validate` refuses locally.
+# CEL rules attached to schema nodes; each mirrors a pydantic validator of the API models
+# (api/types.py and its section modules) so the API server refuses at apply time what
+# `spinctl validate` refuses locally.
 _PROCS = "(has(self.processesPerNode) ? self.processesPerNode : (self.gpusPerNode > 0 ? self.gpusPerNode : 1))"
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [

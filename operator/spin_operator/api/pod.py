@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from spin_operator.api.base import DNS_SUBDOMAIN, FieldError, Model, raise_all
-from spin_operator.api.base import _desc as desc
+from spin_operator.api.base import FieldError, Model, desc, raise_all
+from spin_operator.api.fields import DNS_SUBDOMAIN
 from spin_operator.api.kube import DATA_KEY, label_value_error
 
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"

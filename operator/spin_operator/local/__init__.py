@@ -6,6 +6,7 @@ local processes with the same runtime argv (`spin_operator.steps`). Modules:
 * `backend`   step attempts as process groups (the local "Jobs"), their exit states, logs;
 * `state`     the status persisted between invocations, so a rerun resumes;
 * `preflight` bad input named by field, before any work starts;
+* `podenv`    what a local process gets of `spec.pod` (its env vars), and a note for the rest;
 * `display`   stages, progress bars and per-iteration results on the terminal;
 * `runner`    the loop: observe -> reconcile -> act (`spinctl run`);
 * `actions`   what the runner does for each of the reconciler's requests and actions;

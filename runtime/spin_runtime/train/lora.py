@@ -29,7 +29,6 @@ from spin_runtime.train.config import ALL_LINEAR, LoraSettings
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora",)
 ADAPTER_DIR = "adapter"
 
 
