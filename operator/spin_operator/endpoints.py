@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from spin_common import storage
 from spin_operator import conditions as cond
 from spin_operator.api import types as api
-from spin_runtime import storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 * `job_state`: a batch/v1 Job object -> `ObservedJob` (pure).
 * `read_facts`, `read_stored_digest`, `write_stored_spec`, `delete_artifacts`: storage I/O
-  through `spin_runtime.storage/manifest/layout` (blocking; the controller runs them in a small
+  through `spin_common.storage/manifest/layout` (blocking; the controller runs them in a small
   worker pool per storage endpoint). Only manifests count: a half-written artifact is never "done".
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from spin_common import manifest, storage
+from spin_common.layout import shard_name
 from spin_operator import yamlio
 from spin_operator.api import types as api
 from spin_operator.decision import ObservedJob, StorageFacts
@@ -28,8 +30,6 @@ from spin_operator.naming import (
     STAGE_LABEL,
 )
 from spin_operator.steps import RunRef, layout_of, spec_digest
-from spin_runtime import manifest, storage
-from spin_runtime.layout import shard_name
 
 
 def owner_uid(job: Mapping[str, Any]) -> str | None:
@@ -366,10 +366,10 @@ def generated_digest(spec: api.SPINRunSpec, uri: str) -> str:
 
 
 def read_bad_input(spec: api.SPINRunSpec, run: RunRef, iteration: int, stage: str) -> str:
-    """The cause a step left when it exited with bad input (`spin_runtime.cli.BAD_INPUT_FILE` in
+    """The cause a step left when it exited with bad input (`spin_common.errors.BAD_INPUT_FILE` in
     its output folder), "" when there is none. One line, redacted, at most 1000 characters."""
-    from spin_runtime.cli import BAD_INPUT_FILE
-    from spin_runtime.redaction import redact_text
+    from spin_common.errors import BAD_INPUT_FILE
+    from spin_common.redaction import redact_text
 
     if stage == "check":  # its report lists every problem, cause first
         doc = _read_report(spec, run)

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from spin_common import manifest
 from spin_operator import observe
 from spin_operator.api import types as api
 from spin_operator.render import render_job, run_owner
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, plan_step, spec_digest
-from spin_runtime import manifest
 from tests.support import job_driver as jd
 
 RUN = RunRef("team", "obs", "uid-9")
@@ -198,7 +198,7 @@ def test_storage_env_is_scoped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     import os
     import threading
 
-    from spin_runtime import storage
+    from spin_common import storage
 
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)

@@ -173,9 +173,9 @@ class Actor:
     def _show_results(self, d: Decision, t: int) -> None:
         """Evaluation of θt+1 with the trainer's held-out SPIN metrics; also logged on the
         parent MLflow run per iteration (step 0 = θ0), so one chart shows the whole run."""
+        from spin_common import manifest, storage
+        from spin_common.tracking import HELDOUT_METRICS
         from spin_operator.local.runner import results_of
-        from spin_runtime import manifest, storage
-        from spin_runtime.tracking import HELDOUT_METRICS
 
         r = self.r
         it = r.layout.iteration(t)
@@ -250,9 +250,9 @@ class Actor:
         if new.mlflow is None or new.mlflow.run_id is None:
             new.mlflow = r.tracking.ensure_parent() or new.mlflow
             if new.mlflow and new.mlflow.run_id:
+                from spin_common.errors import UsageError
                 from spin_operator.local.tracking import file_digest
                 from spin_operator.track import dataset_profile
-                from spin_runtime.cli import UsageError
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
@@ -272,7 +272,7 @@ class Actor:
 
     def _log_datasets(self, d: Decision, t: int) -> None:
         """The generated data iteration t trains on, as inputs of its MLflow run."""
-        from spin_runtime import manifest
+        from spin_common import manifest
 
         r = self.r
         it = next((i for i in d.status.iterations if i.iteration == t), None)

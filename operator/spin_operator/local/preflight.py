@@ -95,7 +95,7 @@ def _local(uri: str) -> Path:
 
 
 def _s3_exists(uri: str) -> bool:
-    from spin_runtime import storage
+    from spin_common import storage
 
     return storage.exists(uri)
 
@@ -128,8 +128,8 @@ def check_path(field: str, uri: str | None, kind: str) -> str | None:
 
 def _check_data(field: str, uri: str) -> str | None:
     """The dataset names at least one data file, resolved as the runtime resolves it."""
-    from spin_runtime.cli import UsageError
-    from spin_runtime.data import data_files
+    from spin_common.data import data_files
+    from spin_common.errors import UsageError
 
     try:
         files = data_files(uri)
@@ -140,7 +140,7 @@ def _check_data(field: str, uri: str) -> str | None:
     if not files:
         return f"{field}: {uri}: no .jsonl/.json/.parquet files in it"
     if files == [uri]:
-        from spin_runtime import storage
+        from spin_common import storage
 
         try:
             found = storage.exists(uri)
@@ -153,8 +153,8 @@ def _check_data(field: str, uri: str) -> str | None:
 def check_storage(spec: api.SPINRunSpec) -> str | None:
     uri = spec.storage.uri or ""
     if uri.startswith("s3://"):
+        from spin_common import storage
         from spin_operator.observe import storage_env
-        from spin_runtime import storage
 
         bucket, _ = storage.split_s3(uri)
         previous = storage.configure(
@@ -228,8 +228,8 @@ def check_inputs(spec: api.SPINRunSpec, skip: set[str]) -> tuple[dict[str, Any] 
     """The dataset parsed row by row and the model folder checked piece by piece, with the
     runtime's own `check` functions (the reader every step uses; no weights loaded). Fields in
     `skip` already failed a simpler check. Returns (the dataset profile, problems)."""
+    from spin_common.check import check_dataset, check_model_uris
     from spin_operator.observe import storage_env
-    from spin_runtime.check import check_dataset, check_model_uris
 
     report: dict[str, Any] | None = None
     problems: list[str] = []

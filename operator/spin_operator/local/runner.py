@@ -127,9 +127,9 @@ class LocalRun:
     # ------------------------------------------------------------------ state
 
     def _load_state(self) -> Any:
+        from spin_common import storage
         from spin_operator.local.state import LocalState
         from spin_operator.observe import storage_env
-        from spin_runtime import storage
 
         with storage_env(self.spec):
             try:
@@ -138,8 +138,8 @@ class LocalRun:
                 return LocalState()
 
     def _save(self) -> None:
+        from spin_common import storage
         from spin_operator.observe import storage_env
-        from spin_runtime import storage
 
         self.state.status = self.status
         self.state.jobs = self.backend.finished()

@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_state(spec: api.SPINRunSpec, prefix: str) -> LocalState | None:
     """The saved state of the run at `prefix`, or None when it never started."""
+    from spin_common import storage
     from spin_operator.observe import storage_env
-    from spin_runtime import storage
 
     uri = prefix.rstrip("/") + "/" + STATE_NAME
     with storage_env(spec):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from spin_runtime import storage
+from spin_common import storage
 from tests.support.servers import S3Faults
 
 
@@ -172,7 +172,7 @@ def test_read_head_reads_a_prefix_and_the_size(root: str) -> None:
 def test_header_checks_ride_out_a_flapping_s3(s3_bucket: str) -> None:
     """The model check's ranged reads go through the same retries as every other read: two
     503s in a row (botocore's own retries off here) must not read as a broken checkpoint."""
-    from spin_runtime import modelcheck
+    from spin_common import modelcheck
 
     storage.write_bytes(storage.join(s3_bucket, "m/w.bin"), b"0123456789")
     folder = modelcheck.Folder.open(storage.join(s3_bucket, "m"))
