@@ -354,17 +354,17 @@ def _read_spool(
     spec: api.SPINRunSpec, spool: str, run_ids: frozenset[str] | None
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     from spin_common.runlog import read_spool
-    from spin_operator.observe import storage_env
+    from spin_operator.endpoints import at_endpoint
 
-    with storage_env(spec):
+    with at_endpoint(spec):
         return read_spool(spool, run_ids)
 
 
 def _settle_spool(spec: api.SPINRunSpec, path: str, ops: list[dict[str, Any]], done: int) -> None:
     from spin_common.runlog import settle_spool_file
-    from spin_operator.observe import storage_env
+    from spin_operator.endpoints import at_endpoint
 
-    with storage_env(spec):
+    with at_endpoint(spec):
         settle_spool_file(path, ops, done)
 
 

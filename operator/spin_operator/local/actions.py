@@ -25,6 +25,7 @@ from spin_operator.decision import (
     RegisterModel,
     StorageFacts,
 )
+from spin_operator.endpoints import at_endpoint
 from spin_operator.reconciler import reconcile
 from spin_operator.steps import plan_step
 
@@ -180,7 +181,7 @@ class Actor:
         r = self.r
         it = r.layout.iteration(t)
         try:
-            with observe.storage_env(r.spec):
+            with at_endpoint(r.spec):
                 evaluated = r.spec.evaluation.enabled and storage.exists(it.eval_results)
                 results = results_of(storage.read_text(it.eval_results)) if evaluated else {}
                 model = manifest.read_manifest(it.model)
@@ -280,7 +281,7 @@ class Actor:
             return
         for uri in r.layout.training_data_for_iteration(t, r.spec.training.mix_previous_iterations):
             try:
-                with observe.storage_env(r.spec):
+                with at_endpoint(r.spec):
                     digest = manifest.digest(uri)
             except OSError as exc:
                 log.warning("no digest for %s: %s", uri, exc)

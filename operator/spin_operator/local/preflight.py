@@ -15,7 +15,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,19 +154,18 @@ def check_storage(spec: api.SPINRunSpec) -> str | None:
     uri = spec.storage.uri or ""
     if uri.startswith("s3://"):
         from spin_common import storage
-        from spin_operator.observe import storage_env
+        from spin_operator.endpoints import at_endpoint
 
         bucket, _ = storage.split_s3(uri)
-        previous = storage.configure(
-            attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10
+        # one quick try, for this call only (a value in context, not the process' settings)
+        quick = replace(
+            storage.config(), attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10
         )
         try:
-            with storage_env(spec):
+            with storage.budget(quick), at_endpoint(spec):
                 storage.s3_client().head_bucket(Bucket=bucket)
         except Exception as exc:
             return f"spec.storage.uri: cannot reach bucket {bucket!r}: {type(exc).__name__}: {exc}"
-        finally:
-            storage.configure(**previous.__dict__)
         return None
     path = _local(uri)
     try:
@@ -229,12 +228,12 @@ def check_inputs(spec: api.SPINRunSpec, skip: set[str]) -> tuple[dict[str, Any] 
     runtime's own `check` functions (the reader every step uses; no weights loaded). Fields in
     `skip` already failed a simpler check. Returns (the dataset profile, problems)."""
     from spin_common.check import check_dataset, check_model_uris
-    from spin_operator.observe import storage_env
+    from spin_operator.endpoints import at_endpoint
 
     report: dict[str, Any] | None = None
     problems: list[str] = []
     m, d = spec.model, spec.dataset
-    with storage_env(spec):
+    with at_endpoint(spec):
         if "spec.dataset.uri" not in skip:
             report, problems = check_dataset(d.uri, d.max_skipped_fraction, d.eval_samples)
         if not skip & {"spec.model.uri", "spec.model.tokenizer", "spec.model.chatTemplate"}:
@@ -260,9 +259,9 @@ def preflight(loaded: Loaded) -> dict[str, Any] | None:
         ("spec.dataset.uri", spec.dataset.uri, "data"),
     ):
         if uri and uri.startswith("s3://"):
-            from spin_operator.observe import storage_env
+            from spin_operator.endpoints import at_endpoint
 
-            with storage_env(spec):
+            with at_endpoint(spec):
                 problem = check_path(field, uri, kind)
         else:
             problem = check_path(field, uri, kind)
