@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return 0
-    from spin_runtime import formatting, models, records, tiny
+    from spin_common import records
+    from spin_runtime import formatting, models, tiny
     from spin_runtime.generate.backends import SamplingConfig
     from spin_runtime.generate.transformers_backend import TransformersBackend
     from spin_runtime.generate.vllm_backend import VLLMBackend

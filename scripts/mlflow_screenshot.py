@@ -2,7 +2,7 @@
 """Regenerate docs/img/mlflow-compare.png: MLflow's run-comparison page for SPIN iterations.
 
 By default it starts a throwaway moto S3 server and MLflow server on 127.0.0.1, logs a
-*simulated* three-iteration SPINRun through ``spin_runtime.tracking`` (synthetic metric values,
+*simulated* three-iteration SPINRun through ``spin_common.tracking`` (synthetic metric values,
 only to show the page layout; not a result), and screenshots the comparison of the iteration
 runs with headless Debian chromium. With ``--tracking-uri`` and ``--parent-run`` it screenshots
 a real run's iterations instead and logs nothing.
@@ -31,8 +31,8 @@ def simulate(tracking_uri: str) -> tuple[str, str]:
     """Log a simulated 3-iteration SPINRun; returns (experiment id, parent run id)."""
     from mlflow.tracking import MlflowClient
 
-    from spin_runtime.layout import RunLayout
-    from spin_runtime.tracking import RunLogger, Tracker, TrackingPolicy
+    from spin_common.layout import RunLayout
+    from spin_common.tracking import RunLogger, Tracker, TrackingPolicy
 
     policy = TrackingPolicy(attempts=2, base_delay=0.1, flush_interval=0)
     tracker = Tracker(tracking_uri, policy=policy)

@@ -25,14 +25,22 @@ check() {
 import torch, transformers
 from vllm import LLM, SamplingParams  # noqa: F401
 import spin_runtime.generate.vllm_backend  # noqa: F401
+import spin_common.storage  # noqa: F401
 import boto3  # noqa: F401
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print(f"vllm venv ok: torch {torch.__version__}, transformers {transformers.__version__}")
 PYEOF
 }
 
-if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] && check; then
-  exit 0
+if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]; then
+  # An editable install maps the packages it found when it ran: one added since (spin_common)
+  # needs the project installed again, not the whole venv rebuilt.
+  "$PY" -c "import spin_common" 2>/dev/null \
+    || "$PY" -m pip install --disable-pip-version-check --quiet --no-deps --no-build-isolation -e "$ROOT" \
+    || true
+  if check; then
+    exit 0
+  fi
 fi
 
 UNAVAILABLE="$VENV/.spin-vllm-unavailable"

@@ -212,7 +212,7 @@ def _count(value: object) -> int:
 
 
 def dataset_status(report: Mapping[str, object]) -> api.DatasetStatus:
-    """status.dataset from a dataset profile (`spin_runtime.data.Loaded.report`: the preflight's,
+    """status.dataset from a dataset profile (`spin_common.data.Loaded.report`: the preflight's,
     or the check Job's report read back from storage)."""
     by_reason = report.get("skippedByReason")
     counts = {

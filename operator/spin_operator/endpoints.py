@@ -18,12 +18,13 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from spin_common import storage
 from spin_operator import conditions as cond
 from spin_operator.api import types as api
-from spin_runtime import storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,6 +40,20 @@ class EndpointUnavailable(OSError):
 def endpoint_of(spec: api.SPINRunSpec) -> str | None:
     """The storage endpoint a run's calls go to (None: local storage or the default S3 one)."""
     return spec.storage.endpoint if (spec.storage.uri or "").startswith("s3://") else None
+
+
+def storage_endpoint(spec: api.SPINRunSpec) -> storage.Endpoint:
+    """The run's storage endpoint as a value: URL and region from the spec (the operator's
+    defaults, SPIN_S3_ENDPOINT/SPIN_S3_REGION, are already in it: settings.resolve), and the
+    operator's own credentials (boto3's default chain): RBAC lets it see that a run's Secret
+    exists, never its value, and spin_operator.policy limits the endpoints it talks to."""
+    return storage.Endpoint(url=spec.storage.endpoint, region=spec.storage.region)
+
+
+def at_endpoint(spec: api.SPINRunSpec) -> AbstractContextManager[None]:
+    """S3 calls in this block (this thread or task only) go to the run's endpoint: a value in a
+    context variable, never os.environ, so calls for runs on different endpoints run at once."""
+    return storage.using(storage_endpoint(spec))
 
 
 def describe(endpoint: str | None) -> str:

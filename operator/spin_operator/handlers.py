@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -118,14 +117,6 @@ def operator_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _operator_storage_env(settings: Settings) -> None:
-    """The operator reads manifests itself: point its S3 client at the default endpoint."""
-    if settings.s3_endpoint:
-        os.environ.setdefault("AWS_ENDPOINT_URL_S3", settings.s3_endpoint)
-    if settings.s3_region:
-        os.environ.setdefault("AWS_REGION", settings.s3_region)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--namespace",
@@ -154,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level)
     for noisy in ("kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
-    _operator_storage_env(settings)
     controller = make_controller(settings)
     controller.metrics.serve(settings.metrics_port)
     log.info(

@@ -2,24 +2,26 @@
 
 * `job_state`: a batch/v1 Job object -> `ObservedJob` (pure).
 * `read_facts`, `read_stored_digest`, `write_stored_spec`, `delete_artifacts`: storage I/O
-  through `spin_runtime.storage/manifest/layout` (blocking; the controller runs them in a small
+  through `spin_common.storage/manifest/layout` (blocking; the controller runs them in a small
   worker pool per storage endpoint). Only manifests count: a half-written artifact is never "done".
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from spin_common import manifest, storage
+from spin_common.layout import shard_name
 from spin_operator import yamlio
 from spin_operator.api import types as api
 from spin_operator.decision import ObservedJob, StorageFacts
+from spin_operator.endpoints import at_endpoint
 from spin_operator.naming import (
     ALL_STEP_KINDS,
     ATTEMPT_LABEL,
@@ -28,8 +30,6 @@ from spin_operator.naming import (
     STAGE_LABEL,
 )
 from spin_operator.steps import RunRef, layout_of, spec_digest
-from spin_runtime import manifest, storage
-from spin_runtime.layout import shard_name
 
 
 def owner_uid(job: Mapping[str, Any]) -> str | None:
@@ -214,18 +214,6 @@ def _event_time(event: Mapping[str, Any]) -> str:
     )
 
 
-@contextlib.contextmanager
-def storage_env(spec: api.SPINRunSpec) -> Iterator[None]:
-    """Point S3 calls in this block at the run's endpoint/region (`storage.target`: per thread,
-    no process environment change, so runs on different endpoints never wait for each other).
-
-    The operator reads with its own credentials (RBAC lets it see that a Secret exists, never its
-    value), and only at endpoints its admin allowed (spin_operator.policy).
-    """
-    with storage.target(spec.storage.endpoint, spec.storage.region):
-        yield
-
-
 # What of a results.json reaches the SPINRun's status: the ranking metric (evaluation.metric) and
 # this fixed set, for the model and its θ0 baseline. results.json is written by the tenant's own
 # code (a custom evaluation command): copying every key would let it grow the status object
@@ -273,7 +261,7 @@ def facts_final(spec: api.SPINRunSpec, facts: StorageFacts) -> bool:
 def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFacts:
     """Which artifacts of `iteration` are complete. Raises OSError when storage is unreachable."""
     it = layout_of(spec, run).iteration(iteration)
-    with storage_env(spec):
+    with at_endpoint(spec):
         shards = spec.generation.replicas
         found = manifest.shard_manifests(it.generated)
         generated = all(shard_name(i, shards) in found for i in range(shards))
@@ -308,7 +296,7 @@ def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFac
 
 def _read_report(spec: api.SPINRunSpec, run: RunRef) -> dict[str, Any] | None:
     """The check's report (`spin_runtime check --output`), None when absent or unreadable."""
-    with storage_env(spec):
+    with at_endpoint(spec):
         try:
             doc = json.loads(storage.read_text(layout_of(spec, run).iteration(0).check_report))
         except (FileNotFoundError, UnicodeDecodeError, ValueError):
@@ -328,7 +316,7 @@ def _check_report(spec: api.SPINRunSpec, run: RunRef) -> tuple[bool, dict[str, A
 def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:
     """Digest of the spec recorded at R/spinrun.yaml (None when there is none)."""
     uri = layout_of(spec, run).spec
-    with storage_env(spec):
+    with at_endpoint(spec):
         try:
             doc = yamlio.load(storage.read_text(uri))
         except FileNotFoundError:
@@ -350,26 +338,26 @@ def write_stored_spec(spec: api.SPINRunSpec, run: RunRef) -> None:
         "metadata": {"name": run.name, "namespace": run.namespace, "uid": run.uid},
         "spec": spec.to_wire(),
     }
-    with storage_env(spec):
+    with at_endpoint(spec):
         storage.write_text(layout_of(spec, run).spec, yaml.safe_dump(doc, sort_keys=False))
 
 
 def delete_artifacts(spec: api.SPINRunSpec, prefix: str) -> int:
-    with storage_env(spec):
+    with at_endpoint(spec):
         return storage.delete_prefix(prefix)
 
 
 def generated_digest(spec: api.SPINRunSpec, uri: str) -> str:
     """Content digest of a generated-data folder (all its shard manifests)."""
-    with storage_env(spec):
+    with at_endpoint(spec):
         return manifest.digest(uri)
 
 
 def read_bad_input(spec: api.SPINRunSpec, run: RunRef, iteration: int, stage: str) -> str:
-    """The cause a step left when it exited with bad input (`spin_runtime.cli.BAD_INPUT_FILE` in
+    """The cause a step left when it exited with bad input (`spin_common.errors.BAD_INPUT_FILE` in
     its output folder), "" when there is none. One line, redacted, at most 1000 characters."""
-    from spin_runtime.cli import BAD_INPUT_FILE
-    from spin_runtime.redaction import redact_text
+    from spin_common.errors import BAD_INPUT_FILE
+    from spin_common.redaction import redact_text
 
     if stage == "check":  # its report lists every problem, cause first
         doc = _read_report(spec, run)
@@ -381,7 +369,7 @@ def read_bad_input(spec: api.SPINRunSpec, run: RunRef, iteration: int, stage: st
     output = {"generate": it.generated, "train": it.model, "evaluate": it.eval}.get(stage)
     if output is None:
         return ""
-    with storage_env(spec):
+    with at_endpoint(spec):
         try:
             text = storage.read_text(storage.join(output, BAD_INPUT_FILE))
         except (FileNotFoundError, UnicodeDecodeError):

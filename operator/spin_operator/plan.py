@@ -149,7 +149,7 @@ def train_prompts(spec: api.SPINRunSpec, given: int | None) -> tuple[int, str]:
     if given is not None:
         return given, "--prompts"
     try:
-        from spin_runtime.data import load_examples
+        from spin_common.data import load_examples
 
         usable = len(load_examples(spec.dataset.uri).examples) - spec.dataset.eval_samples
     except Exception as exc:  # unreadable here (S3 without credentials, a missing file)

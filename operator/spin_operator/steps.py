@@ -3,7 +3,7 @@
 Shared by the operator (render.py turns a plan into a Job) and local mode (`spinctl run` starts
 the same argv as local processes), so it holds no Kubernetes manifest details: only the runtime
 argv of docs/runtime.md, environment, process counts and resource needs. Artifact URIs come from
-`spin_runtime.layout`, the one place that names them.
+`spin_common.layout`, the one place that names them.
 
 This module also defines which spec fields may change after a run started (`MUTABLE_FIELDS`)
 and the digest of the rest (`spec_digest`): the immutable part is what determines the artifacts.
@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from spin_common.layout import RunLayout
+from spin_common.train_config import LoraSettings, TrainConfig
 from spin_operator.api import types as api
 from spin_operator.naming import (
     CHECK,
@@ -28,8 +30,6 @@ from spin_operator.naming import (
     service_name,
 )
 from spin_operator.settings import POD_CACHE_DIR, Settings
-from spin_runtime.layout import RunLayout
-from spin_runtime.train.config import LoraSettings, TrainConfig
 
 __all__ = [
     "CONTROL_KINDS",
@@ -246,7 +246,7 @@ def _train_argv(
     else:
         model, output, work = layout.model_for_iteration(t, spec.model.uri), it.model, it.train_work
         lr = tr.learning_rate_for(t)
-    # The runtime's own settings class writes the flags (spin_runtime/train/config.py), so a
+    # The runtime's own settings class writes the flags (spin_common/train_config.py), so a
     # knob cannot drift between what the operator sends and what `train` parses.
     cfg = TrainConfig(
         model=model,

@@ -1,6 +1,6 @@
 """The operator's MLflow bookkeeping, off the event loop and never in the way of reconciling.
 
-`spin_runtime.tracking.Tracker` does the idempotent MLflow calls (found again by tags after a
+`spin_common.tracking.Tracker` does the idempotent MLflow calls (found again by tags after a
 restart). Here they run in a worker thread with a deadline; after a failure, calls to that
 tracking URI are skipped for a cool-down, so an MLflow outage costs one timeout, not one per
 reconcile. Every method returns None/False instead of raising.
@@ -43,7 +43,7 @@ class Tracking:
 
     def _tracker(self, uri: str) -> Any:
         if uri not in self._trackers:
-            from spin_runtime.tracking import Tracker, TrackingPolicy  # mlflow: only when used
+            from spin_common.tracking import Tracker, TrackingPolicy  # mlflow: only when used
 
             # one try per call: the next reconcile pass (after the cool-down) is the retry
             self._trackers[uri] = Tracker(uri, TrackingPolicy(attempts=1))
@@ -55,7 +55,7 @@ class Tracking:
         loop = asyncio.get_running_loop()
 
         def call() -> tuple[T, str | None]:
-            from spin_runtime.runlog import credentials_refused
+            from spin_common.runlog import credentials_refused
 
             tracker = self._tracker(uri)
             out = fn(tracker)
@@ -269,7 +269,7 @@ class Tracking:
             return None
 
         def send(t: Any) -> dict[int, list[int]]:
-            from spin_runtime.runlog import send_ops
+            from spin_common.runlog import send_ops
 
             sent: dict[int, list[int]] = {}
             for key, entries in files.items():
@@ -353,18 +353,18 @@ def dataset_profile(rows: api.DatasetStatus) -> dict[str, Any]:
 def _read_spool(
     spec: api.SPINRunSpec, spool: str, run_ids: frozenset[str] | None
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    from spin_operator.observe import storage_env
-    from spin_runtime.runlog import read_spool
+    from spin_common.runlog import read_spool
+    from spin_operator.endpoints import at_endpoint
 
-    with storage_env(spec):
+    with at_endpoint(spec):
         return read_spool(spool, run_ids)
 
 
 def _settle_spool(spec: api.SPINRunSpec, path: str, ops: list[dict[str, Any]], done: int) -> None:
-    from spin_operator.observe import storage_env
-    from spin_runtime.runlog import settle_spool_file
+    from spin_common.runlog import settle_spool_file
+    from spin_operator.endpoints import at_endpoint
 
-    with storage_env(spec):
+    with at_endpoint(spec):
         settle_spool_file(path, ops, done)
 
 

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from spin_runtime import manifest, storage
+from spin_common import manifest, storage
 
 log = logging.getLogger(__name__)
 

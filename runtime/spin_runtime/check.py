@@ -1,27 +1,23 @@
 """`python -m spin_runtime check`: the dataset and the model checked before any real work.
 
-Run as the first thing of a run (`spinctl run`'s preflight calls the same functions in-process;
-see docs/runtime.md and docs/datasets.md): the dataset is parsed row by row with the reader every
-command uses, the model folder is checked piece by piece without loading weights. Prints the
-dataset profile as one JSON line on stdout (and writes it to ``--output`` when given); exits 2
-with every problem, cause first, when the run cannot work.
+Run as the first thing of a run (`spinctl run`'s preflight calls the same functions in-process,
+spin_common/check.py; see docs/runtime.md and docs/datasets.md). Prints the dataset profile as one
+JSON line on stdout (and writes it to ``--output`` when given); exits 2 with every problem, cause
+first, when the run cannot work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 from typing import Any
 
-from spin_runtime.cli import UsageError
-
-log = logging.getLogger(__name__)
+from spin_common.check import check_dataset, check_model_uris
+from spin_common.errors import UsageError
 
 
 def add_parser(sub: Any) -> None:
-    from spin_runtime.data import add_dataset_flags
+    from spin_common.data import add_dataset_flags
 
     p = sub.add_parser("check", help="check the dataset and the model before a run")
     p.add_argument(
@@ -33,73 +29,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--output", default=None, help="where to write the report (JSON)")
 
 
-def check_dataset(
-    uri: str, max_skipped_fraction: float | None, eval_samples: int = 0, flag: str = "--dataset"
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """(the dataset profile, problems). Problems are cause-first sentences."""
-    from spin_runtime import data
-
-    try:
-        loaded = data.load_examples(uri, max_skipped_fraction)
-    except UsageError as exc:
-        return None, [str(exc)]
-    problems = []
-    if eval_samples >= len(loaded.examples):
-        problems.append(
-            f"dataset {uri}: {len(loaded.examples)} usable rows leave no training prompts after "
-            f"{eval_samples} held-out ones (dataset.evalSamples / --eval-samples)"
-        )
-    return loaded.report(), problems
-
-
-def check_model_uris(
-    model: str | None,
-    tokenizer: str | None,
-    chat_template: str | None,
-    names: dict[str, str] | None = None,
-) -> list[str]:
-    """Problems of the model (and separate tokenizer) folders, each prefixed by its field name
-    from ``names`` (default: the CLI flags)."""
-    from spin_runtime import modelcheck, storage
-
-    names = names or {
-        "model": "--model",
-        "tokenizer": "--tokenizer",
-        "chat_template": "--chat-template",
-    }
-    problems: list[str] = []
-    try:
-        if model and not modelcheck.is_hub_id(model):
-            problems += [
-                f"{names['model']} {model}: {p}"
-                for p in modelcheck.check_model(_expand(model), tokenizer, chat_template)
-            ]
-        if tokenizer and not modelcheck.is_hub_id(tokenizer):
-            folder = modelcheck.Folder.open(_expand(tokenizer))
-            found = (
-                modelcheck.check_tokenizer(folder, needs_template=chat_template is None)
-                if folder.names
-                else ["no such folder, or it is empty"]
-            )
-            problems += [f"{names['tokenizer']} {tokenizer}: {p}" for p in found]
-        if chat_template and not storage.exists(_expand(chat_template)):
-            problems.append(f"{names['chat_template']} {chat_template}: no such file")
-    except storage.StorageUnavailableError:
-        # S3 failing after every retry says nothing about the input: not bad input (exit 2,
-        # never retried) but a failure the Job's or the operator's retry may outlast
-        raise
-    except OSError as exc:
-        problems.append(f"{names['model']} {model}: cannot read it: {exc}")
-    return problems
-
-
-def _expand(uri: str) -> str:
-    """`~/x` as the home folder, as models.resolve reads it (storage takes paths literally)."""
-    return os.path.expanduser(uri) if uri.startswith("~") else uri
-
-
 def run(args: argparse.Namespace) -> int:
-    from spin_runtime import storage
+    from spin_common import storage
 
     report, problems = check_dataset(args.dataset, args.max_skipped_fraction, args.eval_samples)
     problems += check_model_uris(args.model, args.tokenizer, args.chat_template)

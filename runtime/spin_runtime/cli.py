@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from spin_common.errors import BAD_INPUT_FILE, UsageError
+
 # command name -> module implementing it
 COMMANDS = {
     "generate": "spin_runtime.generate.cli",
@@ -20,10 +22,6 @@ COMMANDS = {
     "check": "spin_runtime.check",
     "demo-build": "spin_runtime.demo_build",
 }
-
-
-class UsageError(Exception):
-    """Bad input: the message names the flag or field; the CLI exits with status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-BAD_INPUT_FILE = "_BAD_INPUT.txt"  # in the step's --output: what the operator shows as the cause
-
-
 def _leave_cause(args: argparse.Namespace, message: str) -> None:
     """Put the cause of a bad-input exit where the operator can read it without pod logs: the
     step's own output folder in the run's storage, which it already reads for manifests. Never
@@ -63,7 +58,7 @@ def _leave_cause(args: argparse.Namespace, message: str) -> None:
     if args.command not in ("generate", "train", "evaluate") or not output:
         return
     try:
-        from spin_runtime import storage
+        from spin_common import storage
 
         storage.write_text(storage.join(output, BAD_INPUT_FILE), message[:4000] + "\n")
     except Exception as exc:  # the exit status and stderr still say it

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
 def build(workdir: Path, cfg: DemoConfig, say: Any = print) -> Path:
     """Task rows, tokenizer and weak SFT model under `workdir` (skipped when already built with
     the same settings). Returns the model directory."""
-    from spin_runtime import data, sft, tiny
+    from spin_common import data
+    from spin_runtime import sft, tiny
 
     sft.quiet_progress_bars()
     workdir.mkdir(parents=True, exist_ok=True)

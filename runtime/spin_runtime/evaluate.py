@@ -1,7 +1,7 @@
 """``python -m spin_runtime evaluate``: the built-in held-out evaluation of an iteration's model.
 
 Two numbers per model on the held-out split (the same prompts every iteration, by the shared
-selection of :mod:`spin_runtime.data`):
+selection of :mod:`spin_common.data`):
 
 * ``exact_match``: the greedy answer equals the reference after whitespace normalisation — the
   task metric for tasks with one right answer (the tiny task, extraction, arithmetic);
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spin_runtime.cli import UsageError
+from spin_common.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ EVAL_KIND = "eval"
 
 
 def add_parser(subparsers: Any) -> None:
-    from spin_runtime.data import add_dataset_flags
+    from spin_common.data import add_dataset_flags
 
     p = subparsers.add_parser("evaluate", help="held-out exact match and reference log-likelihood")
     p.add_argument("--model", required=True, help="θt+1 checkpoint URI")
@@ -145,7 +145,7 @@ def evaluate_model(
 
 
 def run(args: argparse.Namespace) -> int:
-    from spin_runtime import data, manifest, storage
+    from spin_common import data, manifest, storage
 
     if args.eval_samples < 1:
         raise UsageError("--eval-samples must be >= 1: evaluate scores the held-out split")
@@ -227,7 +227,7 @@ def _log_metrics(metrics: dict[str, Any]) -> None:
         return
     values = {f"eval/{k}": float(v) for k, v in metrics.items()}
     try:
-        from spin_runtime import tracking
+        from spin_common import tracking
 
         logger = tracking.from_env_logger()
         logger.log_metrics(values)

@@ -113,7 +113,7 @@ def response_ids(tokenizer: Any, response: str) -> list[int]:
 
 def read_chat_template(uri: str) -> str:
     """A jinja chat template from a local path or s3:// URI (``--chat-template``)."""
-    from spin_runtime import storage
+    from spin_common import storage
 
     text = storage.read_text(uri)
     if not text.strip():

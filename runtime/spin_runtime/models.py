@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spin_runtime.cli import UsageError
+from spin_common.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,7 @@ def load_tokenizer(
     if Path(source).is_dir():
         # name a missing piece before transformers does (it answers a folder without tokenizer
         # files with "You need to have sentencepiece or tiktoken installed", the wrong way)
-        from spin_runtime import modelcheck
+        from spin_common import modelcheck
 
         problems = modelcheck.check_tokenizer(modelcheck.Folder.open(source), needs_template=False)
         if problems:

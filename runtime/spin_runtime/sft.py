@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from spin_runtime import formatting
 
 if TYPE_CHECKING:
-    from spin_runtime.data import Example
+    from spin_common.data import Example
 
 log = logging.getLogger(__name__)
 

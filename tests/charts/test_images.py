@@ -167,7 +167,7 @@ def test_dockerignore_admits_exactly_what_the_images_copy() -> None:
                 assert not _dockerignore_excludes(source.rstrip("/"), patterns), source
     for inside in (
         "operator/spin_operator/cli.py",
-        "runtime/spin_runtime/storage.py",
+        "runtime/spin_common/storage.py",
         "pyproject.toml",
         "images/runtime/constraints.txt",
     ):

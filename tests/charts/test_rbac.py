@@ -208,9 +208,9 @@ TIMEOUT = 30.0
 
 def _job_complete(api: Any, job: dict[str, Any], workdir: Path) -> None:
     """What the Job's pods would leave behind: its artifacts (manifests last), then the status."""
+    from spin_common import manifest, storage
+    from spin_common.layout import RunLayout
     from spin_operator import naming
-    from spin_runtime import manifest, storage
-    from spin_runtime.layout import RunLayout
 
     labels = job["metadata"]["labels"]
     ns, run = job["metadata"]["namespace"], labels[naming.RUN_LABEL]

@@ -125,7 +125,7 @@ def new_namespace() -> str:
 
 def upload_inputs(model_dir: Path, dataset: Path) -> None:
     """The tiny model (with its manifest, as the runtime expects of s3:// models) and the task."""
-    from spin_runtime import manifest, storage
+    from spin_common import manifest, storage
 
     if not manifest.is_complete(MODEL_URI):
         manifest.write_dir_artifact(
@@ -137,7 +137,7 @@ def upload_inputs(model_dir: Path, dataset: Path) -> None:
 
 def artifact_stamps(prefix: str) -> dict[str, str]:
     """Every manifest under ``prefix`` -> its ``createdAt``: a step redone would change one."""
-    from spin_runtime import storage
+    from spin_common import storage
 
     stamps = {}
     for name in storage.list_files(prefix):

@@ -9,7 +9,7 @@ import sys
 import time
 from types import FrameType
 
-from spin_runtime import storage
+from spin_common import storage
 
 LINGER_S = 3.0
 

@@ -3,7 +3,7 @@
 Why not ``tests.support.servers.S3Faults``: it hooks one boto3 client inside one process, while
 here the failing clients live in other processes (the operator, every Job pod). The proxy fails
 requests on the wire instead, with the same S3 error body (``ServiceUnavailable``, 503) that
-S3Faults serves, so every client's real retry path (botocore's, then spin_runtime.storage's) runs.
+S3Faults serves, so every client's real retry path (botocore's, then spin_common.storage's) runs.
 
 ``fail_next(requests, every=3)``: of the next ``requests`` requests, all but one of every ``every``
 get a 503 (a flapping S3, not a dead one: each client's retries eventually get through). Counted

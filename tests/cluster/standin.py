@@ -21,7 +21,7 @@ def _flag(argv: list[str], name: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from spin_runtime import layout, manifest, storage
+    from spin_common import layout, manifest, storage
 
     if argv[1:4] == ["-m", "spin_runtime", "check"]:
         # the check is light (no model loaded): the real one runs, on the real dataset and model

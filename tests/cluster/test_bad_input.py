@@ -26,7 +26,7 @@ BAD_DATASET = f"s3://{kit.BUCKET}/data/bad-rows-cluster.jsonl"
 def test_bad_dataset_fails_the_check_job_once_and_no_generation_job_exists(
     cluster_quick: RealCluster, tmp_path: Path
 ) -> None:
-    from spin_runtime import storage
+    from spin_common import storage
 
     c = cluster_quick
     good = storage.read_bytes(kit.DATASET_URI)

@@ -2,7 +2,7 @@
 
 Real steps (generation, torchrun training, evaluation), since what is under test is how the
 runtime's and the operator's clients ride out an outage: tracking must never fail a Job or the
-run, and S3 errors are retried (botocore's retries, then spin_runtime.storage's) until every
+run, and S3 errors are retried (botocore's retries, then spin_common.storage's) until every
 artifact verifies against its manifest. Each step's Job is created once (the audit log).
 """
 
@@ -130,7 +130,7 @@ def test_s3_errors_for_a_while_are_retried(
     """Two requests in three fail, 30 requests from the start (the operator's reads, the input
     check, the generation pods' downloads) and 30 more from when training starts; everything is
     retried, the run succeeds, and every artifact verifies against its manifest."""
-    from spin_runtime import manifest, storage
+    from spin_common import manifest, storage
 
     c, proxy = s3_flapping
     started = time.monotonic()

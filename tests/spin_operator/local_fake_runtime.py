@@ -50,7 +50,7 @@ def _matches(knob: str, stage: str, iteration: int, count: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    from spin_runtime import manifest, storage
+    from spin_common import manifest, storage
 
     if argv[:2] == ["-m", "torch.distributed.run"]:
         argv = argv[argv.index("spin_runtime") - 1 :]

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from spin_common.layout import RunLayout
 from spin_operator.controller import Controller
 from spin_operator.kube import ApiError
 from spin_operator.metrics import Metrics
@@ -28,7 +29,6 @@ from spin_operator.naming import job_name
 from spin_operator.policy import Allowed, Policy
 from spin_operator.settings import Settings
 from spin_operator.track import Tracking
-from spin_runtime.layout import RunLayout
 
 JSON = dict[str, Any]
 NS, NAME = "team-a", "run"

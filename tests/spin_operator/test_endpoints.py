@@ -6,6 +6,7 @@ calls meanwhile go through (moto)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -16,19 +17,21 @@ from typing import Any
 
 import pytest
 
+from spin_common import storage
 from spin_operator import observe
 from spin_operator.api import types as api
 from spin_operator.endpoints import (
     STORAGE_UNAVAILABLE,
     EndpointUnavailable,
     StoragePools,
+    at_endpoint,
     endpoint_of,
     report,
 )
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
-from tests.support.servers import MlflowServer
+from tests.support.servers import MlflowServer, moto_process, s3_client_for
 
 RUN = RunRef("team-a", "r", "uid-1")
 
@@ -75,12 +78,15 @@ def refusing() -> str:
 
 
 def spec_on(
-    endpoint: str | None, bucket: str = "s3://tenant-bucket/runs", tracking: str | None = None
+    endpoint: str | None,
+    bucket: str = "s3://tenant-bucket/runs",
+    tracking: str | None = None,
+    region: str | None = None,
 ) -> api.SPINRunSpec:
     raw = {
         "model": {"uri": "m/x"},
         "dataset": {"uri": "/d.jsonl"},
-        "storage": {"uri": bucket, "endpoint": endpoint},
+        "storage": {"uri": bucket, "endpoint": endpoint, "region": region},
         "tracking": {"uri": tracking},
         "generation": {"replicas": 2},
     }
@@ -212,6 +218,62 @@ async def test_a_deletion_gets_the_bulk_budget(tmp_path: Path) -> None:
         assert "failed 1 calls in a row" in (pools.problem(None) or "")
     finally:
         pools.close()
+
+
+async def test_two_endpoints_are_read_at_once_without_touching_the_environment(
+    moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs on two stores (two moto servers, the same bucket name on each, different contents):
+    each endpoint's pool reads its own store while the other's call is inside its own endpoint
+    block (a barrier both must reach: a lock around the block would time it out), and os.environ
+    is the same throughout (the endpoint is a value, storage.Endpoint, in a context variable)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)  # neither store is the environment's
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    bucket = f"two-{uuid.uuid4().hex[:12]}"
+    barrier = threading.Barrier(2, timeout=5)
+    before = dict(os.environ)
+
+    def read(spec: api.SPINRunSpec) -> tuple[str, str, bool]:
+        with at_endpoint(spec):
+            first = storage.read_text(f"s3://{bucket}/runs/whose")
+            barrier.wait()  # both calls are inside their endpoint blocks now
+            unchanged = dict(os.environ) == before
+            return first, storage.read_text(f"s3://{bucket}/runs/whose"), unchanged
+
+    with moto_process(tmp_path / "moto-2.log") as other:
+        for endpoint in (moto_server, other):
+            client = s3_client_for(endpoint)
+            client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="runs/whose", Body=endpoint.encode())
+        specs = [spec_on(e, f"s3://{bucket}/runs") for e in (moto_server, other)]
+        pools = StoragePools(budget=10.0)
+        try:
+            got = await asyncio.gather(*(pools.call(endpoint_of(s), read, s) for s in specs))
+        finally:
+            pools.close()
+    assert got == [(moto_server, moto_server, True), (other, other, True)]
+    assert dict(os.environ) == before
+
+
+def test_at_endpoint_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's endpoint/region apply to S3 clients made in the block, in this thread only, and
+    the process environment is never changed (no lock between runs on different endpoints)."""
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    spec = spec_on("http://minio:9000", "s3://bkt/p", region="eu-1")
+    elsewhere: list[str | None] = []
+    with at_endpoint(spec):
+        client = storage.s3_client()
+        assert (client.meta.endpoint_url, client.meta.region_name) == ("http://minio:9000", "eu-1")
+        assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_REGION"] == "us-east-1"
+        other = threading.Thread(
+            target=lambda: elsewhere.append(storage.s3_client().meta.region_name)
+        )
+        other.start()
+        other.join()
+    assert elsewhere == ["us-east-1"]  # another thread (another run's call) is not redirected
+    assert storage.s3_client().meta.region_name == "us-east-1"
 
 
 def test_the_condition_names_the_endpoint_and_clears() -> None:

@@ -174,8 +174,8 @@ async def test_spooled_calls_are_replayed_when_mlflow_answers_again_not_at_the_r
     again, while the iteration still runs (not only when a run ends)."""
     from mlflow.tracking import MlflowClient
 
-    from spin_runtime.layout import RunLayout
-    from spin_runtime.runlog import RunLogger, TrackingPolicy
+    from spin_common.layout import RunLayout
+    from spin_common.runlog import RunLogger, TrackingPolicy
 
     tracking = Tracking(timeout=60, cooldown=1)  # deadlines for a loaded machine
     op = await OperatorProcess(

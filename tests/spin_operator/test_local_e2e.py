@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from spin_runtime import manifest, storage
+from spin_common import manifest, storage
 from tests.spin_operator.local_support import with_default_sigint
 from tests.support.servers import MlflowServer
 

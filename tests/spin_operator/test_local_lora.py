@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_runtime import manifest
+from spin_common import manifest
 from tests.spin_operator.test_local_e2e import finish, spinrun, start
 
 

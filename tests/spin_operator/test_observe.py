@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from spin_common import manifest
 from spin_operator import observe
 from spin_operator.api import types as api
 from spin_operator.render import render_job, run_owner
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, plan_step, spec_digest
-from spin_runtime import manifest
 from tests.support import job_driver as jd
 
 RUN = RunRef("team", "obs", "uid-9")
@@ -190,34 +188,6 @@ def test_delete_artifacts(tmp_path: Path) -> None:
     prefix = observe.layout_of(spec, RUN).prefix
     assert observe.delete_artifacts(spec, prefix) == 1
     assert not Path(prefix).exists()
-
-
-def test_storage_env_is_scoped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The run's endpoint/region apply to S3 clients made in the block, in this thread only, and
-    the process environment is never changed (no lock between runs on different endpoints)."""
-    import os
-    import threading
-
-    from spin_runtime import storage
-
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    spec = make(
-        tmp_path, storage={"uri": "s3://bkt/p", "endpoint": "http://minio:9000", "region": "eu-1"}
-    )
-    elsewhere: list[str | None] = []
-    with observe.storage_env(spec):
-        client = storage.s3_client()
-        assert (client.meta.endpoint_url, client.meta.region_name) == ("http://minio:9000", "eu-1")
-        assert "AWS_ENDPOINT_URL_S3" not in os.environ and os.environ["AWS_REGION"] == "us-east-1"
-        other = threading.Thread(
-            target=lambda: elsewhere.append(storage.s3_client().meta.region_name)
-        )
-        other.start()
-        other.join()
-    assert elsewhere == ["us-east-1"]  # another thread (another run's call) is not redirected
-    assert storage.s3_client().meta.region_name == "us-east-1"
 
 
 def _run_check(spec: api.SPINRunSpec) -> int:

@@ -164,7 +164,7 @@ def _log_as_pod(
     """What a runtime process of the Job does with its environment: log through MLflow."""
     code = (
         "import json, sys\n"
-        "from spin_runtime.tracking import from_env_logger\n"
+        "from spin_common.tracking import from_env_logger\n"
         "log = from_env_logger()\n"
         "log.log_metrics(json.loads(sys.argv[1]))\n"
         "print(log.close() or '')\n"

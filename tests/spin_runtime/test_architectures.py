@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from spin_runtime.cli import UsageError
+from spin_common.errors import UsageError
 from spin_runtime.evaluate import reference_logprobs
 from spin_runtime.train import batches, exactness
 from spin_runtime.train.batches import Pair

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from spin_runtime import data, modelcheck, rows
-from spin_runtime.check import check_dataset, check_model_uris
+from spin_common import data, modelcheck, rows
+from spin_common.check import check_dataset, check_model_uris
 
 GOOD = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
 GOOD_LINE = json.dumps(GOOD).encode()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import manifest as mf
-from spin_runtime import storage
+from spin_common import manifest as mf
+from spin_common import storage
 from spin_runtime.cache import materialize
 from tests.support.servers import S3Faults
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_runtime import cli, data, evaluate, formatting, manifest, models, tiny
+from spin_common import data, manifest
+from spin_runtime import cli, evaluate, formatting, models, tiny
 from spin_runtime.generate.backends import SamplingConfig
 from spin_runtime.generate.transformers_backend import TransformersBackend
 

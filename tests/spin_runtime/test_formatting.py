@@ -80,5 +80,5 @@ def test_formatting_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, spin_runtime.formatting, spin_runtime.data; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, spin_runtime.formatting, spin_common.data; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

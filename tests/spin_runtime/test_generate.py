@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import cli, data, manifest, records, tiny
+from spin_common import data, manifest, records
+from spin_runtime import cli, tiny
 from spin_runtime.generate import runner
 from spin_runtime.generate.backends import SamplingConfig
 from spin_runtime.generate.transformers_backend import TransformersBackend, split_answer
@@ -315,7 +316,7 @@ def test_everything_on_s3(
     tiny_model_dir, tiny_dataset_path, s3_bucket, tmp_path, monkeypatch
 ) -> None:
     """Model (through the digest-keyed cache), dataset and output all on S3, as in a cluster."""
-    from spin_runtime import storage
+    from spin_common import storage
 
     monkeypatch.setenv("SPIN_CACHE_DIR", str(tmp_path / "cache"))
     model_uri = f"{s3_bucket}/models/tiny"

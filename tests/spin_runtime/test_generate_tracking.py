@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spin_runtime import cli, manifest
+from spin_common import manifest
+from spin_runtime import cli
 
 
 def test_shard_metrics_reach_mlflow(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import data, formatting, manifest, models, records
+from spin_common import data, manifest, records
+from spin_runtime import formatting, models
 from spin_runtime.generate.backends import SamplingConfig
 from spin_runtime.generate.transformers_backend import TransformersBackend
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spin_common.errors import UsageError
 from spin_runtime import formatting, models
-from spin_runtime.cli import UsageError
 
 
 def test_load_tokenizer_and_model(tiny_model_dir: Path) -> None:

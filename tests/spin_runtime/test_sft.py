@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from spin_runtime import data, formatting, sft, tiny
+from spin_common import data
+from spin_runtime import formatting, sft, tiny
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import manifest
+from spin_common import manifest
 from tests.spin_runtime.test_train_support import (
     one_thread,
     run_train,

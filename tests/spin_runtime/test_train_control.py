@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_runtime import manifest, models, records
+from spin_common import manifest, records
+from spin_runtime import models
 from spin_runtime.train import batches
 from spin_runtime.train.policy import SequenceLogProbs, score
 from tests.spin_runtime.test_train_support import (

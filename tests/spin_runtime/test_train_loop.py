@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_runtime import manifest
+from spin_common import manifest
 from spin_runtime.train import batches, checkpoint, loop
 from spin_runtime.train.loss import LN2
 from spin_runtime.train.policy import SequenceLogProbs, score
@@ -85,7 +85,7 @@ def test_first_step_is_ln2_and_the_policy_learns_to_prefer_real(trained, tiny_mo
     from spin_runtime import models
 
     tokenizer = models.load_tokenizer(str(trained / "model"))
-    from spin_runtime import records
+    from spin_common import records
 
     pairs = batches.build_pairs([records.read_generated(data[0])], ["cur"], tokenizer, 96, 64).train
     before = _score(tiny_model_dir, pairs)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_runtime import manifest
+from spin_common import manifest
 from spin_runtime.train import checkpoint, loop
 from spin_runtime.train.loss import LN2
 from tests.spin_runtime.test_train_support import (

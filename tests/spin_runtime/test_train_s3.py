@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spin_runtime import manifest, storage
+from spin_common import manifest, storage
 from spin_runtime.train import checkpoint, loop
 from tests.spin_runtime.test_train_support import (
     metrics,

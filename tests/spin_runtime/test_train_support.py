@@ -51,7 +51,7 @@ def write_generated(directory: str | Path, records: Sequence[dict], num_shards: 
     """Publish records as ``shard-IIIII-of-NNNNN.jsonl`` + their manifests, as generation does."""
     import tempfile
 
-    from spin_runtime import layout, manifest, storage
+    from spin_common import layout, manifest, storage
 
     uri = str(directory)
     for index in range(num_shards):
@@ -99,7 +99,7 @@ def run_train(argv: Sequence[str]) -> int:
     """``python -m spin_runtime train ...`` in-process (exit status as the dispatcher gives it)."""
     import argparse
 
-    from spin_runtime.cli import UsageError
+    from spin_common.errors import UsageError
     from spin_runtime.train import cli
 
     parser = argparse.ArgumentParser()

@@ -2,7 +2,7 @@
 
 Shared by everything that plays Jobs instead of running them (the in-process operator tests'
 ``Cluster``, ``benchmarks/operator_scale.py`` on the emulated and on the real control plane): the
-same layout and manifests as the runtime (files first, manifests last, via spin_runtime.manifest),
+same layout and manifests as the runtime (files first, manifests last, via spin_common.manifest),
 so the operator's checks of a finished step are the real ones.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from spin_runtime import manifest, storage
-from spin_runtime.layout import RunLayout
+from spin_common import manifest, storage
+from spin_common.layout import RunLayout
 
 RUN_LABEL = "selfplay.dev/run"
 ITERATION_LABEL = "selfplay.dev/iteration"

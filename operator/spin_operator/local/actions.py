@@ -25,6 +25,7 @@ from spin_operator.decision import (
     RegisterModel,
     StorageFacts,
 )
+from spin_operator.endpoints import at_endpoint
 from spin_operator.reconciler import reconcile
 from spin_operator.steps import plan_step
 
@@ -173,14 +174,14 @@ class Actor:
     def _show_results(self, d: Decision, t: int) -> None:
         """Evaluation of θt+1 with the trainer's held-out SPIN metrics; also logged on the
         parent MLflow run per iteration (step 0 = θ0), so one chart shows the whole run."""
+        from spin_common import manifest, storage
+        from spin_common.tracking import HELDOUT_METRICS
         from spin_operator.local.runner import results_of
-        from spin_runtime import manifest, storage
-        from spin_runtime.tracking import HELDOUT_METRICS
 
         r = self.r
         it = r.layout.iteration(t)
         try:
-            with observe.storage_env(r.spec):
+            with at_endpoint(r.spec):
                 evaluated = r.spec.evaluation.enabled and storage.exists(it.eval_results)
                 results = results_of(storage.read_text(it.eval_results)) if evaluated else {}
                 model = manifest.read_manifest(it.model)
@@ -250,9 +251,9 @@ class Actor:
         if new.mlflow is None or new.mlflow.run_id is None:
             new.mlflow = r.tracking.ensure_parent() or new.mlflow
             if new.mlflow and new.mlflow.run_id:
+                from spin_common.errors import UsageError
                 from spin_operator.local.tracking import file_digest
                 from spin_operator.track import dataset_profile
-                from spin_runtime.cli import UsageError
 
                 try:
                     digest = file_digest(r.spec.dataset.uri)
@@ -272,7 +273,7 @@ class Actor:
 
     def _log_datasets(self, d: Decision, t: int) -> None:
         """The generated data iteration t trains on, as inputs of its MLflow run."""
-        from spin_runtime import manifest
+        from spin_common import manifest
 
         r = self.r
         it = next((i for i in d.status.iterations if i.iteration == t), None)
@@ -280,7 +281,7 @@ class Actor:
             return
         for uri in r.layout.training_data_for_iteration(t, r.spec.training.mix_previous_iterations):
             try:
-                with observe.storage_env(r.spec):
+                with at_endpoint(r.spec):
                     digest = manifest.digest(uri)
             except OSError as exc:
                 log.warning("no digest for %s: %s", uri, exc)

@@ -15,7 +15,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def _local(uri: str) -> Path:
 
 
 def _s3_exists(uri: str) -> bool:
-    from spin_runtime import storage
+    from spin_common import storage
 
     return storage.exists(uri)
 
@@ -128,8 +128,8 @@ def check_path(field: str, uri: str | None, kind: str) -> str | None:
 
 def _check_data(field: str, uri: str) -> str | None:
     """The dataset names at least one data file, resolved as the runtime resolves it."""
-    from spin_runtime.cli import UsageError
-    from spin_runtime.data import data_files
+    from spin_common.data import data_files
+    from spin_common.errors import UsageError
 
     try:
         files = data_files(uri)
@@ -140,7 +140,7 @@ def _check_data(field: str, uri: str) -> str | None:
     if not files:
         return f"{field}: {uri}: no .jsonl/.json/.parquet files in it"
     if files == [uri]:
-        from spin_runtime import storage
+        from spin_common import storage
 
         try:
             found = storage.exists(uri)
@@ -153,20 +153,19 @@ def _check_data(field: str, uri: str) -> str | None:
 def check_storage(spec: api.SPINRunSpec) -> str | None:
     uri = spec.storage.uri or ""
     if uri.startswith("s3://"):
-        from spin_operator.observe import storage_env
-        from spin_runtime import storage
+        from spin_common import storage
+        from spin_operator.endpoints import at_endpoint
 
         bucket, _ = storage.split_s3(uri)
-        previous = storage.configure(
-            attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10
+        # one quick try, for this call only (a value in context, not the process' settings)
+        quick = replace(
+            storage.config(), attempts=1, botocore_attempts=1, connect_timeout=5, read_timeout=10
         )
         try:
-            with storage_env(spec):
+            with storage.budget(quick), at_endpoint(spec):
                 storage.s3_client().head_bucket(Bucket=bucket)
         except Exception as exc:
             return f"spec.storage.uri: cannot reach bucket {bucket!r}: {type(exc).__name__}: {exc}"
-        finally:
-            storage.configure(**previous.__dict__)
         return None
     path = _local(uri)
     try:
@@ -228,13 +227,13 @@ def check_inputs(spec: api.SPINRunSpec, skip: set[str]) -> tuple[dict[str, Any] 
     """The dataset parsed row by row and the model folder checked piece by piece, with the
     runtime's own `check` functions (the reader every step uses; no weights loaded). Fields in
     `skip` already failed a simpler check. Returns (the dataset profile, problems)."""
-    from spin_operator.observe import storage_env
-    from spin_runtime.check import check_dataset, check_model_uris
+    from spin_common.check import check_dataset, check_model_uris
+    from spin_operator.endpoints import at_endpoint
 
     report: dict[str, Any] | None = None
     problems: list[str] = []
     m, d = spec.model, spec.dataset
-    with storage_env(spec):
+    with at_endpoint(spec):
         if "spec.dataset.uri" not in skip:
             report, problems = check_dataset(d.uri, d.max_skipped_fraction, d.eval_samples)
         if not skip & {"spec.model.uri", "spec.model.tokenizer", "spec.model.chatTemplate"}:
@@ -260,9 +259,9 @@ def preflight(loaded: Loaded) -> dict[str, Any] | None:
         ("spec.dataset.uri", spec.dataset.uri, "data"),
     ):
         if uri and uri.startswith("s3://"):
-            from spin_operator.observe import storage_env
+            from spin_operator.endpoints import at_endpoint
 
-            with storage_env(spec):
+            with at_endpoint(spec):
                 problem = check_path(field, uri, kind)
         else:
             problem = check_path(field, uri, kind)

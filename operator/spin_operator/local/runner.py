@@ -127,25 +127,25 @@ class LocalRun:
     # ------------------------------------------------------------------ state
 
     def _load_state(self) -> Any:
+        from spin_common import storage
+        from spin_operator.endpoints import at_endpoint
         from spin_operator.local.state import LocalState
-        from spin_operator.observe import storage_env
-        from spin_runtime import storage
 
-        with storage_env(self.spec):
+        with at_endpoint(self.spec):
             try:
                 return LocalState.from_json(storage.read_text(self.state_uri))
             except FileNotFoundError:
                 return LocalState()
 
     def _save(self) -> None:
-        from spin_operator.observe import storage_env
-        from spin_runtime import storage
+        from spin_common import storage
+        from spin_operator.endpoints import at_endpoint
 
         self.state.status = self.status
         self.state.jobs = self.backend.finished()
         self.state.groups = self.backend.running_groups()
         try:
-            with storage_env(self.spec):
+            with at_endpoint(self.spec):
                 storage.write_text(self.state_uri, self.state.to_json())
         except OSError as exc:  # the manifests in storage still say what is done
             log.warning("local status not saved to %s: %s", self.state_uri, exc)

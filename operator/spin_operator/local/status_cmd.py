@@ -30,11 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_state(spec: api.SPINRunSpec, prefix: str) -> LocalState | None:
     """The saved state of the run at `prefix`, or None when it never started."""
-    from spin_operator.observe import storage_env
-    from spin_runtime import storage
+    from spin_common import storage
+    from spin_operator.endpoints import at_endpoint
 
     uri = prefix.rstrip("/") + "/" + STATE_NAME
-    with storage_env(spec):
+    with at_endpoint(spec):
         try:
             return LocalState.from_json(storage.read_text(uri))
         except FileNotFoundError:

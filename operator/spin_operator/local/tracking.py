@@ -40,9 +40,9 @@ class LocalTracking:
         return asyncio.run(coro)
 
     def tracker(self) -> Any:
-        """A direct `spin_runtime.tracking.Tracker` for the calls `Tracking` does not wrap."""
+        """A direct `spin_common.tracking.Tracker` for the calls `Tracking` does not wrap."""
         if self._tracker is None and self.uri:
-            from spin_runtime.tracking import Tracker
+            from spin_common.tracking import Tracker
 
             self._tracker = Tracker(self.uri)
             quiet_mlflow()
@@ -127,7 +127,7 @@ def quiet_mlflow() -> None:
 def file_digest(uri: str) -> str:
     """sha256 of a dataset (local or s3://; one file, or every shard a directory, glob or name
     prefix names, in reading order, with their names), as its identity in MLflow."""
-    from spin_runtime.data import data_files
+    from spin_common.data import data_files
 
     files = data_files(uri)
     if files == [uri]:
@@ -139,7 +139,7 @@ def file_digest(uri: str) -> str:
 
 
 def _one_file_digest(uri: str) -> str:
-    from spin_runtime import storage
+    from spin_common import storage
 
     if storage.is_s3(uri):
         return hashlib.sha256(storage.read_bytes(uri)).hexdigest()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from spin_runtime.cli import UsageError
+from spin_common.errors import UsageError
 
 BACKENDS = ("transformers", "vllm")
 FinishReason = Literal["stop", "length"]

@@ -10,8 +10,8 @@ import logging
 import os
 from typing import Any
 
-from spin_runtime.cli import UsageError
-from spin_runtime.data import add_dataset_flags
+from spin_common.data import add_dataset_flags
+from spin_common.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: expected one of {', '.join(DTYPES)}")
     index, count = shard_from_args(args)
-    from spin_runtime.check import check_model_uris
+    from spin_common.check import check_model_uris
 
     # the model folder's pieces named before anything loads (on a cluster this is the first Job:
     # a missing tokenizer fails it with exit 2, never retried, instead of transformers' message)
@@ -120,7 +120,7 @@ def log_to_tracking(stats: dict[str, Any], shard_index: int) -> None:
     if not os.environ.get("MLFLOW_RUN_ID"):
         return
     try:
-        from spin_runtime import tracking
+        from spin_common import tracking
 
         logger = tracking.from_env_logger()
         logger.log_metrics(

@@ -1,7 +1,7 @@
 """One generation shard, end to end: select prompts, format, generate, write records, manifest.
 
 Sharding is *contiguous*: the selected prompts (held-out first, then training, in the order
-:func:`spin_runtime.data.select` gives) are cut into ``num_shards`` consecutive slices whose
+:func:`spin_common.data.select` gives) are cut into ``num_shards`` consecutive slices whose
 sizes differ by at most one. The selection is already shuffled, so slices are alike in length
 mix; contiguous slices make the concatenation of shards 0..n-1 the selection order, and a shard
 depends only on (dataset, seed, sizes, index, n), so re-running shard i rewrites exactly shard i.
@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spin_runtime import data, formatting, layout, manifest, storage
-from spin_runtime.cli import UsageError
+from spin_common import data, layout, manifest, storage
+from spin_common.errors import UsageError
+from spin_runtime import formatting
 from spin_runtime.generate.backends import Backend, Completion, SamplingConfig, make_backend
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ class TransformersBackend:
         from spin_runtime import models
 
         if batch_size < 1:
-            from spin_runtime.cli import UsageError
+            from spin_common.errors import UsageError
 
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

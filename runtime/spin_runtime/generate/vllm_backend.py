@@ -48,14 +48,14 @@ class VLLMBackend:
         try:
             from vllm import LLM
         except ImportError as exc:
-            from spin_runtime.cli import UsageError
+            from spin_common.errors import UsageError
 
             raise UsageError(
                 f"--backend vllm: vLLM is not installed in this environment ({exc}); "
                 "use an image with vllm, or --backend transformers"
             ) from exc
         if tensor_parallel_size < 1:
-            from spin_runtime.cli import UsageError
+            from spin_common.errors import UsageError
 
             raise UsageError(f"--tensor-parallel-size must be >= 1, got {tensor_parallel_size}")
         self.tokenizer = tokenizer

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spin_common.train_config import TRUNCATED_ANSWERS
 from spin_runtime import formatting
-from spin_runtime.train.config import TRUNCATED_ANSWERS
 from spin_runtime.train.loss import Scored
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Writing θt+1 and the resumable epoch checkpoints, so that nothing partial looks finished.
 
-Every artifact here is a folder published through :mod:`spin_runtime.manifest`: all files first,
+Every artifact here is a folder published through :mod:`spin_common.manifest`: all files first,
 ``_MANIFEST.json`` last. A process killed while saving leaves a folder without a manifest, which
 readers (the reconciler, :func:`latest_epoch`, the next iteration) ignore and a retry rewrites.
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spin_runtime import manifest, storage
+from spin_common import manifest, storage
 from spin_runtime.train import distributed, lora, mlmodel
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.lora import LoraSettings

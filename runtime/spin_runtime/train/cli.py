@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spin_runtime.train.config import TrainConfig
+from spin_common.train_config import TrainConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

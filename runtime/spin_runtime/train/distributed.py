@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spin_runtime.train.config import STRATEGIES
+from spin_common.train_config import STRATEGIES
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from spin_runtime.cli import UsageError
+from spin_common.errors import UsageError
+from spin_common.train_config import SHARING_MODES
 from spin_runtime.train import batches
 from spin_runtime.train.batches import Pair
-from spin_runtime.train.config import SHARING_MODES
 from spin_runtime.train.policy import SequenceLogProbs, supports_shared_prompt
 from spin_runtime.train.policy import score as policy_score
 

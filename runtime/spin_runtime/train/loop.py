@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from spin_runtime import manifest
-from spin_runtime.cli import UsageError
+from spin_common import manifest
+from spin_common.errors import UsageError
+from spin_common.train_config import TrainConfig
 from spin_runtime.train import batches, checkpoint, control, distributed, exactness, lora
 from spin_runtime.train.batches import Pair, PairSet
-from spin_runtime.train.config import TrainConfig
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
 from spin_runtime.train.metrics import MetricsLog, summarize
@@ -148,7 +148,8 @@ class Runner:
 
 def _load(cfg: TrainConfig, ctx: Context) -> tuple[Any, Any, Any, PairSet]:
     """Tokenizer, θt (fp32, CPU), θt's own config (θt+1 is saved with it), and the pairs."""
-    from spin_runtime import models, records
+    from spin_common import records
+    from spin_runtime import models
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.tokenizer, cfg.chat_template)
     record_sets = []
@@ -386,7 +387,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> dict[str, Any]:
 
 def _track_adapter(metrics: MetricsLog, cfg: TrainConfig, trainable: int) -> None:
     """The adapter's settings and where it is stored, on the iteration's MLflow run."""
-    from spin_runtime import storage
+    from spin_common import storage
 
     if metrics.tracker is None or cfg.lora is None:
         return
@@ -400,7 +401,7 @@ def generation_totals(generated_uri: str) -> dict[str, float]:
     """This iteration's generation over all its shards (each shard logs only its own numbers):
     `generate/total_prompts`, `.../total_generated_tokens`, `.../truncation_rate`, and the
     slowest shard's seconds. Empty when the manifests carry no stats."""
-    from spin_runtime import manifest
+    from spin_common import manifest
 
     stats = [
         m.meta.get("stats") or {}

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from spin_runtime.cli import UsageError
-from spin_runtime.train.config import ALL_LINEAR, LoraSettings
+from spin_common.errors import UsageError
+from spin_common.train_config import ALL_LINEAR, LoraSettings
 
 log = logging.getLogger(__name__)
 

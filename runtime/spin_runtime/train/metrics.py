@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from spin_runtime import storage
+from spin_common import storage
 from spin_runtime.train.distributed import Context
 from spin_runtime.train.loss import spin_loss
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     """Rank 0's step and epoch metrics: JSON lines on stderr, ``metrics.jsonl`` in the work dir
     (kept locally and uploaded at checkpoints when the work dir is on S3), and MLflow through
-    :mod:`spin_runtime.tracking` when ``MLFLOW_RUN_ID`` is set (never failing the job)."""
+    :mod:`spin_common.tracking` when ``MLFLOW_RUN_ID`` is set (never failing the job)."""
 
     def __init__(self, ctx: Context, work_dir: str, keep_until_step: int) -> None:
         self.enabled = ctx.main
@@ -89,7 +89,7 @@ def _tracker() -> Any:
     if not os.environ.get("MLFLOW_RUN_ID"):
         return None
     try:
-        from spin_runtime import tracking
+        from spin_common import tracking
 
         return tracking.from_env_logger()
     except Exception as exc:  # tracking is optional by contract

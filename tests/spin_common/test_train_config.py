@@ -7,8 +7,9 @@ from dataclasses import fields, replace
 
 import pytest
 
-from spin_runtime.cli import UsageError, build_parser
-from spin_runtime.train.config import LoraSettings, TrainConfig
+from spin_common.errors import UsageError
+from spin_common.train_config import LoraSettings, TrainConfig
+from spin_runtime.cli import build_parser
 
 BASE = TrainConfig(model="m", data=["s3://b/r/iter-001/generated", "/g0"], output="o", work_dir="w")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from spin_runtime import storage
+from spin_common import storage
 from tests.support.servers import S3Faults
 
 
@@ -172,7 +172,7 @@ def test_read_head_reads_a_prefix_and_the_size(root: str) -> None:
 def test_header_checks_ride_out_a_flapping_s3(s3_bucket: str) -> None:
     """The model check's ranged reads go through the same retries as every other read: two
     503s in a row (botocore's own retries off here) must not read as a broken checkpoint."""
-    from spin_runtime import modelcheck
+    from spin_common import modelcheck
 
     storage.write_bytes(storage.join(s3_bucket, "m/w.bin"), b"0123456789")
     folder = modelcheck.Folder.open(storage.join(s3_bucket, "m"))
@@ -191,3 +191,27 @@ def test_s3_unavailable_is_not_reported_as_bad_input(s3_bucket: str) -> None:
         pytest.raises(storage.StorageUnavailableError),
     ):
         check.check_model_uris(storage.join(s3_bucket, "model"), None, None)
+
+
+def test_an_endpoint_given_as_a_value_brings_its_own_credentials(
+    moto_server: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """storage.Endpoint names the endpoint, region and key pair: with no AWS_* credentials and no
+    endpoint in the environment, calls in a `using` block read with them; the environment's
+    (none) cannot; the secret never shows in the value's repr; os.environ is left as it was."""
+    from botocore.exceptions import NoCredentialsError
+
+    storage.write_bytes(f"{s3_bucket}/k", b"v")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    before = dict(os.environ)
+    key = storage.Credentials("someone", "s3cr3t-value")
+    endpoint = storage.Endpoint(url=moto_server, region="us-east-1", credentials=key)
+    with storage.using(endpoint):
+        assert storage.read_bytes(f"{s3_bucket}/k") == b"v"
+    assert "s3cr3t-value" not in repr(endpoint)
+    with storage.using(storage.Endpoint(url=moto_server)), pytest.raises(NoCredentialsError):
+        storage.read_bytes(f"{s3_bucket}/k")
+    assert dict(os.environ) == before

@@ -17,7 +17,7 @@ HTTP retries are made short (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` de
 outage costs seconds, not minutes. :class:`RunLogger` (used inside Jobs through
 ``MLFLOW_TRACKING_URI``/``MLFLOW_RUN_ID``) buffers what it could not send, and ``flush()`` writes
 what is still undelivered to a JSONL spool file that :func:`replay_spool` sends later.
-Everything is scrubbed by :func:`spin_runtime.redaction.redact` first. Only ``MlflowClient``
+Everything is scrubbed by :func:`spin_common.redaction.redact` first. Only ``MlflowClient``
 with explicit run ids is used (no fluent active-run state), so threads can share it.
 """
 
@@ -35,8 +35,8 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spin_runtime.redaction import redact, redact_text
-from spin_runtime.runlog import (
+from spin_common.redaction import redact, redact_text
+from spin_common.runlog import (
     ReplayResult,
     RunLogger,
     TrackingPolicy,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from spin_runtime import storage
+from spin_common import storage
 
 SPEC_NAME = "spinrun.yaml"
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._\-]*[A-Za-z0-9])?$")

@@ -13,7 +13,7 @@ import argparse
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
-from spin_runtime.cli import UsageError
+from spin_common.errors import UsageError
 
 OPTIMIZERS = ("rmsprop", "adamw")
 SCHEDULERS = ("linear", "cosine", "constant")

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from spin_runtime import rows
-from spin_runtime.cli import UsageError
+from spin_common import rows
+from spin_common.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def data_files(uri: str) -> list[str]:
     ids stay stable. Hub datasets such as UltraChat ship ``data/train_sft-*`` next to
     ``data/test_sft-*``: a glob or prefix picks one split where the directory would mix them.
     """
-    from spin_runtime import storage
+    from spin_common import storage
 
     parent, _, last = uri.rstrip("/").rpartition("/")
     if "*" in last or "?" in last:
@@ -244,7 +244,7 @@ def load_examples(uri: str, max_skipped_fraction: float | None = None) -> Loaded
     when nothing usable is there, or when more than ``max_skipped_fraction`` of the rows were
     skipped (None: no limit).
     """
-    from spin_runtime import storage
+    from spin_common import storage
 
     try:
         files = data_files(uri)

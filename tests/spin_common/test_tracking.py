@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from spin_runtime import manifest as mf
-from spin_runtime import storage
-from spin_runtime.layout import RunLayout
-from spin_runtime.redaction import REDACTED, is_secret_key, redact, redact_argv, redact_text
-from spin_runtime.tracking import (
+from spin_common import manifest as mf
+from spin_common import storage
+from spin_common.layout import RunLayout
+from spin_common.redaction import REDACTED, is_secret_key, redact, redact_argv, redact_text
+from spin_common.tracking import (
     BEST_ALIAS,
     LATEST_ALIAS,
     RunLogger,

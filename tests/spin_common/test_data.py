@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import data
-from spin_runtime.cli import UsageError
+from spin_common import data
+from spin_common.errors import UsageError
 
 
 def _write(path: Path, rows: list) -> str:
@@ -181,7 +181,7 @@ def ultrachat(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, list
     prompts = _ultrachat_like(tmp_path / "uc")
     if request.param == "local":
         return str(tmp_path / "uc"), prompts
-    from spin_runtime import storage
+    from spin_common import storage
 
     root = str(request.getfixturevalue("s3_bucket")) + "/hub/ultrachat_200k"
     for path in sorted((tmp_path / "uc").rglob("*")):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import manifest, records
-from spin_runtime.layout import shard_name
+from spin_common import manifest, records
+from spin_common.layout import shard_name
 
 META = {"iteration": 0, "model": "m", "dataset": "d", "selection": {"seed": 0}, "sampling": {}}
 
@@ -102,7 +102,7 @@ def test_empty_folder_and_bad_records(tmp_path: Path) -> None:
 
 
 def test_reads_from_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from spin_runtime import storage
+    from spin_common import storage
 
     folder = f"{s3_bucket}/run/iter-000/generated"
     for i in range(2):
@@ -120,5 +120,5 @@ def test_records_module_is_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, spin_runtime.records; assert 'torch' not in sys.modules"
+    code = "import sys, spin_common.records; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

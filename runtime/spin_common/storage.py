@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -233,48 +233,89 @@ def _is_not_found(exc: BaseException) -> bool:
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
-# (endpoint, region) of the calls made in this thread/task, over the environment's: a process that
-# serves several stores (the operator) points each call at one without touching os.environ, so
-# calls to different endpoints need no lock and never wait for each other.
-_target: ContextVar[tuple[str | None, str | None] | None] = ContextVar(
-    "spin_storage_target", default=None
-)
+@dataclass(frozen=True)
+class Credentials:
+    """An S3 key pair given as a value (never read from or written to the environment here)."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where S3 calls go and with which credentials, as a value a caller builds and passes in.
+
+    A field left None is the process environment's, read and never written: ``url`` from
+    ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (else AWS itself), ``region`` from
+    ``AWS_REGION``/``AWS_DEFAULT_REGION`` (else us-east-1), ``credentials`` from boto3's default
+    chain (``AWS_ACCESS_KEY_ID``..., config files, an instance or IRSA role). That is the runtime's
+    contract inside Jobs (docs/design.md); the operator, serving runs on several stores, names
+    each run's endpoint (spin_operator.endpoints.storage_endpoint).
+    """
+
+    url: str | None = None
+    region: str | None = None
+    credentials: Credentials | None = None
+
+
+# The endpoint of the calls made in this thread/task: a process that serves several stores (the
+# operator) points each call at one with `using`, never through os.environ, so calls to different
+# endpoints need no lock and never wait for each other.
+_endpoint: ContextVar[Endpoint | None] = ContextVar("spin_storage_endpoint", default=None)
 
 
 @contextmanager
-def target(endpoint: str | None, region: str | None) -> Iterator[None]:
-    """S3 calls in this block go to `endpoint`/`region` (None: the environment's)."""
-    token = _target.set((endpoint, region))
+def using(endpoint: Endpoint) -> Iterator[None]:
+    """S3 calls in this block (this thread or task only) go to `endpoint`."""
+    token = _endpoint.set(endpoint)
     try:
         yield
     finally:
-        _target.reset(token)
+        _endpoint.reset(token)
 
 
 def s3_client() -> Any:
-    """The boto3 S3 client for the current environment (cached per endpoint/region/key), or for
-    the endpoint/region of an enclosing `target` block."""
+    """The boto3 S3 client of an enclosing `using` block's endpoint, else the environment's."""
+    return client_for(_endpoint.get() or Endpoint())
+
+
+def client_for(endpoint: Endpoint) -> Any:
+    """The boto3 S3 client for `endpoint` (cached per endpoint, credentials and settings)."""
     env = os.environ
-    chosen = _target.get() or (None, None)
-    endpoint = chosen[0] or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-    region = chosen[1] or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    url = endpoint.url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    region = (
+        endpoint.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    )
+    creds = endpoint.credentials
+    # the default chain's key is part of the cache key: a rotated key gets a new client
+    who = creds or (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SESSION_TOKEN"))
     cfg = config()
-    key = (endpoint, region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SESSION_TOKEN"), cfg)
+    key = (url, region, who, cfg)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             import boto3
             from botocore.config import Config
 
-            client = boto3.session.Session().client(
+            session = (
+                boto3.session.Session(
+                    aws_access_key_id=creds.access_key_id,
+                    aws_secret_access_key=creds.secret_access_key,
+                    aws_session_token=creds.session_token,
+                )
+                if creds
+                else boto3.session.Session()
+            )
+            client = session.client(
                 "s3",
-                endpoint_url=endpoint,
+                endpoint_url=url,
                 region_name=region,
                 config=Config(
                     retries={"mode": "standard", "total_max_attempts": cfg.botocore_attempts},
                     connect_timeout=cfg.connect_timeout,
                     read_timeout=cfg.read_timeout,
-                    s3={"addressing_style": "path" if endpoint else "auto"},
+                    s3={"addressing_style": "path" if url else "auto"},
                 ),
             )
             _clients[key] = client

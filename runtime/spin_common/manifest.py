@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from spin_runtime import storage
+from spin_common import storage
 
 log = logging.getLogger(__name__)
 

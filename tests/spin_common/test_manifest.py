@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from spin_runtime import manifest as mf
-from spin_runtime import storage
-from spin_runtime.layout import RunLayout
+from spin_common import manifest as mf
+from spin_common import storage
+from spin_common.layout import RunLayout
 from tests.support.servers import S3Faults
 
 

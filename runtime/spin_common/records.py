@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from spin_runtime import manifest, storage
-from spin_runtime.cli import UsageError
+from spin_common import manifest, storage
+from spin_common.errors import UsageError
 
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.jsonl$")
 SHARD_MANIFEST_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.manifest\.json$")
@@ -62,7 +62,7 @@ def shard_status(dir_uri: str) -> ShardStatus:
         )
     n = counts.pop()
     done = manifest.shard_manifests(dir_uri)
-    from spin_runtime.layout import shard_name
+    from spin_common.layout import shard_name
 
     complete = [i for i in range(n) if shard_name(i, n) in done]
     return ShardStatus(n, complete, [i for i in range(n) if i not in complete])
@@ -72,7 +72,7 @@ def read_shard(
     dir_uri: str, index: int, num_shards: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Records and manifest meta of one shard, verified against its manifest's size/sha256."""
-    from spin_runtime.layout import shard_name
+    from spin_common.layout import shard_name
 
     name = shard_name(index, num_shards)
     uri = storage.join(dir_uri, name)
@@ -111,7 +111,7 @@ def read_generated(dir_uri: str, split: str | None = None) -> list[dict[str, Any
     """
     status = shard_status(dir_uri)
     if status.missing:
-        from spin_runtime.layout import shard_name
+        from spin_common.layout import shard_name
 
         names = ", ".join(shard_name(i, status.num_shards) for i in status.missing)
         raise GeneratedDataError(

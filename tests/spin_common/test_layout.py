@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spin_runtime.layout import RunLayout, shard_name
+from spin_common.layout import RunLayout, shard_name
 
 
 def test_run_layout_names() -> None:

@@ -37,18 +37,18 @@ class Folder:
 
     @classmethod
     def open(cls, uri: str) -> Folder:
-        from spin_runtime import storage
+        from spin_common import storage
 
         return cls(uri, set(storage.list_files(uri)))
 
     def read(self, name: str) -> bytes:
-        from spin_runtime import storage
+        from spin_common import storage
 
         return storage.read_bytes(storage.join(self.uri, name))
 
     def head(self, name: str, n: int) -> tuple[bytes, int]:
         """The first ``n`` bytes of a file and its size."""
-        from spin_runtime import storage
+        from spin_common import storage
 
         # storage's retries, as every other read here: a flapping S3 is not a broken model
         return storage.read_head(storage.join(self.uri, name), n)

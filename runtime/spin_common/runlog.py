@@ -34,8 +34,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spin_runtime import storage
-from spin_runtime.redaction import redact, redact_text
+from spin_common import storage
+from spin_common.redaction import redact, redact_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
