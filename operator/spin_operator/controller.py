@@ -23,7 +23,7 @@ from spin_operator import observe, resync
 from spin_operator.api import types as api
 from spin_operator.apply import Again, Applier, EventPoster, Retry, Stale, phases
 from spin_operator.decision import Event, ObservedJob
-from spin_operator.driver import drive
+from spin_operator.driver import Cluster, drive
 from spin_operator.facts import Facts, Specs, StoragePools
 from spin_operator.kube import Kube
 from spin_operator.kube_cluster import KubeCluster
@@ -34,6 +34,7 @@ from spin_operator.settings import Settings
 from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
 from spin_operator.tracking_actions import TrackingActions
+from spin_operator.validation import InvalidSpec
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # namespace, run name
@@ -308,16 +309,24 @@ class Controller:
         body = self.runs.get(key)
         if body is None:
             return True
-        cluster = KubeCluster(key, body, self.specs, self.facts, self.applier, self.refusals)
         try:
             status = api.SPINRunStatus.model_validate(body.get("status") or {})
         except ValidationError:
             log.warning("%s/%s: unreadable status; starting from storage and children", *key)
             status = api.SPINRunStatus()
-        await self.facts.look_at_pods(cluster.run)
-        outcome = await drive(cluster.spec, status, cluster, f"{key[0]}/{key[1]}")
+        spec, cluster = await self.open_pass(key, body)
+        outcome = await drive(spec, status, cluster, f"{key[0]}/{key[1]}")
         self._tracking_pending[key] = not outcome.applied
         return outcome.settled
+
+    async def open_pass(
+        self, key: Key, body: JSON
+    ) -> tuple[api.SPINRunSpec | InvalidSpec, Cluster]:
+        """The spec a pass of the run decides on (or why it is refused) and the cluster it runs
+        against: the API server, over this controller's caches (tests pass an in-memory one)."""
+        cluster = KubeCluster(key, body, self.specs, self.facts, self.applier, self.refusals)
+        await self.facts.look_at_pods(cluster.run)  # what keeps pods from starting, if anything
+        return cluster.spec, cluster
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop: MLflow bookkeeping in flight gets `grace` seconds to land, the rest is cancelled."""

@@ -11,8 +11,11 @@ import pytest
 
 from spin_operator import driver
 from spin_operator.api import types as api
+from spin_operator.apply import Again
+from spin_operator.controller import Controller
 from spin_operator.decision import CreateStep, Decision, Observed, RecordSpec, StorageFacts
 from spin_operator.driver import MAX_ROUNDS, Cluster, Gathered, Outcome, drive, needs
+from spin_operator.kube import Kube
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import spec_digest
 from spin_operator.validation import InvalidSpec, parse
@@ -40,6 +43,8 @@ class MemoryCluster:
     fetched: list[str] = field(default_factory=list)  # what gather actually read
     seen: list[Observed] = field(default_factory=list)
     applied: list[tuple[api.SPINRunStatus, Decision]] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # apply waits for it (a pass in progress)
+    refuse_once: bool = False  # apply raises Again once: a child refused for good
 
     def observe(self, gathered: Gathered) -> Observed:
         self.calls.append("observe")
@@ -80,7 +85,16 @@ class MemoryCluster:
     async def apply(self, old: api.SPINRunStatus, decision: Decision) -> bool:
         self.calls.append("apply")
         self.applied.append((old, decision))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.refuse_once:
+            self.refuse_once = False
+            raise Again("refused for good: decide again with the refusal")
         return True
+
+    @property
+    def passes(self) -> int:
+        return self.calls.count("apply")
 
 
 def run(spec: api.SPINRunSpec | InvalidSpec, status: api.SPINRunStatus, c: Cluster) -> Outcome:
@@ -164,3 +178,86 @@ def test_a_run_of_the_most_iterations_resumes_from_storage_within_one_pass(
         spec, api.SPINRunStatus(), MemoryCluster(storage=c.storage, stored_digest=c.stored_digest)
     )
     assert not short.settled and short.decision.status.phase != "Succeeded"
+
+
+# ---------------------------------------------------------------- the controller's scheduling
+
+
+def controller_over(cluster: MemoryCluster, retry_base: float) -> Controller:
+    """The operator's controller with `cluster` in place of the API server (its Kube client is
+    never called: the in-memory cluster answers every pass)."""
+    controller = Controller(
+        Settings(), Kube(lambda: None), retry_base=retry_base, retry_max=retry_base * 2
+    )
+
+    async def open_pass(key: tuple[str, str], body: dict[str, Any]) -> Any:
+        return spec_of(), cluster
+
+    controller.open_pass = open_pass  # type: ignore[method-assign]
+    return controller
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_the_controller_retries_a_pass_that_could_not_fetch_until_it_settles() -> None:
+    async def scenario() -> None:
+        c = MemoryCluster(fail_gather=True)
+        controller = controller_over(c, retry_base=0.02)
+        key = (NAMESPACE, NAME)
+        try:
+            controller.on_run("ADDED", spin_object())
+            await until(lambda: c.passes >= 3)  # nothing else happens: the retries bring them
+            assert key in controller._retries
+            c.fail_gather = False
+            await until(lambda: key not in controller._retries and not controller._running)
+            settled = c.passes
+            await asyncio.sleep(0.3)  # several retry delays: no pass without a reason now
+            assert c.passes == settled and c.applied[-1][1].complete
+        finally:
+            await controller.close()
+
+    asyncio.run(scenario())
+
+
+def test_events_during_a_pass_coalesce_into_one_more_pass() -> None:
+    async def scenario() -> None:
+        c = MemoryCluster(gate=asyncio.Event())
+        controller = controller_over(c, retry_base=60)
+        try:
+            controller.on_run("ADDED", spin_object())
+            await until(lambda: c.passes == 1)  # the first pass waits in apply
+            for _ in range(5):
+                controller.on_run("MODIFIED", spin_object())
+            assert c.gate is not None
+            c.gate.set()
+            await until(lambda: not controller._running)
+            assert c.passes == 2
+        finally:
+            await controller.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_child_is_decided_on_again_at_once_and_a_deleted_run_is_not_retried() -> None:
+    async def scenario() -> None:
+        c = MemoryCluster(refuse_once=True)
+        controller = controller_over(c, retry_base=60)  # a retry would come far too late
+        key = (NAMESPACE, NAME)
+        try:
+            controller.on_run("ADDED", spin_object())
+            await until(lambda: c.passes == 2 and not controller._running, timeout=5)
+            assert key not in controller._retries
+            c.fail_gather = True
+            controller.on_run("MODIFIED", spin_object())
+            await until(lambda: key in controller._retries)
+            controller.on_run("DELETED", spin_object())
+            assert key not in controller._retries and key not in controller.runs
+        finally:
+            await controller.close()
+
+    asyncio.run(scenario())
