@@ -20,8 +20,6 @@ from spin_operator.decision import (
     CreateStep,
     Decision,
     DeleteJob,
-    EnsureIterationRun,
-    EnsureParentRun,
     Event,
     Observed,
     RecordSpec,
@@ -29,12 +27,14 @@ from spin_operator.decision import (
     StorageFacts,
 )
 from spin_operator.driver import Gathered
+from spin_operator.endpoints import StoragePools
 from spin_operator.local.backend import LocalBackend
 from spin_operator.local.display import Display
 from spin_operator.local.state import LocalState
 from spin_operator.local.tracking import LocalTracking
 from spin_operator.settings import Settings
 from spin_operator.steps import RunRef, layout_of, plan_step
+from spin_operator.tracking_actions import TrackingActions
 
 log = logging.getLogger(__name__)
 # the display already says these (IterationCompleted: as the results table of the iteration)
@@ -61,6 +61,9 @@ class LocalCluster:
         self.spec, self.run, self.settings = spec, run, settings
         self.layout = layout_of(spec, run)
         self.backend, self.state, self.tracking, self.display = backend, state, tracking, display
+        # the MLflow ids steps need, as the operator ensures them (its storage pools stay unused:
+        # what local mode reads from storage it reads in this process)
+        self.ids = TrackingActions(tracking.tracking, StoragePools())
         self.facts: dict[int, StorageFacts] = {}  # complete iterations only (they never change)
         self.reported: set[str] = set()
         self.shown: set[int] = set()
@@ -249,33 +252,25 @@ class LocalCluster:
     # ------------------------------------------------------------------ MLflow
 
     async def _ensure_tracking(self, d: Decision) -> None:
-        """Ids the new steps need (MLFLOW_RUN_ID), written into the status, as the operator."""
-        wanted = [a.iteration for a in d.of_type(EnsureIterationRun)]
-        if not (d.of_type(EnsureParentRun) or wanted):
-            return
+        """Ids the new steps need (MLFLOW_RUN_ID), written into the status: the operator's own
+        `TrackingActions.ensure_ids`; a parent run created now gets the SFT dataset as input."""
         new = d.status
-        if new.mlflow is None or new.mlflow.run_id is None:
-            new.mlflow = await self.tracking.ensure_parent() or new.mlflow
-            if new.mlflow and new.mlflow.run_id:
-                from spin_operator.local.tracking import file_digest
-                from spin_operator.track import dataset_profile
-                from spin_runtime.cli import UsageError
+        had_parent = new.mlflow is not None and new.mlflow.run_id is not None
+        await self.ids.ensure_ids(self.spec, self.run, d)
+        if had_parent or new.mlflow is None or not new.mlflow.run_id:
+            return
+        from spin_operator.local.tracking import file_digest
+        from spin_operator.track import dataset_profile
+        from spin_runtime.cli import UsageError
 
-                try:
-                    digest = file_digest(self.spec.dataset.uri)
-                    profile = (
-                        dataset_profile(new.dataset) if new.dataset else None
-                    )  # rows, skipped per reason
-                    self.tracking.log_dataset(
-                        new.mlflow.run_id, "sft", self.spec.dataset.uri, digest, "sft", profile
-                    )
-                except (OSError, UsageError) as exc:  # UsageError: DatasetError (no such data)
-                    log.warning("dataset digest not computed: %s", exc)
-        parent = new.mlflow.run_id if new.mlflow else None
-        for t in wanted:
-            it = next((i for i in new.iterations if i.iteration == t), None)
-            if parent and it is not None and it.mlflow_run_id is None:
-                it.mlflow_run_id = await self.tracking.ensure_iteration(parent, t)
+        try:
+            digest = file_digest(self.spec.dataset.uri)
+            profile = dataset_profile(new.dataset) if new.dataset else None  # rows, skipped
+            self.tracking.log_dataset(
+                new.mlflow.run_id, "sft", self.spec.dataset.uri, digest, "sft", profile
+            )
+        except (OSError, UsageError) as exc:  # UsageError: DatasetError (no such data)
+            log.warning("dataset digest not computed: %s", exc)
 
     def _log_datasets(self, d: Decision, t: int) -> None:
         """The generated data iteration t trains on, as inputs of its MLflow run."""
