@@ -4,9 +4,9 @@ Watch events (fed by handlers.py) keep two caches: the latest SPINRun bodies and
 by run. A run is reconciled in one task at a time (events arriving meanwhile coalesce into one
 more pass). Each pass is the driver's (driver.py) over the Kubernetes `Cluster` (kube_cluster.py):
 `Observed` from the caches, the reconciler, only the facts it asks for (facts.py), then the
-decision applied (apply.py). Nothing polls: a pass that
-could not finish (storage, API or MLflow down) schedules one retry with backoff; a Job whose
-pods wait is looked at again every `pod_check` seconds.
+decision applied (apply.py). Nothing polls: a pass that could not finish (storage, API or MLflow
+down) schedules one retry with backoff; a Job whose pods wait is looked at again every
+`pod_check` seconds.
 """
 
 from __future__ import annotations

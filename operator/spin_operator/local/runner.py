@@ -4,8 +4,8 @@ The pass is the operator's own (driver.py), with local stand-ins for the cluster
 local/actions.py): observe (local Jobs' exit states, storage manifests, the spec recorded at
 `R/spinrun.yaml`) -> `reconcile` (pure, the very function the operator calls) -> act (start or
 stop process groups with `plan_step`'s argv, MLflow calls); the status is saved to
-`R/.local-status.json`. Running the same command again
-resumes: finished steps are known from the saved status and from the manifests in storage.
+`R/.local-status.json`. Running the same command again resumes: finished steps are known from
+the saved status and from the manifests in storage.
 
 Exit status: 0 Succeeded, 1 Failed, 2 bad input (before any work), 130 interrupted (Ctrl-C or
 SIGTERM: running steps are stopped, completed work is kept).
@@ -123,6 +123,7 @@ class LocalRun:
         self.tracking = LocalTracking(self.spec, self.run_ref)
         self.state_uri = self.layout.prefix.rstrip("/") + "/.local-status.json"
         self.log_dir = log_dir_for(self.layout.prefix, self.run_ref.name, self.run_ref.namespace)
+        self.results: list[tuple[str, dict[str, float]]] = []  # the summary table (LocalCluster's)
         self.dataset = dataset  # the preflight's dataset profile (rows, usable, skipped by reason)
         self.environ = os.environ if env is None else env  # what the steps' environment starts from
 
