@@ -2,10 +2,11 @@
 
 Watch events (fed by handlers.py) keep two caches: the latest SPINRun bodies and the child Jobs
 by run. A run is reconciled in one task at a time (events arriving meanwhile coalesce into one
-more pass). Each pass builds `Observed` from the caches, asks the reconciler, fetches only the
-facts it asks for (facts.py), then applies the decision (apply.py). Nothing polls: a pass that
-could not finish (storage, API or MLflow down) schedules one retry with backoff; a Job whose
-pods wait is looked at again every `pod_check` seconds.
+more pass). Each pass is the driver's (driver.py) over the Kubernetes `Cluster` (kube_cluster.py):
+`Observed` from the caches, the reconciler, only the facts it asks for (facts.py), then the
+decision applied (apply.py). Nothing polls: a pass that could not finish (storage, API or MLflow
+down) schedules one retry with backoff; a Job whose pods wait is looked at again every
+`pod_check` seconds.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from spin_operator import observe, resync
 from spin_operator.api import types as api
 from spin_operator.apply import Again, Applier, EventPoster, Retry, Stale, phases
 from spin_operator.decision import Event, ObservedJob
-from spin_operator.facts import Facts, Gathered, Specs, StoragePools, applied_spec
+from spin_operator.driver import Cluster, drive
+from spin_operator.facts import Facts, Specs, StoragePools
 from spin_operator.kube import Kube
+from spin_operator.kube_cluster import KubeCluster
 from spin_operator.metrics import Metrics
 from spin_operator.naming import RUN_LABEL
-from spin_operator.reconciler import reconcile
 from spin_operator.refusals import Refusals
 from spin_operator.settings import Settings
 from spin_operator.steps import RunRef
@@ -37,7 +39,6 @@ from spin_operator.validation import InvalidSpec
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
-MAX_ROUNDS = api.MAX_ITERATIONS + 10
 # The run whose pass is making API calls (each pass runs in its own task, so its own context):
 # a `Warning` header the API server sends on those calls becomes an event on that SPINRun.
 _PASS: contextvars.ContextVar[Key | None] = contextvars.ContextVar("spin_pass", default=None)
@@ -303,61 +304,29 @@ class Controller:
     # ------------------------------------------------------------------ one pass
 
     async def reconcile(self, key: Key) -> bool:
-        """One pass; True when every needed fact was available and every action applied."""
+        """One pass (driver.py); True when every needed fact was available and every action
+        applied."""
         body = self.runs.get(key)
         if body is None:
             return True
-        meta = body["metadata"]
-        run = RunRef(meta["namespace"], meta["name"], meta.get("uid", ""))
-        applied = applied_spec(meta)
-        given = self.specs.given(key, body, run, applied)
         try:
             status = api.SPINRunStatus.model_validate(body.get("status") or {})
         except ValidationError:
             log.warning("%s/%s: unreadable status; starting from storage and children", *key)
             status = api.SPINRunStatus()
-        await self.facts.look_at_pods(run)
-        gathered = Gathered()
-        decision = None
-        for _ in range(MAX_ROUNDS):
-            decision = reconcile(
-                given,
-                status,
-                self.facts.observed(
-                    body,
-                    run,
-                    applied,
-                    gathered,
-                    self.refusals.of(key, body, None if isinstance(given, InvalidSpec) else given),
-                ),
-            )
-            if decision.complete or not await self.facts.gather(decision, run, gathered):
-                break
-        assert decision is not None
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "%s/%s: phase %s -> %s, actions %s, still needed %s",
-                *key,
-                status.phase,
-                decision.status.phase,
-                [
-                    type(a).__name__ + (f"({getattr(a, 'name', '')})" if hasattr(a, "name") else "")
-                    for a in decision.actions
-                ],
-                {
-                    k: v
-                    for k, v in (
-                        ("storage", decision.needs_storage),
-                        ("secrets", decision.needs_secrets),
-                        ("jobs", decision.needs_jobs),
-                        ("storedSpec", decision.needs_stored_spec),
-                    )
-                    if v
-                },
-            )
-        settled = await self.applier.execute(key, body, run, status, decision)
-        self._tracking_pending[key] = not settled
-        return decision.complete and settled
+        spec, cluster = await self.open_pass(key, body)
+        outcome = await drive(spec, status, cluster, f"{key[0]}/{key[1]}")
+        self._tracking_pending[key] = not outcome.applied
+        return outcome.settled
+
+    async def open_pass(
+        self, key: Key, body: JSON
+    ) -> tuple[api.SPINRunSpec | InvalidSpec, Cluster]:
+        """The spec a pass of the run decides on (or why it is refused) and the cluster it runs
+        against: the API server, over this controller's caches (tests pass an in-memory one)."""
+        cluster = KubeCluster(key, body, self.specs, self.facts, self.applier, self.refusals)
+        await self.facts.look_at_pods(cluster.run)  # what keeps pods from starting, if anything
+        return cluster.spec, cluster
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop: MLflow bookkeeping in flight gets `grace` seconds to land, the rest is cancelled."""

@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 from spin_operator import observe
 from spin_operator.api import types as api
 from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts, referenced_secrets
+from spin_operator.driver import Gathered
 from spin_operator.endpoints import StoragePools
 from spin_operator.kube import ApiError, Kube, job_path, secret_path
 from spin_operator.metrics import Metrics
@@ -38,17 +38,6 @@ T = TypeVar("T")
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
 JobCache = dict[Key, dict[str, tuple[str | None, ObservedJob]]]  # run -> Job -> (owner uid, Job)
-
-
-@dataclass
-class Gathered:
-    """Facts fetched during one pass because the reconciler asked for them."""
-
-    storage: dict[int, StorageFacts] = field(default_factory=dict)
-    missing_secrets: frozenset[str] | None = None
-    gone: set[str] = field(default_factory=set)
-    stored_checked: bool = False
-    stored_digest: str | None = None
 
 
 def _now() -> str:

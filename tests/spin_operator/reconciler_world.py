@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from spin_operator import driver
 from spin_operator.api import types as api
 from spin_operator.decision import (
     ACTIVE_STATES,
@@ -29,8 +30,8 @@ from spin_operator.decision import (
     StorageFacts,
     SuspendJob,
 )
+from spin_operator.driver import Gathered, drive
 from spin_operator.naming import parse_job_name, step_field
-from spin_operator.reconciler import reconcile
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, spec_digest
 from spin_operator.track import Tracking
@@ -152,30 +153,12 @@ class World:
     # ------------------------------------------------------------ one reconcile
 
     def reconcile(self, killed: bool = False) -> Decision:
-        """One pass; `killed`: the operator dies after writing the status, before MLflow calls."""
-        storage: set[int] = set()
-        secrets = stored = False
-        jobs: set[str] = set()
-        for _ in range(50):
-            decision = reconcile(
-                self.spec(), self.status, self.observed(storage, secrets, jobs, stored)
-            )
-            if decision.complete or (
-                self.unknown_storage
-                and not (
-                    decision.needs_secrets or decision.needs_jobs or decision.needs_stored_spec
-                )
-            ):
-                break
-            storage |= decision.needs_storage if not self.unknown_storage else set()
-            secrets |= decision.needs_secrets
-            jobs |= decision.needs_jobs
-            stored |= decision.needs_stored_spec
-        else:
+        """One pass of the operator's driver (driver.py) over this world; `killed`: the operator
+        dies after writing the status, before MLflow calls."""
+        outcome = asyncio.run(drive(self.spec(), self.status, _Pass(self, killed)))
+        if outcome.rounds == driver.MAX_ROUNDS and not outcome.decision.complete:
             raise AssertionError("reconciler kept asking for facts")
-        self.check(decision)
-        self.apply(decision, killed)
-        return decision
+        return outcome.decision
 
     def check(self, d: Decision) -> None:
         """Invariants every decision must keep."""
@@ -230,6 +213,9 @@ class World:
         api.SPINRunStatus.model_validate(new.to_wire())  # round-trips
 
     def apply(self, d: Decision, killed: bool = False) -> None:
+        asyncio.run(self.apply_async(d, killed))
+
+    async def apply_async(self, d: Decision, killed: bool = False) -> None:
         self.decisions.append(d)
         new = d.status
         if self.mlflow.up and d.of_type(EnsureParentRun) and new.mlflow is None:
@@ -273,7 +259,7 @@ class World:
             return
         if d.spec is not None:
             run = RunRef(NAMESPACE, NAME, self.obj["metadata"]["uid"])
-            self.settled = asyncio.run(self.mlflow.settle(d.spec, run, new, d.actions))
+            self.settled = await self.mlflow.settle(d.spec, run, new, d.actions)
         self.status = d.status
 
     # ------------------------------------------------------------ moving Jobs
@@ -330,3 +316,39 @@ class World:
                 m = None if metrics is None else {"exact_match": metrics[job.iteration]}
                 self.succeed(job.name, m)
         raise AssertionError(f"run did not finish: {self.status.phase} {self.status.message}")
+
+
+@dataclass
+class _Pass:
+    """The world as the driver's `Cluster` for one pass. It answers the reconciler's `needs_*`
+    like the controller: fetch, then call again; with `unknown_storage`, storage reads fail
+    (the other needs are still answered, and the pass ends when only storage is asked for)."""
+
+    world: World
+    killed: bool
+    jobs: set[str] = field(default_factory=set)  # Jobs asked about (the world says which are gone)
+
+    def observe(self, gathered: Gathered) -> Observed:
+        return self.world.observed(
+            set(gathered.storage),
+            gathered.missing_secrets is not None,
+            self.jobs,
+            gathered.stored_checked,
+        )
+
+    async def gather(self, decision: Decision, gathered: Gathered) -> bool:
+        others = decision.needs_secrets or decision.needs_jobs or decision.needs_stored_spec
+        if self.world.unknown_storage and not others:
+            return False
+        if not self.world.unknown_storage:
+            gathered.storage.update({t: StorageFacts() for t in decision.needs_storage})
+        if decision.needs_secrets:
+            gathered.missing_secrets = frozenset()  # the world says which are missing
+        self.jobs |= decision.needs_jobs
+        gathered.stored_checked |= decision.needs_stored_spec
+        return True
+
+    async def apply(self, old: api.SPINRunStatus, decision: Decision) -> bool:
+        self.world.check(decision)
+        await self.world.apply_async(decision, self.killed)
+        return self.world.settled

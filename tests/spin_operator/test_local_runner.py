@@ -366,7 +366,11 @@ def test_mlflow_run_ends_not_confirmed_are_delivered_by_the_rerun(
     spec = write_spec(tmp_path, iterations=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     real_settle = LocalTracking.settle
-    monkeypatch.setattr(LocalTracking, "settle", lambda self, status, actions: False)
+
+    async def not_confirmed(self: LocalTracking, status: object, actions: object) -> bool:
+        return False
+
+    monkeypatch.setattr(LocalTracking, "settle", not_confirmed)
     out = io.StringIO()
     assert (
         LocalRun(load(spec, tracking_uri=uri), python=python, poll_interval=0.02, out=out).run()

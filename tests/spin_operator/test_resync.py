@@ -21,6 +21,7 @@ from tests.support.k8s_emulator import running_api
 
 RUN = "gap"
 GEN = f"{RUN}-i0-gen"
+CHECK = f"{RUN}-i0-check"
 
 
 @pytest.fixture
@@ -64,6 +65,13 @@ async def test_a_job_deleted_in_a_watch_gap_is_dropped_by_the_resync(
         await cluster.wait_job(RUN, GEN)
         controller = op.controller
         assert controller is not None
+
+        async def check_job_gone() -> bool:
+            return CHECK not in controller.jobs.get((NS, RUN), {})
+
+        # The check Job is deleted once the generation Job exists: its deletion must be heard
+        # before the gap, or the gap hides it too and the resync drops two Jobs (it did, under load).
+        await cluster.wait("the check Job's deletion heard", check_job_gone)
         await _delete_during_a_watch_gap(cluster, controller)
         if not resync_seconds:  # without a resync the stale entry stays: nothing notices
             assert GEN in controller.jobs[(NS, RUN)], "the gap did not hide the deletion"

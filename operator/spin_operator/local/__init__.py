@@ -8,8 +8,8 @@ local processes with the same runtime argv (`spin_operator.steps`). Modules:
 * `preflight` bad input named by field, before any work starts;
 * `podenv`    what a local process gets of `spec.pod` (its env vars), and a note for the rest;
 * `display`   stages, progress bars and per-iteration results on the terminal;
-* `runner`    the loop: observe -> reconcile -> act (`spinctl run`);
-* `actions`   what the runner does for each of the reconciler's requests and actions;
+* `runner`    `spinctl run`: passes of the operator's driver (driver.py) until the run ends;
+* `actions`   `LocalCluster`, the driver's cluster here: observe, fetch what the reconciler asks, act;
 * `tracking`  MLflow for local runs (the parent run, iteration runs, model versions);
 * `status_cmd` `spinctl status`: a local run's status read back from its storage;
 * `demo`      `spinctl demo`: the runtime's `demo-build` (a subprocess), then a run.

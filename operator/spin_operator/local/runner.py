@@ -1,10 +1,11 @@
 """`spinctl run FILE`: a SPINRun on this machine, decided by the operator's own reconciler.
 
-The loop is the operator's, with local stand-ins for the cluster: observe (local Jobs' exit
-states, storage manifests, the spec recorded at `R/spinrun.yaml`) -> `reconcile` (pure, the very
-function the operator calls) -> act (start or stop process groups with `plan_step`'s argv,
-MLflow calls, the status saved to `R/.local-status.json`). Running the same command again
-resumes: finished steps are known from the saved status and from the manifests in storage.
+The pass is the operator's own (driver.py), with local stand-ins for the cluster (`LocalCluster`,
+local/actions.py): observe (local Jobs' exit states, storage manifests, the spec recorded at
+`R/spinrun.yaml`) -> `reconcile` (pure, the very function the operator calls) -> act (start or
+stop process groups with `plan_step`'s argv, MLflow calls); the status is saved to
+`R/.local-status.json`. Running the same command again resumes: finished steps are known from
+the saved status and from the manifests in storage.
 
 Exit status: 0 Succeeded, 1 Failed, 2 bad input (before any work), 130 interrupted (Ctrl-C or
 SIGTERM: running steps are stopped, completed work is kept).
@@ -13,20 +14,22 @@ SIGTERM: running steps are stopped, completed work is kept).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spin_operator.conditions import dataset_status
 from spin_operator.local.preflight import BadInput, Loaded, load, preflight
+
+if TYPE_CHECKING:
+    from spin_operator.local.actions import LocalCluster
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ class LocalRun:
         self.tracking = LocalTracking(self.spec, self.run_ref)
         self.state_uri = self.layout.prefix.rstrip("/") + "/.local-status.json"
         self.log_dir = log_dir_for(self.layout.prefix, self.run_ref.name, self.run_ref.namespace)
-        self.results: list[tuple[str, dict[str, float]]] = []
+        self.results: list[tuple[str, dict[str, float]]] = []  # the summary table (LocalCluster's)
         self.dataset = dataset  # the preflight's dataset profile (rows, usable, skipped by reason)
         self.environ = os.environ if env is None else env  # what the steps' environment starts from
 
@@ -189,7 +192,8 @@ class LocalRun:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             self.tracking.prepare()
-            return self._loop()
+            # one event loop for the whole run: the driver's pass and MLflow calls are async
+            return asyncio.run(self._loop())
         except (KeyboardInterrupt, _Stop):
             stopped = self.backend.terminate_all()
             self._save()
@@ -202,27 +206,37 @@ class LocalRun:
             signal.signal(signal.SIGTERM, previous)
             self.tracking.close()
 
-    def _loop(self) -> int:
-        from spin_operator.local.actions import Actor
+    async def _loop(self) -> int:
+        from spin_operator.driver import drive
+        from spin_operator.local.actions import LocalCluster
 
-        actor = Actor(self)
+        cluster = LocalCluster(
+            self.spec,
+            self.run_ref,
+            self.settings,
+            self.backend,
+            self.state,
+            self.tracking,
+            self.display,
+        )
+        self.results = cluster.results
         backoff, idle = 1.0, 0
         while True:
-            decision = actor.decide()
             before = self.status.to_wire()
-            actor.execute(decision)
+            outcome = await drive(self.spec, self.status, cluster, self.run_ref.name)
+            decision = outcome.decision
             self.status = decision.status
             if self.status.to_wire() != before or decision.actions:
                 self._save()
             phase = self.status.phase
             if phase in ("Succeeded", "Failed"):
-                return self._finish(phase, actor.settled)
+                return self._finish(phase, outcome.applied)
             if phase == "Suspended" and not self.backend.active():
                 self.display.say("spec.suspend is true: nothing runs; set it to false and rerun")
                 return EXIT_OK
             if not decision.complete:  # storage unreachable for now: try again later
                 self.display.say(f"  waiting {backoff:.0f}s: storage could not be read")
-                time.sleep(backoff)
+                await asyncio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 continue
             backoff = 1.0
@@ -233,21 +247,21 @@ class LocalRun:
                         f"no step can start: {self.status.message or self.status.phase}"
                     )
                     return EXIT_FAILED
-                time.sleep(self.poll_interval)
+                await asyncio.sleep(self.poll_interval)
                 continue
             idle = 0
-            self._wait(actor)
+            await self._wait(cluster)
 
-    def _wait(self, actor: Any) -> None:
+    async def _wait(self, cluster: LocalCluster) -> None:
         """Until some local Job changes state, refreshing progress meanwhile."""
         while True:
             if self.backend.poll():
-                actor.report_finished()
+                cluster.report_finished()
                 return
             if not self.backend.active():
                 return
             self.display.tick()
-            time.sleep(self.poll_interval)
+            await asyncio.sleep(self.poll_interval)
 
     def _finish(self, phase: str, tracked: bool = True) -> int:
         self.display.summary(self.results)
@@ -268,12 +282,3 @@ class LocalRun:
         if logs:
             self.display.say(f"  process logs: {self.log_dir}")
         return EXIT_FAILED
-
-
-def results_of(text: str) -> dict[str, Any]:
-    """results.json as a dict ({} when unreadable)."""
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}

@@ -1,5 +1,6 @@
-"""MLflow for local runs: the operator's own `Tracking` calls, made synchronously, plus what a
-local run adds (datasets as run inputs, per-iteration summary metrics on the parent run).
+"""MLflow for local runs: the operator's own `Tracking` calls (awaited on the local run's event
+loop), plus what a local run adds (datasets as run inputs, the control arm's held-out metrics on
+the parent run).
 
 Tracking never fails or stalls a run (the same contract as the operator's): every call returns
 None/False on failure, and after one failure the URI is skipped for a cool-down.
@@ -7,12 +8,11 @@ None/False on failure, and after one failure the URI is skipped for a cool-down.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from spin_operator.api import types as api
 from spin_operator.decision import Action
@@ -20,7 +20,6 @@ from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class LocalTracking:
@@ -35,9 +34,6 @@ class LocalTracking:
     @property
     def enabled(self) -> bool:
         return bool(self.uri)
-
-    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run(coro)
 
     def tracker(self) -> Any:
         """A direct `spin_common.tracking.Tracker` for the calls `Tracking` does not wrap."""
@@ -67,26 +63,24 @@ class LocalTracking:
         except Exception as exc:  # tracking never fails a run
             log.warning("MLflow experiment %s not prepared: %s", name, exc)
 
-    def ensure_parent(self) -> api.MlflowStatus | None:
-        return self._sync(self.tracking.ensure_parent(self.spec, self.run))
+    async def ensure_parent(self) -> api.MlflowStatus | None:
+        return await self.tracking.ensure_parent(self.spec, self.run)
 
-    def ensure_iteration(self, parent: str, t: int) -> str | None:
-        return self._sync(self.tracking.ensure_iteration(self.spec, parent, t, self.run))
+    async def ensure_iteration(self, parent: str, t: int) -> str | None:
+        return await self.tracking.ensure_iteration(self.spec, parent, t, self.run)
 
-    def register(
+    async def register(
         self, run_id: str, t: int, model_uri: str, metrics: dict[str, float]
     ) -> str | None:
-        return self._sync(
-            self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics)
-        )
+        return await self.tracking.register(self.spec, self.run, run_id, t, model_uri, metrics)
 
-    def finish(self, run_id: str, status: str) -> bool:
-        return self._sync(self.tracking.finish(self.spec, run_id, status))
+    async def log_heldout(self, parent: str, t: int, metrics: dict[str, float]) -> bool:
+        return await self.tracking.log_heldout(self.spec, parent, t, metrics)
 
-    def settle(self, status: api.SPINRunStatus, actions: list[Action]) -> bool:
+    async def settle(self, status: api.SPINRunStatus, actions: list[Action]) -> bool:
         """Spool replays and run ends the decision asks for, as the operator's `Tracking.settle`:
         confirmed ones go into `status.mlflow`; False while MLflow has not confirmed them all."""
-        return self._sync(self.tracking.settle(self.spec, self.run, status, actions))
+        return await self.tracking.settle(self.spec, self.run, status, actions)
 
     def log_dataset(
         self,
