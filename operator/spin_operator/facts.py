@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from spin_operator import observe
 from spin_operator.api import types as api
+from spin_operator.artifact_reads import ArtifactReads
 from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts, referenced_secrets
 from spin_operator.endpoints import StoragePools
 from spin_operator.kube import ApiError, Kube, job_path, secret_path
@@ -35,6 +36,12 @@ from spin_operator.validation import InvalidSpec, Problem, cluster_problems, par
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long Secrets found present count as present for the run's next steps. The reconciler asks
+# before every Job it creates; GETting them each time was a request per step (3.5 of ~33 per
+# iteration at N=20 on a real cluster, docs/benchmarks.md). A Secret deleted within this window
+# shows up as the pods' CreateContainerConfigError instead (PodsBlocked, naming the Secret), as
+# it does where RBAC lets the operator check nothing. A missing one is never cached.
+SECRETS_TRUSTED = 300.0
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
 JobCache = dict[Key, dict[str, tuple[str | None, ObservedJob]]]  # run -> Job -> (owner uid, Job)
@@ -146,7 +153,7 @@ class Facts:
         self.storage = storage
         self.jobs = jobs  # the controller's Job cache (read only here)
         self.on_job = on_job  # a Job fetched by GET goes into that cache as a watch event would
-        self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
+        self.artifacts = ArtifactReads()  # what was read per iteration, what to read again
         self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
         # Jobs whose pods are not all running: their latest body, and what their pods and events
         # said ((run uid, Job) -> (monotonic time of the look, blockage)); looked at again every
@@ -163,6 +170,8 @@ class Facts:
         # before the watch brings its deletionTimestamp must not send the delete again (they
         # did: two per Job). They count as deleting until the watch says so itself.
         self.deletes_sent: set[tuple[str, str]] = set()
+        # Runs whose referenced Secrets all existed: (their names, monotonic time of the GETs).
+        self._secrets_found: dict[str, tuple[frozenset[str], float]] = {}
 
     def job_seen(self, namespace: str, job: ObservedJob, obj: JSON, deleted: bool) -> None:
         """A watch event for a Job: keep its body while its pods are worth a look."""
@@ -175,7 +184,8 @@ class Facts:
 
     def forget(self, uid: str | None) -> None:
         """The run is gone: drop what was learnt about its children."""
-        self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
+        self.artifacts.forget(uid)
+        self._secrets_found.pop(uid or "", None)
         self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
         self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
         self._waiting_since = {k: v for k, v in self._waiting_since.items() if k[0] != uid}
@@ -291,6 +301,11 @@ class Facts:
             if d.needs_stored_spec:
                 g.stored_digest = await self.storage.run(observe.read_stored_digest, spec, run)
                 g.stored_checked = True
+                if not self.artifacts.knows(run.uid):  # the first look at the prefix only
+                    empty = g.stored_digest is None and await self.storage.run(
+                        observe.prefix_empty, spec, run
+                    )
+                    self.artifacts.started(run.uid, empty)
             if d.needs_secrets:
                 g.missing_secrets = await self._missing_secrets(spec, run)
             for name in d.needs_jobs:
@@ -300,11 +315,11 @@ class Facts:
                 else:
                     self.on_job("ADDED", found)
             for t in sorted(d.needs_storage):
-                facts = self._facts.get((run.uid, t))
-                if facts is None:
-                    facts = await self.storage.run(observe.read_facts, spec, run, t)
-                if observe.facts_final(spec, facts):
-                    self._facts[(run.uid, t)] = facts
+                jobs = self.run_jobs(run)
+                facts, stages = self.artifacts.plan(spec, run.uid, t, jobs, d.status)
+                if stages:  # only what a Job may have changed since it was last read
+                    facts = await self.storage.run(observe.read_facts, spec, run, t, stages, facts)
+                    self.artifacts.update(spec, run.uid, t, jobs, facts, stages)
                 g.storage[t] = facts
             for job in self.run_jobs(
                 run
@@ -332,8 +347,12 @@ class Facts:
         as the pods' CreateContainerConfigError instead."""
         if not self.settings.may_read_secrets(run.namespace):
             return frozenset()
+        names = frozenset(referenced_secrets(spec))
+        seen = self._secrets_found.get(run.uid)
+        if seen is not None and seen[0] == names and time.monotonic() - seen[1] < SECRETS_TRUSTED:
+            return frozenset()
         missing = set()
-        for name in referenced_secrets(spec):
+        for name in sorted(names):
             try:
                 if await self.kube.get(secret_path(run.namespace, name)) is None:
                     missing.add(name)
@@ -346,4 +365,6 @@ class Facts:
                     run.name,
                     name,
                 )
+        if not missing:
+            self._secrets_found[run.uid] = (names, time.monotonic())
         return frozenset(missing)
