@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,7 +29,7 @@ from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts
 from spin_operator.endpoints import StoragePools
 from spin_operator.kube import ApiError, Kube, job_path, secret_path
 from spin_operator.metrics import Metrics
-from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER
+from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL
 from spin_operator.settings import Settings, check_policy, resolve_spec
 from spin_operator.steps import RunRef, layout_of
 from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
@@ -44,6 +44,7 @@ T = TypeVar("T")
 SECRETS_TRUSTED = 300.0
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
+Listed = tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]  # pods, events of a namespace
 JobCache = dict[Key, dict[str, tuple[str | None, ObservedJob]]]  # run -> Job -> (owner uid, Job)
 
 
@@ -165,6 +166,8 @@ class Facts:
         # is `pod_check` seconds later, since a Job created a moment ago has no pods to blame yet
         # and looking at once cost two requests per step for nothing (benchmarks, real cluster).
         self._waiting_since: dict[tuple[str, str], float] = {}
+        # namespace -> (monotonic time, the list of its pods and FailedCreate events, shared)
+        self._listed: dict[str, tuple[float, asyncio.Future[Listed]]] = {}
         # Jobs the operator asked to delete ((namespace, Job); the Applier adds them): a
         # Foreground delete leaves the Job in place until its pods are gone, and passes triggered
         # before the watch brings its deletionTimestamp must not send the delete again (they
@@ -196,9 +199,9 @@ class Facts:
         )
 
     async def look_at_pods(self, run: RunRef) -> None:
-        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods (and,
-        when they do not explain the wait, its events) -> `observe.pod_blockage`. Best effort: a
-        failed look leaves the last one (the step then just waits, as before)."""
+        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods and
+        its FailedCreate events (from the namespace's shared lists) -> `observe.pod_blockage`.
+        Best effort: a failed look leaves the last one (the step then just waits, as before)."""
         now = time.monotonic()
         for job in self.run_jobs(run):
             k = (run.uid, job.name)
@@ -213,22 +216,8 @@ class Facts:
             if now - last < self.pod_check * 0.9:
                 continue
             try:
-                pods = await self.kube.request(
-                    "GET",
-                    f"/api/v1/namespaces/{run.namespace}/pods",
-                    params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"},
-                )
-                found = observe.pod_blockage(body, pods.get("items") or [], [])
-                if not found.reason:
-                    selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
-                    events = await self.kube.request(
-                        "GET",
-                        f"/api/v1/namespaces/{run.namespace}/events",
-                        params={"fieldSelector": selector},
-                    )
-                    found = observe.pod_blockage(
-                        body, pods.get("items") or [], events.get("items") or []
-                    )
+                pods, events = await self._pods_and_events(run.namespace)
+                found = observe.pod_blockage(body, pods, events)
             except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
                 # best effort: a dropped connection must not fail the pass this look serves
                 level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
@@ -242,6 +231,35 @@ class Facts:
                 )
                 continue
             self._blocked[k] = (now, found)
+
+    async def _pods_and_events(self, namespace: str) -> Listed:
+        """The operator's pods and the Jobs' FailedCreate events in `namespace`: one list of
+        each, shared by every Job waiting there within half a `pod_check`. Listing per Job cost
+        two requests per waiting Job every `pod_check` seconds: at 250 runs, whose pods the Job
+        controller creates late, more than all other requests together (docs/benchmarks.md)."""
+        now = time.monotonic()
+        seen = self._listed.get(namespace)
+        if seen is None or now - seen[0] >= self.pod_check * 0.5:
+            seen = self._listed[namespace] = (now, asyncio.ensure_future(self._list(namespace)))
+        try:
+            return await asyncio.shield(seen[1])
+        except Exception:
+            if self._listed.get(namespace) is seen:  # the next look lists again
+                del self._listed[namespace]
+            raise
+
+    async def _list(self, namespace: str) -> Listed:
+        pods = await self.kube.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            params={"labelSelector": f"{MANAGED_BY_LABEL}={MANAGED_BY}"},
+        )
+        events = await self.kube.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/events",
+            params={"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"},
+        )
+        return pods.get("items") or [], events.get("items") or []
 
     def observed(
         self,
