@@ -11,7 +11,9 @@ Job. What is measured is the operator and the API round trips a cluster really h
 
 Everything is read from the API server's audit log: the operator's requests (its ServiceAccount),
 the Job controller's status writes (a Job's completion: the last one before the run's next Job)
-and the operator's Job creations. Peak RSS and CPU time come from the operator's /proc entry.
+and the operator's Job creations. Peak RSS and CPU time come from the operator's /proc entry; its
+S3 requests from a counting proxy (tests/cluster/s3_proxy.py) that the chart's storage.endpoint
+names, while the stand-ins write to moto directly.
 """
 
 from __future__ import annotations
