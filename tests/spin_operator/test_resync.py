@@ -84,8 +84,12 @@ async def test_a_job_deleted_in_a_watch_gap_is_dropped_by_the_resync(
         retry = await cluster.wait_job(RUN, f"{GEN}-r1")
         assert retry["metadata"]["labels"]
         assert controller.metrics.value("spin_operator_resync_dropped_total", kind="job") == 1
-        status = await cluster.status(RUN)
-        assert status["iterations"][0]["generate"]["attempts"] == 2
+
+        async def retry_recorded() -> bool:  # the Job is created before the status says so
+            status = await cluster.status(RUN)
+            return bool(status["iterations"][0]["generate"]["attempts"] == 2)
+
+        await cluster.wait("the status to record the retry", retry_recorded)
     finally:
         await op.stop()
 
