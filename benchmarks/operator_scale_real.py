@@ -11,7 +11,9 @@ Job. What is measured is the operator and the API round trips a cluster really h
 
 Everything is read from the API server's audit log: the operator's requests (its ServiceAccount),
 the Job controller's status writes (a Job's completion: the last one before the run's next Job)
-and the operator's Job creations. Peak RSS and CPU time come from the operator's /proc entry.
+and the operator's Job creations. Peak RSS and CPU time come from the operator's /proc entry; its
+S3 requests from a counting proxy (tests/cluster/s3_proxy.py) that the chart's storage.endpoint
+names, while the stand-ins write to moto directly.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from benchmarks.operator_scale import CHECK_REQUESTS, cpu_seconds, peak_rss_mb, percentile
 from tests.cluster import harness, kit
 from tests.cluster.controlplane import JOB_CONTROLLER, build_binary
+from tests.cluster.s3_proxy import S3FaultProxy
 from tests.support import step_artifacts
 from tests.support.servers import moto_environment, moto_process, s3_client_for
 
@@ -175,20 +178,36 @@ def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
             harness.session(binary, workdir / "cluster") as s,
         ):
             s3_client_for(endpoint).create_bucket(Bucket=kit.BUCKET)
-            with harness.release(
-                s, workdir, endpoint, "", launch_hook=InstantPods(workdir / "scratch")
-            ) as c:
-                return measure(c, runs, iterations, timeout)
+            # The operator's S3 endpoint (the chart's storage.endpoint) is a proxy that counts;
+            # the stand-in pods write from this process straight to moto, so only the
+            # operator's requests pass through it.
+            proxy = S3FaultProxy(endpoint).start()
+            try:
+                with harness.release(
+                    s, workdir, proxy.url, "", launch_hook=InstantPods(workdir / "scratch")
+                ) as c:
+                    return measure(c, runs, iterations, timeout, proxy)
+            finally:
+                proxy.stop()
     raise AssertionError("unreachable")
 
 
-def measure(c: harness.RealCluster, runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+def measure(
+    c: harness.RealCluster,
+    runs: int,
+    iterations: int,
+    timeout: float,
+    s3: S3FaultProxy | None = None,
+) -> dict[str, Any]:
+    """The measurement on a release; `s3`: the proxy in front of the operator's S3 endpoint
+    (its requests are counted: `s3_requests_per_iteration`, `s3_not_found_per_iteration`)."""
     pod = c.operator_pod()
     assert pod is not None, "no operator pod after helm install --wait"
     pid = c.agent.find(harness.RELEASE_NAMESPACE, pod["metadata"]["name"]).proc.pid  # type: ignore[union-attr]
     api = c.plane.api()
     time.sleep(2.0)  # let the operator's startup (discovery, first lists) settle: not per-iteration
     baseline = len(read_audit(c.plane.audit_log))
+    s3_before = collections.Counter(s3.answered) if s3 is not None else None
     load_before = os.getloadavg()[0]
     start = time.time()
     path = f"/apis/selfplay.dev/v1alpha1/namespaces/{c.namespace}/spinruns"
@@ -206,6 +225,7 @@ def measure(c: harness.RealCluster, runs: int, iterations: int, timeout: float) 
         time.sleep(1.0)
     wall = time.time() - start
     rss, cpu = peak_rss_mb(pid), cpu_seconds(pid)
+    s3_answered = s3.answered - s3_before if s3 is not None and s3_before is not None else None
     events = read_audit(c.plane.audit_log)[baseline:]
     ops = [e for e in events if harness.OPERATOR_GROUP in (e["user"].get("groups") or [])]
     lat = latencies(events, c.namespace)
@@ -242,6 +262,14 @@ def measure(c: harness.RealCluster, runs: int, iterations: int, timeout: float) 
                     if (code := (e.get("responseStatus") or {}).get("code", 200)) >= 400
                 ).items()
             )
+        ),
+        **(
+            {
+                "s3_requests_per_iteration": round(sum(s3_answered.values()) / total, 2),
+                "s3_not_found_per_iteration": round(s3_answered[404] / total, 2),
+            }
+            if s3_answered is not None
+            else {}
         ),
         "operator_cpu_s": cpu,
         "operator_cpu_ms_per_iteration": round(1000 * cpu / total, 1),

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from spin_common import storage
 from spin_operator import conditions as cond
@@ -118,19 +119,38 @@ class StoragePools:
                 max_workers=self.workers, thread_name_prefix="spin-storage"
             )
 
+        loop = asyncio.get_running_loop()
+        began: asyncio.Future[T] = loop.create_future()
+
+        def start() -> None:
+            if not began.done():
+                began.set_result(cast(T, None))
+
         def bounded() -> T:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                loop.call_soon_threadsafe(start)
+            if time.monotonic() < breaker.open_until:  # opened while this call waited its turn
+                raise EndpointUnavailable(self.problem(endpoint) or describe(endpoint))
             with storage.budget(self.config):
                 return fn(spec, *args)
 
+        # The budget runs from when a worker takes the call, not from when it was queued: with
+        # hundreds of runs finishing steps at once, calls wait their turn behind the pool's
+        # threads, and counting that wait made a healthy endpoint look silent (the breaker
+        # opened for 30 s at a time at 250 runs, docs/benchmarks.md). A silent endpoint still
+        # costs each caller at most one budget once its call runs, and opens the breaker, which
+        # calls still queued see when their turn comes.
+        work = loop.run_in_executor(pool, bounded)
         try:
-            result = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(pool, bounded), deadline
-            )
+            await asyncio.wait([began, work], return_when=asyncio.FIRST_COMPLETED)
+            result = await asyncio.wait_for(work, deadline)
         except TimeoutError:
             self._failed(endpoint, f"no answer within {deadline:g}s")
             raise EndpointUnavailable(
                 f"{describe(endpoint)}: no answer within {deadline:g}s"
             ) from None
+        except EndpointUnavailable:
+            raise  # skipped when its turn came (the breaker opened meanwhile): no new failure
         except Exception as exc:
             if _answered(exc):  # a real answer (404, 403): the endpoint is up
                 self._succeeded(endpoint)

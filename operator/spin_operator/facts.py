@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -23,20 +23,28 @@ from pydantic import ValidationError
 
 from spin_operator import observe
 from spin_operator.api import types as api
-from spin_operator.decision import Decision, Observed, ObservedJob, StorageFacts, referenced_secrets
+from spin_operator.artifact_reads import ArtifactReads
+from spin_operator.decision import Decision, Observed, ObservedJob, referenced_secrets
 from spin_operator.driver import Gathered
 from spin_operator.endpoints import StoragePools
 from spin_operator.kube import ApiError, Kube, job_path, secret_path
 from spin_operator.metrics import Metrics
-from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER
+from spin_operator.naming import APPLIED_SPEC_ANNOTATION, FINALIZER, MANAGED_BY, MANAGED_BY_LABEL
 from spin_operator.settings import Settings, check_policy, resolve_spec
 from spin_operator.steps import RunRef, layout_of
 from spin_operator.validation import InvalidSpec, Problem, cluster_problems, parse
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long Secrets found present count as present for the run's next steps. The reconciler asks
+# before every Job it creates; GETting them each time was a request per step (3.5 of ~33 per
+# iteration at N=20 on a real cluster, docs/benchmarks.md). A Secret deleted within this window
+# shows up as the pods' CreateContainerConfigError instead (PodsBlocked, naming the Secret), as
+# it does where RBAC lets the operator check nothing. A missing one is never cached.
+SECRETS_TRUSTED = 300.0
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
+Listed = tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]  # pods, events of a namespace
 JobCache = dict[Key, dict[str, tuple[str | None, ObservedJob]]]  # run -> Job -> (owner uid, Job)
 
 
@@ -135,7 +143,7 @@ class Facts:
         self.storage = storage
         self.jobs = jobs  # the controller's Job cache (read only here)
         self.on_job = on_job  # a Job fetched by GET goes into that cache as a watch event would
-        self._facts: dict[tuple[str, int], StorageFacts] = {}  # complete iterations only
+        self.artifacts = ArtifactReads()  # what was read per iteration, what to read again
         self._causes: dict[tuple[str, str], str] = {}  # (run uid, Job) -> a bad-input exit's cause
         # Jobs whose pods are not all running: their latest body, and what their pods and events
         # said ((run uid, Job) -> (monotonic time of the look, blockage)); looked at again every
@@ -147,11 +155,15 @@ class Facts:
         # is `pod_check` seconds later, since a Job created a moment ago has no pods to blame yet
         # and looking at once cost two requests per step for nothing (benchmarks, real cluster).
         self._waiting_since: dict[tuple[str, str], float] = {}
+        # namespace -> (monotonic time, the list of its pods and FailedCreate events, shared)
+        self._listed: dict[str, tuple[float, asyncio.Future[Listed]]] = {}
         # Jobs the operator asked to delete ((namespace, Job); the Applier adds them): a
         # Foreground delete leaves the Job in place until its pods are gone, and passes triggered
         # before the watch brings its deletionTimestamp must not send the delete again (they
         # did: two per Job). They count as deleting until the watch says so itself.
         self.deletes_sent: set[tuple[str, str]] = set()
+        # Runs whose referenced Secrets all existed: (their names, monotonic time of the GETs).
+        self._secrets_found: dict[str, tuple[frozenset[str], float]] = {}
 
     def job_seen(self, namespace: str, job: ObservedJob, obj: JSON, deleted: bool) -> None:
         """A watch event for a Job: keep its body while its pods are worth a look."""
@@ -164,7 +176,8 @@ class Facts:
 
     def forget(self, uid: str | None) -> None:
         """The run is gone: drop what was learnt about its children."""
-        self._facts = {k: v for k, v in self._facts.items() if k[0] != uid}
+        self.artifacts.forget(uid)
+        self._secrets_found.pop(uid or "", None)
         self._causes = {k: v for k, v in self._causes.items() if k[0] != uid}
         self._blocked = {k: v for k, v in self._blocked.items() if k[0] != uid}
         self._waiting_since = {k: v for k, v in self._waiting_since.items() if k[0] != uid}
@@ -175,9 +188,9 @@ class Facts:
         )
 
     async def look_at_pods(self, run: RunRef) -> None:
-        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods (and,
-        when they do not explain the wait, its events) -> `observe.pod_blockage`. Best effort: a
-        failed look leaves the last one (the step then just waits, as before)."""
+        """For each Job still waiting for pods, at most every `pod_check` seconds: its pods and
+        its FailedCreate events (from the namespace's shared lists) -> `observe.pod_blockage`.
+        Best effort: a failed look leaves the last one (the step then just waits, as before)."""
         now = time.monotonic()
         for job in self.run_jobs(run):
             k = (run.uid, job.name)
@@ -192,22 +205,8 @@ class Facts:
             if now - last < self.pod_check * 0.9:
                 continue
             try:
-                pods = await self.kube.request(
-                    "GET",
-                    f"/api/v1/namespaces/{run.namespace}/pods",
-                    params={"labelSelector": f"batch.kubernetes.io/job-name={job.name}"},
-                )
-                found = observe.pod_blockage(body, pods.get("items") or [], [])
-                if not found.reason:
-                    selector = f"involvedObject.kind=Job,involvedObject.name={job.name}"
-                    events = await self.kube.request(
-                        "GET",
-                        f"/api/v1/namespaces/{run.namespace}/events",
-                        params={"fieldSelector": selector},
-                    )
-                    found = observe.pod_blockage(
-                        body, pods.get("items") or [], events.get("items") or []
-                    )
+                pods, events = await self._pods_and_events(run.namespace)
+                found = observe.pod_blockage(body, pods, events)
             except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
                 # best effort: a dropped connection must not fail the pass this look serves
                 level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
@@ -221,6 +220,35 @@ class Facts:
                 )
                 continue
             self._blocked[k] = (now, found)
+
+    async def _pods_and_events(self, namespace: str) -> Listed:
+        """The operator's pods and the Jobs' FailedCreate events in `namespace`: one list of
+        each, shared by every Job waiting there within half a `pod_check`. Listing per Job cost
+        two requests per waiting Job every `pod_check` seconds: at 250 runs, whose pods the Job
+        controller creates late, more than all other requests together (docs/benchmarks.md)."""
+        now = time.monotonic()
+        seen = self._listed.get(namespace)
+        if seen is None or now - seen[0] >= self.pod_check * 0.5:
+            seen = self._listed[namespace] = (now, asyncio.ensure_future(self._list(namespace)))
+        try:
+            return await asyncio.shield(seen[1])
+        except Exception:
+            if self._listed.get(namespace) is seen:  # the next look lists again
+                del self._listed[namespace]
+            raise
+
+    async def _list(self, namespace: str) -> Listed:
+        pods = await self.kube.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            params={"labelSelector": f"{MANAGED_BY_LABEL}={MANAGED_BY}"},
+        )
+        events = await self.kube.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/events",
+            params={"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"},
+        )
+        return pods.get("items") or [], events.get("items") or []
 
     def observed(
         self,
@@ -280,6 +308,11 @@ class Facts:
             if d.needs_stored_spec:
                 g.stored_digest = await self.storage.run(observe.read_stored_digest, spec, run)
                 g.stored_checked = True
+                if not self.artifacts.knows(run.uid):  # the first look at the prefix only
+                    empty = g.stored_digest is None and await self.storage.run(
+                        observe.prefix_empty, spec, run
+                    )
+                    self.artifacts.started(run.uid, empty)
             if d.needs_secrets:
                 g.missing_secrets = await self._missing_secrets(spec, run)
             for name in d.needs_jobs:
@@ -289,11 +322,11 @@ class Facts:
                 else:
                     self.on_job("ADDED", found)
             for t in sorted(d.needs_storage):
-                facts = self._facts.get((run.uid, t))
-                if facts is None:
-                    facts = await self.storage.run(observe.read_facts, spec, run, t)
-                if observe.facts_final(spec, facts):
-                    self._facts[(run.uid, t)] = facts
+                jobs = self.run_jobs(run)
+                facts, stages = self.artifacts.plan(spec, run.uid, t, jobs, d.status)
+                if stages:  # only what a Job may have changed since it was last read
+                    facts = await self.storage.run(observe.read_facts, spec, run, t, stages, facts)
+                    self.artifacts.update(spec, run.uid, t, jobs, facts, stages)
                 g.storage[t] = facts
             for job in self.run_jobs(
                 run
@@ -321,8 +354,12 @@ class Facts:
         as the pods' CreateContainerConfigError instead."""
         if not self.settings.may_read_secrets(run.namespace):
             return frozenset()
+        names = frozenset(referenced_secrets(spec))
+        seen = self._secrets_found.get(run.uid)
+        if seen is not None and seen[0] == names and time.monotonic() - seen[1] < SECRETS_TRUSTED:
+            return frozenset()
         missing = set()
-        for name in referenced_secrets(spec):
+        for name in sorted(names):
             try:
                 if await self.kube.get(secret_path(run.namespace, name)) is None:
                     missing.add(name)
@@ -335,4 +372,6 @@ class Facts:
                     run.name,
                     name,
                 )
+        if not missing:
+            self._secrets_found[run.uid] = (names, time.monotonic())
         return frozenset(missing)

@@ -39,6 +39,8 @@ PAGE_SIZE = 500
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 ATTEMPTS = 4  # tries of one call on 429/5xx
 MAX_WAIT = 10.0  # cap of one Retry-After: a long one goes back to the caller's backoff
+CONNECTIONS = 16  # to the API server at once; more calls wait for one (no time limit on that)
+REQUEST_TIMEOUT = 30.0  # seconds for a connect, and between bytes of an answer
 # Credentials are re-read this often, and early when they carry an expiry closer than REFRESH_EARLY:
 # a projected token file is rotated by the kubelet at 80% of its lifetime.
 REFRESH_EVERY = 60.0
@@ -203,11 +205,17 @@ class Kube:
     def _ensure(self) -> aiohttp.ClientSession:
         self._refresh()
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=_ssl_context(self._info), limit=16)
+            connector = aiohttp.TCPConnector(ssl=_ssl_context(self._info), limit=CONNECTIONS)
             self._session = aiohttp.ClientSession(
                 base_url=self._info.server.rstrip("/") + "/",
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(total=30),
+                # Each connect and each read has REQUEST_TIMEOUT, not the whole call: a total
+                # also counted the wait for one of the CONNECTIONS, and with hundreds of runs
+                # passing at once that wait alone ran out, failing passes by the hundred (they
+                # retried with backoff: tens of seconds between a Job's end and the next Job).
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=REQUEST_TIMEOUT, sock_read=REQUEST_TIMEOUT
+                ),
             )
         return self._session
 

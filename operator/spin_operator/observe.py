@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,14 +71,17 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
             message = f"{message} (failed shards: {status['failedIndexes']})".strip()
     elif spec.get("suspend"):
         state = "Suspended"
-    elif (status.get("active") or 0) > 0 or (status.get("ready") or 0) > 0:
+    elif (status.get("active") or 0) > 0 or (status.get("ready") or 0) > 0 or _ran(status):
         state = "Running"
     else:
         state = "Pending"
     # Pods worth a look (observe.pod_blockage): some active pod not ready, or none yet at all.
-    # Our pods have no readiness probes, so ready = running.
-    starting = state in ("Pending", "Running") and (
-        (status.get("ready") or 0) < (status.get("active") or 0) or not status.get("active")
+    # Our pods have no readiness probes, so ready = running. A Job whose outcome is decided
+    # starts no more pods.
+    starting = (
+        state in ("Pending", "Running")
+        and not {"SuccessCriteriaMet", "FailureTarget"} & conditions.keys()
+        and ((status.get("ready") or 0) < (status.get("active") or 0) or not status.get("active"))
     )
     return ObservedJob(
         name=str(meta.get("name")),
@@ -92,6 +96,23 @@ def job_state(job: Mapping[str, Any]) -> ObservedJob | None:
         queued=KUEUE_QUEUE_LABEL in labels,
         deleting=bool(meta.get("deletionTimestamp")),
         starting=starting and not meta.get("deletionTimestamp"),
+    )
+
+
+def _ran(status: Mapping[str, Any]) -> bool:
+    """Pods of the Job have run, and none is active now: the real Job controller counts a pod
+    that finished in `uncountedTerminatedPods` first, then in `succeeded`, then sets
+    SuccessCriteriaMet (FailureTarget), and only later Complete (Failed), each its own status
+    write. Reading those in-between states as Pending wrote a Running step back to Pending just
+    before it succeeded: one status patch per step for nothing (benchmarks, real cluster)."""
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    conditions = {
+        c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"
+    }
+    return bool(
+        (status.get("succeeded") or 0) > 0
+        or uncounted.get("succeeded")
+        or {"SuccessCriteriaMet", "FailureTarget"} & conditions
     )
 
 
@@ -258,40 +279,58 @@ def facts_final(spec: api.SPINRunSpec, facts: StorageFacts) -> bool:
     return spin and control
 
 
-def read_facts(spec: api.SPINRunSpec, run: RunRef, iteration: int) -> StorageFacts:
-    """Which artifacts of `iteration` are complete. Raises OSError when storage is unreachable."""
+# The artifact each step writes, as a StorageFacts field that says it is complete.
+COMPLETE_FIELD: dict[str, str] = {
+    "check": "checked",
+    "generate": "generated",
+    "train": "model",
+    "evaluate": "evaluated",
+    "control-train": "control_model",
+    "control-evaluate": "control_evaluated",
+}
+
+
+def read_facts(
+    spec: api.SPINRunSpec,
+    run: RunRef,
+    iteration: int,
+    stages: Collection[str] | None = None,
+    base: StorageFacts | None = None,
+) -> StorageFacts:
+    """Which artifacts of `iteration` are complete. Raises OSError when storage is unreachable.
+
+    `stages`: read only the artifacts of these steps (None: all of them); the facts of the others
+    are taken from `base` (facts.py reads again only what a Job may have changed)."""
+    want = set(COMPLETE_FIELD if stages is None else stages)
+    found: dict[str, Any] = {}
     it = layout_of(spec, run).iteration(iteration)
     with at_endpoint(spec):
-        shards = spec.generation.replicas
-        found = manifest.shard_manifests(it.generated)
-        generated = all(shard_name(i, shards) in found for i in range(shards))
-        meta = next((m.meta for m in found.values() if m.meta), None) or {}
-        model = manifest.is_complete(it.model)
-        evaluated, metrics = _evaluated(spec, it.eval, it.eval_results)
-        control_model, control_evaluated = False, False
-        control_metrics: dict[str, float] = {}
+        if "generate" in want:
+            shards = spec.generation.replicas
+            manifests = manifest.shard_manifests(it.generated)
+            meta = next((m.meta for m in manifests.values() if m.meta), None) or {}
+            skipped = meta.get("dataset_skipped")
+            found |= {
+                "generated": all(shard_name(i, shards) in manifests for i in range(shards)),
+                "dataset_rows": int(meta.get("dataset_rows") or 0),
+                "dataset_skipped": {str(k): int(v) for k, v in skipped.items()}
+                if isinstance(skipped, dict)
+                else {},
+            }
+        if "train" in want:
+            found["model"] = manifest.is_complete(it.model)
+        if "evaluate" in want:
+            found["evaluated"], found["metrics"] = _evaluated(spec, it.eval, it.eval_results)
         if spec.control_arm.enabled:
-            control_model = manifest.is_complete(it.control_model)
-            control_evaluated, control_metrics = _evaluated(
-                spec, it.control_eval, it.control_eval_results
-            )
-    checked, profile = _check_report(spec, run) if iteration == 0 else (False, {})
-    skipped = meta.get("dataset_skipped")
-    return StorageFacts(
-        checked=checked,
-        check_profile=profile,
-        generated=generated,
-        model=model,
-        evaluated=evaluated,
-        metrics=metrics,
-        control_model=control_model,
-        control_evaluated=control_evaluated,
-        control_metrics=control_metrics,
-        dataset_rows=int(meta.get("dataset_rows") or 0),
-        dataset_skipped={str(k): int(v) for k, v in skipped.items()}
-        if isinstance(skipped, dict)
-        else {},
-    )
+            if "control-train" in want:
+                found["control_model"] = manifest.is_complete(it.control_model)
+            if "control-evaluate" in want:
+                found["control_evaluated"], found["control_metrics"] = _evaluated(
+                    spec, it.control_eval, it.control_eval_results
+                )
+    if "check" in want and iteration == 0:
+        found["checked"], found["check_profile"] = _check_report(spec, run)
+    return dataclasses.replace(base or StorageFacts(), **found)
 
 
 def _read_report(spec: api.SPINRunSpec, run: RunRef) -> dict[str, Any] | None:
@@ -328,6 +367,13 @@ def read_stored_digest(spec: api.SPINRunSpec, run: RunRef) -> str | None:
         return spec_digest(api.SPINRunSpec.model_validate(raw))
     except ValueError:
         return "unreadable"  # never equal to a real digest: refuse rather than overwrite
+
+
+def prefix_empty(spec: api.SPINRunSpec, run: RunRef) -> bool:
+    """Nothing is stored under the run's prefix (one LIST: asked only when R/spinrun.yaml is
+    absent, so normally of an empty prefix)."""
+    with at_endpoint(spec):
+        return not storage.list_files(layout_of(spec, run).prefix)
 
 
 def write_stored_spec(spec: api.SPINRunSpec, run: RunRef) -> None:

@@ -12,6 +12,7 @@ in requests, not seconds: how many errors land does not depend on how busy the m
 
 from __future__ import annotations
 
+import collections
 import http.client
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +35,7 @@ class S3FaultProxy:
         self._counter = 0
         self.injected = 0
         self.forwarded = 0
+        self.answered: collections.Counter[int] = collections.Counter()  # forwarded, by status
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +78,7 @@ class S3FaultProxy:
                     conn.close()
                 with proxy._lock:
                     proxy.forwarded += 1
+                    proxy.answered[resp.status] += 1
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -276,6 +276,39 @@ def test_at_endpoint_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert storage.s3_client().meta.region_name == "us-east-1"
 
 
+async def test_calls_waiting_their_turn_are_not_counted_against_the_endpoint(
+    tmp_path: Path,
+) -> None:
+    """Many runs at once queue their calls behind the pool's threads: the budget is each call's
+    own time, so a healthy endpoint's queue never opens its breaker (at 250 runs it did)."""
+    pools = StoragePools(budget=0.5, threshold=1, cooldown=60, workers=1)
+    spec = spec_on(None, str(tmp_path))
+    try:
+        calls = [pools.run(_slow, spec, 0.2) for _ in range(5)]  # the last waits 0.8 s: > budget
+        assert await asyncio.gather(*calls) == ["done"] * 5
+        assert pools.problem(None) is None
+    finally:
+        pools.close()
+
+
+async def test_calls_queued_behind_a_silent_endpoint_fail_once_its_breaker_opens(
+    hole: Hole,
+) -> None:
+    """Once the breaker opens, calls still waiting their turn are skipped without a request."""
+    pools = StoragePools(budget=0.5, threshold=1, cooldown=60, workers=1)
+    spec = spec_on(hole.url)
+    try:
+        started = time.monotonic()
+        calls = [pools.call(hole.url, observe.read_stored_digest, spec, RUN) for _ in range(4)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(o, EndpointUnavailable) for o in outcomes), outcomes
+        assert "no answer within 0.5s" in str(outcomes[0])
+        assert all("failed 1 calls in a row" in str(o) for o in outcomes[1:]), outcomes
+        assert time.monotonic() - started < 3.0  # one budget (+ the thread freeing), not four
+    finally:
+        pools.close()
+
+
 def test_the_condition_names_the_endpoint_and_clears() -> None:
     status = api.SPINRunStatus()
     report(

@@ -4,6 +4,7 @@ Warning headers passed on."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp.web
 import pytest
 
+from spin_operator import kube as kube_module
 from spin_operator.kube import FIELD_MANAGER, ApiError, Kube, retry_after, warnings_of
 
 Handler = Callable[[aiohttp.web.Request], Awaitable[aiohttp.web.StreamResponse]]
@@ -27,6 +29,7 @@ class Server:
         self.script: list[tuple[int, dict[str, str], Any]] = []  # answers in order, then 200 {}
         self.pages: list[dict[str, Any]] | None = None
         self.url = ""
+        self.delay = 0.0  # seconds each answer takes
 
     async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         self.seen.append(
@@ -38,6 +41,8 @@ class Server:
                 time.monotonic(),
             )
         )
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.pages is not None:
             token = request.query.get("continue", "")
             page = self.pages[int(token or 0)]
@@ -248,6 +253,31 @@ async def test_warning_headers_are_passed_on(
         await kube.close()
     assert got == [("POST", "/apis/batch/v1/namespaces/a/jobs", text)]
     assert text in caplog.text
+
+
+async def test_waiting_for_a_connection_is_not_a_timeout(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More calls than connections wait their turn: the time limit is each call's own (at 250
+    runs the wait for one of the 16 connections alone outlasted a 30 s total, failing passes)."""
+    monkeypatch.setattr(kube_module, "CONNECTIONS", 2)
+    monkeypatch.setattr(kube_module, "REQUEST_TIMEOUT", 0.6)
+    server.delay = 0.25  # 8 calls on 2 connections: the last ones wait 0.75 s for theirs
+    kube = Kube(lambda: info(server.url), backoff=0.05)
+    try:
+        answers = await asyncio.gather(
+            *(kube.request("GET", f"/api/v1/namespaces/a/pods/p{i}") for i in range(8))
+        )
+    finally:
+        await kube.close()
+    assert answers == [{"ok": True}] * 8
+    server.delay = 1.0  # one answer slower than REQUEST_TIMEOUT still times out
+    kube = Kube(lambda: info(server.url), backoff=0.05)
+    try:
+        with pytest.raises(TimeoutError):
+            await kube.request("GET", "/api/v1/namespaces/a/pods/slow")
+    finally:
+        await kube.close()
 
 
 def test_header_parsing() -> None:

@@ -73,7 +73,28 @@ def test_failure_target_alone_is_not_final_yet() -> None:
     base = job()
     status = jd.job_failed_status(base)
     status["conditions"] = [c for c in status["conditions"] if c["type"] == "FailureTarget"]
-    assert observe.job_state(with_status(base, status)).state == "Pending"  # type: ignore[union-attr]
+    seen = observe.job_state(with_status(base, status))
+    assert seen is not None and (seen.state, seen.starting) == ("Running", False)
+
+
+def test_a_job_between_its_pods_finishing_and_complete_stays_running() -> None:
+    """The real Job controller's writes after the last pod exits: the pod counted as uncounted,
+    then succeeded with SuccessCriteriaMet, then Complete. None of them is Pending (each read as
+    Pending wrote the step back to Pending, a status patch, just before it succeeded)."""
+    base = job()
+    for status in (
+        {"active": 0, "uncountedTerminatedPods": {"succeeded": ["pod-uid"]}},
+        {"active": 0, "succeeded": 1},
+        {
+            "active": 0,
+            "succeeded": 1,
+            "conditions": [{"type": "SuccessCriteriaMet", "status": "True"}],
+        },
+    ):
+        seen = observe.job_state(with_status(base, status))
+        assert seen is not None and seen.state == "Running", status
+    not_yet = observe.job_state(with_status(base, {"active": 0}))
+    assert not_yet is not None and (not_yet.state, not_yet.starting) == ("Pending", True)
 
 
 def test_suspended_and_kueue_jobs() -> None:

@@ -338,6 +338,21 @@ class JobDriver:
 
         return self._write_status(name, namespace, compute)
 
+    def pods_finished(self, name: str, namespace: str = "default") -> JSON:
+        """Every pod succeeded and the outcome is decided (SuccessCriteriaMet), `Complete` not
+        written yet: the real Job controller's state between its pods' exit and completion."""
+
+        def compute(job: JSON) -> JSON:
+            self._refuse_if_suspended(job)
+            status = job_succeeded_status(job)
+            status["conditions"] = [
+                c for c in status["conditions"] if c["type"] == "SuccessCriteriaMet"
+            ]
+            status.pop("completionTime", None)
+            return status
+
+        return self._write_status(name, namespace, compute)
+
     def fail(
         self,
         name: str,
