@@ -111,13 +111,19 @@ async def test_a_hanging_endpoint_costs_one_budget_then_is_skipped(
         assert "no answer within 1s" in str(waits[0][1])
         contacted = len(hole.accepted)
         assert contacted >= 1
-        skipped, exc = await _timed(pools, stuck)  # breaker open: no connection at all
-        assert skipped < 0.1 and len(hole.accepted) == contacted
+        # breaker open: the breaker's message and no connection at all (no wall-clock bound: a
+        # gen-2 GC pause on a loaded box alone takes ~0.3 s, and the two checks say "not tried")
+        _, exc = await _timed(pools, stuck)
+        assert len(hole.accepted) == contacted
         assert f"storage endpoint {hole.url} failed 2 calls in a row" in str(exc)
-        # the other endpoint is not held up: its own pool, budget and breaker
+        # the other endpoint is not held up: its own pool and breaker. Its call gets a budget of
+        # its own: the pool's 1 s would also have to cover building a cold boto3 client in the
+        # worker (0.1-0.55 s of CPU measured here at load 5) and GC pauses, which on a loaded
+        # 2-core box overran it and failed this healthy call ("no answer within 1s")
         started = time.monotonic()
-        assert await pools.call(moto_server, observe.read_stored_digest, fine, RUN) is None
-        assert time.monotonic() - started < 5.0  # its own client and pool: not the 1 s x 2 budgets
+        got = await pools.call(moto_server, observe.read_stored_digest, fine, RUN, budget=30)
+        assert got is None
+        assert time.monotonic() - started < 5.0  # not queued behind the hole's stuck workers
         assert pools.problem(moto_server) is None
         problem = pools.problem(hole.url)
         assert problem is not None and hole.url in problem
@@ -128,16 +134,22 @@ async def test_a_hanging_endpoint_costs_one_budget_then_is_skipped(
 async def test_a_refusing_endpoint_fails_fast_and_is_tried_again_after_the_cool_down(
     refusing: str,
 ) -> None:
-    pools = StoragePools(budget=5.0, threshold=3, cooldown=0.3)
+    # a cool-down of 1 s: the skipped call below must come within it, however loaded the box
+    pools = StoragePools(budget=5.0, threshold=3, cooldown=1.0)
     spec = spec_on(refusing)
     try:
         for _ in range(3):
             waited, exc = await _timed(pools, spec)
-            assert waited < 2.0, waited  # refused: no retries inside the budget
+            # refused: one attempt, no retries inside the budget (the message says so; the
+            # time, which includes building a cold client in the first call, only bounds it)
+            assert "failed after 1 attempts" in str(exc), exc
+            assert waited < 4.0, waited
         assert "failed 3 calls in a row" in (pools.problem(refusing) or "")
-        waited, _ = await _timed(pools, spec)
-        assert waited < 0.05  # skipped
-        time.sleep(0.35)
+        _, exc = await _timed(pools, spec)
+        # skipped: the breaker's message, not a refused connection's (a wall-clock bound here
+        # failed under load: a GC pause alone can outlast it)
+        assert "failed 3 calls in a row" in str(exc) and "skipped" in str(exc), exc
+        time.sleep(1.05)
         # the cool-down is over: the next call goes out again (and fails again: still open)
         waited, exc = await _timed(pools, spec)
         assert "Could not connect" in str(exc) or "connect" in str(exc).lower(), exc
