@@ -44,7 +44,8 @@ def measure(backend_name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from spin_runtime import models
-    from spin_runtime.generate.backends import SamplingConfig, make_backend
+    from spin_runtime.generate.backends import SamplingConfig
+    from spin_runtime.generate.factory import make_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)

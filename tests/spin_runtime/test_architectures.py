@@ -30,10 +30,10 @@ from spin_runtime.evaluate import reference_logprobs
 from spin_runtime.train import batches, exactness
 from spin_runtime.train.batches import Pair
 from spin_runtime.train.distributed import Context
-from spin_runtime.train.loop import Runner
 from spin_runtime.train.loss import spin_loss
 from spin_runtime.train.policy import SequenceLogProbs, disable_dropout
 from spin_runtime.train.policy import score as policy_score
+from spin_runtime.train.step import Runner
 
 VOCAB, PAD = 128, 0
 LOGP_TOL, GRAD_TOL = 1e-4, 1e-5

@@ -1,4 +1,4 @@
-"""The small interface both generation backends implement, and how to pick one.
+"""The small interface both generation backends implement (factory.py picks one).
 
 Backends receive already formatted prompt *token ids* (built by :mod:`spin_runtime.formatting`),
 never text, so both backends — and training — see exactly the same tokens, and no engine can
@@ -77,27 +77,3 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the model (and the accelerator)."""
-
-
-def make_backend(
-    name: str,
-    model_path: str,
-    tokenizer: Any,
-    *,
-    dtype: str = "auto",
-    batch_size: int = 64,
-    tensor_parallel_size: int = 1,
-    seed: int = 0,
-) -> Backend:
-    """Build a backend by name; vLLM is imported only when asked for."""
-    if name == "transformers":
-        from spin_runtime.generate.transformers_backend import TransformersBackend
-
-        return TransformersBackend(model_path, tokenizer, dtype=dtype, batch_size=batch_size)
-    if name == "vllm":
-        from spin_runtime.generate.vllm_backend import VLLMBackend
-
-        return VLLMBackend(
-            model_path, tokenizer, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed
-        )
-    raise UsageError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")

@@ -30,7 +30,8 @@ from typing import Any
 from spin_common import data, layout, manifest, storage
 from spin_common.errors import UsageError
 from spin_runtime import formatting
-from spin_runtime.generate.backends import Backend, Completion, SamplingConfig, make_backend
+from spin_runtime.generate.backends import Backend, Completion, SamplingConfig
+from spin_runtime.generate.factory import make_backend
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from spin_runtime.train.loop import TrainingError
     from spin_runtime.train.loop import run as train
+    from spin_runtime.train.step import TrainingError
 
     try:
         train(TrainConfig.from_args(args))

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from spin_common.train_config import TrainConfig
 from spin_runtime.train import batches, distributed
 from spin_runtime.train.batches import Pair, PairSet
-
-if TYPE_CHECKING:
-    from spin_runtime.train.loop import Runner, TrainConfig
+from spin_runtime.train.step import Runner, apply_update, clip_grad
 
 
 def answer_tokens(pairs: Sequence[Pair], slots: Sequence[int]) -> int:
@@ -37,8 +36,6 @@ def sft_step(
     scheduler: Any,
 ) -> dict[str, float]:
     """One optimizer step: mean cross-entropy over every real-answer token of the step's pairs."""
-    from spin_runtime.train.loop import apply_update, clip_grad
-
     ctx = runner.ctx
     t0 = time.perf_counter()
     slots = batches.step_slots(order, s, cfg.global_batch_size)
