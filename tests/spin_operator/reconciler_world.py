@@ -32,6 +32,7 @@ from spin_operator.decision import (
 )
 from spin_operator.driver import Gathered, drive
 from spin_operator.naming import parse_job_name, step_field
+from spin_operator.observe import COMPLETE_FIELD
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef, spec_digest
 from spin_operator.track import Tracking
@@ -279,15 +280,7 @@ class World:
         self.set_state(name, "Succeeded")
         if write:
             facts = self.storage.get(job.iteration, StorageFacts())
-            flag = {
-                "check": "checked",
-                "generate": "generated",
-                "train": "model",
-                "evaluate": "evaluated",
-                "control-train": "control_model",
-                "control-evaluate": "control_evaluated",
-            }[job.stage]
-            extra: dict[str, Any] = {flag: True}
+            extra: dict[str, Any] = {COMPLETE_FIELD[job.stage]: True}
             if job.stage == "evaluate":
                 extra["metrics"] = (
                     metrics if metrics is not None else {"exact_match": 0.1 * (job.iteration + 1)}
