@@ -155,8 +155,9 @@ class StoragePools:
             if _answered(exc):  # a real answer (404, 403): the endpoint is up
                 self._succeeded(endpoint)
                 raise
-            self._failed(endpoint, _short(exc))
-            raise EndpointUnavailable(f"{describe(endpoint)}: {_short(exc)}") from exc
+            why = _silence(exc, self.config) or _short(exc)
+            self._failed(endpoint, why)
+            raise EndpointUnavailable(f"{describe(endpoint)}: {why}") from exc
         self._succeeded(endpoint)
         return result
 
@@ -218,6 +219,22 @@ def _answered(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return not isinstance(exc, TimeoutError | ConnectionError)
+
+
+def _silence(exc: BaseException, config: storage.StorageConfig) -> str | None:
+    """The budget's words for a socket timeout inside it: botocore's timeouts are as long as the
+    budget and measure the same silence, so whichever timer fires first (under load it is
+    either), the condition reads the same. None for any other failure."""
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectTimeoutError):
+            return f"no answer within {config.connect_timeout:g}s"
+        if isinstance(seen, ReadTimeoutError | TimeoutError):
+            return f"no answer within {config.read_timeout:g}s"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _short(exc: BaseException) -> str:

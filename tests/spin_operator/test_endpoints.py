@@ -62,6 +62,15 @@ class Hole:
             conn.close()
 
 
+@pytest.fixture(autouse=True)
+def _signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake keys, so each request is signed and sent: without any, botocore fails before it
+    connects, and a test saw a refused or silent endpoint only when an earlier test in the
+    session (moto's) had left keys in the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
 @pytest.fixture
 def hole() -> Iterator[Hole]:
     h = Hole()
@@ -127,6 +136,25 @@ async def test_a_hanging_endpoint_costs_one_budget_then_is_skipped(
         assert pools.problem(moto_server) is None
         problem = pools.problem(hole.url)
         assert problem is not None and hole.url in problem
+    finally:
+        pools.close()
+
+
+async def test_a_socket_timeout_inside_the_budget_reads_as_no_answer(hole: Hole) -> None:
+    """botocore's own socket timeout and the budget measure the same silence. When the socket's
+    fires first (it did under load in CI: both were the budget long) the failure must read the
+    same, "no answer within", not a botocore class name the condition's reader cannot act on."""
+    pools = StoragePools(budget=5.0, threshold=1, cooldown=60)
+    # force the order the race sometimes took: the socket gives up well before the budget
+    pools.config = storage.StorageConfig(
+        attempts=1, botocore_attempts=1, connect_timeout=0.3, read_timeout=0.3
+    )
+    try:
+        waited, exc = await _timed(pools, spec_on(hole.url))
+        assert waited < 4, waited  # the socket's timeout ended it, not the budget
+        assert f"storage endpoint {hole.url}: no answer within" in str(exc), exc
+        problem = pools.problem(hole.url)
+        assert problem is not None and "(last: no answer within" in problem, problem
     finally:
         pools.close()
 
