@@ -4,7 +4,7 @@ budget per call and a circuit breaker; and the conditions that tell a run its en
 Why: every storage call the operator makes (a probe of a run's prefix, reading manifests, a spool
 replay, deleting artifacts) goes to an endpoint the run names. One that hangs or refuses must cost
 its own runs one short wait, not every run minutes of botocore's retries (docs/security.md,
-threat 8). After `threshold` failures in a row the endpoint is skipped for `cooldown` seconds:
+threat 8); a store that answers 5xx or throttles is retried inside the budget. After `threshold` failures in a row the endpoint is skipped for `cooldown` seconds:
 calls fail at once with `EndpointUnavailable` (an OSError, so callers treat it as any storage
 error: the pass stays partial and is retried) and the runs using it get the condition
 `StorageUnavailable` naming the endpoint. Runs on other endpoints have other pools and breakers.
@@ -16,7 +16,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -32,6 +34,14 @@ T = TypeVar("T")
 
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 TRACKING_UNAVAILABLE = "TrackingUnavailable"
+
+
+# Retries of a busy store's answers (5xx, throttling) inside a call's budget: the first wait,
+# doubled per try up to the cap, and only while the first RETRY_SHARE of the budget lasts, so
+# the last try still has time to answer before the caller gives up.
+RETRY_FIRST_DELAY = 0.1
+RETRY_MAX_DELAY = 2.0
+RETRY_SHARE = 0.5
 
 
 class EndpointUnavailable(OSError):
@@ -126,13 +136,30 @@ class StoragePools:
             if not began.done():
                 began.set_result(cast(T, None))
 
+        gave_up = threading.Event()  # the caller's budget ran out: stop retrying
+
         def bounded() -> T:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
                 loop.call_soon_threadsafe(start)
             if time.monotonic() < breaker.open_until:  # opened while this call waited its turn
                 raise EndpointUnavailable(self.problem(endpoint) or describe(endpoint))
-            with storage.budget(self.config):
-                return fn(spec, *args)
+            retry_until = time.monotonic() + deadline * RETRY_SHARE
+            delay = RETRY_FIRST_DELAY
+            while True:
+                try:
+                    with storage.budget(self.config):
+                        return fn(spec, *args)
+                except Exception as exc:
+                    # A store that answers 5xx or throttles is up and busy, and S3's own advice
+                    # is to retry with backoff: a few quick tries inside the budget, not one
+                    # failed call that costs the run a whole pass (an operator pass needs two
+                    # reads in a row). Silence and refusals are not retried: one attempt each,
+                    # as botocore's own are above.
+                    wait = random.uniform(delay / 2, delay)
+                    if not _busy(exc) or gave_up.is_set() or time.monotonic() + wait > retry_until:
+                        raise
+                time.sleep(wait)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
 
         # The budget runs from when a worker takes the call, not from when it was queued: with
         # hundreds of runs finishing steps at once, calls wait their turn behind the pool's
@@ -145,6 +172,7 @@ class StoragePools:
             await asyncio.wait([began, work], return_when=asyncio.FIRST_COMPLETED)
             result = await asyncio.wait_for(work, deadline)
         except TimeoutError:
+            gave_up.set()
             self._failed(endpoint, f"no answer within {deadline:g}s")
             raise EndpointUnavailable(
                 f"{describe(endpoint)}: no answer within {deadline:g}s"
@@ -219,6 +247,18 @@ def _answered(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return not isinstance(exc, TimeoutError | ConnectionError)
+
+
+def _busy(exc: BaseException) -> bool:
+    """The store answered, with a 5xx or a throttling code: up, and worth another try."""
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientError):
+            return storage.is_transient(seen)
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _silence(exc: BaseException, config: storage.StorageConfig) -> str | None:

@@ -31,6 +31,7 @@ from spin_operator.endpoints import (
 from spin_operator.settings import Settings, resolve_spec
 from spin_operator.steps import RunRef
 from spin_operator.track import Tracking
+from tests.cluster.s3_proxy import S3FaultProxy
 from tests.support.servers import MlflowServer, moto_process, s3_client_for
 
 RUN = RunRef("team-a", "r", "uid-1")
@@ -201,6 +202,49 @@ async def test_an_answering_endpoint_closes_the_breaker(
         assert pools.problem(moto_server) is None
     finally:
         pools.close()
+
+
+async def test_an_endpoint_answering_503s_is_retried_inside_the_budget(
+    s3_bucket: str, moto_server: str
+) -> None:
+    """A store that answers 503 (S3's SlowDown/ServiceUnavailable) is up and busy: the call is
+    retried with a short backoff inside its budget, and the breaker counts nothing. Before, one
+    503 failed the call and counted against the endpoint: with the two reads an operator pass
+    needs, a store answering two 503s in three opened the breaker and the run waited minutes
+    (tests/cluster/test_outages.py timed out)."""
+    proxy = S3FaultProxy(moto_server).start()
+    pools = StoragePools(budget=10.0, threshold=1, cooldown=60)
+    try:
+        proxy.fail_next(3)  # 503, 503, through
+        spec = spec_on(proxy.url, f"{s3_bucket}/runs")
+        assert await pools.call(proxy.url, observe.read_stored_digest, spec, RUN) is None
+        assert proxy.injected == 2 and proxy.forwarded == 1
+        assert pools.problem(proxy.url) is None
+    finally:
+        pools.close()
+        proxy.stop()
+
+
+async def test_an_endpoint_answering_only_503s_fails_once_within_the_budget(
+    s3_bucket: str, moto_server: str
+) -> None:
+    proxy = S3FaultProxy(moto_server).start()
+    pools = StoragePools(budget=2.0, threshold=1, cooldown=60)
+    try:
+        proxy.fail_next(10**6, every=10**6)  # every request a 503
+        spec = spec_on(proxy.url, f"{s3_bucket}/runs")
+        waited, exc = await _timed(pools, spec)
+        assert waited < 4, waited  # within the budget (plus a cold client), not minutes
+        assert proxy.injected >= 2, proxy.injected  # retried meanwhile
+        assert "ServiceUnavailable" in str(exc) or "503" in str(exc), exc
+        assert "failed 1 calls in a row" in (pools.problem(proxy.url) or "")  # counted once
+        # once the budget is spent nothing keeps knocking in the background
+        sent = proxy.injected
+        time.sleep(1.5)
+        assert proxy.injected == sent
+    finally:
+        pools.close()
+        proxy.stop()
 
 
 async def test_spool_replay_reads_storage_in_the_endpoints_pool_not_mlflows(
