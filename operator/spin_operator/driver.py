@@ -33,6 +33,9 @@ class Gathered:
     """Facts fetched during one pass because the reconciler asked for them."""
 
     storage: dict[int, StorageFacts] = field(default_factory=dict)
+    # The iteration's Jobs (name, state) its storage facts were read for (facts.py drops facts
+    # whose Jobs changed since: they may predate a Job's end that `observe` would show).
+    storage_jobs: dict[int, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     missing_secrets: frozenset[str] | None = None
     gone: set[str] = field(default_factory=set)
     stored_checked: bool = False

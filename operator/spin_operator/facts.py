@@ -124,6 +124,11 @@ class Specs:
         return given or self.settings.mlflow_uri  # resolve_spec's default
 
 
+def _jobs_of(jobs: tuple[ObservedJob, ...], t: int) -> tuple[tuple[str, str], ...]:
+    """(name, state) of iteration `t`'s Jobs, sorted: what its storage facts depend on."""
+    return tuple(sorted((j.name, j.state) for j in jobs if j.iteration == t))
+
+
 class Facts:
     """Builds `Observed` from the Job cache and fetches what a decision asks for."""
 
@@ -328,6 +333,7 @@ class Facts:
                     facts = await self.storage.run(observe.read_facts, spec, run, t, stages, facts)
                     self.artifacts.update(spec, run.uid, t, jobs, facts, stages)
                 g.storage[t] = facts
+                g.storage_jobs[t] = _jobs_of(jobs, t)
             for job in self.run_jobs(
                 run
             ):  # once per Job: the cause a bad-input exit left in storage
@@ -346,7 +352,24 @@ class Facts:
             )
             self.metrics.errors.labels(kind="facts").inc()
             return False
+        self._drop_stale_storage(run, g)
         return True
+
+    def _drop_stale_storage(self, run: RunRef, g: Gathered) -> None:
+        """Forget the storage facts of every iteration whose Jobs changed since they were read.
+
+        The pass decides from the Job cache as it is when gather returns (`observed` follows
+        without an await), but the facts were planned and read on the Jobs before the awaits
+        above, during which the watch goes on. A Job that finished meanwhile, with its artifact
+        unread while it ran (artifact_reads.py skips running steps), looked like a Job that
+        succeeded without writing it: ArtifactIncomplete and a needless retry (the tier's
+        `<run>-i<t>-ctrain-r1`, when the control's training ended while SPIN's was being read).
+        The reconciler then asks for them again, and the next read sees the Job finished."""
+        jobs = self.run_jobs(run)
+        for t, seen in list(g.storage_jobs.items()):
+            if _jobs_of(jobs, t) != seen:
+                g.storage.pop(t, None)
+                del g.storage_jobs[t]
 
     async def _missing_secrets(self, spec: api.SPINRunSpec, run: RunRef) -> frozenset[str]:
         """Referenced Secrets that do not exist, where RBAC lets the operator look (a namespaced

@@ -66,11 +66,14 @@ class RealCluster:
     mlflow_uri: str
     values: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)  # the test's (create_namespace)
 
     # ------------------------------------------------------------------ namespaces and runs
 
     def create_namespace(self, name: str, *, secret: bool = True) -> None:
         self.kubectl("create", "namespace", name)
+        if name != RELEASE_NAMESPACE:
+            self.namespaces.append(name)
         self.kubectl("label", "namespace", name, RESTRICTED, "--overwrite")
         if secret:
             literals = [f"--from-literal={k}={v}" for k, v in kit.S3_CREDENTIALS.items()]
@@ -300,6 +303,22 @@ def release(
                 "--timeout=2m",
             )
         s.kubectl("delete", "namespace", c.namespace, "--wait=false", check=False)
+        _claim_agent_errors(s, c)
+
+
+def _claim_agent_errors(s: Session, c: RealCluster) -> None:
+    """The node agent's errors for this test's pods fail this test's teardown, not the session's
+    (which pytest reports under whichever test ran last). The namespace's last pods end after the
+    test body, when the namespace goes (SIGTERM, terminal status, the final DELETE, all through
+    the agent): they are waited for first, a minute at most; a pod still there reports later, at
+    the session's end, under its namespace's name."""
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not c.pods(), 60, f"the pods of namespace {c.namespace} to go", 0.5)
+    c.timings["pods_gone_s"] = time.monotonic() - started
+    print(f"\nCLUSTER teardown: pods of {c.namespace} gone in {c.timings['pods_gone_s']:.1f}s")
+    errors = s.agent.take_errors({RELEASE_NAMESPACE, *c.namespaces})
+    assert not errors, "node agent errors for this test's pods:\n" + "\n".join(errors)
 
 
 def _served(kubectl: Kubectl) -> bool:

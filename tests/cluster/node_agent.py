@@ -20,7 +20,13 @@ What it does, as a kubelet does it (and what it does not):
 - **reports status** through ``pods/<name>/status`` (phase, container state with exit code,
   reason, restart count, conditions; ``DisruptionTarget`` when it evicts).
 - **honours deletion**: SIGTERM to the group, ``deletionGracePeriodSeconds``, SIGKILL, terminal
-  status, then the final ``DELETE`` with grace 0 (UID precondition), as the kubelet does.
+  status, then the final ``DELETE`` with grace 0 (UID precondition), as the kubelet does. A pod
+  deleted before its container started goes straight to terminated (``ContainerStatusUnknown``,
+  137, as the kubelet reports a container it never ran) and never starts.
+- **status only moves forward**: once a pod is reported terminated nothing else is written for
+  it (the API server refuses a terminated container going back to waiting or running: 422).
+  Each pod's transitions happen under its own lock, so a deletion either comes before a start
+  (nothing starts) or after it (it finds the process to kill).
 - ``restartPolicy: Always``/``OnFailure`` containers are restarted in place (restart count + 1,
   short back-off) - the operator's Deployment pod after a SIGKILL, for example.
 
@@ -37,7 +43,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ from tests.cluster.pki import kubeconfig
 log = logging.getLogger("node-agent")
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 RESTART_BACKOFF_S = 1.0
+TERMINAL = ("Succeeded", "Failed")
 
 
 def now() -> str:
@@ -93,6 +100,9 @@ class LocalPod:
     restart_hold: threading.Event | None = None
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # as resolved for the process
+    # Held while the pod's state changes and is written (start, restart, termination, deletion's
+    # mark): the pod thread and a deletion thread race otherwise (see the module doc).
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -117,7 +127,9 @@ class NodeAgent:
         self.kubelet = Kubelet(api, workdir)
         self.launch_hook = launch_hook
         self.pods: dict[str, LocalPod] = {}  # uid -> pod
-        self.errors: list[str] = []
+        # What went wrong, per pod namespace, until a test claims its own (take_errors): a pod
+        # that ends after its test must not fail whichever test runs when the session ends.
+        self._errors: list[tuple[str, str]] = []
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -139,10 +151,27 @@ class NodeAgent:
         with self._lock:
             pods = list(self.pods.values())
         for pod in pods:
-            pod.deleting = True
+            self._mark_deleting(pod)
             self._kill(pod, grace=2.0)
         for thread in self._threads:
             thread.join(timeout=10)
+
+    @property
+    def errors(self) -> list[str]:
+        """Every error not claimed yet, each naming its pod."""
+        with self._lock:
+            return [text for _, text in self._errors]
+
+    def take_errors(self, namespaces: Collection[str]) -> list[str]:
+        """The errors of pods in `namespaces`, claimed: they no longer count in ``errors``."""
+        with self._lock:
+            taken = [text for ns, text in self._errors if ns in namespaces]
+            self._errors = [(ns, text) for ns, text in self._errors if ns not in namespaces]
+        return taken
+
+    def _error(self, pod: LocalPod, text: str) -> None:
+        with self._lock:
+            self._errors.append((pod.namespace, text))
 
     def __enter__(self) -> NodeAgent:
         return self.start()
@@ -266,13 +295,15 @@ class NodeAgent:
         if spec.get("nodeName") not in self.nodes:
             return
         uid = meta["uid"]
+        if kind == "DELETED":
+            with self._lock:
+                gone = self.pods.get(uid)
+            if gone is not None:  # outside self._lock: a pod's lock is never taken inside it
+                self._mark_deleting(gone)
+                self._kill(gone, grace=0)
+            return
         with self._lock:
             pod = self.pods.get(uid)
-            if kind == "DELETED":
-                if pod is not None:
-                    pod.deleting = True
-                    self._kill(pod, grace=0)
-                return
             if pod is None:
                 if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     return  # finished before we (re)started: nothing to run
@@ -309,27 +340,61 @@ class NodeAgent:
         except ConfigError as exc:
             # CreateContainerConfigError: the pod stays Pending; retried when the watch sees it
             # again (a real kubelet retries on its sync loop).
-            pod.reason, pod.message = "CreateContainerConfigError", str(exc)
-            self._publish(pod)
+            with pod.lock:
+                if pod.deleting or pod.phase in TERMINAL:
+                    # Deleted while resolving: the deletion reports it terminated (maybe already
+                    # has); a Pending written now would take the status back (HTTP 422).
+                    return
+                pod.reason, pod.message = "CreateContainerConfigError", str(exc)
+                self._publish(pod)
             with self._lock:
                 self.pods.pop(pod.uid, None)
             return
         except Exception as exc:
-            self.errors.append(f"{pod.namespace}/{pod.name}: {exc!r}")
-            pod.phase, pod.exit_code, pod.reason, pod.message = (
-                "Failed",
-                128,
-                "StartError",
-                str(exc),
-            )
-            self._publish(pod)
+            self._error(pod, f"{pod.namespace}/{pod.name}: {exc!r}")
+            self._finish(pod, 128, "StartError", str(exc))
             return
         if self.launch_hook is not None:
             argv = self.launch_hook(obj, argv, env)
         pod.argv, pod.env = argv, env
         while True:
-            if pod.deleting or self._stop.is_set():
+            proc = self._start(pod, argv, env, cwd)
+            if proc is None:
                 return
+            code = proc.wait()
+            code = 128 - code if code < 0 else code  # killed by signal N: the runtime's 128+N
+            restart = pod.restart_policy == "Always" or (
+                pod.restart_policy == "OnFailure" and code != 0
+            )
+            with pod.lock:
+                # Decided under the lock: a deletion that came first has reported the pod
+                # terminated, and a waiting state written after that would go backwards.
+                restart = restart and not pod.deleting and not self._stop.is_set()
+                if restart:
+                    pod.exit_code, pod.finished = code, now()
+                    pod.reason = "Completed" if code == 0 else "Error"
+                    pod.restarts += 1
+                    self._publish(pod, waiting="CrashLoopBackOff")
+            if restart:
+                self._stop.wait(RESTART_BACKOFF_S)
+                hold, pod.restart_hold = pod.restart_hold, None
+                while hold is not None and not hold.wait(0.2):
+                    if pod.deleting or self._stop.is_set():
+                        break
+                continue
+            if not pod.deleting:  # a deletion reports the end itself (_delete)
+                self._finish(pod, code)
+            return
+
+    def _start(
+        self, pod: LocalPod, argv: list[str], env: dict[str, str], cwd: Path
+    ) -> subprocess.Popen[bytes] | None:
+        """Start the container and report it Running, unless the pod is being deleted or has
+        terminated. Checked and started under the pod's lock: a deletion marked before finds
+        nothing started and reports the pod terminated; one marked after finds the process."""
+        with pod.lock:
+            if pod.deleting or pod.phase in TERMINAL or self._stop.is_set():
+                return None
             with pod.log_path.open("ab") as out:
                 pod.proc = subprocess.Popen(
                     argv,
@@ -342,26 +407,26 @@ class NodeAgent:
                 )
             pod.phase, pod.started, pod.reason, pod.exit_code = "Running", now(), "", None
             self._publish(pod)
-            code = pod.proc.wait()
-            code = 128 - code if code < 0 else code  # killed by signal N: the runtime's 128+N
+            return pod.proc
+
+    def _finish(self, pod: LocalPod, code: int, reason: str = "", message: str = "") -> bool:
+        """Report the pod terminated with `code`, once: a terminated pod's status is final, so a
+        later call (the pod thread and a deletion both ending it) changes and writes nothing."""
+        with pod.lock:
+            if pod.phase in TERMINAL:
+                return False
             pod.exit_code, pod.finished = code, now()
-            pod.reason = "Completed" if code == 0 else "Error"
-            restart = pod.restart_policy == "Always" or (
-                pod.restart_policy == "OnFailure" and code != 0
-            )
-            if restart and not pod.deleting and not self._stop.is_set():
-                pod.restarts += 1
-                self._publish(pod, waiting="CrashLoopBackOff")
-                self._stop.wait(RESTART_BACKOFF_S)
-                hold, pod.restart_hold = pod.restart_hold, None
-                while hold is not None and not hold.wait(0.2):
-                    if pod.deleting or self._stop.is_set():
-                        break
-                continue
-            if not pod.deleting:
-                pod.phase = "Succeeded" if code == 0 else "Failed"
-                self._publish(pod)
-            return
+            pod.phase = "Succeeded" if code == 0 else "Failed"
+            pod.reason = reason or ("Completed" if code == 0 else "Error")
+            pod.message = message or pod.message
+            self._publish(pod)
+            return True
+
+    def _mark_deleting(self, pod: LocalPod) -> None:
+        """From here on no container of the pod starts (``_start`` checks under the same lock);
+        a start already under way finishes first, so its process is there to be killed."""
+        with pod.lock:
+            pod.deleting = True
 
     def _resolve(
         self, pod: LocalPod, obj: dict[str, Any]
@@ -461,15 +526,20 @@ class NodeAgent:
 
     def _delete(self, pod: LocalPod, grace: float) -> None:
         """Graceful deletion: stop the container, report a terminal phase, remove the object."""
-        running = pod.proc is not None and pod.proc.poll() is None
+        self._mark_deleting(pod)
         self._kill(pod, grace)
-        if running or pod.phase in ("Pending", "Running"):
-            code = pod.proc.returncode if pod.proc is not None else 137
-            code = 128 - code if code is not None and code < 0 else (code or 0)
-            pod.exit_code, pod.finished = code, now()
-            pod.phase = "Succeeded" if code == 0 else "Failed"
-            pod.reason = "Completed" if code == 0 else "Error"
-            self._publish(pod)
+        proc = pod.proc
+        if proc is None:
+            # Never started: terminated at once, as the kubelet reports a container it never ran.
+            self._finish(
+                pod,
+                137,
+                "ContainerStatusUnknown",
+                "The container could not be located when the pod was terminated",
+            )
+        else:
+            code = proc.wait()  # _kill waited it out; this reads the code
+            self._finish(pod, 128 - code if code < 0 else code)
         with contextlib.suppress(ApiError):
             self.api.request(
                 "DELETE",
@@ -494,11 +564,11 @@ class NodeAgent:
     def evict(self, namespace: str, name: str) -> LocalPod:
         """Kill a pod as the kubelet does under node pressure: DisruptionTarget, phase Failed."""
         pod = self.find(namespace, name)
-        pod.disruption, pod.deleting = True, True
-        pod.reason, pod.message = "Evicted", "The node was low on resource: memory."
+        with pod.lock:
+            self._mark_deleting(pod)
+            pod.disruption = pod.phase not in TERMINAL  # a finished pod is not disrupted
         self._kill(pod, grace=0)
-        pod.phase, pod.exit_code, pod.finished = "Failed", 137, now()
-        self._publish(pod)
+        self._finish(pod, 137, "Evicted", "The node was low on resource: memory.")
         return pod
 
     def find(self, namespace: str, name: str) -> LocalPod:
@@ -580,6 +650,6 @@ class NodeAgent:
             )
         except ApiError as exc:
             if exc.status != 404:
-                self.errors.append(f"status of {pod.namespace}/{pod.name}: {exc}")
+                self._error(pod, f"status of {pod.namespace}/{pod.name}: {exc}")
         except Exception as exc:  # the API server is restarting: the next change writes it again
             log.debug("status of %s not written: %s", pod.name, exc)

@@ -75,7 +75,10 @@ def test_both_arms_run_per_iteration_and_the_status_says_who_won(
     expected = {
         job_name(RUN, t, kind) for t in (0, 1) for kind in ALL_STEP_KINDS if t == 0 or kind != CHECK
     }
-    assert set(created) == expected and set(created.values()) == {1}, (created, c.diagnostics(RUN))
+    # (a string message: pytest prints it whole, a tuple's repr it cuts to a few hundred chars)
+    assert set(created) == expected and set(created.values()) == {1}, (
+        f"{created}\n{c.diagnostics(RUN)}"
+    )
     for it in status["iterations"]:
         for step in ("generate", "train", "evaluate", "controlTrain", "controlEvaluate"):
             assert it[step]["phase"] == "Succeeded", (it["iteration"], step, it[step])
