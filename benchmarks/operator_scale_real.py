@@ -182,7 +182,9 @@ def unfiltered_job_reads(events: list[dict[str, Any]]) -> int:
     return count
 
 
-def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+def run_real(
+    runs: int, iterations: int, timeout: float, keep: pathlib.Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="spin-bench-real-") as tmp:
         workdir = pathlib.Path(tmp)
         binary = build_binary()
@@ -200,7 +202,14 @@ def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
                 with harness.release(
                     s, workdir, proxy.url, "", launch_hook=InstantPods(workdir / "scratch")
                 ) as c:
-                    return measure(c, runs, iterations, timeout, proxy)
+                    try:
+                        return measure(c, runs, iterations, timeout, proxy)
+                    finally:
+                        if keep is not None:
+                            keep.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(c.plane.audit_log, keep / "audit.log")
+                            if (operator_log := c.operator_log()) is not None:
+                                shutil.copy(operator_log, keep / "operator.log")
             finally:
                 proxy.stop()
     raise AssertionError("unreachable")

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
 EventPoster = Callable[[JSON, str, str, str], None]
+WRITTEN_KEPT = 8  # a pass writes a run at most 3 times (metadata, status, status after MLflow)
 
 
 class Retry(Exception):
@@ -97,6 +98,9 @@ class Applier:
         self.on_job = on_job  # a created Job goes into the Job cache at once
         self.post_event = post_event or _kopf_event
         self.refusals = refusals  # children the API server refused for good (refusals.py)
+        # Per run, the resourceVersions of the bodies this process's own writes answered with,
+        # in order, since the watch last brought the newest of them (Controller.on_run).
+        self.written: dict[Key, list[str]] = {}
 
     async def execute(
         self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision
@@ -176,12 +180,37 @@ class Applier:
             if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
                 raise Stale from exc  # its way through the watch and triggers a new pass
             raise
-        if key in self.runs:
-            self.runs[key] = updated
+        self._cache(key, updated)
         if old.phase != new.phase:
             self.metrics.transitions.labels(from_phase=old.phase, to_phase=new.phase).inc()
         self.metrics.set_phases(phases(self.runs))
         return updated or body
+
+    def _cache(self, key: Key, updated: JSON) -> None:
+        """A write's answer is the run's newest body: cache it, and note its version so that the
+        watch events of the versions it replaced are known as older (`superseded`)."""
+        if key not in self.runs:
+            return
+        self.runs[key] = updated
+        rv = (updated.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self.written.setdefault(key, []).append(rv)
+            del self.written[key][:-WRITTEN_KEPT]
+
+    def superseded(self, key: Key, obj: JSON) -> bool:
+        """True when `obj` (a watch event's body) is a version this process wrote and then
+        wrote over: the cache already holds a newer body. Under load the watch brings the start's
+        metadata patch after the status patch's answer was cached, and caching it put back a body
+        without the recorded spec: a pass on it redid the start (dry runs, a 409 on the check
+        Job). resourceVersions are opaque: only equality with the answers is used."""
+        mine = self.written.get(key)
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if not mine or not rv:
+            return False
+        if rv in mine[:-1]:
+            return True
+        del self.written[key]  # the newest of ours, or someone else's write: back in step
+        return False
 
     async def _write(self, call: Any) -> Any:
         try:
@@ -235,8 +264,7 @@ class Applier:
             if exc.status in (404, 409):
                 raise Stale from exc
             raise
-        if key in self.runs:
-            self.runs[key] = updated
+        self._cache(key, updated)
         released = (
             finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
         )
