@@ -95,6 +95,7 @@ class Controller:
             self.on_job(event_type, obj)  # looked up late: a test may replace it (test_resync)
 
         self.facts = Facts(settings, kube, self.metrics, storage, self.jobs, on_job, pod_check)
+        self.facts.on_looked = lambda run: self.kick((run.namespace, run.name))
         self.refusals = Refusals()  # children the API server refused for good (refusals.py)
         self.tracked = TrackingActions(self.tracking, storage)
         self.applier = Applier(

@@ -410,6 +410,15 @@ async def test_runs_waiting_in_one_namespace_share_one_list_of_pods_and_events()
         jobs[(run.namespace, run.name)] = {seen.name: (run.uid, seen)}
         facts.job_seen(run.namespace, seen, body, deleted=False)
         facts._waiting_since[(run.uid, seen.name)] = time.monotonic() - 30  # waited pod_check
+    looked: list[RunRef] = []
+    facts.on_looked = looked.append
+    # The passes do not wait for the lists (a slow list held each run's next Job): both go on,
+    # and each run is handed back for another pass once the shared lists are in.
+    await asyncio.gather(*(facts.look_at_pods(run) for run in runs))
+    assert facts._blocked == {}
+    while len(looked) < 2:
+        await asyncio.sleep(0.01)
+    assert sorted(r.name for r in looked) == ["a", "b"]
     await asyncio.gather(*(facts.look_at_pods(run) for run in runs))
     assert sorted(path for path, _ in kube.calls) == [
         "/api/v1/namespaces/team-a/events",
@@ -423,3 +432,63 @@ async def test_runs_waiting_in_one_namespace_share_one_list_of_pods_and_events()
         "a-i0-gen": ("ImagePullBackOff", "pod a-1: no such image"),
         "b-i0-gen": ("FailedCreate", "exceeded quota"),  # 1 of its 2 pods: the quota refused
     }
+
+
+async def test_a_slow_look_at_pods_never_holds_a_pass() -> None:
+    """At 250 runs the namespace's FailedCreate events took 7-12 s to list: a pass waiting for
+    them held the run's next Job as long. The pass goes on at once; the run is handed back
+    (`on_looked`) when the lists are in, and a failed list hands nothing back."""
+    from spin_operator.endpoints import StoragePools
+    from spin_operator.facts import Facts
+    from spin_operator.metrics import Metrics
+    from spin_operator.settings import Settings
+    from spin_operator.steps import RunRef
+
+    gate = asyncio.Event()
+
+    class SlowKube:
+        fail = False
+
+        async def request(self, method: str, path: str, **_: Any) -> dict[str, Any]:
+            await gate.wait()
+            if self.fail:
+                raise OSError("connection reset")
+            return {"items": []}
+
+    body = job("a-i0-gen")
+    body["metadata"]["namespace"] = "team-a"
+    body["metadata"]["ownerReferences"] = [{"kind": "SPINRun", "controller": True, "uid": "u"}]
+    seen = job_state(body)
+    assert seen is not None and seen.starting
+    run = RunRef("team-a", "a", "u")
+    kube = SlowKube()
+    facts = Facts(
+        Settings(),
+        kube,
+        Metrics(),
+        StoragePools(),
+        {("team-a", "a"): {seen.name: ("u", seen)}},
+        lambda *_: None,
+        20.0,
+    )  # type: ignore[arg-type]
+    looked: list[RunRef] = []
+    facts.on_looked = looked.append
+    facts.job_seen("team-a", seen, body, deleted=False)
+    facts._waiting_since[("u", seen.name)] = time.monotonic() - 30
+    await asyncio.wait_for(facts.look_at_pods(run), timeout=1.0)  # the list hangs: no wait
+    await asyncio.wait_for(facts.look_at_pods(run), timeout=1.0)  # still one list in flight
+    gate.set()
+    while not looked:
+        await asyncio.sleep(0.01)
+    assert looked == [run, run]
+    await facts.look_at_pods(run)
+    assert facts._blocked[("u", seen.name)][1] == pod_blockage(body, [], [])
+    # a failed list: the next due look lists again, and nobody is handed back for it
+    facts._blocked.clear()
+    facts._listed.clear()
+    kube.fail, looked[:] = True, []
+    gate.clear()
+    await facts.look_at_pods(run)
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert looked == [] and "team-a" not in facts._listed
