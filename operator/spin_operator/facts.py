@@ -157,8 +157,8 @@ class Facts:
         self._waiting_since: dict[tuple[str, str], float] = {}
         # namespace -> (monotonic time, the list of its pods and FailedCreate events, shared)
         self._listed: dict[str, tuple[float, asyncio.Future[Listed]]] = {}
-        # Called with a run whose pass went on without the pod look it was due (the controller
-        # reconciles it again once the lists are in).
+        # Called with a run whose pass went on without the pod look it was due, once the lists
+        # are in and changed what is known of its Jobs' pods (the controller reconciles it).
         self.on_looked: Callable[[RunRef], None] | None = None
         # Jobs the operator asked to delete ((namespace, Job); the Applier adds them): a
         # Foreground delete leaves the Job in place until its pods are gone, and passes triggered
@@ -196,16 +196,16 @@ class Facts:
         Best effort: a failed look leaves the last one (the step then just waits, as before).
 
         Never waited for: while the namespace's lists are still on their way the pass goes on
-        with the last look, and `on_looked` asks for another pass once they are in. A pass held
-        on them also held the run's next Job: at 250 runs the events list (a field selector the
-        API server filters by scanning every event of the namespace) took 7-12 s, and each Job
-        that finished meanwhile waited as long for its successor (the p99 of 4.4 s)."""
+        with the last look; when they are in, what they say is recorded and `on_looked` asks for
+        another pass if it changed anything. A pass held on them also held the run's next Job:
+        at 250 runs the events list (a field selector the API server serves by scanning every
+        event of the namespace) took 7-12 s, and each Job that finished meanwhile waited as long
+        for its successor (the p99 of 4.4 s)."""
         now = time.monotonic()
-        due: list[tuple[tuple[str, str], JSON]] = []
+        due: list[tuple[str, str]] = []
         for job in self.run_jobs(run):
             k = (run.uid, job.name)
-            body = self._starting.get((run.namespace, job.name))
-            if body is None:
+            if (run.namespace, job.name) not in self._starting:
                 self._blocked.pop(k, None)
                 self._waiting_since.pop(k, None)
                 continue
@@ -213,15 +213,15 @@ class Facts:
             seen = self._blocked.get(k)
             last = since if seen is None else seen[0]
             if now - last >= self.pod_check * 0.9:
-                due.append((k, body))
+                due.append(k)
         if not due:
             return
         listed = self._pods_and_events(run.namespace)
         if not listed.done():
-            listed.add_done_callback(lambda f: self._looked(run, f))
+            listed.add_done_callback(lambda f: self._looked(run, due, f))
             return
         try:
-            pods, events = listed.result()
+            self._record(run, due, listed.result())
         except (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # noqa: UP041
             # best effort: a dropped connection must not fail the pass this look serves
             level = logging.DEBUG if getattr(exc, "status", None) == 404 else logging.WARNING
@@ -232,9 +232,31 @@ class Facts:
                 run.name,
                 exc,
             )
+
+    def _record(self, run: RunRef, due: list[tuple[str, str]], listed: Listed) -> bool:
+        """Each due Job's blockage from the lists; True when one differs from the last look."""
+        pods, events = listed
+        now, changed = time.monotonic(), False
+        for k in due:
+            body = self._starting.get((run.namespace, k[1]))
+            if body is None:  # its pods started (or it went) meanwhile
+                continue
+            found = observe.pod_blockage(body, pods, events)
+            before = self._blocked.get(k)
+            self._blocked[k] = (now, found)
+            changed |= found != (before[1] if before is not None else observe.Blockage())
+        return changed
+
+    def _looked(
+        self, run: RunRef, due: list[tuple[str, str]], future: asyncio.Future[Listed]
+    ) -> None:
+        """The lists a pass of `run` went on without are in: record what they say, and ask for
+        another pass only when that changed (most looks find nothing new: no pass for those).
+        A failed list records nothing (`_listed_in` logs it; the next due look lists again)."""
+        if future.cancelled() or future.exception() is not None:
             return
-        for k, body in due:
-            self._blocked[k] = (now, observe.pod_blockage(body, pods, events))
+        if self._record(run, due, future.result()) and self.on_looked is not None:
+            self.on_looked(run)
 
     def _pods_and_events(self, namespace: str) -> asyncio.Future[Listed]:
         """The operator's pods and the Jobs' FailedCreate events in `namespace`: one list of
@@ -249,12 +271,6 @@ class Facts:
             seen = self._listed[namespace] = (now, future)
             future.add_done_callback(lambda f: self._listed_in(namespace, f))
         return seen[1]
-
-    def _looked(self, run: RunRef, future: asyncio.Future[Listed]) -> None:
-        """The lists a pass of `run` went on without are in: another pass uses them. Not after a
-        failed list: that pass would list again at once, and again (the pod re-check retries)."""
-        if self.on_looked is not None and not future.cancelled() and future.exception() is None:
-            self.on_looked(run)
 
     def _listed_in(self, namespace: str, future: asyncio.Future[Listed]) -> None:
         """The lists came in: fresh from now on; a failed one is listed again by the next look."""
