@@ -348,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run the operator under cProfile and write pstats here (slower: not for the targets;"
         " emulated mode only)",
     )
+    parser.add_argument(
+        "--keep",
+        type=pathlib.Path,
+        default=None,
+        help="real mode: copy the API server's audit log and the operator's log into this "
+        "directory (for finding where a slow transition waited)",
+    )
     args = parser.parse_args(argv)
     if args.profile is not None and args.cluster != "emulated":
         parser.error("--profile needs --cluster emulated")
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster in ("real", "both"):
         from benchmarks.operator_scale_real import run_real
 
-        real = with_ratios(run_real(args.runs, args.iterations, args.timeout))
+        real = with_ratios(run_real(args.runs, args.iterations, args.timeout, args.keep))
     if emulated is not None and real is not None:
         print(json.dumps(side_by_side(emulated, real)))
     else:

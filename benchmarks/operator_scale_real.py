@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import json
@@ -143,7 +144,15 @@ def _errors(ops: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(refused.items()))
 
 
-def latencies(events: list[dict[str, Any]], namespace: str) -> list[float]:
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    seconds: float  # the Job's completion to the next Job's creation
+    job: str
+    next_job: str
+    completed: float  # when the Job completed (API server time)
+
+
+def transitions(events: list[dict[str, Any]], namespace: str) -> list[Transition]:
     """Per run: each Job's completion (the Job controller's last status write before the run's
     next Job) to the operator's creation of that next Job (both as the API server stamped them)."""
     creations: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
@@ -164,11 +173,33 @@ def latencies(events: list[dict[str, Any]], namespace: str) -> list[float]:
     out = []
     for jobs in creations.values():
         jobs.sort()
-        for (_, name), (created, _) in itertools.pairwise(jobs):
+        for (_, name), (created, next_name) in itertools.pairwise(jobs):
             before = [t for t in writes.get(name, []) if t <= created]
             if before:
-                out.append(created - max(before))
+                out.append(Transition(created - max(before), name, next_name, max(before)))
     return out
+
+
+def slowest(found: list[Transition], start: float, count: int = 5) -> list[list[Any]]:
+    """The slowest transitions as [seconds, Job, next Job, seconds from the first SPINRun's
+    creation to the Job's completion]: whether the tail is one wave (all early: the runs'
+    starts) or spread over the run (the API server's latency under load)."""
+    worst = sorted(found, key=lambda t: t.seconds)[-count:][::-1]
+    return [[round(t.seconds, 2), t.job, t.next_job, round(t.completed - start, 1)] for t in worst]
+
+
+def server_ms(ops: list[dict[str, Any]]) -> dict[str, float]:
+    """p50/p99 of the operator's requests as the API server saw them (received to answered):
+    the part of a transition that is the API server's, not the operator's."""
+    took = sorted(
+        1000
+        * (stamp(e) - datetime.datetime.fromisoformat(e["requestReceivedTimestamp"]).timestamp())
+        for e in ops
+        if e.get("verb") != "watch"
+    )
+    if not took:
+        return {}
+    return {"p50": round(statistics.median(took), 1), "p99": round(percentile(took, 0.99), 1)}
 
 
 def unfiltered_job_reads(events: list[dict[str, Any]]) -> int:
@@ -182,7 +213,9 @@ def unfiltered_job_reads(events: list[dict[str, Any]]) -> int:
     return count
 
 
-def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
+def run_real(
+    runs: int, iterations: int, timeout: float, keep: pathlib.Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="spin-bench-real-") as tmp:
         workdir = pathlib.Path(tmp)
         binary = build_binary()
@@ -200,7 +233,14 @@ def run_real(runs: int, iterations: int, timeout: float) -> dict[str, Any]:
                 with harness.release(
                     s, workdir, proxy.url, "", launch_hook=InstantPods(workdir / "scratch")
                 ) as c:
-                    return measure(c, runs, iterations, timeout, proxy)
+                    try:
+                        return measure(c, runs, iterations, timeout, proxy)
+                    finally:
+                        if keep is not None:
+                            keep.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(c.plane.audit_log, keep / "audit.log")
+                            if (operator_log := c.operator_log()) is not None:
+                                shutil.copy(operator_log, keep / "operator.log")
             finally:
                 proxy.stop()
     raise AssertionError("unreachable")
@@ -246,7 +286,8 @@ def measure(
     # acts for an earlier test's runs (their namespace terminating, their Jobs deleted), which
     # would count as this benchmark's requests. Cluster-scoped requests (None) stay in.
     ops = [e for e in everywhere if _namespace(e) in (None, c.namespace)]
-    lat = latencies(events, c.namespace)
+    found = transitions(events, c.namespace)
+    lat = [t.seconds for t in found]
     by_kind: collections.Counter[str] = collections.Counter()
     for e in ops:
         ref = e.get("objectRef") or {}
@@ -270,6 +311,8 @@ def measure(
         "iterations_per_run": iterations,
         "runs_succeeded": counts["Succeeded"],
         "transitions": len(lat),
+        "slowest_transitions": slowest(found, start),
+        "operator_request_server_ms": server_ms(ops),
         "wall_s": round(wall, 2),
         "requests_by_kind": {k: round(v / total, 2) for k, v in sorted(by_kind.items())},
         "errors": _errors(ops),

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # namespace, run name
 JSON = dict[str, Any]
 EventPoster = Callable[[JSON, str, str, str], None]
+WRITTEN_KEPT = 8  # a pass writes a run at most 3 times (metadata, status, status after MLflow)
 
 
 class Retry(Exception):
@@ -97,6 +98,9 @@ class Applier:
         self.on_job = on_job  # a created Job goes into the Job cache at once
         self.post_event = post_event or _kopf_event
         self.refusals = refusals  # children the API server refused for good (refusals.py)
+        # Per run, the resourceVersions of the bodies this process's own writes answered with,
+        # in order, since the watch last brought the newest of them (Controller.on_run).
+        self.written: dict[Key, list[str]] = {}
 
     async def execute(
         self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, d: Decision
@@ -123,27 +127,21 @@ class Applier:
                 self.settings.mlflow_secret,
                 body["metadata"].get("generation"),
             )
-        for a in d.actions:
-            if isinstance(a, DeleteJob):
-                # Foreground: the Job stays (marked deleting) until its pods are gone, so the
-                # reconciler can tell when nothing writes any more (run deletion, retries).
-                if (run.namespace, a.name) in self.deletes_sent:
-                    continue
-                if await self._write(
-                    self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
-                ):  # None or False: already gone (404)
-                    self.deletes_sent.add((run.namespace, a.name))
-            elif isinstance(a, DeleteService):
-                await self._write(self.kube.delete(service_path(run.namespace, a.name)))
-            elif isinstance(a, SuspendJob):
-                await self._write(
-                    self.kube.patch(
-                        job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}}
-                    )
-                )
-        if spec is not None:
-            for a in d.of_type(CreateStep):
-                await self._create(key, spec, run, new, a)
+        for a in d.of_type(SuspendJob):
+            await self._write(
+                self.kube.patch(job_path(run.namespace, a.name), {"spec": {"suspend": a.suspend}})
+            )
+        # Creates before deletes: what a pass deletes (finished Jobs of recorded steps, a
+        # succeeded training's Service, older or released attempts) is never what it creates, and
+        # a delete is not waited for anyway, so the next Job's creation does not queue behind
+        # them (at 100 runs a train -> evaluate transition waited ~0.5 s on its Service's delete).
+        # The deletes run even when a create fails: freeing a count quota may be what it needs.
+        try:
+            if spec is not None:
+                for c in d.of_type(CreateStep):
+                    await self._create(key, spec, run, new, c)
+        finally:
+            await self._deletes(run, d)
         body = await self._patch_status(key, body, run, old, new)
         for a in d.of_type(Event):
             self.post(body, a)
@@ -157,6 +155,20 @@ class Applier:
         settled = await self.tracking.tracking.settle(spec, run, new, d.actions, self.storage.run)
         await self._patch_status(key, body, run, written, new)
         return settled
+
+    async def _deletes(self, run: RunRef, d: Decision) -> None:
+        for a in d.actions:
+            if isinstance(a, DeleteJob):
+                # Foreground: the Job stays (marked deleting) until its pods are gone, so the
+                # reconciler can tell when nothing writes any more (run deletion, retries).
+                if (run.namespace, a.name) in self.deletes_sent:
+                    continue
+                if await self._write(
+                    self.kube.delete(job_path(run.namespace, a.name), propagation="Foreground")
+                ):  # None or False: already gone (404)
+                    self.deletes_sent.add((run.namespace, a.name))
+            elif isinstance(a, DeleteService):
+                await self._write(self.kube.delete(service_path(run.namespace, a.name)))
 
     async def _patch_status(
         self, key: Key, body: JSON, run: RunRef, old: api.SPINRunStatus, new: api.SPINRunStatus
@@ -176,12 +188,37 @@ class Applier:
             if exc.status in (404, 409):  # our snapshot was stale: its newer version is on
                 raise Stale from exc  # its way through the watch and triggers a new pass
             raise
-        if key in self.runs:
-            self.runs[key] = updated
+        self._cache(key, updated)
         if old.phase != new.phase:
             self.metrics.transitions.labels(from_phase=old.phase, to_phase=new.phase).inc()
         self.metrics.set_phases(phases(self.runs))
         return updated or body
+
+    def _cache(self, key: Key, updated: JSON) -> None:
+        """A write's answer is the run's newest body: cache it, and note its version so that the
+        watch events of the versions it replaced are known as older (`superseded`)."""
+        if key not in self.runs:
+            return
+        self.runs[key] = updated
+        rv = (updated.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self.written.setdefault(key, []).append(rv)
+            del self.written[key][:-WRITTEN_KEPT]
+
+    def superseded(self, key: Key, obj: JSON) -> bool:
+        """True when `obj` (a watch event's body) is a version this process wrote and then
+        wrote over: the cache already holds a newer body. Under load the watch brings the start's
+        metadata patch after the status patch's answer was cached, and caching it put back a body
+        without the recorded spec: a pass on it redid the start (dry runs, a 409 on the check
+        Job). resourceVersions are opaque: only equality with the answers is used."""
+        mine = self.written.get(key)
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if not mine or not rv:
+            return False
+        if rv in mine[:-1]:
+            return True
+        del self.written[key]  # the newest of ours, or someone else's write: back in step
+        return False
 
     async def _write(self, call: Any) -> Any:
         try:
@@ -235,8 +272,7 @@ class Applier:
             if exc.status in (404, 409):
                 raise Stale from exc
             raise
-        if key in self.runs:
-            self.runs[key] = updated
+        self._cache(key, updated)
         released = (
             finalizers is not None and FINALIZER not in finalizers and meta.get("deletionTimestamp")
         )

@@ -410,7 +410,15 @@ async def test_runs_waiting_in_one_namespace_share_one_list_of_pods_and_events()
         jobs[(run.namespace, run.name)] = {seen.name: (run.uid, seen)}
         facts.job_seen(run.namespace, seen, body, deleted=False)
         facts._waiting_since[(run.uid, seen.name)] = time.monotonic() - 30  # waited pod_check
+    looked: list[RunRef] = []
+    facts.on_looked = looked.append
+    # The passes do not wait for the lists (a slow list held each run's next Job): both go on,
+    # and each run is handed back for another pass once the shared lists are in.
     await asyncio.gather(*(facts.look_at_pods(run) for run in runs))
+    assert facts._blocked == {}
+    while len(looked) < 2:
+        await asyncio.sleep(0.01)
+    assert sorted(r.name for r in looked) == ["a", "b"]  # each found a cause: a pass for each
     assert sorted(path for path, _ in kube.calls) == [
         "/api/v1/namespaces/team-a/events",
         "/api/v1/namespaces/team-a/pods",
@@ -423,3 +431,69 @@ async def test_runs_waiting_in_one_namespace_share_one_list_of_pods_and_events()
         "a-i0-gen": ("ImagePullBackOff", "pod a-1: no such image"),
         "b-i0-gen": ("FailedCreate", "exceeded quota"),  # 1 of its 2 pods: the quota refused
     }
+
+
+async def test_a_slow_look_at_pods_never_holds_a_pass() -> None:
+    """At 250 runs the namespace's FailedCreate events took 7-12 s to list: a pass waiting for
+    them held the run's next Job as long. The pass goes on at once; the lists' finding is
+    recorded when they are in, and the run is handed back (`on_looked`) only when it changed."""
+    from spin_operator.endpoints import StoragePools
+    from spin_operator.facts import Facts
+    from spin_operator.metrics import Metrics
+    from spin_operator.settings import Settings
+    from spin_operator.steps import RunRef
+
+    gate = asyncio.Event()
+    stuck = pod("a-1", job_name="a-i0-gen", **waiting("ImagePullBackOff", "no such image"))
+
+    class SlowKube:
+        fail = False
+        pods: list[dict[str, Any]] = [stuck]
+
+        async def request(self, method: str, path: str, **_: Any) -> dict[str, Any]:
+            await gate.wait()
+            if self.fail:
+                raise OSError("connection reset")
+            return {"items": self.pods if path.endswith("/pods") else []}
+
+    body = job("a-i0-gen")
+    body["metadata"]["namespace"] = "team-a"
+    body["metadata"]["ownerReferences"] = [{"kind": "SPINRun", "controller": True, "uid": "u"}]
+    seen = job_state(body)
+    assert seen is not None and seen.starting
+    run, k = RunRef("team-a", "a", "u"), ("u", seen.name)
+    kube = SlowKube()
+    jobs = {("team-a", "a"): {seen.name: ("u", seen)}}
+    facts = Facts(Settings(), kube, Metrics(), StoragePools(), jobs, lambda *_: None, 20.0)  # type: ignore[arg-type]
+    looked: list[RunRef] = []
+    facts.on_looked = looked.append
+    facts.job_seen("team-a", seen, body, deleted=False)
+    facts._waiting_since[k] = time.monotonic() - 30
+    await asyncio.wait_for(facts.look_at_pods(run), timeout=1.0)  # the list hangs: no wait
+    await asyncio.wait_for(facts.look_at_pods(run), timeout=1.0)  # one list, still in flight
+    assert k not in facts._blocked and not looked
+    gate.set()
+    while not looked:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert looked == [run]  # the cause is new: one more pass (the second look's adds nothing)
+    assert facts._blocked[k][1].reason == "ImagePullBackOff"
+    # the same finding again: recorded, no pass asked for
+    facts._blocked[k] = (time.monotonic() - 30, facts._blocked[k][1])
+    facts._listed.clear()
+    looked.clear()
+    gate.clear()
+    await facts.look_at_pods(run)
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert looked == [] and time.monotonic() - facts._blocked[k][0] < 1
+    # a failed list: nothing recorded, nobody handed back, the next due look lists again
+    facts._blocked[k] = (time.monotonic() - 30, facts._blocked[k][1])
+    facts._listed.clear()
+    kube.fail = True
+    gate.clear()
+    await facts.look_at_pods(run)
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert looked == [] and "team-a" not in facts._listed
+    assert time.monotonic() - facts._blocked[k][0] >= 29
