@@ -62,6 +62,11 @@ class S3FaultProxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    # counted before the client can see the answer: a test that reads the
+                    # counters right after its call returned read 0 when this came after
+                    with proxy._lock:
+                        proxy.forwarded += 1
+                        proxy.answered[resp.status] += 1
                     self.send_response(resp.status)
                     for key, value in resp.getheaders():
                         if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
@@ -76,9 +81,6 @@ class S3FaultProxy:
                         self.wfile.write(data)
                 finally:
                     conn.close()
-                with proxy._lock:
-                    proxy.forwarded += 1
-                    proxy.answered[resp.status] += 1
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
