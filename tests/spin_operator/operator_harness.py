@@ -10,10 +10,11 @@ task on the test's loop; `kill()` cancels it abruptly (no cleanup), `stop()` sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from spin_operator.settings import Settings
 from spin_operator.track import Tracking
 from tests.support import step_artifacts
 from tests.support.job_driver import JobDriver
-from tests.support.k8s_emulator import K8sApi
+from tests.support.k8s_emulator import K8sApi, running_api
 
 NS = "team-a"
 T = TypeVar("T")
@@ -57,6 +58,19 @@ def finished(job: JSON) -> bool:
         c["type"] in ("Complete", "Failed") and c["status"] == "True"
         for c in (job.get("status") or {}).get("conditions") or []
     )
+
+
+@contextlib.contextmanager
+def emulated_cluster(
+    root: Path, setenv: Callable[[str, str], None], namespaces: tuple[str, ...] = (NS,)
+) -> Iterator[Cluster]:
+    """An emulated API server with `namespaces` created, KUBECONFIG pointed at it (through the
+    caller's `monkeypatch.setenv`), wrapped in a `Cluster`: the tests' `cluster` fixture."""
+    with running_api(root) as api:
+        for ns in namespaces:
+            api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        setenv("KUBECONFIG", str(api.kubeconfig_path))
+        yield Cluster(api, root)
 
 
 class Cluster:

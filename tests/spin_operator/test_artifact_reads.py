@@ -18,8 +18,12 @@ from spin_operator.api import types as api
 from spin_operator.artifact_reads import ArtifactReads
 from spin_operator.decision import ObservedJob, StorageFacts
 from spin_operator.policy import Allowed, Policy
-from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import (
+    Cluster,
+    OperatorProcess,
+    emulated_cluster,
+    spinrun,
+)
 
 
 class S3Requests:
@@ -54,10 +58,8 @@ def s3_requests(monkeypatch: pytest.MonkeyPatch) -> S3Requests:
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        yield cluster
 
 
 async def test_a_run_reads_each_artifact_once_after_its_job(

@@ -16,17 +16,21 @@ import pytest
 
 from spin_operator import naming
 from spin_operator.policy import Allowed, Policy
-from tests.spin_operator.operator_harness import NS, SPINRUNS, Cluster, OperatorProcess, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import (
+    NS,
+    SPINRUNS,
+    Cluster,
+    OperatorProcess,
+    emulated_cluster,
+    spinrun,
+)
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
-        errors = list(api.emulator.internal_errors)
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        yield cluster
+        errors = list(cluster.api.emulator.internal_errors)
     assert not errors, "the emulated API server failed internally:\n" + "\n".join(errors)
 
 

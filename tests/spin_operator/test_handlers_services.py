@@ -13,17 +13,20 @@ from spin_operator import naming
 from spin_operator.api import types as api
 from spin_operator.policy import Allowed, Policy
 from spin_operator.track import Tracking
-from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import (
+    NS,
+    Cluster,
+    OperatorProcess,
+    emulated_cluster,
+    spinrun,
+)
 from tests.support.servers import MlflowServer, free_port
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        yield cluster
 
 
 def env_of(job: dict) -> dict[str, str]:  # type: ignore[type-arg]

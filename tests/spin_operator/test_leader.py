@@ -14,19 +14,15 @@ from spin_operator.handlers import login
 from spin_operator.kube import Kube
 from spin_operator.leader import LeaseElector
 from spin_operator.metrics import Metrics
-from tests.spin_operator.operator_harness import NS, Cluster, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import NS, Cluster, emulated_cluster, spinrun
 
 LEASE_NS = "spin-system"
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with running_api(tmp_path) as api:
-        for ns in (NS, LEASE_NS):
-            api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+    with emulated_cluster(tmp_path, monkeypatch.setenv, (NS, LEASE_NS)) as cluster:
+        yield cluster
 
 
 async def test_a_standby_takes_the_lease_only_after_it_expired(cluster: Cluster) -> None:

@@ -12,17 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import (
+    NS,
+    Cluster,
+    OperatorProcess,
+    emulated_cluster,
+    spinrun,
+)
 
 OPERATOR = ("spin-operator", "kopf")
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        api.create(
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        cluster.api.create(
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
@@ -30,8 +34,7 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
                 "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
             }
         )
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+        yield cluster
 
 
 async def settled(op: OperatorProcess, name: str, job: str, before: object) -> None:

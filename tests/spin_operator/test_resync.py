@@ -26,9 +26,9 @@ from tests.spin_operator.operator_harness import (
     SPINRUNS,
     Cluster,
     OperatorProcess,
+    emulated_cluster,
     spinrun,
 )
-from tests.support.k8s_emulator import running_api
 
 RUN = "gap"
 GEN = f"{RUN}-i0-gen"
@@ -37,10 +37,8 @@ CHECK = f"{RUN}-i0-check"
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        yield cluster
 
 
 Lost = list[tuple[str | None, str]]  # (event type, name) of what a broken watch swallowed

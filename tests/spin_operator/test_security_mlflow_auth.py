@@ -19,8 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.kubelet import Api, Kubelet, PodContext
-from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import (
+    NS,
+    Cluster,
+    OperatorProcess,
+    emulated_cluster,
+    spinrun,
+)
 from tests.support.servers import MlflowAuthServer
 
 OPERATOR_SECRET = "spin-mlflow"  # the chart's tracking.credentialsSecret (its name only)
@@ -30,10 +35,8 @@ TEAM_SECRET = "team-mlflow"
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        yield cluster
 
 
 def _secret(name: str, user: str, password: str) -> dict[str, object]:

@@ -18,8 +18,13 @@ from pathlib import Path
 import pytest
 
 from spin_operator.policy import Policy
-from tests.spin_operator.operator_harness import NS, Cluster, OperatorProcess, spinrun
-from tests.support.k8s_emulator import running_api
+from tests.spin_operator.operator_harness import (
+    NS,
+    Cluster,
+    OperatorProcess,
+    emulated_cluster,
+    spinrun,
+)
 
 OPERATOR_SECRETS = {
     "MLFLOW_TRACKING_USERNAME": "operator-user",
@@ -93,10 +98,8 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
     ) in OPERATOR_SECRETS.items():  # the operator's own identity, as the chart sets it
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with running_api(tmp_path) as api:
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig_path))
-        yield Cluster(api, tmp_path)
+    with emulated_cluster(tmp_path, monkeypatch.setenv) as cluster:
+        yield cluster
 
 
 def _author_spec(capture: Capture) -> dict[str, object]:
