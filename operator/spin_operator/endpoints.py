@@ -20,7 +20,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -234,31 +234,35 @@ class StoragePools:
         self._pools.clear()
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it, and so on (each once)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _client_error(exc: BaseException) -> BaseException | None:
+    """The HTTP error response behind `exc` (botocore's ClientError), if the store sent one."""
+    from botocore.exceptions import ClientError
+
+    return next((e for e in _chain(exc) if isinstance(e, ClientError)), None)
+
+
 def _answered(exc: BaseException) -> bool:
     """Whether the endpoint answered (an HTTP error response), as opposed to a timeout, a refused
     connection or repeated 5xx. Local storage errors count as answers: the file system is up."""
-    from botocore.exceptions import ClientError
-
     if isinstance(exc, storage.StorageUnavailableError) or storage.is_transient(exc):
         return False
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ClientError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return not isinstance(exc, TimeoutError | ConnectionError)
+    return _client_error(exc) is not None or not isinstance(exc, TimeoutError | ConnectionError)
 
 
 def _busy(exc: BaseException) -> bool:
     """The store answered, with a 5xx or a throttling code: up, and worth another try."""
-    from botocore.exceptions import ClientError
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ClientError):
-            return storage.is_transient(seen)
-        seen = seen.__cause__ or seen.__context__
-    return False
+    answer = _client_error(exc)
+    return answer is not None and storage.is_transient(answer)
 
 
 def _silence(exc: BaseException, config: storage.StorageConfig) -> str | None:
@@ -267,13 +271,11 @@ def _silence(exc: BaseException, config: storage.StorageConfig) -> str | None:
     either), the condition reads the same. None for any other failure."""
     from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in _chain(exc):
         if isinstance(seen, ConnectTimeoutError):
             return f"no answer within {config.connect_timeout:g}s"
         if isinstance(seen, ReadTimeoutError | TimeoutError):
             return f"no answer within {config.read_timeout:g}s"
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
